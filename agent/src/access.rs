@@ -1,0 +1,162 @@
+//! `validate_connection`: the gate every receiver session passes through on the sender.
+//!
+//! Checks run in the order of SPEC section 4, each with its stable error code: token well-formed
+//! and known → status active → not expired → download limit → record limit → IP whitelist →
+//! allowed hours → download password → rate limit. A malformed token is refused before any
+//! database query.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::audit::Actor;
+use crate::clock::SharedClock;
+use crate::connection::{Connection, ConnectionStatus};
+use crate::error::Error;
+use crate::rate_limit::RateLimits;
+use crate::store::Store;
+use crate::token::Token;
+
+/// Why a session was refused. [`AccessDenied::code`] is the stable wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessDenied {
+    /// The token is malformed or unknown.
+    #[error("invalid token")]
+    InvalidToken,
+    /// The connection is not active.
+    #[error("connection is {0}")]
+    ConnectionNotActive(ConnectionStatus),
+    /// The connection is past its expiry date (or was expired).
+    #[error("connection has expired")]
+    ConnectionExpired,
+    /// `max_downloads` reached.
+    #[error("download limit reached")]
+    DownloadLimitExceeded,
+    /// `max_records_total` reached.
+    #[error("record limit reached")]
+    RecordLimitExceeded,
+    /// The client address is outside every whitelisted block.
+    #[error("client address is not whitelisted")]
+    IpNotWhitelisted,
+    /// Now is outside the connection's allowed hours.
+    #[error("outside the allowed hours")]
+    OutsideAllowedHours,
+    /// A download password is set and none was given.
+    #[error("a download password is required")]
+    PasswordRequired,
+    /// The download password given is wrong.
+    #[error("wrong download password")]
+    InvalidPassword,
+    /// Too many requests; retry after the given time.
+    #[error("rate limited; retry in {} s", .retry_after.as_secs_f64().ceil())]
+    RateLimited {
+        /// Time until the next request would pass.
+        retry_after: Duration,
+    },
+    /// The state database failed while checking.
+    #[error("internal error")]
+    Internal(#[source] Error),
+}
+
+impl AccessDenied {
+    /// The stable error code of SPEC section 4.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidToken => "invalid_token",
+            Self::ConnectionNotActive(_) => "connection_not_active",
+            Self::ConnectionExpired => "connection_expired",
+            Self::DownloadLimitExceeded => "download_limit_exceeded",
+            Self::RecordLimitExceeded => "record_limit_exceeded",
+            Self::IpNotWhitelisted => "ip_not_whitelisted",
+            Self::OutsideAllowedHours => "outside_allowed_hours",
+            Self::PasswordRequired => "password_required",
+            Self::InvalidPassword => "invalid_password",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<Error> for AccessDenied {
+    fn from(err: Error) -> Self {
+        Self::Internal(err)
+    }
+}
+
+/// Validates receivers' requests against their sender connection.
+#[derive(Debug, Clone)]
+pub struct Validator {
+    store: Store,
+    rate_limits: Arc<RateLimits>,
+}
+
+impl Validator {
+    /// A validator over `store` whose rate limits read time from `clock`.
+    pub fn new(store: Store, clock: SharedClock) -> Self {
+        Self {
+            store,
+            rate_limits: Arc::new(RateLimits::new(clock)),
+        }
+    }
+
+    /// Runs every check for a session opened with `token` from `client_ip` at `now`, with the
+    /// download password the receiver offered (if any). On success the connection's
+    /// `last_connected_at` is updated and the connection returned.
+    pub async fn validate_connection(
+        &self,
+        token: &str,
+        client_ip: IpAddr,
+        now: DateTime<Utc>,
+        password: Option<&str>,
+    ) -> Result<Connection, AccessDenied> {
+        let token = Token::parse(token).map_err(|_| AccessDenied::InvalidToken)?;
+        let connection = self
+            .store
+            .find_sender_by_token(&token)
+            .await?
+            .ok_or(AccessDenied::InvalidToken)?;
+        match connection.status {
+            ConnectionStatus::Active => {}
+            ConnectionStatus::Expired => return Err(AccessDenied::ConnectionExpired),
+            other => return Err(AccessDenied::ConnectionNotActive(other)),
+        }
+        if connection.expires_at.is_some_and(|at| at <= now) {
+            match self.store.expire_connection(&connection.id.to_string(), &Actor::system(), now).await {
+                Ok(_) | Err(Error::IllegalTransition { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+            return Err(AccessDenied::ConnectionExpired);
+        }
+        if connection.max_downloads.is_some_and(|max| connection.downloads_used >= max) {
+            return Err(AccessDenied::DownloadLimitExceeded);
+        }
+        if connection.max_records_total.is_some_and(|max| connection.records_downloaded >= max) {
+            return Err(AccessDenied::RecordLimitExceeded);
+        }
+        if !connection.ip_allowed(client_ip) {
+            return Err(AccessDenied::IpNotWhitelisted);
+        }
+        if !connection.within_allowed_hours(now) {
+            return Err(AccessDenied::OutsideAllowedHours);
+        }
+        if let Some(hash) = &connection.download_password_hash {
+            match password {
+                None | Some("") => return Err(AccessDenied::PasswordRequired),
+                Some(given) if !crate::password::verify(given, hash) => return Err(AccessDenied::InvalidPassword),
+                Some(_) => {}
+            }
+        }
+        self.check_rate(&connection)?;
+        self.store.touch_connected(connection.id, now).await?;
+        Ok(connection)
+    }
+
+    /// Counts one request (list, describe, pull) against the connection's rate limit.
+    pub fn check_rate(&self, connection: &Connection) -> Result<(), AccessDenied> {
+        self.rate_limits
+            .check(connection.id, connection.rate_limit_per_minute)
+            .map_err(|retry_after| AccessDenied::RateLimited { retry_after })
+    }
+}

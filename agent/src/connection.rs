@@ -1,0 +1,1016 @@
+//! Connections: the permanent relationship with one remote site, and its lifecycle.
+//!
+//! Every status change is one conditional `UPDATE ... WHERE status IN (...)`, so two operators
+//! racing cannot both win, followed by an audit event in the same transaction.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use serde::Serialize;
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use crate::audit::{self, Actor};
+use crate::clock::to_micros;
+use crate::error::{Error, Result};
+use crate::store::{Store, on_pool};
+use crate::token::Token;
+use crate::vault::Vault;
+
+string_enum! {
+    /// Which side of the relationship this site is on.
+    pub enum Direction {
+        /// "I allow that site to pull from me."
+        Sender => "sender",
+        /// "I can pull from that site."
+        Receiver => "receiver",
+    }
+}
+
+string_enum! {
+    /// Where a connection is in its lifecycle (SPEC section 4).
+    pub enum ConnectionStatus {
+        /// Created, not yet usable.
+        Pending => "pending",
+        /// Usable.
+        Active => "active",
+        /// Temporarily off.
+        Suspended => "suspended",
+        /// Permanently off.
+        Revoked => "revoked",
+        /// Past its expiry date or a lifetime limit; permanently off.
+        Expired => "expired",
+    }
+}
+
+string_enum! {
+    /// How table transfers under a sender connection get approved.
+    pub enum ApprovalMode {
+        /// Every transfer goes at once.
+        AutoApprove => "auto_approve",
+        /// Every transfer waits for an admin.
+        RequireApproval => "require_approval",
+        /// Tables in `auto_approve_tables` go at once, others wait.
+        PerTable => "per_table",
+    }
+}
+
+string_enum! {
+    /// What the receiver does with a row whose key it already holds.
+    pub enum ConflictStrategy {
+        /// Keep the local row.
+        Skip => "skip",
+        /// Sender wins.
+        Overwrite => "overwrite",
+        /// Sender wins except where it sends null.
+        Merge => "merge",
+        /// Insert without key (keyless logs).
+        Append => "append",
+        /// Overwrite, then delete local rows the sender no longer has.
+        Mirror => "mirror",
+    }
+}
+
+/// Default rows in one pull request.
+pub const DEFAULT_MAX_RECORDS_PER_REQUEST: i64 = 10_000;
+/// Default requests per minute per connection.
+pub const DEFAULT_RATE_LIMIT_PER_MINUTE: i64 = 60;
+/// Default auto-sync interval.
+pub const DEFAULT_AUTO_SYNC_INTERVAL_MINUTES: i64 = 60;
+/// Longest connection name accepted.
+pub const MAX_NAME_LEN: usize = 200;
+
+/// A connection as stored. Secrets (token hash, encrypted token, password hash) are never
+/// serialized; the JSON carries only whether they are set.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Connection {
+    /// Stable identifier.
+    pub id: Uuid,
+    /// Unique human name; connections are addressed by id or by name.
+    pub name: String,
+    /// Sender or receiver.
+    #[sqlx(try_from = "String")]
+    pub direction: Direction,
+    /// The remote site's base URL.
+    pub site_url: String,
+    /// Lifecycle status.
+    #[sqlx(try_from = "String")]
+    pub status: ConnectionStatus,
+    /// SHA-256 of the token (sender side). Never serialized.
+    #[serde(skip)]
+    pub token_hash: Option<Vec<u8>>,
+    /// First characters of the token, for display.
+    pub token_prefix: Option<String>,
+    /// The receiver's copy of the token, encrypted. Serialized only as "is it stored".
+    #[serde(rename = "token_stored", serialize_with = "is_set")]
+    pub token_ciphertext: Option<Vec<u8>>,
+    /// Approval mode for table transfers.
+    #[sqlx(try_from = "String")]
+    pub approval_mode: ApprovalMode,
+    /// Tables offered (empty: all not excluded).
+    #[sqlx(json)]
+    pub allowed_tables: Vec<String>,
+    /// Tables never offered.
+    #[sqlx(json)]
+    pub excluded_tables: Vec<String>,
+    /// Tables that skip approval in `per_table` mode.
+    #[sqlx(json)]
+    pub auto_approve_tables: Vec<String>,
+    /// Table transfers allowed in total (none: unlimited).
+    pub max_downloads: Option<i64>,
+    /// Table transfers started so far.
+    pub downloads_used: i64,
+    /// Rows allowed in total (none: unlimited).
+    pub max_records_total: Option<i64>,
+    /// Rows sent so far.
+    pub records_downloaded: i64,
+    /// Rows in one pull request.
+    pub max_records_per_request: i64,
+    /// Requests per minute.
+    pub rate_limit_per_minute: i64,
+    /// argon2id hash of the download password. Serialized only as "is it set".
+    #[serde(rename = "download_password_set", serialize_with = "is_set")]
+    pub download_password_hash: Option<String>,
+    /// CIDR blocks allowed to connect (empty: all).
+    #[sqlx(json)]
+    pub ip_whitelist: Vec<String>,
+    /// First allowed hour (0-23) in `time_zone`.
+    pub allowed_hours_start: Option<i64>,
+    /// Hour the window closes (0-23, exclusive) in `time_zone`; may be before the start (wraps
+    /// midnight).
+    pub allowed_hours_end: Option<i64>,
+    /// IANA time zone of the allowed hours.
+    pub time_zone: String,
+    /// When the connection stops working.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Strategy used when a pull names none.
+    #[sqlx(try_from = "String")]
+    pub default_conflict_strategy: ConflictStrategy,
+    /// Whether the scheduler pulls on its own.
+    pub auto_sync_enabled: bool,
+    /// Tables the scheduler pulls.
+    #[sqlx(json)]
+    pub auto_sync_tables: Vec<String>,
+    /// Minutes between scheduled pulls.
+    pub auto_sync_interval_minutes: i64,
+    /// Actor that created it.
+    pub created_by: String,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Actor that approved it.
+    pub approved_by: Option<String>,
+    /// When it was approved.
+    pub approved_at: Option<DateTime<Utc>>,
+    /// Actor that suspended it.
+    pub suspended_by: Option<String>,
+    /// When it was suspended.
+    pub suspended_at: Option<DateTime<Utc>>,
+    /// Why it was suspended.
+    pub suspended_reason: Option<String>,
+    /// Actor that revoked it.
+    pub revoked_by: Option<String>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Why it was revoked.
+    pub revoked_reason: Option<String>,
+    /// Last successful session open.
+    pub last_connected_at: Option<DateTime<Utc>>,
+    /// Last transfer completion.
+    pub last_transfer_at: Option<DateTime<Utc>>,
+    /// Completed transfers.
+    pub total_transfers: i64,
+    /// Rows moved by completed transfers.
+    pub total_records: i64,
+    /// Wire bytes moved by completed transfers.
+    pub total_bytes: i64,
+    /// Free-form facts (registration outcome, peer notifications).
+    #[sqlx(json)]
+    pub metadata: serde_json::Value,
+}
+
+fn is_set<T, S: serde::Serializer>(value: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bool(value.is_some())
+}
+
+impl Connection {
+    /// Whether `table` is offered to the receiver (not excluded, and allowed when a list is set).
+    pub fn offers_table(&self, table: &str) -> bool {
+        !self.excluded_tables.iter().any(|t| t == table)
+            && (self.allowed_tables.is_empty() || self.allowed_tables.iter().any(|t| t == table))
+    }
+
+    /// Whether a transfer of `table` must wait for an admin.
+    pub fn table_requires_approval(&self, table: &str) -> bool {
+        match self.approval_mode {
+            ApprovalMode::AutoApprove => false,
+            ApprovalMode::RequireApproval => true,
+            ApprovalMode::PerTable => !self.auto_approve_tables.iter().any(|t| t == table),
+        }
+    }
+
+    /// Whether `ip` falls inside the whitelist (an empty whitelist allows every address).
+    pub fn ip_allowed(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.ip_whitelist.is_empty()
+            || self
+                .ip_whitelist
+                .iter()
+                .filter_map(|cidr| cidr.parse::<IpNet>().ok())
+                .any(|net| net.contains(&ip))
+    }
+
+    /// Whether `now` is inside the allowed hours, read in the connection's time zone. The window
+    /// is `[start, end)` and wraps midnight when `end < start`.
+    pub fn within_allowed_hours(&self, now: DateTime<Utc>) -> bool {
+        let (Some(start), Some(end)) = (self.allowed_hours_start, self.allowed_hours_end) else {
+            return true;
+        };
+        let tz: chrono_tz::Tz = self.time_zone.parse().unwrap_or(chrono_tz::UTC);
+        let hour = i64::from(chrono::Timelike::hour(&now.with_timezone(&tz)));
+        if start <= end {
+            (start..end).contains(&hour)
+        } else {
+            hour >= start || hour < end
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is treated as the IPv4 address it carries.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Sender-side controls, as given when creating or updating a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionSettings {
+    /// See [`Connection::approval_mode`].
+    pub approval_mode: ApprovalMode,
+    /// See [`Connection::allowed_tables`].
+    pub allowed_tables: Vec<String>,
+    /// See [`Connection::excluded_tables`].
+    pub excluded_tables: Vec<String>,
+    /// See [`Connection::auto_approve_tables`].
+    pub auto_approve_tables: Vec<String>,
+    /// See [`Connection::max_downloads`].
+    pub max_downloads: Option<i64>,
+    /// See [`Connection::max_records_total`].
+    pub max_records_total: Option<i64>,
+    /// See [`Connection::max_records_per_request`].
+    pub max_records_per_request: i64,
+    /// See [`Connection::rate_limit_per_minute`].
+    pub rate_limit_per_minute: i64,
+    /// Download password in clear; hashed (argon2id) before it is stored.
+    pub download_password: Option<crate::config::Secret<String>>,
+    /// CIDR blocks or single addresses.
+    pub ip_whitelist: Vec<String>,
+    /// `(start, end)` hours, 0-23, end exclusive; wraps midnight when end < start.
+    pub allowed_hours: Option<(u8, u8)>,
+    /// IANA time zone of the allowed hours.
+    pub time_zone: String,
+    /// When the connection stops working.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// See [`Connection::default_conflict_strategy`].
+    pub default_conflict_strategy: ConflictStrategy,
+    /// See [`Connection::auto_sync_enabled`].
+    pub auto_sync_enabled: bool,
+    /// See [`Connection::auto_sync_tables`].
+    pub auto_sync_tables: Vec<String>,
+    /// See [`Connection::auto_sync_interval_minutes`].
+    pub auto_sync_interval_minutes: i64,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        Self {
+            approval_mode: ApprovalMode::AutoApprove,
+            allowed_tables: Vec::new(),
+            excluded_tables: Vec::new(),
+            auto_approve_tables: Vec::new(),
+            max_downloads: None,
+            max_records_total: None,
+            max_records_per_request: DEFAULT_MAX_RECORDS_PER_REQUEST,
+            rate_limit_per_minute: DEFAULT_RATE_LIMIT_PER_MINUTE,
+            download_password: None,
+            ip_whitelist: Vec::new(),
+            allowed_hours: None,
+            time_zone: "UTC".into(),
+            expires_at: None,
+            default_conflict_strategy: ConflictStrategy::Overwrite,
+            auto_sync_enabled: false,
+            auto_sync_tables: Vec::new(),
+            auto_sync_interval_minutes: DEFAULT_AUTO_SYNC_INTERVAL_MINUTES,
+        }
+    }
+}
+
+impl ConnectionSettings {
+    /// Checks every field and returns the whitelist in canonical CIDR form.
+    fn validate(&self) -> Result<Vec<String>> {
+        if self.max_records_per_request <= 0 {
+            return Err(Error::invalid("max_records_per_request", "must be > 0"));
+        }
+        if self.rate_limit_per_minute <= 0 || self.rate_limit_per_minute > i64::from(u32::MAX) {
+            return Err(Error::invalid("rate_limit_per_minute", "must be between 1 and 4294967295"));
+        }
+        if self.max_downloads.is_some_and(|n| n < 0) {
+            return Err(Error::invalid("max_downloads", "must be >= 0"));
+        }
+        if self.max_records_total.is_some_and(|n| n < 0) {
+            return Err(Error::invalid("max_records_total", "must be >= 0"));
+        }
+        if self.auto_sync_interval_minutes <= 0 {
+            return Err(Error::invalid("auto_sync_interval_minutes", "must be > 0"));
+        }
+        if let Some((start, end)) = self.allowed_hours {
+            if start > 23 || end > 23 {
+                return Err(Error::invalid("allowed_hours", "hours are 0-23"));
+            }
+            if start == end {
+                return Err(Error::invalid(
+                    "allowed_hours",
+                    "start equals end, which allows no hour; leave allowed hours unset to allow all day",
+                ));
+            }
+        }
+        self.time_zone
+            .parse::<chrono_tz::Tz>()
+            .map_err(|_| Error::invalid("time_zone", format!("{:?} is not an IANA time zone", self.time_zone)))?;
+        for table in self
+            .allowed_tables
+            .iter()
+            .chain(&self.excluded_tables)
+            .chain(&self.auto_approve_tables)
+            .chain(&self.auto_sync_tables)
+        {
+            if table.is_empty() || table.len() > 128 || table.chars().any(char::is_control) {
+                return Err(Error::invalid("tables", format!("{table:?} is not a table name")));
+            }
+        }
+        self.ip_whitelist.iter().map(|entry| parse_cidr(entry)).collect()
+    }
+}
+
+/// Parses a CIDR block or a single address (which becomes a /32 or /128) into canonical form.
+pub fn parse_cidr(entry: &str) -> Result<String> {
+    let entry = entry.trim();
+    let net = match entry.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => entry
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| Error::invalid("ip_whitelist", format!("{entry:?} is not an address or CIDR block")))?,
+    };
+    Ok(net.trunc().to_string())
+}
+
+/// A sender connection to create.
+#[derive(Debug, Clone)]
+pub struct NewConnection {
+    /// Unique name.
+    pub name: String,
+    /// The remote site's base URL (http or https).
+    pub site_url: String,
+    /// Sender-side controls.
+    pub settings: ConnectionSettings,
+}
+
+/// Validates a name: non-empty, bounded, no control characters, not a UUID (ids and names must
+/// not be confusable).
+fn validate_name(name: &str) -> Result<()> {
+    if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(Error::invalid("name", format!("must be 1-{MAX_NAME_LEN} printable characters")));
+    }
+    if Uuid::parse_str(name).is_ok() {
+        return Err(Error::invalid("name", "must not look like a connection id"));
+    }
+    Ok(())
+}
+
+/// Normalizes a site URL: http(s) only, no query or fragment, no trailing slash.
+pub fn normalize_site_url(url: &str) -> Result<String> {
+    let url = url.trim();
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| Error::invalid("site_url", "must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#', ' ']) || rest.contains('@') {
+        return Err(Error::invalid(
+            "site_url",
+            "must be a base URL with a host and no credentials, query or fragment",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A freshly created sender connection and its token, which is never retrievable again.
+#[derive(Debug)]
+pub struct CreatedConnection {
+    /// The stored connection.
+    pub connection: Connection,
+    /// The token in clear, to show once.
+    pub token: Token,
+}
+
+/// Filter for [`Store::list_connections`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFilter {
+    /// Only this status.
+    pub status: Option<ConnectionStatus>,
+    /// Only this direction.
+    pub direction: Option<Direction>,
+}
+
+fn unique_violation(err: sqlx::Error, name: &str, site_url: &str, direction: Direction) -> Error {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            let message = db.message();
+            if message.contains("name") {
+                Error::Conflict(format!("a connection named {name:?} already exists"))
+            } else {
+                Error::Conflict(format!("a {direction} connection to {site_url} already exists"))
+            }
+        }
+        _ => Error::Database(err),
+    }
+}
+
+impl Store {
+    /// Creates a sender connection (status `pending` until the remote confirms or an operator
+    /// approves it) and returns its token, shown once.
+    pub async fn create_sender(&self, new: NewConnection, actor: &Actor, now: DateTime<Utc>) -> Result<CreatedConnection> {
+        validate_name(&new.name)?;
+        let site_url = normalize_site_url(&new.site_url)?;
+        let whitelist = new.settings.validate()?;
+        let password_hash = match &new.settings.download_password {
+            Some(password) => Some(crate::password::hash(password.expose())?),
+            None => None,
+        };
+        let token = Token::generate();
+        let id = Uuid::new_v4();
+        let now = to_micros(now);
+        let s = &new.settings;
+        let (hours_start, hours_end) = match s.allowed_hours {
+            Some((start, end)) => (Some(i64::from(start)), Some(i64::from(end))),
+            None => (None, None),
+        };
+        let connection = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let connection: Connection = sqlx::query_as(
+                "INSERT INTO dbsync_connections (id, name, direction, site_url, status, token_hash, token_prefix, \
+                 approval_mode, allowed_tables, excluded_tables, auto_approve_tables, max_downloads, \
+                 max_records_total, max_records_per_request, rate_limit_per_minute, download_password_hash, \
+                 ip_whitelist, allowed_hours_start, allowed_hours_end, time_zone, expires_at, \
+                 default_conflict_strategy, auto_sync_enabled, auto_sync_tables, auto_sync_interval_minutes, \
+                 created_by, created_at, updated_at) \
+                 VALUES ($1, $2, 'sender', $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, \
+                 $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $25) RETURNING *",
+            )
+            .bind(id)
+            .bind(&new.name)
+            .bind(&site_url)
+            .bind(token.hash())
+            .bind(token.display_prefix())
+            .bind(s.approval_mode.as_str())
+            .bind(Json(&s.allowed_tables))
+            .bind(Json(&s.excluded_tables))
+            .bind(Json(&s.auto_approve_tables))
+            .bind(s.max_downloads)
+            .bind(s.max_records_total)
+            .bind(s.max_records_per_request)
+            .bind(s.rate_limit_per_minute)
+            .bind(&password_hash)
+            .bind(Json(&whitelist))
+            .bind(hours_start)
+            .bind(hours_end)
+            .bind(&s.time_zone)
+            .bind(s.expires_at.map(to_micros))
+            .bind(s.default_conflict_strategy.as_str())
+            .bind(s.auto_sync_enabled)
+            .bind(Json(&s.auto_sync_tables))
+            .bind(s.auto_sync_interval_minutes)
+            .bind(actor.as_str())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|err| unique_violation(err, &new.name, &site_url, Direction::Sender))?;
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.created", id, now)
+                    .detail(serde_json::json!({ "name": new.name, "direction": "sender", "site_url": site_url })),
+            )
+            .await?;
+            tx.commit().await?;
+            connection
+        });
+        Ok(CreatedConnection { connection, token })
+    }
+
+    /// Stores a receiver connection with a token handed over manually (or received at
+    /// registration). The token is checked for shape and checksum, then encrypted at rest.
+    pub async fn add_receiver(
+        &self,
+        name: &str,
+        site_url: &str,
+        token: &str,
+        status: ConnectionStatus,
+        vault: &Vault,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        validate_name(name)?;
+        let site_url = normalize_site_url(site_url)?;
+        let token = Token::parse(token).map_err(|err| Error::invalid("token", err.to_string()))?;
+        if !matches!(status, ConnectionStatus::Pending | ConnectionStatus::Active) {
+            return Err(Error::invalid("status", "a new connection is pending or active"));
+        }
+        let id = Uuid::new_v4();
+        let sealed = vault.seal(id, token.expose())?;
+        let now = to_micros(now);
+        let connection = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let connection: Connection = sqlx::query_as(
+                "INSERT INTO dbsync_connections (id, name, direction, site_url, status, token_prefix, \
+                 token_ciphertext, created_by, created_at, updated_at, approved_by, approved_at) \
+                 VALUES ($1, $2, 'receiver', $3, $4, $5, $6, $7, $8, $8, $9, $10) RETURNING *",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(&site_url)
+            .bind(status.as_str())
+            .bind(token.display_prefix())
+            .bind(&sealed)
+            .bind(actor.as_str())
+            .bind(now)
+            .bind((status == ConnectionStatus::Active).then(|| actor.as_str()))
+            .bind((status == ConnectionStatus::Active).then_some(now))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|err| unique_violation(err, name, &site_url, Direction::Receiver))?;
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.created", id, now).detail(serde_json::json!({
+                    "name": name, "direction": "receiver", "site_url": site_url, "status": status
+                })),
+            )
+            .await?;
+            tx.commit().await?;
+            connection
+        });
+        Ok(connection)
+    }
+
+    /// The token a receiver connection holds, decrypted.
+    pub fn receiver_token(&self, connection: &Connection, vault: &Vault) -> Result<Token> {
+        let sealed = connection
+            .token_ciphertext
+            .as_deref()
+            .ok_or_else(|| Error::invalid("connection", format!("{} holds no token", connection.name)))?;
+        let text = vault.open(connection.id, sealed)?;
+        Token::parse(&text).map_err(|_| Error::Decrypt)
+    }
+
+    /// Looks a connection up by id or by name.
+    pub async fn get_connection(&self, id_or_name: &str) -> Result<Connection> {
+        let found: Option<Connection> = match Uuid::parse_str(id_or_name) {
+            Ok(id) => self.find_connection(id).await?,
+            Err(_) => on_pool!(self, |pool| {
+                sqlx::query_as("SELECT * FROM dbsync_connections WHERE name = $1")
+                    .bind(id_or_name)
+                    .fetch_optional(pool)
+                    .await?
+            }),
+        };
+        found.ok_or_else(|| Error::not_found("connection", id_or_name))
+    }
+
+    /// Looks a connection up by id.
+    pub async fn find_connection(&self, id: Uuid) -> Result<Option<Connection>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as("SELECT * FROM dbsync_connections WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    /// The sender connection a token belongs to, looked up by the token's SHA-256.
+    pub async fn find_sender_by_token(&self, token: &Token) -> Result<Option<Connection>> {
+        let hash = token.hash();
+        let found: Option<Connection> = on_pool!(self, |pool| {
+            sqlx::query_as("SELECT * FROM dbsync_connections WHERE token_hash = $1 AND direction = 'sender'")
+                .bind(&hash)
+                .fetch_optional(pool)
+                .await?
+        });
+        // The index lookup already matched; compare again in constant time so no code path
+        // depends on a variable-time byte comparison of secrets.
+        Ok(found.filter(|c| c.token_hash.as_deref().is_some_and(|h| crate::token::hashes_equal(h, &hash))))
+    }
+
+    /// Connections, newest first.
+    pub async fn list_connections(&self, filter: &ConnectionFilter) -> Result<Vec<Connection>> {
+        let status = filter.status.map(ConnectionStatus::as_str);
+        let direction = filter.direction.map(Direction::as_str);
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT * FROM dbsync_connections \
+                 WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR direction = $2) \
+                 ORDER BY created_at DESC, name",
+            )
+            .bind(status)
+            .bind(direction)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// pending → active.
+    pub async fn approve_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Approve, None, actor, now).await
+    }
+
+    /// pending | active → suspended, with a reason.
+    pub async fn suspend_connection(&self, id_or_name: &str, reason: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Suspend, Some(reason), actor, now).await
+    }
+
+    /// suspended → active.
+    pub async fn reactivate_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Reactivate, None, actor, now).await
+    }
+
+    /// pending | active | suspended → revoked (terminal), with a reason.
+    pub async fn revoke_connection(&self, id_or_name: &str, reason: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Revoke, Some(reason), actor, now).await
+    }
+
+    /// pending | active | suspended → expired (terminal); used by the sweep and by validation.
+    pub async fn expire_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Expire, None, actor, now).await
+    }
+
+    async fn transition(
+        &self,
+        id_or_name: &str,
+        step: Transition,
+        reason: Option<&str>,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        let current = self.get_connection(id_or_name).await?;
+        let reason = match (step.needs_reason(), reason.map(str::trim)) {
+            (true, Some(reason)) if !reason.is_empty() => Some(reason.to_owned()),
+            (true, _) => return Err(Error::invalid("reason", format!("a reason is required to {}", step.verb()))),
+            (false, _) => None,
+        };
+        let now = to_micros(now);
+        let updated: Option<Connection> = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated: Option<Connection> = sqlx::query_as(step.sql())
+                .bind(current.id)
+                .bind(actor.as_str())
+                .bind(now)
+                .bind(&reason)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(connection) = &updated {
+                audit::insert!(
+                    &mut *tx,
+                    audit::NewEvent::connection(actor, step.action(), connection.id, now).detail(serde_json::json!({
+                        "from": current.status, "to": connection.status, "reason": reason,
+                    })),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            updated
+        });
+        match updated {
+            Some(connection) => Ok(connection),
+            None => {
+                // The conditional update matched nothing: report the status that forbade it.
+                let now_status = self
+                    .find_connection(current.id)
+                    .await?
+                    .ok_or_else(|| Error::not_found("connection", id_or_name))?
+                    .status;
+                Err(Error::illegal_connection(&current.name, step.verb(), now_status))
+            }
+        }
+    }
+
+    /// Deletes a connection and its checkpoints. Its transfers stay in the history (with no
+    /// connection) and an audit event records who deleted what.
+    pub async fn delete_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+        let current = self.get_connection(id_or_name).await?;
+        let now = to_micros(now);
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let deleted = sqlx::query("DELETE FROM dbsync_connections WHERE id = $1")
+                .bind(current.id)
+                .execute(&mut *tx)
+                .await?;
+            if deleted.rows_affected() == 0 {
+                return Err(Error::not_found("connection", id_or_name));
+            }
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.deleted", current.id, now).detail(serde_json::json!({
+                    "name": current.name, "direction": current.direction, "site_url": current.site_url,
+                    "status": current.status,
+                })),
+            )
+            .await?;
+            tx.commit().await?;
+        });
+        Ok(current)
+    }
+
+    /// Replaces a sender connection's token; the old one stops working at once. Refused on
+    /// revoked and expired connections.
+    pub async fn regenerate_token(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<CreatedConnection> {
+        let current = self.get_connection(id_or_name).await?;
+        if current.direction != Direction::Sender {
+            return Err(Error::invalid(
+                "connection",
+                format!("{} is a receiver connection; only the sending site issues tokens", current.name),
+            ));
+        }
+        let token = Token::generate();
+        let now = to_micros(now);
+        let updated: Option<Connection> = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated: Option<Connection> = sqlx::query_as(
+                "UPDATE dbsync_connections SET token_hash = $2, token_prefix = $3, updated_at = $4 \
+                 WHERE id = $1 AND status IN ('pending', 'active', 'suspended') RETURNING *",
+            )
+            .bind(current.id)
+            .bind(token.hash())
+            .bind(token.display_prefix())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if updated.is_some() {
+                audit::insert!(
+                    &mut *tx,
+                    audit::NewEvent::connection(actor, "connection.token_regenerated", current.id, now)
+                        .detail(serde_json::json!({ "token_prefix": token.display_prefix() })),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            updated
+        });
+        match updated {
+            Some(connection) => Ok(CreatedConnection { connection, token }),
+            None => Err(Error::illegal_connection(&current.name, "regenerate the token of", current.status)),
+        }
+    }
+
+    /// Expires every live connection past its `expires_at` or out of a lifetime limit (downloads
+    /// or records), as actor `system`. Returns the connections expired.
+    pub async fn expire_due_connections(&self, now: DateTime<Utc>) -> Result<Vec<Connection>> {
+        let now = to_micros(now);
+        let due: Vec<Uuid> = on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT id FROM dbsync_connections WHERE status IN ('pending', 'active', 'suspended') AND \
+                 ((expires_at IS NOT NULL AND expires_at <= $1) \
+                  OR (max_downloads IS NOT NULL AND downloads_used >= max_downloads) \
+                  OR (max_records_total IS NOT NULL AND records_downloaded >= max_records_total))",
+            )
+            .bind(now)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut expired = Vec::with_capacity(due.len());
+        for id in due {
+            match self.expire_connection(&id.to_string(), &Actor::system(), now).await {
+                Ok(connection) => expired.push(connection),
+                // Changed or removed since the scan: nothing to expire.
+                Err(Error::IllegalTransition { .. } | Error::NotFound { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Counts one table transfer against `max_downloads`, atomically. Returns false when the
+    /// limit is already reached.
+    pub async fn take_download(&self, connection_id: Uuid) -> Result<bool> {
+        let result = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE dbsync_connections SET downloads_used = downloads_used + 1 \
+                 WHERE id = $1 AND (max_downloads IS NULL OR downloads_used < max_downloads)",
+            )
+            .bind(connection_id)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(result == 1)
+    }
+
+    /// Reserves up to `wanted` rows against `max_records_total`, atomically, and returns how many
+    /// were granted: all of them, the remainder up to the limit, or 0. Concurrent callers can
+    /// never overshoot the limit (compare-and-set on the counter).
+    pub async fn take_records(&self, connection_id: Uuid, wanted: i64) -> Result<i64> {
+        if wanted <= 0 {
+            return Ok(0);
+        }
+        loop {
+            let row: Option<(i64, Option<i64>)> = on_pool!(self, |pool| {
+                sqlx::query_as("SELECT records_downloaded, max_records_total FROM dbsync_connections WHERE id = $1")
+                    .bind(connection_id)
+                    .fetch_optional(pool)
+                    .await?
+            });
+            let (used, max) = row.ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
+            let granted = match max {
+                Some(max) => wanted.min(max - used).max(0),
+                None => wanted,
+            };
+            if granted == 0 {
+                return Ok(0);
+            }
+            let swapped = on_pool!(self, |pool| {
+                sqlx::query(
+                    "UPDATE dbsync_connections SET records_downloaded = records_downloaded + $3 \
+                     WHERE id = $1 AND records_downloaded = $2",
+                )
+                .bind(connection_id)
+                .bind(used)
+                .bind(granted)
+                .execute(pool)
+                .await?
+                .rows_affected()
+            });
+            if swapped == 1 {
+                return Ok(granted);
+            }
+            // Another session moved the counter between our read and write: read again.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Returns rows reserved with [`Store::take_records`] but never sent (a pull that failed
+    /// before sending them), so they do not count against the limit.
+    pub async fn release_records(&self, connection_id: Uuid, unused: i64) -> Result<()> {
+        if unused > 0 {
+            on_pool!(self, |pool| {
+                sqlx::query(
+                    "UPDATE dbsync_connections SET records_downloaded = \
+                     CASE WHEN records_downloaded > $2 THEN records_downloaded - $2 ELSE 0 END WHERE id = $1",
+                )
+                .bind(connection_id)
+                .bind(unused)
+                .execute(pool)
+                .await?;
+            });
+        }
+        Ok(())
+    }
+
+    /// Records a successful session open.
+    pub async fn touch_connected(&self, connection_id: Uuid, now: DateTime<Utc>) -> Result<()> {
+        on_pool!(self, |pool| {
+            sqlx::query("UPDATE dbsync_connections SET last_connected_at = $2 WHERE id = $1")
+                .bind(connection_id)
+                .bind(to_micros(now))
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Merges `patch` into the connection's metadata object (top-level keys replaced).
+    pub async fn merge_connection_metadata(&self, connection_id: Uuid, patch: serde_json::Value) -> Result<Connection> {
+        let current = self
+            .find_connection(connection_id)
+            .await?
+            .ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
+        let mut metadata = match current.metadata {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        if let serde_json::Value::Object(patch) = patch {
+            metadata.extend(patch);
+        }
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as("UPDATE dbsync_connections SET metadata = $2 WHERE id = $1 RETURNING *")
+                .bind(connection_id)
+                .bind(Json(serde_json::Value::Object(metadata)))
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+}
+
+/// A lifecycle step and the SQL that takes it only from the statuses that allow it.
+/// Parameters: $1 id, $2 actor, $3 now, $4 reason (a step may leave some unused; the
+/// actor of every step is in its audit event).
+#[derive(Debug, Clone, Copy)]
+enum Transition {
+    Approve,
+    Suspend,
+    Reactivate,
+    Revoke,
+    Expire,
+}
+
+impl Transition {
+    fn sql(self) -> &'static str {
+        match self {
+            Self::Approve => {
+                "UPDATE dbsync_connections SET status = 'active', approved_by = $2, approved_at = $3, \
+                 updated_at = $3 WHERE id = $1 AND status = 'pending' RETURNING *"
+            }
+            Self::Suspend => {
+                "UPDATE dbsync_connections SET status = 'suspended', suspended_by = $2, suspended_at = $3, \
+                 suspended_reason = $4, updated_at = $3 \
+                 WHERE id = $1 AND status IN ('pending', 'active') RETURNING *"
+            }
+            Self::Reactivate => {
+                "UPDATE dbsync_connections SET status = 'active', updated_at = $3 \
+                 WHERE id = $1 AND status = 'suspended' RETURNING *"
+            }
+            Self::Revoke => {
+                "UPDATE dbsync_connections SET status = 'revoked', revoked_by = $2, revoked_at = $3, \
+                 revoked_reason = $4, updated_at = $3 \
+                 WHERE id = $1 AND status IN ('pending', 'active', 'suspended') RETURNING *"
+            }
+            Self::Expire => {
+                "UPDATE dbsync_connections SET status = 'expired', updated_at = $3 \
+                 WHERE id = $1 AND status IN ('pending', 'active', 'suspended') RETURNING *"
+            }
+        }
+    }
+
+    fn needs_reason(self) -> bool {
+        matches!(self, Self::Suspend | Self::Revoke)
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Approve => "approve",
+            Self::Suspend => "suspend",
+            Self::Reactivate => "reactivate",
+            Self::Revoke => "revoke",
+            Self::Expire => "expire",
+        }
+    }
+
+    fn action(self) -> &'static str {
+        match self {
+            Self::Approve => "connection.approved",
+            Self::Suspend => "connection.suspended",
+            Self::Reactivate => "connection.reactivated",
+            Self::Revoke => "connection.revoked",
+            Self::Expire => "connection.expired",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parsing_canonicalizes() {
+        assert_eq!(parse_cidr("10.1.2.3/8").unwrap(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.168.1.7").unwrap(), "192.168.1.7/32");
+        assert_eq!(parse_cidr("2001:db8::1/32").unwrap(), "2001:db8::/32");
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nope").is_err());
+    }
+
+    #[test]
+    fn site_urls() {
+        assert_eq!(normalize_site_url("https://b.example.com/kit/").unwrap(), "https://b.example.com/kit");
+        assert!(normalize_site_url("ftp://b.example.com").is_err());
+        assert!(normalize_site_url("https://user:pw@b.example.com").is_err());
+        assert!(normalize_site_url("https://").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("prod to staging").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name(&Uuid::new_v4().to_string()).is_err());
+        assert!(validate_name("a\nb").is_err());
+    }
+
+    #[test]
+    fn status_text_round_trips() {
+        for status in ConnectionStatus::ALL {
+            assert_eq!(status.as_str().parse::<ConnectionStatus>().unwrap(), *status);
+        }
+        let err = "paused".parse::<ConnectionStatus>().unwrap_err().to_string();
+        assert!(err.contains("pending, active, suspended, revoked, expired"), "{err}");
+    }
+}

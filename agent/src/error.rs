@@ -1,0 +1,92 @@
+//! The engine's error type.
+
+use crate::connection::ConnectionStatus;
+
+/// Result alias for engine operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything an engine operation can fail with, other than an access check (see
+/// [`crate::AccessDenied`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state database failed or refused a statement.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    /// Migrations could not be applied at start-up.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The addressed record does not exist.
+    #[error("{kind} not found: {key}")]
+    NotFound {
+        /// What was looked up: "connection", "transfer".
+        kind: &'static str,
+        /// How it was addressed.
+        key: String,
+    },
+    /// A lifecycle step that the current status does not allow.
+    #[error("cannot {action} {kind} {name}: it is {status}")]
+    IllegalTransition {
+        /// "connection" or "transfer".
+        kind: &'static str,
+        /// Name or id of the record.
+        name: String,
+        /// The attempted step ("approve", "reactivate", ...).
+        action: &'static str,
+        /// The status that forbids it.
+        status: String,
+    },
+    /// An input value was rejected before reaching the database.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// Which field or argument.
+        field: &'static str,
+        /// Why, in words an operator can act on.
+        reason: String,
+    },
+    /// A unique property (name, or site URL and direction) is already taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// A stored receiver token could not be decrypted (wrong key, or tampered data).
+    #[error("cannot decrypt the stored token: wrong encryption key or corrupted data")]
+    Decrypt,
+    /// Key file or config file trouble.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Hashing a password failed (out of memory, or bad parameters).
+    #[error("password hashing failed")]
+    PasswordHash,
+}
+
+impl Error {
+    pub(crate) fn not_found(kind: &'static str, key: impl Into<String>) -> Self {
+        Self::NotFound {
+            kind,
+            key: key.into(),
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn illegal_connection(name: &str, action: &'static str, status: ConnectionStatus) -> Self {
+        Self::IllegalTransition {
+            kind: "connection",
+            name: name.to_owned(),
+            action,
+            status: status.to_string(),
+        }
+    }
+}
