@@ -256,7 +256,7 @@ impl Store {
         } else {
             (TransferStatus::Pending, None)
         };
-        let id = Uuid::new_v4();
+        let id = Uuid::now_v7();
         Ok(on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let transfer: Transfer = sqlx::query_as(
@@ -501,7 +501,7 @@ impl Store {
         let since = filter.since.map(to_micros);
         let until = filter.until.map(to_micros);
         let list_sql = sqlx::AssertSqlSafe(format!(
-            "SELECT * FROM dbsync_transfers WHERE {WHERE_FILTER} ORDER BY created_at DESC, id LIMIT $7 OFFSET $8"
+            "SELECT * FROM dbsync_transfers WHERE {WHERE_FILTER} ORDER BY created_at DESC, id DESC LIMIT $7 OFFSET $8"
         ));
         let count_sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM dbsync_transfers WHERE {WHERE_FILTER}"));
         let (items, total): (Vec<Transfer>, i64) = on_pool!(self, |pool| {

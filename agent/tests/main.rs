@@ -1,0 +1,9 @@
+//! Engine tests: every body runs on SQLite and on PostgreSQL.
+
+mod support;
+
+mod connections;
+mod migrations;
+mod settings;
+mod transfers;
+mod validate;
