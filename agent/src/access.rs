@@ -123,16 +123,26 @@ impl Validator {
             other => return Err(AccessDenied::ConnectionNotActive(other)),
         }
         if connection.expires_at.is_some_and(|at| at <= now) {
-            match self.store.expire_connection(&connection.id.to_string(), &Actor::system(), now).await {
+            match self
+                .store
+                .expire_connection(&connection.id.to_string(), &Actor::system(), now)
+                .await
+            {
                 Ok(_) | Err(Error::IllegalTransition { .. }) => {}
                 Err(err) => return Err(err.into()),
             }
             return Err(AccessDenied::ConnectionExpired);
         }
-        if connection.max_downloads.is_some_and(|max| connection.downloads_used >= max) {
+        if connection
+            .max_downloads
+            .is_some_and(|max| connection.downloads_used >= max)
+        {
             return Err(AccessDenied::DownloadLimitExceeded);
         }
-        if connection.max_records_total.is_some_and(|max| connection.records_downloaded >= max) {
+        if connection
+            .max_records_total
+            .is_some_and(|max| connection.records_downloaded >= max)
+        {
             return Err(AccessDenied::RecordLimitExceeded);
         }
         if !connection.ip_allowed(client_ip) {
@@ -144,7 +154,9 @@ impl Validator {
         if let Some(hash) = &connection.download_password_hash {
             match password {
                 None | Some("") => return Err(AccessDenied::PasswordRequired),
-                Some(given) if !crate::password::verify(given, hash) => return Err(AccessDenied::InvalidPassword),
+                Some(given) if !crate::password::verify(given, hash) => {
+                    return Err(AccessDenied::InvalidPassword);
+                }
                 Some(_) => {}
             }
         }

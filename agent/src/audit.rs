@@ -18,11 +18,13 @@ impl Actor {
         Self(format!("cli:{os_user}"))
     }
 
-    /// The operator running this process, named by `$USER` (or `$LOGNAME`).
+    /// The operator running this process: the OS account name (`$USER` when the account
+    /// database has no entry).
     pub fn current_cli_user() -> Self {
-        let user = std::env::var("USER")
-            .or_else(|_| std::env::var("LOGNAME"))
-            .unwrap_or_else(|_| "unknown".into());
+        let user = whoami::username()
+            .ok()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".into());
         Self::cli(&user)
     }
 
@@ -67,7 +69,12 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event about a connection.
-    pub fn connection(actor: &Actor, action: &'static str, connection_id: Uuid, now: DateTime<Utc>) -> Self {
+    pub fn connection(
+        actor: &Actor,
+        action: &'static str,
+        connection_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Self {
         Self {
             // Time-ordered, so events written in the same microsecond keep their order.
             id: Uuid::now_v7(),
@@ -153,7 +160,11 @@ pub struct AuditEvent {
 impl Store {
     /// Audit events about a connection (or every event when `connection_id` is none), oldest
     /// first, at most `limit`.
-    pub async fn audit_events(&self, connection_id: Option<Uuid>, limit: i64) -> Result<Vec<AuditEvent>> {
+    pub async fn audit_events(
+        &self,
+        connection_id: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<AuditEvent>> {
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT * FROM dbsync_audit_events WHERE ($1 IS NULL OR connection_id = $1) \

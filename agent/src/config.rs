@@ -164,6 +164,9 @@ mod tests {
             database_url: Some("sqlite:///var/lib/dbsync/state.db".into()),
             ..Config::default()
         };
-        assert_eq!(config.key_file(), PathBuf::from("/var/lib/dbsync/dbsync.key"));
+        assert_eq!(
+            config.key_file(),
+            PathBuf::from("/var/lib/dbsync/dbsync.key")
+        );
     }
 }

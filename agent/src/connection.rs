@@ -316,7 +316,10 @@ impl ConnectionSettings {
             return Err(Error::invalid("max_records_per_request", "must be > 0"));
         }
         if self.rate_limit_per_minute <= 0 || self.rate_limit_per_minute > i64::from(u32::MAX) {
-            return Err(Error::invalid("rate_limit_per_minute", "must be between 1 and 4294967295"));
+            return Err(Error::invalid(
+                "rate_limit_per_minute",
+                "must be between 1 and 4294967295",
+            ));
         }
         if self.max_downloads.is_some_and(|n| n < 0) {
             return Err(Error::invalid("max_downloads", "must be >= 0"));
@@ -338,9 +341,12 @@ impl ConnectionSettings {
                 ));
             }
         }
-        self.time_zone
-            .parse::<chrono_tz::Tz>()
-            .map_err(|_| Error::invalid("time_zone", format!("{:?} is not an IANA time zone", self.time_zone)))?;
+        self.time_zone.parse::<chrono_tz::Tz>().map_err(|_| {
+            Error::invalid(
+                "time_zone",
+                format!("{:?} is not an IANA time zone", self.time_zone),
+            )
+        })?;
         for table in self
             .allowed_tables
             .iter()
@@ -349,10 +355,16 @@ impl ConnectionSettings {
             .chain(&self.auto_sync_tables)
         {
             if table.is_empty() || table.len() > 128 || table.chars().any(char::is_control) {
-                return Err(Error::invalid("tables", format!("{table:?} is not a table name")));
+                return Err(Error::invalid(
+                    "tables",
+                    format!("{table:?} is not a table name"),
+                ));
             }
         }
-        self.ip_whitelist.iter().map(|entry| parse_cidr(entry)).collect()
+        self.ip_whitelist
+            .iter()
+            .map(|entry| parse_cidr(entry))
+            .collect()
     }
 }
 
@@ -361,10 +373,12 @@ pub fn parse_cidr(entry: &str) -> Result<String> {
     let entry = entry.trim();
     let net = match entry.parse::<IpNet>() {
         Ok(net) => net,
-        Err(_) => entry
-            .parse::<IpAddr>()
-            .map(IpNet::from)
-            .map_err(|_| Error::invalid("ip_whitelist", format!("{entry:?} is not an address or CIDR block")))?,
+        Err(_) => entry.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            Error::invalid(
+                "ip_whitelist",
+                format!("{entry:?} is not an address or CIDR block"),
+            )
+        })?,
     };
     Ok(net.trunc().to_string())
 }
@@ -384,7 +398,10 @@ pub struct NewConnection {
 /// not be confusable).
 fn validate_name(name: &str) -> Result<()> {
     if name.trim().is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
-        return Err(Error::invalid("name", format!("must be 1-{MAX_NAME_LEN} printable characters")));
+        return Err(Error::invalid(
+            "name",
+            format!("must be 1-{MAX_NAME_LEN} printable characters"),
+        ));
     }
     if Uuid::parse_str(name).is_ok() {
         return Err(Error::invalid("name", "must not look like a connection id"));
@@ -399,13 +416,30 @@ pub fn normalize_site_url(url: &str) -> Result<String> {
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
         .ok_or_else(|| Error::invalid("site_url", "must start with http:// or https://"))?;
-    if rest.is_empty() || rest.starts_with('/') || rest.contains(['?', '#', ' ']) || rest.contains('@') {
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || rest.contains(['?', '#', ' '])
+        || rest.contains('@')
+    {
         return Err(Error::invalid(
             "site_url",
             "must be a base URL with a host and no credentials, query or fragment",
         ));
     }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// A receiver connection to store: "I can pull from that site with this token".
+#[derive(Debug, Clone, Copy)]
+pub struct NewReceiver<'a> {
+    /// Unique name.
+    pub name: &'a str,
+    /// The sending site's base URL.
+    pub site_url: &'a str,
+    /// The token in clear, as the sender issued it; checked and encrypted before storing.
+    pub token: &'a str,
+    /// `Active` for a manual hand-over, `Pending` when registration awaits approval.
+    pub status: ConnectionStatus,
 }
 
 /// A freshly created sender connection and its token, which is never retrievable again.
@@ -433,7 +467,9 @@ fn unique_violation(err: sqlx::Error, name: &str, site_url: &str, direction: Dir
             if message.contains("name") {
                 Error::Conflict(format!("a connection named {name:?} already exists"))
             } else {
-                Error::Conflict(format!("a {direction} connection to {site_url} already exists"))
+                Error::Conflict(format!(
+                    "a {direction} connection to {site_url} already exists"
+                ))
             }
         }
         _ => Error::Database(err),
@@ -443,7 +479,12 @@ fn unique_violation(err: sqlx::Error, name: &str, site_url: &str, direction: Dir
 impl Store {
     /// Creates a sender connection (status `pending` until the remote confirms or an operator
     /// approves it) and returns its token, shown once.
-    pub async fn create_sender(&self, new: NewConnection, actor: &Actor, now: DateTime<Utc>) -> Result<CreatedConnection> {
+    pub async fn create_sender(
+        &self,
+        new: NewConnection,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<CreatedConnection> {
         validate_name(&new.name)?;
         let site_url = normalize_site_url(&new.site_url)?;
         let whitelist = new.settings.validate()?;
@@ -515,19 +556,25 @@ impl Store {
     /// registration). The token is checked for shape and checksum, then encrypted at rest.
     pub async fn add_receiver(
         &self,
-        name: &str,
-        site_url: &str,
-        token: &str,
-        status: ConnectionStatus,
+        new: NewReceiver<'_>,
         vault: &Vault,
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Connection> {
+        let NewReceiver {
+            name,
+            site_url,
+            token,
+            status,
+        } = new;
         validate_name(name)?;
         let site_url = normalize_site_url(site_url)?;
         let token = Token::parse(token).map_err(|err| Error::invalid("token", err.to_string()))?;
         if !matches!(status, ConnectionStatus::Pending | ConnectionStatus::Active) {
-            return Err(Error::invalid("status", "a new connection is pending or active"));
+            return Err(Error::invalid(
+                "status",
+                "a new connection is pending or active",
+            ));
         }
         let id = Uuid::new_v4();
         let sealed = vault.seal(id, token.expose())?;
@@ -567,10 +614,9 @@ impl Store {
 
     /// The token a receiver connection holds, decrypted.
     pub fn receiver_token(&self, connection: &Connection, vault: &Vault) -> Result<Token> {
-        let sealed = connection
-            .token_ciphertext
-            .as_deref()
-            .ok_or_else(|| Error::invalid("connection", format!("{} holds no token", connection.name)))?;
+        let sealed = connection.token_ciphertext.as_deref().ok_or_else(|| {
+            Error::invalid("connection", format!("{} holds no token", connection.name))
+        })?;
         let text = vault.open(connection.id, sealed)?;
         Token::parse(&text).map_err(|_| Error::Decrypt)
     }
@@ -603,14 +649,20 @@ impl Store {
     pub async fn find_sender_by_token(&self, token: &Token) -> Result<Option<Connection>> {
         let hash = token.hash();
         let found: Option<Connection> = on_pool!(self, |pool| {
-            sqlx::query_as("SELECT * FROM dbsync_connections WHERE token_hash = $1 AND direction = 'sender'")
-                .bind(&hash)
-                .fetch_optional(pool)
-                .await?
+            sqlx::query_as(
+                "SELECT * FROM dbsync_connections WHERE token_hash = $1 AND direction = 'sender'",
+            )
+            .bind(&hash)
+            .fetch_optional(pool)
+            .await?
         });
         // The index lookup already matched; compare again in constant time so no code path
         // depends on a variable-time byte comparison of secrets.
-        Ok(found.filter(|c| c.token_hash.as_deref().is_some_and(|h| crate::token::hashes_equal(h, &hash))))
+        Ok(found.filter(|c| {
+            c.token_hash
+                .as_deref()
+                .is_some_and(|h| crate::token::hashes_equal(h, &hash))
+        }))
     }
 
     /// Connections, newest first.
@@ -631,28 +683,60 @@ impl Store {
     }
 
     /// pending → active.
-    pub async fn approve_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Approve, None, actor, now).await
+    pub async fn approve_connection(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Approve, None, actor, now)
+            .await
     }
 
     /// pending | active → suspended, with a reason.
-    pub async fn suspend_connection(&self, id_or_name: &str, reason: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Suspend, Some(reason), actor, now).await
+    pub async fn suspend_connection(
+        &self,
+        id_or_name: &str,
+        reason: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Suspend, Some(reason), actor, now)
+            .await
     }
 
     /// suspended → active.
-    pub async fn reactivate_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Reactivate, None, actor, now).await
+    pub async fn reactivate_connection(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Reactivate, None, actor, now)
+            .await
     }
 
     /// pending | active | suspended → revoked (terminal), with a reason.
-    pub async fn revoke_connection(&self, id_or_name: &str, reason: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Revoke, Some(reason), actor, now).await
+    pub async fn revoke_connection(
+        &self,
+        id_or_name: &str,
+        reason: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Revoke, Some(reason), actor, now)
+            .await
     }
 
     /// pending | active | suspended → expired (terminal); used by the sweep and by validation.
-    pub async fn expire_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Expire, None, actor, now).await
+    pub async fn expire_connection(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        self.transition(id_or_name, Transition::Expire, None, actor, now)
+            .await
     }
 
     async fn transition(
@@ -666,7 +750,12 @@ impl Store {
         let current = self.get_connection(id_or_name).await?;
         let reason = match (step.needs_reason(), reason.map(str::trim)) {
             (true, Some(reason)) if !reason.is_empty() => Some(reason.to_owned()),
-            (true, _) => return Err(Error::invalid("reason", format!("a reason is required to {}", step.verb()))),
+            (true, _) => {
+                return Err(Error::invalid(
+                    "reason",
+                    format!("a reason is required to {}", step.verb()),
+                ));
+            }
             (false, _) => None,
         };
         let now = to_micros(now);
@@ -682,9 +771,11 @@ impl Store {
             if let Some(connection) = &updated {
                 audit::insert!(
                     &mut *tx,
-                    audit::NewEvent::connection(actor, step.action(), connection.id, now).detail(serde_json::json!({
-                        "from": current.status, "to": connection.status, "reason": reason,
-                    })),
+                    audit::NewEvent::connection(actor, step.action(), connection.id, now).detail(
+                        serde_json::json!({
+                            "from": current.status, "to": connection.status, "reason": reason,
+                        })
+                    ),
                 )
                 .await?;
             }
@@ -700,14 +791,23 @@ impl Store {
                     .await?
                     .ok_or_else(|| Error::not_found("connection", id_or_name))?
                     .status;
-                Err(Error::illegal_connection(&current.name, step.verb(), now_status))
+                Err(Error::illegal_connection(
+                    &current.name,
+                    step.verb(),
+                    now_status,
+                ))
             }
         }
     }
 
     /// Deletes a connection and its checkpoints. Its transfers stay in the history (with no
     /// connection) and an audit event records who deleted what.
-    pub async fn delete_connection(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Connection> {
+    pub async fn delete_connection(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
         let current = self.get_connection(id_or_name).await?;
         let now = to_micros(now);
         on_pool!(self, |pool| {
@@ -734,12 +834,20 @@ impl Store {
 
     /// Replaces a sender connection's token; the old one stops working at once. Refused on
     /// revoked and expired connections.
-    pub async fn regenerate_token(&self, id_or_name: &str, actor: &Actor, now: DateTime<Utc>) -> Result<CreatedConnection> {
+    pub async fn regenerate_token(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<CreatedConnection> {
         let current = self.get_connection(id_or_name).await?;
         if current.direction != Direction::Sender {
             return Err(Error::invalid(
                 "connection",
-                format!("{} is a receiver connection; only the sending site issues tokens", current.name),
+                format!(
+                    "{} is a receiver connection; only the sending site issues tokens",
+                    current.name
+                ),
             ));
         }
         let token = Token::generate();
@@ -759,8 +867,13 @@ impl Store {
             if updated.is_some() {
                 audit::insert!(
                     &mut *tx,
-                    audit::NewEvent::connection(actor, "connection.token_regenerated", current.id, now)
-                        .detail(serde_json::json!({ "token_prefix": token.display_prefix() })),
+                    audit::NewEvent::connection(
+                        actor,
+                        "connection.token_regenerated",
+                        current.id,
+                        now
+                    )
+                    .detail(serde_json::json!({ "token_prefix": token.display_prefix() })),
                 )
                 .await?;
             }
@@ -769,7 +882,11 @@ impl Store {
         });
         match updated {
             Some(connection) => Ok(CreatedConnection { connection, token }),
-            None => Err(Error::illegal_connection(&current.name, "regenerate the token of", current.status)),
+            None => Err(Error::illegal_connection(
+                &current.name,
+                "regenerate the token of",
+                current.status,
+            )),
         }
     }
 
@@ -790,7 +907,10 @@ impl Store {
         });
         let mut expired = Vec::with_capacity(due.len());
         for id in due {
-            match self.expire_connection(&id.to_string(), &Actor::system(), now).await {
+            match self
+                .expire_connection(&id.to_string(), &Actor::system(), now)
+                .await
+            {
                 Ok(connection) => expired.push(connection),
                 // Changed or removed since the scan: nothing to expire.
                 Err(Error::IllegalTransition { .. } | Error::NotFound { .. }) => {}
@@ -830,7 +950,8 @@ impl Store {
                     .fetch_optional(pool)
                     .await?
             });
-            let (used, max) = row.ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
+            let (used, max) =
+                row.ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
             let granted = match max {
                 Some(max) => wanted.min(max - used).max(0),
                 None => wanted,
@@ -889,7 +1010,11 @@ impl Store {
     }
 
     /// Merges `patch` into the connection's metadata object (top-level keys replaced).
-    pub async fn merge_connection_metadata(&self, connection_id: Uuid, patch: serde_json::Value) -> Result<Connection> {
+    pub async fn merge_connection_metadata(
+        &self,
+        connection_id: Uuid,
+        patch: serde_json::Value,
+    ) -> Result<Connection> {
         let current = self
             .find_connection(connection_id)
             .await?
@@ -991,7 +1116,10 @@ mod tests {
 
     #[test]
     fn site_urls() {
-        assert_eq!(normalize_site_url("https://b.example.com/kit/").unwrap(), "https://b.example.com/kit");
+        assert_eq!(
+            normalize_site_url("https://b.example.com/kit/").unwrap(),
+            "https://b.example.com/kit"
+        );
         assert!(normalize_site_url("ftp://b.example.com").is_err());
         assert!(normalize_site_url("https://user:pw@b.example.com").is_err());
         assert!(normalize_site_url("https://").is_err());
@@ -1008,9 +1136,18 @@ mod tests {
     #[test]
     fn status_text_round_trips() {
         for status in ConnectionStatus::ALL {
-            assert_eq!(status.as_str().parse::<ConnectionStatus>().unwrap(), *status);
+            assert_eq!(
+                status.as_str().parse::<ConnectionStatus>().unwrap(),
+                *status
+            );
         }
-        let err = "paused".parse::<ConnectionStatus>().unwrap_err().to_string();
-        assert!(err.contains("pending, active, suspended, revoked, expired"), "{err}");
+        let err = "paused"
+            .parse::<ConnectionStatus>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pending, active, suspended, revoked, expired"),
+            "{err}"
+        );
     }
 }

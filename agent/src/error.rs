@@ -67,6 +67,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// A stable machine-readable code for this error (CLI `--json`, HTTP bodies).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Database(_) => "database_error",
+            Self::Migrate(_) => "migration_failed",
+            Self::NotFound { .. } => "not_found",
+            Self::IllegalTransition { .. } => "illegal_transition",
+            Self::Invalid { .. } => "invalid_input",
+            Self::Conflict(_) => "conflict",
+            Self::Decrypt => "decrypt_failed",
+            Self::Io { .. } => "io_error",
+            Self::Config(_) => "invalid_config",
+            Self::PasswordHash => "password_hash_failed",
+        }
+    }
+
     pub(crate) fn not_found(kind: &'static str, key: impl Into<String>) -> Self {
         Self::NotFound {
             kind,
@@ -81,7 +97,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn illegal_connection(name: &str, action: &'static str, status: ConnectionStatus) -> Self {
+    pub(crate) fn illegal_connection(
+        name: &str,
+        action: &'static str,
+        status: ConnectionStatus,
+    ) -> Self {
         Self::IllegalTransition {
             kind: "connection",
             name: name.to_owned(),

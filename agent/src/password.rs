@@ -21,7 +21,10 @@ pub fn hash(password: &str) -> Result<String> {
         return Err(Error::invalid("password", "must not be empty"));
     }
     if password.len() > MAX_PASSWORD_LEN {
-        return Err(Error::invalid("password", format!("longer than {MAX_PASSWORD_LEN} bytes")));
+        return Err(Error::invalid(
+            "password",
+            format!("longer than {MAX_PASSWORD_LEN} bytes"),
+        ));
     }
     let salt = SaltString::generate(&mut OsRng);
     hasher()
@@ -36,7 +39,11 @@ pub fn verify(password: &str, stored: &str) -> bool {
         return false;
     }
     PasswordHash::new(stored)
-        .map(|parsed| hasher().verify_password(password.as_bytes(), &parsed).is_ok())
+        .map(|parsed| {
+            hasher()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 

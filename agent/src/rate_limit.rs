@@ -54,7 +54,9 @@ impl RateLimits {
         let per_minute = u32::try_from(per_minute.max(1)).unwrap_or(u32::MAX);
         let limiter = {
             let mut limiters = self.limiters.lock().expect("rate limiter lock poisoned");
-            let entry = limiters.entry(connection_id).or_insert_with(|| (0, Arc::new(self.limiter(per_minute))));
+            let entry = limiters
+                .entry(connection_id)
+                .or_insert_with(|| (0, Arc::new(self.limiter(per_minute))));
             if entry.0 != per_minute {
                 *entry = (per_minute, Arc::new(self.limiter(per_minute)));
             }
@@ -69,7 +71,10 @@ impl RateLimits {
 
     /// Forgets a connection's limiter (after delete).
     pub fn forget(&self, connection_id: Uuid) {
-        self.limiters.lock().expect("rate limiter lock poisoned").remove(&connection_id);
+        self.limiters
+            .lock()
+            .expect("rate limiter lock poisoned")
+            .remove(&connection_id);
     }
 
     fn limiter(&self, per_minute: u32) -> Limiter {
@@ -92,7 +97,10 @@ mod tests {
             assert!(limits.check(id, 6).is_ok());
         }
         let wait = limits.check(id, 6).unwrap_err();
-        assert!(wait > Duration::from_secs(9) && wait <= Duration::from_secs(10), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(9) && wait <= Duration::from_secs(10),
+            "{wait:?}"
+        );
         clock.advance(chrono::Duration::seconds(10));
         assert!(limits.check(id, 6).is_ok());
         assert!(limits.check(id, 6).is_err());

@@ -44,7 +44,10 @@ pub struct Settings {
     pub updated_at: DateTime<Utc>,
 }
 
-fn password_set<S: serde::Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+fn password_set<S: serde::Serializer>(
+    value: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_bool(value.is_some())
 }
 
@@ -96,8 +99,14 @@ impl Store {
             Some(password) => Some(crate::password::hash(password)?),
             None => None,
         };
-        if mode == IncomingMode::RequirePassword && new_hash.is_none() && current.incoming_password_hash.is_none() {
-            return Err(Error::invalid("password", "require_password mode needs an incoming password"));
+        if mode == IncomingMode::RequirePassword
+            && new_hash.is_none()
+            && current.incoming_password_hash.is_none()
+        {
+            return Err(Error::invalid(
+                "password",
+                "require_password mode needs an incoming password",
+            ));
         }
         let now = to_micros(now);
         Ok(on_pool!(self, |pool| {
@@ -133,7 +142,9 @@ impl Store {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Settings> {
-        let site_url = site_url.map(crate::connection::normalize_site_url).transpose()?;
+        let site_url = site_url
+            .map(crate::connection::normalize_site_url)
+            .transpose()?;
         Ok(on_pool!(self, |pool| {
             sqlx::query_as(
                 "UPDATE dbsync_settings SET site_name = COALESCE($1, site_name), site_url = COALESCE($2, site_url), \

@@ -118,6 +118,14 @@ impl Store {
         }
     }
 
+    /// "postgres" or "sqlite".
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine() {
+            Engine::Postgres => "postgres",
+            Engine::Sqlite => "sqlite",
+        }
+    }
+
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
     }
@@ -156,7 +164,10 @@ mod tests {
 
     #[test]
     fn engine_from_url() {
-        assert_eq!(Engine::from_url("postgres://x/y").unwrap(), Engine::Postgres);
+        assert_eq!(
+            Engine::from_url("postgres://x/y").unwrap(),
+            Engine::Postgres
+        );
         assert_eq!(Engine::from_url("sqlite://a.db").unwrap(), Engine::Sqlite);
         assert!(Engine::from_url("mysql://x").is_err());
     }
@@ -164,7 +175,10 @@ mod tests {
     #[test]
     fn sqlite_file_paths() {
         assert_eq!(sqlite_file("sqlite://a.db"), Some(PathBuf::from("a.db")));
-        assert_eq!(sqlite_file("sqlite:///tmp/a.db?mode=rwc"), Some(PathBuf::from("/tmp/a.db")));
+        assert_eq!(
+            sqlite_file("sqlite:///tmp/a.db?mode=rwc"),
+            Some(PathBuf::from("/tmp/a.db"))
+        );
         assert_eq!(sqlite_file("sqlite::memory:"), None);
         assert_eq!(sqlite_file("postgres://x"), None);
     }

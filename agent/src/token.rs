@@ -62,7 +62,9 @@ impl Token {
         let text = text.trim();
         if text.len() != TOKEN_LEN
             || !text.starts_with(TOKEN_PREFIX)
-            || !text[TOKEN_PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
+            || !text[TOKEN_PREFIX.len()..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric())
         {
             return Err(MalformedToken::Shape);
         }
@@ -132,7 +134,10 @@ mod tests {
     fn wrong_shapes_are_refused() {
         let token = Token::generate();
         assert_eq!(Token::parse(""), Err(MalformedToken::Shape));
-        assert_eq!(Token::parse(&token.expose()[1..]), Err(MalformedToken::Shape));
+        assert_eq!(
+            Token::parse(&token.expose()[1..]),
+            Err(MalformedToken::Shape)
+        );
         let other_prefix = token.expose().replacen("dbs_", "ghp_", 1);
         assert_eq!(Token::parse(&other_prefix), Err(MalformedToken::Shape));
         let with_symbol = format!("{}!", &token.expose()[..TOKEN_LEN - 1]);

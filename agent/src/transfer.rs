@@ -252,7 +252,10 @@ impl Store {
         }
         let now = to_micros(now);
         let (status, deadline) = if new.requires_approval {
-            (TransferStatus::PendingApproval, Some(to_micros(now + approval_ttl)))
+            (
+                TransferStatus::PendingApproval,
+                Some(to_micros(now + approval_ttl)),
+            )
         } else {
             (TransferStatus::Pending, None)
         };
@@ -282,8 +285,14 @@ impl Store {
             .await?;
             audit::insert!(
                 &mut *tx,
-                audit::NewEvent::transfer(actor, "transfer.created", Some(new.connection_id), id, now)
-                    .detail(serde_json::json!({ "table": new.table_name, "status": status }))
+                audit::NewEvent::transfer(
+                    actor,
+                    "transfer.created",
+                    Some(new.connection_id),
+                    id,
+                    now
+                )
+                .detail(serde_json::json!({ "table": new.table_name, "status": status }))
             )
             .await?;
             tx.commit().await?;
@@ -381,7 +390,12 @@ impl Store {
     }
 
     /// pending | pending_approval | approved | in_progress → failed, with the error.
-    pub async fn fail_transfer(&self, id: Uuid, message: &str, now: DateTime<Utc>) -> Result<Transfer> {
+    pub async fn fail_transfer(
+        &self,
+        id: Uuid,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Transfer> {
         self.transfer_step(
             id,
             "fail",
@@ -395,7 +409,12 @@ impl Store {
     }
 
     /// pending | pending_approval | approved | in_progress → cancelled.
-    pub async fn cancel_transfer(&self, id: Uuid, actor: &Actor, now: DateTime<Utc>) -> Result<Transfer> {
+    pub async fn cancel_transfer(
+        &self,
+        id: Uuid,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Transfer> {
         self.transfer_step(
             id,
             "cancel",
@@ -410,7 +429,12 @@ impl Store {
 
     /// pending_approval → approved, while the approval deadline has not passed (past it the
     /// transfer becomes `expired` and the approval is refused).
-    pub async fn approve_transfer(&self, id: Uuid, actor: &Actor, now: DateTime<Utc>) -> Result<Transfer> {
+    pub async fn approve_transfer(
+        &self,
+        id: Uuid,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Transfer> {
         self.expire_due_approvals(now).await?;
         let now = to_micros(now);
         let updated: Option<Transfer> = on_pool!(self, |pool| {
@@ -427,8 +451,14 @@ impl Store {
             if let Some(transfer) = &updated {
                 audit::insert!(
                     &mut *tx,
-                    audit::NewEvent::transfer(actor, "transfer.approved", transfer.connection_id, id, now)
-                        .detail(serde_json::json!({ "table": transfer.table_name }))
+                    audit::NewEvent::transfer(
+                        actor,
+                        "transfer.approved",
+                        transfer.connection_id,
+                        id,
+                        now
+                    )
+                    .detail(serde_json::json!({ "table": transfer.table_name }))
                 )
                 .await?;
             }
@@ -442,10 +472,19 @@ impl Store {
     }
 
     /// pending_approval → denied, with a reason.
-    pub async fn deny_transfer(&self, id: Uuid, reason: &str, actor: &Actor, now: DateTime<Utc>) -> Result<Transfer> {
+    pub async fn deny_transfer(
+        &self,
+        id: Uuid,
+        reason: &str,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Transfer> {
         let reason = reason.trim();
         if reason.is_empty() {
-            return Err(Error::invalid("reason", "a reason is required to deny a transfer"));
+            return Err(Error::invalid(
+                "reason",
+                "a reason is required to deny a transfer",
+            ));
         }
         let now = to_micros(now);
         let updated: Option<Transfer> = on_pool!(self, |pool| {
@@ -463,8 +502,14 @@ impl Store {
             if let Some(transfer) = &updated {
                 audit::insert!(
                     &mut *tx,
-                    audit::NewEvent::transfer(actor, "transfer.denied", transfer.connection_id, id, now)
-                        .detail(serde_json::json!({ "table": transfer.table_name, "reason": reason }))
+                    audit::NewEvent::transfer(
+                        actor,
+                        "transfer.denied",
+                        transfer.connection_id,
+                        id,
+                        now
+                    )
+                    .detail(serde_json::json!({ "table": transfer.table_name, "reason": reason }))
                 )
                 .await?;
             }
@@ -503,7 +548,9 @@ impl Store {
         let list_sql = sqlx::AssertSqlSafe(format!(
             "SELECT * FROM dbsync_transfers WHERE {WHERE_FILTER} ORDER BY created_at DESC, id DESC LIMIT $7 OFFSET $8"
         ));
-        let count_sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM dbsync_transfers WHERE {WHERE_FILTER}"));
+        let count_sql = sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM dbsync_transfers WHERE {WHERE_FILTER}"
+        ));
         let (items, total): (Vec<Transfer>, i64) = on_pool!(self, |pool| {
             let items = sqlx::query_as(list_sql)
                 .bind(filter.connection_id)

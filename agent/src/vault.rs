@@ -126,7 +126,10 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<[u8; 32]> {
         Ok(text) => {
             check_permissions(path)?;
             parse_key(&text).map_err(|_| {
-                Error::Config(format!("{}: key file must hold 64 hex characters", path.display()))
+                Error::Config(format!(
+                    "{}: key file must hold 64 hex characters",
+                    path.display()
+                ))
             })
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound && create => {
@@ -137,7 +140,8 @@ fn load_or_create_key_file(path: &Path, create: bool) -> Result<[u8; 32]> {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options.open(path).map_err(io_err)?;
-            file.write_all(hex::encode(key).as_bytes()).map_err(io_err)?;
+            file.write_all(hex::encode(key).as_bytes())
+                .map_err(io_err)?;
             file.sync_all().map_err(io_err)?;
             tracing::info!(path = %path.display(), "created token encryption key file");
             Ok(key)
@@ -191,7 +195,10 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         // A second vault on the same file reads the same key.
-        assert_eq!(Vault::with_key_file(&path).open(id, &sealed).unwrap(), "dbs_secret");
+        assert_eq!(
+            Vault::with_key_file(&path).open(id, &sealed).unwrap(),
+            "dbs_secret"
+        );
     }
 
     #[test]
@@ -199,7 +206,10 @@ mod tests {
         let vault = Vault::with_key(&"11".repeat(32)).unwrap();
         let id = Uuid::new_v4();
         let sealed = vault.seal(id, "dbs_secret").unwrap();
-        assert!(matches!(vault.open(Uuid::new_v4(), &sealed), Err(Error::Decrypt)));
+        assert!(matches!(
+            vault.open(Uuid::new_v4(), &sealed),
+            Err(Error::Decrypt)
+        ));
         let other = Vault::with_key(&"22".repeat(32)).unwrap();
         assert!(matches!(other.open(id, &sealed), Err(Error::Decrypt)));
     }

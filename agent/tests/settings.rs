@@ -14,12 +14,22 @@ async fn incoming_modes_and_password(db: TestDb) {
 
     // require_password needs a password.
     assert!(matches!(
-        db.store.set_incoming(IncomingMode::RequirePassword, None, &db.actor, db.now()).await,
-        Err(Error::Invalid { field: "password", .. })
+        db.store
+            .set_incoming(IncomingMode::RequirePassword, None, &db.actor, db.now())
+            .await,
+        Err(Error::Invalid {
+            field: "password",
+            ..
+        })
     ));
     let set = db
         .store
-        .set_incoming(IncomingMode::RequirePassword, Some("open sesame"), &db.actor, db.now())
+        .set_incoming(
+            IncomingMode::RequirePassword,
+            Some("open sesame"),
+            &db.actor,
+            db.now(),
+        )
         .await
         .unwrap();
     assert_eq!(set.incoming_mode, IncomingMode::RequirePassword);
@@ -33,13 +43,23 @@ async fn incoming_modes_and_password(db: TestDb) {
 
     // Switching modes keeps the password; every mode is accepted.
     for mode in IncomingMode::ALL {
-        let changed = db.store.set_incoming(*mode, None, &db.actor, db.now()).await.unwrap();
+        let changed = db
+            .store
+            .set_incoming(*mode, None, &db.actor, db.now())
+            .await
+            .unwrap();
         assert_eq!(changed.incoming_mode, *mode);
-        assert_eq!(changed.incoming_password_hash.as_deref(), Some(hash.as_str()));
+        assert_eq!(
+            changed.incoming_password_hash.as_deref(),
+            Some(hash.as_str())
+        );
     }
     let events = db.store.audit_events(None, 100).await.unwrap();
     assert_eq!(
-        events.iter().filter(|e| e.action == "settings.incoming_changed").count(),
+        events
+            .iter()
+            .filter(|e| e.action == "settings.incoming_changed")
+            .count(),
         1 + IncomingMode::ALL.len()
     );
 }

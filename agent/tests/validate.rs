@@ -36,7 +36,13 @@ fn validator(db: &TestDb) -> Validator {
     Validator::new(db.store.clone(), Arc::new(db.clock.clone()))
 }
 
-async fn code(db: &TestDb, v: &Validator, token: &str, from: &str, password: Option<&str>) -> Result<(), &'static str> {
+async fn code(
+    db: &TestDb,
+    v: &Validator,
+    token: &str,
+    from: &str,
+    password: Option<&str>,
+) -> Result<(), &'static str> {
     v.validate_connection(token, ip(from), db.now(), password)
         .await
         .map(|_| ())
@@ -49,8 +55,14 @@ async fn token_checks(db: TestDb) {
     let token = created.token.expose();
     assert_eq!(code(&db, &v, token, HOME, None).await, Ok(()));
     assert_eq!(code(&db, &v, "", HOME, None).await, Err("invalid_token"));
-    assert_eq!(code(&db, &v, &token[..token.len() - 1], HOME, None).await, Err("invalid_token"));
-    assert_eq!(code(&db, &v, Token::generate().expose(), HOME, None).await, Err("invalid_token"));
+    assert_eq!(
+        code(&db, &v, &token[..token.len() - 1], HOME, None).await,
+        Err("invalid_token")
+    );
+    assert_eq!(
+        code(&db, &v, Token::generate().expose(), HOME, None).await,
+        Err("invalid_token")
+    );
     let connected = db.store.get_connection("t").await.unwrap();
     assert_eq!(connected.last_connected_at, Some(db.now()));
 
@@ -59,8 +71,14 @@ async fn token_checks(db: TestDb) {
     let mut broken = token.to_owned();
     broken.replace_range(20..21, if &broken[20..21] == "Q" { "R" } else { "Q" });
     db.store.close().await;
-    assert_eq!(code(&db, &v, &broken, HOME, None).await, Err("invalid_token"));
-    assert_eq!(code(&db, &v, token, HOME, None).await, Err("internal_error"));
+    assert_eq!(
+        code(&db, &v, &broken, HOME, None).await,
+        Err("invalid_token")
+    );
+    assert_eq!(
+        code(&db, &v, token, HOME, None).await,
+        Err("internal_error")
+    );
 }
 
 async fn status_and_expiry(db: TestDb) {
@@ -78,13 +96,25 @@ async fn status_and_expiry(db: TestDb) {
         )
         .await
         .unwrap();
-    let denied = v.validate_connection(pending.token.expose(), ip(HOME), db.now(), None).await.unwrap_err();
-    assert!(matches!(denied, AccessDenied::ConnectionNotActive(ConnectionStatus::Pending)));
+    let denied = v
+        .validate_connection(pending.token.expose(), ip(HOME), db.now(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        denied,
+        AccessDenied::ConnectionNotActive(ConnectionStatus::Pending)
+    ));
     assert_eq!(denied.code(), "connection_not_active");
 
     let s = db.active_sender("s", ConnectionSettings::default()).await;
-    db.store.suspend_connection("s", "maintenance", &db.actor, db.now()).await.unwrap();
-    assert_eq!(code(&db, &v, s.token.expose(), HOME, None).await, Err("connection_not_active"));
+    db.store
+        .suspend_connection("s", "maintenance", &db.actor, db.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&db, &v, s.token.expose(), HOME, None).await,
+        Err("connection_not_active")
+    );
 
     let e = db
         .active_sender(
@@ -97,10 +127,19 @@ async fn status_and_expiry(db: TestDb) {
         .await;
     assert_eq!(code(&db, &v, e.token.expose(), HOME, None).await, Ok(()));
     db.clock.advance(Duration::minutes(30));
-    assert_eq!(code(&db, &v, e.token.expose(), HOME, None).await, Err("connection_expired"));
+    assert_eq!(
+        code(&db, &v, e.token.expose(), HOME, None).await,
+        Err("connection_expired")
+    );
     // Detected at validation: the connection is now expired for good.
-    assert_eq!(db.store.get_connection("e").await.unwrap().status, ConnectionStatus::Expired);
-    assert_eq!(code(&db, &v, e.token.expose(), HOME, None).await, Err("connection_expired"));
+    assert_eq!(
+        db.store.get_connection("e").await.unwrap().status,
+        ConnectionStatus::Expired
+    );
+    assert_eq!(
+        code(&db, &v, e.token.expose(), HOME, None).await,
+        Err("connection_expired")
+    );
 }
 
 async fn lifetime_limits(db: TestDb) {
@@ -118,7 +157,10 @@ async fn lifetime_limits(db: TestDb) {
     assert_eq!(code(&db, &v, d.token.expose(), HOME, None).await, Ok(()));
     assert!(db.store.take_download(d.connection.id).await.unwrap());
     assert!(!db.store.take_download(d.connection.id).await.unwrap());
-    assert_eq!(code(&db, &v, d.token.expose(), HOME, None).await, Err("download_limit_exceeded"));
+    assert_eq!(
+        code(&db, &v, d.token.expose(), HOME, None).await,
+        Err("download_limit_exceeded")
+    );
 
     let r = db
         .active_sender(
@@ -129,11 +171,20 @@ async fn lifetime_limits(db: TestDb) {
             },
         )
         .await;
-    assert_eq!(db.store.take_records(r.connection.id, 60).await.unwrap(), 60);
+    assert_eq!(
+        db.store.take_records(r.connection.id, 60).await.unwrap(),
+        60
+    );
     assert_eq!(code(&db, &v, r.token.expose(), HOME, None).await, Ok(()));
-    assert_eq!(db.store.take_records(r.connection.id, 60).await.unwrap(), 40);
+    assert_eq!(
+        db.store.take_records(r.connection.id, 60).await.unwrap(),
+        40
+    );
     assert_eq!(db.store.take_records(r.connection.id, 1).await.unwrap(), 0);
-    assert_eq!(code(&db, &v, r.token.expose(), HOME, None).await, Err("record_limit_exceeded"));
+    assert_eq!(
+        code(&db, &v, r.token.expose(), HOME, None).await,
+        Err("record_limit_exceeded")
+    );
     // Rows reserved but never sent go back.
     db.store.release_records(r.connection.id, 10).await.unwrap();
     assert_eq!(code(&db, &v, r.token.expose(), HOME, None).await, Ok(()));
@@ -141,25 +192,48 @@ async fn lifetime_limits(db: TestDb) {
 
 async fn ip_whitelist_v4_and_v6(db: TestDb) {
     let v = validator(&db);
-    let open = db.active_sender("open", ConnectionSettings::default()).await;
+    let open = db
+        .active_sender("open", ConnectionSettings::default())
+        .await;
     for from in ["10.1.2.3", "2001:db8::1", "127.0.0.1"] {
-        assert_eq!(code(&db, &v, open.token.expose(), from, None).await, Ok(()), "empty list allows {from}");
+        assert_eq!(
+            code(&db, &v, open.token.expose(), from, None).await,
+            Ok(()),
+            "empty list allows {from}"
+        );
     }
     let listed = db
         .active_sender(
             "listed",
             ConnectionSettings {
-                ip_whitelist: vec!["10.0.0.0/8".into(), "192.0.2.10".into(), "2001:db8:abcd::/48".into()],
+                ip_whitelist: vec![
+                    "10.0.0.0/8".into(),
+                    "192.0.2.10".into(),
+                    "2001:db8:abcd::/48".into(),
+                ],
                 ..ConnectionSettings::default()
             },
         )
         .await;
     let t = listed.token.expose();
-    for from in ["10.255.0.1", "192.0.2.10", "2001:db8:abcd:12::5", "::ffff:10.9.9.9"] {
-        assert_eq!(code(&db, &v, t, from, None).await, Ok(()), "{from} is listed");
+    for from in [
+        "10.255.0.1",
+        "192.0.2.10",
+        "2001:db8:abcd:12::5",
+        "::ffff:10.9.9.9",
+    ] {
+        assert_eq!(
+            code(&db, &v, t, from, None).await,
+            Ok(()),
+            "{from} is listed"
+        );
     }
     for from in ["11.0.0.1", "192.0.2.11", "2001:db8:abce::1", "::1"] {
-        assert_eq!(code(&db, &v, t, from, None).await, Err("ip_not_whitelisted"), "{from} is not listed");
+        assert_eq!(
+            code(&db, &v, t, from, None).await,
+            Err("ip_not_whitelisted"),
+            "{from} is not listed"
+        );
     }
 }
 
@@ -216,7 +290,11 @@ async fn allowed_hours_plain_wrapping_and_zoned(db: TestDb) {
     ];
     for (connection, when, allowed) in cases {
         db.clock.set(when);
-        let expected = if allowed { Ok(()) } else { Err("outside_allowed_hours") };
+        let expected = if allowed {
+            Ok(())
+        } else {
+            Err("outside_allowed_hours")
+        };
         assert_eq!(
             code(&db, &v, connection.token.expose(), HOME, None).await,
             expected,
@@ -259,8 +337,14 @@ async fn download_password(db: TestDb) {
     assert!(stored.starts_with("$argon2id$"));
     let t = locked.token.expose();
     assert_eq!(code(&db, &v, t, HOME, None).await, Err("password_required"));
-    assert_eq!(code(&db, &v, t, HOME, Some("")).await, Err("password_required"));
-    assert_eq!(code(&db, &v, t, HOME, Some("hunter2")).await, Err("invalid_password"));
+    assert_eq!(
+        code(&db, &v, t, HOME, Some("")).await,
+        Err("password_required")
+    );
+    assert_eq!(
+        code(&db, &v, t, HOME, Some("hunter2")).await,
+        Err("invalid_password")
+    );
     assert_eq!(code(&db, &v, t, HOME, Some("hunter22")).await, Ok(()));
 }
 
@@ -281,7 +365,10 @@ async fn rate_limit_with_retry_after(db: TestDb) {
     }
     match v.validate_connection(t, ip(HOME), db.now(), None).await {
         Err(AccessDenied::RateLimited { retry_after }) => {
-            assert!(retry_after.as_secs_f64() > 19.0 && retry_after.as_secs_f64() <= 20.0, "{retry_after:?}");
+            assert!(
+                retry_after.as_secs_f64() > 19.0 && retry_after.as_secs_f64() <= 20.0,
+                "{retry_after:?}"
+            );
         }
         other => panic!("expected rate_limited, got {other:?}"),
     }
@@ -312,10 +399,22 @@ async fn checks_run_in_spec_order(db: TestDb) {
     let id = c.connection.id;
     db.store.take_download(id).await.unwrap();
     db.store.take_records(id, 1).await.unwrap();
-    assert_eq!(code(&db, &v, t, HOME, None).await, Err("download_limit_exceeded"));
-    db.store.suspend_connection("order", "x", &db.actor, db.now()).await.unwrap();
-    assert_eq!(code(&db, &v, t, HOME, None).await, Err("connection_not_active"));
-    db.store.reactivate_connection("order", &db.actor, db.now()).await.unwrap();
+    assert_eq!(
+        code(&db, &v, t, HOME, None).await,
+        Err("download_limit_exceeded")
+    );
+    db.store
+        .suspend_connection("order", "x", &db.actor, db.now())
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&db, &v, t, HOME, None).await,
+        Err("connection_not_active")
+    );
+    db.store
+        .reactivate_connection("order", &db.actor, db.now())
+        .await
+        .unwrap();
 
     // Lift limits one by one through a fresh connection with the same later checks.
     let c2 = db
@@ -333,14 +432,30 @@ async fn checks_run_in_spec_order(db: TestDb) {
         .await;
     let t2 = c2.token.expose();
     db.store.take_records(c2.connection.id, 1).await.unwrap();
-    assert_eq!(code(&db, &v, t2, HOME, None).await, Err("record_limit_exceeded"));
+    assert_eq!(
+        code(&db, &v, t2, HOME, None).await,
+        Err("record_limit_exceeded")
+    );
     db.store.release_records(c2.connection.id, 1).await.unwrap();
-    assert_eq!(code(&db, &v, t2, HOME, None).await, Err("ip_not_whitelisted"));
-    assert_eq!(code(&db, &v, t2, "10.0.0.1", None).await, Err("outside_allowed_hours"));
-    db.clock.set(Utc.with_ymd_and_hms(2026, 11, 26, 1, 30, 0).unwrap());
-    assert_eq!(code(&db, &v, t2, "10.0.0.1", None).await, Err("password_required"));
+    assert_eq!(
+        code(&db, &v, t2, HOME, None).await,
+        Err("ip_not_whitelisted")
+    );
+    assert_eq!(
+        code(&db, &v, t2, "10.0.0.1", None).await,
+        Err("outside_allowed_hours")
+    );
+    db.clock
+        .set(Utc.with_ymd_and_hms(2026, 11, 26, 1, 30, 0).unwrap());
+    assert_eq!(
+        code(&db, &v, t2, "10.0.0.1", None).await,
+        Err("password_required")
+    );
     assert_eq!(code(&db, &v, t2, "10.0.0.1", Some("pw")).await, Ok(()));
-    assert_eq!(code(&db, &v, t2, "10.0.0.1", Some("pw")).await, Err("rate_limited"));
+    assert_eq!(
+        code(&db, &v, t2, "10.0.0.1", Some("pw")).await,
+        Err("rate_limited")
+    );
 }
 
 async fn concurrent_record_takes_never_exceed_the_limit(db: TestDb) {
@@ -357,7 +472,9 @@ async fn concurrent_record_takes_never_exceed_the_limit(db: TestDb) {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let store = db.store.clone();
-        tasks.push(tokio::spawn(async move { store.take_records(id, 30).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            store.take_records(id, 30).await.unwrap()
+        }));
     }
     let mut grants = Vec::new();
     for task in tasks {
@@ -365,9 +482,20 @@ async fn concurrent_record_takes_never_exceed_the_limit(db: TestDb) {
     }
     assert_eq!(grants.iter().sum::<i64>(), 1_000);
     assert_eq!(grants.iter().filter(|&&g| g == 30).count(), 33);
-    assert_eq!(grants.iter().filter(|&&g| g == 10).count(), 1, "the last grant is cut to fit");
+    assert_eq!(
+        grants.iter().filter(|&&g| g == 10).count(),
+        1,
+        "the last grant is cut to fit"
+    );
     assert_eq!(grants.iter().filter(|&&g| g == 0).count(), 16);
-    assert_eq!(db.store.get_connection("race").await.unwrap().records_downloaded, 1_000);
+    assert_eq!(
+        db.store
+            .get_connection("race")
+            .await
+            .unwrap()
+            .records_downloaded,
+        1_000
+    );
 }
 
 async fn concurrent_download_takes_never_exceed_the_limit(db: TestDb) {
@@ -392,7 +520,14 @@ async fn concurrent_download_takes_never_exceed_the_limit(db: TestDb) {
         granted += usize::from(task.await.unwrap());
     }
     assert_eq!(granted, 7);
-    assert_eq!(db.store.get_connection("dl-race").await.unwrap().downloads_used, 7);
+    assert_eq!(
+        db.store
+            .get_connection("dl-race")
+            .await
+            .unwrap()
+            .downloads_used,
+        7
+    );
 }
 
 #[test]
@@ -400,5 +535,8 @@ fn manual_clock_is_shared_between_clones() {
     let clock = ManualClock::new(crate::support::start_time());
     let other = clock.clone();
     clock.advance(Duration::hours(1));
-    assert_eq!(dbsync_agent::Clock::now(&other), crate::support::start_time() + Duration::hours(1));
+    assert_eq!(
+        dbsync_agent::Clock::now(&other),
+        crate::support::start_time() + Duration::hours(1)
+    );
 }

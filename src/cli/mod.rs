@@ -1,0 +1,179 @@
+//! Command-line interface: argument parsing and dispatch to the engine.
+
+mod connections;
+pub(crate) mod output;
+mod settings;
+mod transfers;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use dbsync_agent::audit::Actor;
+use dbsync_agent::clock::SharedClock;
+use dbsync_agent::{Config, Store, SystemClock};
+
+/// Sync database tables between sites over permanent, token-authenticated connections.
+#[derive(Debug, Parser)]
+#[command(name = "dbsync", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// State database: postgres://... or sqlite://path [default: sqlite://dbsync.db]
+    #[arg(
+        long,
+        global = true,
+        env = "DBSYNC_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// Configuration file (TOML); DBSYNC_* variables and flags override it
+    #[arg(long, global = true, env = "DBSYNC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of tables
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Log filter (tracing syntax), e.g. "info" or "dbsync_agent=debug"
+    #[arg(long, global = true, env = "DBSYNC_LOG", default_value = "warn")]
+    log: String,
+    /// Log format on stderr
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect and change connections to other sites
+    #[command(subcommand)]
+    Connections(connections::Command),
+    /// Transfer history
+    #[command(subcommand)]
+    Transfers(transfers::Command),
+    /// Transfer statistics of one connection
+    Stats {
+        /// Connection id or name
+        connection: String,
+    },
+    /// Site settings: how registrations from other sites are answered
+    #[command(subcommand)]
+    Settings(settings::Command),
+}
+
+/// What every command needs: the store, the config, who is acting, and the clock.
+pub(crate) struct Context {
+    pub(crate) store: Store,
+    pub(crate) config: Config,
+    pub(crate) actor: Actor,
+    pub(crate) clock: SharedClock,
+    pub(crate) json: bool,
+}
+
+impl Context {
+    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+}
+
+/// Sets up logging on stderr. Nothing secret is ever logged by the engine.
+pub(crate) fn init_tracing(global: &GlobalArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match global.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut config = Config::load(cli.global.config.as_deref())?;
+    if let Some(url) = cli.global.database_url {
+        config.database_url = Some(url);
+    }
+    config.validate()?;
+    let store = Store::connect(config.database_url())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the state database ({})",
+                redact_url(config.database_url())
+            )
+        })?;
+    let ctx = Context {
+        store,
+        config,
+        actor: Actor::current_cli_user(),
+        clock: Arc::new(SystemClock),
+        json: cli.global.json,
+    };
+    let result = match cli.command {
+        Command::Connections(command) => connections::run(&ctx, command).await,
+        Command::Transfers(command) => transfers::run(&ctx, command).await,
+        Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
+        Command::Settings(command) => settings::run(&ctx, command).await,
+    };
+    ctx.store.close().await;
+    result
+}
+
+/// A database URL with any password replaced, for error messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Reads one secret line from stdin (for `--*-stdin` flags), without the newline.
+pub(crate) fn read_secret_line(what: &str) -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .with_context(|| format!("cannot read the {what} from stdin"))?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    anyhow::ensure!(!line.is_empty(), "no {what} on stdin");
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,434 @@
+//! The CLI end to end: connections through their lifecycle with `--json` that parses, tokens
+//! shown exactly once, clear errors with a non-zero exit.
+
+use sha2::{Digest, Sha256};
+
+use crate::support::{Output, Site, on_both_engines};
+
+on_both_engines!(
+    connection_lifecycle_with_json,
+    token_appears_only_where_it_is_created,
+    errors_are_one_clear_line_and_non_zero,
+    receiver_token_handed_over_on_stdin,
+    settings_and_transfers,
+    human_output_is_a_table,
+);
+
+fn all_text(outputs: &[&Output]) -> String {
+    outputs
+        .iter()
+        .map(|o| format!("{}\n{}", o.stdout, o.stderr))
+        .collect()
+}
+
+fn connection_lifecycle_with_json(site: &Site) {
+    let created = site
+        .run(
+            &[
+                "--json",
+                "connections",
+                "create",
+                "staging",
+                "--site-url",
+                "https://staging.example.com",
+                "--max-downloads",
+                "5",
+            ],
+            None,
+        )
+        .json();
+    assert_eq!(created["connection"]["status"], "pending");
+    assert_eq!(created["connection"]["max_downloads"], 5);
+    let id = created["connection"]["id"].as_str().unwrap().to_owned();
+
+    let listed = site.run(&["--json", "connections", "list"], None).json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "staging");
+
+    let steps: [(&[&str], &str); 4] = [
+        (&["connections", "approve", "staging"], "active"),
+        (
+            &["connections", "suspend", &id, "--reason", "quarterly audit"],
+            "suspended",
+        ),
+        (&["connections", "reactivate", "staging"], "active"),
+        (
+            &["connections", "revoke", "staging", "--reason", "replaced"],
+            "revoked",
+        ),
+    ];
+    for (args, status) in steps {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = site.run(&full, None).json();
+        assert_eq!(out["status"], status, "after {args:?}");
+    }
+
+    let shown = site
+        .run(&["--json", "connections", "show", "staging"], None)
+        .json();
+    assert_eq!(shown["connection"]["revoked_reason"], "replaced");
+    assert_eq!(shown["connection"]["suspended_reason"], "quarterly audit");
+    let actions: Vec<&str> = shown["audit_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "connection.created",
+            "connection.approved",
+            "connection.suspended",
+            "connection.reactivated",
+            "connection.revoked"
+        ]
+    );
+    let actor = shown["audit_events"][1]["actor"].as_str().unwrap();
+    assert!(actor.starts_with("cli:"), "{actor}");
+
+    let filtered = site
+        .run(
+            &["--json", "connections", "list", "--status", "active"],
+            None,
+        )
+        .json();
+    assert!(filtered.as_array().unwrap().is_empty());
+
+    let deleted = site
+        .run(
+            &["--json", "connections", "delete", "staging", "--yes"],
+            None,
+        )
+        .json();
+    assert_eq!(deleted["deleted"]["name"], "staging");
+    assert!(
+        site.run(&["--json", "connections", "list"], None)
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn token_appears_only_where_it_is_created(site: &Site) {
+    let create = site.run(
+        &[
+            "connections",
+            "create",
+            "prod",
+            "--site-url",
+            "https://b.example.com",
+        ],
+        None,
+    );
+    assert_eq!(create.status, 0, "{}", create.stderr);
+    let token = create
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("dbs_") && w.len() > 40)
+        .expect("the create output shows the token")
+        .to_owned();
+    let hash_hex = hex::encode(Sha256::digest(token.as_bytes()));
+    let secret_part = &token[10..];
+
+    // Everything at the most verbose log level, so log lines are checked too.
+    let outputs = [
+        site.run_logged("trace", &["connections", "list"], None),
+        site.run_logged("trace", &["--json", "connections", "list"], None),
+        site.run_logged("trace", &["connections", "show", "prod"], None),
+        site.run_logged("trace", &["--json", "connections", "show", "prod"], None),
+        site.run_logged("trace", &["connections", "approve", "prod"], None),
+        site.run_logged(
+            "trace",
+            &["--json", "connections", "suspend", "prod", "--reason", "r"],
+            None,
+        ),
+        site.run_logged("trace", &["connections", "reactivate", "prod"], None),
+        site.run_logged("trace", &["--json", "stats", "prod"], None),
+        site.run_logged("trace", &["--json", "transfers", "list"], None),
+        site.run_logged("trace", &["connections", "approve", "prod"], None), // an error path too
+    ];
+    let text = all_text(&outputs.iter().collect::<Vec<_>>());
+    assert!(!text.contains(secret_part), "the token leaked:\n{text}");
+    assert!(!text.contains(&hash_hex), "the token hash leaked:\n{text}");
+    assert!(text.contains("dbs_"), "the display prefix is shown");
+
+    // Regenerating shows the new token once; the old one is never shown again.
+    let renewed = site
+        .run(&["--json", "connections", "regenerate-token", "prod"], None)
+        .json();
+    let new_token = renewed["token"].as_str().unwrap().to_owned();
+    assert_ne!(new_token, token);
+    let after = site.run(&["--json", "connections", "show", "prod"], None);
+    assert!(!all_text(&[&after]).contains(&new_token[10..]));
+}
+
+fn errors_are_one_clear_line_and_non_zero(site: &Site) {
+    let missing = site.run(&["connections", "show", "nope"], None);
+    assert_eq!(missing.status, 1);
+    assert_eq!(missing.stderr.trim(), "error: connection not found: nope");
+
+    site.run(
+        &[
+            "connections",
+            "create",
+            "x",
+            "--site-url",
+            "https://x.example.com",
+        ],
+        None,
+    );
+    site.run(&["connections", "approve", "x"], None);
+    site.run(&["connections", "revoke", "x", "--reason", "done"], None);
+    let illegal = site.run(&["connections", "reactivate", "x"], None);
+    assert_eq!(illegal.status, 1);
+    assert_eq!(
+        illegal.stderr.trim(),
+        "error: cannot reactivate connection x: it is revoked"
+    );
+    let json_err = site.run(&["--json", "connections", "reactivate", "x"], None);
+    assert_eq!(json_err.status, 1);
+    let parsed: serde_json::Value = serde_json::from_str(json_err.stderr.trim()).unwrap();
+    assert_eq!(parsed["error"]["code"], "illegal_transition");
+
+    let duplicate = site.run(
+        &[
+            "connections",
+            "create",
+            "x",
+            "--site-url",
+            "https://y.example.com",
+        ],
+        None,
+    );
+    assert_eq!(duplicate.status, 1);
+    assert!(
+        duplicate.stderr.contains("already exists"),
+        "{}",
+        duplicate.stderr
+    );
+
+    let bad_url = site.run(
+        &[
+            "connections",
+            "create",
+            "y",
+            "--site-url",
+            "ftp://y.example.com",
+        ],
+        None,
+    );
+    assert_eq!(bad_url.status, 1);
+    assert!(bad_url.stderr.contains("site_url"), "{}", bad_url.stderr);
+
+    let no_reason = site.run(&["connections", "suspend", "x"], None);
+    assert_eq!(no_reason.status, 2, "clap usage error");
+
+    let no_confirm = site.run(&["connections", "delete", "x"], None);
+    assert_eq!(no_confirm.status, 1);
+    assert!(no_confirm.stderr.contains("--yes"));
+
+    let bad_db = site.run(
+        &[
+            "--database-url",
+            "mysql://nowhere/db",
+            "connections",
+            "list",
+        ],
+        None,
+    );
+    assert_eq!(bad_db.status, 1);
+    assert!(bad_db.stderr.contains("postgres://"), "{}", bad_db.stderr);
+    for out in [
+        &missing,
+        &illegal,
+        &duplicate,
+        &bad_url,
+        &no_confirm,
+        &bad_db,
+    ] {
+        assert_eq!(
+            out.stderr.trim().lines().count(),
+            1,
+            "one line: {}",
+            out.stderr
+        );
+    }
+}
+
+fn receiver_token_handed_over_on_stdin(site: &Site) {
+    // A token from another site, handed over by hand.
+    let other = Site::sqlite();
+    let token = other
+        .run(
+            &[
+                "--json",
+                "connections",
+                "create",
+                "to-b",
+                "--site-url",
+                "https://b.example.com",
+            ],
+            None,
+        )
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let added = site
+        .run(
+            &[
+                "--json",
+                "connections",
+                "add-receiver",
+                "from-a",
+                "--site-url",
+                "https://a.example.com",
+                "--token-stdin",
+            ],
+            Some(&format!("{token}\n")),
+        )
+        .json();
+    assert_eq!(added["direction"], "receiver");
+    assert_eq!(added["status"], "active");
+    assert_eq!(added["token_stored"], true);
+    assert!(!added.to_string().contains(&token[10..]));
+    // The key file was created, private to the owner.
+    let meta = std::fs::metadata(site.key_file()).expect("key file created");
+    #[cfg(unix)]
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+
+    let mut broken = token.clone();
+    broken.replace_range(12..13, if &broken[12..13] == "z" { "y" } else { "z" });
+    let refused = site.run(
+        &[
+            "connections",
+            "add-receiver",
+            "bad",
+            "--site-url",
+            "https://c.example.com",
+            "--token-stdin",
+        ],
+        Some(&broken),
+    );
+    assert_eq!(refused.status, 1);
+    assert!(refused.stderr.contains("checksum"), "{}", refused.stderr);
+    assert!(
+        !refused.stderr.contains(&broken[10..]),
+        "the rejected token is not echoed"
+    );
+}
+
+fn settings_and_transfers(site: &Site) {
+    let shown = site.run(&["--json", "settings", "show"], None).json();
+    assert_eq!(shown["incoming_mode"], "require_approval");
+    assert_eq!(shown["incoming_password_set"], false);
+
+    let refused = site.run(&["settings", "incoming", "require_password"], None);
+    assert_eq!(refused.status, 1);
+    assert!(refused.stderr.contains("password"), "{}", refused.stderr);
+
+    let set = site
+        .run(
+            &[
+                "--json",
+                "settings",
+                "incoming",
+                "require_password",
+                "--password-stdin",
+            ],
+            Some("s3cret-pass\n"),
+        )
+        .json();
+    assert_eq!(set["incoming_mode"], "require_password");
+    assert_eq!(set["incoming_password_set"], true);
+    assert!(!set.to_string().contains("s3cret-pass"));
+    let auto = site
+        .run(&["--json", "settings", "incoming", "auto_accept"], None)
+        .json();
+    assert_eq!(auto["incoming_mode"], "auto_accept");
+
+    let bad_mode = site.run(&["settings", "incoming", "everyone"], None);
+    assert_eq!(bad_mode.status, 2);
+    assert!(
+        bad_mode
+            .stderr
+            .contains("auto_accept, require_approval, require_password, deny_all")
+    );
+
+    site.run(
+        &[
+            "connections",
+            "create",
+            "c",
+            "--site-url",
+            "https://c.example.com",
+        ],
+        None,
+    );
+    let page = site
+        .run(
+            &[
+                "--json",
+                "transfers",
+                "list",
+                "--connection",
+                "c",
+                "--status",
+                "completed",
+            ],
+            None,
+        )
+        .json();
+    assert_eq!(page["total"], 0);
+    assert_eq!(page["page"], 1);
+    let stats = site.run(&["--json", "stats", "c"], None).json();
+    assert_eq!(stats["stats"]["total_transfers"], 0);
+    let missing = site.run(
+        &["transfers", "show", "00000000-0000-0000-0000-000000000000"],
+        None,
+    );
+    assert_eq!(missing.status, 1);
+    assert!(missing.stderr.contains("transfer not found"));
+}
+
+fn human_output_is_a_table(site: &Site) {
+    site.run(
+        &[
+            "connections",
+            "create",
+            "alpha",
+            "--site-url",
+            "https://alpha.example.com",
+            "--allowed-hours",
+            "22-5",
+        ],
+        None,
+    );
+    let list = site.run(&["connections", "list"], None);
+    assert_eq!(list.status, 0);
+    let header = list
+        .stdout
+        .lines()
+        .find(|l| l.contains("NAME"))
+        .expect("a header row");
+    for column in [
+        "DIRECTION",
+        "STATUS",
+        "SITE URL",
+        "TOKEN",
+        "DOWNLOADS",
+        "RECORDS",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    assert!(list.stdout.contains("alpha") && list.stdout.contains("pending"));
+    let show = site.run(&["connections", "show", "alpha"], None);
+    assert!(show.stdout.contains("22:00-05:00 UTC"), "{}", show.stdout);
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests of the `dbsync` binary.
+
+mod support;
+
+mod cli;
