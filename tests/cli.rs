@@ -12,6 +12,7 @@ on_both_engines!(
     receiver_token_handed_over_on_stdin,
     settings_and_transfers,
     human_output_is_a_table,
+    config_file_then_env_then_flags,
 );
 
 fn all_text(outputs: &[&Output]) -> String {
@@ -431,4 +432,73 @@ fn human_output_is_a_table(site: &Site) {
     assert!(list.stdout.contains("alpha") && list.stdout.contains("pending"));
     let show = site.run(&["connections", "show", "alpha"], None);
     assert!(show.stdout.contains("22:00-05:00 UTC"), "{}", show.stdout);
+}
+
+fn config_file_then_env_then_flags(site: &Site) {
+    let config = site.path().join("dbsync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = {:?}\nkey_file = {:?}\n",
+            site.url,
+            site.key_file().display().to_string()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let created = site
+        .run_bare(&[
+            "--config",
+            config,
+            "--json",
+            "connections",
+            "create",
+            "from-config",
+            "--site-url",
+            "https://c.example.com",
+        ])
+        .json();
+    assert_eq!(created["connection"]["name"], "from-config");
+    // The environment (what `run` sets) reaches the same database.
+    let listed = site.run(&["--json", "connections", "list"], None).json();
+    assert_eq!(listed[0]["name"], "from-config");
+
+    // A flag beats the file: a config pointing elsewhere is overridden by --database-url.
+    let elsewhere = site.path().join("elsewhere.toml");
+    std::fs::write(&elsewhere, "database_url = \"sqlite://other.db\"\n").unwrap();
+    let flagged = site
+        .run_bare(&[
+            "--config",
+            elsewhere.to_str().unwrap(),
+            "--database-url",
+            &site.url,
+            "--json",
+            "connections",
+            "list",
+        ])
+        .json();
+    assert_eq!(flagged[0]["name"], "from-config");
+
+    // A typo in the file is a clear error naming the file.
+    let typo = site.path().join("typo.toml");
+    std::fs::write(&typo, "databse_url = \"sqlite://x.db\"\n").unwrap();
+    let refused = site.run_bare(&["--config", typo.to_str().unwrap(), "connections", "list"]);
+    assert_eq!(refused.status, 1);
+    assert!(
+        refused.stderr.contains("typo.toml") && refused.stderr.contains("databse_url"),
+        "{}",
+        refused.stderr
+    );
+    let missing = site.run_bare(&[
+        "--config",
+        "/nonexistent/dbsync.toml",
+        "connections",
+        "list",
+    ]);
+    assert_eq!(missing.status, 1);
+    assert!(
+        missing.stderr.contains("/nonexistent/dbsync.toml"),
+        "{}",
+        missing.stderr
+    );
 }

@@ -74,10 +74,25 @@ impl Site {
     pub fn run_logged(&self, log: &str, args: &[&str], stdin: Option<&str>) -> Output {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dbsync"));
         command
+            .env("DBSYNC_DATABASE_URL", &self.url)
+            .env("DBSYNC_KEY_FILE", self.key_file());
+        self.spawn(command, log, args, stdin)
+    }
+
+    /// Runs `dbsync args...` with no database or key file in the environment (as from a
+    /// configuration file).
+    pub fn run_bare(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dbsync"));
+        command
+            .env_remove("DBSYNC_DATABASE_URL")
+            .env_remove("DBSYNC_KEY_FILE");
+        self.spawn(command, "warn", args, None)
+    }
+
+    fn spawn(&self, mut command: Command, log: &str, args: &[&str], stdin: Option<&str>) -> Output {
+        command
             .args(args)
             .current_dir(self.dir.path())
-            .env("DBSYNC_DATABASE_URL", &self.url)
-            .env("DBSYNC_KEY_FILE", self.key_file())
             .env_remove("DBSYNC_CONFIG")
             .env_remove("DBSYNC_TOKEN")
             .env_remove("DBSYNC_TOKEN_ENCRYPTION_KEY")
