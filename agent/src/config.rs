@@ -50,6 +50,48 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// Hours a transfer waiting for approval stays approvable (default 24).
     pub approval_ttl_hours: Option<i64>,
+    /// Public base URL of this site, as peers reach it (default: `http://` + the listen
+    /// address, or the site URL stored with `dbsync settings site`).
+    pub site_url: Option<String>,
+    /// Allow peers on loopback, private and link-local addresses (tests, demos, private networks).
+    pub allow_private_peers: bool,
+    /// The HTTP server of `dbsync serve`.
+    pub server: ServerConfig,
+}
+
+/// `[server]`: the HTTP surface of `dbsync serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds a client has to send its request headers (closes slow-header attacks).
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take in all.
+    pub request_timeout_secs: u64,
+    /// Requests per minute per client IP on the peer API.
+    pub peer_rate_limit_per_minute: u32,
+    /// Seconds between retries of status changes a peer has not acknowledged yet (first retry;
+    /// later ones back off exponentially up to an hour).
+    pub push_retry_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 4860)),
+            trusted_proxies: Vec::new(),
+            max_body_bytes: 64 * 1024,
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 30,
+            peer_rate_limit_per_minute: 120,
+            push_retry_secs: 30,
+        }
+    }
 }
 
 impl Config {
@@ -88,6 +130,15 @@ impl Config {
         if let Some(hours) = env("DBSYNC_APPROVAL_TTL_HOURS").and_then(|h| h.parse().ok()) {
             self.approval_ttl_hours = Some(hours);
         }
+        if let Some(url) = env("DBSYNC_SITE_URL") {
+            self.site_url = Some(url);
+        }
+        if let Some(listen) = env("DBSYNC_LISTEN").and_then(|l| l.parse().ok()) {
+            self.server.listen = listen;
+        }
+        if let Some(allow) = env("DBSYNC_ALLOW_PRIVATE_PEERS") {
+            self.allow_private_peers = matches!(allow.as_str(), "1" | "true" | "yes");
+        }
     }
 
     /// Refuses values that cannot work, with the field named.
@@ -102,6 +153,25 @@ impl Config {
             && hours <= 0
         {
             return Err(Error::Config("approval_ttl_hours must be > 0".into()));
+        }
+        if let Some(url) = &self.site_url {
+            crate::connection::normalize_site_url(url)
+                .map_err(|err| Error::Config(format!("site_url: {err}")))?;
+        }
+        for proxy in &self.server.trusted_proxies {
+            crate::connection::parse_cidr(proxy)
+                .map_err(|err| Error::Config(format!("server.trusted_proxies: {err}")))?;
+        }
+        let server = &self.server;
+        if server.max_body_bytes == 0
+            || server.header_read_timeout_secs == 0
+            || server.request_timeout_secs == 0
+            || server.peer_rate_limit_per_minute == 0
+            || server.push_retry_secs == 0
+        {
+            return Err(Error::Config(
+                "server limits and timeouts must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -125,6 +195,15 @@ impl Config {
             return dir.join(DEFAULT_KEY_FILE);
         }
         PathBuf::from(DEFAULT_KEY_FILE)
+    }
+
+    /// The site URL in force when none is stored in the settings: configured, or derived from
+    /// the listen address.
+    pub fn default_site_url(&self) -> String {
+        match &self.site_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", self.server.listen),
+        }
     }
 
     /// How long a pending approval stays approvable.

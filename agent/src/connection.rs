@@ -440,6 +440,10 @@ pub struct NewReceiver<'a> {
     pub token: &'a str,
     /// `Active` for a manual hand-over, `Pending` when registration awaits approval.
     pub status: ConnectionStatus,
+    /// The token the sending site will present on status updates (only its hash is kept).
+    pub peer_token: Option<&'a Token>,
+    /// Facts to keep in the connection's metadata.
+    pub metadata: Option<&'a serde_json::Value>,
 }
 
 /// A freshly created sender connection and its token, which is never retrievable again.
@@ -566,6 +570,8 @@ impl Store {
             site_url,
             token,
             status,
+            peer_token,
+            metadata,
         } = new;
         validate_name(name)?;
         let site_url = normalize_site_url(site_url)?;
@@ -583,8 +589,8 @@ impl Store {
             let mut tx = pool.begin().await?;
             let connection: Connection = sqlx::query_as(
                 "INSERT INTO dbsync_connections (id, name, direction, site_url, status, token_prefix, \
-                 token_ciphertext, created_by, created_at, updated_at, approved_by, approved_at) \
-                 VALUES ($1, $2, 'receiver', $3, $4, $5, $6, $7, $8, $8, $9, $10) RETURNING *",
+                 token_ciphertext, created_by, created_at, updated_at, approved_by, approved_at, token_hash, metadata) \
+                 VALUES ($1, $2, 'receiver', $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) RETURNING *",
             )
             .bind(id)
             .bind(name)
@@ -596,6 +602,8 @@ impl Store {
             .bind(now)
             .bind((status == ConnectionStatus::Active).then(|| actor.as_str()))
             .bind((status == ConnectionStatus::Active).then_some(now))
+            .bind(peer_token.map(Token::hash))
+            .bind(Json(metadata.cloned().unwrap_or_else(|| serde_json::json!({}))))
             .fetch_one(&mut *tx)
             .await
             .map_err(|err| unique_violation(err, name, &site_url, Direction::Receiver))?;
@@ -662,6 +670,90 @@ impl Store {
             c.token_hash
                 .as_deref()
                 .is_some_and(|h| crate::token::hashes_equal(h, &hash))
+        }))
+    }
+
+    /// The connection a peer credential belongs to, in either direction: a sender connection
+    /// by its connection token, a receiver connection by its peer token.
+    pub async fn find_by_credential(&self, token: &Token) -> Result<Option<Connection>> {
+        let hash = token.hash();
+        let found: Option<Connection> = on_pool!(self, |pool| {
+            sqlx::query_as("SELECT * FROM dbsync_connections WHERE token_hash = $1")
+                .bind(&hash)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(found.filter(|c| {
+            c.token_hash
+                .as_deref()
+                .is_some_and(|h| crate::token::hashes_equal(h, &hash))
+        }))
+    }
+
+    /// Stores the credential this site presents to the peer (encrypted) and/or the hash of the
+    /// credential it accepts from the peer.
+    pub async fn set_peer_secrets(
+        &self,
+        connection_id: Uuid,
+        presents: Option<Vec<u8>>,
+        accepts_hash: Option<Vec<u8>>,
+    ) -> Result<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE dbsync_connections SET token_ciphertext = COALESCE($2, token_ciphertext), \
+                 token_hash = COALESCE($3, token_hash) WHERE id = $1",
+            )
+            .bind(connection_id)
+            .bind(presents)
+            .bind(accepts_hash)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// `base` if no connection has that name, else `base-2`, `base-3`, ...
+    pub async fn available_name(&self, base: &str) -> Result<String> {
+        let base: String = base
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_NAME_LEN - 8)
+            .collect();
+        let base = if base.trim().is_empty() || Uuid::parse_str(&base).is_ok() {
+            "peer".to_owned()
+        } else {
+            base
+        };
+        for n in 1..1000 {
+            let candidate = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            if matches!(
+                self.get_connection(&candidate).await,
+                Err(Error::NotFound { .. })
+            ) {
+                return Ok(candidate);
+            }
+        }
+        Ok(format!("{base}-{}", Uuid::new_v4().simple()))
+    }
+
+    /// The connection with a site in one direction, if any (unique by schema).
+    pub async fn find_connection_for_site(
+        &self,
+        site_url: &str,
+        direction: Direction,
+    ) -> Result<Option<Connection>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT * FROM dbsync_connections WHERE site_url = $1 AND direction = $2",
+            )
+            .bind(site_url)
+            .bind(direction.as_str())
+            .fetch_optional(pool)
+            .await?
         }))
     }
 

@@ -11,6 +11,9 @@
 //! - [`token`], [`password`], [`vault`]: secrets: connection tokens, argon2id hashes, encryption at
 //!   rest of the tokens a receiver holds.
 //! - [`clock`]: injectable time, so expiry, allowed hours and rate limits are testable.
+//! - [`Agent`], [`registration`], [`peer`]: one site's engine, cross-site registration and status
+//!   propagation, and the guarded client that calls peers.
+//! - [`admin_token`]: bearer tokens of the admin JSON API.
 
 /// Declares a fieldless enum stored and shown as snake_case text: `as_str`, `Display`, `FromStr`
 /// (with the accepted values in the error), serde, and `TryFrom<String>` for sqlx rows.
@@ -63,13 +66,17 @@ macro_rules! string_enum {
 }
 
 pub mod access;
+pub mod admin_token;
+mod agent;
 pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod connection;
 mod error;
 pub mod password;
+pub mod peer;
 pub mod rate_limit;
+pub mod registration;
 pub mod settings;
 pub mod store;
 pub mod token;
@@ -77,6 +84,7 @@ pub mod transfer;
 pub mod vault;
 
 pub use access::{AccessDenied, Validator};
+pub use agent::Agent;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 pub use connection::{Connection, ConnectionStatus, Direction, NewConnection};

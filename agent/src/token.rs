@@ -10,16 +10,18 @@ use rand::distr::Alphanumeric;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Every token starts with this.
+/// Every connection token starts with this.
 pub const TOKEN_PREFIX: &str = "dbs_";
+/// Every admin API token starts with this.
+pub const ADMIN_TOKEN_PREFIX: &str = "dbsa_";
 /// Random base62 characters after the prefix (62^43 > 2^256).
 const RANDOM_LEN: usize = 43;
 /// Base62 characters of the CRC32 checksum (62^6 > 2^32).
 const CHECKSUM_LEN: usize = 6;
-/// Total length of a well-formed token.
+/// Total length of a well-formed connection token.
 pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + RANDOM_LEN + CHECKSUM_LEN;
-/// Characters of the token kept for display (prefix included).
-const DISPLAY_LEN: usize = TOKEN_PREFIX.len() + 6;
+/// Random characters kept for display after the prefix.
+const DISPLAY_RANDOM_LEN: usize = 6;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -37,7 +39,7 @@ impl std::fmt::Debug for Token {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum MalformedToken {
     /// Wrong length or prefix, or characters outside base62.
-    #[error("not a dbsync token (expected dbs_ followed by 49 base62 characters)")]
+    #[error("not a dbsync token (expected a dbs_ or dbsa_ prefix and 49 base62 characters)")]
     Shape,
     /// The checksum does not match: a typo or a truncated copy.
     #[error("token checksum mismatch (mistyped or truncated)")]
@@ -45,30 +47,49 @@ pub enum MalformedToken {
 }
 
 impl Token {
-    /// A new random token.
+    /// A new random connection token.
     pub fn generate() -> Self {
+        Self::generate_with(TOKEN_PREFIX)
+    }
+
+    /// A new random admin API token.
+    pub fn generate_admin() -> Self {
+        Self::generate_with(ADMIN_TOKEN_PREFIX)
+    }
+
+    fn generate_with(prefix: &str) -> Self {
         let random: String = rand::rng()
             .sample_iter(&Alphanumeric)
             .take(RANDOM_LEN)
             .map(char::from)
             .collect();
-        let body = format!("{TOKEN_PREFIX}{random}");
+        let body = format!("{prefix}{random}");
         let checksum = checksum(&body);
         Self(body + &checksum)
     }
 
-    /// Checks shape and checksum, touching no database.
+    /// Checks a connection token's shape and checksum, touching no database.
     pub fn parse(text: &str) -> Result<Self, MalformedToken> {
+        Self::parse_with(text, TOKEN_PREFIX)
+    }
+
+    /// Checks an admin token's shape and checksum, touching no database.
+    pub fn parse_admin(text: &str) -> Result<Self, MalformedToken> {
+        Self::parse_with(text, ADMIN_TOKEN_PREFIX)
+    }
+
+    fn parse_with(text: &str, prefix: &str) -> Result<Self, MalformedToken> {
         let text = text.trim();
-        if text.len() != TOKEN_LEN
-            || !text.starts_with(TOKEN_PREFIX)
-            || !text[TOKEN_PREFIX.len()..]
+        let len = prefix.len() + RANDOM_LEN + CHECKSUM_LEN;
+        if text.len() != len
+            || !text.starts_with(prefix)
+            || !text[prefix.len()..]
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric())
         {
             return Err(MalformedToken::Shape);
         }
-        let (body, sum) = text.split_at(TOKEN_LEN - CHECKSUM_LEN);
+        let (body, sum) = text.split_at(len - CHECKSUM_LEN);
         if checksum(body).as_bytes().ct_eq(sum.as_bytes()).into() {
             Ok(Self(text.to_owned()))
         } else {
@@ -88,7 +109,8 @@ impl Token {
 
     /// The first characters, safe to display so operators can tell tokens apart.
     pub fn display_prefix(&self) -> String {
-        self.0[..DISPLAY_LEN].to_owned()
+        let prefix_len = self.0.find('_').map_or(0, |i| i + 1);
+        self.0[..prefix_len + DISPLAY_RANDOM_LEN].to_owned()
     }
 }
 
@@ -148,6 +170,16 @@ mod tests {
     fn debug_hides_the_secret_part() {
         let token = Token::generate();
         let shown = format!("{token:?}");
-        assert!(!shown.contains(&token.expose()[DISPLAY_LEN..]));
+        assert!(!shown.contains(&token.expose()[TOKEN_PREFIX.len() + DISPLAY_RANDOM_LEN..]));
+    }
+
+    #[test]
+    fn admin_and_connection_tokens_do_not_mix() {
+        let admin = Token::generate_admin();
+        assert!(admin.expose().starts_with("dbsa_"));
+        assert_eq!(Token::parse_admin(admin.expose()).unwrap(), admin);
+        assert!(Token::parse(admin.expose()).is_err());
+        assert!(Token::parse_admin(Token::generate().expose()).is_err());
+        assert_eq!(admin.display_prefix().len(), "dbsa_".len() + 6);
     }
 }

@@ -1,8 +1,10 @@
 //! dbsync wire protocol: frames, messages and their codec.
 //!
 //! Pure: no sockets, no database, no async runtime. The data-plane work (frames, MessagePack
-//! payloads, zstd batches, version negotiation, bounded decoding) lands here; for now the crate
-//! holds the version constants that the registration API already advertises.
+//! payloads, zstd batches, bounded decoding) lands here; for now the crate holds the protocol
+//! versions and the JSON bodies of the peer API ([`peer`]) that sites exchange over HTTP.
+
+pub mod peer;
 
 /// Protocol versions this build speaks, oldest first.
 pub const SUPPORTED_VERSIONS: &[u16] = &[1];

@@ -304,6 +304,8 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                         site_url: &args.site_url,
                         token: &token,
                         status: ConnectionStatus::Active,
+                        peer_token: None,
+                        metadata: None,
                     },
                     &vault,
                     &ctx.actor,

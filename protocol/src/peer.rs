@@ -1,0 +1,180 @@
+//! JSON bodies of the peer API (SPEC section 5), shared by the side that calls and the side that
+//! answers. All paths are relative to a site's `site_url`.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /db-sync/api/status`.
+pub const STATUS_PATH: &str = "/db-sync/api/status";
+/// `POST /db-sync/api/register-connection`.
+pub const REGISTER_PATH: &str = "/db-sync/api/register-connection";
+/// `POST /db-sync/api/update-status`.
+pub const UPDATE_STATUS_PATH: &str = "/db-sync/api/update-status";
+/// `POST /db-sync/api/verify-connection`.
+pub const VERIFY_PATH: &str = "/db-sync/api/verify-connection";
+
+/// What a site says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Whether the site takes part in dbsync at all.
+    pub enabled: bool,
+    /// auto_accept, require_approval, require_password or deny_all.
+    pub incoming_mode: String,
+    /// Whether registration needs the incoming password.
+    pub password_required: bool,
+    /// Data-plane protocol versions this site speaks.
+    pub protocol_versions: Vec<u16>,
+    /// Data-plane transports offered (empty until the data plane is served).
+    pub transports: Vec<TransportOffer>,
+    /// Agent version.
+    pub agent_version: String,
+    /// The site's stable identity.
+    pub site_id: String,
+    /// The site's display name.
+    pub site_name: Option<String>,
+}
+
+/// One data-plane transport a site offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportOffer {
+    /// "ws" or "quic".
+    pub kind: String,
+    /// UDP port (quic).
+    pub port: Option<u16>,
+    /// SHA-256 fingerprint of the certificate to pin (quic).
+    pub cert_fingerprint: Option<String>,
+}
+
+/// A sender site asks the receiving site to hold the matching receiver connection.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The sender's `site_url`.
+    pub sender_url: String,
+    /// Name of the connection on the sender.
+    pub connection_name: String,
+    /// The connection token (the receiver authenticates its sessions with it).
+    pub auth_token: String,
+    /// The receiving site's incoming password, when it requires one.
+    pub password: Option<String>,
+    /// Protocol version the sender speaks.
+    pub protocol_version: u16,
+    /// The sender's QUIC endpoint, when it offers one.
+    pub quic: Option<TransportOffer>,
+}
+
+impl std::fmt::Debug for RegisterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterRequest")
+            .field("sender_url", &self.sender_url)
+            .field("connection_name", &self.connection_name)
+            .field("protocol_version", &self.protocol_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The receiving site's answer to a registration.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Id of the receiver connection on the receiving site.
+    pub connection_id: String,
+    /// Its status: "active" or "pending".
+    pub status: String,
+    /// A token the sender presents when it tells the receiver of status changes (the sender
+    /// keeps it encrypted; the receiver keeps only its hash).
+    pub peer_token: String,
+}
+
+impl std::fmt::Debug for RegisterResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterResponse")
+            .field("connection_id", &self.connection_id)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A peer tells the other side that its record of their connection changed status. The bearer
+/// credential says which connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatusRequest {
+    /// active, suspended, revoked or expired.
+    pub status: String,
+    /// Why (suspend, revoke).
+    pub reason: Option<String>,
+    /// The caller's `site_url`.
+    pub site_url: String,
+}
+
+/// A peer asks whether its connection still exists on the other side; a receiver that stored a
+/// token by hand also hands over its peer token this way.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// The caller's `site_url`.
+    pub site_url: String,
+    /// A peer token for the other side to present on later status updates.
+    pub peer_token: Option<String>,
+}
+
+impl std::fmt::Debug for VerifyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("site_url", &self.site_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state of one connection as the answering side holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionState {
+    /// Id on the answering side.
+    pub connection_id: String,
+    /// Status on the answering side.
+    pub status: String,
+}
+
+/// Every error body of the peer and admin APIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// A stable code and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `password_required`.
+    pub code: String,
+    /// Human explanation.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let request = RegisterRequest {
+            sender_url: "https://a.example.com".into(),
+            connection_name: "a".into(),
+            auth_token: "dbs_secret".into(),
+            password: Some("pw-secret".into()),
+            protocol_version: 1,
+            quic: None,
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let reply = RegisterResponse {
+            connection_id: "x".into(),
+            status: "active".into(),
+            peer_token: "dbs_secret".into(),
+        };
+        assert!(!format!("{reply:?}").contains("secret"));
+    }
+
+    #[test]
+    fn register_request_round_trips() {
+        let json = r#"{"sender_url":"https://a","connection_name":"n","auth_token":"t","password":null,"protocol_version":1,"quic":null}"#;
+        let parsed: RegisterRequest = serde_json::from_str(json).unwrap();
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), json);
+    }
+}
