@@ -62,7 +62,9 @@ fn connection_lifecycle_with_json(site: &Site) {
         let mut full = vec!["--json"];
         full.extend_from_slice(args);
         let out = site.run(&full, None).json();
-        assert_eq!(out["status"], status, "after {args:?}");
+        assert_eq!(out["connection"]["status"], status, "after {args:?}");
+        // The peer never registered, so there is nobody to tell.
+        assert_eq!(out["peer_push"]["state"], "no_peer_credential");
     }
 
     let shown = site

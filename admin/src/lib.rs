@@ -1,13 +1,65 @@
-//! dbsync HTTP surface: the peer API other sites call (registration, status updates), the admin
-//! JSON API and the admin pages.
-//!
-//! Skeleton until `dbsync serve` lands: the router below answers only the health check, so the
-//! binary and the tests can already mount it.
+//! dbsync HTTP surface: the peer API other sites call ([`peer_api`]), the admin JSON API
+//! ([`admin_api`]) and the server that runs them with inbound limits ([`server`]).
+
+pub mod admin_api;
+mod client_ip;
+mod error;
+pub mod peer_api;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use dbsync_agent::Agent;
+use tower_http::timeout::TimeoutLayer;
 
-/// The agent's HTTP routes.
-pub fn router() -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" }))
+pub use client_ip::TrustedProxies;
+pub use error::ApiError;
+
+/// What every handler needs.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The site's engine.
+    pub agent: Arc<Agent>,
+    /// Which peers' `X-Forwarded-For` is believed.
+    pub proxies: Arc<TrustedProxies>,
+    /// Per-client-IP limiter of the peer API.
+    pub(crate) peer_limiter: Arc<peer_api::PeerLimiter>,
+}
+
+impl AppState {
+    /// State for `agent`, with limits from its configuration.
+    pub fn new(agent: Arc<Agent>) -> Self {
+        let server = &agent.config.server;
+        let proxies = Arc::new(TrustedProxies::parse(&server.trusted_proxies));
+        let peer_limiter = Arc::new(peer_api::limiter(server.peer_rate_limit_per_minute));
+        Self {
+            agent,
+            proxies,
+            peer_limiter,
+        }
+    }
+}
+
+/// Every route of the agent, with the body limit and request timeout from the configuration.
+pub fn router(state: AppState) -> Router {
+    let server = &state.agent.config.server;
+    let body_limit = server.max_body_bytes;
+    let timeout = Duration::from_secs(server.request_timeout_secs);
+    Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .merge(peer_api::routes(state.clone()))
+        .merge(admin_api::routes(state.clone()))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .with_state(state)
 }

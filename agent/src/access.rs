@@ -165,6 +165,11 @@ impl Validator {
         Ok(connection)
     }
 
+    /// Drops the rate-limit state of a deleted connection.
+    pub fn forget(&self, connection_id: uuid::Uuid) {
+        self.rate_limits.forget(connection_id);
+    }
+
     /// Counts one request (list, describe, pull) against the connection's rate limit.
     pub fn check_rate(&self, connection: &Connection) -> Result<(), AccessDenied> {
         self.rate_limits

@@ -196,6 +196,33 @@ fn is_set<T, S: serde::Serializer>(value: &Option<T>, serializer: S) -> Result<S
 }
 
 impl Connection {
+    /// The sender-side controls as settings (the download password is not recoverable and is
+    /// left unset; see [`PasswordChange`]).
+    pub fn settings(&self) -> ConnectionSettings {
+        ConnectionSettings {
+            approval_mode: self.approval_mode,
+            allowed_tables: self.allowed_tables.clone(),
+            excluded_tables: self.excluded_tables.clone(),
+            auto_approve_tables: self.auto_approve_tables.clone(),
+            max_downloads: self.max_downloads,
+            max_records_total: self.max_records_total,
+            max_records_per_request: self.max_records_per_request,
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            download_password: None,
+            ip_whitelist: self.ip_whitelist.clone(),
+            allowed_hours: match (self.allowed_hours_start, self.allowed_hours_end) {
+                (Some(start), Some(end)) => Some((start as u8, end as u8)),
+                _ => None,
+            },
+            time_zone: self.time_zone.clone(),
+            expires_at: self.expires_at,
+            default_conflict_strategy: self.default_conflict_strategy,
+            auto_sync_enabled: self.auto_sync_enabled,
+            auto_sync_tables: self.auto_sync_tables.clone(),
+            auto_sync_interval_minutes: self.auto_sync_interval_minutes,
+        }
+    }
+
     /// Whether `table` is offered to the receiver (not excluded, and allowed when a list is set).
     pub fn offers_table(&self, table: &str) -> bool {
         !self.excluded_tables.iter().any(|t| t == table)
@@ -381,6 +408,17 @@ pub fn parse_cidr(entry: &str) -> Result<String> {
         })?,
     };
     Ok(net.trunc().to_string())
+}
+
+/// What to do with the download password when settings change.
+#[derive(Debug, Clone)]
+pub enum PasswordChange {
+    /// Leave it as it is.
+    Keep,
+    /// Set a new one (hashed before storing).
+    Set(crate::config::Secret<String>),
+    /// Remove it.
+    Clear,
 }
 
 /// A sender connection to create.
@@ -754,6 +792,84 @@ impl Store {
             .bind(direction.as_str())
             .fetch_optional(pool)
             .await?
+        }))
+    }
+
+    /// Replaces a connection's sender-side controls, audited as `connection.settings_changed`
+    /// with the names of the fields that changed.
+    pub async fn update_connection_settings(
+        &self,
+        id_or_name: &str,
+        settings: &ConnectionSettings,
+        password: PasswordChange,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        let current = self.get_connection(id_or_name).await?;
+        let whitelist = settings.validate()?;
+        let password_hash = match &password {
+            PasswordChange::Keep => current.download_password_hash.clone(),
+            PasswordChange::Set(secret) => Some(crate::password::hash(secret.expose())?),
+            PasswordChange::Clear => None,
+        };
+        let before = serde_json::to_value(&current).unwrap_or_default();
+        let (hours_start, hours_end) = match settings.allowed_hours {
+            Some((start, end)) => (Some(i64::from(start)), Some(i64::from(end))),
+            None => (None, None),
+        };
+        let now = to_micros(now);
+        let s = settings;
+        Ok(on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated: Connection = sqlx::query_as(
+                "UPDATE dbsync_connections SET approval_mode = $2, allowed_tables = $3, excluded_tables = $4, \
+                 auto_approve_tables = $5, max_downloads = $6, max_records_total = $7, max_records_per_request = $8, \
+                 rate_limit_per_minute = $9, download_password_hash = $10, ip_whitelist = $11, \
+                 allowed_hours_start = $12, allowed_hours_end = $13, time_zone = $14, expires_at = $15, \
+                 default_conflict_strategy = $16, auto_sync_enabled = $17, auto_sync_tables = $18, \
+                 auto_sync_interval_minutes = $19, updated_at = $20 WHERE id = $1 RETURNING *",
+            )
+            .bind(current.id)
+            .bind(s.approval_mode.as_str())
+            .bind(Json(&s.allowed_tables))
+            .bind(Json(&s.excluded_tables))
+            .bind(Json(&s.auto_approve_tables))
+            .bind(s.max_downloads)
+            .bind(s.max_records_total)
+            .bind(s.max_records_per_request)
+            .bind(s.rate_limit_per_minute)
+            .bind(&password_hash)
+            .bind(Json(&whitelist))
+            .bind(hours_start)
+            .bind(hours_end)
+            .bind(&s.time_zone)
+            .bind(s.expires_at.map(to_micros))
+            .bind(s.default_conflict_strategy.as_str())
+            .bind(s.auto_sync_enabled)
+            .bind(Json(&s.auto_sync_tables))
+            .bind(s.auto_sync_interval_minutes)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            let after = serde_json::to_value(&updated).unwrap_or_default();
+            let changed: Vec<&String> = after
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(key, value)| {
+                    key.as_str() != "updated_at" && before.get(key.as_str()) != Some(value)
+                })
+                .map(|(key, _)| key)
+                .collect();
+            let password_changed = !matches!(password, PasswordChange::Keep);
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.settings_changed", current.id, now)
+                    .detail(serde_json::json!({ "changed": changed, "password_changed": password_changed }))
+            )
+            .await?;
+            tx.commit().await?;
+            updated
         }))
     }
 

@@ -5,10 +5,10 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use dbsync_agent::config::Secret;
 use dbsync_agent::connection::{
-    ApprovalMode, ConflictStrategy, Connection, ConnectionFilter, ConnectionSettings,
-    CreatedConnection, NewConnection, NewReceiver,
+    ApprovalMode, ConflictStrategy, ConnectionFilter, ConnectionSettings, CreatedConnection,
+    NewConnection,
 };
-use dbsync_agent::vault::Vault;
+use dbsync_agent::registration::{RegistrationOutcome, StatusChange};
 use dbsync_agent::{ConnectionStatus, Direction};
 
 use super::Context;
@@ -111,6 +111,10 @@ pub(crate) struct CreateArgs {
     /// Read a download password from stdin; receivers must give it on every session
     #[arg(long)]
     download_password_stdin: bool,
+    /// Read the remote site's incoming password from stdin (after the download password, when
+    /// both are given), for remotes in require_password mode
+    #[arg(long)]
+    remote_password_stdin: bool,
     /// Addresses or CIDR blocks allowed to connect (comma-separated; default: any)
     #[arg(long, value_delimiter = ',')]
     ip_whitelist: Vec<String>,
@@ -239,28 +243,16 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         }
         Command::Show { connection } => show(ctx, &connection).await,
         Command::Approve { connection } => {
-            let c = store
-                .approve_connection(&connection, &ctx.actor, ctx.now())
-                .await?;
-            changed(ctx, &c, "approved")
+            status_change(ctx, &connection, StatusChange::Approve, "approved").await
         }
         Command::Suspend { connection, reason } => {
-            let c = store
-                .suspend_connection(&connection, &reason, &ctx.actor, ctx.now())
-                .await?;
-            changed(ctx, &c, "suspended")
+            status_change(ctx, &connection, StatusChange::Suspend(reason), "suspended").await
         }
         Command::Reactivate { connection } => {
-            let c = store
-                .reactivate_connection(&connection, &ctx.actor, ctx.now())
-                .await?;
-            changed(ctx, &c, "reactivated")
+            status_change(ctx, &connection, StatusChange::Reactivate, "reactivated").await
         }
         Command::Revoke { connection, reason } => {
-            let c = store
-                .revoke_connection(&connection, &reason, &ctx.actor, ctx.now())
-                .await?;
-            changed(ctx, &c, "revoked")
+            status_change(ctx, &connection, StatusChange::Revoke(reason), "revoked").await
         }
         Command::Delete { connection, yes } => {
             anyhow::ensure!(
@@ -287,6 +279,7 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 ctx,
                 &created,
                 "New token issued; the old token no longer works.",
+                None,
             )
             .await
         }
@@ -296,23 +289,31 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 (Some(token), false) => token,
                 (None, false) => anyhow::bail!("give the token with --token-stdin or --token"),
             };
-            let vault = Vault::from_config(&ctx.config)?;
-            let c = store
-                .add_receiver(
-                    NewReceiver {
-                        name: &args.name,
-                        site_url: &args.site_url,
-                        token: &token,
-                        status: ConnectionStatus::Active,
-                        peer_token: None,
-                        metadata: None,
-                    },
-                    &vault,
-                    &ctx.actor,
-                    ctx.now(),
-                )
+            let c = ctx
+                .agent
+                .add_receiver_by_hand(&args.name, &args.site_url, &token, &ctx.actor)
                 .await?;
-            changed(ctx, &c, "added")
+            if ctx.json {
+                return output::print_json(&c);
+            }
+            println!(
+                "Receiver connection {:?} added; status is {}.",
+                c.name, c.status
+            );
+            let hand_over = &c.metadata["hand_over"];
+            match hand_over["outcome"].as_str() {
+                Some("confirmed") => println!(
+                    "{} confirmed the connection (its status there: {}).",
+                    c.site_url,
+                    hand_over["remote_status"].as_str().unwrap_or("unknown")
+                ),
+                _ => println!(
+                    "Could not confirm with {} ({}); status changes made there will not reach this site until it can.",
+                    c.site_url,
+                    hand_over["error"].as_str().unwrap_or("unknown error")
+                ),
+            }
+            Ok(())
         }
         Command::Sweep => {
             let expired = store.expire_due_connections(ctx.now()).await?;
@@ -340,6 +341,11 @@ async fn create(ctx: &Context, args: CreateArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let remote_password = if args.remote_password_stdin {
+        Some(super::read_secret_line("remote site's incoming password")?)
+    } else {
+        None
+    };
     let expires_at = args.expires_at.or(args.expires_in.map(|d| ctx.now() + d));
     let new = NewConnection {
         name: args.name,
@@ -362,13 +368,90 @@ async fn create(ctx: &Context, args: CreateArgs) -> anyhow::Result<()> {
             ..ConnectionSettings::default()
         },
     };
-    let created = ctx.store.create_sender(new, &ctx.actor, ctx.now()).await?;
+    let created = ctx
+        .agent
+        .create_sender(new, remote_password.as_deref(), &ctx.actor)
+        .await?;
+    let headline = match &created.registration {
+        RegistrationOutcome::Accepted { remote_status, .. } if remote_status == "active" => {
+            format!(
+                "Created sender connection; {} accepted it and it is active.",
+                created.connection.site_url
+            )
+        }
+        RegistrationOutcome::Accepted { .. } => format!(
+            "Created sender connection; {} registered it and its admin must approve it there. It stays pending until then.",
+            created.connection.site_url
+        ),
+        RegistrationOutcome::Rejected {
+            http_status,
+            code,
+            message,
+        } => format!(
+            "Created sender connection, but {} refused the registration ({http_status} {code}: {message}). It stays pending; hand the token over by hand.",
+            created.connection.site_url
+        ),
+        RegistrationOutcome::Unreachable { error } => format!(
+            "Created sender connection, but {} could not be reached ({error}). It stays pending; hand the token over by hand.",
+            created.connection.site_url
+        ),
+        RegistrationOutcome::Refused { reason } => format!(
+            "Created sender connection, but the remote was not contacted ({reason}). It stays pending; hand the token over by hand."
+        ),
+    };
+    let registration = serde_json::to_value(&created.registration)?;
     print_token(
         ctx,
-        &created,
-        "Created sender connection; it stays pending until the remote site confirms it or you run `dbsync connections approve`.",
+        &CreatedConnection {
+            connection: created.connection,
+            token: created.token,
+        },
+        &headline,
+        Some(registration),
     )
     .await
+}
+
+/// Takes a lifecycle step here and tells the peer; says what the peer answered.
+async fn status_change(
+    ctx: &Context,
+    connection: &str,
+    change: StatusChange,
+    verb: &str,
+) -> anyhow::Result<()> {
+    let (c, push) = ctx
+        .agent
+        .change_status(connection, change, &ctx.actor)
+        .await?;
+    if ctx.json {
+        return output::print_json(&serde_json::json!({ "connection": c, "peer_push": push }));
+    }
+    println!(
+        "Connection {:?} {verb}; status is now {}.",
+        c.name, c.status
+    );
+    match push.state.as_str() {
+        "delivered" => println!(
+            "{} was told; its status is {}.",
+            c.site_url,
+            push.remote_status.as_deref().unwrap_or("unknown")
+        ),
+        "pending" => println!(
+            "{} could not be told ({}); `dbsync serve` retries with backoff.",
+            c.site_url,
+            push.error.as_deref().unwrap_or("unknown error")
+        ),
+        "no_peer_credential" => println!(
+            "{} was not told: it never registered a way to reach it.",
+            c.site_url
+        ),
+        _ => println!(
+            "{} refused the update: {}",
+            c.site_url,
+            push.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+    Ok(())
 }
 
 /// Prints a new token, the only time it is ever shown, with the command to run on the other side.
@@ -376,14 +459,10 @@ async fn print_token(
     ctx: &Context,
     created: &CreatedConnection,
     headline: &str,
+    registration: Option<serde_json::Value>,
 ) -> anyhow::Result<()> {
     let c = &created.connection;
-    let own_url = ctx
-        .store
-        .settings()
-        .await?
-        .site_url
-        .unwrap_or_else(|| "<URL of this site>".into());
+    let own_url = ctx.agent.site_url().await?;
     let hand_over = format!(
         "dbsync connections add-receiver {} --site-url {} --token-stdin",
         shell_quote(&c.name),
@@ -395,6 +474,7 @@ async fn print_token(
             "token": created.token.expose(),
             "notice": "the token is shown only once; store it now",
             "hand_over_command": hand_over,
+            "registration": registration,
         }));
     }
     println!("{headline}");
@@ -410,12 +490,14 @@ async fn print_token(
     println!();
     println!("    {}", created.token.expose());
     println!();
-    println!(
-        "On {}, run this and paste the token when asked:",
-        c.site_url
-    );
-    println!();
-    println!("    {hand_over}");
+    if c.status != ConnectionStatus::Active {
+        println!(
+            "If {} does not hold the connection yet, run this there and paste the token when asked:",
+            c.site_url
+        );
+        println!();
+        println!("    {hand_over}");
+    }
     Ok(())
 }
 
@@ -429,17 +511,6 @@ fn shell_quote(text: &str) -> String {
     } else {
         format!("'{}'", text.replace('\'', "'\\''"))
     }
-}
-
-fn changed(ctx: &Context, c: &Connection, verb: &str) -> anyhow::Result<()> {
-    if ctx.json {
-        return output::print_json(c);
-    }
-    println!(
-        "Connection {:?} {verb}; status is now {}.",
-        c.name, c.status
-    );
-    Ok(())
 }
 
 async fn show(ctx: &Context, id_or_name: &str) -> anyhow::Result<()> {

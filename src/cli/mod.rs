@@ -1,7 +1,9 @@
 //! Command-line interface: argument parsing and dispatch to the engine.
 
+mod admin_tokens;
 mod connections;
 pub(crate) mod output;
+mod serve;
 mod settings;
 mod transfers;
 
@@ -12,7 +14,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use dbsync_agent::audit::Actor;
 use dbsync_agent::clock::SharedClock;
-use dbsync_agent::{Config, Store, SystemClock};
+use dbsync_agent::{Agent, Config, Store, SystemClock};
 
 /// Sync database tables between sites over permanent, token-authenticated connections.
 #[derive(Debug, Parser)]
@@ -57,6 +59,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: the peer API, the admin JSON API, and background work (status pushes to
+    /// peers, expiry sweeps)
+    Serve(serve::ServeArgs),
     /// Create, inspect and change connections to other sites
     #[command(subcommand)]
     Connections(connections::Command),
@@ -71,12 +76,15 @@ enum Command {
     /// Site settings: how registrations from other sites are answered
     #[command(subcommand)]
     Settings(settings::Command),
+    /// Bearer tokens for the admin JSON API
+    #[command(subcommand)]
+    AdminTokens(admin_tokens::Command),
 }
 
-/// What every command needs: the store, the config, who is acting, and the clock.
+/// What every command needs: the agent (store, config, peers), who is acting, and the clock.
 pub(crate) struct Context {
+    pub(crate) agent: Agent,
     pub(crate) store: Store,
-    pub(crate) config: Config,
     pub(crate) actor: Actor,
     pub(crate) clock: SharedClock,
     pub(crate) json: bool,
@@ -106,6 +114,10 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(url) = cli.global.database_url {
         config.database_url = Some(url);
     }
+    let listener = match &cli.command {
+        Command::Serve(args) => Some(serve::prepare(&mut config, args).await?),
+        _ => None,
+    };
     config.validate()?;
     let store = Store::connect(config.database_url())
         .await
@@ -115,20 +127,27 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
                 redact_url(config.database_url())
             )
         })?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let agent = Agent::with_store(store.clone(), config, Arc::clone(&clock))?;
     let ctx = Context {
-        store,
-        config,
+        agent,
+        store: store.clone(),
         actor: Actor::current_cli_user(),
-        clock: Arc::new(SystemClock),
+        clock,
         json: cli.global.json,
     };
     let result = match cli.command {
+        Command::Serve(_) => {
+            let listener = listener.expect("serve binds before the agent is built");
+            serve::run(ctx, listener).await
+        }
+        Command::AdminTokens(command) => admin_tokens::run(&ctx, command).await,
         Command::Connections(command) => connections::run(&ctx, command).await,
         Command::Transfers(command) => transfers::run(&ctx, command).await,
         Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
         Command::Settings(command) => settings::run(&ctx, command).await,
     };
-    ctx.store.close().await;
+    store.close().await;
     result
 }
 

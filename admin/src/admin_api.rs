@@ -1,0 +1,457 @@
+//! The admin JSON API under `/admin/db-sync/api/`, authenticated by admin bearer tokens
+//! (`dbsync admin-tokens create <name>`). Actions are audited as `admin:<token name>`.
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use dbsync_agent::audit::Actor;
+use dbsync_agent::config::Secret;
+use dbsync_agent::connection::{
+    ApprovalMode, ConflictStrategy, ConnectionFilter, ConnectionSettings, NewConnection,
+    PasswordChange,
+};
+use dbsync_agent::registration::StatusChange;
+use dbsync_agent::settings::IncomingMode;
+use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
+use dbsync_agent::{ConnectionStatus, Direction};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::error::ApiJson;
+use crate::peer_api::bearer;
+use crate::{ApiError, AppState};
+
+/// Prefix of every admin API path.
+pub const PREFIX: &str = "/admin/db-sync/api";
+
+/// The admin routes, behind admin-token authentication.
+pub(crate) fn routes(state: AppState) -> Router<AppState> {
+    let api = Router::new()
+        .route(
+            "/connections",
+            get(list_connections).post(create_connection),
+        )
+        .route(
+            "/connections/{id}",
+            get(show_connection)
+                .patch(update_connection)
+                .delete(delete_connection),
+        )
+        .route("/connections/{id}/approve", post(approve_connection))
+        .route("/connections/{id}/suspend", post(suspend_connection))
+        .route("/connections/{id}/reactivate", post(reactivate_connection))
+        .route("/connections/{id}/revoke", post(revoke_connection))
+        .route("/connections/{id}/regenerate-token", post(regenerate_token))
+        .route("/connections/{id}/stats", get(connection_stats))
+        .route("/transfers", get(list_transfers))
+        .route("/transfers/{id}", get(show_transfer))
+        .route("/transfers/{id}/approve", post(approve_transfer))
+        .route("/transfers/{id}/deny", post(deny_transfer))
+        .route("/settings/incoming", get(show_incoming).put(set_incoming))
+        .route_layer(middleware::from_fn_with_state(state, authenticate));
+    Router::new().nest(PREFIX, api)
+}
+
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let Some(presented) = bearer(request.headers()) else {
+        return ApiError::unauthorized("an admin bearer token is required").into_response();
+    };
+    match state
+        .agent
+        .store
+        .verify_admin_token(presented, state.agent.now())
+        .await
+    {
+        Ok(Some(token)) => {
+            request.extensions_mut().insert(Actor::admin(&token.name));
+            next.run(request).await
+        }
+        Ok(None) => {
+            ApiError::unauthorized("unknown, malformed or revoked admin token").into_response()
+        }
+        Err(err) => ApiError::from(err).into_response(),
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = dbsync_agent::Error>>(
+    value: Option<&str>,
+) -> Result<Option<T>, ApiError> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(str::parse)
+        .transpose()
+        .map_err(ApiError::from)
+}
+
+#[derive(Debug, Deserialize)]
+struct ConnectionQuery {
+    status: Option<String>,
+    direction: Option<String>,
+}
+
+async fn list_connections(
+    State(state): State<AppState>,
+    Query(query): Query<ConnectionQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = ConnectionFilter {
+        status: parse::<ConnectionStatus>(query.status.as_deref())?,
+        direction: parse::<Direction>(query.direction.as_deref())?,
+    };
+    let connections = state.agent.store.list_connections(&filter).await?;
+    Ok(Json(json!({ "items": connections })))
+}
+
+/// Deserializes a field that may be absent (keep), null (clear) or a value (set).
+fn double_option<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// Sender-side controls in a create or update body; absent fields keep their value (defaults on
+/// create); `null` clears an optional limit.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsBody {
+    approval_mode: Option<ApprovalMode>,
+    allowed_tables: Option<Vec<String>>,
+    excluded_tables: Option<Vec<String>>,
+    auto_approve_tables: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    max_downloads: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option")]
+    max_records_total: Option<Option<i64>>,
+    max_records_per_request: Option<i64>,
+    rate_limit_per_minute: Option<i64>,
+    #[serde(default, deserialize_with = "double_option")]
+    download_password: Option<Option<String>>,
+    ip_whitelist: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    allowed_hours: Option<Option<[u8; 2]>>,
+    time_zone: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    expires_at: Option<Option<DateTime<Utc>>>,
+    default_conflict_strategy: Option<ConflictStrategy>,
+    auto_sync_enabled: Option<bool>,
+    auto_sync_tables: Option<Vec<String>>,
+    auto_sync_interval_minutes: Option<i64>,
+}
+
+impl SettingsBody {
+    fn apply(self, mut s: ConnectionSettings) -> (ConnectionSettings, PasswordChange) {
+        macro_rules! set {
+            ($($field:ident),*) => { $(if let Some(value) = self.$field { s.$field = value; })* };
+        }
+        set!(
+            approval_mode,
+            allowed_tables,
+            excluded_tables,
+            auto_approve_tables,
+            max_downloads,
+            max_records_total,
+            max_records_per_request,
+            rate_limit_per_minute,
+            ip_whitelist,
+            time_zone,
+            expires_at,
+            default_conflict_strategy,
+            auto_sync_enabled,
+            auto_sync_tables,
+            auto_sync_interval_minutes
+        );
+        if let Some(hours) = self.allowed_hours {
+            s.allowed_hours = hours.map(|[start, end]| (start, end));
+        }
+        let password = match self.download_password {
+            None => PasswordChange::Keep,
+            Some(None) => PasswordChange::Clear,
+            Some(Some(password)) => PasswordChange::Set(Secret::new(password)),
+        };
+        (s, password)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateBody {
+    name: String,
+    site_url: String,
+    /// The remote site's incoming password, when it requires one.
+    remote_password: Option<String>,
+    #[serde(flatten)]
+    settings: Value,
+}
+
+async fn create_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let settings: SettingsBody = serde_json::from_value(body.settings).map_err(|err| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            err.to_string(),
+        )
+    })?;
+    let (mut settings, password) = settings.apply(ConnectionSettings::default());
+    if let PasswordChange::Set(secret) = password {
+        settings.download_password = Some(secret);
+    }
+    let created = state
+        .agent
+        .create_sender(
+            NewConnection {
+                name: body.name,
+                site_url: body.site_url,
+                settings,
+            },
+            body.remote_password.as_deref(),
+            &actor,
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "connection": created.connection,
+            "token": created.token.expose(),
+            "notice": "the token is shown only once; store it now",
+            "registration": created.registration,
+        })),
+    ))
+}
+
+async fn show_connection(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let connection = state.agent.store.get_connection(&id).await?;
+    let stats = state.agent.store.connection_stats(connection.id).await?;
+    Ok(Json(json!({ "connection": connection, "stats": stats })))
+}
+
+async fn update_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let patch: SettingsBody = serde_json::from_value(body).map_err(|err| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            err.to_string(),
+        )
+    })?;
+    let store = &state.agent.store;
+    let current = store.get_connection(&id).await?;
+    let (settings, password) = patch.apply(current.settings());
+    let updated = store
+        .update_connection_settings(&id, &settings, password, &actor, state.agent.now())
+        .await?;
+    Ok(Json(json!({ "connection": updated })))
+}
+
+async fn delete_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let deleted = state
+        .agent
+        .store
+        .delete_connection(&id, &actor, state.agent.now())
+        .await?;
+    state.agent.validator.forget(deleted.id);
+    Ok(Json(json!({ "deleted": deleted })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+async fn status_change(
+    state: &AppState,
+    actor: &Actor,
+    id: &str,
+    change: StatusChange,
+) -> Result<Json<Value>, ApiError> {
+    let (connection, push) = state.agent.change_status(id, change, actor).await?;
+    Ok(Json(json!({ "connection": connection, "peer_push": push })))
+}
+
+fn reason(body: ReasonBody) -> String {
+    body.reason.unwrap_or_default()
+}
+
+async fn approve_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    status_change(&state, &actor, &id, StatusChange::Approve).await
+}
+
+async fn suspend_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    status_change(&state, &actor, &id, StatusChange::Suspend(reason(body))).await
+}
+
+async fn reactivate_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    status_change(&state, &actor, &id, StatusChange::Reactivate).await
+}
+
+async fn revoke_connection(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    status_change(&state, &actor, &id, StatusChange::Revoke(reason(body))).await
+}
+
+async fn regenerate_token(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let created = state
+        .agent
+        .store
+        .regenerate_token(&id, &actor, state.agent.now())
+        .await?;
+    Ok(Json(json!({
+        "connection": created.connection,
+        "token": created.token.expose(),
+        "notice": "the token is shown only once; the old token no longer works",
+    })))
+}
+
+async fn connection_stats(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let connection = state.agent.store.get_connection(&id).await?;
+    let stats = state.agent.store.connection_stats(connection.id).await?;
+    Ok(Json(
+        json!({ "connection_id": connection.id, "stats": stats }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct TransferQuery {
+    connection: Option<String>,
+    direction: Option<String>,
+    status: Option<String>,
+    table: Option<String>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+async fn list_transfers(
+    State(state): State<AppState>,
+    Query(query): Query<TransferQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let connection_id = match query.connection.as_deref().filter(|c| !c.is_empty()) {
+        Some(c) => Some(state.agent.store.get_connection(c).await?.id),
+        None => None,
+    };
+    let page = state
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            connection_id,
+            direction: parse::<TransferDirection>(query.direction.as_deref())?,
+            status: parse::<TransferStatus>(query.status.as_deref())?,
+            table_name: query.table.filter(|t| !t.is_empty()),
+            since: query.since,
+            until: query.until,
+            page: query.page,
+            per_page: query.per_page,
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(page).unwrap_or_default()))
+}
+
+async fn show_transfer(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let transfer = state.agent.store.get_transfer(id).await?;
+    Ok(Json(json!({ "transfer": transfer })))
+}
+
+async fn approve_transfer(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let transfer = state
+        .agent
+        .store
+        .approve_transfer(id, &actor, state.agent.now())
+        .await?;
+    Ok(Json(json!({ "transfer": transfer })))
+}
+
+async fn deny_transfer(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<Uuid>,
+    ApiJson(body): ApiJson<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    let transfer = state
+        .agent
+        .store
+        .deny_transfer(id, &reason(body), &actor, state.agent.now())
+        .await?;
+    Ok(Json(json!({ "transfer": transfer })))
+}
+
+async fn show_incoming(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let settings = state.agent.store.settings().await?;
+    Ok(Json(json!({ "settings": settings })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncomingBody {
+    mode: IncomingMode,
+    password: Option<String>,
+}
+
+async fn set_incoming(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    ApiJson(body): ApiJson<IncomingBody>,
+) -> Result<Json<Value>, ApiError> {
+    let settings = state
+        .agent
+        .store
+        .set_incoming(
+            body.mode,
+            body.password.as_deref(),
+            &actor,
+            state.agent.now(),
+        )
+        .await?;
+    Ok(Json(json!({ "settings": settings })))
+}

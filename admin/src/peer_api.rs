@@ -1,0 +1,112 @@
+//! The peer API other sites call (SPEC section 5), rate limited per client IP.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dbsync_protocol::peer::{
+    ConnectionState, REGISTER_PATH, RegisterRequest, RegisterResponse, STATUS_PATH, StatusResponse,
+    UPDATE_STATUS_PATH, UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
+};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::client_ip::ClientIp;
+use crate::error::ApiJson;
+use crate::{ApiError, AppState};
+
+/// Keyed limiter of peer API requests per client IP.
+pub(crate) type PeerLimiter = DefaultKeyedRateLimiter<IpAddr>;
+
+pub(crate) fn limiter(per_minute: u32) -> PeerLimiter {
+    RateLimiter::keyed(Quota::per_minute(
+        NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN),
+    ))
+}
+
+/// The peer routes.
+pub(crate) fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route(STATUS_PATH, get(status))
+        .route(REGISTER_PATH, post(register))
+        .route(UPDATE_STATUS_PATH, post(update_status))
+        .route(VERIFY_PATH, post(verify))
+        .route_layer(middleware::from_fn_with_state(state, rate_limit))
+}
+
+async fn rate_limit(
+    State(state): State<AppState>,
+    client: ClientIp,
+    request: Request,
+    next: Next,
+) -> Response {
+    match state.peer_limiter.check_key(&client.0) {
+        Ok(()) => next.run(request).await,
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            ApiError::rate_limited(wait.as_secs() + 1).into_response()
+        }
+    }
+}
+
+async fn status(State(state): State<AppState>) -> Result<axum::Json<StatusResponse>, ApiError> {
+    let settings = state.agent.store.settings().await?;
+    Ok(axum::Json(StatusResponse {
+        enabled: settings.incoming_mode != dbsync_agent::settings::IncomingMode::DenyAll,
+        incoming_mode: settings.incoming_mode.to_string(),
+        password_required: settings.incoming_mode
+            == dbsync_agent::settings::IncomingMode::RequirePassword,
+        protocol_versions: dbsync_protocol::SUPPORTED_VERSIONS.to_vec(),
+        transports: Vec::new(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        site_id: settings.site_id.to_string(),
+        site_name: settings.site_name,
+    }))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    client: ClientIp,
+    ApiJson(request): ApiJson<RegisterRequest>,
+) -> Result<(StatusCode, axum::Json<RegisterResponse>), ApiError> {
+    let reply = state.agent.handle_register(request, client.0).await?;
+    Ok((StatusCode::CREATED, axum::Json(reply)))
+}
+
+/// The bearer credential of a request, if any.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+async fn update_status(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(request): ApiJson<UpdateStatusRequest>,
+) -> Result<axum::Json<ConnectionState>, ApiError> {
+    let token = bearer(&headers)
+        .ok_or_else(|| ApiError::unauthorized("a bearer connection token is required"))?;
+    Ok(axum::Json(
+        state.agent.handle_update_status(token, request).await?,
+    ))
+}
+
+async fn verify(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(request): ApiJson<VerifyRequest>,
+) -> Result<axum::Json<ConnectionState>, ApiError> {
+    let token = bearer(&headers)
+        .ok_or_else(|| ApiError::unauthorized("a bearer connection token is required"))?;
+    Ok(axum::Json(state.agent.handle_verify(token, request).await?))
+}

@@ -1,0 +1,108 @@
+//! `dbsync serve`: the agent's HTTP surface and its background work.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use dbsync_admin::{AppState, router, server};
+use dbsync_agent::Config;
+use tokio::net::TcpListener;
+
+use super::Context;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:4860, or server.listen from the config]
+    #[arg(long, env = "DBSYNC_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Public base URL of this site as peers reach it [default: http://<listen address>]
+    #[arg(long, env = "DBSYNC_SITE_URL")]
+    site_url: Option<String>,
+    /// Allow peers on loopback, private and link-local addresses (tests, demos, private networks)
+    #[arg(long)]
+    allow_private_peers: bool,
+}
+
+/// Applies the flags and binds the listener (so port 0 resolves before the agent derives its
+/// site URL from the address).
+pub(crate) async fn prepare(config: &mut Config, args: &ServeArgs) -> anyhow::Result<TcpListener> {
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(url) = &args.site_url {
+        config.site_url = Some(url.clone());
+    }
+    if args.allow_private_peers {
+        config.allow_private_peers = true;
+    }
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    config.server.listen = listener.local_addr()?;
+    Ok(listener)
+}
+
+pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<()> {
+    let agent = Arc::new(ctx.agent);
+    let address = listener.local_addr()?;
+    let site_url = agent.site_url().await?;
+    let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
+    tracing::info!(%address, %site_url, engine = agent.store.engine_name(), "dbsync serving");
+    // One line on stdout that scripts (and tests) can wait for.
+    println!("dbsync listening on http://{address} (site url {site_url})");
+
+    let background = tokio::spawn(background_work(Arc::clone(&agent)));
+    let app = router(AppState::new(Arc::clone(&agent)));
+    server::serve(listener, app, header_timeout, shutdown_signal()).await?;
+    background.abort();
+    tracing::info!("dbsync stopped");
+    Ok(())
+}
+
+/// Retries status pushes that peers have not acknowledged, and expires connections and
+/// approvals that are due.
+async fn background_work(agent: Arc<dbsync_agent::Agent>) {
+    let every = Duration::from_secs(agent.config.server.push_retry_secs.clamp(1, 60));
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = agent.retry_pending_pushes().await {
+            tracing::warn!(error = %err, "retrying status pushes failed");
+        }
+        let now = agent.now();
+        match agent.store.expire_due_connections(now).await {
+            Ok(expired) => {
+                for connection in expired {
+                    tracing::info!(connection_id = %connection.id, name = %connection.name, "connection expired");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "expiry sweep failed"),
+        }
+        if let Err(err) = agent.store.expire_due_approvals(now).await {
+            tracing::warn!(error = %err, "approval expiry failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("interrupt received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
