@@ -2,4 +2,7 @@
 
 mod support;
 
+mod admin_api;
 mod cli;
+mod peer;
+mod serve;

@@ -40,6 +40,9 @@ pub(crate) struct GlobalArgs {
     /// Configuration file (TOML); DBSYNC_* variables and flags override it
     #[arg(long, global = true, env = "DBSYNC_CONFIG")]
     config: Option<PathBuf>,
+    /// Allow peers on loopback, private and link-local addresses (tests, demos, private networks)
+    #[arg(long, global = true)]
+    allow_private_peers: bool,
     /// Machine-readable JSON on stdout instead of tables
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -113,6 +116,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.global.config.as_deref())?;
     if let Some(url) = cli.global.database_url {
         config.database_url = Some(url);
+    }
+    if cli.global.allow_private_peers {
+        config.allow_private_peers = true;
     }
     let listener = match &cli.command {
         Command::Serve(args) => Some(serve::prepare(&mut config, args).await?),

@@ -20,9 +20,6 @@ pub(crate) struct ServeArgs {
     /// Public base URL of this site as peers reach it [default: http://<listen address>]
     #[arg(long, env = "DBSYNC_SITE_URL")]
     site_url: Option<String>,
-    /// Allow peers on loopback, private and link-local addresses (tests, demos, private networks)
-    #[arg(long)]
-    allow_private_peers: bool,
 }
 
 /// Applies the flags and binds the listener (so port 0 resolves before the agent derives its
@@ -33,9 +30,6 @@ pub(crate) async fn prepare(config: &mut Config, args: &ServeArgs) -> anyhow::Re
     }
     if let Some(url) = &args.site_url {
         config.site_url = Some(url.clone());
-    }
-    if args.allow_private_peers {
-        config.allow_private_peers = true;
     }
     let listener = TcpListener::bind(config.server.listen)
         .await

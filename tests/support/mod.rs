@@ -5,6 +5,8 @@
 #[path = "../../agent/tests/support/postgres.rs"]
 mod postgres;
 
+pub mod agents;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -77,6 +79,18 @@ impl Site {
             .env("DBSYNC_DATABASE_URL", &self.url)
             .env("DBSYNC_KEY_FILE", self.key_file());
         self.spawn(command, log, args, stdin)
+    }
+
+    /// Like [`Site::run`], with extra environment variables.
+    pub fn run_with_env(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dbsync"));
+        command
+            .env("DBSYNC_DATABASE_URL", &self.url)
+            .env("DBSYNC_KEY_FILE", self.key_file());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        self.spawn(command, "warn", args, stdin)
     }
 
     /// Runs `dbsync args...` with no database or key file in the environment (as from a

@@ -1,0 +1,142 @@
+//! Agents running in this process on real sockets (port 0), each with its own state database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dbsync_admin::{AppState, router, server};
+use dbsync_agent::{Agent, Config, Store, SystemClock};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::{PgScratch, postgres_base_url};
+
+/// A running agent.
+pub struct RunningAgent {
+    pub agent: Arc<Agent>,
+    pub url: String,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    scratch: Option<PgScratch>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Options for [`start`].
+#[derive(Clone)]
+pub struct Options {
+    pub postgres: bool,
+    pub allow_private_peers: bool,
+    pub header_read_timeout_secs: u64,
+    pub peer_rate_limit_per_minute: u32,
+    pub max_body_bytes: usize,
+    /// Bind this address instead of an ephemeral port.
+    pub addr: Option<SocketAddr>,
+    pub push_retry_secs: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            postgres: false,
+            allow_private_peers: true,
+            header_read_timeout_secs: 10,
+            peer_rate_limit_per_minute: 1_000,
+            max_body_bytes: 64 * 1024,
+            addr: None,
+            push_retry_secs: 30,
+        }
+    }
+}
+
+/// Starts an agent, or returns `None` when it needs PostgreSQL and PostgreSQL tests are skipped.
+pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, scratch) = if options.postgres {
+        let base = postgres_base_url(test)?;
+        let scratch = PgScratch::create(&base).await;
+        (scratch.url.clone(), Some(scratch))
+    } else {
+        (
+            format!("sqlite://{}", dir.path().join("state.db").display()),
+            None,
+        )
+    };
+    let listener = TcpListener::bind(
+        options
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config {
+        database_url: Some(url.clone()),
+        key_file: Some(dir.path().join("dbsync.key")),
+        allow_private_peers: options.allow_private_peers,
+        ..Config::default()
+    };
+    config.server.listen = addr;
+    config.server.header_read_timeout_secs = options.header_read_timeout_secs;
+    config.server.peer_rate_limit_per_minute = options.peer_rate_limit_per_minute;
+    config.server.max_body_bytes = options.max_body_bytes;
+    config.server.push_retry_secs = options.push_retry_secs;
+    let store = Store::connect(&url).await.unwrap();
+    let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock)).unwrap());
+    let (stop, task) = spawn_server(Arc::clone(&agent), listener);
+    Some(RunningAgent {
+        agent,
+        url: format!("http://{addr}"),
+        addr,
+        _dir: dir,
+        scratch,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+fn spawn_server(
+    agent: Arc<Agent>,
+    listener: TcpListener,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
+    let app = router(AppState::new(agent));
+    let task = tokio::spawn(async move {
+        server::serve(listener, app, header_timeout, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (stop, task)
+}
+
+impl RunningAgent {
+    /// Stops serving HTTP (the agent and its database stay).
+    pub async fn pause(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+    }
+
+    /// Serves HTTP again on the same address.
+    pub async fn resume(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let (stop, task) = spawn_server(Arc::clone(&self.agent), listener);
+        self.stop = Some(stop);
+        self.task = Some(task);
+    }
+
+    /// Stops the server and drops the scratch database.
+    pub async fn stop(mut self) {
+        self.pause().await;
+        self.agent.store.close().await;
+        if let Some(scratch) = self.scratch.take() {
+            scratch.drop_database().await;
+        }
+    }
+}
