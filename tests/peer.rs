@@ -708,3 +708,40 @@ async fn peer_calls_need_a_known_bearer_token() {
     assert_eq!(status["protocol_versions"], json!([1]));
     b.stop().await;
 }
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    // A "peer" that answers every request with a redirect to somewhere else.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let redirector = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    let Some(a) = start("peer::redirect", Options::default()).await else {
+        return;
+    };
+    let created = a
+        .agent
+        .create_sender(
+            new_sender("to-redirector", &format!("http://{addr}")),
+            None,
+            &admin(),
+        )
+        .await
+        .unwrap();
+    match &created.registration {
+        RegistrationOutcome::Rejected {
+            http_status, code, ..
+        } => assert_eq!((*http_status, code.as_str()), (307, "redirect")),
+        other => panic!("expected the redirect to be refused, got {other:?}"),
+    }
+    assert_eq!(created.connection.status, ConnectionStatus::Pending);
+    redirector.abort();
+    a.stop().await;
+}
