@@ -41,6 +41,17 @@ pub(crate) async fn prepare(config: &mut Config, args: &ServeArgs) -> anyhow::Re
 pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<()> {
     let agent = Arc::new(ctx.agent);
     let address = listener.local_addr()?;
+    // An explicitly configured site URL is recorded in the settings, so CLI commands run beside
+    // this agent (without the same configuration) announce the same URL to peers.
+    if let Some(url) = &agent.config.site_url {
+        let stored = agent.store.settings().await?.site_url;
+        if stored.as_deref() != Some(url.trim_end_matches('/')) {
+            agent
+                .store
+                .set_site_identity(None, Some(url), &ctx.actor, agent.now())
+                .await?;
+        }
+    }
     let site_url = agent.site_url().await?;
     let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
     tracing::info!(%address, %site_url, engine = agent.store.engine_name(), "dbsync serving");
