@@ -1,10 +1,24 @@
 //! dbsync wire protocol: frames, messages and their codec.
 //!
-//! Pure: no sockets, no database, no async runtime. The data-plane work (frames, MessagePack
-//! payloads, zstd batches, bounded decoding) lands here; for now the crate holds the protocol
-//! versions and the JSON bodies of the peer API ([`peer`]) that sites exchange over HTTP.
+//! Pure: no sockets, no database, no async runtime.
+//!
+//! - [`codec`]: frames (header + MessagePack payload, row batches zstd-compressed) with every
+//!   decoding limit explicit ([`codec::Limits`]).
+//! - [`message`]: the messages of a data-plane session, with explicit numeric kinds.
+//! - [`value`]: the engine-neutral value model.
+//! - [`msgpack`]: the pre-scan that bounds depth and declared lengths before parsing.
+//! - [`peer`]: the JSON bodies of the peer API that sites exchange over HTTP.
 
+pub mod codec;
+pub mod error;
+pub mod message;
+pub mod msgpack;
 pub mod peer;
+pub mod value;
+
+pub use error::ProtocolError;
+pub use message::{Kind, Message};
+pub use value::Value;
 
 /// Protocol versions this build speaks, oldest first.
 pub const SUPPORTED_VERSIONS: &[u16] = &[1];

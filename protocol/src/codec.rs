@@ -1,0 +1,233 @@
+//! Frames: an 8-byte header and a MessagePack payload, row batches zstd-compressed.
+//!
+//! ```text
+//! 0      1      2      3      4              8
+//! +------+------+------+------+--------------+----------------------+
+//! | 0xDB | kind | flags| 0    | length (BE)  | payload (length bytes)|
+//! +------+------+------+------+--------------+----------------------+
+//! flags bit 0: payload is zstd-compressed
+//! ```
+//!
+//! Decoding checks before it parses: header, frame size limit, declared decompressed size,
+//! bounded decompression, a MessagePack pre-scan (depth, declared lengths), then the typed
+//! payload. Partial input is reported as incomplete, not as an error.
+
+use std::io::Read;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ProtocolError;
+use crate::message::{Kind, Message};
+
+/// First byte of every frame.
+pub const MAGIC: u8 = 0xDB;
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 8;
+/// Flag: the payload is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 0x01;
+/// Default largest payload on the wire (16 MiB).
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
+/// Default largest payload after decompression (64 MiB).
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: u64 = 64 * 1024 * 1024;
+/// Default deepest MessagePack nesting (a row batch needs 4 plus array dimensions).
+pub const DEFAULT_MAX_DEPTH: usize = 32;
+/// Default zstd level for row batches.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+
+/// Every bound the decoder applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload on the wire; a bigger frame is refused from its header.
+    pub max_frame_bytes: u32,
+    /// Largest payload after decompression; memory per frame is bounded by this.
+    pub max_decompressed_bytes: u64,
+    /// Deepest MessagePack nesting.
+    pub max_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            max_depth: DEFAULT_MAX_DEPTH,
+        }
+    }
+}
+
+/// A parsed header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Message kind.
+    pub kind: Kind,
+    /// Flags.
+    pub flags: u8,
+    /// Payload length.
+    pub length: u32,
+}
+
+/// Parses and checks a header; `Ok(None)` when fewer than [`HEADER_LEN`] bytes are there.
+pub fn check_header(input: &[u8], limits: &Limits) -> Result<Option<Header>, ProtocolError> {
+    let Some(bytes) = input.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    if bytes[0] != MAGIC {
+        return Err(ProtocolError::BadHeader(format!(
+            "magic byte {:#04x}",
+            bytes[0]
+        )));
+    }
+    let kind = Kind::from_tag(bytes[1]).ok_or(ProtocolError::UnknownKind(bytes[1]))?;
+    let flags = bytes[2];
+    if flags & !FLAG_ZSTD != 0 || bytes[3] != 0 {
+        return Err(ProtocolError::BadHeader(format!(
+            "unknown flags {flags:#04x}/{:#04x}",
+            bytes[3]
+        )));
+    }
+    let length = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if length > limits.max_frame_bytes {
+        return Err(ProtocolError::FrameTooLarge {
+            size: u64::from(length),
+            limit: u64::from(limits.max_frame_bytes),
+        });
+    }
+    Ok(Some(Header {
+        kind,
+        flags,
+        length,
+    }))
+}
+
+/// Decodes one frame from the front of `input`: `Ok(None)` when the frame is not complete yet,
+/// else the message and how many bytes it used.
+pub fn decode(input: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>, ProtocolError> {
+    let Some(header) = check_header(input, limits)? else {
+        return Ok(None);
+    };
+    let end = HEADER_LEN + header.length as usize;
+    let Some(payload) = input.get(HEADER_LEN..end) else {
+        return Ok(None);
+    };
+    let message = decode_payload(header, payload, limits)?;
+    Ok(Some((message, end)))
+}
+
+/// Decodes a complete frame (a WebSocket binary message, say); trailing bytes are an error.
+pub fn decode_exact(input: &[u8], limits: &Limits) -> Result<Message, ProtocolError> {
+    match decode(input, limits)? {
+        Some((message, used)) if used == input.len() => Ok(message),
+        Some((_, used)) => Err(ProtocolError::Malformed(format!(
+            "{} bytes after the frame",
+            input.len() - used
+        ))),
+        None => Err(ProtocolError::Truncated),
+    }
+}
+
+fn decode_payload(
+    header: Header,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<Message, ProtocolError> {
+    let decompressed;
+    let body = if header.flags & FLAG_ZSTD != 0 {
+        decompressed = decompress_bounded(payload, limits.max_decompressed_bytes)?;
+        decompressed.as_slice()
+    } else {
+        payload
+    };
+    crate::msgpack::check(body, limits.max_depth)?;
+    let message = match header.kind {
+        Kind::Hello => Message::Hello(parse(body, limits)?),
+        Kind::Welcome => Message::Welcome(parse(body, limits)?),
+        Kind::Error => Message::Error(parse(body, limits)?),
+        Kind::ListTables => {
+            parse::<()>(body, limits)?;
+            Message::ListTables
+        }
+        Kind::TableList => Message::TableList(parse(body, limits)?),
+        Kind::DescribeTable => Message::DescribeTable(parse(body, limits)?),
+        Kind::TableSchema => Message::TableSchema(parse(body, limits)?),
+        Kind::Pull => Message::Pull(parse(body, limits)?),
+        Kind::RowBatch => Message::RowBatch(parse(body, limits)?),
+        Kind::Credit => Message::Credit(parse(body, limits)?),
+        Kind::PullDone => Message::PullDone(parse(body, limits)?),
+        Kind::ApprovalPending => Message::ApprovalPending(parse(body, limits)?),
+        Kind::ApprovalStatus => Message::ApprovalStatus(parse(body, limits)?),
+        Kind::Cancel => Message::Cancel(parse(body, limits)?),
+        Kind::Ping => Message::Ping(parse(body, limits)?),
+        Kind::Pong => Message::Pong(parse(body, limits)?),
+    };
+    Ok(message)
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8], limits: &Limits) -> Result<T, ProtocolError> {
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(body);
+    deserializer.set_max_depth(limits.max_depth);
+    T::deserialize(&mut deserializer).map_err(|err| ProtocolError::Malformed(err.to_string()))
+}
+
+/// Decompresses at most `limit` bytes; a frame that declares a larger size is refused before
+/// any output buffer is allocated, and one that lies about its size is cut off at the limit.
+pub fn decompress_bounded(payload: &[u8], limit: u64) -> Result<Vec<u8>, ProtocolError> {
+    match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(size)) if size > limit => {
+            return Err(ProtocolError::DecompressedTooLarge { limit });
+        }
+        Ok(_) => {}
+        Err(_) => return Err(ProtocolError::Decompress("not a zstd frame".into())),
+    }
+    let decoder = zstd::stream::read::Decoder::with_buffer(payload)
+        .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
+    let mut out = Vec::new();
+    decoder
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
+    if out.len() as u64 > limit {
+        return Err(ProtocolError::DecompressedTooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Encodes a message as one frame. Row batches are compressed at `zstd_level`; other messages
+/// are small and go uncompressed.
+pub fn encode(message: &Message, zstd_level: i32) -> Result<Vec<u8>, ProtocolError> {
+    let payload = match message {
+        Message::Hello(m) => to_msgpack(m)?,
+        Message::Welcome(m) => to_msgpack(m)?,
+        Message::Error(m) => to_msgpack(m)?,
+        Message::ListTables => to_msgpack(&())?,
+        Message::TableList(m) => to_msgpack(m)?,
+        Message::DescribeTable(m) => to_msgpack(m)?,
+        Message::TableSchema(m) => to_msgpack(m)?,
+        Message::Pull(m) => to_msgpack(m)?,
+        Message::RowBatch(m) => to_msgpack(m)?,
+        Message::Credit(m) => to_msgpack(m)?,
+        Message::PullDone(m) => to_msgpack(m)?,
+        Message::ApprovalPending(m) => to_msgpack(m)?,
+        Message::ApprovalStatus(m) => to_msgpack(m)?,
+        Message::Cancel(m) => to_msgpack(m)?,
+        Message::Ping(m) | Message::Pong(m) => to_msgpack(m)?,
+    };
+    let (flags, payload) = if matches!(message, Message::RowBatch(_)) {
+        let compressed = zstd::bulk::compress(&payload, zstd_level)
+            .map_err(|err| ProtocolError::Encode(err.to_string()))?;
+        (FLAG_ZSTD, compressed)
+    } else {
+        (0, payload)
+    };
+    let length = u32::try_from(payload.len())
+        .map_err(|_| ProtocolError::Encode("payload larger than 4 GiB".into()))?;
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&[MAGIC, message.kind() as u8, flags, 0]);
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtocolError> {
+    rmp_serde::to_vec(value).map_err(|err| ProtocolError::Encode(err.to_string()))
+}

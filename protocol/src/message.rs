@@ -1,0 +1,309 @@
+//! The messages of a data-plane session. Each kind has an explicit numeric tag carried in the
+//! frame header; the payload is the MessagePack of the matching struct.
+
+use serde::{Deserialize, Serialize};
+
+use crate::value::Value;
+
+/// Message kinds and their wire tags. Tags are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// Receiver → sender, first frame.
+    Hello = 1,
+    /// Sender → receiver, session accepted.
+    Welcome = 2,
+    /// Either way, a refusal or failure with a stable code.
+    Error = 3,
+    /// Receiver asks for the offered tables.
+    ListTables = 10,
+    /// Sender lists them.
+    TableList = 11,
+    /// Receiver asks for one table's schema.
+    DescribeTable = 12,
+    /// Sender describes it.
+    TableSchema = 13,
+    /// Receiver asks for rows.
+    Pull = 20,
+    /// Sender sends rows (payload zstd-compressed).
+    RowBatch = 21,
+    /// Receiver grants the sender more batches in flight.
+    Credit = 22,
+    /// Sender: the pull is over.
+    PullDone = 23,
+    /// Sender: the transfer waits for approval.
+    ApprovalPending = 24,
+    /// Receiver asks whether a pending approval was decided.
+    ApprovalStatus = 25,
+    /// Receiver stops a pull.
+    Cancel = 26,
+    /// Liveness probe.
+    Ping = 30,
+    /// Answer to a ping.
+    Pong = 31,
+}
+
+impl Kind {
+    /// Every kind.
+    pub const ALL: &'static [Kind] = &[
+        Kind::Hello,
+        Kind::Welcome,
+        Kind::Error,
+        Kind::ListTables,
+        Kind::TableList,
+        Kind::DescribeTable,
+        Kind::TableSchema,
+        Kind::Pull,
+        Kind::RowBatch,
+        Kind::Credit,
+        Kind::PullDone,
+        Kind::ApprovalPending,
+        Kind::ApprovalStatus,
+        Kind::Cancel,
+        Kind::Ping,
+        Kind::Pong,
+    ];
+
+    /// The kind with this tag.
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        Self::ALL.iter().copied().find(|kind| *kind as u8 == tag)
+    }
+}
+
+/// First frame of a session.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the receiver speaks.
+    pub versions: Vec<u16>,
+    /// The connection token.
+    pub token: String,
+    /// The download password, when the connection has one.
+    pub password: Option<String>,
+    /// Receiver software and version, for the transfer records.
+    pub client_name: String,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("versions", &self.versions)
+            .field("client_name", &self.client_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Session accepted, with the limits the receiver must respect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version chosen.
+    pub version: u16,
+    /// Session id (for logs and transfer records).
+    pub session_id: String,
+    /// Rows in one pull request.
+    pub max_records_per_request: u64,
+    /// Largest frame the sender will send or accept.
+    pub max_frame_bytes: u64,
+}
+
+/// A refusal or failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// Stable code (see [`crate::error::codes`]).
+    pub code: String,
+    /// Explanation.
+    pub message: String,
+    /// For `rate_limited`: milliseconds until a retry may pass.
+    pub retry_after_ms: Option<u64>,
+    /// For approval codes: the transfer concerned.
+    pub transfer_id: Option<String>,
+}
+
+/// One table as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableInfo {
+    /// Table name.
+    pub name: String,
+    /// Estimated rows.
+    pub estimated_rows: u64,
+    /// Estimated size in bytes.
+    pub bytes: u64,
+    /// Primary key columns.
+    pub primary_key: Vec<String>,
+    /// Tables this one references (pulled first).
+    pub depends_on: Vec<String>,
+}
+
+/// Column of a described table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    /// Column name.
+    pub name: String,
+    /// The source engine's type, e.g. `numeric(12,2)`.
+    pub native_type: String,
+    /// The engine-neutral type, e.g. `numeric`, `timestamptz`, `array<int>`.
+    pub neutral_type: String,
+    /// Whether NULL is allowed.
+    pub nullable: bool,
+}
+
+/// A described table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSchema {
+    /// Table name.
+    pub name: String,
+    /// Columns in order.
+    pub columns: Vec<ColumnInfo>,
+    /// Primary key columns, in key order.
+    pub primary_key: Vec<String>,
+}
+
+/// A request for rows of one table, in key order after `after_key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pull {
+    /// Receiver-chosen id, echoed in batches.
+    pub request_id: u64,
+    /// Table name.
+    pub table: String,
+    /// Resume after this key (none: from the start).
+    pub after_key: Option<Vec<Value>>,
+    /// Rows wanted (capped by the sender's max_records_per_request).
+    pub limit: u64,
+    /// Columns to leave out.
+    pub exclude_columns: Vec<String>,
+    /// Batches the sender may have in flight before waiting for credit.
+    pub credits: u32,
+    /// The transfer being resumed, if any (a resume is not a new download).
+    pub transfer_id: Option<String>,
+}
+
+/// Rows, in key order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowBatch {
+    /// The pull this answers.
+    pub request_id: u64,
+    /// Batch number within the pull, from 0.
+    pub seq: u64,
+    /// Column names, in row order.
+    pub columns: Vec<String>,
+    /// The rows.
+    pub rows: Vec<Vec<Value>>,
+    /// Key of the last row, to resume after.
+    pub last_key: Vec<Value>,
+}
+
+/// More batches may be sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credit {
+    /// The pull.
+    pub request_id: u64,
+    /// Additional batches allowed in flight.
+    pub batches: u32,
+}
+
+/// End of a pull.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PullDone {
+    /// The pull.
+    pub request_id: u64,
+    /// Rows sent in this pull.
+    pub rows: u64,
+    /// Whether the table has more rows after `last_key` (limit or record cap reached).
+    pub more: bool,
+    /// Whether the connection's record limit cut the pull.
+    pub truncated: bool,
+    /// Key of the last row sent.
+    pub last_key: Option<Vec<Value>>,
+    /// The sender's transfer record.
+    pub transfer_id: String,
+}
+
+/// The transfer waits for an admin on the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalPending {
+    /// The pull.
+    pub request_id: u64,
+    /// The transfer to ask about.
+    pub transfer_id: String,
+}
+
+/// Ask about a pending approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalStatus {
+    /// The transfer.
+    pub transfer_id: String,
+}
+
+/// Stop a pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// The pull.
+    pub request_id: u64,
+}
+
+/// Liveness probe and its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Echoed back.
+    pub nonce: u64,
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`ErrorMessage`].
+    Error(ErrorMessage),
+    /// Ask for the offered tables.
+    ListTables,
+    /// The offered tables.
+    TableList(Vec<TableInfo>),
+    /// Ask for one table's schema.
+    DescribeTable(String),
+    /// See [`TableSchema`].
+    TableSchema(TableSchema),
+    /// See [`Pull`].
+    Pull(Pull),
+    /// See [`RowBatch`].
+    RowBatch(RowBatch),
+    /// See [`Credit`].
+    Credit(Credit),
+    /// See [`PullDone`].
+    PullDone(PullDone),
+    /// See [`ApprovalPending`].
+    ApprovalPending(ApprovalPending),
+    /// See [`ApprovalStatus`].
+    ApprovalStatus(ApprovalStatus),
+    /// See [`Cancel`].
+    Cancel(Cancel),
+    /// See [`Ping`].
+    Ping(Ping),
+    /// Answer to [`Ping`].
+    Pong(Ping),
+}
+
+impl Message {
+    /// This message's kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Hello(_) => Kind::Hello,
+            Self::Welcome(_) => Kind::Welcome,
+            Self::Error(_) => Kind::Error,
+            Self::ListTables => Kind::ListTables,
+            Self::TableList(_) => Kind::TableList,
+            Self::DescribeTable(_) => Kind::DescribeTable,
+            Self::TableSchema(_) => Kind::TableSchema,
+            Self::Pull(_) => Kind::Pull,
+            Self::RowBatch(_) => Kind::RowBatch,
+            Self::Credit(_) => Kind::Credit,
+            Self::PullDone(_) => Kind::PullDone,
+            Self::ApprovalPending(_) => Kind::ApprovalPending,
+            Self::ApprovalStatus(_) => Kind::ApprovalStatus,
+            Self::Cancel(_) => Kind::Cancel,
+            Self::Ping(_) => Kind::Ping,
+            Self::Pong(_) => Kind::Pong,
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Frame round-trips (property tests) and one test per kind of malformed input.
+
+use dbsync_protocol::codec::{self, FLAG_ZSTD, HEADER_LEN, Limits, MAGIC};
+use dbsync_protocol::message::{
+    Credit, ErrorMessage, Hello, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
+};
+use dbsync_protocol::{Message, ProtocolError, Value};
+use proptest::prelude::*;
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![MAGIC, kind, flags, 0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn scalar() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::Int),
+        any::<f64>().prop_map(Value::Float),
+        Just(Value::Float(f64::INFINITY)),
+        Just(Value::Float(f64::NEG_INFINITY)),
+        "-?[0-9]{1,60}(\\.[0-9]{1,30})?".prop_map(Value::Numeric),
+        ".{0,40}".prop_map(Value::Text),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(Value::Bytes),
+        any::<[u8; 16]>().prop_map(Value::Uuid),
+        any::<i32>().prop_map(Value::Date),
+        any::<i64>().prop_map(Value::TimestampTz),
+        (any::<i32>(), any::<i32>(), any::<i64>()).prop_map(|(months, days, micros)| {
+            Value::Interval {
+                months,
+                days,
+                micros,
+            }
+        }),
+    ]
+}
+
+fn value() -> impl Strategy<Value = Value> {
+    scalar().prop_recursive(3, 32, 6, |inner| {
+        proptest::collection::vec(inner, 0..6).prop_map(Value::Array)
+    })
+}
+
+/// Equality that treats NaN as equal to NaN (the wire must carry NaN through).
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => x.to_bits() == y.to_bits(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+proptest! {
+    #[test]
+    fn row_batches_round_trip(rows in proptest::collection::vec(proptest::collection::vec(value(), 1..6), 0..20), seq in any::<u64>()) {
+        let batch = RowBatch {
+            request_id: 7,
+            seq,
+            columns: vec!["a".into()],
+            last_key: rows.last().map(|r| vec![r[0].clone()]).unwrap_or_default(),
+            rows,
+        };
+        let encoded = codec::encode(&Message::RowBatch(batch.clone()), 3).unwrap();
+        prop_assert_eq!(encoded[2], FLAG_ZSTD);
+        let (decoded, used) = codec::decode(&encoded, &limits()).unwrap().unwrap();
+        prop_assert_eq!(used, encoded.len());
+        let Message::RowBatch(decoded) = decoded else { panic!("wrong kind") };
+        prop_assert_eq!(decoded.seq, batch.seq);
+        prop_assert_eq!(decoded.rows.len(), batch.rows.len());
+        for (a, b) in decoded.rows.iter().flatten().zip(batch.rows.iter().flatten()) {
+            prop_assert!(same(a, b), "{:?} != {:?}", a, b);
+        }
+    }
+
+    #[test]
+    fn any_prefix_is_incomplete_not_an_error(cut in 0usize..200) {
+        let encoded = codec::encode(&Message::Pull(Pull {
+            request_id: 1, table: "users".into(), after_key: Some(vec![Value::Int(42)]), limit: 10_000,
+            exclude_columns: vec![], credits: 4, transfer_id: None,
+        }), 3).unwrap();
+        let cut = cut.min(encoded.len() - 1);
+        prop_assert!(codec::decode(&encoded[..cut], &limits()).unwrap().is_none());
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = codec::decode(&bytes, &limits());
+        let mut framed = vec![MAGIC, Kind::RowBatch as u8, 0, 0];
+        framed.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&bytes);
+        let _ = codec::decode(&framed, &limits());
+    }
+}
+
+#[test]
+fn every_message_kind_round_trips() {
+    let messages = vec![
+        Message::Hello(Hello {
+            versions: vec![1],
+            token: "dbs_x".into(),
+            password: None,
+            client_name: "dbsync/0.1".into(),
+        }),
+        Message::Error(ErrorMessage {
+            code: "rate_limited".into(),
+            message: "slow down".into(),
+            retry_after_ms: Some(1500),
+            transfer_id: None,
+        }),
+        Message::ListTables,
+        Message::TableList(vec![TableInfo {
+            name: "users".into(),
+            estimated_rows: 10,
+            bytes: 8192,
+            primary_key: vec!["id".into()],
+            depends_on: vec![],
+        }]),
+        Message::DescribeTable("users".into()),
+        Message::Credit(Credit {
+            request_id: 1,
+            batches: 8,
+        }),
+        Message::PullDone(PullDone {
+            request_id: 1,
+            rows: 3,
+            more: false,
+            truncated: true,
+            last_key: Some(vec![Value::Int(3)]),
+            transfer_id: "t".into(),
+        }),
+        Message::Ping(Ping { nonce: 9 }),
+        Message::Pong(Ping { nonce: 9 }),
+    ];
+    for message in messages {
+        let encoded = codec::encode(&message, 3).unwrap();
+        assert_eq!(codec::decode_exact(&encoded, &limits()).unwrap(), message);
+    }
+}
+
+#[test]
+fn truncated_frames_are_incomplete_and_exact_decoding_refuses_them() {
+    let encoded = codec::encode(&Message::Ping(Ping { nonce: 1 }), 3).unwrap();
+    for cut in 0..encoded.len() {
+        assert!(codec::decode(&encoded[..cut], &limits()).unwrap().is_none());
+        assert!(matches!(
+            codec::decode_exact(&encoded[..cut], &limits()),
+            Err(ProtocolError::Truncated)
+        ));
+    }
+}
+
+#[test]
+fn bad_headers_are_refused() {
+    let good = codec::encode(&Message::Ping(Ping { nonce: 1 }), 3).unwrap();
+    let mut bad_magic = good.clone();
+    bad_magic[0] = 0x00;
+    assert!(matches!(
+        codec::decode(&bad_magic, &limits()),
+        Err(ProtocolError::BadHeader(_))
+    ));
+    let mut bad_flags = good.clone();
+    bad_flags[2] = 0x80;
+    assert!(matches!(
+        codec::decode(&bad_flags, &limits()),
+        Err(ProtocolError::BadHeader(_))
+    ));
+    let mut bad_reserved = good;
+    bad_reserved[3] = 1;
+    assert!(matches!(
+        codec::decode(&bad_reserved, &limits()),
+        Err(ProtocolError::BadHeader(_))
+    ));
+}
+
+#[test]
+fn unknown_message_kinds_are_refused() {
+    let frame = frame(0xEE, 0, &[0xc0]);
+    assert_eq!(
+        codec::decode(&frame, &limits()),
+        Err(ProtocolError::UnknownKind(0xEE))
+    );
+}
+
+#[test]
+fn oversized_frames_are_refused_from_the_header() {
+    // Only the header is present: the declared size alone is enough to refuse.
+    let header = [
+        MAGIC,
+        Kind::RowBatch as u8,
+        FLAG_ZSTD,
+        0,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+    ];
+    assert!(matches!(
+        codec::decode(&header, &limits()),
+        Err(ProtocolError::FrameTooLarge { .. })
+    ));
+    let small = Limits {
+        max_frame_bytes: 16,
+        ..Limits::default()
+    };
+    let payload = frame(
+        Kind::DescribeTable as u8,
+        0,
+        &rmp_serde::to_vec(&"x".repeat(40)).unwrap(),
+    );
+    assert!(matches!(
+        codec::decode(&payload, &small),
+        Err(ProtocolError::FrameTooLarge { .. })
+    ));
+}
+
+#[test]
+fn a_zstd_bomb_is_refused() {
+    // 256 MiB of zeros compress to a few kilobytes.
+    let zeros = vec![0u8; 256 * 1024 * 1024];
+    let bomb = zstd::bulk::compress(&zeros, 3).unwrap();
+    drop(zeros);
+    assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+    let framed = frame(Kind::RowBatch as u8, FLAG_ZSTD, &bomb);
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::DecompressedTooLarge { .. })
+    ));
+
+    // A frame that does not declare its size is cut off at the limit while streaming.
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    encoder.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut encoder, &vec![0u8; 8 * 1024 * 1024]).unwrap();
+    let undeclared = encoder.finish().unwrap();
+    let tight = Limits {
+        max_decompressed_bytes: 1024 * 1024,
+        ..Limits::default()
+    };
+    let framed = frame(Kind::RowBatch as u8, FLAG_ZSTD, &undeclared);
+    assert!(matches!(
+        codec::decode(&framed, &tight),
+        Err(ProtocolError::DecompressedTooLarge { .. })
+    ));
+
+    // Garbage flagged as zstd.
+    let framed = frame(Kind::RowBatch as u8, FLAG_ZSTD, b"not zstd at all");
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::Decompress(_))
+    ));
+}
+
+#[test]
+fn ten_thousand_levels_of_nesting_are_refused() {
+    let mut payload = vec![0x91u8; 10_000];
+    payload.push(0xc0);
+    let framed = frame(Kind::RowBatch as u8, 0, &payload);
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::TooDeep { .. })
+    ));
+}
+
+#[test]
+fn a_declared_length_of_four_billion_in_a_ten_byte_frame_is_refused() {
+    let payload = [0xdd, 0xee, 0x6b, 0x28, 0x00, 0x90, 0x90, 0x90, 0x90, 0x90];
+    let framed = frame(Kind::RowBatch as u8, 0, &payload);
+    assert_eq!(framed.len(), HEADER_LEN + 10);
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::LengthOutOfBounds {
+            declared: 4_000_000_000,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_payload_of_the_wrong_shape_is_malformed() {
+    // A valid MessagePack string where a Pull struct belongs.
+    let framed = frame(Kind::Pull as u8, 0, &rmp_serde::to_vec(&"hello").unwrap());
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::Malformed(_))
+    ));
+    // Trailing bytes after a frame given as a whole message.
+    let mut encoded = codec::encode(&Message::Ping(Ping { nonce: 1 }), 3).unwrap();
+    encoded.push(0);
+    assert!(matches!(
+        codec::decode_exact(&encoded, &limits()),
+        Err(ProtocolError::Malformed(_))
+    ));
+}
+
+#[test]
+fn an_unsupported_version_has_no_negotiated_version() {
+    assert_eq!(dbsync_protocol::negotiate(&[2, 3]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(1));
+}
+
+#[test]
+fn hello_debug_hides_token_and_password() {
+    let hello = Hello {
+        versions: vec![1],
+        token: "dbs_secret_token".into(),
+        password: Some("pw_secret".into()),
+        client_name: "x".into(),
+    };
+    let shown = format!("{hello:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+}
