@@ -14,6 +14,7 @@
 //! - [`Agent`], [`registration`], [`peer`]: one site's engine, cross-site registration and status
 //!   propagation, and the guarded client that calls peers.
 //! - [`admin_token`]: bearer tokens of the admin JSON API.
+//! - [`catalog`]: the synced tables: list, describe, foreign-key order, keyset queries.
 
 /// Declares a fieldless enum stored and shown as snake_case text: `as_str`, `Display`, `FromStr`
 /// (with the accepted values in the error), serde, and `TryFrom<String>` for sqlx rows.
@@ -69,6 +70,7 @@ pub mod access;
 pub mod admin_token;
 mod agent;
 pub mod audit;
+pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod connection;

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod catalog;
 mod connections;
 mod migrations;
 mod settings;

@@ -1,0 +1,403 @@
+//! The catalog of the synced database: which tables exist, their columns, keys and foreign-key
+//! parents, and the keyset query that reads them in key order. The agent's own `dbsync_*` tables,
+//! the migration ledger and engine system tables are never listed.
+//!
+//! Identifiers are validated and always quoted, so mixed-case and reserved-word names work.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dbsync_protocol::message::{ColumnInfo, TableInfo, TableSchema};
+
+use crate::error::{Error, Result};
+use crate::store::{Engine, Store, on_pool};
+
+/// Longest identifier accepted (PostgreSQL's limit; SQLite has none).
+pub const MAX_IDENT_LEN: usize = 63;
+
+/// Validates an identifier and returns it double-quoted (inner quotes doubled).
+pub fn quote_ident(name: &str) -> Result<String> {
+    if name.is_empty() || name.len() > MAX_IDENT_LEN || name.contains('\0') {
+        return Err(Error::invalid(
+            "identifier",
+            format!("{name:?} is not a valid identifier (1-{MAX_IDENT_LEN} bytes, no NUL)"),
+        ));
+    }
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+}
+
+/// Whether a table belongs to the agent or the engine and is never offered.
+pub fn is_internal_table(name: &str) -> bool {
+    name.starts_with("dbsync_") || name == "_sqlx_migrations" || name.starts_with("sqlite_")
+}
+
+/// The engine-neutral type of a PostgreSQL type name (`pg_type.typname`); arrays are
+/// `array<element>`. Types without a mapping are `unsupported:<name>`.
+pub fn neutral_postgres_type(type_name: &str, element: Option<&str>) -> String {
+    if let Some(element) = element {
+        return format!("array<{}>", neutral_postgres_type(element, None));
+    }
+    match type_name {
+        "bool" => "bool",
+        "int2" | "int4" | "int8" | "oid" => "int",
+        "float4" | "float8" => "float",
+        "numeric" | "money" => "numeric",
+        "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => "text",
+        "bytea" => "bytes",
+        "uuid" => "uuid",
+        "json" | "jsonb" => "json",
+        "date" => "date",
+        "time" => "time",
+        "timestamp" => "timestamp",
+        "timestamptz" => "timestamptz",
+        "interval" => "interval",
+        other => return format!("unsupported:{other}"),
+    }
+    .to_owned()
+}
+
+/// The engine-neutral type of a SQLite declared column type, by SQLite's affinity rules with
+/// the common date, time, boolean, UUID and JSON spellings recognised first.
+pub fn neutral_sqlite_type(declared: &str) -> String {
+    let upper = declared.to_ascii_uppercase();
+    let has = |needle: &str| upper.contains(needle);
+    let neutral = if upper.is_empty() || has("BLOB") {
+        "bytes"
+    } else if has("BOOL") {
+        "bool"
+    } else if has("TIMESTAMPTZ") || has("TIMESTAMP WITH TIME ZONE") {
+        "timestamptz"
+    } else if has("DATETIME") || has("TIMESTAMP") {
+        "timestamp"
+    } else if upper == "DATE" {
+        "date"
+    } else if upper == "TIME" {
+        "time"
+    } else if has("UUID") {
+        "uuid"
+    } else if has("JSON") {
+        "json"
+    } else if has("INT") {
+        "int"
+    } else if has("CHAR") || has("CLOB") || has("TEXT") {
+        "text"
+    } else if has("REAL") || has("FLOA") || has("DOUB") {
+        "float"
+    } else {
+        "numeric"
+    };
+    neutral.to_owned()
+}
+
+/// Table names ordered parents first, so rows referencing a parent arrive after it. Self
+/// references are ignored; tables in a reference cycle keep name order after the rest.
+pub fn fk_order(tables: &[TableInfo]) -> Vec<String> {
+    let names: BTreeSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let mut parents: BTreeMap<&str, BTreeSet<&str>> = tables
+        .iter()
+        .map(|t| {
+            let deps = t
+                .depends_on
+                .iter()
+                .map(String::as_str)
+                .filter(|p| *p != t.name && names.contains(p))
+                .collect();
+            (t.name.as_str(), deps)
+        })
+        .collect();
+    let mut ordered = Vec::with_capacity(tables.len());
+    loop {
+        let ready: Vec<&str> = parents
+            .iter()
+            .filter(|(_, deps)| deps.is_empty())
+            .map(|(name, _)| *name)
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for name in ready {
+            parents.remove(name);
+            for deps in parents.values_mut() {
+                deps.remove(name);
+            }
+            ordered.push(name.to_owned());
+        }
+    }
+    ordered.extend(parents.keys().map(|name| (*name).to_owned()));
+    ordered
+}
+
+/// `SELECT <columns> FROM <table> [WHERE (<key>) > (<params>)] ORDER BY <key> LIMIT <param>`:
+/// one keyset page in key order (never OFFSET). Parameters: the previous page's last key
+/// (when `after` is true), then the limit.
+pub fn keyset_query(
+    table: &str,
+    columns: &[String],
+    key: &[String],
+    after: bool,
+) -> Result<String> {
+    if key.is_empty() {
+        return Err(Error::invalid(
+            "table",
+            format!("{table:?} has no primary key to page by"),
+        ));
+    }
+    let table = quote_ident(table)?;
+    let columns = columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
+    let key_list = key
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Result<Vec<_>>>()?;
+    let order = key_list.join(", ");
+    let mut sql = format!("SELECT {columns} FROM {table}");
+    let mut next = 1;
+    if after {
+        let params: Vec<String> = (1..=key.len()).map(|i| format!("${i}")).collect();
+        next = key.len() + 1;
+        if key.len() == 1 {
+            sql.push_str(&format!(" WHERE {} > {}", key_list[0], params[0]));
+        } else {
+            sql.push_str(&format!(" WHERE ({order}) > ({})", params.join(", ")));
+        }
+    }
+    sql.push_str(&format!(" ORDER BY {order} LIMIT ${next}"));
+    Ok(sql)
+}
+
+#[derive(sqlx::FromRow)]
+struct ColumnRow {
+    name: String,
+    native_type: String,
+    type_name: String,
+    element_type: Option<String>,
+    nullable: bool,
+    key_position: i64,
+}
+
+impl Store {
+    /// Tables offered for sync (before any connection's allow/exclude lists), by name.
+    pub async fn list_tables(&self) -> Result<Vec<TableInfo>> {
+        let rows: Vec<(String, i64, i64)> = match self.engine() {
+            Engine::Postgres => on_pool!(self, |pool| {
+                sqlx::query_as(
+                    "SELECT c.relname::text, CAST(GREATEST(c.reltuples, 0) AS BIGINT), \
+                     CAST(pg_total_relation_size(c.oid) AS BIGINT) \
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = current_schema() \
+                     ORDER BY c.relname",
+                )
+                .fetch_all(pool)
+                .await?
+            }),
+            Engine::Sqlite => on_pool!(self, |pool| {
+                sqlx::query_as(
+                    "SELECT name, 0, 0 FROM sqlite_master WHERE type = 'table' ORDER BY name",
+                )
+                .fetch_all(pool)
+                .await?
+            }),
+        };
+        let mut tables = Vec::new();
+        for (name, estimated_rows, bytes) in rows {
+            if is_internal_table(&name) {
+                continue;
+            }
+            let estimated_rows = match self.engine() {
+                Engine::Postgres => estimated_rows,
+                Engine::Sqlite => self.count_rows(&name).await?,
+            };
+            let schema = self.describe_table(&name).await?;
+            tables.push(TableInfo {
+                depends_on: self.fk_parents(&name).await?,
+                name,
+                estimated_rows: u64::try_from(estimated_rows).unwrap_or(0),
+                bytes: u64::try_from(bytes).unwrap_or(0),
+                primary_key: schema.primary_key,
+            });
+        }
+        Ok(tables)
+    }
+
+    async fn count_rows(&self, table: &str) -> Result<i64> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {}", quote_ident(table)?));
+        Ok(on_pool!(self, |pool| sqlx::query_scalar(sql)
+            .fetch_one(pool)
+            .await?))
+    }
+
+    /// Tables `table` references through foreign keys.
+    pub async fn fk_parents(&self, table: &str) -> Result<Vec<String>> {
+        let parents: Vec<String> = match self.engine() {
+            Engine::Postgres => on_pool!(self, |pool| {
+                sqlx::query_scalar(
+                    "SELECT DISTINCT parent.relname::text FROM pg_constraint con \
+                     JOIN pg_class child ON child.oid = con.conrelid \
+                     JOIN pg_class parent ON parent.oid = con.confrelid \
+                     JOIN pg_namespace n ON n.oid = child.relnamespace \
+                     WHERE con.contype = 'f' AND n.nspname = current_schema() AND child.relname = $1 \
+                     ORDER BY 1",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }),
+            Engine::Sqlite => on_pool!(self, |pool| {
+                sqlx::query_scalar(
+                    "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list($1) ORDER BY 1",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }),
+        };
+        Ok(parents)
+    }
+
+    /// Columns and primary key of a table; `not_found` when it does not exist or is internal.
+    pub async fn describe_table(&self, table: &str) -> Result<TableSchema> {
+        if is_internal_table(table) {
+            return Err(Error::not_found("table", table));
+        }
+        let rows: Vec<ColumnRow> = match self.engine() {
+            Engine::Postgres => on_pool!(self, |pool| {
+                sqlx::query_as(
+                    "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS native_type, \
+                     t.typname::text AS type_name, \
+                     CASE WHEN t.typcategory = 'A' THEN et.typname::text END AS element_type, \
+                     NOT a.attnotnull AS nullable, \
+                     CAST(COALESCE(array_position(pk.conkey, a.attnum), 0) AS BIGINT) AS key_position \
+                     FROM pg_attribute a \
+                     JOIN pg_class c ON c.oid = a.attrelid \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_type t ON t.oid = a.atttypid \
+                     LEFT JOIN pg_type et ON et.oid = t.typelem \
+                     LEFT JOIN pg_constraint pk ON pk.conrelid = c.oid AND pk.contype = 'p' \
+                     WHERE n.nspname = current_schema() AND c.relname = $1 AND c.relkind IN ('r', 'p') \
+                     AND a.attnum > 0 AND NOT a.attisdropped \
+                     ORDER BY a.attnum",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }),
+            Engine::Sqlite => on_pool!(self, |pool| {
+                sqlx::query_as(
+                    "SELECT name, type AS native_type, type AS type_name, NULL AS element_type, \
+                     (\"notnull\" = 0 AND pk = 0) AS nullable, CAST(pk AS BIGINT) AS key_position \
+                     FROM pragma_table_info($1) ORDER BY cid",
+                )
+                .bind(table)
+                .fetch_all(pool)
+                .await?
+            }),
+        };
+        if rows.is_empty() {
+            return Err(Error::not_found("table", table));
+        }
+        let mut key: Vec<(i64, String)> = rows
+            .iter()
+            .filter(|r| r.key_position > 0)
+            .map(|r| (r.key_position, r.name.clone()))
+            .collect();
+        key.sort();
+        let engine = self.engine();
+        let columns = rows
+            .into_iter()
+            .map(|r| ColumnInfo {
+                neutral_type: match engine {
+                    Engine::Postgres => {
+                        neutral_postgres_type(&r.type_name, r.element_type.as_deref())
+                    }
+                    Engine::Sqlite => neutral_sqlite_type(&r.type_name),
+                },
+                name: r.name,
+                native_type: r.native_type,
+                nullable: r.nullable,
+            })
+            .collect();
+        Ok(TableSchema {
+            name: table.to_owned(),
+            columns,
+            primary_key: key.into_iter().map(|(_, name)| name).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_and_validated() {
+        assert_eq!(quote_ident("select").unwrap(), "\"select\"");
+        assert_eq!(quote_ident("Order Items").unwrap(), "\"Order Items\"");
+        assert_eq!(quote_ident("a\"b").unwrap(), "\"a\"\"b\"");
+        assert!(quote_ident("").is_err());
+        assert!(quote_ident("a\0b").is_err());
+        assert!(quote_ident(&"x".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn keyset_queries_never_use_offset() {
+        let columns = vec!["id".to_owned(), "Name".to_owned()];
+        assert_eq!(
+            keyset_query("users", &columns, &["id".into()], false).unwrap(),
+            "SELECT \"id\", \"Name\" FROM \"users\" ORDER BY \"id\" LIMIT $1"
+        );
+        assert_eq!(
+            keyset_query("users", &columns, &["id".into()], true).unwrap(),
+            "SELECT \"id\", \"Name\" FROM \"users\" WHERE \"id\" > $1 ORDER BY \"id\" LIMIT $2"
+        );
+        let composite = keyset_query("order", &columns, &["a".into(), "b".into()], true).unwrap();
+        assert_eq!(
+            composite,
+            "SELECT \"id\", \"Name\" FROM \"order\" WHERE (\"a\", \"b\") > ($1, $2) ORDER BY \"a\", \"b\" LIMIT $3"
+        );
+        assert!(!composite.contains("OFFSET"));
+        assert!(keyset_query("logs", &columns, &[], false).is_err());
+    }
+
+    #[test]
+    fn fk_order_puts_parents_first() {
+        let table = |name: &str, deps: &[&str]| TableInfo {
+            name: name.into(),
+            estimated_rows: 0,
+            bytes: 0,
+            primary_key: vec![],
+            depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
+        };
+        let order = fk_order(&[
+            table("order_items", &["orders", "products"]),
+            table("orders", &["users"]),
+            table("users", &["users"]),
+            table("products", &[]),
+            table("a_cycle", &["b_cycle"]),
+            table("b_cycle", &["a_cycle"]),
+        ]);
+        let position = |name: &str| order.iter().position(|n| n == name).unwrap();
+        assert!(position("users") < position("orders"));
+        assert!(position("orders") < position("order_items"));
+        assert!(position("products") < position("order_items"));
+        assert_eq!(&order[order.len() - 2..], ["a_cycle", "b_cycle"]);
+    }
+
+    #[test]
+    fn type_mapping() {
+        assert_eq!(neutral_postgres_type("int8", None), "int");
+        assert_eq!(neutral_postgres_type("_int4", Some("int4")), "array<int>");
+        assert_eq!(neutral_postgres_type("jsonb", None), "json");
+        assert_eq!(
+            neutral_postgres_type("tsvector", None),
+            "unsupported:tsvector"
+        );
+        assert_eq!(neutral_sqlite_type("INTEGER"), "int");
+        assert_eq!(neutral_sqlite_type("VARCHAR(20)"), "text");
+        assert_eq!(neutral_sqlite_type("DATETIME"), "timestamp");
+        assert_eq!(neutral_sqlite_type(""), "bytes");
+        assert_eq!(neutral_sqlite_type("DECIMAL(12,2)"), "numeric");
+        assert_eq!(neutral_sqlite_type("BOOLEAN"), "bool");
+    }
+}
