@@ -15,6 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use dbsync_agent::Agent;
 use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 pub use client_ip::TrustedProxies;
 pub use error::ApiError;
@@ -61,5 +62,7 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Method, path, status and latency at debug level; headers (credentials) are never logged.
+        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

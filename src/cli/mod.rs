@@ -105,7 +105,8 @@ pub(crate) fn init_tracing(global: &GlobalArgs) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match global.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
