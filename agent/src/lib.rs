@@ -14,7 +14,8 @@
 //! - [`Agent`], [`registration`], [`peer`]: one site's engine, cross-site registration and status
 //!   propagation, and the guarded client that calls peers.
 //! - [`admin_token`]: bearer tokens of the admin JSON API.
-//! - [`catalog`]: the synced tables: list, describe, foreign-key order, keyset queries.
+//! - [`catalog`], [`source`]: the synced tables: list, describe, foreign-key order, and rows
+//!   read a keyset page at a time as engine-neutral values.
 
 /// Declares a fieldless enum stored and shown as snake_case text: `as_str`, `Display`, `FromStr`
 /// (with the accepted values in the error), serde, and `TryFrom<String>` for sqlx rows.
@@ -80,6 +81,7 @@ pub mod peer;
 pub mod rate_limit;
 pub mod registration;
 pub mod settings;
+pub mod source;
 pub mod store;
 pub mod token;
 pub mod transfer;

@@ -4,7 +4,7 @@
 use dbsync_agent::catalog::{fk_order, keyset_query};
 use sqlx::Connection as _;
 
-use crate::support::{TestDb, both_engines};
+use crate::support::{TestDb, both_engines, exec};
 
 both_engines!(
     tables_columns_keys_and_parents,
@@ -17,29 +17,6 @@ const SCHEMA: &[&str] = &[
      user_id BIGINT REFERENCES \"UserAccounts\" (\"Id\"), qty INTEGER, PRIMARY KEY (order_id, line))",
     "CREATE TABLE logs (msg TEXT)",
 ];
-
-/// Runs statements on the test database over a connection of its own.
-async fn exec(db: &TestDb, statements: &[String]) {
-    if db.url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-        conn.close().await.unwrap();
-    } else {
-        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-        conn.close().await.unwrap();
-    }
-}
 
 async fn tables_columns_keys_and_parents(db: TestDb) {
     exec(

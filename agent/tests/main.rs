@@ -6,5 +6,6 @@ mod catalog;
 mod connections;
 mod migrations;
 mod settings;
+mod source;
 mod transfers;
 mod validate;

@@ -1,0 +1,173 @@
+//! Sources: rows of a synced table as engine-neutral values, one keyset page at a time in key
+//! order (never OFFSET), so a reader holds one page whatever the table size.
+//!
+//! PostgreSQL values are decoded from the binary wire format, exactly ([`pg_binary`]). SQLite
+//! values keep their storage class (integer, real, text, blob), so SQLite → SQLite is exact.
+
+pub mod pg_binary;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use dbsync_protocol::Value;
+use dbsync_protocol::message::TableSchema;
+use sqlx::{Row, TypeInfo, ValueRef};
+
+use crate::catalog::keyset_query;
+use crate::error::{Error, Result};
+use crate::store::{Pool, Store};
+
+/// One page of rows and where the next page starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// Rows, each with the requested columns in order.
+    pub rows: Vec<Vec<Value>>,
+    /// Key of the last row (to pass as `after` for the next page), if any row was read.
+    pub last_key: Option<Vec<Value>>,
+}
+
+impl Store {
+    /// Reads up to `limit` rows of `schema.name` after `after` (a previous page's last key), in
+    /// primary-key order. `columns` are the columns to return; the key columns must be among
+    /// them.
+    pub async fn read_page(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        limit: i64,
+    ) -> Result<Page> {
+        let key_positions: Vec<usize> = schema
+            .primary_key
+            .iter()
+            .map(|k| {
+                columns.iter().position(|c| c == k).ok_or_else(|| {
+                    Error::invalid("columns", format!("key column {k:?} cannot be excluded"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let neutral: Vec<&str> = columns
+            .iter()
+            .map(|c| {
+                schema
+                    .columns
+                    .iter()
+                    .find(|col| &col.name == c)
+                    .map(|col| col.neutral_type.as_str())
+                    .ok_or_else(|| {
+                        Error::invalid("columns", format!("{:?} has no column {c:?}", schema.name))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let sql = sqlx::AssertSqlSafe(keyset_query(
+            &schema.name,
+            columns,
+            &schema.primary_key,
+            after.is_some(),
+        )?);
+        let rows = match self.pool() {
+            Pool::Postgres(pool) => {
+                let mut query = sqlx::query(sql);
+                for (value, key) in after.unwrap_or_default().iter().zip(&key_positions) {
+                    query = bind_postgres(query, value, neutral[*key])?;
+                }
+                let fetched = query.bind(limit).fetch_all(pool).await?;
+                fetched
+                    .iter()
+                    .map(|row| {
+                        (0..columns.len())
+                            .map(|i| {
+                                let raw = row.try_get_raw(i)?;
+                                if raw.is_null() {
+                                    Ok(Value::Null)
+                                } else {
+                                    let bytes = raw
+                                        .as_bytes()
+                                        .map_err(|e| Error::invalid("value", e.to_string()))?;
+                                    pg_binary::decode(neutral[i], bytes)
+                                }
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Pool::Sqlite(pool) => {
+                let mut query = sqlx::query(sql);
+                for value in after.unwrap_or_default() {
+                    query = bind_sqlite(query, value)?;
+                }
+                let fetched = query.bind(limit).fetch_all(pool).await?;
+                fetched
+                    .iter()
+                    .map(|row| {
+                        (0..columns.len())
+                            .map(|i| sqlite_value(row, i))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let last_key = rows
+            .last()
+            .map(|row| key_positions.iter().map(|i| row[*i].clone()).collect());
+        Ok(Page { rows, last_key })
+    }
+}
+
+fn key_type_error(neutral: &str) -> Error {
+    Error::invalid(
+        "primary key",
+        format!("a {neutral} key column cannot be paged by yet"),
+    )
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn bind_postgres<'q>(query: PgQuery<'q>, value: &Value, neutral: &str) -> Result<PgQuery<'q>> {
+    Ok(match (value, neutral) {
+        (Value::Int(v), "int") => query.bind(*v),
+        (Value::Text(v), "text") => query.bind(v.clone()),
+        (Value::Uuid(v), "uuid") => query.bind(uuid::Uuid::from_bytes(*v)),
+        (Value::Bytes(v), "bytes") => query.bind(v.clone()),
+        (Value::Bool(v), "bool") => query.bind(*v),
+        (Value::Date(days), "date") => {
+            let date = NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+                .ok_or_else(|| key_type_error("date"))?;
+            query.bind(date)
+        }
+        (Value::TimestampTz(micros), "timestamptz") => query.bind(
+            DateTime::<Utc>::from_timestamp_micros(*micros)
+                .ok_or_else(|| key_type_error("timestamptz"))?,
+        ),
+        (Value::Timestamp(micros), "timestamp") => query.bind(
+            DateTime::<Utc>::from_timestamp_micros(*micros)
+                .ok_or_else(|| key_type_error("timestamp"))?
+                .naive_utc(),
+        ),
+        _ => return Err(key_type_error(neutral)),
+    })
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+fn bind_sqlite<'q>(query: SqliteQuery<'q>, value: &Value) -> Result<SqliteQuery<'q>> {
+    Ok(match value {
+        Value::Int(v) => query.bind(*v),
+        Value::Float(v) => query.bind(*v),
+        Value::Text(v) => query.bind(v.clone()),
+        Value::Bytes(v) => query.bind(v.clone()),
+        other => return Err(key_type_error(&format!("{other:?}"))),
+    })
+}
+
+fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<Value> {
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let storage = raw.type_info().name().to_owned();
+    Ok(match storage.as_str() {
+        "INTEGER" => Value::Int(row.try_get::<i64, _>(i)?),
+        "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
+        "BLOB" => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
+        _ => Value::Text(row.try_get::<String, _>(i)?),
+    })
+}
