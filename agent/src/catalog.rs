@@ -320,6 +320,7 @@ impl Store {
             .collect();
         Ok(TableSchema {
             name: table.to_owned(),
+            engine: self.engine_name().to_owned(),
             columns,
             primary_key: key.into_iter().map(|(_, name)| name).collect(),
         })

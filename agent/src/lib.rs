@@ -81,6 +81,7 @@ pub mod peer;
 pub mod rate_limit;
 pub mod registration;
 pub mod settings;
+pub mod sink;
 pub mod source;
 pub mod store;
 pub mod token;

@@ -6,6 +6,7 @@ mod catalog;
 mod connections;
 mod migrations;
 mod settings;
+mod sink;
 mod source;
 mod transfers;
 mod validate;

@@ -81,65 +81,93 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// A PostgreSQL table with every supported type and tricky values (shared with the sink tests).
+pub(crate) fn every_type_statements() -> Vec<String> {
+    vec![
+        "CREATE TABLE \"Every Type\" (id BIGINT PRIMARY KEY, b BOOLEAN, i2 SMALLINT, i4 INTEGER, \
+         f4 REAL, f8 DOUBLE PRECISION, n NUMERIC, n2 NUMERIC(12,2), t TEXT, v VARCHAR(10), c CHAR(4), \
+         by BYTEA, u UUID, j JSON, jb JSONB, d DATE, tm TIME, ts TIMESTAMP, tz TIMESTAMPTZ, \
+         iv INTERVAL, ai INTEGER[], at TEXT[][])"
+            .into(),
+        "INSERT INTO \"Every Type\" VALUES (1, true, -32768, 2147483647, 'NaN', '-Infinity', \
+         123456789012345678901234567890123456789012.000000000000000000001, -12.30, 'héllo', 'x', 'ab', \
+         '\\x00ff80', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '{\"b\": null}', \
+         'infinity', '23:59:59.999999', '2000-01-01 00:00:00', '1970-01-01 00:00:01+00', \
+         '1 year 2 mons 3 days 04:05:06.000007', '{1,NULL,3}', '{{\"a\",\"b\"},{\"c\",NULL}}')"
+            .into(),
+        "INSERT INTO \"Every Type\" (id, n) VALUES (2, 'NaN')".into(),
+        "INSERT INTO \"Every Type\" (id, d, ts, tz, f8, n, by, at) VALUES (3, '0044-03-15 BC', \
+         '-infinity', '2262-04-11 23:47:16.854775+05:30', 1e-300, -0.000000000000000000000000000001, '\\x', \
+         '{{\"quote\\\"d\",\"back\\\\slash\"}}')"
+            .into(),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_postgres_type_is_decoded_exactly() {
-    crate::support::run(Engine::Postgres, "source::every_postgres_type", |db| async move {
-        exec(
-            &db,
-            &[
-                "CREATE TABLE \"Every Type\" (id BIGINT PRIMARY KEY, b BOOLEAN, i2 SMALLINT, i4 INTEGER, \
-                 f4 REAL, f8 DOUBLE PRECISION, n NUMERIC, n2 NUMERIC(12,2), t TEXT, v VARCHAR(10), c CHAR(4), \
-                 by BYTEA, u UUID, j JSON, jb JSONB, d DATE, tm TIME, ts TIMESTAMP, tz TIMESTAMPTZ, \
-                 iv INTERVAL, ai INTEGER[], at TEXT[][])"
-                    .into(),
-                "INSERT INTO \"Every Type\" VALUES (1, true, -32768, 2147483647, 'NaN', '-Infinity', \
-                 123456789012345678901234567890123456789012.000000000000000000001, -12.30, 'héllo', 'x', 'ab', \
-                 '\\x00ff80', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '{\"b\": null}', \
-                 'infinity', '23:59:59.999999', '2000-01-01 00:00:00', '1970-01-01 00:00:01+00', \
-                 '1 year 2 mons 3 days 04:05:06.000007', '{1,NULL,3}', '{{\"a\",\"b\"},{\"c\",NULL}}')"
-                    .into(),
-                "INSERT INTO \"Every Type\" (id, n) VALUES (2, 'NaN')".into(),
-            ],
-        )
-        .await;
-        let schema = db.store.describe_table("Every Type").await.unwrap();
-        let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-        let page = db.store.read_page(&schema, &columns, None, 10).await.unwrap();
-        let expected = vec![
-            Value::Int(1),
-            Value::Bool(true),
-            Value::Int(-32768),
-            Value::Int(2_147_483_647),
-            Value::Float(f64::NAN),
-            Value::Float(f64::NEG_INFINITY),
-            Value::Numeric("123456789012345678901234567890123456789012.000000000000000000001".into()),
-            Value::Numeric("-12.30".into()),
-            Value::Text("héllo".into()),
-            Value::Text("x".into()),
-            Value::Text("ab  ".into()),
-            Value::Bytes(vec![0x00, 0xff, 0x80]),
-            Value::Uuid(*uuid::Uuid::parse_str("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap().as_bytes()),
-            Value::Json("{\"a\": [1, 2]}".into()),
-            Value::Json("{\"b\": null}".into()),
-            Value::Date(i32::MAX),
-            Value::Time(86_399_999_999),
-            Value::Timestamp(946_684_800_000_000),
-            Value::TimestampTz(1_000_000),
-            Value::Interval { months: 14, days: 3, micros: 14_706_000_007 },
-            Value::Array(vec![Value::Int(1), Value::Null, Value::Int(3)]),
-            Value::Array(vec![
-                Value::Array(vec![Value::Text("a".into()), Value::Text("b".into())]),
-                Value::Array(vec![Value::Text("c".into()), Value::Null]),
-            ]),
-        ];
-        let row = &page.rows[0];
-        assert_eq!(row.len(), expected.len());
-        for ((column, got), want) in columns.iter().zip(row).zip(&expected) {
-            assert!(same(got, want), "{column}: got {got:?}, want {want:?}");
-        }
-        assert_eq!(page.rows[1][6], Value::Numeric("NaN".into()));
-        assert!(page.rows[1].iter().enumerate().all(|(i, v)| i == 0 || i == 6 || *v == Value::Null));
-    })
+    crate::support::run(
+        Engine::Postgres,
+        "source::every_postgres_type",
+        |db| async move {
+            exec(&db, &every_type_statements()).await;
+            let schema = db.store.describe_table("Every Type").await.unwrap();
+            let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+            let page = db
+                .store
+                .read_page(&schema, &columns, None, 10)
+                .await
+                .unwrap();
+            let expected = vec![
+                Value::Int(1),
+                Value::Bool(true),
+                Value::Int(-32768),
+                Value::Int(2_147_483_647),
+                Value::Float(f64::NAN),
+                Value::Float(f64::NEG_INFINITY),
+                Value::Numeric(
+                    "123456789012345678901234567890123456789012.000000000000000000001".into(),
+                ),
+                Value::Numeric("-12.30".into()),
+                Value::Text("héllo".into()),
+                Value::Text("x".into()),
+                Value::Text("ab  ".into()),
+                Value::Bytes(vec![0x00, 0xff, 0x80]),
+                Value::Uuid(
+                    *uuid::Uuid::parse_str("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+                        .unwrap()
+                        .as_bytes(),
+                ),
+                Value::Json("{\"a\": [1, 2]}".into()),
+                Value::Json("{\"b\": null}".into()),
+                Value::Date(i32::MAX),
+                Value::Time(86_399_999_999),
+                Value::Timestamp(946_684_800_000_000),
+                Value::TimestampTz(1_000_000),
+                Value::Interval {
+                    months: 14,
+                    days: 3,
+                    micros: 14_706_000_007,
+                },
+                Value::Array(vec![Value::Int(1), Value::Null, Value::Int(3)]),
+                Value::Array(vec![
+                    Value::Array(vec![Value::Text("a".into()), Value::Text("b".into())]),
+                    Value::Array(vec![Value::Text("c".into()), Value::Null]),
+                ]),
+            ];
+            let row = &page.rows[0];
+            assert_eq!(row.len(), expected.len());
+            for ((column, got), want) in columns.iter().zip(row).zip(&expected) {
+                assert!(same(got, want), "{column}: got {got:?}, want {want:?}");
+            }
+            assert_eq!(page.rows[1][6], Value::Numeric("NaN".into()));
+            assert!(
+                page.rows[1]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, v)| i == 0 || i == 6 || *v == Value::Null)
+            );
+        },
+    )
     .await;
 }
 

@@ -151,6 +151,8 @@ pub struct ColumnInfo {
 pub struct TableSchema {
     /// Table name.
     pub name: String,
+    /// Engine of the source ("postgres" or "sqlite"): native types are in its dialect.
+    pub engine: String,
     /// Columns in order.
     pub columns: Vec<ColumnInfo>,
     /// Primary key columns, in key order.

@@ -177,3 +177,63 @@ pub async fn exec(db: &TestDb, statements: &[String]) {
         conn.close().await.unwrap();
     }
 }
+
+/// A second, empty store on the same engine as `db` (the receiving site of a copy).
+pub struct Sibling {
+    pub store: Store,
+    scratch: Option<PgScratch>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sibling {
+    pub async fn new(db: &TestDb) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        if db.url.starts_with("postgres") {
+            let base = postgres_base_url("sibling")
+                .expect("PostgreSQL is available: the test itself runs on it");
+            let scratch = PgScratch::create(&base).await;
+            let store = Store::connect(&scratch.url).await.unwrap();
+            Self {
+                store,
+                scratch: Some(scratch),
+                _dir: dir,
+            }
+        } else {
+            let url = format!("sqlite://{}", dir.path().join("target.db").display());
+            Self {
+                store: Store::connect(&url).await.unwrap(),
+                scratch: None,
+                _dir: dir,
+            }
+        }
+    }
+
+    /// A second store on the other engine, or `None` when PostgreSQL tests are skipped.
+    pub async fn other_engine(db: &TestDb) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        if db.url.starts_with("postgres") {
+            let url = format!("sqlite://{}", dir.path().join("target.db").display());
+            Some(Self {
+                store: Store::connect(&url).await.unwrap(),
+                scratch: None,
+                _dir: dir,
+            })
+        } else {
+            let base = postgres_base_url("other engine")?;
+            let scratch = PgScratch::create(&base).await;
+            let store = Store::connect(&scratch.url).await.unwrap();
+            Some(Self {
+                store,
+                scratch: Some(scratch),
+                _dir: dir,
+            })
+        }
+    }
+
+    pub async fn cleanup(self) {
+        self.store.close().await;
+        if let Some(scratch) = &self.scratch {
+            scratch.drop_database().await;
+        }
+    }
+}

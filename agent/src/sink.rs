@@ -1,0 +1,633 @@
+//! Sinks: the receiving side of a pull. Creates a missing table from the described schema, and
+//! applies each batch of rows with its checkpoint in one transaction, so a pull killed at any
+//! point resumes after the last applied key with no row lost or applied twice.
+//!
+//! Same-engine transfers keep the source's native column types and values exactly. Across
+//! engines, types map through the engine-neutral type (see `docs/types.md`).
+
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
+use dbsync_protocol::Value;
+use dbsync_protocol::message::TableSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::catalog::quote_ident;
+use crate::clock::to_micros;
+use crate::connection::ConflictStrategy;
+use crate::error::{Error, Result};
+use crate::store::{Engine, Pool, Store};
+
+/// Most bind parameters in one statement (below SQLite's 32766 and PostgreSQL's 65535).
+const MAX_PARAMS: usize = 30_000;
+
+/// Rows created, updated and skipped by one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    /// New rows.
+    pub created: i64,
+    /// Rows that replaced or merged into existing ones.
+    pub updated: i64,
+    /// Rows left alone (`skip`).
+    pub skipped: i64,
+}
+
+/// Where a pull of one table stands on the receiver.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Key of the last applied row.
+    pub last_key: Option<Vec<Value>>,
+    /// Rows applied under this checkpoint.
+    pub rows_applied: i64,
+    /// The receive transfer that wrote it.
+    pub transfer_id: Option<Uuid>,
+}
+
+/// The column type to create on `target` for a column described by `schema`.
+pub fn target_type(
+    target: Engine,
+    schema: &TableSchema,
+    native: &str,
+    neutral: &str,
+) -> Result<String> {
+    let same_engine = matches!(
+        (target, schema.engine.as_str()),
+        (Engine::Postgres, "postgres") | (Engine::Sqlite, "sqlite")
+    );
+    if same_engine {
+        return Ok(native.to_owned());
+    }
+    let (scalar, array) = match neutral
+        .strip_prefix("array<")
+        .and_then(|r| r.strip_suffix('>'))
+    {
+        Some(element) => (element, true),
+        None => (neutral, false),
+    };
+    let mapped = match (target, scalar) {
+        (_, unsupported) if unsupported.starts_with("unsupported:") => None,
+        (Engine::Postgres, "bool") => Some("BOOLEAN"),
+        (Engine::Postgres, "int") => Some("BIGINT"),
+        (Engine::Postgres, "float") => Some("DOUBLE PRECISION"),
+        (Engine::Postgres, "numeric") => Some("NUMERIC"),
+        (Engine::Postgres, "text") => Some("TEXT"),
+        (Engine::Postgres, "bytes") => Some("BYTEA"),
+        (Engine::Postgres, "uuid") => Some("UUID"),
+        (Engine::Postgres, "json") => Some("JSONB"),
+        (Engine::Postgres, "date") => Some("DATE"),
+        (Engine::Postgres, "time") => Some("TIME"),
+        (Engine::Postgres, "timestamp") => Some("TIMESTAMP"),
+        (Engine::Postgres, "timestamptz") => Some("TIMESTAMPTZ"),
+        (Engine::Postgres, "interval") => Some("INTERVAL"),
+        (Engine::Sqlite, _) if array => Some("TEXT"),
+        (Engine::Sqlite, "bool") => Some("BOOLEAN"),
+        (Engine::Sqlite, "int") => Some("INTEGER"),
+        (Engine::Sqlite, "float") => Some("REAL"),
+        (Engine::Sqlite, "bytes") => Some("BLOB"),
+        (
+            Engine::Sqlite,
+            "numeric" | "text" | "uuid" | "json" | "date" | "time" | "timestamp" | "timestamptz"
+            | "interval",
+        ) => Some("TEXT"),
+        _ => None,
+    };
+    let mapped = mapped.ok_or_else(|| {
+        Error::invalid(
+            "column type",
+            format!("{native} ({neutral}) cannot be mapped to {target:?}"),
+        )
+    })?;
+    Ok(if array && target == Engine::Postgres {
+        format!("{mapped}[]")
+    } else {
+        mapped.to_owned()
+    })
+}
+
+impl Store {
+    /// Creates `schema.name` when it does not exist (columns, types, NOT NULL, primary key);
+    /// when it exists, checks that every column of `columns` is there (schema drift is an error
+    /// naming the missing columns). Returns whether the table was created.
+    pub async fn ensure_table(&self, schema: &TableSchema, columns: &[String]) -> Result<bool> {
+        match self.describe_table(&schema.name).await {
+            Ok(existing) => {
+                let missing: Vec<&str> = columns
+                    .iter()
+                    .filter(|c| !existing.columns.iter().any(|e| &e.name == *c))
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(Error::invalid(
+                        "schema",
+                        format!(
+                            "table {:?} here lacks the columns {}",
+                            schema.name,
+                            missing.join(", ")
+                        ),
+                    ))
+                }
+            }
+            Err(Error::NotFound { .. }) => {
+                let mut definitions = Vec::new();
+                for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
+                    let ty = target_type(
+                        self.engine(),
+                        schema,
+                        &column.native_type,
+                        &column.neutral_type,
+                    )?;
+                    let not_null = if column.nullable { "" } else { " NOT NULL" };
+                    definitions.push(format!("{} {ty}{not_null}", quote_ident(&column.name)?));
+                }
+                if !schema.primary_key.is_empty() {
+                    let key = schema
+                        .primary_key
+                        .iter()
+                        .map(|k| quote_ident(k))
+                        .collect::<Result<Vec<_>>>()?;
+                    definitions.push(format!("PRIMARY KEY ({})", key.join(", ")));
+                }
+                let sql = format!(
+                    "CREATE TABLE {} ({})",
+                    quote_ident(&schema.name)?,
+                    definitions.join(", ")
+                );
+                match self.pool() {
+                    Pool::Postgres(pool) => {
+                        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+                    }
+                    Pool::Sqlite(pool) => {
+                        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+                    }
+                }
+                tracing::info!(table = %schema.name, "created table from the sender's schema");
+                Ok(true)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The checkpoint of `table` under a connection, if a pull has applied anything.
+    pub async fn checkpoint(&self, connection_id: Uuid, table: &str) -> Result<Option<Checkpoint>> {
+        let row: Option<(Option<String>, i64, Option<Uuid>)> =
+            crate::store::on_pool!(self, |pool| {
+                sqlx::query_as(
+                "SELECT CAST(last_key AS TEXT), rows_applied, transfer_id FROM dbsync_checkpoints \
+                 WHERE connection_id = $1 AND table_name = $2",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .fetch_optional(pool)
+            .await?
+            });
+        row.map(|(last_key, rows_applied, transfer_id)| {
+            let last_key = last_key
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|err| Error::invalid("checkpoint", err.to_string()))?;
+            Ok(Checkpoint {
+                last_key,
+                rows_applied,
+                transfer_id,
+            })
+        })
+        .transpose()
+    }
+
+    /// Applies `rows` (columns in `columns` order) to `schema.name` with `strategy`, and moves the
+    /// connection's checkpoint for the table to `last_key`, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply_batch(
+        &self,
+        connection_id: Uuid,
+        transfer_id: Option<Uuid>,
+        schema: &TableSchema,
+        columns: &[String],
+        rows: &[Vec<Value>],
+        strategy: ConflictStrategy,
+        last_key: Option<&[Value]>,
+    ) -> Result<Applied> {
+        let engine = self.engine();
+        let table = quote_ident(&schema.name)?;
+        let quoted: Vec<String> = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Result<_>>()?;
+        let key = &schema.primary_key;
+        if strategy != ConflictStrategy::Append && key.is_empty() {
+            return Err(Error::invalid(
+                "strategy",
+                format!(
+                    "{:?} has no primary key; only the append strategy can load it",
+                    schema.name
+                ),
+            ));
+        }
+        let key_positions: Vec<usize> =
+            key.iter()
+                .map(|k| {
+                    columns.iter().position(|c| c == k).ok_or_else(|| {
+                        Error::invalid("columns", format!("key column {k:?} missing"))
+                    })
+                })
+                .collect::<Result<_>>()?;
+        // Target column types (for PostgreSQL casts of text parameters).
+        let target = self.describe_table(&schema.name).await?;
+        let casts: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                target
+                    .columns
+                    .iter()
+                    .find(|t| &t.name == c)
+                    .map(|t| t.native_type.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let key_list: Vec<String> = key.iter().map(|k| quote_ident(k)).collect::<Result<_>>()?;
+        let conflict = match strategy {
+            ConflictStrategy::Append => String::new(),
+            ConflictStrategy::Skip => format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", ")),
+            ConflictStrategy::Overwrite | ConflictStrategy::Mirror | ConflictStrategy::Merge => {
+                let updates: Vec<String> = quoted
+                    .iter()
+                    .zip(columns)
+                    .filter(|(_, c)| !key.contains(c))
+                    .map(|(q, _)| {
+                        if strategy == ConflictStrategy::Merge {
+                            format!("{q} = COALESCE(excluded.{q}, {table}.{q})")
+                        } else {
+                            format!("{q} = excluded.{q}")
+                        }
+                    })
+                    .collect();
+                if updates.is_empty() {
+                    format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", "))
+                } else {
+                    format!(
+                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        key_list.join(", "),
+                        updates.join(", ")
+                    )
+                }
+            }
+        };
+        let per_statement = (MAX_PARAMS / columns.len().max(1)).max(1);
+        // Bookkeeping only (when the checkpoint moved); the wall clock is right here.
+        let now = to_micros(chrono::Utc::now());
+        let last_key_json = last_key
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|err| Error::invalid("last key", err.to_string()))?;
+        let mut applied = Applied::default();
+        macro_rules! run {
+            ($pool:expr, $bind:ident) => {{
+                let mut tx = $pool.begin().await?;
+                for chunk in rows.chunks(per_statement) {
+                    let existing = if strategy == ConflictStrategy::Append {
+                        0
+                    } else {
+                        let (sql, params) = existing_query(engine, &table, &key_list, &key_positions, &casts, chunk);
+                        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+                        for value in params {
+                            query = $bind(query, value, engine)?;
+                        }
+                        query.fetch_one(&mut *tx).await?
+                    };
+                    let (sql, params) = insert_query(engine, &table, &quoted, &casts, chunk, &conflict);
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for value in params {
+                        query = $bind(query, value, engine)?;
+                    }
+                    query.execute(&mut *tx).await?;
+                    let n = chunk.len() as i64;
+                    applied.created += n - existing;
+                    if strategy == ConflictStrategy::Skip {
+                        applied.skipped += existing;
+                    } else {
+                        applied.updated += existing;
+                    }
+                }
+                sqlx::query(
+                    "INSERT INTO dbsync_checkpoints (connection_id, table_name, transfer_id, last_key, rows_applied, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
+                     transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
+                     rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at",
+                )
+                .bind(connection_id)
+                .bind(&schema.name)
+                .bind(transfer_id)
+                .bind(last_key_json.as_ref().map(|json| sqlx::types::Json(serde_json::from_str::<serde_json::Value>(json).unwrap_or_default())))
+                .bind(rows.len() as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }};
+        }
+        match self.pool() {
+            Pool::Postgres(pool) => run!(pool, bind_pg),
+            Pool::Sqlite(pool) => run!(pool, bind_sqlite),
+        }
+        Ok(applied)
+    }
+
+    /// Forgets the checkpoint of a table (a full pull starts from the beginning).
+    pub async fn clear_checkpoint(&self, connection_id: Uuid, table: &str) -> Result<()> {
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "DELETE FROM dbsync_checkpoints WHERE connection_id = $1 AND table_name = $2",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+}
+
+/// `$n` or, on PostgreSQL, `$n::type` so text parameters become the column's type.
+fn placeholder(engine: Engine, n: usize, cast: &str) -> String {
+    match engine {
+        Engine::Postgres if !cast.is_empty() => format!("${n}::{cast}"),
+        _ => format!("${n}"),
+    }
+}
+
+fn insert_query<'a>(
+    engine: Engine,
+    table: &str,
+    quoted: &[String],
+    casts: &[String],
+    rows: &'a [Vec<Value>],
+    conflict: &str,
+) -> (String, Vec<&'a Value>) {
+    let mut params = Vec::with_capacity(rows.len() * quoted.len());
+    let mut tuples = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut slots = Vec::with_capacity(row.len());
+        for (value, cast) in row.iter().zip(casts) {
+            params.push(value);
+            slots.push(placeholder(engine, params.len(), cast));
+        }
+        tuples.push(format!("({})", slots.join(", ")));
+    }
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES {}{conflict}",
+        quoted.join(", "),
+        tuples.join(", ")
+    );
+    (sql, params)
+}
+
+fn existing_query<'a>(
+    engine: Engine,
+    table: &str,
+    key_list: &[String],
+    key_positions: &[usize],
+    casts: &[String],
+    rows: &'a [Vec<Value>],
+) -> (String, Vec<&'a Value>) {
+    let mut params = Vec::new();
+    let mut tuples = Vec::with_capacity(rows.len());
+    for row in rows {
+        let mut slots = Vec::with_capacity(key_positions.len());
+        for position in key_positions {
+            params.push(&row[*position]);
+            slots.push(placeholder(engine, params.len(), &casts[*position]));
+        }
+        tuples.push(format!("({})", slots.join(", ")));
+    }
+    let sql = format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE ({}) IN (VALUES {})",
+        key_list.join(", "),
+        tuples.join(", ")
+    );
+    (sql, params)
+}
+
+trait Bind<'q>: Sized {
+    fn bind_text(self, value: Option<String>) -> Self;
+    fn bind_i64(self, value: i64) -> Self;
+    fn bind_f64(self, value: f64) -> Self;
+    fn bind_bytes(self, value: Vec<u8>) -> Self;
+}
+
+macro_rules! impl_bind {
+    ($ty:ty) => {
+        impl<'q> Bind<'q> for $ty {
+            fn bind_text(self, value: Option<String>) -> Self {
+                self.bind(value)
+            }
+            fn bind_i64(self, value: i64) -> Self {
+                self.bind(value)
+            }
+            fn bind_f64(self, value: f64) -> Self {
+                self.bind(value)
+            }
+            fn bind_bytes(self, value: Vec<u8>) -> Self {
+                self.bind(value)
+            }
+        }
+    };
+}
+
+impl_bind!(sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>);
+impl_bind!(sqlx::query::QueryScalar<'q, sqlx::Postgres, i64, sqlx::postgres::PgArguments>);
+impl_bind!(sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>);
+impl_bind!(sqlx::query::QueryScalar<'q, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments>);
+
+/// On PostgreSQL every value travels as its text form and is cast to the column type in SQL.
+fn bind_pg<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<Q> {
+    Ok(query.bind_text(pg_text(value)?))
+}
+
+/// On SQLite integers, reals and blobs keep their storage class; everything else is text.
+fn bind_sqlite<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<Q> {
+    Ok(match value {
+        Value::Null => query.bind_text(None),
+        Value::Bool(b) => query.bind_i64(i64::from(*b)),
+        Value::Int(i) => query.bind_i64(*i),
+        Value::Float(f) if f.is_nan() => query.bind_text(Some("NaN".into())),
+        Value::Float(f) => query.bind_f64(*f),
+        Value::Bytes(b) => query.bind_bytes(b.clone()),
+        Value::Array(_) => query.bind_text(Some(array_json(value).to_string())),
+        other => query.bind_text(pg_text(other)?),
+    })
+}
+
+fn array_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => (*b).into(),
+        Value::Int(i) => (*i).into(),
+        Value::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or_else(|| f.to_string().into(), Into::into)
+        }
+        Value::Array(items) => items.iter().map(array_json).collect(),
+        other => pg_text(other)
+            .ok()
+            .flatten()
+            .map_or(serde_json::Value::Null, Into::into),
+    }
+}
+
+fn date_text(days: i32) -> Result<String> {
+    match days {
+        i32::MAX => return Ok("infinity".into()),
+        i32::MIN => return Ok("-infinity".into()),
+        _ => {}
+    }
+    let date = NaiveDate::from_num_days_from_ce_opt(
+        days.checked_add(719_163).ok_or_else(|| range("date"))?,
+    )
+    .ok_or_else(|| range("date"))?;
+    Ok(with_era(date, String::new()))
+}
+
+fn with_era(date: NaiveDate, time: String) -> String {
+    let year = date.year();
+    if year <= 0 {
+        format!(
+            "{:04}-{:02}-{:02}{time} BC",
+            1 - year,
+            date.month(),
+            date.day()
+        )
+    } else {
+        format!("{:04}-{:02}-{:02}{time}", year, date.month(), date.day())
+    }
+}
+
+fn timestamp_text(micros: i64, zone: &str) -> Result<String> {
+    match micros {
+        i64::MAX => return Ok("infinity".into()),
+        i64::MIN => return Ok("-infinity".into()),
+        _ => {}
+    }
+    let at = DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| range("timestamp"))?
+        .naive_utc();
+    let time = format!(" {}{zone}", at.time().format("%H:%M:%S%.6f"));
+    // The era goes after the zone in PostgreSQL's input syntax, so build it by hand.
+    Ok(with_era(at.date(), time))
+}
+
+fn range(what: &str) -> Error {
+    Error::invalid("value", format!("{what} out of range"))
+}
+
+fn quote_array_element(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn array_literal(items: &[Value]) -> Result<String> {
+    let mut parts = Vec::with_capacity(items.len());
+    for item in items {
+        parts.push(match item {
+            Value::Null => "NULL".to_owned(),
+            Value::Array(inner) => array_literal(inner)?,
+            other => quote_array_element(&pg_text(other)?.unwrap_or_default()),
+        });
+    }
+    Ok(format!("{{{}}}", parts.join(",")))
+}
+
+/// The PostgreSQL text form of a value (`None` for NULL).
+pub fn pg_text(value: &Value) -> Result<Option<String>> {
+    Ok(Some(match value {
+        Value::Null => return Ok(None),
+        Value::Bool(b) => if *b { "t" } else { "f" }.to_owned(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) if f.is_nan() => "NaN".into(),
+        Value::Float(f) if f.is_infinite() => {
+            if *f > 0.0 { "Infinity" } else { "-Infinity" }.into()
+        }
+        Value::Float(f) => format!("{f:e}"),
+        Value::Numeric(text) | Value::Text(text) | Value::Json(text) => text.clone(),
+        Value::Bytes(bytes) => {
+            let mut text = String::with_capacity(2 + bytes.len() * 2);
+            text.push_str("\\x");
+            for b in bytes {
+                text.push_str(&format!("{b:02x}"));
+            }
+            text
+        }
+        Value::Uuid(bytes) => Uuid::from_bytes(*bytes).hyphenated().to_string(),
+        Value::Date(days) => date_text(*days)?,
+        Value::Time(micros) => {
+            let secs = u32::try_from(micros.div_euclid(1_000_000)).map_err(|_| range("time"))?;
+            let nanos =
+                u32::try_from(micros.rem_euclid(1_000_000) * 1_000).map_err(|_| range("time"))?;
+            if secs == 86_400 && nanos == 0 {
+                "24:00:00".into()
+            } else {
+                let time = NaiveTime::from_num_seconds_from_midnight_opt(secs, nanos)
+                    .ok_or_else(|| range("time"))?;
+                format!(
+                    "{:02}:{:02}:{:02}.{:06}",
+                    time.hour(),
+                    time.minute(),
+                    time.second(),
+                    nanos / 1_000
+                )
+            }
+        }
+        Value::Timestamp(micros) => timestamp_text(*micros, "")?,
+        Value::TimestampTz(micros) => timestamp_text(*micros, "+00")?,
+        Value::Interval {
+            months,
+            days,
+            micros,
+        } => format!("{months} mons {days} days {micros} microseconds"),
+        Value::Array(items) => array_literal(items)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_text_forms() {
+        assert_eq!(pg_text(&Value::Float(0.1)).unwrap().unwrap(), "1e-1");
+        assert_eq!(
+            pg_text(&Value::Float(f64::NEG_INFINITY)).unwrap().unwrap(),
+            "-Infinity"
+        );
+        assert_eq!(
+            pg_text(&Value::Bytes(vec![0, 255])).unwrap().unwrap(),
+            "\\x00ff"
+        );
+        assert_eq!(pg_text(&Value::Date(0)).unwrap().unwrap(), "1970-01-01");
+        assert_eq!(
+            pg_text(&Value::Date(i32::MAX)).unwrap().unwrap(),
+            "infinity"
+        );
+        assert_eq!(
+            pg_text(&Value::TimestampTz(1_000_001)).unwrap().unwrap(),
+            "1970-01-01 00:00:01.000001+00"
+        );
+        assert_eq!(
+            pg_text(&Value::Time(86_399_999_999)).unwrap().unwrap(),
+            "23:59:59.999999"
+        );
+        assert_eq!(
+            pg_text(&Value::Array(vec![Value::Text("a\"b".into()), Value::Null]))
+                .unwrap()
+                .unwrap(),
+            "{\"a\\\"b\",NULL}"
+        );
+        // 44 BC: year -43 in the proleptic calendar.
+        let days = NaiveDate::from_ymd_opt(-43, 3, 15)
+            .unwrap()
+            .num_days_from_ce()
+            - 719_163;
+        assert_eq!(
+            pg_text(&Value::Date(days)).unwrap().unwrap(),
+            "0044-03-15 BC"
+        );
+    }
+}

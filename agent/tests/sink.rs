@@ -1,0 +1,374 @@
+//! Sinks: a table copied through source → sink comes out identical on the same engine, maps by
+//! the documented table across engines, and each conflict strategy does what it says, with the
+//! checkpoint written in the same transaction.
+
+use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, NewConnection};
+use dbsync_agent::sink::Applied;
+use dbsync_agent::{Error, Store};
+use dbsync_protocol::Value;
+use dbsync_protocol::message::TableSchema;
+use uuid::Uuid;
+
+use crate::support::{Engine, Sibling, TestDb, both_engines, exec};
+
+both_engines!(
+    conflict_strategies_and_checkpoints,
+    schema_drift_is_named,
+    copy_to_the_other_engine
+);
+
+async fn connection_in(store: &Store, db: &TestDb) -> Uuid {
+    store
+        .create_sender(
+            NewConnection {
+                name: format!("c{}", Uuid::new_v4().simple()),
+                site_url: format!("https://{}.example.com", Uuid::new_v4().simple()),
+                settings: ConnectionSettings::default(),
+            },
+            &db.actor,
+            db.now(),
+        )
+        .await
+        .unwrap()
+        .connection
+        .id
+}
+
+/// Copies every row of `table` from `from` to `to` in pages of `page` rows.
+async fn copy(
+    from: &Store,
+    to: &Store,
+    connection: Uuid,
+    table: &str,
+    page: i64,
+) -> (TableSchema, Applied) {
+    let schema = from.describe_table(table).await.unwrap();
+    let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+    to.ensure_table(&schema, &columns).await.unwrap();
+    let mut after: Option<Vec<Value>> = None;
+    let mut total = Applied::default();
+    loop {
+        let rows = from
+            .read_page(&schema, &columns, after.as_deref(), page)
+            .await
+            .unwrap();
+        if rows.rows.is_empty() {
+            break;
+        }
+        let applied = to
+            .apply_batch(
+                connection,
+                None,
+                &schema,
+                &columns,
+                &rows.rows,
+                ConflictStrategy::Overwrite,
+                rows.last_key.as_deref(),
+            )
+            .await
+            .unwrap();
+        total.created += applied.created;
+        total.updated += applied.updated;
+        after = rows.last_key;
+    }
+    (schema, total)
+}
+
+async fn all_rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
+    let schema = store.describe_table(table).await.unwrap();
+    let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+    store
+        .read_page(&schema, &columns, None, 10_000)
+        .await
+        .unwrap()
+        .rows
+}
+
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Float(x), Value::Float(y)) => {
+            x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+        }
+        _ => a == b,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_postgres_is_exact_for_every_type() {
+    crate::support::run(Engine::Postgres, "sink::pg_to_pg", |db| async move {
+        exec(&db, &crate::source::every_type_statements()).await;
+        let target = Sibling::new(&db).await;
+        let connection = connection_in(&target.store, &db).await;
+        let (schema, applied) = copy(&db.store, &target.store, connection, "Every Type", 2).await;
+        assert_eq!(
+            applied,
+            Applied {
+                created: 3,
+                updated: 0,
+                skipped: 0
+            }
+        );
+        let copied = target.store.describe_table("Every Type").await.unwrap();
+        let native = |s: &TableSchema| {
+            s.columns
+                .iter()
+                .map(|c| (c.name.clone(), c.native_type.clone(), c.nullable))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(native(&copied), native(&schema), "same column types");
+        assert_eq!(copied.primary_key, schema.primary_key);
+        let source_rows = all_rows(&db.store, "Every Type").await;
+        let target_rows = all_rows(&target.store, "Every Type").await;
+        assert_eq!(source_rows.len(), target_rows.len());
+        for (s, t) in source_rows.iter().zip(&target_rows) {
+            for ((a, b), column) in s.iter().zip(t).zip(&schema.columns) {
+                assert!(same(a, b), "{}: {a:?} became {b:?}", column.name);
+            }
+        }
+        let checkpoint = target
+            .store
+            .checkpoint(connection, "Every Type")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.last_key, Some(vec![Value::Int(3)]));
+        assert_eq!(checkpoint.rows_applied, 3);
+        target.cleanup().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_to_sqlite_is_exact() {
+    crate::support::run(Engine::Sqlite, "sink::sqlite_to_sqlite", |db| async move {
+        exec(
+            &db,
+            &[
+                "CREATE TABLE \"select\" (\"Id\" INTEGER PRIMARY KEY, r REAL, t TEXT, b BLOB, flag BOOLEAN, at DATETIME, anything)".into(),
+                "INSERT INTO \"select\" VALUES (1, 1.5, 'x', X'00FF', 1, '2026-01-01 00:00:00', 'text')".into(),
+                "INSERT INTO \"select\" VALUES (2, -0.0, '', X'', 0, NULL, 3.25)".into(),
+                "INSERT INTO \"select\" VALUES (3, 1e308, 'ünï', NULL, NULL, 'not a date', X'01')".into(),
+            ],
+        )
+        .await;
+        let target = Sibling::new(&db).await;
+        let connection = connection_in(&target.store, &db).await;
+        copy(&db.store, &target.store, connection, "select", 2).await;
+        assert_eq!(all_rows(&db.store, "select").await, all_rows(&target.store, "select").await);
+        target.cleanup().await;
+    })
+    .await;
+}
+
+async fn conflict_strategies_and_checkpoints(db: TestDb) {
+    exec(
+        &db,
+        &["CREATE TABLE items (id BIGINT PRIMARY KEY, name TEXT, qty BIGINT)".into()],
+    )
+    .await;
+    let schema = db.store.describe_table("items").await.unwrap();
+    let columns: Vec<String> = vec!["id".into(), "name".into(), "qty".into()];
+    let connection = connection_in(&db.store, &db).await;
+    let row = |id: i64, name: Option<&str>, qty: Option<i64>| {
+        vec![
+            Value::Int(id),
+            name.map_or(Value::Null, |n| Value::Text(n.into())),
+            qty.map_or(Value::Null, Value::Int),
+        ]
+    };
+    let apply = |rows: Vec<Vec<Value>>, strategy: ConflictStrategy| {
+        let store = db.store.clone();
+        let schema = schema.clone();
+        let columns = columns.clone();
+        async move {
+            let last = rows.last().map(|r| vec![r[0].clone()]);
+            store
+                .apply_batch(
+                    connection,
+                    None,
+                    &schema,
+                    &columns,
+                    &rows,
+                    strategy,
+                    last.as_deref(),
+                )
+                .await
+                .unwrap()
+        }
+    };
+
+    let first = apply(
+        vec![row(1, Some("a"), Some(1)), row(2, Some("b"), Some(2))],
+        ConflictStrategy::Overwrite,
+    )
+    .await;
+    assert_eq!(
+        first,
+        Applied {
+            created: 2,
+            updated: 0,
+            skipped: 0
+        }
+    );
+
+    let skipped = apply(
+        vec![row(1, Some("A"), Some(10)), row(3, Some("c"), Some(3))],
+        ConflictStrategy::Skip,
+    )
+    .await;
+    assert_eq!(
+        skipped,
+        Applied {
+            created: 1,
+            updated: 0,
+            skipped: 1
+        }
+    );
+    assert_eq!(
+        all_rows(&db.store, "items").await[0],
+        row(1, Some("a"), Some(1)),
+        "skip keeps the local row"
+    );
+
+    let overwritten = apply(vec![row(1, Some("A"), None)], ConflictStrategy::Overwrite).await;
+    assert_eq!(
+        overwritten,
+        Applied {
+            created: 0,
+            updated: 1,
+            skipped: 0
+        }
+    );
+    assert_eq!(
+        all_rows(&db.store, "items").await[0],
+        row(1, Some("A"), None),
+        "the sender wins, nulls included"
+    );
+
+    let merged = apply(vec![row(2, None, Some(20))], ConflictStrategy::Merge).await;
+    assert_eq!(merged.updated, 1);
+    assert_eq!(
+        all_rows(&db.store, "items").await[1],
+        row(2, Some("b"), Some(20)),
+        "merge keeps what the sender sends as null"
+    );
+
+    let checkpoint = db
+        .store
+        .checkpoint(connection, "items")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.last_key, Some(vec![Value::Int(2)]));
+    assert_eq!(checkpoint.rows_applied, 6);
+    db.store
+        .clear_checkpoint(connection, "items")
+        .await
+        .unwrap();
+    assert!(
+        db.store
+            .checkpoint(connection, "items")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A keyless table takes only append.
+    exec(&db, &["CREATE TABLE events (at TEXT, what TEXT)".into()]).await;
+    let events = db.store.describe_table("events").await.unwrap();
+    let cols: Vec<String> = vec!["at".into(), "what".into()];
+    let rows = vec![vec![Value::Text("t1".into()), Value::Text("boot".into())]; 2];
+    let appended = db
+        .store
+        .apply_batch(
+            connection,
+            None,
+            &events,
+            &cols,
+            &rows,
+            ConflictStrategy::Append,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(appended.created, 2);
+    let refused = db
+        .store
+        .apply_batch(
+            connection,
+            None,
+            &events,
+            &cols,
+            &rows,
+            ConflictStrategy::Overwrite,
+            None,
+        )
+        .await;
+    assert!(matches!(
+        refused,
+        Err(Error::Invalid {
+            field: "strategy",
+            ..
+        })
+    ));
+}
+
+async fn schema_drift_is_named(db: TestDb) {
+    exec(
+        &db,
+        &["CREATE TABLE drift (id BIGINT PRIMARY KEY, a TEXT)".into()],
+    )
+    .await;
+    let mut schema = db.store.describe_table("drift").await.unwrap();
+    schema.columns.push(dbsync_protocol::message::ColumnInfo {
+        name: "b".into(),
+        native_type: "TEXT".into(),
+        neutral_type: "text".into(),
+        nullable: true,
+    });
+    let columns: Vec<String> = vec!["id".into(), "a".into(), "b".into()];
+    let err = db.store.ensure_table(&schema, &columns).await.unwrap_err();
+    assert!(err.to_string().contains("lacks the columns b"), "{err}");
+    assert!(
+        !db.store.ensure_table(&schema, &columns[..2]).await.unwrap(),
+        "exists already"
+    );
+}
+
+async fn copy_to_the_other_engine(db: TestDb) {
+    let Some(target) = Sibling::other_engine(&db).await else {
+        return;
+    };
+    exec(
+        &db,
+        &[
+            "CREATE TABLE \"Mixed\" (id BIGINT PRIMARY KEY, flag BOOLEAN, qty INTEGER, price REAL, label TEXT, data BLOB_OR_BYTEA)"
+                .replace("BLOB_OR_BYTEA", if db.url.starts_with("postgres") { "BYTEA" } else { "BLOB" }),
+            "INSERT INTO \"Mixed\" VALUES (1, true, 7, 2.5, 'one', NULL)".into(),
+            "INSERT INTO \"Mixed\" VALUES (2, false, -3, -0.25, 'twö', NULL)".into(),
+        ],
+    )
+    .await;
+    let connection = connection_in(&target.store, &db).await;
+    let (_, applied) = copy(&db.store, &target.store, connection, "Mixed", 10).await;
+    assert_eq!(applied.created, 2);
+    let rows = all_rows(&target.store, "Mixed").await;
+    let flag = |b: bool| {
+        if target.store.engine_name() == "sqlite" {
+            Value::Int(i64::from(b))
+        } else {
+            Value::Bool(b)
+        }
+    };
+    let as_float = |f: f64| Value::Float(f);
+    assert_eq!(rows[0][0], Value::Int(1));
+    assert_eq!(rows[0][1], flag(true));
+    assert_eq!(rows[0][2], Value::Int(7));
+    assert_eq!(rows[0][3], as_float(2.5));
+    assert_eq!(rows[1][4], Value::Text("twö".into()));
+    assert_eq!(rows[1][1], flag(false));
+    target.cleanup().await;
+}
