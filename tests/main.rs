@@ -5,4 +5,5 @@ mod support;
 mod admin_api;
 mod cli;
 mod peer;
+mod pull;
 mod serve;

@@ -6,6 +6,7 @@ mod client_ip;
 mod error;
 pub mod peer_api;
 pub mod server;
+pub mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .merge(peer_api::routes(state.clone()))
+        .route("/db-sync/ws", axum::routing::get(session::upgrade))
         .merge(admin_api::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

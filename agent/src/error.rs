@@ -64,6 +64,26 @@ pub enum Error {
     /// Hashing a password failed (out of memory, or bad parameters).
     #[error("password hashing failed")]
     PasswordHash,
+    /// The sending site refused or failed a data-plane request, with its stable code.
+    #[error("{site} refused: {code}: {message}")]
+    Remote {
+        /// The sending site.
+        site: String,
+        /// Stable code (see the protocol's error codes).
+        code: String,
+        /// Its explanation.
+        message: String,
+        /// For `rate_limited`: how long to wait before asking again.
+        retry_after_ms: Option<u64>,
+    },
+    /// The data-plane connection failed (connect, TLS, dropped socket, malformed frame).
+    #[error("session with {site} failed: {reason}")]
+    Session {
+        /// The sending site.
+        site: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -80,6 +100,8 @@ impl Error {
             Self::Io { .. } => "io_error",
             Self::Config(_) => "invalid_config",
             Self::PasswordHash => "password_hash_failed",
+            Self::Remote { .. } => "remote_refused",
+            Self::Session { .. } => "session_failed",
         }
     }
 

@@ -78,6 +78,7 @@ pub mod connection;
 mod error;
 pub mod password;
 pub mod peer;
+pub mod pull;
 pub mod rate_limit;
 pub mod registration;
 pub mod settings;

@@ -582,6 +582,29 @@ impl Store {
         })
     }
 
+    /// Merges `patch` into a transfer's metadata object.
+    pub async fn merge_transfer_metadata(
+        &self,
+        id: Uuid,
+        patch: serde_json::Value,
+    ) -> Result<Transfer> {
+        let current = self.get_transfer(id).await?;
+        let mut metadata = match current.metadata {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        if let serde_json::Value::Object(patch) = patch {
+            metadata.extend(patch);
+        }
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as("UPDATE dbsync_transfers SET metadata = $2 WHERE id = $1 RETURNING *")
+                .bind(id)
+                .bind(Json(serde_json::Value::Object(metadata)))
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
     /// Totals over every transfer recorded under a connection.
     pub async fn connection_stats(&self, connection_id: Uuid) -> Result<ConnectionStats> {
         Ok(on_pool!(self, |pool| {

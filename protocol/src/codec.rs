@@ -195,6 +195,11 @@ pub fn decompress_bounded(payload: &[u8], limit: u64) -> Result<Vec<u8>, Protoco
 /// Encodes a message as one frame. Row batches are compressed at `zstd_level`; other messages
 /// are small and go uncompressed.
 pub fn encode(message: &Message, zstd_level: i32) -> Result<Vec<u8>, ProtocolError> {
+    encode_sized(message, zstd_level).map(|(frame, _)| frame)
+}
+
+/// Like [`encode`], also returning the payload size before compression (for raw-byte counts).
+pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usize), ProtocolError> {
     let payload = match message {
         Message::Hello(m) => to_msgpack(m)?,
         Message::Welcome(m) => to_msgpack(m)?,
@@ -212,6 +217,7 @@ pub fn encode(message: &Message, zstd_level: i32) -> Result<Vec<u8>, ProtocolErr
         Message::Cancel(m) => to_msgpack(m)?,
         Message::Ping(m) | Message::Pong(m) => to_msgpack(m)?,
     };
+    let raw_len = payload.len();
     let (flags, payload) = if matches!(message, Message::RowBatch(_)) {
         let compressed = zstd::bulk::compress(&payload, zstd_level)
             .map_err(|err| ProtocolError::Encode(err.to_string()))?;
@@ -225,7 +231,7 @@ pub fn encode(message: &Message, zstd_level: i32) -> Result<Vec<u8>, ProtocolErr
     frame.extend_from_slice(&[MAGIC, message.kind() as u8, flags, 0]);
     frame.extend_from_slice(&length.to_be_bytes());
     frame.extend_from_slice(&payload);
-    Ok(frame)
+    Ok((frame, raw_len))
 }
 
 fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtocolError> {

@@ -1,8 +1,9 @@
 //! Command-line interface: argument parsing and dispatch to the engine.
 
 mod admin_tokens;
-mod connections;
+pub(crate) mod connections;
 pub(crate) mod output;
+mod pull;
 mod serve;
 mod settings;
 mod transfers;
@@ -68,6 +69,8 @@ enum Command {
     /// Create, inspect and change connections to other sites
     #[command(subcommand)]
     Connections(connections::Command),
+    /// Pull tables from the sending site of a receiver connection (WebSocket)
+    Pull(pull::PullArgs),
     /// Transfer history
     #[command(subcommand)]
     Transfers(transfers::Command),
@@ -150,6 +153,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::AdminTokens(command) => admin_tokens::run(&ctx, command).await,
         Command::Connections(command) => connections::run(&ctx, command).await,
+        Command::Pull(args) => pull::run(&ctx, args).await,
         Command::Transfers(command) => transfers::run(&ctx, command).await,
         Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
         Command::Settings(command) => settings::run(&ctx, command).await,

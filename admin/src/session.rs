@@ -1,0 +1,535 @@
+//! The sender side of a data-plane session over WebSocket (`GET /db-sync/ws`): `Hello` is
+//! checked by `validate_connection`, then list, describe and pull requests are served under the
+//! connection's controls (offered tables, approval mode, download and record limits, rows per
+//! request, rate limit). Rows go out in key order, a batch at a time, never more batches in
+//! flight than the receiver granted.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use dbsync_agent::audit::Actor;
+use dbsync_agent::connection::Connection;
+use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
+use dbsync_agent::{AccessDenied, Agent};
+use dbsync_protocol::Message;
+use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use dbsync_protocol::error::codes;
+use dbsync_protocol::message::{ApprovalPending, ErrorMessage, Pull, PullDone, RowBatch, Welcome};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::client_ip::ClientIp;
+
+/// Rows per batch.
+pub const BATCH_ROWS: i64 = 1_000;
+/// Time a receiver has to send `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time the session waits for the next request or a credit.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `GET /db-sync/ws`.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    client: ClientIp,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let limits = Limits::default();
+    let user_agent = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(200).collect::<String>());
+    ws.max_message_size(limits.max_frame_bytes as usize + HEADER_LEN)
+        .max_frame_size(limits.max_frame_bytes as usize + HEADER_LEN)
+        .on_upgrade(move |socket| async move {
+            let mut session = Session {
+                agent: &state.agent,
+                socket,
+                limits,
+                client_ip: client.0,
+                user_agent,
+            };
+            if let Err(reason) = session.run().await {
+                tracing::debug!(reason = %reason, "session ended");
+            }
+        })
+}
+
+struct Session<'a> {
+    agent: &'a Agent,
+    socket: WebSocket,
+    limits: Limits,
+    client_ip: IpAddr,
+    user_agent: Option<String>,
+}
+
+type SessionResult<T> = Result<T, String>;
+
+impl Session<'_> {
+    /// Sends a message; returns (bytes on the wire, payload bytes before compression).
+    async fn send_sized(&mut self, message: &Message) -> SessionResult<(usize, usize)> {
+        let (frame, raw) =
+            codec::encode_sized(message, codec::DEFAULT_ZSTD_LEVEL).map_err(|e| e.to_string())?;
+        let len = frame.len();
+        self.socket
+            .send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((len, raw))
+    }
+
+    async fn send(&mut self, message: &Message) -> SessionResult<usize> {
+        self.send_sized(message).await.map(|(wire, _)| wire)
+    }
+
+    async fn refuse(
+        &mut self,
+        code: &str,
+        message: impl Into<String>,
+        retry_after: Option<Duration>,
+    ) -> SessionResult<()> {
+        let error = Message::Error(ErrorMessage {
+            code: code.to_owned(),
+            message: message.into(),
+            retry_after_ms: retry_after.map(|d| d.as_millis() as u64),
+            transfer_id: None,
+        });
+        self.send(&error).await.map(|_| ())
+    }
+
+    async fn recv(&mut self, timeout: Duration) -> SessionResult<Message> {
+        loop {
+            let next = tokio::time::timeout(timeout, self.socket.recv())
+                .await
+                .map_err(|_| "timed out waiting for the receiver".to_owned())?;
+            match next {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    return match codec::decode_exact(&bytes, &self.limits) {
+                        Ok(message) => Ok(message),
+                        Err(err) => {
+                            let reason = err.to_string();
+                            let _ = self
+                                .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                                .await;
+                            Err(reason)
+                        }
+                    };
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                Some(Ok(WsMessage::Text(_))) => {
+                    let _ = self
+                        .refuse(
+                            codes::PROTOCOL_ERROR,
+                            "text frames are not part of the protocol",
+                            None,
+                        )
+                        .await;
+                    return Err("text frame".into());
+                }
+                Some(Ok(WsMessage::Close(_))) | None => return Err("closed by the receiver".into()),
+                Some(Err(err)) => return Err(err.to_string()),
+            }
+        }
+    }
+
+    async fn denied(&mut self, denied: AccessDenied) -> SessionResult<()> {
+        let retry = match &denied {
+            AccessDenied::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        };
+        let message = match &denied {
+            AccessDenied::Internal(err) => {
+                tracing::error!(error = %err, "session check failed");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        self.refuse(denied.code(), message, retry).await
+    }
+
+    async fn run(&mut self) -> SessionResult<()> {
+        let Message::Hello(hello) = self.recv(HELLO_TIMEOUT).await? else {
+            self.refuse(codes::PROTOCOL_ERROR, "the first frame must be Hello", None)
+                .await?;
+            return Err("no hello".into());
+        };
+        let Some(version) = dbsync_protocol::negotiate(&hello.versions) else {
+            self.refuse(
+                codes::UNSUPPORTED_VERSION,
+                format!(
+                    "this sender speaks {:?}",
+                    dbsync_protocol::SUPPORTED_VERSIONS
+                ),
+                None,
+            )
+            .await?;
+            return Err("unsupported version".into());
+        };
+        let now = self.agent.now();
+        let connection = match self
+            .agent
+            .validator
+            .validate_connection(&hello.token, self.client_ip, now, hello.password.as_deref())
+            .await
+        {
+            Ok(connection) => connection,
+            Err(denied) => {
+                let code = denied.code();
+                self.denied(denied).await?;
+                return Err(format!("refused: {code}"));
+            }
+        };
+        if self.user_agent.is_none() {
+            self.user_agent = Some(hello.client_name.chars().take(200).collect());
+        }
+        tracing::info!(connection_id = %connection.id, client = %self.client_ip, "session opened");
+        self.send(&Message::Welcome(Welcome {
+            version,
+            session_id: Uuid::new_v4().to_string(),
+            max_records_per_request: connection.max_records_per_request as u64,
+            max_frame_bytes: u64::from(self.limits.max_frame_bytes),
+        }))
+        .await?;
+        loop {
+            let request = self.recv(IDLE_TIMEOUT).await?;
+            // Every request re-reads the connection: a suspension or a changed limit applies at once.
+            let connection = match self.agent.store.find_connection(connection.id).await {
+                Ok(Some(c)) if c.status == dbsync_agent::ConnectionStatus::Active => c,
+                Ok(Some(c)) => {
+                    return self
+                        .denied(AccessDenied::ConnectionNotActive(c.status))
+                        .await;
+                }
+                Ok(None) => {
+                    return self
+                        .refuse(
+                            codes::INVALID_TOKEN,
+                            "the connection no longer exists",
+                            None,
+                        )
+                        .await;
+                }
+                Err(err) => return self.denied(AccessDenied::Internal(err)).await,
+            };
+            if matches!(request, Message::Ping(_)) {
+                if let Message::Ping(ping) = request {
+                    self.send(&Message::Pong(ping)).await?;
+                }
+                continue;
+            }
+            if let Err(denied) = self.agent.validator.check_rate(&connection) {
+                self.denied(denied).await?;
+                continue;
+            }
+            match request {
+                Message::ListTables => {
+                    let tables = self
+                        .agent
+                        .store
+                        .list_tables()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let offered = tables
+                        .into_iter()
+                        .filter(|t| connection.offers_table(&t.name))
+                        .collect();
+                    self.send(&Message::TableList(offered)).await?;
+                }
+                Message::DescribeTable(table) => {
+                    if !connection.offers_table(&table) {
+                        self.refuse(
+                            codes::TABLE_NOT_ALLOWED,
+                            format!("{table:?} is not offered"),
+                            None,
+                        )
+                        .await?;
+                        continue;
+                    }
+                    match self.agent.store.describe_table(&table).await {
+                        Ok(schema) => self.send(&Message::TableSchema(schema)).await.map(|_| ())?,
+                        Err(_) => {
+                            self.refuse(
+                                codes::TABLE_NOT_ALLOWED,
+                                format!("{table:?} is not offered"),
+                                None,
+                            )
+                            .await?
+                        }
+                    }
+                }
+                Message::Pull(pull) => self.pull(&connection, pull).await?,
+                Message::ApprovalStatus(status) => {
+                    let transfer = Uuid::parse_str(&status.transfer_id)
+                        .ok()
+                        .map(|id| self.agent.store.get_transfer(id));
+                    let message = match transfer {
+                        Some(fut) => match fut.await {
+                            Ok(t) if t.connection_id == Some(connection.id) => t.status.to_string(),
+                            _ => "unknown".into(),
+                        },
+                        None => "unknown".into(),
+                    };
+                    self.refuse(codes::APPROVAL_PENDING, message, None).await?;
+                }
+                Message::Cancel(_) | Message::Credit(_) => {}
+                other => {
+                    self.refuse(
+                        codes::PROTOCOL_ERROR,
+                        format!("unexpected {:?}", other.kind()),
+                        None,
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+
+    /// Serves one pull request.
+    async fn pull(&mut self, connection: &Connection, pull: Pull) -> SessionResult<()> {
+        let store = &self.agent.store;
+        if !connection.offers_table(&pull.table) {
+            return self
+                .refuse(
+                    codes::TABLE_NOT_ALLOWED,
+                    format!("{:?} is not offered", pull.table),
+                    None,
+                )
+                .await;
+        }
+        let Ok(schema) = store.describe_table(&pull.table).await else {
+            return self
+                .refuse(
+                    codes::TABLE_NOT_ALLOWED,
+                    format!("{:?} is not offered", pull.table),
+                    None,
+                )
+                .await;
+        };
+        let columns: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|c| !pull.exclude_columns.contains(c))
+            .collect();
+        let now = self.agent.now();
+        // Resume a transfer of this connection, or start a new one (a new download).
+        let resumed = match pull
+            .transfer_id
+            .as_deref()
+            .and_then(|id| Uuid::parse_str(id).ok())
+        {
+            Some(id) => match store.get_transfer(id).await {
+                Ok(t) if t.connection_id == Some(connection.id) && t.table_name == pull.table => {
+                    Some(t)
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        let transfer = match resumed {
+            Some(t) if t.status == TransferStatus::InProgress => t,
+            Some(t) if t.status == TransferStatus::PendingApproval => {
+                return self.approval_pending(&pull, t.id).await;
+            }
+            Some(t) if t.status == TransferStatus::Denied => {
+                let reason = t.denial_reason.clone().unwrap_or_default();
+                return self.refuse(codes::APPROVAL_DENIED, reason, None).await;
+            }
+            Some(t) if t.status == TransferStatus::Approved => {
+                if !store
+                    .take_download(connection.id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    return self.denied(AccessDenied::DownloadLimitExceeded).await;
+                }
+                store
+                    .start_transfer(t.id, now)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            _ => {
+                let requires_approval = connection.table_requires_approval(&pull.table);
+                let created = store
+                    .create_transfer(
+                        NewTransfer {
+                            connection_id: connection.id,
+                            direction: TransferDirection::Send,
+                            table_name: pull.table.clone(),
+                            requires_approval,
+                            records_requested: pull.limit as i64,
+                            conflict_strategy: connection.default_conflict_strategy,
+                            transport: Some(Transport::Ws),
+                            requester_ip: Some(self.client_ip.to_string()),
+                            requester_user_agent: self.user_agent.clone(),
+                        },
+                        self.agent.config.approval_ttl(),
+                        &Actor::remote(&connection.site_url),
+                        now,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if requires_approval {
+                    return self.approval_pending(&pull, created.id).await;
+                }
+                if !store
+                    .take_download(connection.id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    let _ = store
+                        .fail_transfer(created.id, "download limit reached", now)
+                        .await;
+                    return self.denied(AccessDenied::DownloadLimitExceeded).await;
+                }
+                store
+                    .start_transfer(created.id, now)
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        };
+
+        let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
+        let mut credits = pull.credits.max(1);
+        let mut after = pull.after_key.clone();
+        let mut sent: i64 = 0;
+        let mut seq = 0;
+        let mut truncated = false;
+        let mut exhausted = false;
+        while sent < limit {
+            let want = BATCH_ROWS.min(limit - sent);
+            let granted = if connection.max_records_total.is_some() {
+                store
+                    .take_records(connection.id, want)
+                    .await
+                    .map_err(|e| e.to_string())?
+            } else {
+                want
+            };
+            if granted == 0 {
+                truncated = true;
+                break;
+            }
+            let page = match store
+                .read_page(&schema, &columns, after.as_deref(), granted)
+                .await
+            {
+                Ok(page) => page,
+                Err(err) => {
+                    let _ = store.release_records(connection.id, granted).await;
+                    let _ = store
+                        .fail_transfer(transfer.id, &err.to_string(), self.agent.now())
+                        .await;
+                    return self
+                        .refuse(codes::INTERNAL_ERROR, err.to_string(), None)
+                        .await;
+                }
+            };
+            let got = page.rows.len() as i64;
+            if connection.max_records_total.is_some() && got < granted {
+                store
+                    .release_records(connection.id, granted - got)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if got == 0 {
+                exhausted = true;
+                break;
+            }
+            while credits == 0 {
+                match self.recv(IDLE_TIMEOUT).await? {
+                    Message::Credit(credit) if credit.request_id == pull.request_id => {
+                        credits += credit.batches
+                    }
+                    Message::Cancel(_) => {
+                        let _ = store
+                            .cancel_transfer(
+                                transfer.id,
+                                &Actor::remote(&connection.site_url),
+                                self.agent.now(),
+                            )
+                            .await;
+                        return Ok(());
+                    }
+                    Message::Ping(ping) => {
+                        self.send(&Message::Pong(ping)).await?;
+                    }
+                    _ => {}
+                }
+            }
+            let batch = RowBatch {
+                request_id: pull.request_id,
+                seq,
+                columns: columns.clone(),
+                last_key: page.last_key.clone().unwrap_or_default(),
+                rows: page.rows,
+            };
+            let (wire, raw) = self.send_sized(&Message::RowBatch(batch)).await?;
+            credits -= 1;
+            seq += 1;
+            sent += got;
+            after = page.last_key;
+            store
+                .record_progress(
+                    transfer.id,
+                    &Progress {
+                        records_transferred: got,
+                        bytes_wire: wire as i64,
+                        bytes_raw: raw as i64,
+                        resume_key: after.as_ref().and_then(|k| serde_json::to_value(k).ok()),
+                        ..Progress::default()
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if got < granted {
+                // Fewer rows than asked for: the table is done.
+                exhausted = true;
+                break;
+            }
+            if granted < want {
+                // The record limit cut this batch: the connection has no rows left to give.
+                truncated = true;
+                break;
+            }
+        }
+        let more = !exhausted && !truncated;
+        if !more {
+            store
+                .complete_transfer(transfer.id, self.agent.now())
+                .await
+                .map_err(|e| e.to_string())?;
+            if truncated {
+                let _ = store
+                    .merge_connection_metadata(
+                        connection.id,
+                        serde_json::json!({ "record_limit_reached_at": self.agent.now() }),
+                    )
+                    .await;
+            }
+        }
+        self.send(&Message::PullDone(PullDone {
+            request_id: pull.request_id,
+            rows: sent as u64,
+            more,
+            truncated,
+            last_key: after,
+            transfer_id: transfer.id.to_string(),
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    async fn approval_pending(&mut self, pull: &Pull, transfer_id: Uuid) -> SessionResult<()> {
+        self.send(&Message::ApprovalPending(ApprovalPending {
+            request_id: pull.request_id,
+            transfer_id: transfer_id.to_string(),
+        }))
+        .await
+        .map(|_| ())
+    }
+}

@@ -1,0 +1,635 @@
+//! The receiver side of a data-plane session: `dbsync pull`. Opens a WebSocket session to the
+//! sending site, lists and describes the tables, creates missing ones, and pulls each table in
+//! foreign-key order, applying every batch with its checkpoint in one transaction. A pull that
+//! was interrupted resumes after the last applied key, under the same sender transfer.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use dbsync_protocol::message::{Credit, Hello, Pull, TableSchema};
+use dbsync_protocol::{Message, Value};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use uuid::Uuid;
+
+use crate::agent::Agent;
+use crate::audit::Actor;
+use crate::catalog::fk_order;
+use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
+use crate::error::{Error, Result};
+use crate::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
+
+/// Batches the sender may have in flight before it waits for credit.
+pub const CREDITS: u32 = 8;
+/// How often a pull waiting for approval asks again.
+pub const APPROVAL_POLL: Duration = Duration::from_secs(5);
+
+/// What to pull and how.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Tables to pull (none: every offered table).
+    pub tables: Option<Vec<String>>,
+    /// Conflict strategy (none: the connection's default).
+    pub strategy: Option<ConflictStrategy>,
+    /// Columns to leave out (key columns cannot be left out).
+    pub exclude_columns: Vec<String>,
+    /// The sender's download password, when it has one.
+    pub password: Option<String>,
+    /// Give up waiting for an approval after this long (none: wait forever).
+    pub approval_wait: Option<Duration>,
+}
+
+/// One table's outcome.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableSummary {
+    /// The table.
+    pub table: String,
+    /// Rows received.
+    pub rows: i64,
+    /// Rows inserted.
+    pub created: i64,
+    /// Rows updated.
+    pub updated: i64,
+    /// Rows left alone.
+    pub skipped: i64,
+    /// Compressed bytes received.
+    pub bytes_wire: i64,
+    /// Bytes before compression.
+    pub bytes_raw: i64,
+    /// Whether the table was created here.
+    pub created_table: bool,
+    /// Whether the pull resumed an interrupted one.
+    pub resumed: bool,
+    /// Whether the sender's record limit cut it.
+    pub truncated: bool,
+    /// The receive transfer record.
+    pub transfer_id: Uuid,
+}
+
+/// Outcome of a pull.
+#[derive(Debug, Clone, Serialize)]
+pub struct PullSummary {
+    /// Per table, in the order pulled.
+    pub tables: Vec<TableSummary>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Progress events while pulling (for progress bars).
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    /// A table starts; `estimated_rows` is the sender's estimate.
+    TableStarted {
+        /// Table.
+        table: String,
+        /// Estimate.
+        estimated_rows: u64,
+    },
+    /// A batch was applied.
+    Batch {
+        /// Table.
+        table: String,
+        /// Rows in the batch.
+        rows: i64,
+        /// Wire bytes of the batch.
+        bytes_wire: i64,
+    },
+    /// The transfer waits for the sender's admin.
+    WaitingForApproval {
+        /// Table.
+        table: String,
+        /// The sender's transfer id.
+        transfer_id: String,
+    },
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+struct Client {
+    socket: Socket,
+    limits: Limits,
+    site: String,
+}
+
+impl Client {
+    fn session_error(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Session {
+            site: self.site.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    async fn send(&mut self, message: &Message) -> Result<()> {
+        let frame =
+            codec::encode(message, codec::DEFAULT_ZSTD_LEVEL).map_err(|e| self.session_error(e))?;
+        self.socket
+            .send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| self.session_error(e))
+    }
+
+    /// The next message and its size on the wire; a remote `Error` becomes [`Error::Remote`].
+    async fn recv(&mut self) -> Result<(Message, usize)> {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(300), self.socket.next())
+                .await
+                .map_err(|_| self.session_error("no answer for 300 s"))?;
+            match next {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    let message = codec::decode_exact(&bytes, &self.limits)
+                        .map_err(|e| self.session_error(e))?;
+                    if let Message::Error(error) = message {
+                        return Err(Error::Remote {
+                            site: self.site.clone(),
+                            code: error.code,
+                            message: error.message,
+                            retry_after_ms: error.retry_after_ms,
+                        });
+                    }
+                    return Ok((message, bytes.len()));
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
+                Some(Ok(WsMessage::Text(_))) => {
+                    return Err(self.session_error("unexpected text frame"));
+                }
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    return Err(self.session_error("the sender closed the session"));
+                }
+                Some(Err(err)) => return Err(self.session_error(err)),
+            }
+        }
+    }
+}
+
+impl Agent {
+    async fn open_session(
+        &self,
+        connection: &Connection,
+        password: Option<&str>,
+    ) -> Result<(Client, u64)> {
+        let site = connection.site_url.clone();
+        let session_error = |reason: String| Error::Session {
+            site: site.clone(),
+            reason,
+        };
+        let http = crate::peer::checked_url(&site, "/db-sync/ws", self.config.allow_private_peers)
+            .map_err(|e| session_error(e.to_string()))?;
+        let mut ws_url = http.clone();
+        ws_url
+            .set_scheme(if http.scheme() == "https" {
+                "wss"
+            } else {
+                "ws"
+            })
+            .map_err(|()| session_error("cannot build the WebSocket URL".into()))?;
+        let host = http
+            .host_str()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = http.port_or_known_default().unwrap_or(80);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| session_error(format!("cannot resolve {host}: {e}")))?
+            .filter(|a| self.config.allow_private_peers || !crate::peer::is_forbidden(a.ip()))
+            .collect();
+        let addr = addrs
+            .first()
+            .ok_or_else(|| session_error(format!("{host} resolves to no allowed address")))?;
+        let stream = tokio::time::timeout(crate::peer::PEER_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| session_error("connect timed out".into()))?
+            .map_err(|e| session_error(e.to_string()))?;
+        stream.set_nodelay(true).ok();
+        let limits = Limits::default();
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(limits.max_frame_bytes as usize + HEADER_LEN))
+            .max_frame_size(Some(limits.max_frame_bytes as usize + HEADER_LEN));
+        let (socket, _) = tokio_tungstenite::client_async_tls_with_config(
+            ws_url.as_str(),
+            stream,
+            Some(config),
+            None,
+        )
+        .await
+        .map_err(|e| session_error(e.to_string()))?;
+        let mut client = Client {
+            socket,
+            limits,
+            site,
+        };
+        let token = self.store.receiver_token(connection, &self.vault)?;
+        client
+            .send(&Message::Hello(Hello {
+                versions: dbsync_protocol::SUPPORTED_VERSIONS.to_vec(),
+                token: token.expose().to_owned(),
+                password: password.map(str::to_owned),
+                client_name: concat!("dbsync/", env!("CARGO_PKG_VERSION")).to_owned(),
+            }))
+            .await?;
+        match client.recv().await? {
+            (Message::Welcome(welcome), _) => Ok((client, welcome.max_records_per_request)),
+            (other, _) => {
+                Err(client.session_error(format!("expected Welcome, got {:?}", other.kind())))
+            }
+        }
+    }
+
+    /// Pulls tables from the sending site of a receiver connection.
+    pub async fn pull(
+        &self,
+        id_or_name: &str,
+        options: &PullOptions,
+        mut on_event: impl FnMut(PullEvent),
+    ) -> Result<PullSummary> {
+        let started = Instant::now();
+        let connection = self.store.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection; pull from a receiver connection",
+                    connection.name
+                ),
+            ));
+        }
+        if connection.status != ConnectionStatus::Active {
+            return Err(Error::illegal_connection(
+                &connection.name,
+                "pull through",
+                connection.status,
+            ));
+        }
+        let strategy = options
+            .strategy
+            .unwrap_or(connection.default_conflict_strategy);
+        if strategy == ConflictStrategy::Mirror {
+            return Err(Error::invalid(
+                "strategy",
+                "mirror (deleting rows the sender no longer has) is not available yet",
+            ));
+        }
+        let (mut client, max_per_request) = self
+            .open_session(&connection, options.password.as_deref())
+            .await?;
+        client.send(&Message::ListTables).await?;
+        let offered = match client.recv().await? {
+            (Message::TableList(tables), _) => tables,
+            (other, _) => {
+                return Err(
+                    client.session_error(format!("expected TableList, got {:?}", other.kind()))
+                );
+            }
+        };
+        let wanted: Vec<_> = match &options.tables {
+            Some(names) => {
+                for name in names {
+                    if !offered.iter().any(|t| &t.name == name) {
+                        return Err(Error::Remote {
+                            site: connection.site_url.clone(),
+                            code: "table_not_allowed".into(),
+                            message: format!("{name:?} is not offered"),
+                            retry_after_ms: None,
+                        });
+                    }
+                }
+                offered
+                    .iter()
+                    .filter(|t| names.contains(&t.name))
+                    .cloned()
+                    .collect()
+            }
+            None => offered.clone(),
+        };
+        let mut summaries = Vec::new();
+        for table in fk_order(&wanted) {
+            let estimated_rows = wanted
+                .iter()
+                .find(|t| t.name == table)
+                .map_or(0, |t| t.estimated_rows);
+            on_event(PullEvent::TableStarted {
+                table: table.clone(),
+                estimated_rows,
+            });
+            client.send(&Message::DescribeTable(table.clone())).await?;
+            let schema = match client.recv().await? {
+                (Message::TableSchema(schema), _) => schema,
+                (other, _) => {
+                    return Err(client
+                        .session_error(format!("expected TableSchema, got {:?}", other.kind())));
+                }
+            };
+            let summary = self
+                .pull_table(
+                    &mut client,
+                    &connection,
+                    &schema,
+                    strategy,
+                    max_per_request,
+                    options,
+                    &mut on_event,
+                )
+                .await?;
+            summaries.push(summary);
+        }
+        let _ = client.socket.close(None).await;
+        Ok(PullSummary {
+            tables: summaries,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_table(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        schema: &TableSchema,
+        strategy: ConflictStrategy,
+        max_per_request: u64,
+        options: &PullOptions,
+        on_event: &mut impl FnMut(PullEvent),
+    ) -> Result<TableSummary> {
+        let store = &self.store;
+        let columns: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|c| !options.exclude_columns.contains(c))
+            .collect();
+        let created_table = store.ensure_table(schema, &columns).await?;
+        // Resume an interrupted pull of this table, or start from the beginning.
+        let mut after: Option<Vec<Value>> = None;
+        let mut remote_transfer: Option<String> = None;
+        let mut resumed = false;
+        if let Some(checkpoint) = store.checkpoint(connection.id, &schema.name).await? {
+            let previous = match checkpoint.transfer_id {
+                Some(id) => store.get_transfer(id).await.ok(),
+                None => None,
+            };
+            match previous {
+                Some(t) if t.status != TransferStatus::Completed => {
+                    after = checkpoint.last_key;
+                    remote_transfer = t
+                        .metadata
+                        .get("remote_transfer_id")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned);
+                    resumed = true;
+                    if t.status == TransferStatus::InProgress {
+                        let _ = store
+                            .fail_transfer(t.id, "interrupted; resumed by a later pull", self.now())
+                            .await;
+                    }
+                }
+                _ => store.clear_checkpoint(connection.id, &schema.name).await?,
+            }
+        }
+        if remote_transfer.is_none() {
+            // Nothing applied yet, but an earlier pull may have been told to wait for approval:
+            // ask about the same sender transfer rather than opening a new one.
+            let latest = store
+                .list_transfers(&crate::transfer::TransferFilter {
+                    connection_id: Some(connection.id),
+                    direction: Some(TransferDirection::Receive),
+                    table_name: Some(schema.name.clone()),
+                    per_page: Some(1),
+                    ..Default::default()
+                })
+                .await?;
+            if let Some(previous) = latest.items.first()
+                && previous.status != TransferStatus::Completed
+                && let Some(id) = previous
+                    .metadata
+                    .get("remote_transfer_id")
+                    .and_then(|v| v.as_str())
+            {
+                remote_transfer = Some(id.to_owned());
+                resumed = true;
+            }
+        }
+        let transfer = store
+            .create_transfer(
+                NewTransfer {
+                    connection_id: connection.id,
+                    direction: TransferDirection::Receive,
+                    table_name: schema.name.clone(),
+                    requires_approval: false,
+                    records_requested: 0,
+                    conflict_strategy: strategy,
+                    transport: Some(Transport::Ws),
+                    requester_ip: None,
+                    requester_user_agent: None,
+                },
+                self.config.approval_ttl(),
+                &Actor::system(),
+                self.now(),
+            )
+            .await?;
+        store.start_transfer(transfer.id, self.now()).await?;
+        let mut summary = TableSummary {
+            table: schema.name.clone(),
+            created_table,
+            resumed,
+            transfer_id: transfer.id,
+            ..TableSummary::default()
+        };
+        let outcome = self
+            .pull_rows(
+                client,
+                connection,
+                schema,
+                &columns,
+                strategy,
+                max_per_request,
+                options,
+                on_event,
+                &mut after,
+                &mut remote_transfer,
+                &mut summary,
+            )
+            .await;
+        match outcome {
+            Ok(()) => {
+                store.complete_transfer(transfer.id, self.now()).await?;
+                Ok(summary)
+            }
+            Err(err) => {
+                let _ = store
+                    .fail_transfer(transfer.id, &err.to_string(), self.now())
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_rows(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        schema: &TableSchema,
+        columns: &[String],
+        strategy: ConflictStrategy,
+        max_per_request: u64,
+        options: &PullOptions,
+        on_event: &mut impl FnMut(PullEvent),
+        after: &mut Option<Vec<Value>>,
+        remote_transfer: &mut Option<String>,
+        summary: &mut TableSummary,
+    ) -> Result<()> {
+        let store = &self.store;
+        let excluded: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|c| !columns.contains(c))
+            .collect();
+        let waiting_since = Instant::now();
+        let mut request_id = 0u64;
+        loop {
+            request_id += 1;
+            client
+                .send(&Message::Pull(Pull {
+                    request_id,
+                    table: schema.name.clone(),
+                    after_key: after.clone(),
+                    limit: max_per_request,
+                    exclude_columns: excluded.clone(),
+                    credits: CREDITS,
+                    transfer_id: remote_transfer.clone(),
+                }))
+                .await?;
+            loop {
+                let (message, wire) = match client.recv().await {
+                    Ok(received) => received,
+                    // Over the sender's request rate: wait as told, then ask again.
+                    Err(Error::Remote {
+                        code,
+                        retry_after_ms,
+                        ..
+                    }) if code == "rate_limited" => {
+                        let wait = Duration::from_millis(
+                            retry_after_ms.unwrap_or(1_000).clamp(100, 60_000),
+                        );
+                        tokio::time::sleep(wait).await;
+                        request_id -= 1;
+                        break;
+                    }
+                    Err(err) => return Err(err),
+                };
+                match message {
+                    Message::RowBatch(batch) => {
+                        let rows = batch.rows.len() as i64;
+                        let last_key =
+                            (!batch.last_key.is_empty()).then_some(batch.last_key.as_slice());
+                        let applied = store
+                            .apply_batch(
+                                connection.id,
+                                Some(summary.transfer_id),
+                                schema,
+                                &batch.columns,
+                                &batch.rows,
+                                strategy,
+                                last_key,
+                            )
+                            .await?;
+                        *after = last_key.map(<[Value]>::to_vec);
+                        summary.rows += rows;
+                        summary.created += applied.created;
+                        summary.updated += applied.updated;
+                        summary.skipped += applied.skipped;
+                        summary.bytes_wire += wire as i64;
+                        store
+                            .record_progress(
+                                summary.transfer_id,
+                                &Progress {
+                                    records_transferred: rows,
+                                    records_created: applied.created,
+                                    records_updated: applied.updated,
+                                    records_skipped: applied.skipped,
+                                    bytes_wire: wire as i64,
+                                    resume_key: after
+                                        .as_ref()
+                                        .and_then(|k| serde_json::to_value(k).ok()),
+                                    ..Progress::default()
+                                },
+                            )
+                            .await?;
+                        on_event(PullEvent::Batch {
+                            table: schema.name.clone(),
+                            rows,
+                            bytes_wire: wire as i64,
+                        });
+                        client
+                            .send(&Message::Credit(Credit {
+                                request_id,
+                                batches: 1,
+                            }))
+                            .await?;
+                    }
+                    Message::PullDone(done) => {
+                        if remote_transfer.as_deref() != Some(done.transfer_id.as_str()) {
+                            *remote_transfer = Some(done.transfer_id.clone());
+                            store
+                                .merge_transfer_metadata(
+                                    summary.transfer_id,
+                                    serde_json::json!({ "remote_transfer_id": done.transfer_id }),
+                                )
+                                .await?;
+                        }
+                        summary.truncated |= done.truncated;
+                        if let Some(key) = done.last_key {
+                            *after = Some(key);
+                        }
+                        if !done.more {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                    Message::ApprovalPending(pending) => {
+                        if remote_transfer.as_deref() != Some(pending.transfer_id.as_str()) {
+                            *remote_transfer = Some(pending.transfer_id.clone());
+                            store
+                                .merge_transfer_metadata(summary.transfer_id, serde_json::json!({ "remote_transfer_id": pending.transfer_id, "waited_for_approval": true }))
+                                .await?;
+                        }
+                        on_event(PullEvent::WaitingForApproval {
+                            table: schema.name.clone(),
+                            transfer_id: pending.transfer_id.clone(),
+                        });
+                        if options
+                            .approval_wait
+                            .is_some_and(|limit| waiting_since.elapsed() >= limit)
+                        {
+                            return Err(Error::Remote {
+                                site: connection.site_url.clone(),
+                                code: "approval_pending".into(),
+                                message: format!(
+                                    "transfer {} still waits for the sender's approval",
+                                    pending.transfer_id
+                                ),
+                                retry_after_ms: None,
+                            });
+                        }
+                        tokio::time::sleep(
+                            APPROVAL_POLL.min(options.approval_wait.unwrap_or(APPROVAL_POLL)),
+                        )
+                        .await;
+                        // Ask again under the same transfer: the sender answers ApprovalPending until
+                        // an admin decides.
+                        break;
+                    }
+                    Message::Pong(_) => {}
+                    other => {
+                        return Err(client.session_error(format!("unexpected {:?}", other.kind())));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `dbsync pull`: pull tables from the sending site of a receiver connection.
+
+use clap::Args;
+use dbsync_agent::connection::ConflictStrategy;
+use dbsync_agent::pull::{PullEvent, PullOptions};
+
+use super::Context;
+use super::output;
+
+#[derive(Debug, Args)]
+pub(crate) struct PullArgs {
+    /// Receiver connection id or name
+    connection: String,
+    /// Tables to pull (comma-separated)
+    #[arg(long, value_delimiter = ',', conflicts_with = "all")]
+    tables: Vec<String>,
+    /// Pull every table the sender offers (the default when --tables is absent)
+    #[arg(long)]
+    all: bool,
+    /// skip, overwrite, merge or append [default: the connection's]
+    #[arg(long, value_parser = parse_strategy)]
+    strategy: Option<ConflictStrategy>,
+    /// Columns to leave out (comma-separated; key columns cannot be left out)
+    #[arg(long, value_delimiter = ',')]
+    exclude_columns: Vec<String>,
+    /// Read the sender's download password from stdin
+    #[arg(long)]
+    password_stdin: bool,
+    /// Give up waiting for the sender's approval after this long (e.g. 10m) [default: wait]
+    #[arg(long, value_parser = super::connections::parse_duration)]
+    approval_wait: Option<chrono::Duration>,
+}
+
+fn parse_strategy(text: &str) -> Result<ConflictStrategy, String> {
+    text.parse()
+        .map_err(|err: dbsync_agent::Error| err.to_string())
+}
+
+pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
+    let password = if args.password_stdin {
+        Some(super::read_secret_line("download password")?)
+    } else {
+        None
+    };
+    let options = PullOptions {
+        tables: (!args.tables.is_empty()).then_some(args.tables),
+        strategy: args.strategy,
+        exclude_columns: args.exclude_columns,
+        password,
+        approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
+    };
+    let json = ctx.json;
+    let summary = ctx
+        .agent
+        .pull(&args.connection, &options, |event| {
+            if json {
+                return;
+            }
+            match event {
+                PullEvent::TableStarted {
+                    table,
+                    estimated_rows,
+                } => {
+                    eprintln!("pulling {table} (about {estimated_rows} rows)");
+                }
+                PullEvent::WaitingForApproval { table, transfer_id } => {
+                    eprintln!(
+                        "{table}: waiting for the sender's admin to approve transfer {transfer_id}"
+                    );
+                }
+                PullEvent::Batch { .. } => {}
+            }
+        })
+        .await?;
+    if json {
+        return output::print_json(&summary);
+    }
+    let rows = summary
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.table.clone(),
+                t.rows.to_string(),
+                t.created.to_string(),
+                t.updated.to_string(),
+                t.skipped.to_string(),
+                output::bytes(t.bytes_wire),
+                if t.resumed {
+                    "resumed".into()
+                } else if t.truncated {
+                    "truncated".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    output::print_rows(
+        &["TABLE", "ROWS", "CREATED", "UPDATED", "SKIPPED", "WIRE", ""],
+        rows,
+        "Nothing to pull.",
+    );
+    let total: i64 = summary.tables.iter().map(|t| t.rows).sum();
+    println!("{total} rows in {:.1} s", summary.seconds);
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! `dbsync pull` over WebSocket between two agents on real sockets: copies that compare equal
+//! value by value, and the sender's controls observed by a real receiver.
+
+use std::time::Duration;
+
+use dbsync_agent::audit::Actor;
+use dbsync_agent::connection::{ApprovalMode, ConnectionSettings, NewConnection};
+use dbsync_agent::pull::PullOptions;
+use dbsync_agent::settings::IncomingMode;
+use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
+use dbsync_agent::{Error, Store};
+use dbsync_protocol::Value;
+use sqlx::Connection as _;
+
+use crate::support::agents::{Options, RunningAgent, start};
+
+fn admin() -> Actor {
+    Actor::admin("tester")
+}
+
+async fn exec(agent: &RunningAgent, statements: &[String]) {
+    let url = agent.agent.config.database_url().to_owned();
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        for sql in statements {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        for sql in statements {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Sender A and receiver B (auto_accept), connected by a registered connection with `settings`.
+async fn pair(
+    test: &str,
+    postgres: bool,
+    settings: ConnectionSettings,
+) -> Option<(RunningAgent, RunningAgent, String)> {
+    let a = start(
+        test,
+        Options {
+            postgres,
+            ..Options::default()
+        },
+    )
+    .await?;
+    let b = start(
+        test,
+        Options {
+            postgres,
+            ..Options::default()
+        },
+    )
+    .await?;
+    b.agent
+        .store
+        .set_incoming(IncomingMode::AutoAccept, None, &admin(), b.agent.now())
+        .await
+        .unwrap();
+    a.agent
+        .create_sender(
+            NewConnection {
+                name: "to-b".into(),
+                site_url: b.url.clone(),
+                settings,
+            },
+            None,
+            &admin(),
+        )
+        .await
+        .unwrap();
+    let receiver = b
+        .agent
+        .store
+        .list_connections(&Default::default())
+        .await
+        .unwrap()
+        .remove(0);
+    Some((a, b, receiver.name))
+}
+
+async fn rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
+    let schema = store.describe_table(table).await.unwrap();
+    let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+    store
+        .read_page(&schema, &columns, None, 100_000)
+        .await
+        .unwrap()
+        .rows
+}
+
+fn schema_statements(n: i64) -> Vec<String> {
+    let mut statements = vec![
+        "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL, score REAL)".to_owned(),
+        "CREATE TABLE \"Order\" (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL REFERENCES users (id), \"select\" TEXT)".to_owned(),
+    ];
+    for i in 1..=n {
+        statements.push(format!(
+            "INSERT INTO users VALUES ({i}, 'u{i}@example.com', {i}.5)"
+        ));
+        statements.push(format!("INSERT INTO \"Order\" VALUES ({i}, {i}, 'o{i}')"));
+    }
+    statements
+}
+
+async fn copy_is_identical(postgres: bool, test: &str) {
+    let Some((a, b, receiver)) = pair(test, postgres, ConnectionSettings::default()).await else {
+        return;
+    };
+    exec(&a, &schema_statements(2_500)).await;
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let order: Vec<&str> = summary.tables.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(order, ["users", "Order"], "parents first");
+    for table in ["users", "Order"] {
+        assert_eq!(
+            rows(&a.agent.store, table).await,
+            rows(&b.agent.store, table).await,
+            "{table}"
+        );
+    }
+    assert!(
+        summary
+            .tables
+            .iter()
+            .all(|t| t.created_table && t.rows == 2_500 && t.created == 2_500)
+    );
+
+    // Both sides recorded the transfers.
+    let sent = a
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            direction: Some(TransferDirection::Send),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.total, 2);
+    assert!(
+        sent.items
+            .iter()
+            .all(|t| t.status == TransferStatus::Completed
+                && t.records_transferred == 2_500
+                && t.bytes_wire > 0
+                && t.bytes_raw > t.bytes_wire)
+    );
+    let received = b
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            direction: Some(TransferDirection::Receive),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(received.total, 2);
+    assert!(
+        received
+            .items
+            .iter()
+            .all(|t| t.status == TransferStatus::Completed && t.records_created == 2_500)
+    );
+
+    // Pulling again overwrites in place: nothing new, everything updated.
+    exec(
+        &a,
+        &["UPDATE users SET email = 'changed' WHERE id = 7".into()],
+    )
+    .await;
+    let again = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["users".into()]),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.tables[0].created, again.tables[0].updated),
+        (0, 2_500)
+    );
+    assert_eq!(
+        rows(&b.agent.store, "users").await[6][1],
+        Value::Text("changed".into())
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_to_sqlite_copy_is_identical() {
+    copy_is_identical(false, "pull::sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_to_postgres_copy_is_identical() {
+    copy_is_identical(true, "pull::postgres").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_limits_and_requests_are_enforced() {
+    let settings = ConnectionSettings {
+        max_records_per_request: 7,
+        max_records_total: Some(2_010),
+        // 288 requests: above the default 60 per minute (the receiver would wait, as told).
+        rate_limit_per_minute: 100_000,
+        excluded_tables: vec!["Order".into()],
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("pull::limits", false, settings).await else {
+        return;
+    };
+    exec(&a, &schema_statements(2_500)).await;
+
+    // An excluded table is invisible.
+    let refused = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["Order".into()]),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Remote { code, .. }) if code == "table_not_allowed"),
+        "{refused:?}"
+    );
+
+    // 7 rows per request, cut exactly at 2,010 rows in all.
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(summary.tables.len(), 1);
+    assert_eq!(summary.tables[0].rows, 2_010);
+    assert!(summary.tables[0].truncated);
+    assert_eq!(rows(&b.agent.store, "users").await.len(), 2_010);
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.records_downloaded, 2_010);
+    assert_eq!(
+        on_a.downloads_used, 1,
+        "one download for the whole multi-request pull"
+    );
+
+    let again = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await;
+    assert!(
+        matches!(&again, Err(Error::Remote { code, .. }) if code == "record_limit_exceeded"),
+        "{again:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_hold_pulls_until_an_admin_decides() {
+    let settings = ConnectionSettings {
+        approval_mode: ApprovalMode::RequireApproval,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("pull::approval", false, settings).await else {
+        return;
+    };
+    exec(&a, &schema_statements(20)).await;
+    let options = PullOptions {
+        tables: Some(vec!["users".into()]),
+        approval_wait: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let waiting = b.agent.pull(&receiver, &options, |_| {}).await;
+    assert!(
+        matches!(&waiting, Err(Error::Remote { code, .. }) if code == "approval_pending"),
+        "{waiting:?}"
+    );
+    let pending = a
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            status: Some(TransferStatus::PendingApproval),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pending.total, 1);
+    let transfer = pending.items[0].id;
+    assert_eq!(
+        a.agent
+            .store
+            .get_connection("to-b")
+            .await
+            .unwrap()
+            .downloads_used,
+        0,
+        "not a download yet"
+    );
+
+    a.agent
+        .store
+        .approve_transfer(transfer, &admin(), a.agent.now())
+        .await
+        .unwrap();
+    let done = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    assert_eq!(done.tables[0].rows, 20);
+    assert!(
+        done.tables[0].resumed,
+        "the pull picks up the approved transfer"
+    );
+    let sent = a.agent.store.get_transfer(transfer).await.unwrap();
+    assert_eq!(sent.status, TransferStatus::Completed);
+    assert_eq!(sent.records_transferred, 20);
+
+    // A denied transfer ends the pull with approval_denied.
+    let waiting = b.agent.pull(&receiver, &options, |_| {}).await;
+    assert!(waiting.is_err());
+    let pending = a
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            status: Some(TransferStatus::PendingApproval),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.agent
+        .store
+        .deny_transfer(pending.items[0].id, "not today", &admin(), a.agent.now())
+        .await
+        .unwrap();
+    let denied = b.agent.pull(&receiver, &options, |_| {}).await;
+    assert!(
+        matches!(&denied, Err(Error::Remote { code, message, .. }) if code == "approval_denied" && message == "not today"),
+        "{denied:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_or_a_suspended_connection_is_refused() {
+    let Some((a, b, receiver)) = pair("pull::refused", false, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    a.agent
+        .store
+        .suspend_connection("to-b", "maintenance", &admin(), a.agent.now())
+        .await
+        .unwrap();
+    let refused = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Remote { code, .. }) if code == "connection_not_active"),
+        "{refused:?}"
+    );
+    a.agent
+        .store
+        .reactivate_connection("to-b", &admin(), a.agent.now())
+        .await
+        .unwrap();
+    a.agent
+        .store
+        .regenerate_token("to-b", &admin(), a.agent.now())
+        .await
+        .unwrap();
+    let refused = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Remote { code, .. }) if code == "invalid_token"),
+        "{refused:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
