@@ -6,7 +6,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Dies quietly on a closed pipe (`dbsync transfers list | head`) like other command-line tools,
+/// instead of panicking on the failed write.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first in main, before any other thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    #[cfg(unix)]
+    restore_sigpipe();
     let args = cli::Cli::parse();
     cli::init_tracing(&args.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
