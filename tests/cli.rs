@@ -504,3 +504,32 @@ fn config_file_then_env_then_flags(site: &Site) {
         missing.stderr
     );
 }
+
+#[test]
+fn the_demo_copies_a_shop_and_finds_both_sides_identical() {
+    let site = Site::sqlite();
+    let out = site.run(&["--json", "demo", "--orders", "3000"], None);
+    let report = out.json();
+    assert_eq!(report["identical"], true, "{report}");
+    let tables: Vec<&str> = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tables,
+        ["customers", "products", "orders", "order_items"],
+        "parents first"
+    );
+    assert!(report["rows"].as_i64().unwrap() > 10_000);
+    assert!(report["bytes_wire"].as_i64().unwrap() < report["bytes_raw"].as_i64().unwrap());
+    // The human form says so too.
+    let human = site.run(&["demo", "--orders", "200"], None);
+    assert_eq!(human.status, 0, "{}", human.stderr);
+    assert!(
+        human.stdout.contains("identical data, value by value: OK"),
+        "{}",
+        human.stdout
+    );
+}

@@ -149,6 +149,21 @@ impl Store {
         Ok(usize::try_from(count).unwrap_or(0))
     }
 
+    /// Runs statements in one transaction: for seeding demo data and test fixtures, never with
+    /// input from a peer.
+    pub async fn execute_batch(&self, statements: &[String]) -> Result<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for statement in statements {
+                sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
     /// Closes every pooled connection.
     pub async fn close(&self) {
         match &self.pool {

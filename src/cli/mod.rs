@@ -2,6 +2,7 @@
 
 mod admin_tokens;
 pub(crate) mod connections;
+mod demo;
 pub(crate) mod output;
 mod pull;
 mod serve;
@@ -63,6 +64,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Two agents on SQLite in a temporary directory: seed one, register, pull over WebSocket,
+    /// and check that both hold identical data
+    Demo(demo::DemoArgs),
     /// Run the agent: the peer API, the admin JSON API, and background work (status pushes to
     /// peers, expiry sweeps)
     Serve(serve::ServeArgs),
@@ -117,6 +121,9 @@ pub(crate) fn init_tracing(global: &GlobalArgs) {
 }
 
 pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo(args) = cli.command {
+        return demo::run(args, cli.global.json).await;
+    }
     let mut config = Config::load(cli.global.config.as_deref())?;
     if let Some(url) = cli.global.database_url {
         config.database_url = Some(url);
@@ -147,6 +154,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         json: cli.global.json,
     };
     let result = match cli.command {
+        Command::Demo(_) => unreachable!("handled before the state database is opened"),
         Command::Serve(_) => {
             let listener = listener.expect("serve binds before the agent is built");
             serve::run(ctx, listener).await
