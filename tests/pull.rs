@@ -398,3 +398,95 @@ async fn a_wrong_token_or_a_suspended_connection_is_refused() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_killed_mid_way_resumes_without_loss_or_duplicates() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) =
+            pair("pull::resume", postgres, ConnectionSettings::default()).await
+        else {
+            return;
+        };
+        exec(&a, &schema_statements(6_000)).await;
+        let options = PullOptions {
+            tables: Some(vec!["users".into()]),
+            ..Default::default()
+        };
+
+        // Kill the pull (drop it, socket and all) as soon as two batches are applied.
+        let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let agent = std::sync::Arc::clone(&b.agent);
+        let name = receiver.clone();
+        let opts = options.clone();
+        let task = tokio::spawn(async move {
+            agent
+                .pull(&name, &opts, move |event| {
+                    if matches!(event, dbsync_agent::pull::PullEvent::Batch { .. }) {
+                        let _ = seen.send(());
+                    }
+                })
+                .await
+        });
+        batches.recv().await.unwrap();
+        batches.recv().await.unwrap();
+        task.abort();
+        let _ = task.await;
+        let partial = rows(&b.agent.store, "users").await.len();
+        assert!(
+            (2_000..6_000).contains(&partial),
+            "killed mid-way: {partial} rows"
+        );
+
+        // Run again: it resumes after the checkpoint under the same sender transfer.
+        let summary = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+        assert!(summary.tables[0].resumed);
+        assert_eq!(
+            summary.tables[0].rows as usize + partial,
+            6_000,
+            "no row sent twice"
+        );
+        assert_eq!(
+            rows(&a.agent.store, "users").await,
+            rows(&b.agent.store, "users").await
+        );
+        let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+        let debug = a
+            .agent
+            .store
+            .list_transfers(&TransferFilter::default())
+            .await
+            .unwrap();
+        let received = b
+            .agent
+            .store
+            .list_transfers(&TransferFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            on_a.downloads_used,
+            1,
+            "a resume is not a new download: {:?} {:?}",
+            debug
+                .items
+                .iter()
+                .map(|t| (t.status, t.records_transferred))
+                .collect::<Vec<_>>(),
+            received
+                .items
+                .iter()
+                .map(|t| (t.status, t.metadata.clone()))
+                .collect::<Vec<_>>()
+        );
+        let sent = a
+            .agent
+            .store
+            .list_transfers(&TransferFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(sent.total, 1);
+        assert_eq!(sent.items[0].status, TransferStatus::Completed);
+        assert_eq!(sent.items[0].records_transferred, 6_000);
+        a.stop().await;
+        b.stop().await;
+    }
+}

@@ -4,6 +4,7 @@
 //! request, rate limit). Rows go out in key order, a batch at a time, never more batches in
 //! flight than the receiver granted.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -394,12 +395,15 @@ impl Session<'_> {
         };
 
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
-        let mut credits = pull.credits.max(1);
+        let initial_credits = pull.credits.clamp(1, 64);
+        let mut credits = initial_credits;
         let mut after = pull.after_key.clone();
         let mut sent: i64 = 0;
         let mut seq = 0;
         let mut truncated = false;
         let mut exhausted = false;
+        let limited = connection.max_records_total.is_some();
+        let mut in_flight: VecDeque<SentBatch> = VecDeque::new();
         while sent < limit {
             let want = BATCH_ROWS.min(limit - sent);
             let granted = if connection.max_records_total.is_some() {
@@ -441,24 +445,12 @@ impl Session<'_> {
                 break;
             }
             while credits == 0 {
-                match self.recv(IDLE_TIMEOUT).await? {
-                    Message::Credit(credit) if credit.request_id == pull.request_id => {
-                        credits += credit.batches
-                    }
-                    Message::Cancel(_) => {
-                        let _ = store
-                            .cancel_transfer(
-                                transfer.id,
-                                &Actor::remote(&connection.site_url),
-                                self.agent.now(),
-                            )
-                            .await;
-                        return Ok(());
-                    }
-                    Message::Ping(ping) => {
-                        self.send(&Message::Pong(ping)).await?;
-                    }
-                    _ => {}
+                match self
+                    .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
+                    .await?
+                {
+                    Some(batches) => credits += batches,
+                    None => return Ok(()),
                 }
             }
             let batch = RowBatch {
@@ -467,25 +459,28 @@ impl Session<'_> {
                 columns: columns.clone(),
                 last_key: page.last_key.clone().unwrap_or_default(),
                 rows: page.rows,
+                transfer_id: transfer.id.to_string(),
             };
-            let (wire, raw) = self.send_sized(&Message::RowBatch(batch)).await?;
+            let (wire, raw) = match self.send_sized(&Message::RowBatch(batch)).await {
+                Ok(sizes) => sizes,
+                Err(err) => {
+                    let reserved = if limited { got } else { 0 };
+                    self.release_unacknowledged(connection, &mut in_flight, reserved)
+                        .await;
+                    return Err(err);
+                }
+            };
             credits -= 1;
             seq += 1;
             sent += got;
             after = page.last_key;
-            store
-                .record_progress(
-                    transfer.id,
-                    &Progress {
-                        records_transferred: got,
-                        bytes_wire: wire as i64,
-                        bytes_raw: raw as i64,
-                        resume_key: after.as_ref().and_then(|k| serde_json::to_value(k).ok()),
-                        ..Progress::default()
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+            in_flight.push_back(SentBatch {
+                rows: got,
+                wire: wire as i64,
+                raw: raw as i64,
+                last_key: after.clone(),
+                reserved: if limited { got } else { 0 },
+            });
             if got < granted {
                 // Fewer rows than asked for: the table is done.
                 exhausted = true;
@@ -495,6 +490,18 @@ impl Session<'_> {
                 // The record limit cut this batch: the connection has no rows left to give.
                 truncated = true;
                 break;
+            }
+        }
+        // A batch counts as delivered only when the receiver has applied it (its credit comes
+        // back): wait for every outstanding one, so a receiver that dies now leaves the
+        // transfer in progress, to be resumed, not completed.
+        while credits < initial_credits {
+            match self
+                .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
+                .await?
+            {
+                Some(batches) => credits += batches,
+                None => return Ok(()),
             }
         }
         let more = !exhausted && !truncated;
@@ -524,6 +531,92 @@ impl Session<'_> {
         .map(|_| ())
     }
 
+    /// Waits for the receiver's next credit for `request_id`. Batches it acknowledges are
+    /// recorded as transferred; if the receiver goes away, rows reserved for unacknowledged
+    /// batches are given back, so a resumed transfer never counts them twice. `None` when the
+    /// receiver cancelled the pull.
+    async fn next_credit(
+        &mut self,
+        connection: &Connection,
+        transfer_id: Uuid,
+        request_id: u64,
+        in_flight: &mut VecDeque<SentBatch>,
+    ) -> SessionResult<Option<u32>> {
+        loop {
+            let message = match self.recv(IDLE_TIMEOUT).await {
+                Ok(message) => message,
+                Err(err) => {
+                    self.release_unacknowledged(connection, in_flight, 0).await;
+                    return Err(err);
+                }
+            };
+            match message {
+                Message::Credit(credit) if credit.request_id == request_id => {
+                    for _ in 0..credit.batches {
+                        let Some(batch) = in_flight.pop_front() else {
+                            break;
+                        };
+                        self.agent
+                            .store
+                            .record_progress(
+                                transfer_id,
+                                &Progress {
+                                    records_transferred: batch.rows,
+                                    bytes_wire: batch.wire,
+                                    bytes_raw: batch.raw,
+                                    resume_key: batch
+                                        .last_key
+                                        .as_ref()
+                                        .and_then(|k| serde_json::to_value(k).ok()),
+                                    ..Progress::default()
+                                },
+                            )
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    return Ok(Some(credit.batches));
+                }
+                Message::Cancel(_) => {
+                    self.release_unacknowledged(connection, in_flight, 0).await;
+                    let _ = self
+                        .agent
+                        .store
+                        .cancel_transfer(
+                            transfer_id,
+                            &Actor::remote(&connection.site_url),
+                            self.agent.now(),
+                        )
+                        .await;
+                    return Ok(None);
+                }
+                Message::Ping(ping) => {
+                    self.send(&Message::Pong(ping)).await?;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Gives back the record reservations of batches the receiver never acknowledged (plus
+    /// `extra` reserved rows not sent at all).
+    async fn release_unacknowledged(
+        &mut self,
+        connection: &Connection,
+        in_flight: &mut VecDeque<SentBatch>,
+        extra: i64,
+    ) {
+        let unacknowledged: i64 = in_flight.drain(..).map(|b| b.reserved).sum::<i64>() + extra;
+        if unacknowledged > 0
+            && let Err(err) = self
+                .agent
+                .store
+                .release_records(connection.id, unacknowledged)
+                .await
+        {
+            tracing::warn!(error = %err, "could not release unacknowledged record reservations");
+        }
+    }
+
     async fn approval_pending(&mut self, pull: &Pull, transfer_id: Uuid) -> SessionResult<()> {
         self.send(&Message::ApprovalPending(ApprovalPending {
             request_id: pull.request_id,
@@ -532,4 +625,13 @@ impl Session<'_> {
         .await
         .map(|_| ())
     }
+}
+
+/// A batch sent and not yet acknowledged.
+struct SentBatch {
+    rows: i64,
+    wire: i64,
+    raw: i64,
+    last_key: Option<Vec<dbsync_protocol::Value>>,
+    reserved: i64,
 }

@@ -524,6 +524,15 @@ impl Agent {
                 };
                 match message {
                     Message::RowBatch(batch) => {
+                        if remote_transfer.as_deref() != Some(batch.transfer_id.as_str()) {
+                            *remote_transfer = Some(batch.transfer_id.clone());
+                            store
+                                .merge_transfer_metadata(
+                                    summary.transfer_id,
+                                    serde_json::json!({ "remote_transfer_id": batch.transfer_id }),
+                                )
+                                .await?;
+                        }
                         let rows = batch.rows.len() as i64;
                         let last_key =
                             (!batch.last_key.is_empty()).then_some(batch.last_key.as_slice());

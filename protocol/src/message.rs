@@ -191,6 +191,8 @@ pub struct RowBatch {
     pub rows: Vec<Vec<Value>>,
     /// Key of the last row, to resume after.
     pub last_key: Vec<Value>,
+    /// The sender's transfer record (a receiver that dies mid-pull resumes under it).
+    pub transfer_id: String,
 }
 
 /// More batches may be sent.

@@ -68,6 +68,7 @@ proptest! {
             columns: vec!["a".into()],
             last_key: rows.last().map(|r| vec![r[0].clone()]).unwrap_or_default(),
             rows,
+            transfer_id: "t".into(),
         };
         let encoded = codec::encode(&Message::RowBatch(batch.clone()), 3).unwrap();
         prop_assert_eq!(encoded[2], FLAG_ZSTD);
