@@ -490,3 +490,80 @@ async fn a_pull_killed_mid_way_resumes_without_loss_or_duplicates() {
         b.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_cross_engines_in_both_directions() {
+    for (sender_on_postgres, receiver_on_postgres) in [(true, false), (false, true)] {
+        let Some(a) = start(
+            "pull::cross",
+            Options {
+                postgres: sender_on_postgres,
+                ..Options::default()
+            },
+        )
+        .await
+        else {
+            return;
+        };
+        let Some(b) = start(
+            "pull::cross",
+            Options {
+                postgres: receiver_on_postgres,
+                ..Options::default()
+            },
+        )
+        .await
+        else {
+            return;
+        };
+        b.agent
+            .store
+            .set_incoming(IncomingMode::AutoAccept, None, &admin(), b.agent.now())
+            .await
+            .unwrap();
+        a.agent
+            .create_sender(
+                NewConnection {
+                    name: "to-b".into(),
+                    site_url: b.url.clone(),
+                    settings: ConnectionSettings::default(),
+                },
+                None,
+                &admin(),
+            )
+            .await
+            .unwrap();
+        let receiver = b
+            .agent
+            .store
+            .list_connections(&Default::default())
+            .await
+            .unwrap()
+            .remove(0)
+            .name;
+        exec(&a, &schema_statements(1_200)).await;
+        let summary = b
+            .agent
+            .pull(&receiver, &PullOptions::default(), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(summary.tables.iter().map(|t| t.rows).sum::<i64>(), 2_400);
+        let users = rows(&b.agent.store, "users").await;
+        assert_eq!(users.len(), 1_200);
+        assert_eq!(
+            users[41],
+            vec![
+                Value::Int(42),
+                Value::Text("u42@example.com".into()),
+                Value::Float(42.5)
+            ]
+        );
+        let orders = rows(&b.agent.store, "Order").await;
+        assert_eq!(
+            orders[0],
+            vec![Value::Int(1), Value::Int(1), Value::Text("o1".into())]
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+}
