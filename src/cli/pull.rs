@@ -3,6 +3,7 @@
 use clap::Args;
 use dbsync_agent::connection::ConflictStrategy;
 use dbsync_agent::pull::{PullEvent, PullOptions};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Context;
 use super::output;
@@ -50,6 +51,14 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
     };
     let json = ctx.json;
+    // A progress bar on a terminal; plain lines otherwise; nothing with --json.
+    let terminal = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let style = ProgressStyle::with_template(
+        "{prefix:>16} [{bar:30}] {pos}/{len} rows  {msg}  {per_sec}  eta {eta}",
+    )?
+    .progress_chars("=> ");
+    let mut bar: Option<ProgressBar> = None;
+    let mut wire: i64 = 0;
     let summary = ctx
         .agent
         .pull(&args.connection, &options, |event| {
@@ -61,17 +70,52 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                     table,
                     estimated_rows,
                 } => {
-                    eprintln!("pulling {table} (about {estimated_rows} rows)");
+                    if let Some(done) = bar.take() {
+                        done.finish();
+                    }
+                    wire = 0;
+                    if terminal {
+                        let next = ProgressBar::new(estimated_rows.max(1));
+                        next.set_style(style.clone());
+                        next.set_prefix(table);
+                        bar = Some(next);
+                    } else {
+                        eprintln!("pulling {table} (about {estimated_rows} rows)");
+                    }
                 }
                 PullEvent::WaitingForApproval { table, transfer_id } => {
-                    eprintln!(
+                    let line = format!(
                         "{table}: waiting for the sender's admin to approve transfer {transfer_id}"
                     );
+                    match &bar {
+                        Some(bar) => bar.set_message(line),
+                        None => eprintln!("{line}"),
+                    }
                 }
-                PullEvent::Batch { .. } => {}
+                PullEvent::Batch {
+                    rows, bytes_wire, ..
+                } => {
+                    wire += bytes_wire;
+                    if let Some(bar) = &bar {
+                        let rows = u64::try_from(rows).unwrap_or(0);
+                        if bar.position() + rows > bar.length().unwrap_or(0) {
+                            bar.set_length(bar.position() + rows);
+                        }
+                        bar.inc(rows);
+                        bar.set_message(format!("{} wire", output::bytes(wire)));
+                    }
+                }
             }
         })
-        .await?;
+        .await;
+    if let Some(bar) = bar.take() {
+        if summary.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
+    }
+    let summary = summary?;
     if json {
         return output::print_json(&summary);
     }
