@@ -263,19 +263,6 @@ impl Session<'_> {
                     }
                 }
                 Message::Pull(pull) => self.pull(&connection, pull).await?,
-                Message::ApprovalStatus(status) => {
-                    let transfer = Uuid::parse_str(&status.transfer_id)
-                        .ok()
-                        .map(|id| self.agent.store.get_transfer(id));
-                    let message = match transfer {
-                        Some(fut) => match fut.await {
-                            Ok(t) if t.connection_id == Some(connection.id) => t.status.to_string(),
-                            _ => "unknown".into(),
-                        },
-                        None => "unknown".into(),
-                    };
-                    self.refuse(codes::APPROVAL_PENDING, message, None).await?;
-                }
                 Message::Cancel(_) | Message::Credit(_) => {}
                 other => {
                     self.refuse(

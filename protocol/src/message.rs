@@ -33,7 +33,8 @@ pub enum Kind {
     PullDone = 23,
     /// Sender: the transfer waits for approval.
     ApprovalPending = 24,
-    /// Receiver asks whether a pending approval was decided.
+    /// Reserved: asking about an approval. A receiver asks again with `Pull` and the transfer id,
+    /// and a sender answers this kind with a protocol error.
     ApprovalStatus = 25,
     /// Receiver stops a pull.
     Cancel = 26,
