@@ -1227,17 +1227,11 @@ impl Store {
             .find_connection(connection_id)
             .await?
             .ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
-        let mut metadata = match current.metadata {
-            serde_json::Value::Object(map) => map,
-            _ => serde_json::Map::new(),
-        };
-        if let serde_json::Value::Object(patch) = patch {
-            metadata.extend(patch);
-        }
+        let metadata = crate::store::merge_json_object(current.metadata, patch);
         Ok(on_pool!(self, |pool| {
             sqlx::query_as("UPDATE dbsync_connections SET metadata = $2 WHERE id = $1 RETURNING *")
                 .bind(connection_id)
-                .bind(Json(serde_json::Value::Object(metadata)))
+                .bind(Json(metadata))
                 .fetch_one(pool)
                 .await?
         }))

@@ -68,6 +68,21 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// `current` with the top-level keys of `patch` set (a non-object `current` starts empty).
+pub(crate) fn merge_json_object(
+    current: serde_json::Value,
+    patch: serde_json::Value,
+) -> serde_json::Value {
+    let mut merged = match current {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    if let serde_json::Value::Object(patch) = patch {
+        merged.extend(patch);
+    }
+    serde_json::Value::Object(merged)
+}
+
 /// Handle to the state database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {

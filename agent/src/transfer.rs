@@ -589,17 +589,11 @@ impl Store {
         patch: serde_json::Value,
     ) -> Result<Transfer> {
         let current = self.get_transfer(id).await?;
-        let mut metadata = match current.metadata {
-            serde_json::Value::Object(map) => map,
-            _ => serde_json::Map::new(),
-        };
-        if let serde_json::Value::Object(patch) = patch {
-            metadata.extend(patch);
-        }
+        let metadata = crate::store::merge_json_object(current.metadata, patch);
         Ok(on_pool!(self, |pool| {
             sqlx::query_as("UPDATE dbsync_transfers SET metadata = $2 WHERE id = $1 RETURNING *")
                 .bind(id)
-                .bind(Json(serde_json::Value::Object(metadata)))
+                .bind(Json(metadata))
                 .fetch_one(pool)
                 .await?
         }))
