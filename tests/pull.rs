@@ -10,7 +10,6 @@ use dbsync_agent::settings::IncomingMode;
 use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_agent::{Error, Store};
 use dbsync_protocol::Value;
-use sqlx::Connection as _;
 
 use crate::support::agents::{Options, RunningAgent, start};
 
@@ -19,24 +18,7 @@ fn admin() -> Actor {
 }
 
 async fn exec(agent: &RunningAgent, statements: &[String]) {
-    let url = agent.agent.config.database_url().to_owned();
-    if url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-    } else {
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-    }
+    agent.agent.store.execute_batch(statements).await.unwrap();
 }
 
 /// Sender A and receiver B (auto_accept), connected by a registered connection with `settings`.

@@ -156,26 +156,10 @@ pub(crate) use both_engines;
 /// Runs statements on the test database over a connection of its own (setting up tables to
 /// sync, as an application would).
 pub async fn exec(db: &TestDb, statements: &[String]) {
-    use sqlx::Connection as _;
-    if db.url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        }
-        conn.close().await.unwrap();
-    } else {
-        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-        for sql in statements {
-            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                .execute(&mut conn)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        }
-        conn.close().await.unwrap();
-    }
+    db.store
+        .execute_batch(statements)
+        .await
+        .unwrap_or_else(|e| panic!("{statements:?}: {e:?}"));
 }
 
 /// A second, empty store on the same engine as `db` (the receiving site of a copy).
