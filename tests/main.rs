@@ -7,3 +7,4 @@ mod cli;
 mod peer;
 mod pull;
 mod serve;
+mod strategies;

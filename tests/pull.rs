@@ -17,12 +17,12 @@ fn admin() -> Actor {
     Actor::admin("tester")
 }
 
-async fn exec(agent: &RunningAgent, statements: &[String]) {
+pub(crate) async fn exec(agent: &RunningAgent, statements: &[String]) {
     agent.agent.store.execute_batch(statements).await.unwrap();
 }
 
 /// Sender A and receiver B (auto_accept), connected by a registered connection with `settings`.
-async fn pair(
+pub(crate) async fn pair(
     test: &str,
     postgres: bool,
     settings: ConnectionSettings,
@@ -70,7 +70,7 @@ async fn pair(
     Some((a, b, receiver.name))
 }
 
-async fn rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
+pub(crate) async fn rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
     let schema = store.describe_table(table).await.unwrap();
     let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
     store
@@ -80,7 +80,7 @@ async fn rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
         .rows
 }
 
-fn schema_statements(n: i64) -> Vec<String> {
+pub(crate) fn schema_statements(n: i64) -> Vec<String> {
     let mut statements = vec![
         "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL, score REAL)".to_owned(),
         "CREATE TABLE \"Order\" (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL REFERENCES users (id), \"select\" TEXT)".to_owned(),

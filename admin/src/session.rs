@@ -319,7 +319,11 @@ impl Session<'_> {
             None => None,
         };
         let transfer = match resumed {
-            Some(t) if t.status == TransferStatus::InProgress => t,
+            Some(t) if t.status == TransferStatus::InProgress => {
+                self.count_applied_unacknowledged(connection, &schema, &t, &pull)
+                    .await?;
+                t
+            }
             Some(t) if t.status == TransferStatus::PendingApproval => {
                 return self.approval_pending(&pull, t.id).await;
             }
@@ -406,7 +410,13 @@ impl Session<'_> {
                 break;
             }
             let page = match store
-                .read_page(&schema, &columns, after.as_deref(), granted)
+                .read_page_filtered(
+                    &schema,
+                    &columns,
+                    after.as_deref(),
+                    pull.key_filter.as_ref(),
+                    granted,
+                )
                 .await
             {
                 Ok(page) => page,
@@ -516,6 +526,64 @@ impl Session<'_> {
         }))
         .await
         .map(|_| ())
+    }
+
+    /// A resumed transfer: batches the receiver applied but whose credit never arrived (it died
+    /// in between) were not counted and their record reservations were given back. The rows
+    /// between the last acknowledged key and the receiver's resume key are those rows: count
+    /// them now, once. (At most the credits of one pull, so the read is small.)
+    async fn count_applied_unacknowledged(
+        &mut self,
+        connection: &Connection,
+        schema: &dbsync_protocol::message::TableSchema,
+        transfer: &dbsync_agent::transfer::Transfer,
+        pull: &Pull,
+    ) -> SessionResult<()> {
+        let (Some(acknowledged), Some(resume)) = (&transfer.resume_key, &pull.after_key) else {
+            return Ok(());
+        };
+        let Ok(acknowledged) =
+            serde_json::from_value::<Vec<dbsync_protocol::Value>>(acknowledged.clone())
+        else {
+            return Ok(());
+        };
+        let store = &self.agent.store;
+        let page = store
+            .read_page_filtered(
+                schema,
+                &schema.primary_key,
+                Some(&acknowledged),
+                Some(&dbsync_protocol::message::KeyFilter::Range {
+                    from: None,
+                    to: Some(resume.clone()),
+                }),
+                64 * BATCH_ROWS,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows = page.rows.len() as i64;
+        if rows == 0 {
+            return Ok(());
+        }
+        if connection.max_records_total.is_some() {
+            store
+                .take_records(connection.id, rows)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        store
+            .record_progress(
+                transfer.id,
+                &Progress {
+                    records_transferred: rows,
+                    resume_key: page.last_key.and_then(|k| serde_json::to_value(k).ok()),
+                    ..Progress::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(transfer_id = %transfer.id, rows, "counted rows applied before the receiver's last credit was lost");
+        Ok(())
     }
 
     /// Waits for the receiver's next credit for `request_id`. Batches it acknowledges are

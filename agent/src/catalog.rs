@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dbsync_protocol::message::{ColumnInfo, TableInfo, TableSchema};
+use dbsync_protocol::message::{ColumnInfo, KeyFilter, TableInfo, TableSchema};
 
 use crate::error::{Error, Result};
 use crate::store::{Engine, Store, on_pool};
@@ -135,6 +135,19 @@ pub fn keyset_query(
     key: &[String],
     after: bool,
 ) -> Result<String> {
+    keyset_query_filtered(table, columns, key, after, None)
+}
+
+/// [`keyset_query`] restricted by a key filter. Parameters: the previous page's last key (when
+/// `after` is true), then the filter's keys (a range's `from` then `to`, or every listed key),
+/// then the limit.
+pub fn keyset_query_filtered(
+    table: &str,
+    columns: &[String],
+    key: &[String],
+    after: bool,
+    filter: Option<&KeyFilter>,
+) -> Result<String> {
     if key.is_empty() {
         return Err(Error::invalid(
             "table",
@@ -152,16 +165,58 @@ pub fn keyset_query(
         .map(|c| quote_ident(c))
         .collect::<Result<Vec<_>>>()?;
     let order = key_list.join(", ");
-    let mut sql = format!("SELECT {columns} FROM {table}");
+    let lhs = if key.len() == 1 {
+        key_list[0].clone()
+    } else {
+        format!("({order})")
+    };
     let mut next = 1;
-    if after {
-        let params: Vec<String> = (1..=key.len()).map(|i| format!("${i}")).collect();
-        next = key.len() + 1;
-        if key.len() == 1 {
-            sql.push_str(&format!(" WHERE {} > {}", key_list[0], params[0]));
+    let mut tuple = || {
+        let params: Vec<String> = (next..next + key.len()).map(|i| format!("${i}")).collect();
+        next += key.len();
+        if params.len() == 1 {
+            params[0].clone()
         } else {
-            sql.push_str(&format!(" WHERE ({order}) > ({})", params.join(", ")));
+            format!("({})", params.join(", "))
         }
+    };
+    let mut conditions = Vec::new();
+    if after {
+        conditions.push(format!("{lhs} > {}", tuple()));
+    }
+    match filter {
+        None => {}
+        Some(KeyFilter::Range { from, to }) => {
+            if from.is_some() {
+                conditions.push(format!("{lhs} >= {}", tuple()));
+            }
+            if to.is_some() {
+                conditions.push(format!("{lhs} <= {}", tuple()));
+            }
+        }
+        Some(KeyFilter::Keys(keys)) => {
+            if keys.is_empty() {
+                conditions.push("1 = 0".to_owned());
+            } else {
+                let tuples: Vec<String> = keys
+                    .iter()
+                    .map(|_| {
+                        let t = tuple();
+                        if t.starts_with('(') {
+                            t
+                        } else {
+                            format!("({t})")
+                        }
+                    })
+                    .collect();
+                conditions.push(format!("({order}) IN (VALUES {})", tuples.join(", ")));
+            }
+        }
+    }
+    let mut sql = format!("SELECT {columns} FROM {table}");
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
     }
     sql.push_str(&format!(" ORDER BY {order} LIMIT ${next}"));
     Ok(sql)

@@ -76,6 +76,7 @@ pub mod clock;
 pub mod config;
 pub mod connection;
 mod error;
+pub mod key_filter;
 pub mod password;
 pub mod peer;
 pub mod pull;

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
-use dbsync_protocol::message::{Credit, Hello, Pull, TableSchema};
+use dbsync_protocol::message::{Credit, Hello, KeyFilter, Pull, TableSchema};
 use dbsync_protocol::{Message, Value};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
@@ -41,6 +41,8 @@ pub struct PullOptions {
     pub password: Option<String>,
     /// Give up waiting for an approval after this long (none: wait forever).
     pub approval_wait: Option<Duration>,
+    /// Only rows whose key passes this filter (see [`crate::key_filter`]); one table only.
+    pub where_key: Option<String>,
 }
 
 /// One table's outcome.
@@ -56,6 +58,8 @@ pub struct TableSummary {
     pub updated: i64,
     /// Rows left alone.
     pub skipped: i64,
+    /// Local rows deleted because the sender no longer has them (`mirror`).
+    pub deleted: i64,
     /// Compressed bytes received.
     pub bytes_wire: i64,
     /// Bytes before compression.
@@ -267,10 +271,11 @@ impl Agent {
         let strategy = options
             .strategy
             .unwrap_or(connection.default_conflict_strategy);
-        if strategy == ConflictStrategy::Mirror {
+        if strategy == ConflictStrategy::Mirror && options.where_key.is_some() {
             return Err(Error::invalid(
                 "strategy",
-                "mirror (deleting rows the sender no longer has) is not available yet",
+                "mirror deletes the rows the sender no longer has, so it needs a full pull: \
+                 leave out --where-key",
             ));
         }
         let (mut client, max_per_request) = self
@@ -305,6 +310,12 @@ impl Agent {
             }
             None => offered.clone(),
         };
+        if options.where_key.is_some() && wanted.len() != 1 {
+            return Err(Error::invalid(
+                "where-key",
+                "a key filter applies to one table: name it with --tables",
+            ));
+        }
         let mut summaries = Vec::new();
         for table in fk_order(&wanted) {
             let estimated_rows = wanted
@@ -361,6 +372,11 @@ impl Agent {
             .map(|c| c.name.clone())
             .filter(|c| !options.exclude_columns.contains(c))
             .collect();
+        let key_filter = options
+            .where_key
+            .as_deref()
+            .map(|text| crate::key_filter::parse(text, schema))
+            .transpose()?;
         let created_table = store.ensure_table(schema, &columns).await?;
         // Resume an interrupted pull of this table, or start from the beginning.
         let mut after: Option<Vec<Value>> = None;
@@ -371,8 +387,16 @@ impl Agent {
                 Some(id) => store.get_transfer(id).await.ok(),
                 None => None,
             };
+            // Resume only the same kind of pull: same filter, and a mirror pull only a mirror
+            // pull (its staging table must hold every key seen).
+            let same_pull = |t: &crate::transfer::Transfer| {
+                t.metadata.get("key_filter").and_then(|v| v.as_str())
+                    == options.where_key.as_deref()
+                    && (t.conflict_strategy == ConflictStrategy::Mirror)
+                        == (strategy == ConflictStrategy::Mirror)
+            };
             match previous {
-                Some(t) if t.status != TransferStatus::Completed => {
+                Some(t) if t.status != TransferStatus::Completed && same_pull(&t) => {
                     after = checkpoint.last_key;
                     remote_transfer = t
                         .metadata
@@ -388,6 +412,9 @@ impl Agent {
                 }
                 _ => store.clear_checkpoint(connection.id, &schema.name).await?,
             }
+        }
+        if !resumed {
+            store.reset_mirror(connection.id, &schema.name).await?;
         }
         if remote_transfer.is_none() {
             // Nothing applied yet, but an earlier pull may have been told to wait for approval:
@@ -431,6 +458,11 @@ impl Agent {
             )
             .await?;
         store.start_transfer(transfer.id, self.now()).await?;
+        if let Some(text) = &options.where_key {
+            store
+                .merge_transfer_metadata(transfer.id, serde_json::json!({ "key_filter": text }))
+                .await?;
+        }
         let mut summary = TableSummary {
             table: schema.name.clone(),
             created_table,
@@ -447,12 +479,44 @@ impl Agent {
                 strategy,
                 max_per_request,
                 options,
+                key_filter.as_ref(),
                 on_event,
                 &mut after,
                 &mut remote_transfer,
                 &mut summary,
             )
             .await;
+        let outcome = match outcome {
+            Ok(()) if strategy == ConflictStrategy::Mirror => {
+                if summary.truncated {
+                    // Rows past the cut were never seen: deleting them would be wrong.
+                    store.reset_mirror(connection.id, &schema.name).await?;
+                    tracing::warn!(table = %schema.name, "mirror delete pass skipped: the sender's record limit cut the pull");
+                    store
+                        .merge_transfer_metadata(
+                            transfer.id,
+                            serde_json::json!({ "mirror_skipped": "record limit reached" }),
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    match store.finish_mirror(connection.id, schema).await {
+                        Ok(deleted) => {
+                            summary.deleted = deleted;
+                            store
+                                .merge_transfer_metadata(
+                                    transfer.id,
+                                    serde_json::json!({ "rows_deleted": deleted }),
+                                )
+                                .await
+                                .map(drop)
+                        }
+                        Err(err) => Err(err),
+                    }
+                }
+            }
+            other => other,
+        };
         match outcome {
             Ok(()) => {
                 store.complete_transfer(transfer.id, self.now()).await?;
@@ -477,6 +541,7 @@ impl Agent {
         strategy: ConflictStrategy,
         max_per_request: u64,
         options: &PullOptions,
+        key_filter: Option<&KeyFilter>,
         on_event: &mut impl FnMut(PullEvent),
         after: &mut Option<Vec<Value>>,
         remote_transfer: &mut Option<String>,
@@ -502,6 +567,7 @@ impl Agent {
                     exclude_columns: excluded.clone(),
                     credits: CREDITS,
                     transfer_id: remote_transfer.clone(),
+                    key_filter: key_filter.cloned(),
                 }))
                 .await?;
             loop {

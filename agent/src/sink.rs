@@ -281,9 +281,44 @@ impl Store {
             .transpose()
             .map_err(|err| Error::invalid("last key", err.to_string()))?;
         let mut applied = Applied::default();
+        // Mirror: the keys seen go into a staging table in the same transaction, so the delete
+        // pass at the end knows every key the sender has, even across an interrupted pull.
+        let mirror = if strategy == ConflictStrategy::Mirror {
+            let stage = quote_ident(&mirror_table(connection_id, &schema.name))?;
+            let key_casts: Vec<String> = key_positions.iter().map(|p| casts[*p].clone()).collect();
+            let definitions: Vec<String> = key_list
+                .iter()
+                .zip(&key_casts)
+                .map(|(k, ty)| format!("{k} {ty}"))
+                .collect();
+            let create = format!(
+                "CREATE TABLE IF NOT EXISTS {stage} ({}, PRIMARY KEY ({}))",
+                definitions.join(", "),
+                key_list.join(", ")
+            );
+            let keys: Vec<Vec<Value>> = rows
+                .iter()
+                .map(|row| key_positions.iter().map(|p| row[*p].clone()).collect())
+                .collect();
+            Some((stage, key_casts, create, keys))
+        } else {
+            None
+        };
+        let key_conflict = format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", "));
         macro_rules! run {
             ($pool:expr, $bind:ident) => {{
                 let mut tx = $pool.begin().await?;
+                if let Some((stage, key_casts, create, keys)) = &mirror {
+                    sqlx::query(sqlx::AssertSqlSafe(create.clone())).execute(&mut *tx).await?;
+                    for chunk in keys.chunks((MAX_PARAMS / key_list.len()).max(1)) {
+                        let (sql, params) = insert_query(engine, stage, &key_list, key_casts, chunk, &key_conflict);
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for value in params {
+                            query = $bind(query, value, engine)?;
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                }
                 for chunk in rows.chunks(per_statement) {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
@@ -333,6 +368,81 @@ impl Store {
         Ok(applied)
     }
 
+    /// Ends a mirror pull of `schema.name`: deletes the local rows whose key the sender did not
+    /// send, and drops the staging table of seen keys, in one transaction. Returns the rows
+    /// deleted.
+    pub async fn finish_mirror(&self, connection_id: Uuid, schema: &TableSchema) -> Result<i64> {
+        let table = quote_ident(&schema.name)?;
+        let stage = quote_ident(&mirror_table(connection_id, &schema.name))?;
+        let key_list: Vec<String> = schema
+            .primary_key
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Result<_>>()?;
+        if key_list.is_empty() {
+            return Err(Error::invalid(
+                "strategy",
+                format!("{:?} has no primary key to mirror by", schema.name),
+            ));
+        }
+        let matches: Vec<String> = key_list
+            .iter()
+            .map(|k| format!("s.{k} = {table}.{k}"))
+            .collect();
+        let delete = format!(
+            "DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {})",
+            matches.join(" AND ")
+        );
+        // A mirror pull of an empty sender table applies no batch: the stage may not exist.
+        let target = self.describe_table(&schema.name).await?;
+        let stage_columns: Vec<String> = schema
+            .primary_key
+            .iter()
+            .map(|k| {
+                let ty = target
+                    .columns
+                    .iter()
+                    .find(|c| &c.name == k)
+                    .map(|c| c.native_type.clone())
+                    .unwrap_or_default();
+                Ok(format!("{} {ty}", quote_ident(k)?))
+            })
+            .collect::<Result<_>>()?;
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {stage} ({})",
+            stage_columns.join(", ")
+        );
+        let drop = format!("DROP TABLE {stage}");
+        let deleted = crate::store::on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(sqlx::AssertSqlSafe(create))
+                .execute(&mut *tx)
+                .await?;
+            let deleted = sqlx::query(sqlx::AssertSqlSafe(delete))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(sqlx::AssertSqlSafe(drop))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            deleted
+        });
+        Ok(deleted as i64)
+    }
+
+    /// Drops the staging table of a mirror pull that will not finish (or starts over).
+    pub async fn reset_mirror(&self, connection_id: Uuid, table: &str) -> Result<()> {
+        let sql = format!(
+            "DROP TABLE IF EXISTS {}",
+            quote_ident(&mirror_table(connection_id, table))?
+        );
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+        });
+        Ok(())
+    }
+
     /// Forgets the checkpoint of a table (a full pull starts from the beginning).
     pub async fn clear_checkpoint(&self, connection_id: Uuid, table: &str) -> Result<()> {
         crate::store::on_pool!(self, |pool| {
@@ -346,6 +456,15 @@ impl Store {
         });
         Ok(())
     }
+}
+
+/// The staging table of keys seen by a mirror pull of `table` under a connection. Its name
+/// starts with `dbsync_`, so it is never offered to peers.
+pub fn mirror_table(connection_id: Uuid, table: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{connection_id}\0{table}").as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("dbsync_mirror_{hex}")
 }
 
 /// `$n` or, on PostgreSQL, `$n::type` so text parameters become the column's type.

@@ -177,6 +177,25 @@ pub struct Pull {
     pub credits: u32,
     /// The transfer being resumed, if any (a resume is not a new download).
     pub transfer_id: Option<String>,
+    /// Only rows whose key passes this filter (none: every row).
+    pub key_filter: Option<KeyFilter>,
+}
+
+/// Largest key list a [`KeyFilter::Keys`] may carry.
+pub const MAX_FILTER_KEYS: usize = 10_000;
+
+/// A row filter on the primary key. Keys have one value per key column, in key order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KeyFilter {
+    /// Keys between `from` and `to`, both included; a missing bound is open.
+    Range {
+        /// Lowest key (none: from the first row).
+        from: Option<Vec<Value>>,
+        /// Highest key (none: to the last row).
+        to: Option<Vec<Value>>,
+    },
+    /// Exactly these keys (at most [`MAX_FILTER_KEYS`]).
+    Keys(Vec<Vec<Value>>),
 }
 
 /// Rows, in key order.

@@ -2,7 +2,7 @@
 
 use dbsync_protocol::codec::{self, FLAG_ZSTD, HEADER_LEN, Limits, MAGIC};
 use dbsync_protocol::message::{
-    Credit, ErrorMessage, Hello, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
+    Credit, ErrorMessage, Hello, KeyFilter, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
 };
 use dbsync_protocol::{Message, ProtocolError, Value};
 use proptest::prelude::*;
@@ -87,6 +87,7 @@ proptest! {
         let encoded = codec::encode(&Message::Pull(Pull {
             request_id: 1, table: "users".into(), after_key: Some(vec![Value::Int(42)]), limit: 10_000,
             exclude_columns: vec![], credits: 4, transfer_id: None,
+            key_filter: Some(KeyFilter::Range { from: Some(vec![Value::Int(1)]), to: None }),
         }), 3).unwrap();
         let cut = cut.min(encoded.len() - 1);
         prop_assert!(codec::decode(&encoded[..cut], &limits()).unwrap().is_none());

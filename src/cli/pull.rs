@@ -18,7 +18,8 @@ pub(crate) struct PullArgs {
     /// Pull every table the sender offers (the default when --tables is absent)
     #[arg(long)]
     all: bool,
-    /// skip, overwrite, merge or append [default: the connection's]
+    /// skip, overwrite, merge, append or mirror (overwrite, then delete the local rows the
+    /// sender no longer has) [default: the connection's]
     #[arg(long, value_parser = parse_strategy)]
     strategy: Option<ConflictStrategy>,
     /// Columns to leave out (comma-separated; key columns cannot be left out)
@@ -27,6 +28,10 @@ pub(crate) struct PullArgs {
     /// Read the sender's download password from stdin
     #[arg(long)]
     password_stdin: bool,
+    /// Only these keys of one table: a range FROM..TO (both included, either end may be empty)
+    /// or a list k1,k2,...; a composite key's values are joined with ':'
+    #[arg(long, value_name = "KEYS")]
+    where_key: Option<String>,
     /// Give up waiting for the sender's approval after this long (e.g. 10m) [default: wait]
     #[arg(long, value_parser = super::connections::parse_duration)]
     approval_wait: Option<chrono::Duration>,
@@ -49,6 +54,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         exclude_columns: args.exclude_columns,
         password,
         approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
+        where_key: args.where_key,
     };
     let json = ctx.json;
     // A progress bar on a terminal; plain lines otherwise; nothing with --json.
@@ -129,6 +135,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                 t.created.to_string(),
                 t.updated.to_string(),
                 t.skipped.to_string(),
+                t.deleted.to_string(),
                 output::bytes(t.bytes_wire),
                 if t.resumed {
                     "resumed".into()
@@ -141,7 +148,9 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         })
         .collect();
     output::print_rows(
-        &["TABLE", "ROWS", "CREATED", "UPDATED", "SKIPPED", "WIRE", ""],
+        &[
+            "TABLE", "ROWS", "CREATED", "UPDATED", "SKIPPED", "DELETED", "WIRE", "",
+        ],
         rows,
         "Nothing to pull.",
     );

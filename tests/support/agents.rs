@@ -16,6 +16,10 @@ pub struct RunningAgent {
     pub agent: Arc<Agent>,
     pub url: String,
     pub addr: SocketAddr,
+    /// The state database (for running the binary on this agent's site).
+    pub database_url: String,
+    /// The agent's key file (likewise).
+    pub key_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
     scratch: Option<PgScratch>,
     stop: Option<oneshot::Sender<()>>,
@@ -82,12 +86,15 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     config.server.max_body_bytes = options.max_body_bytes;
     config.server.push_retry_secs = options.push_retry_secs;
     let store = Store::connect(&url).await.unwrap();
+    let url = url.clone();
     let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock)).unwrap());
     let (stop, task) = spawn_server(Arc::clone(&agent), listener);
     Some(RunningAgent {
         agent,
         url: format!("http://{addr}"),
         addr,
+        database_url: url,
+        key_file: dir.path().join("dbsync.key"),
         _dir: dir,
         scratch,
         stop: Some(stop),

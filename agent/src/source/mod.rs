@@ -8,10 +8,10 @@ pub mod pg_binary;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dbsync_protocol::Value;
-use dbsync_protocol::message::TableSchema;
+use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use sqlx::{Row, TypeInfo, ValueRef};
 
-use crate::catalog::keyset_query;
+use crate::catalog::keyset_query_filtered;
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
 
@@ -35,6 +35,47 @@ impl Store {
         after: Option<&[Value]>,
         limit: i64,
     ) -> Result<Page> {
+        self.read_page_filtered(schema, columns, after, None, limit)
+            .await
+    }
+
+    /// [`Store::read_page`] restricted to the keys `filter` lets through.
+    pub async fn read_page_filtered(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        filter: Option<&KeyFilter>,
+        limit: i64,
+    ) -> Result<Page> {
+        let filter_keys: Vec<&[Value]> = match filter {
+            None => Vec::new(),
+            Some(KeyFilter::Range { from, to }) => {
+                from.iter().chain(to.iter()).map(Vec::as_slice).collect()
+            }
+            Some(KeyFilter::Keys(keys)) => {
+                if keys.len() > MAX_FILTER_KEYS {
+                    return Err(Error::invalid(
+                        "key filter",
+                        format!("at most {MAX_FILTER_KEYS} keys may be listed"),
+                    ));
+                }
+                keys.iter().map(Vec::as_slice).collect()
+            }
+        };
+        for key in after.iter().chain(filter_keys.iter()) {
+            if key.len() != schema.primary_key.len() {
+                return Err(Error::invalid(
+                    "key",
+                    format!(
+                        "{:?} has a key of {} column(s); got {} value(s)",
+                        schema.name,
+                        schema.primary_key.len(),
+                        key.len()
+                    ),
+                ));
+            }
+        }
         let key_positions: Vec<usize> = schema
             .primary_key
             .iter()
@@ -57,17 +98,20 @@ impl Store {
                     })
             })
             .collect::<Result<_>>()?;
-        let sql = sqlx::AssertSqlSafe(keyset_query(
+        let sql = sqlx::AssertSqlSafe(keyset_query_filtered(
             &schema.name,
             columns,
             &schema.primary_key,
             after.is_some(),
+            filter,
         )?);
         let rows = match self.pool() {
             Pool::Postgres(pool) => {
                 let mut query = sqlx::query(sql);
-                for (value, key) in after.unwrap_or_default().iter().zip(&key_positions) {
-                    query = bind_postgres(query, value, neutral[*key])?;
+                for key in after.iter().chain(filter_keys.iter()) {
+                    for (value, position) in key.iter().zip(&key_positions) {
+                        query = bind_postgres(query, value, neutral[*position])?;
+                    }
                 }
                 let fetched = query.bind(limit).fetch_all(pool).await?;
                 fetched
@@ -91,7 +135,7 @@ impl Store {
             }
             Pool::Sqlite(pool) => {
                 let mut query = sqlx::query(sql);
-                for value in after.unwrap_or_default() {
+                for value in after.iter().chain(filter_keys.iter()).copied().flatten() {
                     query = bind_sqlite(query, value)?;
                 }
                 let fetched = query.bind(limit).fetch_all(pool).await?;

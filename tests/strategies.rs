@@ -1,0 +1,329 @@
+//! Conflict strategies and key filters through real pulls: skip, merge, overwrite and mirror
+//! against local changes, a mirror pull interrupted and resumed, `--where-key` ranges and lists,
+//! and a composite key paged across many batches.
+
+use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings};
+use dbsync_agent::pull::{PullEvent, PullOptions};
+use dbsync_protocol::Value;
+
+use crate::pull::{exec, pair, rows, schema_statements};
+
+fn options(strategy: ConflictStrategy) -> PullOptions {
+    PullOptions {
+        tables: Some(vec!["users".into()]),
+        strategy: Some(strategy),
+        ..Default::default()
+    }
+}
+
+fn email(rows: &[Vec<Value>], id: i64) -> Option<Value> {
+    rows.iter()
+        .find(|r| r[0] == Value::Int(id))
+        .map(|r| r[1].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_merge_overwrite_and_mirror_against_local_changes() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) =
+            pair("strategies::each", postgres, ConnectionSettings::default()).await
+        else {
+            return;
+        };
+        exec(&a, &schema_statements(100)).await;
+        b.agent
+            .pull(&receiver, &options(ConflictStrategy::Overwrite), |_| {})
+            .await
+            .unwrap();
+        // Local changes on the receiver, then changes on the sender.
+        exec(
+            &b,
+            &[
+                "UPDATE users SET email = 'local' WHERE id = 1".into(),
+                "UPDATE users SET score = 99.5 WHERE id = 3".into(),
+                "INSERT INTO users VALUES (1000, 'only-here', NULL)".into(),
+            ],
+        )
+        .await;
+        exec(
+            &a,
+            &[
+                "UPDATE users SET email = 'sender' WHERE id = 2".into(),
+                "UPDATE users SET score = NULL WHERE id = 3".into(),
+                "DELETE FROM \"Order\" WHERE user_id = 4".into(),
+                "DELETE FROM users WHERE id = 4".into(),
+            ],
+        )
+        .await;
+
+        // skip keeps every local row as it is.
+        let skip = b
+            .agent
+            .pull(&receiver, &options(ConflictStrategy::Skip), |_| {})
+            .await
+            .unwrap();
+        assert_eq!((skip.tables[0].created, skip.tables[0].skipped), (0, 99));
+        let here = rows(&b.agent.store, "users").await;
+        assert_eq!(email(&here, 1), Some(Value::Text("local".into())));
+        assert_eq!(email(&here, 2), Some(Value::Text("u2@example.com".into())));
+
+        // merge takes the sender's values except its NULLs.
+        b.agent
+            .pull(&receiver, &options(ConflictStrategy::Merge), |_| {})
+            .await
+            .unwrap();
+        let here = rows(&b.agent.store, "users").await;
+        assert_eq!(email(&here, 1), Some(Value::Text("u1@example.com".into())));
+        assert_eq!(email(&here, 2), Some(Value::Text("sender".into())));
+        let three = here.iter().find(|r| r[0] == Value::Int(3)).unwrap();
+        assert_eq!(
+            three[2],
+            Value::Float(99.5),
+            "merge keeps a value the sender sends as NULL"
+        );
+        assert!(email(&here, 4).is_some() && email(&here, 1000).is_some());
+
+        // overwrite takes the sender's row whole, NULLs included; deletes nothing.
+        b.agent
+            .pull(&receiver, &options(ConflictStrategy::Overwrite), |_| {})
+            .await
+            .unwrap();
+        let here = rows(&b.agent.store, "users").await;
+        let three = here.iter().find(|r| r[0] == Value::Int(3)).unwrap();
+        assert_eq!(three[2], Value::Null);
+        assert_eq!(here.len(), 101);
+
+        // mirror: overwrite, then delete what the sender no longer has.
+        let mirror = b
+            .agent
+            .pull(&receiver, &options(ConflictStrategy::Mirror), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            mirror.tables[0].deleted, 2,
+            "row 4 and the local-only row 1000"
+        );
+        assert_eq!(
+            rows(&a.agent.store, "users").await,
+            rows(&b.agent.store, "users").await
+        );
+        // No staging table is left behind, and none is offered.
+        let tables: Vec<String> = b
+            .agent
+            .store
+            .list_tables()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(tables, ["users"]);
+
+        // A mirror of an emptied table empties the copy.
+        exec(
+            &a,
+            &["DELETE FROM \"Order\"".into(), "DELETE FROM users".into()],
+        )
+        .await;
+        let emptied = b
+            .agent
+            .pull(&receiver, &options(ConflictStrategy::Mirror), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(emptied.tables[0].deleted, 99);
+        assert!(rows(&b.agent.store, "users").await.is_empty());
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_mirror_pull_resumes_and_still_deletes_exactly() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) = pair(
+            "strategies::mirror_resume",
+            postgres,
+            ConnectionSettings::default(),
+        )
+        .await
+        else {
+            return;
+        };
+        exec(&a, &schema_statements(5_000)).await;
+        // The receiver holds rows the sender never had, spread over the key range.
+        exec(
+            &b,
+            &[
+                "CREATE TABLE users (id BIGINT PRIMARY KEY, email TEXT NOT NULL, score REAL)"
+                    .into(),
+                "INSERT INTO users VALUES (-5, 'gone', NULL), (2500, 'x', NULL), (7000, 'gone', NULL)"
+                    .into(),
+            ],
+        )
+        .await;
+        exec(
+            &a,
+            &[
+                "DELETE FROM \"Order\" WHERE user_id = 2500".into(),
+                "DELETE FROM users WHERE id = 2500".into(),
+            ],
+        )
+        .await;
+        let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let agent = std::sync::Arc::clone(&b.agent);
+        let name = receiver.clone();
+        let task = tokio::spawn(async move {
+            agent
+                .pull(&name, &options(ConflictStrategy::Mirror), move |event| {
+                    if matches!(event, PullEvent::Batch { .. }) {
+                        let _ = seen.send(());
+                    }
+                })
+                .await
+        });
+        batches.recv().await.unwrap();
+        batches.recv().await.unwrap();
+        task.abort();
+        let _ = task.await;
+        let summary = b
+            .agent
+            .pull(&receiver, &options(ConflictStrategy::Mirror), |_| {})
+            .await
+            .unwrap();
+        assert!(summary.tables[0].resumed);
+        assert_eq!(summary.tables[0].deleted, 3);
+        assert_eq!(
+            rows(&a.agent.store, "users").await,
+            rows(&b.agent.store, "users").await
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_key_ranges_lists_and_composite_keys() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) = pair(
+            "strategies::where_key",
+            postgres,
+            ConnectionSettings::default(),
+        )
+        .await
+        else {
+            return;
+        };
+        exec(&a, &schema_statements(300)).await;
+        let mut statements = vec![
+            "CREATE TABLE \"Stock\" (\"Region\" TEXT NOT NULL, n BIGINT NOT NULL, qty BIGINT, \
+             PRIMARY KEY (\"Region\", n))"
+                .to_owned(),
+        ];
+        for region in ["eu", "us", "ap"] {
+            let values: Vec<String> = (1..=1_700)
+                .map(|n| format!("('{region}', {n}, {})", n * 3))
+                .collect();
+            statements.push(format!(
+                "INSERT INTO \"Stock\" VALUES {}",
+                values.join(", ")
+            ));
+        }
+        exec(&a, &statements).await;
+        let pull = |table: &str, filter: Option<&str>| PullOptions {
+            tables: Some(vec![table.into()]),
+            where_key: filter.map(str::to_owned),
+            ..Default::default()
+        };
+
+        let range = b
+            .agent
+            .pull(&receiver, &pull("users", Some("10..19")), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(range.tables[0].rows, 10);
+        let here = rows(&b.agent.store, "users").await;
+        let ids: Vec<&Value> = here.iter().map(|r| &r[0]).collect();
+        assert_eq!(
+            ids,
+            (10..=19)
+                .map(Value::Int)
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>()
+        );
+
+        let open = b
+            .agent
+            .pull(&receiver, &pull("users", Some("295..")), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(open.tables[0].rows, 6);
+
+        let list = b
+            .agent
+            .pull(&receiver, &pull("users", Some("5,7,9000")), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(list.tables[0].rows, 2, "9000 is not on the sender");
+        assert_eq!(rows(&b.agent.store, "users").await.len(), 18);
+
+        let composite = b
+            .agent
+            .pull(
+                &receiver,
+                &pull("Stock", Some("eu:3,us:1700,ap:1701")),
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(composite.tables[0].rows, 2);
+        let composite_range = b
+            .agent
+            .pull(&receiver, &pull("Stock", Some("eu:1600..us:5")), |_| {})
+            .await
+            .unwrap();
+        // Key order: ("eu", 1600..=1700) then ("us", 1..=5); "ap" sorts before "eu".
+        assert_eq!(composite_range.tables[0].rows, 101 + 5);
+
+        // Bad filters are refused before anything moves.
+        for (filter, expected) in [("abc", "not an integer"), ("eu", "separate their values")] {
+            let table = if filter == "eu" { "Stock" } else { "users" };
+            let err = b
+                .agent
+                .pull(&receiver, &pull(table, Some(filter)), |_| {})
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{filter}: {err}");
+        }
+        let err = b
+            .agent
+            .pull(
+                &receiver,
+                &PullOptions {
+                    where_key: Some("1".into()),
+                    strategy: Some(ConflictStrategy::Mirror),
+                    ..pull("users", None)
+                },
+                |_| {},
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("full pull"), "{err}");
+
+        // The whole composite-key table across many batches (5,100 rows, 1,000 per batch).
+        let full = b
+            .agent
+            .pull(&receiver, &pull("Stock", None), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(full.tables[0].rows, 5_100);
+        assert_eq!(
+            rows(&a.agent.store, "Stock").await,
+            rows(&b.agent.store, "Stock").await
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+}
