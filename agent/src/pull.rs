@@ -458,9 +458,17 @@ impl Agent {
             )
             .await?;
         store.start_transfer(transfer.id, self.now()).await?;
+        // What a later run needs to resume this one: the filter, and the sender's transfer.
+        let mut facts = serde_json::Map::new();
         if let Some(text) = &options.where_key {
+            facts.insert("key_filter".into(), text.clone().into());
+        }
+        if let Some(remote) = &remote_transfer {
+            facts.insert("remote_transfer_id".into(), remote.clone().into());
+        }
+        if !facts.is_empty() {
             store
-                .merge_transfer_metadata(transfer.id, serde_json::json!({ "key_filter": text }))
+                .merge_transfer_metadata(transfer.id, serde_json::Value::Object(facts))
                 .await?;
         }
         let mut summary = TableSummary {
