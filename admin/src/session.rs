@@ -12,14 +12,21 @@ use axum::extract::State;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::Connection;
+use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link};
+use dbsync_agent::source::Page;
 use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 use dbsync_agent::{AccessDenied, Agent};
 use dbsync_protocol::Message;
-use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use dbsync_protocol::codec::{HEADER_LEN, Limits};
 use dbsync_protocol::error::codes;
+use dbsync_protocol::message::TableSchema;
 use dbsync_protocol::message::{ApprovalPending, ErrorMessage, Pull, PullDone, RowBatch, Welcome};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -47,9 +54,10 @@ pub(crate) async fn upgrade(
     ws.max_message_size(limits.max_frame_bytes as usize + HEADER_LEN)
         .max_frame_size(limits.max_frame_bytes as usize + HEADER_LEN)
         .on_upgrade(move |socket| async move {
+            let (writer, reader) = socket.split();
             let mut session = Session {
                 agent: &state.agent,
-                socket,
+                link: Link::spawn(WsReader(reader), WsWriter(writer), limits),
                 limits,
                 client_ip: client.0,
                 user_agent,
@@ -57,15 +65,51 @@ pub(crate) async fn upgrade(
             if let Err(reason) = session.run().await {
                 tracing::debug!(reason = %reason, "session ended");
             }
+            session.link.close().await;
         })
 }
 
-struct Session<'a> {
-    agent: &'a Agent,
-    socket: WebSocket,
-    limits: Limits,
-    client_ip: IpAddr,
-    user_agent: Option<String>,
+/// The reading half of a receiver's WebSocket.
+struct WsReader(SplitStream<WebSocket>);
+
+impl FrameReader for WsReader {
+    async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, String> {
+        loop {
+            match self.0.next().await {
+                Some(Ok(WsMessage::Binary(bytes))) => return Ok(Some(bytes.into())),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Text(_))) => {
+                    return Err("text frames are not part of the protocol".into());
+                }
+                Some(Ok(WsMessage::Close(_))) | None => return Ok(None),
+                Some(Err(err)) => return Err(err.to_string()),
+            }
+        }
+    }
+}
+
+/// The writing half of a receiver's WebSocket.
+struct WsWriter(SplitSink<WebSocket, WsMessage>);
+
+impl FrameWriter for WsWriter {
+    async fn write_frame(&mut self, frame: Vec<u8>) -> Result<(), String> {
+        self.0
+            .send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.close().await;
+    }
+}
+
+pub(crate) struct Session<'a> {
+    pub(crate) agent: &'a Agent,
+    pub(crate) link: Link,
+    pub(crate) limits: Limits,
+    pub(crate) client_ip: IpAddr,
+    pub(crate) user_agent: Option<String>,
 }
 
 type SessionResult<T> = Result<T, String>;
@@ -73,14 +117,7 @@ type SessionResult<T> = Result<T, String>;
 impl Session<'_> {
     /// Sends a message; returns (bytes on the wire, payload bytes before compression).
     async fn send_sized(&mut self, message: &Message) -> SessionResult<(usize, usize)> {
-        let (frame, raw) =
-            codec::encode_sized(message, codec::DEFAULT_ZSTD_LEVEL).map_err(|e| e.to_string())?;
-        let len = frame.len();
-        self.socket
-            .send(WsMessage::Binary(frame.into()))
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((len, raw))
+        self.link.send(message).await
     }
 
     async fn send(&mut self, message: &Message) -> SessionResult<usize> {
@@ -103,37 +140,26 @@ impl Session<'_> {
     }
 
     async fn recv(&mut self, timeout: Duration) -> SessionResult<Message> {
-        loop {
-            let next = tokio::time::timeout(timeout, self.socket.recv())
-                .await
-                .map_err(|_| "timed out waiting for the receiver".to_owned())?;
-            match next {
-                Some(Ok(WsMessage::Binary(bytes))) => {
-                    return match codec::decode_exact(&bytes, &self.limits) {
-                        Ok(message) => Ok(message),
-                        Err(err) => {
-                            let reason = err.to_string();
-                            let _ = self
-                                .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
-                                .await;
-                            Err(reason)
-                        }
-                    };
-                }
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                Some(Ok(WsMessage::Text(_))) => {
-                    let _ = self
-                        .refuse(
-                            codes::PROTOCOL_ERROR,
-                            "text frames are not part of the protocol",
-                            None,
-                        )
-                        .await;
-                    return Err("text frame".into());
-                }
-                Some(Ok(WsMessage::Close(_))) | None => return Err("closed by the receiver".into()),
-                Some(Err(err)) => return Err(err.to_string()),
+        let next = tokio::time::timeout(timeout, self.link.recv())
+            .await
+            .map_err(|_| "timed out waiting for the receiver".to_owned())?;
+        match next {
+            Some(Incoming::Message(message, _)) => Ok(message),
+            Some(Incoming::Malformed(reason)) => {
+                let _ = self
+                    .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                    .await;
+                Err(reason)
             }
+            Some(Incoming::Failed(reason)) => {
+                if reason.contains("text frames") {
+                    let _ = self
+                        .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                        .await;
+                }
+                Err(reason)
+            }
+            None => Err("closed by the receiver".into()),
         }
     }
 
@@ -152,7 +178,7 @@ impl Session<'_> {
         self.refuse(denied.code(), message, retry).await
     }
 
-    async fn run(&mut self) -> SessionResult<()> {
+    pub(crate) async fn run(&mut self) -> SessionResult<()> {
         let Message::Hello(hello) = self.recv(HELLO_TIMEOUT).await? else {
             self.refuse(codes::PROTOCOL_ERROR, "the first frame must be Hello", None)
                 .await?;
@@ -388,106 +414,114 @@ impl Session<'_> {
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
         let initial_credits = pull.credits.clamp(1, 64);
         let mut credits = initial_credits;
+        let limited = connection.max_records_total.is_some();
+        // Pages are read by their own task, a couple ahead, while this one encodes and the
+        // link's writer sends: reading, encoding and sending overlap.
+        let (pages_tx, mut pages) = mpsc::channel::<Produced>(PAGES_AHEAD);
+        let producer = tokio::spawn(produce(
+            self.agent.store.clone(),
+            ProduceJob {
+                connection_id: connection.id,
+                limited,
+                schema: schema.clone(),
+                columns: columns.clone(),
+                after: pull.after_key.clone(),
+                filter: pull.key_filter.clone(),
+                limit,
+            },
+            pages_tx,
+        ));
         let mut after = pull.after_key.clone();
         let mut sent: i64 = 0;
         let mut seq = 0;
         let mut truncated = false;
         let mut exhausted = false;
-        let limited = connection.max_records_total.is_some();
         let mut in_flight: VecDeque<SentBatch> = VecDeque::new();
-        while sent < limit {
-            let want = BATCH_ROWS.min(limit - sent);
-            let granted = if connection.max_records_total.is_some() {
-                store
-                    .take_records(connection.id, want)
-                    .await
-                    .map_err(|e| e.to_string())?
-            } else {
-                want
-            };
-            if granted == 0 {
-                truncated = true;
-                break;
-            }
-            let page = match store
-                .read_page_filtered(
-                    &schema,
-                    &columns,
-                    after.as_deref(),
-                    pull.key_filter.as_ref(),
-                    granted,
-                )
-                .await
-            {
-                Ok(page) => page,
-                Err(err) => {
-                    let _ = store.release_records(connection.id, granted).await;
-                    let _ = store
-                        .fail_transfer(transfer.id, &err.to_string(), self.agent.now())
-                        .await;
-                    return self
-                        .refuse(codes::INTERNAL_ERROR, err.to_string(), None)
-                        .await;
+        let outcome: SessionResult<bool> = async {
+            while let Some(produced) = pages.recv().await {
+                let (page, reserved) = match produced {
+                    Produced::Page { page, reserved } => (page, reserved),
+                    Produced::End {
+                        exhausted: e,
+                        truncated: t,
+                    } => {
+                        exhausted = e;
+                        truncated = t;
+                        break;
+                    }
+                    Produced::Failed(reason) => {
+                        let _ = store
+                            .fail_transfer(transfer.id, &reason, self.agent.now())
+                            .await;
+                        self.refuse(codes::INTERNAL_ERROR, reason, None).await?;
+                        return Ok(false);
+                    }
+                };
+                while credits == 0 {
+                    match self
+                        .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
+                        .await
+                    {
+                        Ok(Some(batches)) => credits += batches,
+                        Ok(None) => {
+                            self.release_unacknowledged(connection, &mut in_flight, reserved)
+                                .await;
+                            return Ok(false);
+                        }
+                        Err(err) => {
+                            self.release_unacknowledged(connection, &mut in_flight, reserved)
+                                .await;
+                            return Err(err);
+                        }
+                    }
                 }
-            };
-            let got = page.rows.len() as i64;
-            if connection.max_records_total.is_some() && got < granted {
-                store
-                    .release_records(connection.id, granted - got)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let got = page.rows.len() as i64;
+                let last_key = page.last_key.clone();
+                let batch = RowBatch {
+                    request_id: pull.request_id,
+                    seq,
+                    columns: columns.clone(),
+                    last_key: page.last_key.unwrap_or_default(),
+                    rows: page.rows,
+                    transfer_id: transfer.id.to_string(),
+                };
+                let (wire, raw) = match self.send_sized(&Message::RowBatch(batch)).await {
+                    Ok(sizes) => sizes,
+                    Err(err) => {
+                        self.release_unacknowledged(connection, &mut in_flight, reserved)
+                            .await;
+                        return Err(err);
+                    }
+                };
+                credits -= 1;
+                seq += 1;
+                sent += got;
+                after = last_key;
+                in_flight.push_back(SentBatch {
+                    rows: got,
+                    wire: wire as i64,
+                    raw: raw as i64,
+                    last_key: after.clone(),
+                    reserved,
+                });
             }
-            if got == 0 {
-                exhausted = true;
-                break;
+            Ok(true)
+        }
+        .await;
+        // Whatever the producer read ahead and this task never sent is given back.
+        pages.close();
+        let mut unsent = 0;
+        while let Some(produced) = pages.recv().await {
+            if let Produced::Page { reserved, .. } = produced {
+                unsent += reserved;
             }
-            while credits == 0 {
-                match self
-                    .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
-                    .await?
-                {
-                    Some(batches) => credits += batches,
-                    None => return Ok(()),
-                }
-            }
-            let batch = RowBatch {
-                request_id: pull.request_id,
-                seq,
-                columns: columns.clone(),
-                last_key: page.last_key.clone().unwrap_or_default(),
-                rows: page.rows,
-                transfer_id: transfer.id.to_string(),
-            };
-            let (wire, raw) = match self.send_sized(&Message::RowBatch(batch)).await {
-                Ok(sizes) => sizes,
-                Err(err) => {
-                    let reserved = if limited { got } else { 0 };
-                    self.release_unacknowledged(connection, &mut in_flight, reserved)
-                        .await;
-                    return Err(err);
-                }
-            };
-            credits -= 1;
-            seq += 1;
-            sent += got;
-            after = page.last_key;
-            in_flight.push_back(SentBatch {
-                rows: got,
-                wire: wire as i64,
-                raw: raw as i64,
-                last_key: after.clone(),
-                reserved: if limited { got } else { 0 },
-            });
-            if got < granted {
-                // Fewer rows than asked for: the table is done.
-                exhausted = true;
-                break;
-            }
-            if granted < want {
-                // The record limit cut this batch: the connection has no rows left to give.
-                truncated = true;
-                break;
-            }
+        }
+        let _ = producer.await;
+        if unsent > 0 {
+            let _ = store.release_records(connection.id, unsent).await;
+        }
+        if !outcome? {
+            return Ok(());
         }
         // A batch counts as delivered only when the receiver has applied it (its credit comes
         // back): wait for every outstanding one, so a receiver that dies now leaves the
@@ -680,6 +714,122 @@ impl Session<'_> {
         .await
         .map(|_| ())
     }
+}
+
+/// Pages read ahead of the encoder.
+const PAGES_AHEAD: usize = 2;
+
+/// What the page reader hands the session.
+enum Produced {
+    /// Rows to send, with the record reservation taken for them (0 when unlimited).
+    Page { page: Page, reserved: i64 },
+    /// Nothing more to read: the table is done (`exhausted`) or the record limit cut it.
+    End { exhausted: bool, truncated: bool },
+    /// Reading failed.
+    Failed(String),
+}
+
+/// One pull's reading job.
+struct ProduceJob {
+    connection_id: Uuid,
+    limited: bool,
+    schema: TableSchema,
+    columns: Vec<String>,
+    after: Option<Vec<dbsync_protocol::Value>>,
+    filter: Option<dbsync_protocol::message::KeyFilter>,
+    limit: i64,
+}
+
+/// Reads the pages of one pull in key order, reserving records against the connection's
+/// total when it has one. Stops when the session stops listening, giving back the reservation
+/// of a page it could not hand over.
+async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produced>) {
+    let mut after = job.after;
+    let mut sent: i64 = 0;
+    let end = loop {
+        if sent >= job.limit {
+            break Produced::End {
+                exhausted: false,
+                truncated: false,
+            };
+        }
+        let want = BATCH_ROWS.min(job.limit - sent);
+        let granted = if job.limited {
+            match store.take_records(job.connection_id, want).await {
+                Ok(granted) => granted,
+                Err(err) => break Produced::Failed(err.to_string()),
+            }
+        } else {
+            want
+        };
+        if granted == 0 {
+            break Produced::End {
+                exhausted: false,
+                truncated: true,
+            };
+        }
+        let page = match store
+            .read_page_filtered(
+                &job.schema,
+                &job.columns,
+                after.as_deref(),
+                job.filter.as_ref(),
+                granted,
+            )
+            .await
+        {
+            Ok(page) => page,
+            Err(err) => {
+                if job.limited {
+                    let _ = store.release_records(job.connection_id, granted).await;
+                }
+                break Produced::Failed(err.to_string());
+            }
+        };
+        let got = page.rows.len() as i64;
+        if job.limited
+            && got < granted
+            && let Err(err) = store
+                .release_records(job.connection_id, granted - got)
+                .await
+        {
+            break Produced::Failed(err.to_string());
+        }
+        if got == 0 {
+            break Produced::End {
+                exhausted: true,
+                truncated: false,
+            };
+        }
+        after = page.last_key.clone();
+        sent += got;
+        let reserved = if job.limited { got } else { 0 };
+        if let Err(mpsc::error::SendError(unsent)) =
+            to_session.send(Produced::Page { page, reserved }).await
+        {
+            if let Produced::Page { reserved, .. } = unsent
+                && reserved > 0
+            {
+                let _ = store.release_records(job.connection_id, reserved).await;
+            }
+            return;
+        }
+        if got < granted {
+            // Fewer rows than asked for: the table is done.
+            break Produced::End {
+                exhausted: true,
+                truncated: false,
+            };
+        }
+        if granted < want {
+            // The record limit cut this page: the connection has no rows left to give.
+            break Produced::End {
+                exhausted: false,
+                truncated: true,
+            };
+        }
+    };
+    let _ = to_session.send(end).await;
 }
 
 /// A batch sent and not yet acknowledged.

@@ -77,6 +77,7 @@ pub mod config;
 pub mod connection;
 mod error;
 pub mod key_filter;
+pub mod link;
 pub mod password;
 pub mod peer;
 pub mod pull;

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use dbsync_protocol::codec::{HEADER_LEN, Limits};
 use dbsync_protocol::message::{Credit, Hello, KeyFilter, Pull, TableSchema};
 use dbsync_protocol::{Message, Value};
 use futures_util::{SinkExt, StreamExt};
@@ -21,6 +21,7 @@ use crate::audit::Actor;
 use crate::catalog::fk_order;
 use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
 use crate::error::{Error, Result};
+use crate::link::{FrameReader, FrameWriter, Incoming, Link};
 use crate::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 
 /// Batches the sender may have in flight before it waits for credit.
@@ -113,9 +114,41 @@ pub enum PullEvent {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-struct Client {
-    socket: Socket,
-    limits: Limits,
+/// The reading half of the receiver's WebSocket.
+struct WsReader(futures_util::stream::SplitStream<Socket>);
+
+impl FrameReader for WsReader {
+    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, String> {
+        loop {
+            match self.0.next().await {
+                Some(Ok(WsMessage::Binary(bytes))) => return Ok(Some(bytes.into())),
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
+                Some(Ok(WsMessage::Text(_))) => return Err("unexpected text frame".into()),
+                Some(Ok(WsMessage::Close(_))) | None => return Ok(None),
+                Some(Err(err)) => return Err(err.to_string()),
+            }
+        }
+    }
+}
+
+/// The writing half of the receiver's WebSocket.
+struct WsWriter(futures_util::stream::SplitSink<Socket, WsMessage>);
+
+impl FrameWriter for WsWriter {
+    async fn write_frame(&mut self, frame: Vec<u8>) -> std::result::Result<(), String> {
+        self.0
+            .send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.close().await;
+    }
+}
+
+pub(crate) struct Client {
+    link: Link,
     site: String,
 }
 
@@ -128,43 +161,29 @@ impl Client {
     }
 
     async fn send(&mut self, message: &Message) -> Result<()> {
-        let frame =
-            codec::encode(message, codec::DEFAULT_ZSTD_LEVEL).map_err(|e| self.session_error(e))?;
-        self.socket
-            .send(WsMessage::Binary(frame.into()))
-            .await
-            .map_err(|e| self.session_error(e))
+        match self.link.send(message).await {
+            Ok(_) => Ok(()),
+            Err(reason) => Err(self.session_error(reason)),
+        }
     }
 
     /// The next message and its size on the wire; a remote `Error` becomes [`Error::Remote`].
     async fn recv(&mut self) -> Result<(Message, usize)> {
-        loop {
-            let next = tokio::time::timeout(Duration::from_secs(300), self.socket.next())
-                .await
-                .map_err(|_| self.session_error("no answer for 300 s"))?;
-            match next {
-                Some(Ok(WsMessage::Binary(bytes))) => {
-                    let message = codec::decode_exact(&bytes, &self.limits)
-                        .map_err(|e| self.session_error(e))?;
-                    if let Message::Error(error) = message {
-                        return Err(Error::Remote {
-                            site: self.site.clone(),
-                            code: error.code,
-                            message: error.message,
-                            retry_after_ms: error.retry_after_ms,
-                        });
-                    }
-                    return Ok((message, bytes.len()));
-                }
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-                Some(Ok(WsMessage::Text(_))) => {
-                    return Err(self.session_error("unexpected text frame"));
-                }
-                Some(Ok(WsMessage::Close(_))) | None => {
-                    return Err(self.session_error("the sender closed the session"));
-                }
-                Some(Err(err)) => return Err(self.session_error(err)),
+        let next = tokio::time::timeout(Duration::from_secs(300), self.link.recv())
+            .await
+            .map_err(|_| self.session_error("no answer for 300 s"))?;
+        match next {
+            Some(Incoming::Message(Message::Error(error), _)) => Err(Error::Remote {
+                site: self.site.clone(),
+                code: error.code,
+                message: error.message,
+                retry_after_ms: error.retry_after_ms,
+            }),
+            Some(Incoming::Message(message, wire)) => Ok((message, wire)),
+            Some(Incoming::Malformed(reason) | Incoming::Failed(reason)) => {
+                Err(self.session_error(reason))
             }
+            None => Err(self.session_error("the sender closed the session")),
         }
     }
 }
@@ -221,9 +240,9 @@ impl Agent {
         )
         .await
         .map_err(|e| session_error(e.to_string()))?;
+        let (writer, reader) = socket.split();
         let mut client = Client {
-            socket,
-            limits,
+            link: Link::spawn(WsReader(reader), WsWriter(writer), limits),
             site,
         };
         let token = self.store.receiver_token(connection, &self.vault)?;
@@ -347,7 +366,7 @@ impl Agent {
                 .await?;
             summaries.push(summary);
         }
-        let _ = client.socket.close(None).await;
+        client.link.close().await;
         Ok(PullSummary {
             tables: summaries,
             seconds: started.elapsed().as_secs_f64(),

@@ -1,0 +1,190 @@
+//! A transport-neutral session link. A transport (WebSocket, QUIC) only moves whole frames; a
+//! [`Link`] runs its reading and writing halves in their own tasks, so frames are received and
+//! decoded while the session applies the previous batch, and written while it reads and encodes
+//! the next one. Both sides of a session (sender and receiver) talk to a `Link`, never to a
+//! socket.
+
+use std::future::Future;
+
+use dbsync_protocol::Message;
+use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Frames decoded ahead of the session (each is bounded by the codec's limits, and the peer
+/// may only have its granted credits in flight).
+const INCOMING: usize = 16;
+/// Encoded frames waiting for the socket.
+const OUTGOING: usize = 4;
+
+/// The reading half of a transport: whole frames, `None` at a clean end.
+pub trait FrameReader: Send + 'static {
+    /// The next frame (header and payload), or `None` when the peer closed.
+    fn read_frame(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send;
+}
+
+/// The writing half of a transport.
+pub trait FrameWriter: Send + 'static {
+    /// Writes one whole frame.
+    fn write_frame(&mut self, frame: Vec<u8>) -> impl Future<Output = Result<(), String>> + Send;
+    /// Closes the writing side cleanly.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// What the reading task hands the session.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A decoded message and its size on the wire.
+    Message(Message, usize),
+    /// A frame that broke the codec's rules (the session answers `protocol_error`).
+    Malformed(String),
+    /// The transport failed.
+    Failed(String),
+}
+
+/// A running link: send messages, receive decoded ones.
+#[derive(Debug)]
+pub struct Link {
+    outgoing: Option<mpsc::Sender<Vec<u8>>>,
+    incoming: mpsc::Receiver<Incoming>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    zstd_level: i32,
+}
+
+impl Link {
+    /// Starts the reading and writing tasks of a transport.
+    pub fn spawn(reader: impl FrameReader, writer: impl FrameWriter, limits: Limits) -> Self {
+        let (in_tx, in_rx) = mpsc::channel(INCOMING);
+        let (out_tx, out_rx) = mpsc::channel(OUTGOING);
+        let reader = tokio::spawn(read_loop(reader, limits, in_tx));
+        let writer = tokio::spawn(write_loop(writer, out_rx));
+        Self {
+            outgoing: Some(out_tx),
+            incoming: in_rx,
+            reader,
+            writer,
+            zstd_level: codec::DEFAULT_ZSTD_LEVEL,
+        }
+    }
+
+    /// Sets the zstd level of row batches sent from now on.
+    pub fn set_zstd_level(&mut self, level: i32) {
+        self.zstd_level = level;
+    }
+
+    /// Encodes and queues a message; returns (bytes on the wire, payload bytes before
+    /// compression).
+    pub async fn send(&mut self, message: &Message) -> Result<(usize, usize), String> {
+        let (frame, raw) =
+            codec::encode_sized(message, self.zstd_level).map_err(|e| e.to_string())?;
+        let wire = frame.len();
+        self.send_frame(frame).await?;
+        Ok((wire, raw))
+    }
+
+    /// Queues an encoded frame.
+    pub async fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), String> {
+        let outgoing = self
+            .outgoing
+            .as_ref()
+            .ok_or_else(|| "the link is closed".to_owned())?;
+        outgoing
+            .send(frame)
+            .await
+            .map_err(|_| "the connection is gone".to_owned())
+    }
+
+    /// The next incoming message; `None` when the peer closed the link.
+    pub async fn recv(&mut self) -> Option<Incoming> {
+        self.incoming.recv().await
+    }
+
+    /// Flushes what was queued, closes the writing side and stops reading.
+    pub async fn close(mut self) {
+        self.outgoing.take();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut self.writer).await;
+        self.reader.abort();
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn read_loop(
+    mut reader: impl FrameReader,
+    limits: Limits,
+    to_session: mpsc::Sender<Incoming>,
+) {
+    loop {
+        let item = match reader.read_frame().await {
+            Ok(Some(frame)) => {
+                let wire = frame.len();
+                // Decoding (decompression, MessagePack) runs here, beside the session's work.
+                match codec::decode_exact(&frame, &limits) {
+                    Ok(message) => Incoming::Message(message, wire),
+                    Err(err) => Incoming::Malformed(err.to_string()),
+                }
+            }
+            Ok(None) => return,
+            Err(err) => Incoming::Failed(err),
+        };
+        let stop = !matches!(item, Incoming::Message(..));
+        if to_session.send(item).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+async fn write_loop(mut writer: impl FrameWriter, mut from_session: mpsc::Receiver<Vec<u8>>) {
+    while let Some(frame) = from_session.recv().await {
+        if let Err(err) = writer.write_frame(frame).await {
+            tracing::debug!(error = %err, "write failed");
+            return;
+        }
+    }
+    writer.finish().await;
+}
+
+/// Reads one frame from a byte stream (QUIC): the 8-byte header, then exactly the payload it
+/// declares, refused before reading when it declares more than `max_frame_bytes`.
+pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    limits: &Limits,
+) -> Result<Option<Vec<u8>>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        let n = stream
+            .read(&mut header[filled..])
+            .await
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return if filled == 0 {
+                Ok(None)
+            } else {
+                Err("the stream ended inside a frame header".into())
+            };
+        }
+        filled += n;
+    }
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    if len > limits.max_frame_bytes {
+        return Err(format!(
+            "a frame declares {len} bytes, more than the {} allowed",
+            limits.max_frame_bytes
+        ));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + len as usize);
+    frame.extend_from_slice(&header);
+    frame.resize(HEADER_LEN + len as usize, 0);
+    stream
+        .read_exact(&mut frame[HEADER_LEN..])
+        .await
+        .map_err(|e| format!("the stream ended inside a frame: {e}"))?;
+    Ok(Some(frame))
+}
