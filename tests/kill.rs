@@ -11,9 +11,17 @@ use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use crate::pull::{exec, pair};
 use crate::support::agents::RunningAgent;
 
-fn spawn_pull(agent: &RunningAgent, connection: &str, table: &str) -> Child {
+fn spawn_pull(agent: &RunningAgent, connection: &str, table: &str, transport: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dbsync"))
-        .args(["--json", "pull", connection, "--tables", table])
+        .args([
+            "--json",
+            "pull",
+            connection,
+            "--tables",
+            table,
+            "--transport",
+            transport,
+        ])
         .env("DBSYNC_DATABASE_URL", &agent.database_url)
         .env("DBSYNC_KEY_FILE", &agent.key_file)
         .env("DBSYNC_LOG", "warn")
@@ -47,6 +55,12 @@ async fn as_text(agent: &RunningAgent, table: &str, key: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_killed_with_sigkill_again_and_again_converges_to_an_exact_copy() {
+    for transport in ["ws", "quic"] {
+        killed_again_and_again(transport).await;
+    }
+}
+
+async fn killed_again_and_again(transport: &str) {
     const ROWS: i64 = 150_000;
     let Some((a, b, receiver)) = pair("kill::sigkill", true, ConnectionSettings::default()).await
     else {
@@ -69,7 +83,7 @@ async fn a_receiver_killed_with_sigkill_again_and_again_converges_to_an_exact_co
     let mut kills = Vec::new();
     let mut last = 0;
     for _ in 0..4 {
-        let mut child = spawn_pull(&b, &receiver, "events");
+        let mut child = spawn_pull(&b, &receiver, "events", transport);
         let deadline = Instant::now() + Duration::from_secs(120);
         // Kill once this run has applied something new.
         loop {
@@ -92,7 +106,7 @@ async fn a_receiver_killed_with_sigkill_again_and_again_converges_to_an_exact_co
         kills.iter().any(|n| (1..ROWS).contains(n)),
         "at least one kill landed mid-pull: {kills:?}"
     );
-    let out = spawn_pull(&b, &receiver, "events")
+    let out = spawn_pull(&b, &receiver, "events", transport)
         .wait_with_output()
         .unwrap();
     assert!(
@@ -102,6 +116,7 @@ async fn a_receiver_killed_with_sigkill_again_and_again_converges_to_an_exact_co
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["tables"][0]["resumed"], true);
+    assert_eq!(summary["tables"][0]["transport"], transport);
     assert_eq!(
         summary["tables"][0]["rows"].as_i64().unwrap() + kills.last().copied().unwrap_or(0),
         ROWS,
@@ -167,7 +182,7 @@ async fn every_postgres_type_under_tricky_names_arrives_exactly() {
         ],
     )
     .await;
-    let out = spawn_pull(&b, &receiver, "Select")
+    let out = spawn_pull(&b, &receiver, "Select", "auto")
         .wait_with_output()
         .unwrap();
     assert!(

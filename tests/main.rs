@@ -7,5 +7,6 @@ mod cli;
 mod kill;
 mod peer;
 mod pull;
+mod quic;
 mod serve;
 mod strategies;

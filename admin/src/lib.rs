@@ -5,6 +5,7 @@ pub mod admin_api;
 mod client_ip;
 mod error;
 pub mod peer_api;
+pub mod quic;
 pub mod server;
 pub mod session;
 
@@ -30,6 +31,8 @@ pub struct AppState {
     pub proxies: Arc<TrustedProxies>,
     /// Per-client-IP limiter of the peer API.
     pub(crate) peer_limiter: Arc<peer_api::PeerLimiter>,
+    /// Set when the server shuts down: running sessions end.
+    sessions_stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -42,6 +45,21 @@ impl AppState {
             agent,
             proxies,
             peer_limiter,
+            sessions_stop: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Ends every running data-plane session (at shutdown: upgraded WebSockets and QUIC
+    /// streams outlive the HTTP server's graceful shutdown otherwise). Receivers resume later.
+    pub fn stop_sessions(&self) {
+        self.sessions_stop.send_replace(true);
+    }
+
+    /// Resolves once [`AppState::stop_sessions`] was called.
+    pub(crate) fn sessions_stopped(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let mut stop = self.sessions_stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
         }
     }
 }

@@ -63,7 +63,13 @@ async fn status(State(state): State<AppState>) -> Result<axum::Json<StatusRespon
         password_required: settings.incoming_mode
             == dbsync_agent::settings::IncomingMode::RequirePassword,
         protocol_versions: dbsync_protocol::SUPPORTED_VERSIONS.to_vec(),
-        transports: Vec::new(),
+        transports: std::iter::once(dbsync_protocol::peer::TransportOffer {
+            kind: "websocket".into(),
+            port: None,
+            cert_fingerprint: None,
+        })
+        .chain(state.agent.quic_offer())
+        .collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         site_id: settings.site_id.to_string(),
         site_name: settings.site_name,

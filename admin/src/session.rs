@@ -61,9 +61,15 @@ pub(crate) async fn upgrade(
                 limits,
                 client_ip: client.0,
                 user_agent,
+                transport: Transport::Ws,
             };
-            if let Err(reason) = session.run().await {
-                tracing::debug!(reason = %reason, "session ended");
+            tokio::select! {
+                outcome = session.run() => {
+                    if let Err(reason) = outcome {
+                        tracing::debug!(reason = %reason, "session ended");
+                    }
+                }
+                () = state.sessions_stopped() => tracing::debug!("session ended by shutdown"),
             }
             session.link.close().await;
         })
@@ -110,6 +116,7 @@ pub(crate) struct Session<'a> {
     pub(crate) limits: Limits,
     pub(crate) client_ip: IpAddr,
     pub(crate) user_agent: Option<String>,
+    pub(crate) transport: Transport,
 }
 
 type SessionResult<T> = Result<T, String>;
@@ -381,7 +388,7 @@ impl Session<'_> {
                             requires_approval,
                             records_requested: pull.limit as i64,
                             conflict_strategy: connection.default_conflict_strategy,
-                            transport: Some(Transport::Ws),
+                            transport: Some(self.transport),
                             requester_ip: Some(self.client_ip.to_string()),
                             requester_user_agent: self.user_agent.clone(),
                         },

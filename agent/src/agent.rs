@@ -28,6 +28,8 @@ pub struct Agent {
     pub validator: Validator,
     /// Outbound calls to peers.
     pub peers: PeerClient,
+    /// The site's QUIC certificate, loaded (or created) on first use.
+    quic_identity: std::sync::OnceLock<Arc<crate::quic::Identity>>,
 }
 
 impl Agent {
@@ -50,7 +52,49 @@ impl Agent {
             vault,
             validator,
             peers,
+            quic_identity: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The site's QUIC certificate: the configured one, or the self-signed one kept beside the
+    /// key file (created on first use).
+    pub fn quic_identity(&self) -> Result<Arc<crate::quic::Identity>> {
+        if let Some(identity) = self.quic_identity.get() {
+            return Ok(Arc::clone(identity));
+        }
+        let key_file = self.config.key_file();
+        let dir = key_file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| std::path::Path::new("."));
+        let identity = Arc::new(crate::quic::Identity::load_or_create(
+            &self.config.quic,
+            dir,
+        )?);
+        Ok(Arc::clone(self.quic_identity.get_or_init(|| identity)))
+    }
+
+    /// The UDP address QUIC sessions are served on.
+    pub fn quic_listen(&self) -> std::net::SocketAddr {
+        self.config.quic.listen.unwrap_or(self.config.server.listen)
+    }
+
+    /// What this site offers peers over QUIC (port and certificate fingerprint), if enabled.
+    pub fn quic_offer(&self) -> Option<dbsync_protocol::peer::TransportOffer> {
+        if !self.config.quic.enabled {
+            return None;
+        }
+        match self.quic_identity() {
+            Ok(identity) => Some(dbsync_protocol::peer::TransportOffer {
+                kind: "quic".into(),
+                port: Some(self.quic_listen().port()),
+                cert_fingerprint: Some(identity.fingerprint.clone()),
+            }),
+            Err(err) => {
+                tracing::warn!(error = %err, "QUIC is enabled but the certificate is unusable");
+                None
+            }
+        }
     }
 
     /// The current time.

@@ -57,6 +57,8 @@ pub struct Config {
     pub allow_private_peers: bool,
     /// The HTTP server of `dbsync serve`.
     pub server: ServerConfig,
+    /// The QUIC transport.
+    pub quic: crate::quic::QuicConfig,
 }
 
 /// `[server]`: the HTTP surface of `dbsync serve`.

@@ -84,6 +84,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The sending site could not be reached, or the session broke off: worth retrying.
+    #[error("session with {site} broke off: {reason}")]
+    Unreachable {
+        /// The sending site.
+        site: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -102,6 +110,19 @@ impl Error {
             Self::PasswordHash => "password_hash_failed",
             Self::Remote { .. } => "remote_refused",
             Self::Session { .. } => "session_failed",
+            Self::Unreachable { .. } => "peer_unreachable",
+        }
+    }
+
+    /// Whether trying again later may succeed (a dropped or unreachable session).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.display().to_string(),
+            source,
         }
     }
 

@@ -81,6 +81,7 @@ pub mod link;
 pub mod password;
 pub mod peer;
 pub mod pull;
+pub mod quic;
 pub mod rate_limit;
 pub mod registration;
 pub mod settings;

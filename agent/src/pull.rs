@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use dbsync_protocol::codec::{HEADER_LEN, Limits};
 use dbsync_protocol::message::{Credit, Hello, KeyFilter, Pull, TableSchema};
+use dbsync_protocol::peer::TransportOffer;
 use dbsync_protocol::{Message, Value};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
@@ -28,6 +29,41 @@ use crate::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, 
 pub const CREDITS: u32 = 8;
 /// How often a pull waiting for approval asks again.
 pub const APPROVAL_POLL: Duration = Duration::from_secs(5);
+/// How long a QUIC handshake may take before `auto` falls back to WebSocket.
+pub const QUIC_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// First wait before reconnecting (doubles each attempt, with jitter).
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest wait between reconnect attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Which transport a pull uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// WebSocket over the HTTP port.
+    Ws,
+    /// QUIC over UDP.
+    Quic,
+    /// QUIC when the sender offers it and it answers, else WebSocket.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "ws" | "websocket" => Ok(Self::Ws),
+            "quic" => Ok(Self::Quic),
+            "auto" => Ok(Self::Auto),
+            other => Err(Error::invalid(
+                "transport",
+                format!("{other:?}: expected ws, quic or auto"),
+            )),
+        }
+    }
+}
 
 /// What to pull and how.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +80,10 @@ pub struct PullOptions {
     pub approval_wait: Option<Duration>,
     /// Only rows whose key passes this filter (see [`crate::key_filter`]); one table only.
     pub where_key: Option<String>,
+    /// Transport (default: auto).
+    pub transport: TransportChoice,
+    /// Keep reconnecting after a session breaks off for this long (zero: give up at once).
+    pub retry_for: Duration,
 }
 
 /// One table's outcome.
@@ -73,6 +113,10 @@ pub struct TableSummary {
     pub truncated: bool,
     /// The receive transfer record.
     pub transfer_id: Uuid,
+    /// The transport of the session that finished the table ("ws" or "quic").
+    pub transport: String,
+    /// Sessions that broke off and were re-opened while pulling this table.
+    pub reconnects: u32,
 }
 
 /// Outcome of a pull.
@@ -110,6 +154,12 @@ pub enum PullEvent {
         /// The sender's transfer id.
         transfer_id: String,
     },
+}
+
+async fn store_reconnects(store: &crate::Store, transfer: Uuid, reconnects: u32) {
+    let _ = store
+        .merge_transfer_metadata(transfer, serde_json::json!({ "reconnects": reconnects }))
+        .await;
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
@@ -150,6 +200,8 @@ impl FrameWriter for WsWriter {
 pub(crate) struct Client {
     link: Link,
     site: String,
+    transport: Transport,
+    quic: Option<crate::quic::QuicConnection>,
 }
 
 impl Client {
@@ -160,10 +212,24 @@ impl Client {
         }
     }
 
+    fn broke_off(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Unreachable {
+            site: self.site.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
     async fn send(&mut self, message: &Message) -> Result<()> {
         match self.link.send(message).await {
             Ok(_) => Ok(()),
-            Err(reason) => Err(self.session_error(reason)),
+            Err(reason) => Err(self.broke_off(reason)),
+        }
+    }
+
+    async fn close(self) {
+        self.link.close().await;
+        if let Some(quic) = self.quic {
+            quic.close().await;
         }
     }
 
@@ -171,7 +237,7 @@ impl Client {
     async fn recv(&mut self) -> Result<(Message, usize)> {
         let next = tokio::time::timeout(Duration::from_secs(300), self.link.recv())
             .await
-            .map_err(|_| self.session_error("no answer for 300 s"))?;
+            .map_err(|_| self.broke_off("no answer for 300 s"))?;
         match next {
             Some(Incoming::Message(Message::Error(error), _)) => Err(Error::Remote {
                 site: self.site.clone(),
@@ -180,53 +246,71 @@ impl Client {
                 retry_after_ms: error.retry_after_ms,
             }),
             Some(Incoming::Message(message, wire)) => Ok((message, wire)),
-            Some(Incoming::Malformed(reason) | Incoming::Failed(reason)) => {
-                Err(self.session_error(reason))
-            }
-            None => Err(self.session_error("the sender closed the session")),
+            Some(Incoming::Malformed(reason)) => Err(self.session_error(reason)),
+            Some(Incoming::Failed(reason)) => Err(self.broke_off(reason)),
+            None => Err(self.broke_off("the sender closed the session")),
         }
     }
 }
 
 impl Agent {
-    async fn open_session(
+    /// The address of a peer's host on `port`, refusing private addresses unless allowed.
+    async fn resolve_peer(
         &self,
-        connection: &Connection,
-        password: Option<&str>,
-    ) -> Result<(Client, u64)> {
-        let site = connection.site_url.clone();
-        let session_error = |reason: String| Error::Session {
-            site: site.clone(),
+        site: &str,
+        port_override: Option<u16>,
+    ) -> Result<(String, SocketAddr)> {
+        let refused = |reason: String| Error::Session {
+            site: site.to_owned(),
             reason,
         };
-        let http = crate::peer::checked_url(&site, "/db-sync/ws", self.config.allow_private_peers)
-            .map_err(|e| session_error(e.to_string()))?;
-        let mut ws_url = http.clone();
-        ws_url
-            .set_scheme(if http.scheme() == "https" {
-                "wss"
-            } else {
-                "ws"
-            })
-            .map_err(|()| session_error("cannot build the WebSocket URL".into()))?;
+        let http = crate::peer::checked_url(site, "/db-sync/ws", self.config.allow_private_peers)
+            .map_err(|e| refused(e.to_string()))?;
         let host = http
             .host_str()
             .unwrap_or_default()
             .trim_matches(['[', ']'])
             .to_owned();
-        let port = http.port_or_known_default().unwrap_or(80);
+        let port = port_override
+            .or_else(|| http.port_or_known_default())
+            .unwrap_or(80);
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
-            .map_err(|e| session_error(format!("cannot resolve {host}: {e}")))?
+            .map_err(|e| Error::Unreachable {
+                site: site.to_owned(),
+                reason: format!("cannot resolve {host}: {e}"),
+            })?
             .filter(|a| self.config.allow_private_peers || !crate::peer::is_forbidden(a.ip()))
             .collect();
         let addr = addrs
             .first()
-            .ok_or_else(|| session_error(format!("{host} resolves to no allowed address")))?;
+            .copied()
+            .ok_or_else(|| refused(format!("{host} resolves to no allowed address")))?;
+        Ok((host, addr))
+    }
+
+    async fn open_ws(&self, connection: &Connection) -> Result<Client> {
+        let site = connection.site_url.clone();
+        let unreachable = |reason: String| Error::Unreachable {
+            site: site.clone(),
+            reason,
+        };
+        let http = crate::peer::checked_url(&site, "/db-sync/ws", self.config.allow_private_peers)
+            .map_err(|e| Error::Session {
+                site: site.clone(),
+                reason: e.to_string(),
+            })?;
+        let mut ws_url = http.clone();
+        let _ = ws_url.set_scheme(if http.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        });
+        let (_, addr) = self.resolve_peer(&site, None).await?;
         let stream = tokio::time::timeout(crate::peer::PEER_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| session_error("connect timed out".into()))?
-            .map_err(|e| session_error(e.to_string()))?;
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
         stream.set_nodelay(true).ok();
         let limits = Limits::default();
         let config = WebSocketConfig::default()
@@ -239,11 +323,124 @@ impl Agent {
             None,
         )
         .await
-        .map_err(|e| session_error(e.to_string()))?;
+        .map_err(|e| unreachable(e.to_string()))?;
         let (writer, reader) = socket.split();
-        let mut client = Client {
+        Ok(Client {
             link: Link::spawn(WsReader(reader), WsWriter(writer), limits),
             site,
+            transport: Transport::Ws,
+            quic: None,
+        })
+    }
+
+    /// The sender's QUIC offer: pinned at registration, or learned (and pinned) from its status
+    /// the first time. `None` when it offers no QUIC.
+    pub async fn quic_offer_of(&self, connection: &Connection) -> Result<Option<TransportOffer>> {
+        let stored = connection
+            .metadata
+            .get("quic")
+            .or_else(|| connection.metadata.pointer("/registration/quic"))
+            .filter(|v| !v.is_null())
+            .and_then(|v| serde_json::from_value::<TransportOffer>(v.clone()).ok());
+        if stored.is_some() {
+            return Ok(stored);
+        }
+        let status = match self.peers.status(&connection.site_url).await {
+            Ok(status) => status,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot ask the sender which transports it offers");
+                return Ok(None);
+            }
+        };
+        let offer = status.transports.into_iter().find(|t| t.kind == "quic");
+        if let Some(offer) = &offer {
+            // Trust on first use: from now on this certificate, and only it, is accepted.
+            self.store
+                .merge_connection_metadata(connection.id, serde_json::json!({ "quic": offer }))
+                .await?;
+            tracing::info!(connection = %connection.name, fingerprint = ?offer.cert_fingerprint, "pinned the sender's QUIC certificate");
+        }
+        Ok(offer)
+    }
+
+    async fn open_quic(
+        &self,
+        connection: &Connection,
+        offer: &TransportOffer,
+    ) -> std::result::Result<Client, (bool, Error)> {
+        let site = connection.site_url.clone();
+        let (host, addr) = self
+            .resolve_peer(&site, offer.port)
+            .await
+            .map_err(|e| (false, e))?;
+        let verify = match &offer.cert_fingerprint {
+            Some(fingerprint) => crate::quic::Verify::Pinned(fingerprint.clone()),
+            None => crate::quic::Verify::Roots(self.config.quic.ca_file.clone()),
+        };
+        let server_name = if host.parse::<std::net::IpAddr>().is_ok() {
+            "dbsync".to_owned()
+        } else {
+            host
+        };
+        match crate::quic::connect(
+            addr,
+            &server_name,
+            &verify,
+            &self.config.quic,
+            Limits::default(),
+            QUIC_CONNECT_TIMEOUT,
+        )
+        .await
+        {
+            Ok((link, quic)) => Ok(Client {
+                link,
+                site,
+                transport: Transport::Quic,
+                quic: Some(quic),
+            }),
+            Err(crate::quic::ConnectError::Unreachable(reason)) => {
+                Err((true, Error::Unreachable { site, reason }))
+            }
+            Err(crate::quic::ConnectError::Refused(reason)) => {
+                Err((false, Error::Session { site, reason }))
+            }
+        }
+    }
+
+    /// Opens a session over the chosen transport and says Hello.
+    async fn open_session(
+        &self,
+        connection: &Connection,
+        password: Option<&str>,
+        choice: TransportChoice,
+    ) -> Result<(Client, u64)> {
+        let mut client = match choice {
+            TransportChoice::Ws => self.open_ws(connection).await?,
+            TransportChoice::Quic => {
+                let offer =
+                    self.quic_offer_of(connection)
+                        .await?
+                        .ok_or_else(|| Error::Session {
+                            site: connection.site_url.clone(),
+                            reason: "the sender offers no QUIC transport".into(),
+                        })?;
+                self.open_quic(connection, &offer)
+                    .await
+                    .map_err(|(_, e)| e)?
+            }
+            TransportChoice::Auto => match self.quic_offer_of(connection).await? {
+                Some(offer) => match self.open_quic(connection, &offer).await {
+                    Ok(client) => client,
+                    // UDP blocked or nothing listening: WebSocket. A refused certificate is
+                    // not a reason to try elsewhere.
+                    Err((true, err)) => {
+                        tracing::info!(error = %err, "QUIC unreachable; falling back to WebSocket");
+                        self.open_ws(connection).await?
+                    }
+                    Err((false, err)) => return Err(err),
+                },
+                None => self.open_ws(connection).await?,
+            },
         };
         let token = self.store.receiver_token(connection, &self.vault)?;
         client
@@ -260,6 +457,52 @@ impl Agent {
                 Err(client.session_error(format!("expected Welcome, got {:?}", other.kind())))
             }
         }
+    }
+
+    /// Opens a session, retrying a transient failure with exponential backoff and jitter until
+    /// `retry_for` has passed since `failing_since`.
+    async fn open_session_retrying(
+        &self,
+        connection: &Connection,
+        options: &PullOptions,
+        failing_since: &mut Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<(Client, u64)> {
+        loop {
+            match self
+                .open_session(connection, options.password.as_deref(), options.transport)
+                .await
+            {
+                Ok(opened) => return Ok(opened),
+                Err(err) => self.backoff(err, options, failing_since, attempts).await?,
+            }
+        }
+    }
+
+    /// Waits before the next attempt after a transient `err`, or gives `err` back when it is not
+    /// transient or the retry time is used up.
+    async fn backoff(
+        &self,
+        err: Error,
+        options: &PullOptions,
+        failing_since: &mut Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<()> {
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if !err.is_transient() || since.elapsed() >= options.retry_for {
+            return Err(err);
+        }
+        *attempts += 1;
+        let base = RETRY_BASE
+            .saturating_mul(1 << (*attempts - 1).min(6))
+            .min(RETRY_MAX);
+        let jitter = rand::random_range(0.5..1.5);
+        let wait = base
+            .mul_f64(jitter)
+            .min(options.retry_for.saturating_sub(since.elapsed()));
+        tracing::warn!(error = %err, attempt = *attempts, wait_ms = wait.as_millis() as u64, "session broke off; retrying");
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 
     /// Pulls tables from the sending site of a receiver connection.
@@ -297,8 +540,10 @@ impl Agent {
                  leave out --where-key",
             ));
         }
-        let (mut client, max_per_request) = self
-            .open_session(&connection, options.password.as_deref())
+        let mut failing_since: Option<Instant> = None;
+        let mut attempts = 0;
+        let (mut client, mut max_per_request) = self
+            .open_session_retrying(&connection, options, &mut failing_since, &mut attempts)
             .await?;
         client.send(&Message::ListTables).await?;
         let offered = match client.recv().await? {
@@ -345,28 +590,63 @@ impl Agent {
                 table: table.clone(),
                 estimated_rows,
             });
-            client.send(&Message::DescribeTable(table.clone())).await?;
-            let schema = match client.recv().await? {
-                (Message::TableSchema(schema), _) => schema,
-                (other, _) => {
-                    return Err(client
-                        .session_error(format!("expected TableSchema, got {:?}", other.kind())));
+            let mut reconnects = 0;
+            let summary = loop {
+                let attempt = async {
+                    client.send(&Message::DescribeTable(table.clone())).await?;
+                    let schema = match client.recv().await? {
+                        (Message::TableSchema(schema), _) => schema,
+                        (other, _) => {
+                            return Err(client.session_error(format!(
+                                "expected TableSchema, got {:?}",
+                                other.kind()
+                            )));
+                        }
+                    };
+                    self.pull_table(
+                        &mut client,
+                        &connection,
+                        &schema,
+                        strategy,
+                        max_per_request,
+                        options,
+                        &mut on_event,
+                    )
+                    .await
+                }
+                .await;
+                match attempt {
+                    Ok(summary) => break summary,
+                    Err(err) => {
+                        // A session that broke off is re-opened; the table resumes after its
+                        // checkpoint.
+                        self.backoff(err, options, &mut failing_since, &mut attempts)
+                            .await?;
+                        reconnects += 1;
+                        let (reopened, max) = self
+                            .open_session_retrying(
+                                &connection,
+                                options,
+                                &mut failing_since,
+                                &mut attempts,
+                            )
+                            .await?;
+                        std::mem::replace(&mut client, reopened).close().await;
+                        max_per_request = max;
+                    }
                 }
             };
-            let summary = self
-                .pull_table(
-                    &mut client,
-                    &connection,
-                    &schema,
-                    strategy,
-                    max_per_request,
-                    options,
-                    &mut on_event,
-                )
-                .await?;
-            summaries.push(summary);
+            failing_since = None;
+            attempts = 0;
+            if reconnects > 0 {
+                store_reconnects(&self.store, summary.transfer_id, reconnects).await;
+            }
+            summaries.push(TableSummary {
+                reconnects,
+                ..summary
+            });
         }
-        client.link.close().await;
+        client.close().await;
         Ok(PullSummary {
             tables: summaries,
             seconds: started.elapsed().as_secs_f64(),
@@ -467,7 +747,7 @@ impl Agent {
                     requires_approval: false,
                     records_requested: 0,
                     conflict_strategy: strategy,
-                    transport: Some(Transport::Ws),
+                    transport: Some(client.transport),
                     requester_ip: None,
                     requester_user_agent: None,
                 },
@@ -495,6 +775,7 @@ impl Agent {
             created_table,
             resumed,
             transfer_id: transfer.id,
+            transport: client.transport.to_string(),
             ..TableSummary::default()
         };
         let outcome = self

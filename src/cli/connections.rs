@@ -188,12 +188,14 @@ pub(crate) fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
     let (digits, unit) = text.split_at(split);
     let n: i64 = digits
         .parse()
-        .map_err(|_| format!("{text:?}: expected a number and a unit (m, h, d)"))?;
+        .map_err(|_| format!("{text:?}: expected a number and a unit (s, m, h, d)"))?;
     match unit {
+        "" if n == 0 => Ok(chrono::Duration::zero()),
+        "s" => Ok(chrono::Duration::seconds(n)),
         "m" => Ok(chrono::Duration::minutes(n)),
         "h" => Ok(chrono::Duration::hours(n)),
         "d" => Ok(chrono::Duration::days(n)),
-        _ => Err(format!("{text:?}: unit must be m, h or d")),
+        _ => Err(format!("{text:?}: unit must be s, m, h or d")),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use dbsync_agent::connection::ConflictStrategy;
-use dbsync_agent::pull::{PullEvent, PullOptions};
+use dbsync_agent::pull::{PullEvent, PullOptions, TransportChoice};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::Context;
@@ -32,9 +32,20 @@ pub(crate) struct PullArgs {
     /// or a list k1,k2,...; a composite key's values are joined with ':'
     #[arg(long, value_name = "KEYS")]
     where_key: Option<String>,
+    /// ws, quic, or auto (QUIC when the sender offers it and UDP gets through, else WebSocket)
+    #[arg(long, default_value = "auto", value_parser = parse_transport)]
+    transport: TransportChoice,
+    /// Keep reconnecting after a session breaks off for this long (e.g. 10m; 0 gives up at once)
+    #[arg(long, default_value = "2m", value_parser = super::connections::parse_duration)]
+    retry_for: chrono::Duration,
     /// Give up waiting for the sender's approval after this long (e.g. 10m) [default: wait]
     #[arg(long, value_parser = super::connections::parse_duration)]
     approval_wait: Option<chrono::Duration>,
+}
+
+fn parse_transport(text: &str) -> Result<TransportChoice, String> {
+    text.parse()
+        .map_err(|err: dbsync_agent::Error| err.to_string())
 }
 
 fn parse_strategy(text: &str) -> Result<ConflictStrategy, String> {
@@ -55,6 +66,8 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         password,
         approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
         where_key: args.where_key,
+        transport: args.transport,
+        retry_for: args.retry_for.to_std().unwrap_or_default(),
     };
     let json = ctx.json;
     // A progress bar on a terminal; plain lines otherwise; nothing with --json.
@@ -137,12 +150,14 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                 t.skipped.to_string(),
                 t.deleted.to_string(),
                 output::bytes(t.bytes_wire),
-                if t.resumed {
-                    "resumed".into()
+                if t.reconnects > 0 {
+                    format!("{}, {} reconnects", t.transport, t.reconnects)
+                } else if t.resumed {
+                    format!("{}, resumed", t.transport)
                 } else if t.truncated {
-                    "truncated".into()
+                    format!("{}, truncated", t.transport)
                 } else {
-                    String::new()
+                    t.transport.clone()
                 },
             ]
         })

@@ -108,13 +108,30 @@ fn spawn_server(
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
-    let app = router(AppState::new(agent));
+    let state = AppState::new(Arc::clone(&agent));
+    let app = router(state.clone());
+    let quic = agent.config.quic.enabled.then(|| {
+        let identity = agent.quic_identity().unwrap();
+        dbsync_agent::quic::server_endpoint(agent.quic_listen(), &identity, &agent.config.quic)
+            .unwrap()
+    });
     let task = tokio::spawn(async move {
+        let (quic_stop, quic_stopped) = oneshot::channel::<()>();
+        let quic_task = quic.map(|endpoint| {
+            tokio::spawn(dbsync_admin::quic::serve(endpoint, state.clone(), async {
+                let _ = quic_stopped.await;
+            }))
+        });
         server::serve(listener, app, header_timeout, async {
             let _ = stopped.await;
         })
         .await
         .unwrap();
+        state.stop_sessions();
+        let _ = quic_stop.send(());
+        if let Some(task) = quic_task {
+            let _ = task.await;
+        }
     });
     (stop, task)
 }
