@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::{ApprovalMode, ConnectionSettings, NewConnection};
-use dbsync_agent::pull::PullOptions;
+use dbsync_agent::pull::{PullOptions, TransportChoice};
 use dbsync_agent::settings::IncomingMode;
 use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_agent::{Error, Store};
@@ -198,6 +198,12 @@ async fn postgres_to_postgres_copy_is_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_limits_and_requests_are_enforced() {
+    for transport in [TransportChoice::Ws, TransportChoice::Quic] {
+        record_limits_and_requests_are_enforced_over(transport).await;
+    }
+}
+
+async fn record_limits_and_requests_are_enforced_over(transport: TransportChoice) {
     let settings = ConnectionSettings {
         max_records_per_request: 7,
         max_records_total: Some(2_010),
@@ -218,6 +224,7 @@ async fn record_limits_and_requests_are_enforced() {
             &receiver,
             &PullOptions {
                 tables: Some(vec!["Order".into()]),
+                transport,
                 ..Default::default()
             },
             |_| {},
@@ -231,7 +238,14 @@ async fn record_limits_and_requests_are_enforced() {
     // 7 rows per request, cut exactly at 2,010 rows in all.
     let summary = b
         .agent
-        .pull(&receiver, &PullOptions::default(), |_| {})
+        .pull(
+            &receiver,
+            &PullOptions {
+                transport,
+                ..Default::default()
+            },
+            |_| {},
+        )
         .await
         .unwrap();
     assert_eq!(summary.tables.len(), 1);
@@ -247,7 +261,14 @@ async fn record_limits_and_requests_are_enforced() {
 
     let again = b
         .agent
-        .pull(&receiver, &PullOptions::default(), |_| {})
+        .pull(
+            &receiver,
+            &PullOptions {
+                transport,
+                ..Default::default()
+            },
+            |_| {},
+        )
         .await;
     assert!(
         matches!(&again, Err(Error::Remote { code, .. }) if code == "record_limit_exceeded"),
@@ -259,6 +280,12 @@ async fn record_limits_and_requests_are_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_hold_pulls_until_an_admin_decides() {
+    for transport in [TransportChoice::Ws, TransportChoice::Quic] {
+        approvals_hold_pulls_until_an_admin_decides_over(transport).await;
+    }
+}
+
+async fn approvals_hold_pulls_until_an_admin_decides_over(transport: TransportChoice) {
     let settings = ConnectionSettings {
         approval_mode: ApprovalMode::RequireApproval,
         ..ConnectionSettings::default()
@@ -270,6 +297,7 @@ async fn approvals_hold_pulls_until_an_admin_decides() {
     let options = PullOptions {
         tables: Some(vec!["users".into()]),
         approval_wait: Some(Duration::from_millis(200)),
+        transport,
         ..Default::default()
     };
     let waiting = b.agent.pull(&receiver, &options, |_| {}).await;
@@ -342,6 +370,12 @@ async fn approvals_hold_pulls_until_an_admin_decides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_or_a_suspended_connection_is_refused() {
+    for transport in [TransportChoice::Ws, TransportChoice::Quic] {
+        a_wrong_token_or_a_suspended_connection_is_refused_over(transport).await;
+    }
+}
+
+async fn a_wrong_token_or_a_suspended_connection_is_refused_over(transport: TransportChoice) {
     let Some((a, b, receiver)) = pair("pull::refused", false, ConnectionSettings::default()).await
     else {
         return;
@@ -353,7 +387,14 @@ async fn a_wrong_token_or_a_suspended_connection_is_refused() {
         .unwrap();
     let refused = b
         .agent
-        .pull(&receiver, &PullOptions::default(), |_| {})
+        .pull(
+            &receiver,
+            &PullOptions {
+                transport,
+                ..Default::default()
+            },
+            |_| {},
+        )
         .await;
     assert!(
         matches!(&refused, Err(Error::Remote { code, .. }) if code == "connection_not_active"),
@@ -371,7 +412,14 @@ async fn a_wrong_token_or_a_suspended_connection_is_refused() {
         .unwrap();
     let refused = b
         .agent
-        .pull(&receiver, &PullOptions::default(), |_| {})
+        .pull(
+            &receiver,
+            &PullOptions {
+                transport,
+                ..Default::default()
+            },
+            |_| {},
+        )
         .await;
     assert!(
         matches!(&refused, Err(Error::Remote { code, .. }) if code == "invalid_token"),
