@@ -4,6 +4,7 @@ mod support;
 
 mod admin_api;
 mod cli;
+mod incremental;
 mod kill;
 mod peer;
 mod pull;

@@ -65,3 +65,41 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Binds the site's QUIC endpoint when `quic.enabled` (the certificate is loaded or created).
+pub fn bind_quic(state: &crate::AppState) -> dbsync_agent::Result<Option<quinn::Endpoint>> {
+    let agent = &state.agent;
+    if !agent.config.quic.enabled {
+        return Ok(None);
+    }
+    let identity = agent.quic_identity()?;
+    dbsync_agent::quic::server_endpoint(agent.quic_listen(), &identity, &agent.config.quic)
+        .map(Some)
+}
+
+/// Serves a whole site until `shutdown` completes: HTTP (peer API, admin API, WebSocket
+/// sessions) on `listener`, and QUIC sessions on `quic` when given. At shutdown the HTTP server
+/// drains, running sessions end, and the QUIC endpoint closes.
+pub async fn serve_site(
+    listener: TcpListener,
+    state: crate::AppState,
+    quic: Option<quinn::Endpoint>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let header_timeout = Duration::from_secs(state.agent.config.server.header_read_timeout_secs);
+    let app = crate::router(state.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let quic_task = quic.map(|endpoint| {
+        let mut stopped = stopped.clone();
+        tokio::spawn(crate::quic::serve(endpoint, state.clone(), async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }))
+    });
+    let outcome = serve(listener, app, header_timeout, shutdown).await;
+    state.stop_sessions();
+    let _ = stop.send(true);
+    if let Some(task) = quic_task {
+        let _ = task.await;
+    }
+    outcome
+}

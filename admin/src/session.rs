@@ -330,12 +330,34 @@ impl Session<'_> {
                 )
                 .await;
         };
-        let columns: Vec<String> = schema
-            .columns
-            .iter()
-            .map(|c| c.name.clone())
-            .filter(|c| !pull.exclude_columns.contains(c))
-            .collect();
+        let columns: Vec<String> = if pull.keys_only {
+            schema.primary_key.clone()
+        } else {
+            schema
+                .columns
+                .iter()
+                .map(|c| c.name.clone())
+                .filter(|c| !pull.exclude_columns.contains(c))
+                .collect()
+        };
+        // Incremental pulls page by (cursor, key): the same keyset machinery over a longer key.
+        let schema = match &pull.cursor_column {
+            Some(cursor) if !pull.keys_only => {
+                if !columns.contains(cursor) || schema.primary_key.contains(cursor) {
+                    return self
+                        .refuse(
+                            codes::PROTOCOL_ERROR,
+                            format!("{cursor:?} cannot be the cursor of {:?}", pull.table),
+                            None,
+                        )
+                        .await;
+                }
+                let mut paging = schema.clone();
+                paging.primary_key.insert(0, cursor.clone());
+                paging
+            }
+            _ => schema,
+        };
         let now = self.agent.now();
         // Resume a transfer of this connection, or start a new one (a new download).
         let resumed = match pull
@@ -378,7 +400,9 @@ impl Session<'_> {
                     .map_err(|e| e.to_string())?
             }
             _ => {
-                let requires_approval = connection.table_requires_approval(&pull.table);
+                // A keys-only pass reveals no row data: no approval, not a download.
+                let requires_approval =
+                    !pull.keys_only && connection.table_requires_approval(&pull.table);
                 let created = store
                     .create_transfer(
                         NewTransfer {
@@ -401,10 +425,21 @@ impl Session<'_> {
                 if requires_approval {
                     return self.approval_pending(&pull, created.id).await;
                 }
-                if !store
-                    .take_download(connection.id)
-                    .await
-                    .map_err(|e| e.to_string())?
+                let kind = match (&pull.cursor_column, pull.keys_only) {
+                    (_, true) => Some(serde_json::json!({ "keys_only": true })),
+                    (Some(cursor), false) => {
+                        Some(serde_json::json!({ "incremental": { "cursor": cursor } }))
+                    }
+                    (None, false) => None,
+                };
+                if let Some(kind) = kind {
+                    let _ = store.merge_transfer_metadata(created.id, kind).await;
+                }
+                if !pull.keys_only
+                    && !store
+                        .take_download(connection.id)
+                        .await
+                        .map_err(|e| e.to_string())?
                 {
                     let _ = store
                         .fail_transfer(created.id, "download limit reached", now)
@@ -421,7 +456,7 @@ impl Session<'_> {
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
         let initial_credits = pull.credits.clamp(1, 64);
         let mut credits = initial_credits;
-        let limited = connection.max_records_total.is_some();
+        let limited = connection.max_records_total.is_some() && !pull.keys_only;
         // Pages are read by their own task, a couple ahead, while this one encodes and the
         // link's writer sends: reading, encoding and sending overlap.
         let (pages_tx, mut pages) = mpsc::channel::<Produced>(PAGES_AHEAD);
@@ -606,7 +641,7 @@ impl Session<'_> {
         if rows == 0 {
             return Ok(());
         }
-        if connection.max_records_total.is_some() {
+        if connection.max_records_total.is_some() && !pull.keys_only {
             store
                 .take_records(connection.id, rows)
                 .await

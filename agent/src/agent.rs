@@ -62,14 +62,9 @@ impl Agent {
         if let Some(identity) = self.quic_identity.get() {
             return Ok(Arc::clone(identity));
         }
-        let key_file = self.config.key_file();
-        let dir = key_file
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or_else(|| std::path::Path::new("."));
         let identity = Arc::new(crate::quic::Identity::load_or_create(
             &self.config.quic,
-            dir,
+            &self.config.key_file(),
         )?);
         Ok(Arc::clone(self.quic_identity.get_or_init(|| identity)))
     }

@@ -84,6 +84,53 @@ pub struct PullOptions {
     pub transport: TransportChoice,
     /// Keep reconnecting after a session breaks off for this long (zero: give up at once).
     pub retry_for: Duration,
+    /// Move only the rows changed since the last incremental pull of each table.
+    pub incremental: bool,
+    /// The cursor column of an incremental pull (none: `updated_at`, else `inserted_at`).
+    pub cursor_column: Option<String>,
+}
+
+/// What one pass over a table's rows asks the sender for.
+#[derive(Debug, Clone, Default)]
+struct Pass {
+    /// Incremental: page by this column, then the key.
+    cursor: Option<String>,
+    /// Keys only (a mirror reconciliation pass).
+    keys_only: bool,
+}
+
+/// The cursor column of an incremental pull of `schema`.
+fn cursor_column(schema: &TableSchema, given: Option<&str>) -> Result<String> {
+    let has = |name: &str| schema.columns.iter().any(|c| c.name == name);
+    let chosen = match given {
+        Some(name) if has(name) => name.to_owned(),
+        Some(name) => {
+            return Err(Error::invalid(
+                "cursor column",
+                format!("{:?} has no column {name:?}", schema.name),
+            ));
+        }
+        None => ["updated_at", "inserted_at"]
+            .into_iter()
+            .find(|name| has(name))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "cursor column",
+                    format!(
+                        "{:?} has no updated_at or inserted_at column; name one with --cursor-column",
+                        schema.name
+                    ),
+                )
+            })?,
+    };
+    if schema.primary_key.contains(&chosen) {
+        return Err(Error::invalid(
+            "cursor column",
+            format!("{chosen:?} is part of the primary key of {:?}", schema.name),
+        ));
+    }
+    Ok(chosen)
 }
 
 /// One table's outcome.
@@ -533,6 +580,12 @@ impl Agent {
         let strategy = options
             .strategy
             .unwrap_or(connection.default_conflict_strategy);
+        if options.incremental && options.where_key.is_some() {
+            return Err(Error::invalid(
+                "where-key",
+                "an incremental pull moves what changed; it takes no key filter",
+            ));
+        }
         if strategy == ConflictStrategy::Mirror && options.where_key.is_some() {
             return Err(Error::invalid(
                 "strategy",
@@ -676,6 +729,18 @@ impl Agent {
             .as_deref()
             .map(|text| crate::key_filter::parse(text, schema))
             .transpose()?;
+        let cursor = if options.incremental {
+            let column = cursor_column(schema, options.cursor_column.as_deref())?;
+            if options.exclude_columns.contains(&column) {
+                return Err(Error::invalid(
+                    "exclude-columns",
+                    format!("the cursor column {column:?} cannot be left out"),
+                ));
+            }
+            Some(column)
+        } else {
+            None
+        };
         let created_table = store.ensure_table(schema, &columns).await?;
         // Resume an interrupted pull of this table, or start from the beginning.
         let mut after: Option<Vec<Value>> = None;
@@ -691,6 +756,7 @@ impl Agent {
             let same_pull = |t: &crate::transfer::Transfer| {
                 t.metadata.get("key_filter").and_then(|v| v.as_str())
                     == options.where_key.as_deref()
+                    && t.metadata.get("cursor").and_then(|v| v.as_str()) == cursor.as_deref()
                     && (t.conflict_strategy == ConflictStrategy::Mirror)
                         == (strategy == ConflictStrategy::Mirror)
             };
@@ -710,6 +776,16 @@ impl Agent {
                     }
                 }
                 _ => store.clear_checkpoint(connection.id, &schema.name).await?,
+            }
+            // A new incremental pull starts after the previous one's last (cursor, key).
+            if !resumed
+                && let Some(column) = &cursor
+                && let Some(saved) = &checkpoint.incremental_cursor
+                && saved.get("column").and_then(|c| c.as_str()) == Some(column.as_str())
+            {
+                after = saved
+                    .get("after")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok());
             }
         }
         if !resumed {
@@ -765,6 +841,9 @@ impl Agent {
         if let Some(remote) = &remote_transfer {
             facts.insert("remote_transfer_id".into(), remote.clone().into());
         }
+        if let Some(column) = &cursor {
+            facts.insert("cursor".into(), column.clone().into());
+        }
         if !facts.is_empty() {
             store
                 .merge_transfer_metadata(transfer.id, serde_json::Value::Object(facts))
@@ -778,22 +857,68 @@ impl Agent {
             transport: client.transport.to_string(),
             ..TableSummary::default()
         };
-        let outcome = self
+        // An incremental mirror moves the changed rows, then reconciles keys in a second pass.
+        let row_strategy = if strategy == ConflictStrategy::Mirror && cursor.is_some() {
+            ConflictStrategy::Overwrite
+        } else {
+            strategy
+        };
+        let pass = Pass {
+            cursor: cursor.clone(),
+            keys_only: false,
+        };
+        let mut outcome = self
             .pull_rows(
                 client,
                 connection,
                 schema,
                 &columns,
-                strategy,
+                row_strategy,
                 max_per_request,
                 options,
                 key_filter.as_ref(),
+                &pass,
                 on_event,
                 &mut after,
                 &mut remote_transfer,
                 &mut summary,
             )
             .await;
+        if outcome.is_ok()
+            && let Some(column) = &cursor
+        {
+            let saved = serde_json::json!({ "column": column, "after": after });
+            outcome = store
+                .set_incremental_cursor(connection.id, &schema.name, &saved)
+                .await;
+        }
+        if outcome.is_ok() && strategy == ConflictStrategy::Mirror && cursor.is_some() {
+            store.reset_mirror(connection.id, &schema.name).await?;
+            let mut keys_after = None;
+            let mut keys_remote = None;
+            let mut keys_summary = TableSummary::default();
+            outcome = self
+                .pull_rows(
+                    client,
+                    connection,
+                    schema,
+                    &schema.primary_key,
+                    ConflictStrategy::Mirror,
+                    max_per_request,
+                    options,
+                    None,
+                    &Pass {
+                        cursor: None,
+                        keys_only: true,
+                    },
+                    &mut |_| {},
+                    &mut keys_after,
+                    &mut keys_remote,
+                    &mut keys_summary,
+                )
+                .await;
+            summary.truncated |= keys_summary.truncated;
+        }
         let outcome = match outcome {
             Ok(()) if strategy == ConflictStrategy::Mirror => {
                 if summary.truncated {
@@ -850,6 +975,7 @@ impl Agent {
         max_per_request: u64,
         options: &PullOptions,
         key_filter: Option<&KeyFilter>,
+        pass: &Pass,
         on_event: &mut impl FnMut(PullEvent),
         after: &mut Option<Vec<Value>>,
         remote_transfer: &mut Option<String>,
@@ -876,6 +1002,8 @@ impl Agent {
                     credits: CREDITS,
                     transfer_id: remote_transfer.clone(),
                     key_filter: key_filter.cloned(),
+                    cursor_column: pass.cursor.clone(),
+                    keys_only: pass.keys_only,
                 }))
                 .await?;
             loop {
@@ -897,6 +1025,19 @@ impl Agent {
                     Err(err) => return Err(err),
                 };
                 match message {
+                    Message::RowBatch(batch) if pass.keys_only => {
+                        store
+                            .stage_mirror_keys(connection.id, schema, &batch.columns, &batch.rows)
+                            .await?;
+                        *after = (!batch.last_key.is_empty()).then_some(batch.last_key);
+                        summary.rows += batch.rows.len() as i64;
+                        client
+                            .send(&Message::Credit(Credit {
+                                request_id,
+                                batches: 1,
+                            }))
+                            .await?;
+                    }
                     Message::RowBatch(batch) => {
                         if remote_transfer.as_deref() != Some(batch.transfer_id.as_str()) {
                             *remote_transfer = Some(batch.transfer_id.clone());
@@ -956,7 +1097,9 @@ impl Agent {
                             .await?;
                     }
                     Message::PullDone(done) => {
-                        if remote_transfer.as_deref() != Some(done.transfer_id.as_str()) {
+                        if pass.keys_only {
+                            *remote_transfer = Some(done.transfer_id.clone());
+                        } else if remote_transfer.as_deref() != Some(done.transfer_id.as_str()) {
                             *remote_transfer = Some(done.transfer_id.clone());
                             store
                                 .merge_transfer_metadata(

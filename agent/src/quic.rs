@@ -99,14 +99,23 @@ fn tls_error(what: impl std::fmt::Display) -> Error {
 }
 
 impl Identity {
-    /// The configured certificate, or the site's self-signed one in `dir` (created on first
-    /// use, key file mode 0600).
-    pub fn load_or_create(config: &QuicConfig, dir: &Path) -> Result<Self> {
+    /// The configured certificate, or the site's self-signed one beside its key file
+    /// (`<stem>-quic-cert.der` and `<stem>-quic-key.der`, created on first use, the key with
+    /// mode 0600).
+    pub fn load_or_create(config: &QuicConfig, site_key_file: &Path) -> Result<Self> {
         if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
             return Self::from_pem_files(cert, key);
         }
-        let cert_path = dir.join("dbsync-quic-cert.der");
-        let key_path = dir.join("dbsync-quic-key.der");
+        let dir = site_key_file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        let stem = site_key_file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("dbsync");
+        let cert_path = dir.join(format!("{stem}-quic-cert.der"));
+        let key_path = dir.join(format!("{stem}-quic-key.der"));
         if !cert_path.exists() || !key_path.exists() {
             let generated =
                 rcgen::generate_simple_self_signed(vec!["dbsync".to_owned()]).map_err(tls_error)?;

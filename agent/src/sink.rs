@@ -40,6 +40,8 @@ pub struct Checkpoint {
     pub rows_applied: i64,
     /// The receive transfer that wrote it.
     pub transfer_id: Option<Uuid>,
+    /// Where the last completed incremental pull stopped: `{"column": c, "after": [cursor, key...]}`.
+    pub incremental_cursor: Option<serde_json::Value>,
 }
 
 /// The column type to create on `target` for a column described by `schema`.
@@ -170,19 +172,23 @@ impl Store {
 
     /// The checkpoint of `table` under a connection, if a pull has applied anything.
     pub async fn checkpoint(&self, connection_id: Uuid, table: &str) -> Result<Option<Checkpoint>> {
-        let row: Option<(Option<String>, i64, Option<Uuid>)> =
-            crate::store::on_pool!(self, |pool| {
-                sqlx::query_as(
-                "SELECT CAST(last_key AS TEXT), rows_applied, transfer_id FROM dbsync_checkpoints \
-                 WHERE connection_id = $1 AND table_name = $2",
+        type Row = (Option<String>, i64, Option<Uuid>, Option<String>);
+        let row: Option<Row> = crate::store::on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT CAST(last_key AS TEXT), rows_applied, transfer_id, CAST(incremental_cursor AS TEXT) \
+                 FROM dbsync_checkpoints WHERE connection_id = $1 AND table_name = $2",
             )
             .bind(connection_id)
             .bind(table)
             .fetch_optional(pool)
             .await?
-            });
-        row.map(|(last_key, rows_applied, transfer_id)| {
+        });
+        row.map(|(last_key, rows_applied, transfer_id, cursor)| {
             let last_key = last_key
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|err| Error::invalid("checkpoint", err.to_string()))?;
+            let incremental_cursor = cursor
                 .map(|text| serde_json::from_str(&text))
                 .transpose()
                 .map_err(|err| Error::invalid("checkpoint", err.to_string()))?;
@@ -190,6 +196,7 @@ impl Store {
                 last_key,
                 rows_applied,
                 transfer_id,
+                incremental_cursor,
             })
         })
         .transpose()
@@ -207,6 +214,54 @@ impl Store {
         rows: &[Vec<Value>],
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
+    ) -> Result<Applied> {
+        self.apply(
+            connection_id,
+            transfer_id,
+            schema,
+            columns,
+            rows,
+            strategy,
+            last_key,
+            false,
+        )
+        .await
+    }
+
+    /// A keys-only reconciliation batch of a mirror pass: stages the keys the sender has (for
+    /// [`Store::finish_mirror`]) and changes no row.
+    pub async fn stage_mirror_keys(
+        &self,
+        connection_id: Uuid,
+        schema: &TableSchema,
+        columns: &[String],
+        rows: &[Vec<Value>],
+    ) -> Result<()> {
+        self.apply(
+            connection_id,
+            None,
+            schema,
+            columns,
+            rows,
+            ConflictStrategy::Mirror,
+            None,
+            true,
+        )
+        .await
+        .map(drop)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        connection_id: Uuid,
+        transfer_id: Option<Uuid>,
+        schema: &TableSchema,
+        columns: &[String],
+        rows: &[Vec<Value>],
+        strategy: ConflictStrategy,
+        last_key: Option<&[Value]>,
+        keys_only: bool,
     ) -> Result<Applied> {
         let engine = self.engine();
         let table = quote_ident(&schema.name)?;
@@ -319,7 +374,7 @@ impl Store {
                         query.execute(&mut *tx).await?;
                     }
                 }
-                for chunk in rows.chunks(per_statement) {
+                for chunk in rows.chunks(per_statement).take(if keys_only { 0 } else { usize::MAX }) {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
                     } else {
@@ -344,6 +399,7 @@ impl Store {
                         applied.updated += existing;
                     }
                 }
+                if !keys_only {
                 sqlx::query(
                     "INSERT INTO dbsync_checkpoints (connection_id, table_name, transfer_id, last_key, rows_applied, updated_at) \
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
@@ -358,6 +414,7 @@ impl Store {
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                }
                 tx.commit().await?;
             }};
         }
@@ -443,11 +500,37 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets the checkpoint of a table (a full pull starts from the beginning).
+    /// Records where an incremental pull of `table` stopped (the next one starts after it).
+    pub async fn set_incremental_cursor(
+        &self,
+        connection_id: Uuid,
+        table: &str,
+        cursor: &serde_json::Value,
+    ) -> Result<()> {
+        let now = to_micros(chrono::Utc::now());
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO dbsync_checkpoints (connection_id, table_name, incremental_cursor, rows_applied, updated_at) \
+                 VALUES ($1, $2, $3, 0, $4) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
+                 incremental_cursor = excluded.incremental_cursor, updated_at = excluded.updated_at",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .bind(sqlx::types::Json(cursor))
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Forgets where an interrupted pull of a table stood (the next pull starts from the
+    /// beginning, or from the incremental cursor, which is kept).
     pub async fn clear_checkpoint(&self, connection_id: Uuid, table: &str) -> Result<()> {
         crate::store::on_pool!(self, |pool| {
             sqlx::query(
-                "DELETE FROM dbsync_checkpoints WHERE connection_id = $1 AND table_name = $2",
+                "UPDATE dbsync_checkpoints SET last_key = NULL, transfer_id = NULL, rows_applied = 0 \
+                 WHERE connection_id = $1 AND table_name = $2",
             )
             .bind(connection_id)
             .bind(table)

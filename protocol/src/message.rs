@@ -179,6 +179,12 @@ pub struct Pull {
     pub transfer_id: Option<String>,
     /// Only rows whose key passes this filter (none: every row).
     pub key_filter: Option<KeyFilter>,
+    /// Incremental: page by (this column, primary key) instead of the primary key, so
+    /// `after_key` and every `last_key` hold the cursor value first, then the key.
+    pub cursor_column: Option<String>,
+    /// Send the primary key columns only (a reconciliation pass: the receiver deletes the rows
+    /// the sender no longer has). Not a download, and not counted against the record limit.
+    pub keys_only: bool,
 }
 
 /// Largest key list a [`KeyFilter::Keys`] may carry.

@@ -88,6 +88,7 @@ proptest! {
             request_id: 1, table: "users".into(), after_key: Some(vec![Value::Int(42)]), limit: 10_000,
             exclude_columns: vec![], credits: 4, transfer_id: None,
             key_filter: Some(KeyFilter::Range { from: Some(vec![Value::Int(1)]), to: None }),
+            cursor_column: Some("updated_at".into()), keys_only: false,
         }), 3).unwrap();
         let cut = cut.min(encoded.len() - 1);
         prop_assert!(codec::decode(&encoded[..cut], &limits()).unwrap().is_none());

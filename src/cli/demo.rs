@@ -5,11 +5,11 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use dbsync_admin::{AppState, router, server};
+use dbsync_admin::{AppState, server};
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::{ConnectionSettings, NewConnection};
 use dbsync_agent::pull::PullOptions;
@@ -145,9 +145,10 @@ async fn start_site(
     let store = Store::connect(config.database_url()).await?;
     let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock))?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = router(AppState::new(Arc::clone(&agent)));
+    let state = AppState::new(Arc::clone(&agent));
+    let quic = server::bind_quic(&state)?;
     tokio::spawn(async move {
-        let _ = server::serve(listener, app, Duration::from_secs(10), async {
+        let _ = server::serve_site(listener, state, quic, async {
             let _ = stopped.await;
         })
         .await;

@@ -32,6 +32,12 @@ pub(crate) struct PullArgs {
     /// or a list k1,k2,...; a composite key's values are joined with ':'
     #[arg(long, value_name = "KEYS")]
     where_key: Option<String>,
+    /// Move only rows changed since the last incremental pull (by a cursor column, then the key)
+    #[arg(long)]
+    incremental: bool,
+    /// Cursor column of --incremental [default: updated_at, else inserted_at]
+    #[arg(long, requires = "incremental")]
+    cursor_column: Option<String>,
     /// ws, quic, or auto (QUIC when the sender offers it and UDP gets through, else WebSocket)
     #[arg(long, default_value = "auto", value_parser = parse_transport)]
     transport: TransportChoice,
@@ -67,6 +73,8 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
         where_key: args.where_key,
         transport: args.transport,
+        incremental: args.incremental,
+        cursor_column: args.cursor_column,
         retry_for: args.retry_for.to_std().unwrap_or_default(),
     };
     let json = ctx.json;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use dbsync_admin::{AppState, router, server};
+use dbsync_admin::{AppState, server};
 use dbsync_agent::Config;
 use tokio::net::TcpListener;
 
@@ -53,52 +53,21 @@ pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<(
         }
     }
     let site_url = agent.site_url().await?;
-    let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
     tracing::info!(%address, %site_url, engine = agent.store.engine_name(), "dbsync serving");
-    let quic = if agent.config.quic.enabled {
-        let identity = agent.quic_identity()?;
-        let endpoint = dbsync_agent::quic::server_endpoint(
-            agent.quic_listen(),
-            &identity,
-            &agent.config.quic,
-        )?;
-        tracing::info!(address = %endpoint.local_addr()?, fingerprint = %identity.fingerprint, "QUIC sessions served");
-        Some((endpoint, identity.fingerprint.clone()))
-    } else {
-        None
-    };
+    let state = AppState::new(Arc::clone(&agent));
+    let quic = server::bind_quic(&state)?;
     // One line on stdout that scripts (and tests) can wait for.
     match &quic {
-        Some((endpoint, fingerprint)) => println!(
-            "dbsync listening on http://{address} (site url {site_url}) and quic udp://{} (certificate sha256 {fingerprint})",
-            endpoint.local_addr()?
+        Some(endpoint) => println!(
+            "dbsync listening on http://{address} (site url {site_url}) and quic udp://{} (certificate sha256 {})",
+            endpoint.local_addr()?,
+            agent.quic_identity()?.fingerprint
         ),
         None => println!("dbsync listening on http://{address} (site url {site_url})"),
     }
 
     let background = tokio::spawn(background_work(Arc::clone(&agent)));
-    let state = AppState::new(Arc::clone(&agent));
-    let app = router(state.clone());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let quic_task = quic.map(|(endpoint, _)| {
-        let mut stopped = stopped.clone();
-        tokio::spawn(dbsync_admin::quic::serve(
-            endpoint,
-            state.clone(),
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            },
-        ))
-    });
-    let shutdown = async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    };
-    server::serve(listener, app, header_timeout, shutdown).await?;
-    state.stop_sessions();
-    if let Some(task) = quic_task {
-        let _ = task.await;
-    }
+    server::serve_site(listener, state, quic, shutdown_signal()).await?;
     background.abort();
     tracing::info!("dbsync stopped");
     Ok(())

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dbsync_admin::{AppState, router, server};
+use dbsync_admin::{AppState, server};
 use dbsync_agent::{Agent, Config, Store, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -107,31 +107,14 @@ fn spawn_server(
     listener: TcpListener,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
-    let header_timeout = Duration::from_secs(agent.config.server.header_read_timeout_secs);
-    let state = AppState::new(Arc::clone(&agent));
-    let app = router(state.clone());
-    let quic = agent.config.quic.enabled.then(|| {
-        let identity = agent.quic_identity().unwrap();
-        dbsync_agent::quic::server_endpoint(agent.quic_listen(), &identity, &agent.config.quic)
-            .unwrap()
-    });
+    let state = AppState::new(agent);
+    let quic = server::bind_quic(&state).unwrap();
     let task = tokio::spawn(async move {
-        let (quic_stop, quic_stopped) = oneshot::channel::<()>();
-        let quic_task = quic.map(|endpoint| {
-            tokio::spawn(dbsync_admin::quic::serve(endpoint, state.clone(), async {
-                let _ = quic_stopped.await;
-            }))
-        });
-        server::serve(listener, app, header_timeout, async {
+        server::serve_site(listener, state, quic, async {
             let _ = stopped.await;
         })
         .await
         .unwrap();
-        state.stop_sessions();
-        let _ = quic_stop.send(());
-        if let Some(task) = quic_task {
-            let _ = task.await;
-        }
     });
     (stop, task)
 }
