@@ -9,5 +9,6 @@ mod kill;
 mod peer;
 mod pull;
 mod quic;
+mod schedule;
 mod serve;
 mod strategies;

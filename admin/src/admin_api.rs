@@ -49,6 +49,8 @@ pub(crate) fn routes(state: AppState) -> Router<AppState> {
         .route("/connections/{id}/revoke", post(revoke_connection))
         .route("/connections/{id}/regenerate-token", post(regenerate_token))
         .route("/connections/{id}/stats", get(connection_stats))
+        .route("/schedules", get(list_schedules))
+        .route("/schedules/{id}/run", post(run_schedule))
         .route("/transfers", get(list_transfers))
         .route("/transfers/{id}", get(show_transfer))
         .route("/transfers/{id}/approve", post(approve_transfer))
@@ -351,6 +353,54 @@ async fn connection_stats(
     let stats = state.agent.store.connection_stats(connection.id).await?;
     Ok(Json(
         json!({ "connection_id": connection.id, "stats": stats }),
+    ))
+}
+
+async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let store = &state.agent.store;
+    store.sync_schedules(state.agent.now()).await?;
+    let mut items = Vec::new();
+    for schedule in store.list_schedules().await? {
+        let connection = store
+            .get_connection(&schedule.connection_id.to_string())
+            .await?;
+        items.push(json!({
+            "connection": connection.name,
+            "tables": connection.auto_sync_tables,
+            "interval_minutes": connection.auto_sync_interval_minutes,
+            "schedule": schedule,
+        }));
+    }
+    Ok(Json(json!({ "items": items })))
+}
+
+/// Starts a connection's scheduled sync now (202); its outcome shows in the schedules and the
+/// transfer history.
+async fn run_schedule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let connection = state.agent.store.get_connection(&id).await?;
+    if !connection.auto_sync_enabled {
+        return Err(dbsync_agent::Error::Invalid {
+            field: "connection",
+            reason: format!("{} has no auto-sync", connection.name),
+        }
+        .into());
+    }
+    let agent = std::sync::Arc::clone(&state.agent);
+    let name = connection.name.clone();
+    tokio::spawn(async move {
+        if let Err(err) = agent
+            .run_schedule_now(&name, &dbsync_agent::Agent::scheduler_name())
+            .await
+        {
+            tracing::warn!(connection = %name, error = %err, "scheduled sync could not start");
+        }
+    });
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({ "connection": connection.name, "started": true })),
     ))
 }
 

@@ -84,6 +84,7 @@ pub mod pull;
 pub mod quic;
 pub mod rate_limit;
 pub mod registration;
+pub mod schedule;
 pub mod settings;
 pub mod sink;
 pub mod source;

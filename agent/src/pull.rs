@@ -88,6 +88,9 @@ pub struct PullOptions {
     pub incremental: bool,
     /// The cursor column of an incremental pull (none: `updated_at`, else `inserted_at`).
     pub cursor_column: Option<String>,
+    /// A run of the auto-sync scheduler: recorded as such, and a table without a cursor column
+    /// is pulled in full instead of failing the run.
+    pub scheduled: bool,
 }
 
 /// What one pass over a table's rows asks the sender for.
@@ -730,14 +733,18 @@ impl Agent {
             .map(|text| crate::key_filter::parse(text, schema))
             .transpose()?;
         let cursor = if options.incremental {
-            let column = cursor_column(schema, options.cursor_column.as_deref())?;
+            let column = match cursor_column(schema, options.cursor_column.as_deref()) {
+                Ok(column) => column,
+                Err(_) if options.scheduled && options.cursor_column.is_none() => String::new(),
+                Err(err) => return Err(err),
+            };
             if options.exclude_columns.contains(&column) {
                 return Err(Error::invalid(
                     "exclude-columns",
                     format!("the cursor column {column:?} cannot be left out"),
                 ));
             }
-            Some(column)
+            (!column.is_empty()).then_some(column)
         } else {
             None
         };
@@ -843,6 +850,9 @@ impl Agent {
         }
         if let Some(column) = &cursor {
             facts.insert("cursor".into(), column.clone().into());
+        }
+        if options.scheduled {
+            facts.insert("scheduled".into(), true.into());
         }
         if !facts.is_empty() {
             store

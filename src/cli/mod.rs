@@ -5,6 +5,7 @@ pub(crate) mod connections;
 mod demo;
 pub(crate) mod output;
 mod pull;
+mod schedule;
 mod serve;
 mod settings;
 mod transfers;
@@ -89,6 +90,9 @@ enum Command {
     /// Bearer tokens for the admin JSON API
     #[command(subcommand)]
     AdminTokens(admin_tokens::Command),
+    /// Auto-sync schedules of receiver connections
+    #[command(subcommand)]
+    Schedule(schedule::Command),
 }
 
 /// What every command needs: the agent (store, config, peers), who is acting, and the clock.
@@ -165,6 +169,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Transfers(command) => transfers::run(&ctx, command).await,
         Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
         Command::Settings(command) => settings::run(&ctx, command).await,
+        Command::Schedule(command) => schedule::run(&ctx, command).await,
     };
     store.close().await;
     result

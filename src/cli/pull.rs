@@ -75,6 +75,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         transport: args.transport,
         incremental: args.incremental,
         cursor_column: args.cursor_column,
+        scheduled: false,
         retry_for: args.retry_for.to_std().unwrap_or_default(),
     };
     let json = ctx.json;

@@ -67,8 +67,10 @@ pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<(
     }
 
     let background = tokio::spawn(background_work(Arc::clone(&agent)));
+    let scheduler = tokio::spawn(scheduler(Arc::clone(&agent)));
     server::serve_site(listener, state, quic, shutdown_signal()).await?;
     background.abort();
+    scheduler.abort();
     tracing::info!("dbsync stopped");
     Ok(())
 }
@@ -94,6 +96,19 @@ async fn background_work(agent: Arc<dbsync_agent::Agent>) {
         }
         if let Err(err) = agent.store.expire_due_approvals(now).await {
             tracing::warn!(error = %err, "approval expiry failed");
+        }
+    }
+}
+
+/// Runs due auto-sync jobs. Several agents may share a state database: each due job is claimed
+/// by exactly one of them.
+async fn scheduler(agent: Arc<dbsync_agent::Agent>) {
+    let owner = dbsync_agent::Agent::scheduler_name();
+    let mut ticker = tokio::time::interval(dbsync_agent::schedule::TICK);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = agent.run_due_jobs(&owner).await {
+            tracing::warn!(error = %err, "the scheduler could not run");
         }
     }
 }

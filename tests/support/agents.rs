@@ -37,6 +37,12 @@ pub struct Options {
     /// Bind this address instead of an ephemeral port.
     pub addr: Option<SocketAddr>,
     pub push_retry_secs: u64,
+    /// The agent's clock (default: the system clock).
+    pub clock: Option<dbsync_agent::clock::SharedClock>,
+    /// Use this state database instead of a new one (a second agent on a shared database).
+    pub database_url: Option<String>,
+    /// And this key file (to read the tokens stored in it).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -49,6 +55,9 @@ impl Default for Options {
             max_body_bytes: 64 * 1024,
             addr: None,
             push_retry_secs: 30,
+            clock: None,
+            database_url: None,
+            key_file: None,
         }
     }
 }
@@ -56,7 +65,9 @@ impl Default for Options {
 /// Starts an agent, or returns `None` when it needs PostgreSQL and PostgreSQL tests are skipped.
 pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     let dir = tempfile::tempdir().unwrap();
-    let (url, scratch) = if options.postgres {
+    let (url, scratch) = if let Some(url) = &options.database_url {
+        (url.clone(), None)
+    } else if options.postgres {
         let base = postgres_base_url(test)?;
         let scratch = PgScratch::create(&base).await;
         (scratch.url.clone(), Some(scratch))
@@ -76,7 +87,12 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     let addr = listener.local_addr().unwrap();
     let mut config = Config {
         database_url: Some(url.clone()),
-        key_file: Some(dir.path().join("dbsync.key")),
+        key_file: Some(
+            options
+                .key_file
+                .clone()
+                .unwrap_or_else(|| dir.path().join("dbsync.key")),
+        ),
         allow_private_peers: options.allow_private_peers,
         ..Config::default()
     };
@@ -87,7 +103,11 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     config.server.push_retry_secs = options.push_retry_secs;
     let store = Store::connect(&url).await.unwrap();
     let url = url.clone();
-    let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock)).unwrap());
+    let clock = options
+        .clock
+        .clone()
+        .unwrap_or_else(|| Arc::new(SystemClock));
+    let agent = Arc::new(Agent::with_store(store, config, clock).unwrap());
     let (stop, task) = spawn_server(Arc::clone(&agent), listener);
     Some(RunningAgent {
         agent,
@@ -136,6 +156,12 @@ impl RunningAgent {
         let (stop, task) = spawn_server(Arc::clone(&self.agent), listener);
         self.stop = Some(stop);
         self.task = Some(task);
+    }
+
+    /// Stops the server, leaving a shared database to its owner.
+    pub async fn pause_only(mut self) {
+        self.pause().await;
+        self.agent.store.close().await;
     }
 
     /// Stops the server and drops the scratch database.
