@@ -65,16 +65,16 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Two agents on SQLite in a temporary directory: seed one, register, pull over WebSocket,
+    /// Two agents on SQLite in a temporary directory: seed one, register, pull,
     /// and check that both hold identical data
     Demo(demo::DemoArgs),
-    /// Run the agent: the peer API, the admin JSON API, and background work (status pushes to
-    /// peers, expiry sweeps)
+    /// Run the agent: the peer API, the admin JSON API, data-plane sessions (WebSocket and
+    /// QUIC), and background work (status pushes to peers, expiry sweeps, scheduled syncs)
     Serve(serve::ServeArgs),
     /// Create, inspect and change connections to other sites
     #[command(subcommand)]
     Connections(connections::Command),
-    /// Pull tables from the sending site of a receiver connection (WebSocket)
+    /// Pull tables from the sending site of a receiver connection (QUIC or WebSocket)
     Pull(pull::PullArgs),
     /// Transfer history
     #[command(subcommand)]

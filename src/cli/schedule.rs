@@ -42,6 +42,12 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             disable,
         } => {
             let current = ctx.store.get_connection(&connection).await?;
+            if current.direction != dbsync_agent::Direction::Receiver {
+                anyhow::bail!(
+                    "{} is a sender connection; auto-sync runs on the receiving site",
+                    current.name
+                );
+            }
             let mut settings = current.settings();
             settings.auto_sync_enabled = !disable;
             if let Some(tables) = tables {
