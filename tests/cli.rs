@@ -13,6 +13,7 @@ on_both_engines!(
     settings_and_transfers,
     human_output_is_a_table,
     config_file_then_env_then_flags,
+    schedules_are_set_listed_and_refused_on_senders,
 );
 
 fn all_text(outputs: &[&Output]) -> String {
@@ -531,5 +532,92 @@ fn the_demo_copies_a_shop_and_finds_both_sides_identical() {
         human.stdout.contains("identical data, value by value: OK"),
         "{}",
         human.stdout
+    );
+}
+
+fn schedules_are_set_listed_and_refused_on_senders(site: &Site) {
+    let empty = site.run(&["schedule", "list"], None);
+    assert_eq!(empty.status, 0, "{}", empty.stderr);
+    assert!(
+        empty.stdout.contains("No connection has auto-sync"),
+        "{}",
+        empty.stdout
+    );
+
+    // A receiver connection (token handed over by hand from another site).
+    let other = Site::sqlite();
+    let token = other
+        .run(
+            &[
+                "--json",
+                "connections",
+                "create",
+                "to-b",
+                "--site-url",
+                "https://b.example.com",
+            ],
+            None,
+        )
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    site.run(
+        &[
+            "--json",
+            "connections",
+            "add-receiver",
+            "from-a",
+            "--site-url",
+            "https://a.example.com",
+            "--token-stdin",
+        ],
+        Some(&format!("{token}\n")),
+    )
+    .json();
+    let set = site
+        .run(
+            &[
+                "--json",
+                "schedule",
+                "set",
+                "from-a",
+                "--tables",
+                "users,orders",
+                "--interval",
+                "15m",
+            ],
+            None,
+        )
+        .json();
+    assert_eq!(set["auto_sync_enabled"], true);
+    assert_eq!(set["auto_sync_interval_minutes"], 15);
+    let listed = site.run(&["--json", "schedule", "list"], None).json();
+    assert_eq!(listed[0]["connection"], "from-a");
+    assert_eq!(listed[0]["tables"], serde_json::json!(["users", "orders"]));
+    assert_eq!(listed[0]["schedule"]["runs"], 0);
+    let human = site.run(&["schedule", "list"], None);
+    assert!(
+        human.stdout.contains("never run") && human.stdout.contains("15 min"),
+        "{}",
+        human.stdout
+    );
+
+    // A sender connection has nothing to pull.
+    let sender = other.run(&["schedule", "set", "to-b"], None);
+    assert_eq!(sender.status, 1);
+    assert!(
+        sender.stderr.contains("sender connection"),
+        "{}",
+        sender.stderr
+    );
+
+    let off = site
+        .run(&["--json", "schedule", "set", "from-a", "--disable"], None)
+        .json();
+    assert_eq!(off["auto_sync_enabled"], false);
+    assert_eq!(
+        site.run(&["--json", "schedule", "list"], None).json(),
+        serde_json::json!([])
     );
 }
