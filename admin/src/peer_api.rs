@@ -68,7 +68,7 @@ async fn status(State(state): State<AppState>) -> Result<axum::Json<StatusRespon
             port: None,
             cert_fingerprint: None,
         })
-        .chain(state.agent.quic_offer())
+        .chain(state.agent.quic_offer().await)
         .collect(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         site_id: settings.site_id.to_string(),

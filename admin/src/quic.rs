@@ -55,6 +55,9 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) {
                 user_agent: None,
                 transport: Transport::Quic,
             };
+            session
+                .link
+                .set_zstd_level(state.agent.config.server.zstd_level);
             tokio::select! {
                 outcome = session.run() => {
                     if let Err(reason) = outcome {

@@ -32,8 +32,6 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::client_ip::ClientIp;
 
-/// Rows per batch.
-pub const BATCH_ROWS: i64 = 1_000;
 /// Time a receiver has to send `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the session waits for the next request or a credit.
@@ -63,6 +61,9 @@ pub(crate) async fn upgrade(
                 user_agent,
                 transport: Transport::Ws,
             };
+            session
+                .link
+                .set_zstd_level(state.agent.config.server.zstd_level);
             tokio::select! {
                 outcome = session.run() => {
                     if let Err(reason) = outcome {
@@ -470,6 +471,7 @@ impl Session<'_> {
                 after: pull.after_key.clone(),
                 filter: pull.key_filter.clone(),
                 limit,
+                batch_rows: self.agent.config.server.batch_rows,
             },
             pages_tx,
         ));
@@ -633,7 +635,7 @@ impl Session<'_> {
                     from: None,
                     to: Some(resume.clone()),
                 }),
-                64 * BATCH_ROWS,
+                64 * self.agent.config.server.batch_rows,
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -780,6 +782,7 @@ struct ProduceJob {
     after: Option<Vec<dbsync_protocol::Value>>,
     filter: Option<dbsync_protocol::message::KeyFilter>,
     limit: i64,
+    batch_rows: i64,
 }
 
 /// Reads the pages of one pull in key order, reserving records against the connection's
@@ -795,7 +798,7 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: false,
             };
         }
-        let want = BATCH_ROWS.min(job.limit - sent);
+        let want = job.batch_rows.min(job.limit - sent);
         let granted = if job.limited {
             match store.take_records(job.connection_id, want).await {
                 Ok(granted) => granted,

@@ -74,15 +74,27 @@ impl Agent {
         self.config.quic.listen.unwrap_or(self.config.server.listen)
     }
 
-    /// What this site offers peers over QUIC (port and certificate fingerprint), if enabled.
-    pub fn quic_offer(&self) -> Option<dbsync_protocol::peer::TransportOffer> {
+    /// What this site offers peers over QUIC (port and certificate fingerprint), if enabled. The
+    /// port is `quic.listen`'s when configured, else the one `dbsync serve` recorded, else the
+    /// HTTP listen port.
+    pub async fn quic_offer(&self) -> Option<dbsync_protocol::peer::TransportOffer> {
         if !self.config.quic.enabled {
             return None;
         }
+        let port = match self.config.quic.listen {
+            Some(listen) => listen.port(),
+            None => match self.store.settings().await {
+                Ok(settings) => settings
+                    .quic_port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .unwrap_or_else(|| self.quic_listen().port()),
+                Err(_) => self.quic_listen().port(),
+            },
+        };
         match self.quic_identity() {
             Ok(identity) => Some(dbsync_protocol::peer::TransportOffer {
                 kind: "quic".into(),
-                port: Some(self.quic_listen().port()),
+                port: Some(port),
                 cert_fingerprint: Some(identity.fingerprint.clone()),
             }),
             Err(err) => {

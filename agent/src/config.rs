@@ -80,6 +80,10 @@ pub struct ServerConfig {
     /// Seconds between retries of status changes a peer has not acknowledged yet (first retry;
     /// later ones back off exponentially up to an hour).
     pub push_retry_secs: u64,
+    /// zstd level of the row batches this site sends (1 fastest .. 19 smallest).
+    pub zstd_level: i32,
+    /// Rows per batch this site sends.
+    pub batch_rows: i64,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +96,8 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             peer_rate_limit_per_minute: 120,
             push_retry_secs: 30,
+            zstd_level: 3,
+            batch_rows: 1_000,
         }
     }
 }
@@ -138,6 +144,12 @@ impl Config {
         if let Some(listen) = env("DBSYNC_LISTEN").and_then(|l| l.parse().ok()) {
             self.server.listen = listen;
         }
+        if let Some(level) = env("DBSYNC_ZSTD_LEVEL").and_then(|l| l.parse().ok()) {
+            self.server.zstd_level = level;
+        }
+        if let Some(rows) = env("DBSYNC_BATCH_ROWS").and_then(|r| r.parse().ok()) {
+            self.server.batch_rows = rows;
+        }
         if let Some(allow) = env("DBSYNC_ALLOW_PRIVATE_PEERS") {
             self.allow_private_peers = matches!(allow.as_str(), "1" | "true" | "yes");
         }
@@ -145,6 +157,16 @@ impl Config {
 
     /// Refuses values that cannot work, with the field named.
     pub fn validate(&self) -> Result<()> {
+        if !(1..=19).contains(&self.server.zstd_level) {
+            return Err(Error::Config(
+                "server.zstd_level must be between 1 and 19".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.server.batch_rows) {
+            return Err(Error::Config(
+                "server.batch_rows must be between 1 and 100000".into(),
+            ));
+        }
         if let Some(key) = &self.token_encryption_key {
             crate::vault::parse_key(key.expose())?;
         }

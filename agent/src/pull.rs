@@ -88,6 +88,8 @@ pub struct PullOptions {
     pub incremental: bool,
     /// The cursor column of an incremental pull (none: `updated_at`, else `inserted_at`).
     pub cursor_column: Option<String>,
+    /// Batches the sender may have in flight (none: [`CREDITS`]).
+    pub credits: Option<u32>,
     /// A run of the auto-sync scheduler: recorded as such, and a table without a cursor column
     /// is pulled in full instead of failing the run.
     pub scheduled: bool,
@@ -549,6 +551,7 @@ impl Agent {
         let jitter = rand::random_range(0.5..1.5);
         let wait = base
             .mul_f64(jitter)
+            .min(RETRY_MAX)
             .min(options.retry_for.saturating_sub(since.elapsed()));
         tracing::warn!(error = %err, attempt = *attempts, wait_ms = wait.as_millis() as u64, "session broke off; retrying");
         tokio::time::sleep(wait).await;
@@ -1009,7 +1012,7 @@ impl Agent {
                     after_key: after.clone(),
                     limit: max_per_request,
                     exclude_columns: excluded.clone(),
-                    credits: CREDITS,
+                    credits: options.credits.unwrap_or(CREDITS),
                     transfer_id: remote_transfer.clone(),
                     key_filter: key_filter.cloned(),
                     cursor_column: pass.cursor.clone(),

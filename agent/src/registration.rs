@@ -167,7 +167,7 @@ impl Agent {
             auth_token: token.expose().to_owned(),
             password: password.map(str::to_owned),
             protocol_version: dbsync_protocol::CURRENT_VERSION,
-            quic: self.quic_offer(),
+            quic: self.quic_offer().await,
         };
         let outcome = match self.peers.register(&connection.site_url, &request).await {
             Ok(reply) => {

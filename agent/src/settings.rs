@@ -38,6 +38,8 @@ pub struct Settings {
     pub site_name: Option<String>,
     /// Public base URL of this site.
     pub site_url: Option<String>,
+    /// The UDP port `dbsync serve` serves QUIC on (recorded at start-up).
+    pub quic_port: Option<i32>,
     /// Who changed the settings last.
     pub updated_by: Option<String>,
     /// When.
@@ -135,6 +137,17 @@ impl Store {
     }
 
     /// Sets this site's display name and public URL.
+    /// Records the UDP port QUIC sessions are served on (by `dbsync serve` at start-up).
+    pub async fn set_quic_port(&self, port: Option<u16>) -> Result<()> {
+        on_pool!(self, |pool| {
+            sqlx::query("UPDATE dbsync_settings SET quic_port = $1 WHERE id = 1")
+                .bind(port.map(i32::from))
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
     pub async fn set_site_identity(
         &self,
         site_name: Option<&str>,

@@ -268,12 +268,16 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         .clear_checkpoint(connection, "items")
         .await
         .unwrap();
-    assert!(
-        db.store
-            .checkpoint(connection, "items")
-            .await
-            .unwrap()
-            .is_none()
+    // Cleared: nothing to resume (an incremental cursor, were there one, would stay).
+    let cleared = db
+        .store
+        .checkpoint(connection, "items")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (cleared.last_key, cleared.rows_applied, cleared.transfer_id),
+        (None, 0, None)
     );
 
     // A keyless table takes only append.

@@ -16,3 +16,6 @@ CREATE TABLE dbsync_schedules (
 );
 
 CREATE INDEX dbsync_schedules_due_idx ON dbsync_schedules (next_run_at);
+
+-- The UDP port `dbsync serve` serves QUIC on, so CLI commands beside it offer the right port.
+ALTER TABLE dbsync_settings ADD COLUMN quic_port INTEGER;

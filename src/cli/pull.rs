@@ -38,6 +38,9 @@ pub(crate) struct PullArgs {
     /// Cursor column of --incremental [default: updated_at, else inserted_at]
     #[arg(long, requires = "incremental")]
     cursor_column: Option<String>,
+    /// Row batches the sender may have in flight before this side acknowledges (pipeline depth)
+    #[arg(long, default_value_t = dbsync_agent::pull::CREDITS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pipeline_depth: u32,
     /// ws, quic, or auto (QUIC when the sender offers it and UDP gets through, else WebSocket)
     #[arg(long, default_value = "auto", value_parser = parse_transport)]
     transport: TransportChoice,
@@ -76,6 +79,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         incremental: args.incremental,
         cursor_column: args.cursor_column,
         scheduled: false,
+        credits: Some(args.pipeline_depth),
         retry_for: args.retry_for.to_std().unwrap_or_default(),
     };
     let json = ctx.json;

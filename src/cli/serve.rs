@@ -56,6 +56,11 @@ pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<(
     tracing::info!(%address, %site_url, engine = agent.store.engine_name(), "dbsync serving");
     let state = AppState::new(Arc::clone(&agent));
     let quic = server::bind_quic(&state)?;
+    let quic_port = match &quic {
+        Some(endpoint) => Some(endpoint.local_addr()?.port()),
+        None => None,
+    };
+    agent.store.set_quic_port(quic_port).await?;
     // One line on stdout that scripts (and tests) can wait for.
     match &quic {
         Some(endpoint) => println!(

@@ -1,0 +1,595 @@
+//! End-to-end throughput of `dbsync pull` against the raw COPY pipe, measured in the same run.
+//!
+//! `cargo bench --bench e2e -- [--rows N] [--transports ws,quic] [--zstd-level L]
+//! [--batch-rows N] [--pipeline-depth N] [--no-memory] [--no-sqlite] [--json FILE]`
+//!
+//! Two `dbsync serve` processes (sender on database A, receiver on database B) on loopback; the
+//! receiver pulls with the `dbsync pull` binary. Peak RSS is sampled from /proc for the sender's
+//! serve process and the pull process. PostgreSQL comes from DBSYNC_TEST_PG_URL (default the
+//! local server); the bench creates and drops its own databases.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolCopyExt;
+
+const DBSYNC: &str = env!("CARGO_BIN_EXE_dbsync");
+
+#[derive(Debug, Clone)]
+struct Knobs {
+    rows: i64,
+    transports: Vec<String>,
+    zstd_level: i32,
+    batch_rows: i64,
+    pipeline_depth: u32,
+    memory: bool,
+    sqlite: bool,
+    json: String,
+}
+
+fn knobs() -> Knobs {
+    let mut knobs = Knobs {
+        rows: 1_000_000,
+        transports: vec!["ws".into(), "quic".into()],
+        zstd_level: 3,
+        batch_rows: 1_000,
+        pipeline_depth: 8,
+        memory: true,
+        sqlite: true,
+        json: "target/bench-e2e.json".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().expect("a value after the flag");
+        match arg.as_str() {
+            "--rows" => knobs.rows = value().parse().expect("--rows N"),
+            "--transports" => knobs.transports = value().split(',').map(str::to_owned).collect(),
+            "--zstd-level" => knobs.zstd_level = value().parse().expect("--zstd-level L"),
+            "--batch-rows" => knobs.batch_rows = value().parse().expect("--batch-rows N"),
+            "--pipeline-depth" => {
+                knobs.pipeline_depth = value().parse().expect("--pipeline-depth N")
+            }
+            "--no-memory" => knobs.memory = false,
+            "--no-sqlite" => knobs.sqlite = false,
+            "--json" => knobs.json = value(),
+            "--bench" => {}
+            other => eprintln!("ignoring {other}"),
+        }
+    }
+    knobs
+}
+
+/// A `dbsync serve` process.
+struct Agent {
+    child: Child,
+    url: String,
+    env: Vec<(String, String)>,
+}
+
+impl Agent {
+    fn start(database_url: &str, dir: &std::path::Path, name: &str, knobs: &Knobs) -> Self {
+        let env = vec![
+            ("DBSYNC_DATABASE_URL".to_owned(), database_url.to_owned()),
+            (
+                "DBSYNC_KEY_FILE".to_owned(),
+                dir.join(format!("{name}.key")).display().to_string(),
+            ),
+            ("DBSYNC_ALLOW_PRIVATE_PEERS".to_owned(), "true".to_owned()),
+            ("DBSYNC_ZSTD_LEVEL".to_owned(), knobs.zstd_level.to_string()),
+            ("DBSYNC_BATCH_ROWS".to_owned(), knobs.batch_rows.to_string()),
+            ("DBSYNC_LOG".to_owned(), "warn".to_owned()),
+        ];
+        // A free port, so the site URL can be given (CLI commands beside it announce it).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let site_url = format!("http://{listen}");
+        let mut child = Command::new(DBSYNC)
+            .args(["serve", "--listen", &listen, "--site-url", &site_url])
+            .envs(env.iter().cloned())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("dbsync serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("the listening line")
+            .to_owned();
+        Self { child, url, env }
+    }
+
+    fn run(&self, args: &[&str]) -> Value {
+        let out = Command::new(DBSYNC)
+            .arg("--json")
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dbsync {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Runs `dbsync pull` and samples the peak RSS of the pull process and of `sender`.
+    fn pull(&self, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
+        let started = Instant::now();
+        let mut child = Command::new(DBSYNC)
+            .arg("--json")
+            .arg("pull")
+            .args(args)
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (mut receiver_peak, mut sender_peak) = (0, 0);
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut text).unwrap();
+            text
+        });
+        let stderr = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text).unwrap();
+            text
+        });
+        loop {
+            receiver_peak = receiver_peak.max(rss_kib(child.id()));
+            sender_peak = sender_peak.max(rss_kib(sender.child.id()));
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let elapsed = started.elapsed();
+        let status = child.wait().unwrap();
+        let text = reader.join().unwrap();
+        let errors = errors.join().unwrap();
+        assert!(
+            status.success(),
+            "dbsync pull {args:?} failed: {text} {errors}"
+        );
+        (
+            serde_json::from_str(&text).unwrap(),
+            elapsed,
+            receiver_peak,
+            sender_peak,
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident set size of a process, in KiB (0 once it is gone).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn users_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, uuid UUID NOT NULL, email TEXT NOT NULL, \
+         name TEXT NOT NULL, active BOOLEAN NOT NULL, score INTEGER, balance NUMERIC(12,2), \
+         profile JSONB, created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL)"
+    )
+}
+
+fn users_fill(table: &str, rows: i64) -> String {
+    format!(
+        "INSERT INTO {table} SELECT g, md5(g::text)::uuid, 'user' || g || '@example.com', \
+         'User Number ' || g, g % 3 = 0, g % 1000, (g * 3.07)::numeric(12,2), \
+         jsonb_build_object('plan', 'p' || (g % 5), 'tags', jsonb_build_array('a', 'b')), \
+         TIMESTAMPTZ '2024-01-01 00:00:00+00' + g * INTERVAL '1 second', \
+         TIMESTAMPTZ '2024-01-01 00:00:00+00' + g * INTERVAL '1 second' FROM generate_series(1, {rows}) g"
+    )
+}
+
+struct Pg {
+    admin: sqlx::PgPool,
+    base: String,
+    names: Vec<String>,
+}
+
+impl Pg {
+    async fn connect() -> Self {
+        let url = std::env::var("DBSYNC_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let admin = sqlx::PgPool::connect(&url)
+            .await
+            .expect("PostgreSQL (set DBSYNC_TEST_PG_URL)");
+        let base = url
+            .rsplit_once('/')
+            .map_or(url.clone(), |(b, _)| b.to_owned());
+        Self {
+            admin,
+            base,
+            names: Vec::new(),
+        }
+    }
+
+    async fn database(&mut self, name: &str) -> (String, sqlx::PgPool) {
+        let name = format!("dbsync_bench_{name}_{}", std::process::id());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+        self.names.push(name.clone());
+        let url = format!("{}/{name}", self.base);
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        (url, pool)
+    }
+
+    async fn drop_all(&self) {
+        for name in &self.names {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&self.admin)
+            .await;
+        }
+    }
+}
+
+async fn exec(pool: &sqlx::PgPool, sql: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The baseline: binary COPY out of A streamed straight into COPY in on B (`psql | psql`).
+async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Duration {
+    let started = Instant::now();
+    let mut out = from
+        .copy_out_raw(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
+        .await
+        .unwrap();
+    let mut sink = to
+        .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+        .await
+        .unwrap();
+    while let Some(chunk) = out.next().await {
+        sink.send(chunk.unwrap()).await.unwrap();
+    }
+    sink.finish().await.unwrap();
+    started.elapsed()
+}
+
+/// Bytes of the table as COPY text (what `psql | psql` would put on a wire).
+async fn copy_text_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
+    let mut out = from
+        .copy_out_raw(&format!("COPY {table} TO STDOUT"))
+        .await
+        .unwrap();
+    let mut bytes = 0;
+    while let Some(chunk) = out.next().await {
+        bytes += chunk.unwrap().len() as u64;
+    }
+    bytes
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    measure: String,
+    seconds: f64,
+    rows: i64,
+    ratio: Option<f64>,
+    wire_ratio: Option<f64>,
+    rss_receiver_mib: Option<f64>,
+    rss_sender_mib: Option<f64>,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+struct Setup {
+    sender: Agent,
+    receiver: Agent,
+    connection: String,
+}
+
+fn register(a_url: &str, b_url: &str, dir: &std::path::Path, knobs: &Knobs, tag: &str) -> Setup {
+    let receiver = Agent::start(b_url, dir, &format!("b-{tag}"), knobs);
+    let sender = Agent::start(a_url, dir, &format!("a-{tag}"), knobs);
+    receiver.run(&["settings", "incoming", "auto_accept"]);
+    sender.run(&[
+        "connections",
+        "create",
+        "to-b",
+        "--site-url",
+        &receiver.url,
+        "--rate-limit-per-minute",
+        "100000",
+        "--max-records-per-request",
+        "100000000",
+    ]);
+    let list = receiver.run(&["connections", "list"]);
+    let connection = list[0]["name"].as_str().unwrap().to_owned();
+    Setup {
+        sender,
+        receiver,
+        connection,
+    }
+}
+
+fn pull_args<'a>(
+    setup: &'a Setup,
+    transport: &'a str,
+    depth: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        setup.connection.as_str(),
+        "--tables",
+        "users",
+        "--transport",
+        transport,
+        "--pipeline-depth",
+        depth,
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn main() {
+    let knobs = knobs();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(run(knobs));
+}
+
+async fn run(knobs: Knobs) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = Pg::connect().await;
+    let mut table: Vec<Row> = Vec::new();
+    let depth = knobs.pipeline_depth.to_string();
+    eprintln!("building {} rows on A ...", knobs.rows);
+    let (a_url, a) = pg.database("a").await;
+    let (b_url, b) = pg.database("b").await;
+    exec(&a, &users_ddl("users")).await;
+    exec(&a, &users_fill("users", knobs.rows)).await;
+    exec(&a, "VACUUM ANALYZE users").await;
+    let text_bytes = copy_text_bytes(&a, "users").await;
+
+    // Baseline: into an empty copy of the table on B.
+    exec(&b, &users_ddl("users")).await;
+    let baseline = copy_pipe(&a, &b, "users").await;
+    exec(&b, "DROP TABLE users").await;
+    table.push(Row {
+        measure: "baseline: COPY binary | COPY".into(),
+        seconds: baseline.as_secs_f64(),
+        rows: knobs.rows,
+        ratio: Some(1.0),
+        wire_ratio: Some(1.0),
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
+    eprintln!("baseline: {:.2} s", baseline.as_secs_f64());
+
+    let setup = register(&a_url, &b_url, dir.path(), &knobs, "pg");
+    let mut full_ws = None;
+    for transport in &knobs.transports {
+        exec(&b, "DROP TABLE IF EXISTS users").await;
+        exec(&b, "DELETE FROM dbsync_checkpoints").await;
+        let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+            &setup.sender,
+        );
+        let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
+        assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
+        if transport == "ws" {
+            full_ws = Some(elapsed);
+        }
+        eprintln!("full pull over {transport}: {:.2} s", elapsed.as_secs_f64());
+        table.push(Row {
+            measure: format!("full pull over {transport}"),
+            seconds: elapsed.as_secs_f64(),
+            rows: knobs.rows,
+            ratio: Some(elapsed.as_secs_f64() / baseline.as_secs_f64()),
+            wire_ratio: Some(wire as f64 / text_bytes as f64),
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+    }
+    let transport = knobs.transports[0].as_str();
+    // Re-pull with overwrite onto the full target.
+    let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
+        &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+        &setup.sender,
+    );
+    eprintln!("re-pull with overwrite: {:.2} s", elapsed.as_secs_f64());
+    table.push(Row {
+        measure: format!("re-pull with overwrite ({transport})"),
+        seconds: elapsed.as_secs_f64(),
+        rows: knobs.rows,
+        ratio: Some(elapsed.as_secs_f64() / baseline.as_secs_f64()),
+        wire_ratio: None,
+        rss_receiver_mib: Some(mib(rss_b)),
+        rss_sender_mib: Some(mib(rss_a)),
+    });
+    // Incremental: a first pass sets the cursor, then 1% of the rows change.
+    setup.receiver.pull(
+        &pull_args(&setup, transport, &depth, &["--incremental"]),
+        &setup.sender,
+    );
+    exec(
+        &a,
+        "UPDATE users SET name = name || '!', updated_at = now() WHERE id % 100 = 0",
+    )
+    .await;
+    let (summary, elapsed, _, _) = setup.receiver.pull(
+        &pull_args(&setup, transport, &depth, &["--incremental"]),
+        &setup.sender,
+    );
+    let moved = summary["tables"][0]["rows"].as_i64().unwrap_or(-1);
+    assert_eq!(
+        moved,
+        knobs.rows / 100,
+        "an incremental pull moves the changed rows"
+    );
+    eprintln!("incremental (1%): {:.2} s", elapsed.as_secs_f64());
+    table.push(Row {
+        measure: "incremental pull, 1% changed (ratio: to the full pull)".into(),
+        seconds: elapsed.as_secs_f64(),
+        rows: moved,
+        ratio: full_ws.map(|full| elapsed.as_secs_f64() / full.as_secs_f64()),
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
+    drop(setup);
+
+    if knobs.memory {
+        let rows = knobs.rows * 4;
+        eprintln!("memory: {rows} rows ...");
+        let (a4_url, a4) = pg.database("a4").await;
+        let (b4_url, _b4) = pg.database("b4").await;
+        exec(&a4, &users_ddl("users")).await;
+        exec(&a4, &users_fill("users", rows)).await;
+        exec(&a4, "VACUUM ANALYZE users").await;
+        let setup = register(&a4_url, &b4_url, dir.path(), &knobs, "pg4");
+        let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+            &setup.sender,
+        );
+        table.push(Row {
+            measure: format!("full pull at 4x rows ({transport})"),
+            seconds: elapsed.as_secs_f64(),
+            rows,
+            ratio: None,
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+    }
+
+    if knobs.sqlite {
+        eprintln!("SQLite: {} rows ...", knobs.rows);
+        let a_file = dir.path().join("a.db");
+        let b_file = dir.path().join("b.db");
+        let base_file = dir.path().join("baseline.db");
+        let a_url = format!("sqlite://{}?mode=rwc", a_file.display());
+        let source = sqlx::SqlitePool::connect(&a_url).await.unwrap();
+        for sql in [
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, uuid BLOB NOT NULL, email TEXT NOT NULL, name TEXT NOT NULL, \
+             active INTEGER NOT NULL, score INTEGER, balance REAL, profile TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)".to_owned(),
+            format!(
+                "WITH RECURSIVE n(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM n WHERE g < {}) \
+                 INSERT INTO users SELECT g, randomblob(16), 'user' || g || '@example.com', 'User Number ' || g, g % 3 = 0, \
+                 g % 1000, g * 3.07, json_object('plan', 'p' || (g % 5)), datetime(1704067200 + g, 'unixepoch'), \
+                 datetime(1704067200 + g, 'unixepoch') FROM n",
+                knobs.rows
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&source).await.unwrap();
+        }
+        let started = Instant::now();
+        let mut conn = source.acquire().await.unwrap();
+        for sql in [
+            format!("ATTACH DATABASE '{}' AS baseline", base_file.display()),
+            "CREATE TABLE baseline.users (id INTEGER PRIMARY KEY, uuid BLOB NOT NULL, email TEXT NOT NULL, name TEXT NOT NULL, \
+             active INTEGER NOT NULL, score INTEGER, balance REAL, profile TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)".to_owned(),
+            "INSERT INTO baseline.users SELECT * FROM main.users".to_owned(),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.unwrap();
+        }
+        let sqlite_baseline = started.elapsed();
+        drop(conn);
+        source.close().await;
+        table.push(Row {
+            measure: "SQLite baseline: INSERT INTO attached SELECT".into(),
+            seconds: sqlite_baseline.as_secs_f64(),
+            rows: knobs.rows,
+            ratio: Some(1.0),
+            wire_ratio: None,
+            rss_receiver_mib: None,
+            rss_sender_mib: None,
+        });
+        let setup = register(
+            &format!("sqlite://{}", a_file.display()),
+            &format!("sqlite://{}", b_file.display()),
+            dir.path(),
+            &knobs,
+            "sqlite",
+        );
+        let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+            &setup.sender,
+        );
+        table.push(Row {
+            measure: format!("SQLite full pull ({transport})"),
+            seconds: elapsed.as_secs_f64(),
+            rows: knobs.rows,
+            ratio: Some(elapsed.as_secs_f64() / sqlite_baseline.as_secs_f64()),
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+    }
+    pg.drop_all().await;
+
+    println!(
+        "\n{:<58} {:>9} {:>10} {:>12} {:>7} {:>10} {:>10} {:>10}",
+        "measure", "seconds", "rows", "rows/s", "ratio", "wire/text", "RSS recv", "RSS send"
+    );
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));
+    for row in &table {
+        println!(
+            "{:<58} {:>9.2} {:>10} {:>12.0} {:>7} {:>10} {:>10} {:>10}",
+            row.measure,
+            row.seconds,
+            row.rows,
+            row.rows as f64 / row.seconds.max(1e-9),
+            opt(row.ratio, ""),
+            opt(row.wire_ratio, ""),
+            opt(row.rss_receiver_mib, " MiB"),
+            opt(row.rss_sender_mib, " MiB"),
+        );
+    }
+    let report = json!({
+        "knobs": {
+            "rows": knobs.rows, "transports": knobs.transports, "zstd_level": knobs.zstd_level,
+            "batch_rows": knobs.batch_rows, "pipeline_depth": knobs.pipeline_depth,
+        },
+        "copy_text_bytes": text_bytes,
+        "results": table.iter().map(|r| json!({
+            "measure": r.measure, "seconds": r.seconds, "rows": r.rows,
+            "rows_per_second": r.rows as f64 / r.seconds.max(1e-9),
+            "ratio": r.ratio, "wire_over_copy_text": r.wire_ratio,
+            "peak_rss_receiver_mib": r.rss_receiver_mib, "peak_rss_sender_mib": r.rss_sender_mib,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(parent) = std::path::Path::new(&knobs.json).parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(&knobs.json, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("\nwritten to {}", knobs.json);
+}
