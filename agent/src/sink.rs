@@ -19,6 +19,8 @@ use crate::store::{Engine, Pool, Store};
 
 /// Most bind parameters in one statement (below SQLite's 32766 and PostgreSQL's 65535).
 const MAX_PARAMS: usize = 30_000;
+/// Most rows in one existence lookup over a composite key (an OR of ANDs).
+const EXISTING_OR_TERMS: usize = 400;
 
 /// Rows created, updated and skipped by one batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -378,12 +380,19 @@ impl Store {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
                     } else {
-                        let (sql, params) = existing_query(engine, &table, &key_list, &key_positions, &casts, chunk);
-                        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
-                        for value in params {
-                            query = $bind(query, value, engine)?;
+                        // A composite key is an OR of terms: keep each statement's expression
+                        // well under SQLite's depth limit of 1,000.
+                        let lookup = if key_list.len() == 1 { chunk.len() } else { EXISTING_OR_TERMS };
+                        let mut existing = 0;
+                        for part in chunk.chunks(lookup.max(1)) {
+                            let (sql, params) = existing_query(engine, &table, &key_list, &key_positions, &casts, part);
+                            let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+                            for value in params {
+                                query = $bind(query, value, engine)?;
+                            }
+                            existing += query.fetch_one(&mut *tx).await?;
                         }
-                        query.fetch_one(&mut *tx).await?
+                        existing
                     };
                     let (sql, params) = insert_query(engine, &table, &quoted, &casts, chunk, &conflict);
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -592,21 +601,34 @@ fn existing_query<'a>(
     casts: &[String],
     rows: &'a [Vec<Value>],
 ) -> (String, Vec<&'a Value>) {
+    // Written so both engines look the keys up in the primary-key index: `k IN (...)` for one
+    // key column, `(a = .. AND b = ..) OR ...` for several. (A row-value `IN (VALUES ...)` made
+    // both scan the whole table for every batch.)
     let mut params = Vec::new();
-    let mut tuples = Vec::with_capacity(rows.len());
+    let mut terms = Vec::with_capacity(rows.len());
     for row in rows {
         let mut slots = Vec::with_capacity(key_positions.len());
-        for position in key_positions {
+        for (position, column) in key_positions.iter().zip(key_list) {
             params.push(&row[*position]);
-            slots.push(placeholder(engine, params.len(), &casts[*position]));
+            let slot = placeholder(engine, params.len(), &casts[*position]);
+            slots.push(if key_list.len() == 1 {
+                slot
+            } else {
+                format!("{column} = {slot}")
+            });
         }
-        tuples.push(format!("({})", slots.join(", ")));
+        terms.push(if key_list.len() == 1 {
+            slots.remove(0)
+        } else {
+            format!("({})", slots.join(" AND "))
+        });
     }
-    let sql = format!(
-        "SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE ({}) IN (VALUES {})",
-        key_list.join(", "),
-        tuples.join(", ")
-    );
+    let condition = if key_list.len() == 1 {
+        format!("{} IN ({})", key_list[0], terms.join(", "))
+    } else {
+        terms.join(" OR ")
+    };
+    let sql = format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table} WHERE {condition}");
     (sql, params)
 }
 
