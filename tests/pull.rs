@@ -27,22 +27,22 @@ pub(crate) async fn pair(
     postgres: bool,
     settings: ConnectionSettings,
 ) -> Option<(RunningAgent, RunningAgent, String)> {
-    let a = start(
-        test,
-        Options {
-            postgres,
-            ..Options::default()
-        },
-    )
-    .await?;
-    let b = start(
-        test,
-        Options {
-            postgres,
-            ..Options::default()
-        },
-    )
-    .await?;
+    let options = Options {
+        postgres,
+        ..Options::default()
+    };
+    pair_with(test, options.clone(), options, settings).await
+}
+
+/// [`pair`] with each agent's options.
+pub(crate) async fn pair_with(
+    test: &str,
+    a_options: Options,
+    b_options: Options,
+    settings: ConnectionSettings,
+) -> Option<(RunningAgent, RunningAgent, String)> {
+    let a = start(test, a_options).await?;
+    let b = start(test, b_options).await?;
     b.agent
         .store
         .set_incoming(IncomingMode::AutoAccept, None, &admin(), b.agent.now())

@@ -7,14 +7,11 @@ use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use dbsync_agent::audit::Actor;
-use dbsync_agent::connection::{
-    ConflictStrategy, ConnectionSettings, NewConnection, PasswordChange,
-};
-use dbsync_agent::settings::IncomingMode;
+use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, PasswordChange};
 use dbsync_agent::transfer::{TransferDirection, TransferFilter};
 use dbsync_agent::{Agent, ManualClock};
 
-use crate::pull::{exec, rows};
+use crate::pull::{exec, pair_with, rows};
 use crate::support::agents::{Options, RunningAgent, start};
 
 fn admin() -> Actor {
@@ -29,47 +26,21 @@ async fn scheduled_pair(
     strategy: ConflictStrategy,
 ) -> Option<(RunningAgent, RunningAgent, ManualClock, String)> {
     let clock = ManualClock::new(Utc::now());
-    let a = start(
+    let (a, b, name) = pair_with(
         test,
         Options {
             postgres,
             ..Options::default()
         },
-    )
-    .await?;
-    let b = start(
-        test,
         Options {
             postgres,
             clock: Some(Arc::new(clock.clone())),
             ..Options::default()
         },
+        ConnectionSettings::default(),
     )
     .await?;
-    b.agent
-        .store
-        .set_incoming(IncomingMode::AutoAccept, None, &admin(), b.agent.now())
-        .await
-        .unwrap();
-    a.agent
-        .create_sender(
-            NewConnection {
-                name: "to-b".into(),
-                site_url: b.url.clone(),
-                settings: ConnectionSettings::default(),
-            },
-            None,
-            &admin(),
-        )
-        .await
-        .unwrap();
-    let receiver = b
-        .agent
-        .store
-        .list_connections(&Default::default())
-        .await
-        .unwrap()
-        .remove(0);
+    let receiver = b.agent.store.get_connection(&name).await.unwrap();
     let mut settings = receiver.settings();
     settings.auto_sync_enabled = true;
     settings.auto_sync_tables = vec!["accounts".into()];
