@@ -14,7 +14,6 @@ use dbsync_protocol::codec::Limits;
 use quinn::Endpoint;
 
 use crate::AppState;
-use crate::session::Session;
 
 /// Accepts connections on `endpoint` until `shutdown` resolves, then closes it.
 pub async fn serve(endpoint: Endpoint, state: AppState, shutdown: impl Future<Output = ()>) {
@@ -47,26 +46,8 @@ async fn serve_connection(connection: quinn::Connection, state: AppState) {
         let state = state.clone();
         tokio::spawn(async move {
             let limits = Limits::default();
-            let mut session = Session {
-                agent: &state.agent,
-                link: Link::spawn(QuicReader::new(recv, limits), QuicWriter::new(send), limits),
-                limits,
-                client_ip,
-                user_agent: None,
-                transport: Transport::Quic,
-            };
-            session
-                .link
-                .set_zstd_level(state.agent.config.server.zstd_level);
-            tokio::select! {
-                outcome = session.run() => {
-                    if let Err(reason) = outcome {
-                        tracing::debug!(reason = %reason, "QUIC session ended");
-                    }
-                }
-                () = state.sessions_stopped() => {}
-            }
-            session.link.close().await;
+            let link = Link::spawn(QuicReader::new(recv, limits), QuicWriter::new(send), limits);
+            crate::session::serve(&state, link, limits, client_ip, None, Transport::Quic).await;
         });
     }
 }

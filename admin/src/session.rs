@@ -53,27 +53,38 @@ pub(crate) async fn upgrade(
         .max_frame_size(limits.max_frame_bytes as usize + HEADER_LEN)
         .on_upgrade(move |socket| async move {
             let (writer, reader) = socket.split();
-            let mut session = Session {
-                agent: &state.agent,
-                link: Link::spawn(WsReader(reader), WsWriter(writer), limits),
-                limits,
-                client_ip: client.0,
-                user_agent,
-                transport: Transport::Ws,
-            };
-            session
-                .link
-                .set_zstd_level(state.agent.config.server.zstd_level);
-            tokio::select! {
-                outcome = session.run() => {
-                    if let Err(reason) = outcome {
-                        tracing::debug!(reason = %reason, "session ended");
-                    }
-                }
-                () = state.sessions_stopped() => tracing::debug!("session ended by shutdown"),
-            }
-            session.link.close().await;
+            let link = Link::spawn(WsReader(reader), WsWriter(writer), limits);
+            serve(&state, link, limits, client.0, user_agent, Transport::Ws).await;
         })
+}
+
+/// Runs one session over `link` until it ends or the server shuts down (either transport).
+pub(crate) async fn serve(
+    state: &AppState,
+    mut link: Link,
+    limits: Limits,
+    client_ip: IpAddr,
+    user_agent: Option<String>,
+    transport: Transport,
+) {
+    link.set_zstd_level(state.agent.config.server.zstd_level);
+    let mut session = Session {
+        agent: &state.agent,
+        link,
+        limits,
+        client_ip,
+        user_agent,
+        transport,
+    };
+    tokio::select! {
+        outcome = session.run() => {
+            if let Err(reason) = outcome {
+                tracing::debug!(reason = %reason, %transport, "session ended");
+            }
+        }
+        () = state.sessions_stopped() => tracing::debug!(%transport, "session ended by shutdown"),
+    }
+    session.link.close().await;
 }
 
 /// The reading half of a receiver's WebSocket.
