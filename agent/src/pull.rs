@@ -208,6 +208,34 @@ pub enum PullEvent {
     },
 }
 
+/// The sender's transfer a receive transfer ran under (a later run resumes under it).
+fn remote_transfer_of(transfer: &crate::transfer::Transfer) -> Option<&str> {
+    transfer
+        .metadata
+        .get("remote_transfer_id")
+        .and_then(|v| v.as_str())
+}
+
+/// Records the sender's transfer id `id` on the receive transfer (with `facts`), when it is not
+/// the one already known.
+async fn adopt_remote_transfer(
+    store: &crate::Store,
+    receive_transfer: Uuid,
+    known: &mut Option<String>,
+    id: &str,
+    mut facts: serde_json::Value,
+) -> Result<()> {
+    if known.as_deref() == Some(id) {
+        return Ok(());
+    }
+    *known = Some(id.to_owned());
+    facts["remote_transfer_id"] = id.into();
+    store
+        .merge_transfer_metadata(receive_transfer, facts)
+        .await
+        .map(drop)
+}
+
 async fn store_reconnects(store: &crate::Store, transfer: Uuid, reconnects: u32) {
     let _ = store
         .merge_transfer_metadata(transfer, serde_json::json!({ "reconnects": reconnects }))
@@ -773,11 +801,7 @@ impl Agent {
             match previous {
                 Some(t) if t.status != TransferStatus::Completed && same_pull(&t) => {
                     after = checkpoint.last_key;
-                    remote_transfer = t
-                        .metadata
-                        .get("remote_transfer_id")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned);
+                    remote_transfer = remote_transfer_of(&t).map(str::to_owned);
                     resumed = true;
                     if t.status == TransferStatus::InProgress {
                         let _ = store
@@ -815,10 +839,7 @@ impl Agent {
                 .await?;
             if let Some(previous) = latest.items.first()
                 && previous.status != TransferStatus::Completed
-                && let Some(id) = previous
-                    .metadata
-                    .get("remote_transfer_id")
-                    .and_then(|v| v.as_str())
+                && let Some(id) = remote_transfer_of(previous)
             {
                 remote_transfer = Some(id.to_owned());
                 resumed = true;
@@ -1052,15 +1073,14 @@ impl Agent {
                             .await?;
                     }
                     Message::RowBatch(batch) => {
-                        if remote_transfer.as_deref() != Some(batch.transfer_id.as_str()) {
-                            *remote_transfer = Some(batch.transfer_id.clone());
-                            store
-                                .merge_transfer_metadata(
-                                    summary.transfer_id,
-                                    serde_json::json!({ "remote_transfer_id": batch.transfer_id }),
-                                )
-                                .await?;
-                        }
+                        adopt_remote_transfer(
+                            store,
+                            summary.transfer_id,
+                            remote_transfer,
+                            &batch.transfer_id,
+                            serde_json::json!({}),
+                        )
+                        .await?;
                         let rows = batch.rows.len() as i64;
                         let last_key =
                             (!batch.last_key.is_empty()).then_some(batch.last_key.as_slice());
@@ -1112,14 +1132,15 @@ impl Agent {
                     Message::PullDone(done) => {
                         if pass.keys_only {
                             *remote_transfer = Some(done.transfer_id.clone());
-                        } else if remote_transfer.as_deref() != Some(done.transfer_id.as_str()) {
-                            *remote_transfer = Some(done.transfer_id.clone());
-                            store
-                                .merge_transfer_metadata(
-                                    summary.transfer_id,
-                                    serde_json::json!({ "remote_transfer_id": done.transfer_id }),
-                                )
-                                .await?;
+                        } else {
+                            adopt_remote_transfer(
+                                store,
+                                summary.transfer_id,
+                                remote_transfer,
+                                &done.transfer_id,
+                                serde_json::json!({}),
+                            )
+                            .await?;
                         }
                         summary.truncated |= done.truncated;
                         if let Some(key) = done.last_key {
@@ -1131,12 +1152,14 @@ impl Agent {
                         break;
                     }
                     Message::ApprovalPending(pending) => {
-                        if remote_transfer.as_deref() != Some(pending.transfer_id.as_str()) {
-                            *remote_transfer = Some(pending.transfer_id.clone());
-                            store
-                                .merge_transfer_metadata(summary.transfer_id, serde_json::json!({ "remote_transfer_id": pending.transfer_id, "waited_for_approval": true }))
-                                .await?;
-                        }
+                        adopt_remote_transfer(
+                            store,
+                            summary.transfer_id,
+                            remote_transfer,
+                            &pending.transfer_id,
+                            serde_json::json!({ "waited_for_approval": true }),
+                        )
+                        .await?;
                         on_event(PullEvent::WaitingForApproval {
                             table: schema.name.clone(),
                             transfer_id: pending.transfer_id.clone(),
