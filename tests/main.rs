@@ -3,6 +3,7 @@
 mod support;
 
 mod admin_api;
+mod browser;
 mod cli;
 mod incremental;
 mod kill;

@@ -4,6 +4,7 @@
 pub mod admin_api;
 mod client_ip;
 mod error;
+pub mod pages;
 pub mod peer_api;
 pub mod quic;
 pub mod server;
@@ -31,6 +32,10 @@ pub struct AppState {
     pub proxies: Arc<TrustedProxies>,
     /// Per-client-IP limiter of the peer API.
     pub(crate) peer_limiter: Arc<peer_api::PeerLimiter>,
+    /// Signed-in browsers of the admin pages.
+    pub(crate) web_sessions: Arc<pages::auth::Sessions>,
+    /// Per-client-IP limiter of admin-page sign-in attempts.
+    pub(crate) login_limiter: Arc<peer_api::PeerLimiter>,
     /// Set when the server shuts down: running sessions end.
     sessions_stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
@@ -45,6 +50,8 @@ impl AppState {
             agent,
             proxies,
             peer_limiter,
+            web_sessions: Arc::default(),
+            login_limiter: Arc::new(peer_api::limiter(pages::LOGIN_ATTEMPTS_PER_MINUTE)),
             sessions_stop: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
@@ -74,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(peer_api::routes(state.clone()))
         .route("/db-sync/ws", axum::routing::get(session::upgrade))
         .merge(admin_api::routes(state.clone()))
+        .merge(pages::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

@@ -130,6 +130,20 @@ impl Store {
         revoked.ok_or_else(|| Error::not_found("active admin token", name))
     }
 
+    /// Whether the admin token `id` exists and is not revoked (sessions opened with it end when
+    /// it is revoked).
+    pub async fn admin_token_active(&self, id: Uuid) -> Result<bool> {
+        let found: Option<(Uuid,)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT id FROM dbsync_admin_tokens WHERE id = $1 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(found.is_some())
+    }
+
     /// The live admin token matching `presented`, if any (and records its use). A malformed
     /// token is refused without a query.
     pub async fn verify_admin_token(

@@ -130,6 +130,55 @@ pub struct PushOutcome {
     pub next_attempt_at: Option<String>,
 }
 
+impl RegistrationOutcome {
+    /// One sentence for an operator: what happened to a new sender connection to `site_url`.
+    pub fn headline(&self, site_url: &str) -> String {
+        match self {
+            Self::Accepted { remote_status, .. } if remote_status == "active" => {
+                format!("Created sender connection; {site_url} accepted it and it is active.")
+            }
+            Self::Accepted { .. } => format!(
+                "Created sender connection; {site_url} registered it and its admin must approve it there. It stays pending until then."
+            ),
+            Self::Rejected {
+                http_status,
+                code,
+                message,
+            } => format!(
+                "Created sender connection, but {site_url} refused the registration ({http_status} {code}: {message}). It stays pending; hand the token over by hand."
+            ),
+            Self::Unreachable { error } => format!(
+                "Created sender connection, but {site_url} could not be reached ({error}). It stays pending; hand the token over by hand."
+            ),
+            Self::Refused { reason } => format!(
+                "Created sender connection, but the remote was not contacted ({reason}). It stays pending; hand the token over by hand."
+            ),
+        }
+    }
+}
+
+impl PushOutcome {
+    /// One sentence for an operator: whether the peer at `site_url` learnt the new status.
+    pub fn describe(&self, site_url: &str) -> String {
+        let error = self.error.as_deref().unwrap_or("unknown error");
+        match self.state.as_str() {
+            "delivered" => format!(
+                "{site_url} was told; its status is {}.",
+                self.remote_status.as_deref().unwrap_or("unknown")
+            ),
+            "pending" => {
+                format!(
+                    "{site_url} could not be told ({error}); `dbsync serve` retries with backoff."
+                )
+            }
+            "no_peer_credential" => {
+                format!("{site_url} was not told: it never registered a way to reach it.")
+            }
+            _ => format!("{site_url} refused the update: {error}"),
+        }
+    }
+}
+
 impl Agent {
     /// Creates a sender connection and announces it to the remote site at once. The connection
     /// becomes active when the remote accepted it as active; it stays pending otherwise, and the

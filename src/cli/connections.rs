@@ -8,7 +8,7 @@ use dbsync_agent::connection::{
     ApprovalMode, ConflictStrategy, ConnectionFilter, ConnectionSettings, CreatedConnection,
     NewConnection,
 };
-use dbsync_agent::registration::{RegistrationOutcome, StatusChange};
+use dbsync_agent::registration::StatusChange;
 use dbsync_agent::{ConnectionStatus, Direction};
 
 use super::Context;
@@ -374,33 +374,7 @@ async fn create(ctx: &Context, args: CreateArgs) -> anyhow::Result<()> {
         .agent
         .create_sender(new, remote_password.as_deref(), &ctx.actor)
         .await?;
-    let headline = match &created.registration {
-        RegistrationOutcome::Accepted { remote_status, .. } if remote_status == "active" => {
-            format!(
-                "Created sender connection; {} accepted it and it is active.",
-                created.connection.site_url
-            )
-        }
-        RegistrationOutcome::Accepted { .. } => format!(
-            "Created sender connection; {} registered it and its admin must approve it there. It stays pending until then.",
-            created.connection.site_url
-        ),
-        RegistrationOutcome::Rejected {
-            http_status,
-            code,
-            message,
-        } => format!(
-            "Created sender connection, but {} refused the registration ({http_status} {code}: {message}). It stays pending; hand the token over by hand.",
-            created.connection.site_url
-        ),
-        RegistrationOutcome::Unreachable { error } => format!(
-            "Created sender connection, but {} could not be reached ({error}). It stays pending; hand the token over by hand.",
-            created.connection.site_url
-        ),
-        RegistrationOutcome::Refused { reason } => format!(
-            "Created sender connection, but the remote was not contacted ({reason}). It stays pending; hand the token over by hand."
-        ),
-    };
+    let headline = created.registration.headline(&created.connection.site_url);
     let registration = serde_json::to_value(&created.registration)?;
     print_token(
         ctx,
@@ -432,27 +406,7 @@ async fn status_change(
         "Connection {:?} {verb}; status is now {}.",
         c.name, c.status
     );
-    match push.state.as_str() {
-        "delivered" => println!(
-            "{} was told; its status is {}.",
-            c.site_url,
-            push.remote_status.as_deref().unwrap_or("unknown")
-        ),
-        "pending" => println!(
-            "{} could not be told ({}); `dbsync serve` retries with backoff.",
-            c.site_url,
-            push.error.as_deref().unwrap_or("unknown error")
-        ),
-        "no_peer_credential" => println!(
-            "{} was not told: it never registered a way to reach it.",
-            c.site_url
-        ),
-        _ => println!(
-            "{} refused the update: {}",
-            c.site_url,
-            push.error.as_deref().unwrap_or("unknown error")
-        ),
-    }
+    println!("{}", push.describe(&c.site_url));
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 mod postgres;
 
 pub mod agents;
+pub mod browser;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
