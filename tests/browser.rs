@@ -1,6 +1,7 @@
 //! The admin pages in a real browser (headless Chromium over WebDriver) against two running
 //! agents: sign in, create a connection to the second agent and see its token exactly once,
-//! approve a pending transfer and see it in the history, suspend the connection with a reason and
+//! approve a pending transfer and see it in the history, watch an in-flight transfer's counters
+//! move, suspend the connection with a reason and
 //! see it suspended on the second agent, change the incoming settings, use a phone-sized screen,
 //! sign out. Also: the forms' CSRF protection, checked with plain HTTP requests.
 //!
@@ -12,10 +13,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dbsync_agent::audit::Actor;
-use dbsync_agent::connection::{ConnectionFilter, ConnectionStatus};
+use dbsync_agent::connection::{ConflictStrategy, ConnectionFilter, ConnectionStatus};
 use dbsync_agent::pull::PullOptions;
 use dbsync_agent::settings::IncomingMode;
-use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
+use dbsync_agent::transfer::{
+    NewTransfer, Progress, TransferDirection, TransferFilter, TransferStatus, Transport,
+};
 use reqwest::StatusCode;
 use reqwest::redirect::Policy;
 
@@ -291,6 +294,74 @@ async fn admin_pages_in_a_real_browser() {
     );
     browser.screenshot(&shots.join("history.png")).await;
 
+    // In-flight transfers: the page's script refreshes their counters from /history/live.
+    let running = a
+        .agent
+        .store
+        .create_transfer(
+            NewTransfer {
+                connection_id: connection.id,
+                direction: TransferDirection::Send,
+                table_name: "big_table".into(),
+                requires_approval: false,
+                records_requested: 0,
+                conflict_strategy: ConflictStrategy::Overwrite,
+                transport: Some(Transport::Ws),
+                requester_ip: None,
+                requester_user_agent: None,
+            },
+            a.agent.config.approval_ttl(),
+            &system,
+            a.agent.now(),
+        )
+        .await
+        .unwrap();
+    a.agent
+        .store
+        .start_transfer(running.id, a.agent.now())
+        .await
+        .unwrap();
+    let progress = |rows: i64| Progress {
+        records_transferred: rows,
+        bytes_wire: rows * 40,
+        ..Progress::default()
+    };
+    a.agent
+        .store
+        .record_progress(running.id, &progress(500))
+        .await
+        .unwrap();
+    browser.goto(&format!("{base}{PREFIX}/history")).await;
+    let live_rows = format!("#live tr[data-id='{}'] [data-field=rows]", running.id);
+    assert_eq!(browser.text(&live_rows).await, "500");
+    a.agent
+        .store
+        .record_progress(running.id, &progress(1_000))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser.text(&live_rows).await != "1,500" {
+        assert!(
+            Instant::now() < deadline,
+            "the live counters never refreshed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.agent
+        .store
+        .complete_transfer(running.id, a.agent.now())
+        .await
+        .unwrap();
+    let live_rate = format!("#live tr[data-id='{}'] [data-field=rate]", running.id);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !browser.text(&live_rate).await.contains("finished") {
+        assert!(
+            Instant::now() < deadline,
+            "a finished transfer was never marked"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Suspend with a reason; b learns it.
     browser
         .goto(&format!("{base}{PREFIX}/connections/{}", connection.id))
@@ -326,7 +397,8 @@ async fn admin_pages_in_a_real_browser() {
         })
         .await
         .unwrap();
-    assert_eq!(sent.items[0].approved_by.as_deref(), Some("admin:ops"));
+    let users = sent.items.iter().find(|t| t.table_name == "users").unwrap();
+    assert_eq!(users.approved_by.as_deref(), Some("admin:ops"));
 
     // Incoming settings from the overview form.
     browser.goto(&format!("{base}{PREFIX}")).await;
