@@ -465,6 +465,22 @@ impl Session<'_> {
             }
         };
 
+        // A transfer's resume key is its last acknowledged key; before the first credit it is
+        // where the pull started, so a resume can tell which rows came before this transfer.
+        if transfer.resume_key.is_none()
+            && let Some(start) = &pull.after_key
+        {
+            store
+                .record_progress(
+                    transfer.id,
+                    &Progress {
+                        resume_key: serde_json::to_value(start).ok(),
+                        ..Progress::default()
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
         let initial_credits = pull.credits.clamp(1, 64);
         let mut credits = initial_credits;
@@ -628,29 +644,42 @@ impl Session<'_> {
         transfer: &dbsync_agent::transfer::Transfer,
         pull: &Pull,
     ) -> SessionResult<()> {
-        let (Some(acknowledged), Some(resume)) = (&transfer.resume_key, &pull.after_key) else {
+        use dbsync_protocol::message::KeyFilter;
+        let Some(resume) = &pull.after_key else {
             return Ok(());
         };
-        let Ok(acknowledged) =
-            serde_json::from_value::<Vec<dbsync_protocol::Value>>(acknowledged.clone())
-        else {
-            return Ok(());
+        // No acknowledged key: no credit ever came back, and the transfer started at the first
+        // row (a transfer that started elsewhere records its start as its resume key).
+        let acknowledged = match &transfer.resume_key {
+            Some(key) => match serde_json::from_value::<Vec<dbsync_protocol::Value>>(key.clone()) {
+                Ok(key) => Some(key),
+                Err(_) => return Ok(()),
+            },
+            None => None,
+        };
+        // Within the pull's own key filter.
+        let from = match &pull.key_filter {
+            Some(KeyFilter::Range { from, .. }) => from.clone(),
+            _ => None,
         };
         let store = &self.agent.store;
         let page = store
             .read_page_filtered(
                 schema,
                 &schema.primary_key,
-                Some(&acknowledged),
-                Some(&dbsync_protocol::message::KeyFilter::Range {
-                    from: None,
+                acknowledged.as_deref(),
+                Some(&KeyFilter::Range {
+                    from,
                     to: Some(resume.clone()),
                 }),
                 64 * self.agent.config.server.batch_rows,
             )
             .await
             .map_err(|e| e.to_string())?;
-        let rows = page.rows.len() as i64;
+        let rows = match &pull.key_filter {
+            Some(KeyFilter::Keys(keys)) => page.rows.iter().filter(|r| keys.contains(r)).count(),
+            _ => page.rows.len(),
+        } as i64;
         if rows == 0 {
             return Ok(());
         }
