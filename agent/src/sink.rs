@@ -19,6 +19,11 @@ use crate::store::{Engine, Pool, Store};
 
 /// Most bind parameters in one statement (below SQLite's 32766 and PostgreSQL's 65535).
 const MAX_PARAMS: usize = 30_000;
+/// Moves a connection's checkpoint for a table (in the batch's transaction).
+const CHECKPOINT_UPSERT: &str = "INSERT INTO dbsync_checkpoints (connection_id, table_name, transfer_id, last_key, rows_applied, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
+     transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
+     rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at";
 /// Most rows in one existence lookup over a composite key (an OR of ANDs).
 const EXISTING_OR_TERMS: usize = 400;
 
@@ -289,19 +294,26 @@ impl Store {
                     })
                 })
                 .collect::<Result<_>>()?;
-        // Target column types (for PostgreSQL casts of text parameters).
-        let target = self.describe_table(&schema.name).await?;
-        let casts: Vec<String> = columns
-            .iter()
-            .map(|c| {
-                target
-                    .columns
+        // PostgreSQL rows go in with COPY (below); the statement path needs the target's column
+        // types for the casts of its text parameters, and a mirror pull for its key stage.
+        let copy = engine == Engine::Postgres && !keys_only;
+        let casts: Vec<String> =
+            if (engine == Engine::Postgres && !copy) || strategy == ConflictStrategy::Mirror {
+                let target = self.describe_table(&schema.name).await?;
+                columns
                     .iter()
-                    .find(|t| &t.name == c)
-                    .map(|t| t.native_type.clone())
-                    .unwrap_or_default()
-            })
-            .collect();
+                    .map(|c| {
+                        target
+                            .columns
+                            .iter()
+                            .find(|t| &t.name == c)
+                            .map(|t| t.native_type.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            } else {
+                vec![String::new(); columns.len()]
+            };
         let key_list: Vec<String> = key.iter().map(|k| quote_ident(k)).collect::<Result<_>>()?;
         let conflict = match strategy {
             ConflictStrategy::Append => String::new(),
@@ -366,9 +378,12 @@ impl Store {
             ($pool:expr, $bind:ident) => {{
                 let mut tx = $pool.begin().await?;
                 if let Some((stage, key_casts, create, keys)) = &mirror {
-                    sqlx::query(sqlx::AssertSqlSafe(create.clone())).execute(&mut *tx).await?;
+                    sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+                        .execute(&mut *tx)
+                        .await?;
                     for chunk in keys.chunks((MAX_PARAMS / key_list.len()).max(1)) {
-                        let (sql, params) = insert_query(engine, stage, &key_list, key_casts, chunk, &key_conflict);
+                        let (sql, params) =
+                            insert_query(engine, stage, &key_list, key_casts, chunk, &key_conflict);
                         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                         for value in params {
                             query = $bind(query, value, engine)?;
@@ -376,16 +391,30 @@ impl Store {
                         query.execute(&mut *tx).await?;
                     }
                 }
-                for chunk in rows.chunks(per_statement).take(if keys_only { 0 } else { usize::MAX }) {
+                for chunk in rows
+                    .chunks(per_statement)
+                    .take(if keys_only { 0 } else { usize::MAX })
+                {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
                     } else {
                         // A composite key is an OR of terms: keep each statement's expression
                         // well under SQLite's depth limit of 1,000.
-                        let lookup = if key_list.len() == 1 { chunk.len() } else { EXISTING_OR_TERMS };
+                        let lookup = if key_list.len() == 1 {
+                            chunk.len()
+                        } else {
+                            EXISTING_OR_TERMS
+                        };
                         let mut existing = 0;
                         for part in chunk.chunks(lookup.max(1)) {
-                            let (sql, params) = existing_query(engine, &table, &key_list, &key_positions, &casts, part);
+                            let (sql, params) = existing_query(
+                                engine,
+                                &table,
+                                &key_list,
+                                &key_positions,
+                                &casts,
+                                part,
+                            );
                             let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
                             for value in params {
                                 query = $bind(query, value, engine)?;
@@ -394,7 +423,8 @@ impl Store {
                         }
                         existing
                     };
-                    let (sql, params) = insert_query(engine, &table, &quoted, &casts, chunk, &conflict);
+                    let (sql, params) =
+                        insert_query(engine, &table, &quoted, &casts, chunk, &conflict);
                     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
                     for value in params {
                         query = $bind(query, value, engine)?;
@@ -409,25 +439,53 @@ impl Store {
                     }
                 }
                 if !keys_only {
-                sqlx::query(
-                    "INSERT INTO dbsync_checkpoints (connection_id, table_name, transfer_id, last_key, rows_applied, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
-                     transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
-                     rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at",
-                )
-                .bind(connection_id)
-                .bind(&schema.name)
-                .bind(transfer_id)
-                .bind(last_key_json.as_ref().map(|json| sqlx::types::Json(serde_json::from_str::<serde_json::Value>(json).unwrap_or_default())))
-                .bind(rows.len() as i64)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                    sqlx::query(CHECKPOINT_UPSERT)
+                        .bind(connection_id)
+                        .bind(&schema.name)
+                        .bind(transfer_id)
+                        .bind(last_key_json.as_ref().map(|json| {
+                            sqlx::types::Json(
+                                serde_json::from_str::<serde_json::Value>(json).unwrap_or_default(),
+                            )
+                        }))
+                        .bind(rows.len() as i64)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
             }};
         }
         match self.pool() {
+            Pool::Postgres(pool) if copy => {
+                let mut tx = pool.begin().await?;
+                if let Some((_, _, create, _)) = &mirror {
+                    sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let target = CopyTarget {
+                    table: &table,
+                    columns: &quoted,
+                    key: &key_list,
+                    key_stage: mirror.as_ref().map(|m| m.0.as_str()),
+                };
+                applied = copy_rows(&mut tx, &target, rows, strategy, &conflict).await?;
+                sqlx::query(CHECKPOINT_UPSERT)
+                    .bind(connection_id)
+                    .bind(&schema.name)
+                    .bind(transfer_id)
+                    .bind(last_key_json.as_ref().map(|json| {
+                        sqlx::types::Json(
+                            serde_json::from_str::<serde_json::Value>(json).unwrap_or_default(),
+                        )
+                    }))
+                    .bind(rows.len() as i64)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
             Pool::Postgres(pool) => run!(pool, bind_pg),
             Pool::Sqlite(pool) => run!(pool, bind_sqlite),
         }
@@ -557,6 +615,102 @@ pub fn mirror_table(connection_id: Uuid, table: &str) -> String {
     let digest = sha2::Sha256::digest(format!("{connection_id}\0{table}").as_bytes());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     format!("dbsync_mirror_{hex}")
+}
+
+/// Where [`copy_rows`] puts a batch: quoted names of the table, the batch's columns and the key
+/// columns, and the mirror key stage when the pull is a mirror.
+struct CopyTarget<'a> {
+    table: &'a str,
+    columns: &'a [String],
+    key: &'a [String],
+    key_stage: Option<&'a str>,
+}
+
+/// PostgreSQL's fast path: the batch goes into a temporary stage shaped like the target's
+/// columns with `COPY ... FROM STDIN` (text format), then one `INSERT ... SELECT` with the
+/// strategy's `ON CONFLICT` moves it into the table, counting inserted against updated rows by
+/// `xmax = 0` in its `RETURNING`. The stage is dropped at commit.
+async fn copy_rows(
+    tx: &mut sqlx::PgConnection,
+    target: &CopyTarget<'_>,
+    rows: &[Vec<Value>],
+    strategy: ConflictStrategy,
+    conflict: &str,
+) -> Result<Applied> {
+    let columns = target.columns.join(", ");
+    let stage = "dbsync_copy_stage";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TEMPORARY TABLE {stage} ON COMMIT DROP AS SELECT {columns} FROM {} WITH NO DATA",
+        target.table
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let mut data = Vec::with_capacity(rows.len() * 64 * target.columns.len());
+    for row in rows {
+        for (i, value) in row.iter().enumerate() {
+            if i > 0 {
+                data.push(b'\t');
+            }
+            match pg_text(value)? {
+                None => data.extend_from_slice(b"\\N"),
+                Some(text) => copy_escape(&text, &mut data),
+            }
+        }
+        data.push(b'\n');
+    }
+    let mut copy = tx
+        .copy_in_raw(&format!("COPY {stage} ({columns}) FROM STDIN"))
+        .await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    if let Some(key_stage) = target.key_stage {
+        let key = target.key.join(", ");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {key_stage} ({key}) SELECT {key} FROM {stage} ON CONFLICT ({key}) DO NOTHING"
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
+    let n = rows.len() as i64;
+    let insert = format!(
+        "INSERT INTO {} ({columns}) SELECT {columns} FROM {stage}{conflict}",
+        target.table
+    );
+    let mut applied = Applied::default();
+    if strategy == ConflictStrategy::Append {
+        sqlx::query(sqlx::AssertSqlSafe(insert))
+            .execute(&mut *tx)
+            .await?;
+        applied.created = n;
+        return Ok(applied);
+    }
+    let created: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH moved AS ({insert} RETURNING (xmax = 0) AS inserted) \
+         SELECT COUNT(*) FILTER (WHERE inserted) FROM moved"
+    )))
+    .fetch_one(&mut *tx)
+    .await?;
+    applied.created = created;
+    // The others hit an existing key: left alone (skip) or updated.
+    if strategy == ConflictStrategy::Skip {
+        applied.skipped = n - created;
+    } else {
+        applied.updated = n - created;
+    }
+    Ok(applied)
+}
+
+/// Appends `text` escaped for COPY's text format (backslash, tab, newline, carriage return).
+fn copy_escape(text: &str, out: &mut Vec<u8>) {
+    for byte in text.bytes() {
+        match byte {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            other => out.push(other),
+        }
+    }
 }
 
 /// `$n` or, on PostgreSQL, `$n::type` so text parameters become the column's type.
