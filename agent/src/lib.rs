@@ -78,6 +78,7 @@ pub mod connection;
 mod error;
 pub mod key_filter;
 pub mod link;
+mod nodelay;
 pub mod password;
 pub mod peer;
 pub mod pull;

@@ -294,11 +294,12 @@ impl Store {
                     })
                 })
                 .collect::<Result<_>>()?;
-        // PostgreSQL rows go in with COPY (below); the statement path needs the target's column
-        // types for the casts of its text parameters, and a mirror pull for its key stage.
-        let copy = engine == Engine::Postgres && !keys_only;
+        // PostgreSQL needs the target's column types for the casts of its text values, and a
+        // mirror pull for its key stage. (PostgreSQL rows go in column-wise, one statement a
+        // batch: `insert_columns`.)
+        let columnwise = engine == Engine::Postgres && !keys_only;
         let casts: Vec<String> =
-            if (engine == Engine::Postgres && !copy) || strategy == ConflictStrategy::Mirror {
+            if engine == Engine::Postgres || strategy == ConflictStrategy::Mirror {
                 let target = self.describe_table(&schema.name).await?;
                 columns
                     .iter()
@@ -457,20 +458,21 @@ impl Store {
             }};
         }
         match self.pool() {
-            Pool::Postgres(pool) if copy => {
+            Pool::Postgres(pool) if columnwise => {
                 let mut tx = pool.begin().await?;
                 if let Some((_, _, create, _)) = &mirror {
                     sqlx::query(sqlx::AssertSqlSafe(create.clone()))
                         .execute(&mut *tx)
                         .await?;
                 }
-                let target = CopyTarget {
+                let target = ColumnTarget {
                     table: &table,
                     columns: &quoted,
+                    casts: &casts,
                     key: &key_list,
                     key_stage: mirror.as_ref().map(|m| m.0.as_str()),
                 };
-                applied = copy_rows(&mut tx, &target, rows, strategy, &conflict).await?;
+                applied = insert_columns(&mut tx, &target, rows, strategy, &conflict).await?;
                 sqlx::query(CHECKPOINT_UPSERT)
                     .bind(connection_id)
                     .bind(&schema.name)
@@ -617,100 +619,84 @@ pub fn mirror_table(connection_id: Uuid, table: &str) -> String {
     format!("dbsync_mirror_{hex}")
 }
 
-/// Where [`copy_rows`] puts a batch: quoted names of the table, the batch's columns and the key
-/// columns, and the mirror key stage when the pull is a mirror.
-struct CopyTarget<'a> {
+/// Where [`insert_columns`] puts a batch: quoted names of the table, the batch's columns and
+/// the key columns, the columns' types, and the mirror key stage when the pull is a mirror.
+struct ColumnTarget<'a> {
     table: &'a str,
     columns: &'a [String],
+    casts: &'a [String],
     key: &'a [String],
     key_stage: Option<&'a str>,
 }
 
-/// PostgreSQL's fast path: the batch goes into a temporary stage shaped like the target's
-/// columns with `COPY ... FROM STDIN` (text format), then one `INSERT ... SELECT` with the
-/// strategy's `ON CONFLICT` moves it into the table, counting inserted against updated rows by
-/// `xmax = 0` in its `RETURNING`. The stage is dropped at commit.
-async fn copy_rows(
+/// PostgreSQL's fast path: one statement per batch, whatever its size. Each column travels as one
+/// `text[]` parameter; `unnest` turns them back into rows, cast to the target's types (the same
+/// input functions `COPY` uses), and one `INSERT ... SELECT` with the strategy's `ON CONFLICT`
+/// moves them, counting inserted against updated rows by `xmax = 0` in its `RETURNING`. (A
+/// `COPY` into a stage was tried first: sqlx writes `CopyDone` as its own packet, and with Nagle
+/// on its sockets every batch waited out a 40 ms delayed ACK.)
+async fn insert_columns(
     tx: &mut sqlx::PgConnection,
-    target: &CopyTarget<'_>,
+    target: &ColumnTarget<'_>,
     rows: &[Vec<Value>],
     strategy: ConflictStrategy,
     conflict: &str,
 ) -> Result<Applied> {
-    let columns = target.columns.join(", ");
-    let stage = "dbsync_copy_stage";
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE TEMPORARY TABLE {stage} ON COMMIT DROP AS SELECT {columns} FROM {} WITH NO DATA",
-        target.table
-    )))
-    .execute(&mut *tx)
-    .await?;
-    let mut data = Vec::with_capacity(rows.len() * 64 * target.columns.len());
+    let width = target.columns.len();
+    let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); width];
     for row in rows {
-        for (i, value) in row.iter().enumerate() {
-            if i > 0 {
-                data.push(b'\t');
-            }
-            match pg_text(value)? {
-                None => data.extend_from_slice(b"\\N"),
-                Some(text) => copy_escape(&text, &mut data),
-            }
+        for (array, value) in arrays.iter_mut().zip(row) {
+            array.push(pg_text(value)?);
         }
-        data.push(b'\n');
     }
-    let mut copy = tx
-        .copy_in_raw(&format!("COPY {stage} ({columns}) FROM STDIN"))
-        .await?;
-    copy.send(data).await?;
-    copy.finish().await?;
-    if let Some(key_stage) = target.key_stage {
-        let key = target.key.join(", ");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO {key_stage} ({key}) SELECT {key} FROM {stage} ON CONFLICT ({key}) DO NOTHING"
-        )))
-        .execute(&mut *tx)
-        .await?;
+    let mut projections = Vec::with_capacity(width);
+    let mut parameters = Vec::with_capacity(width);
+    let mut aliases = Vec::with_capacity(width);
+    for (i, (column, cast)) in target.columns.iter().zip(target.casts).enumerate() {
+        projections.push(if cast.is_empty() {
+            format!("s.c{i} AS {column}")
+        } else {
+            format!("CAST(s.c{i} AS {cast}) AS {column}")
+        });
+        parameters.push(format!("${}::text[]", i + 1));
+        aliases.push(format!("c{i}"));
     }
-    let n = rows.len() as i64;
-    let insert = format!(
-        "INSERT INTO {} ({columns}) SELECT {columns} FROM {stage}{conflict}",
-        target.table
+    let columns = target.columns.join(", ");
+    let staged = match target.key_stage {
+        Some(stage) => {
+            let key = target.key.join(", ");
+            format!(
+                ", staged AS (INSERT INTO {stage} ({key}) SELECT {key} FROM src ON CONFLICT ({key}) DO NOTHING)"
+            )
+        }
+        None => String::new(),
+    };
+    let sql = format!(
+        "WITH src AS (SELECT {} FROM unnest({}) AS s({})){staged}, \
+         moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{conflict} RETURNING (xmax = 0) AS inserted) \
+         SELECT CAST(COUNT(*) FILTER (WHERE inserted) AS BIGINT) FROM moved",
+        projections.join(", "),
+        parameters.join(", "),
+        aliases.join(", "),
+        target.table,
     );
-    let mut applied = Applied::default();
-    if strategy == ConflictStrategy::Append {
-        sqlx::query(sqlx::AssertSqlSafe(insert))
-            .execute(&mut *tx)
-            .await?;
-        applied.created = n;
-        return Ok(applied);
+    let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+    for array in arrays {
+        query = query.bind(array);
     }
-    let created: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "WITH moved AS ({insert} RETURNING (xmax = 0) AS inserted) \
-         SELECT COUNT(*) FILTER (WHERE inserted) FROM moved"
-    )))
-    .fetch_one(&mut *tx)
-    .await?;
-    applied.created = created;
-    // The others hit an existing key: left alone (skip) or updated.
+    let created = query.fetch_one(&mut *tx).await?;
+    let n = rows.len() as i64;
+    let mut applied = Applied {
+        created,
+        ..Applied::default()
+    };
+    // The others hit an existing key: left alone (skip, or nothing to update) or updated.
     if strategy == ConflictStrategy::Skip {
         applied.skipped = n - created;
     } else {
         applied.updated = n - created;
     }
     Ok(applied)
-}
-
-/// Appends `text` escaped for COPY's text format (backslash, tab, newline, carriage return).
-fn copy_escape(text: &str, out: &mut Vec<u8>) {
-    for byte in text.bytes() {
-        match byte {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            other => out.push(other),
-        }
-    }
 }
 
 /// `$n` or, on PostgreSQL, `$n::type` so text parameters become the column's type.

@@ -99,6 +99,7 @@ impl Store {
                 let pool = PgPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(30))
+                    .after_connect(|conn, _| Box::pin(crate::nodelay::disable_nagle(conn)))
                     .connect_with(options)
                     .await?;
                 POSTGRES_MIGRATIONS.run(&pool).await?;
