@@ -619,6 +619,112 @@ pub fn mirror_table(connection_id: Uuid, table: &str) -> String {
     format!("dbsync_mirror_{hex}")
 }
 
+/// One column of a batch as a PostgreSQL array parameter: in binary form where every value's kind
+/// matches the target column's type (nothing formatted here, nothing parsed on the server), else
+/// as PostgreSQL text cast to the column's type (the same input functions `COPY` uses).
+enum ColumnArray {
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+    Uuid(Vec<Option<Uuid>>),
+    TimestampTz(Vec<Option<DateTime<chrono::Utc>>>),
+    Timestamp(Vec<Option<chrono::NaiveDateTime>>),
+    Date(Vec<Option<NaiveDate>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+    Text(Vec<Option<String>>),
+}
+
+/// Collects `values` with `convert` (`None` from it: this value does not fit, give up).
+fn typed<'a, T>(
+    values: impl Iterator<Item = &'a Value>,
+    convert: impl Fn(&Value) -> Option<T>,
+) -> Option<Vec<Option<T>>> {
+    values
+        .map(|value| match value {
+            Value::Null => Some(None),
+            other => convert(other).map(Some),
+        })
+        .collect()
+}
+
+impl ColumnArray {
+    /// The column `values` for a target column of type `native_type`.
+    fn build<'a>(
+        values: impl Iterator<Item = &'a Value> + Clone,
+        native_type: &str,
+    ) -> Result<Self> {
+        let binary = match native_type {
+            "bigint" | "integer" | "smallint" => typed(values.clone(), |v| match v {
+                Value::Int(i) => Some(*i),
+                _ => None,
+            })
+            .map(Self::Int),
+            "double precision" | "real" => typed(values.clone(), |v| match v {
+                Value::Float(f) => Some(*f),
+                _ => None,
+            })
+            .map(Self::Float),
+            "boolean" => typed(values.clone(), |v| match v {
+                Value::Bool(b) => Some(*b),
+                _ => None,
+            })
+            .map(Self::Bool),
+            "uuid" => typed(values.clone(), |v| match v {
+                Value::Uuid(bytes) => Some(Uuid::from_bytes(*bytes)),
+                _ => None,
+            })
+            .map(Self::Uuid),
+            // ±infinity (the extreme values) has no chrono form: such a column goes as text.
+            "timestamp with time zone" => typed(values.clone(), |v| match v {
+                Value::TimestampTz(micros) if *micros != i64::MAX && *micros != i64::MIN => {
+                    DateTime::from_timestamp_micros(*micros)
+                }
+                _ => None,
+            })
+            .map(Self::TimestampTz),
+            "timestamp without time zone" => typed(values.clone(), |v| match v {
+                Value::Timestamp(micros) if *micros != i64::MAX && *micros != i64::MIN => {
+                    DateTime::from_timestamp_micros(*micros).map(|t| t.naive_utc())
+                }
+                _ => None,
+            })
+            .map(Self::Timestamp),
+            "date" => typed(values.clone(), |v| match v {
+                Value::Date(days) if *days != i32::MAX && *days != i32::MIN => {
+                    NaiveDate::from_num_days_from_ce_opt(days.checked_add(719_163)?)
+                }
+                _ => None,
+            })
+            .map(Self::Date),
+            "bytea" => typed(values.clone(), |v| match v {
+                Value::Bytes(bytes) => Some(bytes.clone()),
+                _ => None,
+            })
+            .map(Self::Bytes),
+            _ => None,
+        };
+        match binary {
+            Some(array) => Ok(array),
+            None => values.map(pg_text).collect::<Result<_>>().map(Self::Text),
+        }
+    }
+
+    /// The parameter's array type.
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Self::Int(_) => "int8[]",
+            Self::Float(_) => "float8[]",
+            Self::Bool(_) => "bool[]",
+            Self::Uuid(_) => "uuid[]",
+            Self::TimestampTz(_) => "timestamptz[]",
+            Self::Timestamp(_) => "timestamp[]",
+            Self::Date(_) => "date[]",
+            Self::Bytes(_) => "bytea[]",
+            Self::Text(_) => "text[]",
+        }
+    }
+}
+
 /// Where [`insert_columns`] puts a batch: quoted names of the table, the batch's columns and
 /// the key columns, the columns' types, and the mirror key stage when the pull is a mirror.
 struct ColumnTarget<'a> {
@@ -630,8 +736,8 @@ struct ColumnTarget<'a> {
 }
 
 /// PostgreSQL's fast path: one statement per batch, whatever its size. Each column travels as one
-/// `text[]` parameter; `unnest` turns them back into rows, cast to the target's types (the same
-/// input functions `COPY` uses), and one `INSERT ... SELECT` with the strategy's `ON CONFLICT`
+/// array parameter ([`ColumnArray`]); `unnest` turns them back into rows, cast to the target's
+/// types, and one `INSERT ... SELECT` with the strategy's `ON CONFLICT`
 /// moves them, counting inserted against updated rows by `xmax = 0` in its `RETURNING`. (A
 /// `COPY` into a stage was tried first: sqlx writes `CopyDone` as its own packet, and with Nagle
 /// on its sockets every batch waited out a 40 ms delayed ACK.)
@@ -643,22 +749,25 @@ async fn insert_columns(
     conflict: &str,
 ) -> Result<Applied> {
     let width = target.columns.len();
-    let mut arrays: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(rows.len()); width];
-    for row in rows {
-        for (array, value) in arrays.iter_mut().zip(row) {
-            array.push(pg_text(value)?);
-        }
-    }
+    let arrays: Vec<ColumnArray> = (0..width)
+        .map(|i| ColumnArray::build(rows.iter().map(|row| &row[i]), &target.casts[i]))
+        .collect::<Result<_>>()?;
     let mut projections = Vec::with_capacity(width);
     let mut parameters = Vec::with_capacity(width);
     let mut aliases = Vec::with_capacity(width);
-    for (i, (column, cast)) in target.columns.iter().zip(target.casts).enumerate() {
+    for (i, ((column, cast), array)) in target
+        .columns
+        .iter()
+        .zip(target.casts)
+        .zip(&arrays)
+        .enumerate()
+    {
         projections.push(if cast.is_empty() {
             format!("s.c{i} AS {column}")
         } else {
             format!("CAST(s.c{i} AS {cast}) AS {column}")
         });
-        parameters.push(format!("${}::text[]", i + 1));
+        parameters.push(format!("${}::{}", i + 1, array.sql_type()));
         aliases.push(format!("c{i}"));
     }
     let columns = target.columns.join(", ");
@@ -682,7 +791,17 @@ async fn insert_columns(
     );
     let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
     for array in arrays {
-        query = query.bind(array);
+        query = match array {
+            ColumnArray::Int(values) => query.bind(values),
+            ColumnArray::Float(values) => query.bind(values),
+            ColumnArray::Bool(values) => query.bind(values),
+            ColumnArray::Uuid(values) => query.bind(values),
+            ColumnArray::TimestampTz(values) => query.bind(values),
+            ColumnArray::Timestamp(values) => query.bind(values),
+            ColumnArray::Date(values) => query.bind(values),
+            ColumnArray::Bytes(values) => query.bind(values),
+            ColumnArray::Text(values) => query.bind(values),
+        };
     }
     let created = query.fetch_one(&mut *tx).await?;
     let n = rows.len() as i64;
