@@ -35,7 +35,7 @@ fn knobs() -> Knobs {
         rows: 1_000_000,
         transports: vec!["ws".into(), "quic".into()],
         zstd_level: 3,
-        batch_rows: 1_000,
+        batch_rows: 5_000,
         pipeline_depth: 8,
         memory: true,
         sqlite: true,

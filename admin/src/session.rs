@@ -802,6 +802,25 @@ impl Session<'_> {
 
 /// Pages read ahead of the encoder.
 const PAGES_AHEAD: usize = 2;
+/// Uncompressed bytes a batch aims at: wide rows make pages shorter than `server.batch_rows`,
+/// which bounds the memory of both agents and keeps batches far under the frame limit.
+const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Rows of a pull's first page, before the width of a row is known.
+const FIRST_PAGE_ROWS: i64 = 100;
+
+/// About how many bytes `values` take encoded (for sizing pages, not exact).
+fn approx_bytes(values: &[dbsync_protocol::Value]) -> usize {
+    use dbsync_protocol::Value;
+    values
+        .iter()
+        .map(|value| match value {
+            Value::Numeric(text) | Value::Text(text) | Value::Json(text) => text.len() + 4,
+            Value::Bytes(bytes) => bytes.len() + 4,
+            Value::Array(items) => approx_bytes(items) + 4,
+            _ => 9,
+        })
+        .sum()
+}
 
 /// What the page reader hands the session.
 enum Produced {
@@ -831,6 +850,9 @@ struct ProduceJob {
 async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produced>) {
     let mut after = job.after;
     let mut sent: i64 = 0;
+    // Slow start: the first page is small; later pages hold as many rows as fit the target
+    // batch size, up to `batch_rows`.
+    let mut page_rows = job.batch_rows.min(FIRST_PAGE_ROWS);
     let end = loop {
         if sent >= job.limit {
             break Produced::End {
@@ -838,7 +860,7 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: false,
             };
         }
-        let want = job.batch_rows.min(job.limit - sent);
+        let want = page_rows.min(job.limit - sent);
         let granted = if job.limited {
             match store.take_records(job.connection_id, want).await {
                 Ok(granted) => granted,
@@ -888,6 +910,12 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         }
         after = page.last_key.clone();
         sent += got;
+        let per_row = (page.rows.iter().map(|r| approx_bytes(r)).sum::<usize>()
+            / page.rows.len().max(1))
+        .max(1);
+        page_rows = i64::try_from(TARGET_BATCH_BYTES / per_row)
+            .unwrap_or(i64::MAX)
+            .clamp(1, job.batch_rows);
         let reserved = if job.limited { got } else { 0 };
         if let Err(mpsc::error::SendError(unsent)) =
             to_session.send(Produced::Page { page, reserved }).await

@@ -97,7 +97,7 @@ impl Default for ServerConfig {
             peer_rate_limit_per_minute: 120,
             push_retry_secs: 30,
             zstd_level: 3,
-            batch_rows: 1_000,
+            batch_rows: 5_000,
         }
     }
 }
