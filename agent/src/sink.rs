@@ -818,11 +818,15 @@ async fn insert_columns(
     Ok(applied)
 }
 
-/// `$n` or, on PostgreSQL, `$n::type` so text parameters become the column's type.
+/// `$n`, or `$n::type` on PostgreSQL so text parameters become the column's type. On SQLite an
+/// anonymous `?` (parameters are always numbered in order here): SQLite finds a named `$n` by a
+/// linear scan, and sqlx looks up every parameter's name, so a 10,000-parameter batch spent 90 %
+/// of its time in `sqlite3_bind_parameter_name`.
 fn placeholder(engine: Engine, n: usize, cast: &str) -> String {
     match engine {
         Engine::Postgres if !cast.is_empty() => format!("${n}::{cast}"),
-        _ => format!("${n}"),
+        Engine::Postgres => format!("${n}"),
+        Engine::Sqlite => "?".to_owned(),
     }
 }
 
