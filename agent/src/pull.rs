@@ -1095,6 +1095,14 @@ impl Agent {
                                 last_key,
                             )
                             .await?;
+                        // Acknowledge at once: the rows are committed, and the sender can
+                        // read and send on while this side does its bookkeeping.
+                        client
+                            .send(&Message::Credit(Credit {
+                                request_id,
+                                batches: 1,
+                            }))
+                            .await?;
                         *after = last_key.map(<[Value]>::to_vec);
                         summary.rows += rows;
                         summary.created += applied.created;
@@ -1122,12 +1130,6 @@ impl Agent {
                             rows,
                             bytes_wire: wire as i64,
                         });
-                        client
-                            .send(&Message::Credit(Credit {
-                                request_id,
-                                batches: 1,
-                            }))
-                            .await?;
                     }
                     Message::PullDone(done) => {
                         if pass.keys_only {

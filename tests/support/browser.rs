@@ -6,6 +6,7 @@
 
 use std::io::Write as _;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -62,7 +63,9 @@ impl Browser {
             return None;
         };
         let port = free_port();
+        // Its own process group, so the browser it starts goes with it (see `Drop`).
         let driver = Command::new(driver)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -168,16 +171,22 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
-    /// Ends the browser session and chromedriver.
-    pub async fn close(mut self) {
+    /// Ends the browser session, then chromedriver and its processes (on drop).
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
 impl Drop for Browser {
+    /// Ends chromedriver and every Chromium process it started (a test that panics never
+    /// closes its session, and Chromium would outlive it).
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg("--")
+            .arg(format!("-{}", self.driver.id()))
+            .status();
         let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
