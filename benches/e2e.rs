@@ -435,7 +435,10 @@ async fn run(knobs: Knobs) {
         rss_receiver_mib: Some(mib(rss_b)),
         rss_sender_mib: Some(mib(rss_a)),
     });
-    // Incremental: a first pass sets the cursor, then 1% of the rows change.
+    // Incremental: a first pass sets the cursor, then 1% of the rows change. The source has the
+    // index an operator adds for incremental pulls (docs/operations.md): on the cursor column
+    // and the key, the order the sender pages in. Only the source gets it, after the baseline.
+    exec(&a, "CREATE INDEX users_updated_at_id ON users (updated_at, id)").await;
     setup.receiver.pull(
         &pull_args(&setup, transport, &depth, &["--incremental"]),
         &setup.sender,
