@@ -438,7 +438,11 @@ async fn run(knobs: Knobs) {
     // Incremental: a first pass sets the cursor, then 1% of the rows change. The source has the
     // index an operator adds for incremental pulls (docs/operations.md): on the cursor column
     // and the key, the order the sender pages in. Only the source gets it, after the baseline.
-    exec(&a, "CREATE INDEX users_updated_at_id ON users (updated_at, id)").await;
+    exec(
+        &a,
+        "CREATE INDEX users_updated_at_id ON users (updated_at, id)",
+    )
+    .await;
     setup.receiver.pull(
         &pull_args(&setup, transport, &depth, &["--incremental"]),
         &setup.sender,
