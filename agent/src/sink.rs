@@ -467,6 +467,7 @@ impl Store {
                 }
                 let target = ColumnTarget {
                     table: &table,
+                    conflicting: &self.conflicting,
                     columns: &quoted,
                     casts: &casts,
                     key: &key_list,
@@ -729,6 +730,7 @@ impl ColumnArray {
 /// the key columns, the columns' types, and the mirror key stage when the pull is a mirror.
 struct ColumnTarget<'a> {
     table: &'a str,
+    conflicting: &'a std::sync::Mutex<std::collections::HashSet<String>>,
     columns: &'a [String],
     casts: &'a [String],
     key: &'a [String],
@@ -780,30 +782,75 @@ async fn insert_columns(
         }
         None => String::new(),
     };
-    let sql = format!(
-        "WITH src AS (SELECT {} FROM unnest({}) AS s({})){staged}, \
-         moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{conflict} RETURNING (xmax = 0) AS inserted) \
-         SELECT CAST(COUNT(*) FILTER (WHERE inserted) AS BIGINT) FROM moved",
-        projections.join(", "),
-        parameters.join(", "),
-        aliases.join(", "),
-        target.table,
-    );
-    let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
-    for array in arrays {
-        query = match array {
-            ColumnArray::Int(values) => query.bind(values),
-            ColumnArray::Float(values) => query.bind(values),
-            ColumnArray::Bool(values) => query.bind(values),
-            ColumnArray::Uuid(values) => query.bind(values),
-            ColumnArray::TimestampTz(values) => query.bind(values),
-            ColumnArray::Timestamp(values) => query.bind(values),
-            ColumnArray::Date(values) => query.bind(values),
-            ColumnArray::Bytes(values) => query.bind(values),
-            ColumnArray::Text(values) => query.bind(values),
-        };
-    }
-    let created = query.fetch_one(&mut *tx).await?;
+    let statement = |conflict: &str| {
+        format!(
+            "WITH src AS (SELECT {} FROM unnest({}) AS s({})){staged}, \
+             moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{conflict} RETURNING (xmax = 0) AS inserted) \
+             SELECT CAST(COUNT(*) FILTER (WHERE inserted) AS BIGINT) FROM moved",
+            projections.join(", "),
+            parameters.join(", "),
+            aliases.join(", "),
+            target.table,
+        )
+    };
+    let run = |sql: String| {
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
+        for array in &arrays {
+            query = match array {
+                ColumnArray::Int(values) => query.bind(values),
+                ColumnArray::Float(values) => query.bind(values),
+                ColumnArray::Bool(values) => query.bind(values),
+                ColumnArray::Uuid(values) => query.bind(values),
+                ColumnArray::TimestampTz(values) => query.bind(values),
+                ColumnArray::Timestamp(values) => query.bind(values),
+                ColumnArray::Date(values) => query.bind(values),
+                ColumnArray::Bytes(values) => query.bind(values),
+                ColumnArray::Text(values) => query.bind(values),
+            };
+        }
+        query
+    };
+    // A plain INSERT costs the server about half an `ON CONFLICT` one, so while a table's
+    // batches meet no existing key it is tried first (in a savepoint): into new or empty tables
+    // it is all that runs. At an existing key it fails with a unique violation and the batch goes
+    // again with the strategy's `ON CONFLICT`; later batches into that table go straight there
+    // (a failed attempt costs about as much as it would have saved) until one creates every row.
+    let conflicting = || {
+        target
+            .conflicting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let optimistic = !conflict.is_empty() && !conflicting().contains(target.table);
+    let created = if conflict.is_empty() {
+        run(statement("")).fetch_one(&mut *tx).await?
+    } else if !optimistic {
+        let created = run(statement(conflict)).fetch_one(&mut *tx).await?;
+        if created == rows.len() as i64 {
+            conflicting().remove(target.table);
+        }
+        created
+    } else {
+        sqlx::query("SAVEPOINT dbsync_plain_insert")
+            .execute(&mut *tx)
+            .await?;
+        match run(statement("")).fetch_one(&mut *tx).await {
+            Ok(created) => {
+                sqlx::query("RELEASE SAVEPOINT dbsync_plain_insert")
+                    .execute(&mut *tx)
+                    .await?;
+                created
+            }
+            Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
+                sqlx::query("ROLLBACK TO SAVEPOINT dbsync_plain_insert")
+                    .execute(&mut *tx)
+                    .await?;
+                conflicting().insert(target.table.to_owned());
+                run(statement(conflict)).fetch_one(&mut *tx).await?
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
     let n = rows.len() as i64;
     let mut applied = Applied {
         created,

@@ -87,6 +87,9 @@ pub(crate) fn merge_json_object(
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: Pool,
+    /// Tables whose last batch met keys it already held: the sink goes straight to its
+    /// `ON CONFLICT` statement for them (see `sink::insert_columns`).
+    pub(crate) conflicting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Store {
@@ -121,7 +124,10 @@ impl Store {
                 Pool::Sqlite(pool)
             }
         };
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            conflicting: std::sync::Arc::default(),
+        };
         store.ensure_settings_row().await?;
         Ok(store)
     }
