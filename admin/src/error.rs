@@ -44,6 +44,16 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The message (a generic one for internal errors, which are logged instead).
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     fn internal(err: &dyn std::error::Error) -> Self {
         let chain: Vec<String> = std::iter::successors(Some(err), |e| e.source())
             .map(ToString::to_string)

@@ -347,9 +347,24 @@ impl Store {
         // Bookkeeping only (when the checkpoint moved); the wall clock is right here.
         let now = to_micros(chrono::Utc::now());
         let last_key_json = last_key
-            .map(serde_json::to_string)
+            .map(serde_json::to_value)
             .transpose()
-            .map_err(|err| Error::invalid("last key", err.to_string()))?;
+            .map_err(|err| Error::invalid("last key", err.to_string()))?
+            .map(sqlx::types::Json);
+        // Moves the connection's checkpoint for the table, in the batch's transaction.
+        macro_rules! checkpoint {
+            ($tx:expr) => {
+                sqlx::query(CHECKPOINT_UPSERT)
+                    .bind(connection_id)
+                    .bind(&schema.name)
+                    .bind(transfer_id)
+                    .bind(&last_key_json)
+                    .bind(rows.len() as i64)
+                    .bind(now)
+                    .execute(&mut *$tx)
+                    .await?
+            };
+        }
         let mut applied = Applied::default();
         // Mirror: the keys seen go into a staging table in the same transaction, so the delete
         // pass at the end knows every key the sender has, even across an interrupted pull.
@@ -440,19 +455,7 @@ impl Store {
                     }
                 }
                 if !keys_only {
-                    sqlx::query(CHECKPOINT_UPSERT)
-                        .bind(connection_id)
-                        .bind(&schema.name)
-                        .bind(transfer_id)
-                        .bind(last_key_json.as_ref().map(|json| {
-                            sqlx::types::Json(
-                                serde_json::from_str::<serde_json::Value>(json).unwrap_or_default(),
-                            )
-                        }))
-                        .bind(rows.len() as i64)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                    checkpoint!(tx);
                 }
                 tx.commit().await?;
             }};
@@ -474,19 +477,7 @@ impl Store {
                     key_stage: mirror.as_ref().map(|m| m.0.as_str()),
                 };
                 applied = insert_columns(&mut tx, &target, rows, strategy, &conflict).await?;
-                sqlx::query(CHECKPOINT_UPSERT)
-                    .bind(connection_id)
-                    .bind(&schema.name)
-                    .bind(transfer_id)
-                    .bind(last_key_json.as_ref().map(|json| {
-                        sqlx::types::Json(
-                            serde_json::from_str::<serde_json::Value>(json).unwrap_or_default(),
-                        )
-                    }))
-                    .bind(rows.len() as i64)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                checkpoint!(tx);
                 tx.commit().await?;
             }
             Pool::Postgres(pool) => run!(pool, bind_pg),

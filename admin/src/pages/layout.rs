@@ -130,26 +130,11 @@ pub(crate) fn agent_error(err: dbsync_agent::Error) -> Response {
     error_page(status, &message)
 }
 
-/// Status and message for an error caused by what the user asked; internal errors are logged
-/// and replaced by a generic message.
+/// Status and message for an error: the user's to fix, or a generic one for internal errors
+/// (logged, never echoed), as the JSON API maps them.
 pub(crate) fn user_message(err: dbsync_agent::Error) -> (StatusCode, String) {
-    use dbsync_agent::Error as E;
-    match &err {
-        E::NotFound { .. } => (StatusCode::NOT_FOUND, err.to_string()),
-        E::IllegalTransition { .. } | E::Conflict(_) => (StatusCode::CONFLICT, err.to_string()),
-        E::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, err.to_string()),
-        _ => {
-            let chain: Vec<String> =
-                std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-                    .map(ToString::to_string)
-                    .collect();
-            tracing::error!(error = %chain.join(": "), "admin page failed");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal error; the agent's log has the details.".to_owned(),
-            )
-        }
-    }
+    let api = crate::ApiError::from(err);
+    (api.status(), api.message().to_owned())
 }
 
 /// A status word as a coloured badge.
