@@ -81,6 +81,7 @@ pub mod link;
 mod nodelay;
 pub mod password;
 pub mod peer;
+mod pg_copy;
 pub mod pull;
 pub mod quic;
 pub mod rate_limit;

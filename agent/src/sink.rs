@@ -15,6 +15,7 @@ use crate::catalog::quote_ident;
 use crate::clock::to_micros;
 use crate::connection::ConflictStrategy;
 use crate::error::{Error, Result};
+use crate::pg_copy;
 use crate::store::{Engine, Pool, Store};
 
 /// Most bind parameters in one statement (below SQLite's 32766 and PostgreSQL's 65535).
@@ -731,9 +732,8 @@ struct ColumnTarget<'a> {
 /// PostgreSQL's fast path: one statement per batch, whatever its size. Each column travels as one
 /// array parameter ([`ColumnArray`]); `unnest` turns them back into rows, cast to the target's
 /// types, and one `INSERT ... SELECT` with the strategy's `ON CONFLICT`
-/// moves them, counting inserted against updated rows by `xmax = 0` in its `RETURNING`. (A
-/// `COPY` into a stage was tried first: sqlx writes `CopyDone` as its own packet, and with Nagle
-/// on its sockets every batch waited out a 40 ms delayed ACK.)
+/// moves them, counting inserted against updated rows by `xmax = 0` in its `RETURNING`. While
+/// a table's batches meet no existing key they go in by binary `COPY` instead ([`pg_copy`]).
 async fn insert_columns(
     tx: &mut sqlx::PgConnection,
     target: &ColumnTarget<'_>,
@@ -741,6 +741,66 @@ async fn insert_columns(
     strategy: ConflictStrategy,
     conflict: &str,
 ) -> Result<Applied> {
+    let conflicting = || {
+        target
+            .conflicting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut optimistic = !conflict.is_empty() && !conflicting().contains(target.table);
+    // Into a table that has none of the batch's keys (a new or emptied one, or an append), a
+    // binary `COPY` does the least work on the server. At an existing key it fails with a unique
+    // violation, is rolled back to its savepoint, and the batch goes again with the strategy's
+    // `ON CONFLICT` below.
+    if (optimistic || conflict.is_empty()) && target.key_stage.is_none() {
+        let data = target
+            .casts
+            .iter()
+            .map(|native| pg_copy::Column::for_type(native))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|columns| pg_copy::encode(rows, &columns));
+        if let Some(data) = data {
+            let sql = format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                target.table,
+                target.columns.join(", ")
+            );
+            let copy = async |tx: &mut sqlx::PgConnection| -> sqlx::Result<u64> {
+                let mut copy = tx.copy_in_raw(&sql).await?;
+                copy.send(data.as_slice()).await?;
+                copy.finish().await
+            };
+            if conflict.is_empty() {
+                let created = copy(&mut *tx).await? as i64;
+                return Ok(Applied {
+                    created,
+                    ..Applied::default()
+                });
+            }
+            sqlx::query("SAVEPOINT dbsync_copy")
+                .execute(&mut *tx)
+                .await?;
+            match copy(&mut *tx).await {
+                Ok(created) => {
+                    sqlx::query("RELEASE SAVEPOINT dbsync_copy")
+                        .execute(&mut *tx)
+                        .await?;
+                    return Ok(Applied {
+                        created: created as i64,
+                        ..Applied::default()
+                    });
+                }
+                Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT dbsync_copy")
+                        .execute(&mut *tx)
+                        .await?;
+                    conflicting().insert(target.table.to_owned());
+                    optimistic = false;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
     let width = target.columns.len();
     let arrays: Vec<ColumnArray> = (0..width)
         .map(|i| ColumnArray::build(rows.iter().map(|row| &row[i]), &target.casts[i]))
@@ -801,18 +861,11 @@ async fn insert_columns(
         }
         query
     };
-    // A plain INSERT costs the server about half an `ON CONFLICT` one, so while a table's
-    // batches meet no existing key it is tried first (in a savepoint): into new or empty tables
-    // it is all that runs. At an existing key it fails with a unique violation and the batch goes
+    // Where `COPY` cannot carry the batch (a column type with no binary form in `pg_copy`), a
+    // plain INSERT, which costs the server about half an `ON CONFLICT` one, is tried first in the
+    // same way (in a savepoint) while a table's batches meet no existing key. At an existing key it fails with a unique violation and the batch goes
     // again with the strategy's `ON CONFLICT`; later batches into that table go straight there
     // (a failed attempt costs about as much as it would have saved) until one creates every row.
-    let conflicting = || {
-        target
-            .conflicting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
-    let optimistic = !conflict.is_empty() && !conflicting().contains(target.table);
     let created = if conflict.is_empty() {
         run(statement("")).fetch_one(&mut *tx).await?
     } else if !optimistic {
