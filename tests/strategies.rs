@@ -327,3 +327,57 @@ async fn where_key_ranges_lists_and_composite_keys() {
         b.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_leaves_identical_rows_alone_but_not_equal_looking_ones() {
+    let Some((a, b, receiver)) =
+        pair("strategies::identical", true, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE prices (id BIGINT PRIMARY KEY, amount NUMERIC, label TEXT)".into(),
+            "INSERT INTO prices SELECT g, g * 1.50, 'p' || g FROM generate_series(1, 50) g".into(),
+        ],
+    )
+    .await;
+    let options = PullOptions {
+        tables: Some(vec!["prices".into()]),
+        strategy: Some(ConflictStrategy::Overwrite),
+        ..Default::default()
+    };
+    b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    // Equal to the sender's values under `=` but not the same: 3.0 against 3.00.
+    exec(&b, &["UPDATE prices SET amount = 3.0 WHERE id = 2".into()]).await;
+    let xmin = |agent| {
+        let url = agent;
+        async move {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let rows: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT id, CAST(amount AS TEXT), CAST(xmin AS TEXT) FROM prices ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            rows
+        }
+    };
+    let before = xmin(&b.database_url).await;
+    let again = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    // Every row met its key: all count as updated, as before.
+    assert_eq!((again.tables[0].created, again.tables[0].updated), (0, 50));
+    let after = xmin(&b.database_url).await;
+    for (old, new) in before.iter().zip(&after) {
+        if old.0 == 2 {
+            assert_eq!(new.1, "3.00", "the sender's exact value is back");
+            assert_ne!(old.2, new.2, "row 2 was rewritten");
+        } else {
+            assert_eq!(old, new, "an identical row is left alone (same xmin)");
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}

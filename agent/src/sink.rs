@@ -336,8 +336,20 @@ impl Store {
                 if updates.is_empty() {
                     format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", "))
                 } else {
+                    // On PostgreSQL a row whose stored image already equals the incoming one is
+                    // left alone: a re-pull of mostly unchanged data writes no new row versions,
+                    // WAL or bloat for the rows that did not change. `*<>` on whole rows compares
+                    // bytes, so `1.0` against `1.00`, or a case change under citext, still
+                    // counts as a change. (When the pull leaves columns out, `excluded` holds
+                    // their defaults, so every row differs and is updated as before.)
+                    let unchanged =
+                        if engine == Engine::Postgres && strategy != ConflictStrategy::Merge {
+                            format!(" WHERE {table} OPERATOR(pg_catalog.*<>) excluded")
+                        } else {
+                            String::new()
+                        };
                     format!(
-                        " ON CONFLICT ({}) DO UPDATE SET {}",
+                        " ON CONFLICT ({}) DO UPDATE SET {}{unchanged}",
                         key_list.join(", "),
                         updates.join(", ")
                     )
@@ -464,6 +476,13 @@ impl Store {
         match self.pool() {
             Pool::Postgres(pool) if columnwise => {
                 let mut tx = pool.begin().await?;
+                // The batch and its checkpoint commit together, so a commit lost to a server
+                // crash loses both, and the pull resumes from the checkpoint before: waiting for
+                // each batch's WAL flush buys nothing. (Later synchronous commits, like the
+                // transfer's completion, flush everything before them.)
+                sqlx::query("SET LOCAL synchronous_commit TO off")
+                    .execute(&mut *tx)
+                    .await?;
                 if let Some((_, _, create, _)) = &mirror {
                     sqlx::query(sqlx::AssertSqlSafe(create.clone()))
                         .execute(&mut *tx)

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
@@ -92,6 +92,21 @@ pub struct Store {
     pub(crate) conflicting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
+/// `options` without TLS when `url` names a server on this machine (a loopback address,
+/// `localhost`, or a Unix socket) and neither the URL nor `PGSSLMODE` chooses an sslmode.
+fn plain_loopback(url: &str, options: &PgConnectOptions) -> Option<PgConnectOptions> {
+    let chosen = url.contains("sslmode=") || std::env::var_os("PGSSLMODE").is_some();
+    let host = options.get_host();
+    let loopback = host == "localhost"
+        || host.starts_with('/')
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!chosen && loopback).then(|| options.clone().ssl_mode(PgSslMode::Disable))
+}
+
 impl Store {
     /// Connects to `url` and applies pending migrations (a no-op when there are none). A SQLite
     /// file is created if missing.
@@ -99,12 +114,24 @@ impl Store {
         let pool = match Engine::from_url(url)? {
             Engine::Postgres => {
                 let options = PgConnectOptions::from_str(url)?;
-                let pool = PgPoolOptions::new()
-                    .max_connections(16)
-                    .acquire_timeout(Duration::from_secs(30))
-                    .after_connect(|conn, _| Box::pin(crate::nodelay::disable_nagle(conn)))
-                    .connect_with(options)
-                    .await?;
+                let pool_options = || {
+                    PgPoolOptions::new()
+                        .max_connections(16)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .after_connect(|conn, _| Box::pin(crate::nodelay::disable_nagle(conn)))
+                };
+                // TLS to a server on this machine protects nothing, and with sqlx 0.9 each TLS
+                // handshake also waits out delayed ACKs (its sockets have no TCP_NODELAY until
+                // `nodelay` sets it, after the handshake): ~90 ms a connection. So a loopback URL
+                // that does not choose an sslmode connects in plain text first, and as written
+                // when the server refuses that (a `hostssl`-only pg_hba.conf).
+                let pool = match plain_loopback(url, &options) {
+                    Some(plain) => match pool_options().connect_with(plain).await {
+                        Ok(pool) => pool,
+                        Err(_) => pool_options().connect_with(options).await?,
+                    },
+                    None => pool_options().connect_with(options).await?,
+                };
                 POSTGRES_MIGRATIONS.run(&pool).await?;
                 Pool::Postgres(pool)
             }
@@ -218,5 +245,27 @@ mod tests {
         );
         assert_eq!(sqlite_file("sqlite::memory:"), None);
         assert_eq!(sqlite_file("postgres://x"), None);
+    }
+
+    #[test]
+    fn loopback_urls_without_an_sslmode_skip_tls() {
+        let plain = |url: &str| {
+            let options = PgConnectOptions::from_str(url).unwrap();
+            plain_loopback(url, &options).map(|o| o.get_ssl_mode())
+        };
+        if std::env::var_os("PGSSLMODE").is_some() {
+            return;
+        }
+        for url in [
+            "postgres://u@127.0.0.1/db",
+            "postgres://u@localhost:5433/db",
+            "postgres://u@[::1]/db",
+            "postgres://u@127.0.0.2/db",
+        ] {
+            assert!(matches!(plain(url), Some(PgSslMode::Disable)), "{url}");
+        }
+        assert!(plain("postgres://u@db.example.com/db").is_none());
+        assert!(plain("postgres://u@10.0.0.5/db").is_none());
+        assert!(plain("postgres://u@127.0.0.1/db?sslmode=require").is_none());
     }
 }
