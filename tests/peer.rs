@@ -248,7 +248,7 @@ async fn a_second_registration_from_the_same_site_is_409() {
         .post(format!("{}/db-sync/api/register-connection", b.url))
         .json(&json!({
             "sender_url": a.url, "connection_name": "again", "auth_token": Token::generate().expose(),
-            "password": null, "protocol_version": 1, "quic": null
+            "password": null, "protocol_version": 2, "quic": null
         }))
         .send()
         .await
@@ -705,7 +705,7 @@ async fn peer_calls_need_a_known_bearer_token() {
         .await
         .unwrap();
     assert_eq!(status["incoming_mode"], "require_approval");
-    assert_eq!(status["protocol_versions"], json!([1]));
+    assert_eq!(status["protocol_versions"], json!([2]));
     b.stop().await;
 }
 

@@ -20,11 +20,12 @@ pub use error::ProtocolError;
 pub use message::{Kind, Message};
 pub use value::Value;
 
-/// Protocol versions this build speaks, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+/// Protocol versions this build speaks, oldest first. Version 2 sends a row batch's rows
+/// column-major (`message::columnar`); version 1 sent them row by row and is no longer spoken.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 1;
+pub const CURRENT_VERSION: u16 = 2;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -41,9 +42,9 @@ mod tests {
 
     #[test]
     fn negotiation_picks_the_highest_common_version() {
-        assert_eq!(negotiate(&[1]), Some(1));
-        assert_eq!(negotiate(&[1, 99]), Some(1));
-        assert_eq!(negotiate(&[2, 3]), None);
+        assert_eq!(negotiate(&[2]), Some(2));
+        assert_eq!(negotiate(&[1, 2, 99]), Some(2));
+        assert_eq!(negotiate(&[1, 3]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

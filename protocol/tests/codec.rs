@@ -61,7 +61,7 @@ fn same(a: &Value, b: &Value) -> bool {
 
 proptest! {
     #[test]
-    fn row_batches_round_trip(rows in proptest::collection::vec(proptest::collection::vec(value(), 1..6), 0..20), seq in any::<u64>()) {
+    fn row_batches_round_trip(rows in (1usize..6).prop_flat_map(|width| proptest::collection::vec(proptest::collection::vec(value(), width), 0..20)), seq in any::<u64>()) {
         let batch = RowBatch {
             request_id: 7,
             seq,
@@ -108,7 +108,7 @@ proptest! {
 fn every_message_kind_round_trips() {
     let messages = vec![
         Message::Hello(Hello {
-            versions: vec![1],
+            versions: vec![2],
             token: "dbs_x".into(),
             password: None,
             client_name: "dbsync/0.1".into(),
@@ -312,11 +312,64 @@ fn an_unsupported_version_has_no_negotiated_version() {
 #[test]
 fn hello_debug_hides_token_and_password() {
     let hello = Hello {
-        versions: vec![1],
+        versions: vec![2],
         token: "dbs_secret_token".into(),
         password: Some("pw_secret".into()),
         client_name: "x".into(),
     };
     let shown = format!("{hello:?}");
     assert!(!shown.contains("secret"), "{shown}");
+}
+
+#[test]
+fn row_batches_travel_column_major_and_ragged_ones_are_refused() {
+    let batch = RowBatch {
+        request_id: 1,
+        seq: 0,
+        columns: vec!["id".into(), "name".into()],
+        rows: vec![
+            vec![Value::Int(1), Value::Text("a".into())],
+            vec![Value::Int(2), Value::Text("b".into())],
+        ],
+        last_key: vec![Value::Int(2)],
+        transfer_id: "t".into(),
+    };
+    // The rows field is [[1, 2], ["a", "b"]]: one array per column.
+    let payload = rmp_serde::to_vec(&batch).unwrap();
+    let columns = rmp_serde::to_vec(&vec![
+        vec![Value::Int(1), Value::Int(2)],
+        vec![Value::Text("a".into()), Value::Text("b".into())],
+    ])
+    .unwrap();
+    assert!(
+        payload
+            .windows(columns.len())
+            .any(|w| w == columns.as_slice()),
+        "column-major rows in the payload"
+    );
+    // Rows of different lengths cannot be sent.
+    let mut ragged = batch.clone();
+    ragged.rows[1].pop();
+    assert!(codec::encode(&Message::RowBatch(ragged), 3).is_err());
+    // Columns of different lengths from a peer are refused, not padded or truncated.
+    #[derive(serde::Serialize)]
+    struct Raw(u64, u64, Vec<String>, Vec<Vec<Value>>, Vec<Value>, String);
+    let hostile = rmp_serde::to_vec(&Raw(
+        1,
+        0,
+        vec!["id".into(), "name".into()],
+        vec![
+            vec![Value::Int(1), Value::Int(2)],
+            vec![Value::Text("a".into())],
+        ],
+        vec![],
+        "t".into(),
+    ))
+    .unwrap();
+    let compressed = zstd::bulk::compress(&hostile, 3).unwrap();
+    let mut frame = vec![MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0];
+    frame.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&compressed);
+    let err = codec::decode(&frame, &limits()).unwrap_err();
+    assert!(err.to_string().contains("differ in length"), "{err}");
 }
