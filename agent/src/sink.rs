@@ -403,6 +403,15 @@ impl Store {
             None
         };
         let key_conflict = format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", "));
+        let optimistic = engine == Engine::Sqlite
+            && !keys_only
+            && mirror.is_none()
+            && strategy != ConflictStrategy::Append
+            && !self
+                .conflicting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&table);
         macro_rules! run {
             ($pool:expr, $bind:ident) => {{
                 let mut tx = $pool.begin().await?;
@@ -420,10 +429,52 @@ impl Store {
                         query.execute(&mut *tx).await?;
                     }
                 }
-                for chunk in rows
-                    .chunks(per_statement)
-                    .take(if keys_only { 0 } else { usize::MAX })
-                {
+                // As on PostgreSQL: while a table's batches meet no existing key, plain INSERTs
+                // in a savepoint (no existence lookup, no ON CONFLICT); at the first unique
+                // violation the batch is rolled back to it and counted key by key below.
+                let mut inserted = false;
+                if optimistic {
+                    sqlx::query("SAVEPOINT dbsync_plain_insert")
+                        .execute(&mut *tx)
+                        .await?;
+                    let mut outcome = Ok(());
+                    for chunk in rows.chunks(per_statement) {
+                        let (sql, params) =
+                            insert_query(engine, &table, &quoted, &casts, chunk, "");
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for value in params {
+                            query = $bind(query, value, engine)?;
+                        }
+                        if let Err(err) = query.execute(&mut *tx).await {
+                            outcome = Err(err);
+                            break;
+                        }
+                    }
+                    match outcome {
+                        Ok(()) => {
+                            sqlx::query("RELEASE SAVEPOINT dbsync_plain_insert")
+                                .execute(&mut *tx)
+                                .await?;
+                            applied.created = rows.len() as i64;
+                            inserted = true;
+                        }
+                        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
+                            sqlx::query("ROLLBACK TO SAVEPOINT dbsync_plain_insert")
+                                .execute(&mut *tx)
+                                .await?;
+                            self.conflicting
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(table.clone());
+                        }
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+                for chunk in rows.chunks(per_statement).take(if keys_only || inserted {
+                    0
+                } else {
+                    usize::MAX
+                }) {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
                     } else {
@@ -466,6 +517,12 @@ impl Store {
                     } else {
                         applied.updated += existing;
                     }
+                }
+                if engine == Engine::Sqlite && !inserted && applied.created == rows.len() as i64 {
+                    self.conflicting
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&table);
                 }
                 if !keys_only {
                     checkpoint!(tx);

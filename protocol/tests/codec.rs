@@ -305,8 +305,8 @@ fn a_payload_of_the_wrong_shape_is_malformed() {
 
 #[test]
 fn an_unsupported_version_has_no_negotiated_version() {
-    assert_eq!(dbsync_protocol::negotiate(&[2, 3]), None);
-    assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(1));
+    assert_eq!(dbsync_protocol::negotiate(&[1, 3]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(2));
 }
 
 #[test]
