@@ -381,3 +381,49 @@ async fn overwrite_leaves_identical_rows_alone_but_not_equal_looking_ones() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_pull_of_changed_rows_upserts_large_batches_exactly() {
+    let Some((a, b, receiver)) =
+        pair("strategies::halves", true, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE events (id BIGINT PRIMARY KEY, kind TEXT, n INTEGER)".into(),
+            "INSERT INTO events SELECT g, 'k' || (g % 7), g FROM generate_series(1, 12000) g"
+                .into(),
+        ],
+    )
+    .await;
+    let options = PullOptions {
+        tables: Some(vec!["events".into()]),
+        strategy: Some(ConflictStrategy::Overwrite),
+        ..Default::default()
+    };
+    let first = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    assert_eq!(first.tables[0].created, 12_000);
+    // Every row changes, plus new ones: batches of thousands of rows onto existing keys go in as
+    // two halves on two connections (agent/src/sink.rs).
+    exec(
+        &a,
+        &[
+            "UPDATE events SET n = -n, kind = kind || '!'".into(),
+            "INSERT INTO events SELECT g, 'new', g FROM generate_series(12001, 12500) g".into(),
+        ],
+    )
+    .await;
+    let again = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    assert_eq!(
+        (again.tables[0].created, again.tables[0].updated),
+        (500, 12_000)
+    );
+    assert_eq!(
+        rows(&a.agent.store, "events").await,
+        rows(&b.agent.store, "events").await
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -25,6 +25,8 @@ const CHECKPOINT_UPSERT: &str = "INSERT INTO dbsync_checkpoints (connection_id, 
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
      transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
      rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at";
+/// Fewest rows in each half of a batch upserted as two halves at once (PostgreSQL).
+const PARALLEL_MIN_ROWS: usize = 1_000;
 /// Most rows in one existence lookup over a composite key (an OR of ANDs).
 const EXISTING_OR_TERMS: usize = 400;
 
@@ -532,19 +534,6 @@ impl Store {
         }
         match self.pool() {
             Pool::Postgres(pool) if columnwise => {
-                let mut tx = pool.begin().await?;
-                // The batch and its checkpoint commit together, so a commit lost to a server
-                // crash loses both, and the pull resumes from the checkpoint before: waiting for
-                // each batch's WAL flush buys nothing. (Later synchronous commits, like the
-                // transfer's completion, flush everything before them.)
-                sqlx::query("SET LOCAL synchronous_commit TO off")
-                    .execute(&mut *tx)
-                    .await?;
-                if let Some((_, _, create, _)) = &mirror {
-                    sqlx::query(sqlx::AssertSqlSafe(create.clone()))
-                        .execute(&mut *tx)
-                        .await?;
-                }
                 let target = ColumnTarget {
                     table: &table,
                     conflicting: &self.conflicting,
@@ -553,9 +542,70 @@ impl Store {
                     key: &key_list,
                     key_stage: mirror.as_ref().map(|m| m.0.as_str()),
                 };
-                applied = insert_columns(&mut tx, &target, rows, strategy, &conflict).await?;
-                checkpoint!(tx);
-                tx.commit().await?;
+                // The batch and its checkpoint commit together, so a commit lost to a server
+                // crash loses both, and the pull resumes from the checkpoint before: waiting for
+                // each batch's WAL flush buys nothing. (Later synchronous commits, like the
+                // transfer's completion, flush everything before them.)
+                let begin = async || -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+                    let mut tx = pool.begin().await?;
+                    sqlx::query("SET LOCAL synchronous_commit TO off")
+                        .execute(&mut *tx)
+                        .await?;
+                    Ok(tx)
+                };
+                // Upserts into a table that already holds the keys (a re-pull, an incremental
+                // pull) keep one server process busy per statement, so a large batch goes in
+                // as two halves on two connections at once. The first half commits first, then
+                // the second with the checkpoint: a crash between the two leaves the first half
+                // applied and the checkpoint where it was, and the batch is sent again, which
+                // changes nothing for a keyed strategy (only its created/updated split).
+                let split = strategy != ConflictStrategy::Append
+                    && mirror.is_none()
+                    && rows.len() >= 2 * PARALLEL_MIN_ROWS
+                    && self
+                        .conflicting
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .contains(&table);
+                let mut parallel = None;
+                if split {
+                    let (first, second) = rows.split_at(rows.len() / 2);
+                    let (mut tx_first, mut tx_second) = (begin().await?, begin().await?);
+                    let both = tokio::join!(
+                        insert_columns(&mut tx_first, &target, first, strategy, &conflict),
+                        insert_columns(&mut tx_second, &target, second, strategy, &conflict)
+                    );
+                    // Anything odd (a deadlock through a trigger, say) rolls both back, and the
+                    // batch goes again the plain way below.
+                    if let (Ok(a), Ok(b)) = both
+                        && tx_first.commit().await.is_ok()
+                    {
+                        parallel = Some((tx_second, a, b));
+                    }
+                }
+                match parallel {
+                    Some((mut tx, a, b)) => {
+                        checkpoint!(tx);
+                        tx.commit().await?;
+                        applied = Applied {
+                            created: a.created + b.created,
+                            updated: a.updated + b.updated,
+                            skipped: a.skipped + b.skipped,
+                        };
+                    }
+                    None => {
+                        let mut tx = begin().await?;
+                        if let Some((_, _, create, _)) = &mirror {
+                            sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        applied =
+                            insert_columns(&mut tx, &target, rows, strategy, &conflict).await?;
+                        checkpoint!(tx);
+                        tx.commit().await?;
+                    }
+                }
             }
             Pool::Postgres(pool) => run!(pool, bind_pg),
             Pool::Sqlite(pool) => run!(pool, bind_sqlite),
@@ -1005,21 +1055,31 @@ fn insert_query<'a>(
     rows: &'a [Vec<Value>],
     conflict: &str,
 ) -> (String, Vec<&'a Value>) {
+    use std::fmt::Write;
     let mut params = Vec::with_capacity(rows.len() * quoted.len());
-    let mut tuples = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut slots = Vec::with_capacity(row.len());
-        for (value, cast) in row.iter().zip(casts) {
+    // Written straight into one string: a 3,000-row SQLite statement has 30,000 placeholders.
+    let mut sql = format!("INSERT INTO {table} ({}) VALUES ", quoted.join(", "));
+    sql.reserve(rows.len() * (quoted.len() * 3 + 4) + conflict.len());
+    for (i, row) in rows.iter().enumerate() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for (j, (value, cast)) in row.iter().zip(casts).enumerate() {
             params.push(value);
-            slots.push(placeholder(engine, params.len(), cast));
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            match engine {
+                Engine::Sqlite => sql.push('?'),
+                Engine::Postgres => {
+                    let _ = write!(sql, "${}", params.len());
+                    if !cast.is_empty() {
+                        let _ = write!(sql, "::{cast}");
+                    }
+                }
+            }
         }
-        tuples.push(format!("({})", slots.join(", ")));
+        sql.push(')');
     }
-    let sql = format!(
-        "INSERT INTO {table} ({}) VALUES {}{conflict}",
-        quoted.join(", "),
-        tuples.join(", ")
-    );
+    sql.push_str(conflict);
     (sql, params)
 }
 

@@ -141,7 +141,10 @@ impl Store {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
-                    .busy_timeout(Duration::from_secs(30));
+                    .busy_timeout(Duration::from_secs(30))
+                    // sqlx hands rows from SQLite's worker thread over a channel of 50 by
+                    // default: a 5,000-row page then costs thousands of thread wake-ups.
+                    .row_buffer_size(1024);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(30))
