@@ -90,6 +90,7 @@ pub mod schedule;
 pub mod settings;
 pub mod sink;
 pub mod source;
+mod sqlite_raw;
 pub mod store;
 pub mod token;
 pub mod transfer;

@@ -431,52 +431,10 @@ impl Store {
                         query.execute(&mut *tx).await?;
                     }
                 }
-                // As on PostgreSQL: while a table's batches meet no existing key, plain INSERTs
-                // in a savepoint (no existence lookup, no ON CONFLICT); at the first unique
-                // violation the batch is rolled back to it and counted key by key below.
-                let mut inserted = false;
-                if optimistic {
-                    sqlx::query("SAVEPOINT dbsync_plain_insert")
-                        .execute(&mut *tx)
-                        .await?;
-                    let mut outcome = Ok(());
-                    for chunk in rows.chunks(per_statement) {
-                        let (sql, params) =
-                            insert_query(engine, &table, &quoted, &casts, chunk, "");
-                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                        for value in params {
-                            query = $bind(query, value, engine)?;
-                        }
-                        if let Err(err) = query.execute(&mut *tx).await {
-                            outcome = Err(err);
-                            break;
-                        }
-                    }
-                    match outcome {
-                        Ok(()) => {
-                            sqlx::query("RELEASE SAVEPOINT dbsync_plain_insert")
-                                .execute(&mut *tx)
-                                .await?;
-                            applied.created = rows.len() as i64;
-                            inserted = true;
-                        }
-                        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
-                            sqlx::query("ROLLBACK TO SAVEPOINT dbsync_plain_insert")
-                                .execute(&mut *tx)
-                                .await?;
-                            self.conflicting
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .insert(table.clone());
-                        }
-                        Err(err) => return Err(err.into()),
-                    }
-                }
-                for chunk in rows.chunks(per_statement).take(if keys_only || inserted {
-                    0
-                } else {
-                    usize::MAX
-                }) {
+                for chunk in rows
+                    .chunks(per_statement)
+                    .take(if keys_only { 0 } else { usize::MAX })
+                {
                     let existing = if strategy == ConflictStrategy::Append {
                         0
                     } else {
@@ -520,7 +478,7 @@ impl Store {
                         applied.updated += existing;
                     }
                 }
-                if engine == Engine::Sqlite && !inserted && applied.created == rows.len() as i64 {
+                if engine == Engine::Sqlite && applied.created == rows.len() as i64 {
                     self.conflicting
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -608,6 +566,44 @@ impl Store {
                 }
             }
             Pool::Postgres(pool) => run!(pool, bind_pg),
+            // As on PostgreSQL: while a table's batches meet no existing key, plain inserts in a
+            // savepoint (no existence lookup, no ON CONFLICT), one prepared row at a time on the
+            // raw handle (`sqlite_raw`). At the first unique violation the batch is rolled back
+            // and counted key by key, and the table is remembered.
+            Pool::Sqlite(pool) if optimistic => {
+                let mut tx = pool.begin().await?;
+                let slots = vec!["?"; columns.len()].join(", ");
+                let sql = format!(
+                    "INSERT INTO {table} ({}) VALUES ({slots})",
+                    quoted.join(", ")
+                );
+                match crate::sqlite_raw::insert_rows(&mut tx, &sql, rows, |v| {
+                    sqlite_arg(v).map_err(|err| err.to_string())
+                })
+                .await
+                {
+                    Ok(()) => {
+                        applied.created = rows.len() as i64;
+                        checkpoint!(tx);
+                        tx.commit().await?;
+                    }
+                    Err(crate::sqlite_raw::RawError::UniqueViolation(_)) => {
+                        tx.rollback().await?;
+                        self.conflicting
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(table.clone());
+                        run!(pool, bind_sqlite)
+                    }
+                    Err(crate::sqlite_raw::RawError::Sqlx(err)) => return Err(err.into()),
+                    Err(err) => {
+                        return Err(Error::invalid(
+                            "row",
+                            format!("SQLite refused a row of {}: {err}", schema.name),
+                        ));
+                    }
+                }
+            }
             Pool::Sqlite(pool) => run!(pool, bind_sqlite),
         }
         Ok(applied)
@@ -1159,16 +1155,32 @@ fn bind_pg<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<
 }
 
 /// On SQLite integers, reals and blobs keep their storage class; everything else is text.
-fn bind_sqlite<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<Q> {
+fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
+    use crate::sqlite_raw::Arg;
     Ok(match value {
-        Value::Null => query.bind_text(None),
-        Value::Bool(b) => query.bind_i64(i64::from(*b)),
-        Value::Int(i) => query.bind_i64(*i),
-        Value::Float(f) if f.is_nan() => query.bind_text(Some("NaN".into())),
-        Value::Float(f) => query.bind_f64(*f),
-        Value::Bytes(b) => query.bind_bytes(b.clone()),
-        Value::Array(_) => query.bind_text(Some(array_json(value).to_string())),
-        other => query.bind_text(pg_text(other)?),
+        Value::Null => Arg::Null,
+        Value::Bool(b) => Arg::Int(i64::from(*b)),
+        Value::Int(i) => Arg::Int(*i),
+        Value::Float(f) if f.is_nan() => Arg::Text("NaN".into()),
+        Value::Float(f) => Arg::Float(*f),
+        Value::Bytes(b) => Arg::Blob(b),
+        Value::Text(text) => Arg::Text(text.as_str().into()),
+        Value::Array(_) => Arg::Text(array_json(value).to_string().into()),
+        other => match pg_text(other)? {
+            Some(text) => Arg::Text(text.into()),
+            None => Arg::Null,
+        },
+    })
+}
+
+fn bind_sqlite<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<Q> {
+    use crate::sqlite_raw::Arg;
+    Ok(match sqlite_arg(value)? {
+        Arg::Null => query.bind_text(None),
+        Arg::Int(i) => query.bind_i64(i),
+        Arg::Float(f) => query.bind_f64(f),
+        Arg::Text(text) => query.bind_text(Some(text.into_owned())),
+        Arg::Blob(bytes) => query.bind_bytes(bytes.to_vec()),
     })
 }
 

@@ -9,7 +9,7 @@ pub mod pg_binary;
 use chrono::{DateTime, NaiveDate, Utc};
 use dbsync_protocol::Value;
 use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
-use sqlx::{Row, TypeInfo, ValueRef};
+use sqlx::{Row, ValueRef};
 
 use crate::catalog::keyset_query_filtered;
 use crate::error::{Error, Result};
@@ -134,19 +134,21 @@ impl Store {
                     .collect::<Result<Vec<_>>>()?
             }
             Pool::Sqlite(pool) => {
-                let mut query = sqlx::query(sql);
+                // Read on the raw handle: sqlx hands each row over from its worker thread.
+                let mut params = Vec::new();
                 for value in after.iter().chain(filter_keys.iter()).copied().flatten() {
-                    query = bind_sqlite(query, value)?;
+                    params.push(sqlite_key(value)?);
                 }
-                let fetched = query.bind(limit).fetch_all(pool).await?;
-                fetched
-                    .iter()
-                    .map(|row| {
-                        (0..columns.len())
-                            .map(|i| sqlite_value(row, i))
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .collect::<Result<Vec<_>>>()?
+                params.push(crate::sqlite_raw::Arg::Int(limit));
+                let mut conn = pool.acquire().await?;
+                crate::sqlite_raw::select_rows(&mut conn, &sql.0, &params, columns.len())
+                    .await
+                    .map_err(|err| match err {
+                        crate::sqlite_raw::RawError::Sqlx(err) => err.into(),
+                        other => {
+                            Error::invalid("rows", format!("reading {:?}: {other}", schema.name))
+                        }
+                    })?
             }
         };
         let last_key = rows
@@ -190,28 +192,14 @@ fn bind_postgres<'q>(query: PgQuery<'q>, value: &Value, neutral: &str) -> Result
     })
 }
 
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-fn bind_sqlite<'q>(query: SqliteQuery<'q>, value: &Value) -> Result<SqliteQuery<'q>> {
+/// A SQLite key value as bound: integers, reals, text and blobs keep their storage class.
+fn sqlite_key(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
+    use crate::sqlite_raw::Arg;
     Ok(match value {
-        Value::Int(v) => query.bind(*v),
-        Value::Float(v) => query.bind(*v),
-        Value::Text(v) => query.bind(v.clone()),
-        Value::Bytes(v) => query.bind(v.clone()),
+        Value::Int(v) => Arg::Int(*v),
+        Value::Float(v) => Arg::Float(*v),
+        Value::Text(v) => Arg::Text(v.as_str().into()),
+        Value::Bytes(v) => Arg::Blob(v),
         other => return Err(key_type_error(&format!("{other:?}"))),
-    })
-}
-
-fn sqlite_value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<Value> {
-    let raw = row.try_get_raw(i)?;
-    if raw.is_null() {
-        return Ok(Value::Null);
-    }
-    let storage = raw.type_info().name().to_owned();
-    Ok(match storage.as_str() {
-        "INTEGER" => Value::Int(row.try_get::<i64, _>(i)?),
-        "REAL" => Value::Float(row.try_get::<f64, _>(i)?),
-        "BLOB" => Value::Bytes(row.try_get::<Vec<u8>, _>(i)?),
-        _ => Value::Text(row.try_get::<String, _>(i)?),
     })
 }

@@ -1,0 +1,365 @@
+//! SQLite's fast path into a table: one prepared single-row `INSERT`, bound and stepped per row
+//! on the connection's own handle. Through sqlx a batch is one statement with 30,000 `?`
+//! placeholders whose SQL is rebuilt, hashed and bound value by value through an argument
+//! buffer; here each value is bound straight from the batch (text and blobs without a copy).
+//!
+//! The handle is sqlx's, locked for the duration ([`sqlx::sqlite::SqliteConnection::lock_handle`]),
+//! so this runs inside the caller's transaction. All `unsafe` of the crate's SQLite use is here.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_int};
+use std::ptr::{self, NonNull};
+
+use libsqlite3_sys as ffi;
+
+/// A value as SQLite stores it (the same mapping the sink binds through sqlx).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg<'a> {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(std::borrow::Cow<'a, str>),
+    Blob(&'a [u8]),
+}
+
+/// What went wrong in [`insert_rows`].
+#[derive(Debug)]
+pub(crate) enum RawError {
+    /// A row hit an existing key (a PRIMARY KEY or UNIQUE constraint).
+    UniqueViolation(String),
+    /// Anything else SQLite refused.
+    Sqlite { code: c_int, message: String },
+    /// The statement text had a NUL byte, or a value was too large for SQLite's length type.
+    Invalid(String),
+    /// sqlx could not lend its handle.
+    Sqlx(sqlx::Error),
+}
+
+impl std::fmt::Display for RawError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UniqueViolation(message) => write!(f, "{message}"),
+            Self::Sqlite { code, message } => write!(f, "SQLite error {code}: {message}"),
+            Self::Invalid(message) => write!(f, "{message}"),
+            Self::Sqlx(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+/// A prepared statement, finalized when dropped.
+struct Statement {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+}
+
+impl Drop for Statement {
+    fn drop(&mut self) {
+        // SAFETY: `stmt` came from a successful prepare on `db` and is finalized exactly once.
+        unsafe {
+            ffi::sqlite3_finalize(self.stmt);
+        }
+    }
+}
+
+impl Statement {
+    fn error(&self, code: c_int) -> RawError {
+        // SAFETY: `db` is the open handle the statement belongs to; the message is copied out
+        // before any other call on the handle.
+        let (extended, message) = unsafe {
+            let message = CStr::from_ptr(ffi::sqlite3_errmsg(self.db))
+                .to_string_lossy()
+                .into_owned();
+            (ffi::sqlite3_extended_errcode(self.db), message)
+        };
+        match extended {
+            ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE => {
+                RawError::UniqueViolation(message)
+            }
+            _ => RawError::Sqlite {
+                code: if extended != 0 { extended } else { code },
+                message,
+            },
+        }
+    }
+
+    fn bind(&self, index: c_int, arg: &Arg<'_>) -> Result<(), RawError> {
+        let too_long = || RawError::Invalid("a value is too large for SQLite".into());
+        // SAFETY: `stmt` is a live prepared statement and `index` is within its parameter
+        // count (checked by the caller). Text and blob pointers are bound as SQLITE_STATIC: they
+        // point into the caller's batch, which outlives this statement, and every binding is
+        // replaced or cleared before the next row is bound.
+        let rc = unsafe {
+            match arg {
+                Arg::Null => ffi::sqlite3_bind_null(self.stmt, index),
+                Arg::Int(i) => ffi::sqlite3_bind_int64(self.stmt, index, *i),
+                Arg::Float(f) => ffi::sqlite3_bind_double(self.stmt, index, *f),
+                Arg::Text(text) => ffi::sqlite3_bind_text(
+                    self.stmt,
+                    index,
+                    text.as_ptr().cast(),
+                    c_int::try_from(text.len()).map_err(|_| too_long())?,
+                    ffi::SQLITE_STATIC(),
+                ),
+                Arg::Blob(bytes) => ffi::sqlite3_bind_blob(
+                    self.stmt,
+                    index,
+                    bytes.as_ptr().cast(),
+                    c_int::try_from(bytes.len()).map_err(|_| too_long())?,
+                    ffi::SQLITE_STATIC(),
+                ),
+            }
+        };
+        if rc == ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(self.error(rc))
+        }
+    }
+}
+
+/// Runs `sql` (an `INSERT` with one `?` per column) once per row of `rows`, each row's values
+/// given by `arg`, on `conn`'s handle inside its current transaction. Stops at the first row
+/// SQLite refuses; the caller rolls back (to a savepoint) as it would after a failed statement.
+pub(crate) async fn insert_rows<'r, T>(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &str,
+    rows: &'r [Vec<T>],
+    arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
+) -> Result<(), RawError> {
+    let text = CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))?;
+    // Convert first, so a value that cannot be stored fails before anything is written.
+    let args: Vec<Vec<Arg<'r>>> = rows
+        .iter()
+        .map(|row| row.iter().map(&arg).collect::<Result<Vec<_>, _>>())
+        .collect::<Result<_, _>>()
+        .map_err(RawError::Invalid)?;
+    let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
+    let db: NonNull<ffi::sqlite3> = handle.as_raw_handle();
+    let db = db.as_ptr();
+    let mut stmt = ptr::null_mut();
+    // SAFETY: `db` is sqlx's open connection, locked for us until `handle` drops; `text` is a
+    // NUL-terminated statement that outlives the call.
+    let rc = unsafe { ffi::sqlite3_prepare_v2(db, text.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
+    if rc != ffi::SQLITE_OK || stmt.is_null() {
+        // SAFETY: as above; the message is copied before anything else runs on the handle.
+        let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(RawError::Sqlite { code: rc, message });
+    }
+    let statement = Statement { db, stmt };
+    // SAFETY: `stmt` is live.
+    let parameters = unsafe { ffi::sqlite3_bind_parameter_count(stmt) };
+    for row in &args {
+        if c_int::try_from(row.len()).ok() != Some(parameters) {
+            return Err(RawError::Invalid(format!(
+                "a row of {} values for {parameters} parameters",
+                row.len()
+            )));
+        }
+        for (i, value) in row.iter().enumerate() {
+            statement.bind(i as c_int + 1, value)?;
+        }
+        // SAFETY: `stmt` is live and fully bound; reset before the next row's bindings.
+        let rc = unsafe { ffi::sqlite3_step(stmt) };
+        if rc != ffi::SQLITE_DONE {
+            return Err(statement.error(rc));
+        }
+        // SAFETY: as above. (A failed step's reset repeats that error, already reported.)
+        unsafe {
+            ffi::sqlite3_reset(stmt);
+        }
+    }
+    // SAFETY: unbinds the pointers into `rows` before the statement is finalized.
+    unsafe {
+        ffi::sqlite3_clear_bindings(stmt);
+    }
+    drop(statement);
+    drop(handle);
+    Ok(())
+}
+
+/// Runs the query `sql` with `params` (bound in order; `$n` parameters are numbered by first
+/// appearance, which is their order in the queries built here) on `conn`'s handle and returns
+/// every row's first `width` columns by storage class: INTEGER, REAL, TEXT, BLOB, NULL.
+pub(crate) async fn select_rows(
+    conn: &mut sqlx::SqliteConnection,
+    sql: &str,
+    params: &[Arg<'_>],
+    width: usize,
+) -> Result<Vec<Vec<dbsync_protocol::Value>>, RawError> {
+    use dbsync_protocol::Value;
+    let text = CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))?;
+    let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
+    let db = handle.as_raw_handle().as_ptr();
+    let mut stmt = ptr::null_mut();
+    // SAFETY: `db` is sqlx's open connection, locked for us until `handle` drops; `text` is a
+    // NUL-terminated statement that outlives the call.
+    let rc = unsafe { ffi::sqlite3_prepare_v2(db, text.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
+    if rc != ffi::SQLITE_OK || stmt.is_null() {
+        // SAFETY: as above; the message is copied before anything else runs on the handle.
+        let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(RawError::Sqlite { code: rc, message });
+    }
+    let statement = Statement { db, stmt };
+    // SAFETY: `stmt` is live.
+    let (parameters, columns) = unsafe {
+        (
+            ffi::sqlite3_bind_parameter_count(stmt),
+            ffi::sqlite3_column_count(stmt),
+        )
+    };
+    if c_int::try_from(params.len()).ok() != Some(parameters)
+        || c_int::try_from(width).map_or(true, |w| w > columns)
+    {
+        return Err(RawError::Invalid(format!(
+            "{} values for {parameters} parameters, {width} of {columns} columns",
+            params.len()
+        )));
+    }
+    for (i, value) in params.iter().enumerate() {
+        statement.bind(i as c_int + 1, value)?;
+    }
+    let mut rows = Vec::new();
+    loop {
+        // SAFETY: `stmt` is live and fully bound.
+        let rc = unsafe { ffi::sqlite3_step(stmt) };
+        if rc == ffi::SQLITE_DONE {
+            break;
+        }
+        if rc != ffi::SQLITE_ROW {
+            return Err(statement.error(rc));
+        }
+        let mut row = Vec::with_capacity(width);
+        for i in 0..width as c_int {
+            // SAFETY: `stmt` is on a row and `i` is below its column count. Each pointer is read
+            // right after the call that returns it (text or blob first, then its length, as
+            // SQLite documents) and copied before the next step.
+            let value = unsafe {
+                match ffi::sqlite3_column_type(stmt, i) {
+                    ffi::SQLITE_INTEGER => Value::Int(ffi::sqlite3_column_int64(stmt, i)),
+                    ffi::SQLITE_FLOAT => Value::Float(ffi::sqlite3_column_double(stmt, i)),
+                    ffi::SQLITE_NULL => Value::Null,
+                    ffi::SQLITE_BLOB => {
+                        let data = ffi::sqlite3_column_blob(stmt, i).cast::<u8>();
+                        let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
+                        if data.is_null() || len == 0 {
+                            Value::Bytes(Vec::new())
+                        } else {
+                            Value::Bytes(std::slice::from_raw_parts(data, len).to_vec())
+                        }
+                    }
+                    _ => {
+                        let data = ffi::sqlite3_column_text(stmt, i);
+                        let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
+                        let bytes = if data.is_null() || len == 0 {
+                            Vec::new()
+                        } else {
+                            std::slice::from_raw_parts(data, len).to_vec()
+                        };
+                        Value::Text(String::from_utf8(bytes).map_err(|_| {
+                            RawError::Invalid(format!("column {i} holds text that is not UTF-8"))
+                        })?)
+                    }
+                }
+            };
+            row.push(value);
+        }
+        rows.push(row);
+    }
+    drop(statement);
+    drop(handle);
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dbsync_protocol::Value;
+    use sqlx::Connection;
+
+    #[tokio::test]
+    async fn rows_go_in_and_come_out_by_storage_class() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, x, y TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let rows = vec![
+            vec![Arg::Int(1), Arg::Float(0.1), Arg::Text("é".into())],
+            vec![Arg::Int(2), Arg::Blob(&[0, 255]), Arg::Text("".into())],
+            vec![Arg::Int(3), Arg::Null, Arg::Text("x".into())],
+            vec![Arg::Int(4), Arg::Text("7".into()), Arg::Text("y".into())],
+        ];
+        let sql = "INSERT INTO t (id, x, y) VALUES (?, ?, ?)";
+        insert_rows(&mut conn, sql, &rows, |a| Ok(a.clone()))
+            .await
+            .unwrap();
+        let read = select_rows(
+            &mut conn,
+            "SELECT id, x, y FROM t WHERE id > $1 ORDER BY id LIMIT $2",
+            &[Arg::Int(0), Arg::Int(10)],
+            3,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            read,
+            vec![
+                vec![Value::Int(1), Value::Float(0.1), Value::Text("é".into())],
+                vec![
+                    Value::Int(2),
+                    Value::Bytes(vec![0, 255]),
+                    Value::Text("".into())
+                ],
+                vec![Value::Int(3), Value::Null, Value::Text("x".into())],
+                vec![
+                    Value::Int(4),
+                    Value::Text("7".into()),
+                    Value::Text("y".into())
+                ],
+            ]
+        );
+        // An existing key is told apart from other refusals.
+        let again = vec![vec![Arg::Int(1), Arg::Null, Arg::Text("z".into())]];
+        assert!(matches!(
+            insert_rows(&mut conn, sql, &again, |a| Ok(a.clone())).await,
+            Err(RawError::UniqueViolation(_))
+        ));
+        let null = vec![vec![Arg::Int(9), Arg::Null, Arg::Null]];
+        let err = insert_rows(&mut conn, sql, &null, |a| Ok(a.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("NOT NULL"), "{err}");
+        // Wrong shapes and bad SQL are errors, not panics.
+        let short = vec![vec![Arg::Int(10)]];
+        assert!(matches!(
+            insert_rows(&mut conn, sql, &short, |a| Ok(a.clone())).await,
+            Err(RawError::Invalid(_))
+        ));
+        assert!(matches!(
+            select_rows(&mut conn, "SELEC nonsense", &[], 1).await,
+            Err(RawError::Sqlite { .. })
+        ));
+        // Text that is not UTF-8 is refused on the way out.
+        sqlx::query("INSERT INTO t VALUES (20, CAST(x'ff' AS TEXT), 'ok')")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let err = select_rows(&mut conn, "SELECT id, x FROM t WHERE id = 20", &[], 2)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+        // The connection is still usable through sqlx.
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 5);
+    }
+}
