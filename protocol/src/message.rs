@@ -339,16 +339,119 @@ impl Message {
     }
 }
 
-/// The wire layout of a batch's rows: one array per column, each holding that column's value for
-/// every row, in row order. Like values sit together, so zstd finds far more to share (on a
-/// users-like table, 0.16 of the `COPY` text size against 0.24 row by row). Every column must
-/// hold the same number of values; a batch with rows has at least one column.
+/// The wire layout of a batch's rows: one array per column, each holding that column's values in
+/// row order. Like values sit together, so zstd finds far more to share (on a users-like table,
+/// 0.16 of the `COPY` text size against 0.24 row by row).
+///
+/// A column is `[kind, values]`. When every non-null value of the column is of one kind, `kind`
+/// names it (see [`columnar::Kind`]) and `values` holds the bare payloads, `nil` for NULL: no
+/// per-value variant name to write, read and check. Otherwise `kind` is 255 and `values` holds
+/// whole [`Value`]s. Every column must hold the same number of values; a batch with rows has at
+/// least one column.
 pub mod columnar {
-    use serde::de::Error as _;
-    use serde::ser::{Error as _, SerializeSeq};
+    use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
+    use serde::ser::{Error as _, SerializeSeq, SerializeTuple};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     use crate::Value;
+
+    /// Most values reserved ahead from a declared array length (the rest grow as they arrive).
+    const PREALLOCATE: usize = 4096;
+
+    /// The kind tag of a column whose non-null values are all of one kind.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub enum Kind {
+        /// `Value::Bool`: a boolean.
+        Bool = 1,
+        /// `Value::Int`: an integer.
+        Int = 2,
+        /// `Value::Float`: a float64.
+        Float = 3,
+        /// `Value::Numeric`: a string.
+        Numeric = 4,
+        /// `Value::Text`: a string.
+        Text = 5,
+        /// `Value::Bytes`: binary.
+        Bytes = 6,
+        /// `Value::Uuid`: 16 bytes of binary.
+        Uuid = 7,
+        /// `Value::Json`: a string.
+        Json = 8,
+        /// `Value::Date`: an integer.
+        Date = 9,
+        /// `Value::Time`: an integer.
+        Time = 10,
+        /// `Value::Timestamp`: an integer.
+        Timestamp = 11,
+        /// `Value::TimestampTz`: an integer.
+        TimestampTz = 12,
+    }
+
+    /// The tag of a column of whole values (mixed kinds, intervals, arrays).
+    pub const MIXED: u8 = 255;
+
+    impl Kind {
+        fn of(value: &Value) -> Option<Self> {
+            Some(match value {
+                Value::Bool(_) => Self::Bool,
+                Value::Int(_) => Self::Int,
+                Value::Float(_) => Self::Float,
+                Value::Numeric(_) => Self::Numeric,
+                Value::Text(_) => Self::Text,
+                Value::Bytes(_) => Self::Bytes,
+                Value::Uuid(_) => Self::Uuid,
+                Value::Json(_) => Self::Json,
+                Value::Date(_) => Self::Date,
+                Value::Time(_) => Self::Time,
+                Value::Timestamp(_) => Self::Timestamp,
+                Value::TimestampTz(_) => Self::TimestampTz,
+                Value::Null | Value::Interval { .. } | Value::Array(_) => return None,
+            })
+        }
+
+        fn from_tag(tag: u8) -> Option<Self> {
+            [
+                Self::Bool,
+                Self::Int,
+                Self::Float,
+                Self::Numeric,
+                Self::Text,
+                Self::Bytes,
+                Self::Uuid,
+                Self::Json,
+                Self::Date,
+                Self::Time,
+                Self::Timestamp,
+                Self::TimestampTz,
+            ]
+            .into_iter()
+            .find(|kind| *kind as u8 == tag)
+        }
+    }
+
+    /// One value's bare payload (the column's kind says which variant it was).
+    struct Bare<'a>(&'a Value);
+
+    impl Serialize for Bare<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            match self.0 {
+                Value::Null => serializer.serialize_unit(),
+                Value::Bool(b) => serializer.serialize_bool(*b),
+                Value::Int(i) | Value::Time(i) | Value::Timestamp(i) | Value::TimestampTz(i) => {
+                    serializer.serialize_i64(*i)
+                }
+                Value::Date(d) => serializer.serialize_i32(*d),
+                Value::Float(f) => serializer.serialize_f64(*f),
+                Value::Numeric(t) | Value::Text(t) | Value::Json(t) => serializer.serialize_str(t),
+                Value::Bytes(b) => serializer.serialize_bytes(b),
+                Value::Uuid(u) => serializer.serialize_bytes(u),
+                Value::Interval { .. } | Value::Array(_) => {
+                    Err(S::Error::custom("no bare form for this value"))
+                }
+            }
+        }
+    }
 
     struct Column<'a> {
         rows: &'a [Vec<Value>],
@@ -357,11 +460,61 @@ pub mod columnar {
 
     impl Serialize for Column<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let mut seq = serializer.serialize_seq(Some(self.rows.len()))?;
-            for row in self.rows {
-                seq.serialize_element(&row[self.index])?;
+            let values = || self.rows.iter().map(|row| &row[self.index]);
+            let mut kinds = values().filter(|v| **v != Value::Null).map(Kind::of);
+            let kind = match kinds.next() {
+                None => Some(Kind::Int),
+                Some(first) => first.filter(|k| kinds.all(|other| other == Some(*k))),
+            };
+            struct Bares<'a, I>(
+                std::cell::Cell<Option<I>>,
+                usize,
+                std::marker::PhantomData<&'a ()>,
+            );
+            impl<'a, I: Iterator<Item = &'a Value>> Serialize for Bares<'a, I> {
+                fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                    let mut seq = serializer.serialize_seq(Some(self.1))?;
+                    for value in self.0.take().into_iter().flatten() {
+                        seq.serialize_element(&Bare(value))?;
+                    }
+                    seq.end()
+                }
             }
-            seq.end()
+            struct Whole<'a, I>(
+                std::cell::Cell<Option<I>>,
+                usize,
+                std::marker::PhantomData<&'a ()>,
+            );
+            impl<'a, I: Iterator<Item = &'a Value>> Serialize for Whole<'a, I> {
+                fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                    let mut seq = serializer.serialize_seq(Some(self.1))?;
+                    for value in self.0.take().into_iter().flatten() {
+                        seq.serialize_element(value)?;
+                    }
+                    seq.end()
+                }
+            }
+            let len = self.rows.len();
+            let mut pair = serializer.serialize_tuple(2)?;
+            match kind {
+                Some(kind) => {
+                    pair.serialize_element(&(kind as u8))?;
+                    pair.serialize_element(&Bares(
+                        std::cell::Cell::new(Some(values())),
+                        len,
+                        std::marker::PhantomData,
+                    ))?;
+                }
+                None => {
+                    pair.serialize_element(&MIXED)?;
+                    pair.serialize_element(&Whole(
+                        std::cell::Cell::new(Some(values())),
+                        len,
+                        std::marker::PhantomData,
+                    ))?;
+                }
+            }
+            pair.end()
         }
     }
 
@@ -381,11 +534,113 @@ pub mod columnar {
         seq.end()
     }
 
+    /// Reads the values of a column of `kind` (or of whole values for [`MIXED`]).
+    struct Values(u8);
+
+    impl<'de> DeserializeSeed<'de> for Values {
+        type Value = Vec<Value>;
+
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            deserializer: D,
+        ) -> Result<Vec<Value>, D::Error> {
+            deserializer.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Values {
+        type Value = Vec<Value>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of column values")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Value>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PREALLOCATE));
+            if self.0 == MIXED {
+                while let Some(value) = seq.next_element::<Value>()? {
+                    out.push(value);
+                }
+                return Ok(out);
+            }
+            let kind = Kind::from_tag(self.0)
+                .ok_or_else(|| A::Error::custom(format!("unknown column kind {}", self.0)))?;
+            macro_rules! each {
+                ($ty:ty, $make:expr) => {
+                    while let Some(item) = seq.next_element::<Option<$ty>>()? {
+                        out.push(match item {
+                            None => Value::Null,
+                            Some(v) => $make(v)?,
+                        });
+                    }
+                };
+            }
+            let ok = |v: Value| -> Result<Value, A::Error> { Ok(v) };
+            match kind {
+                Kind::Bool => each!(bool, |v| ok(Value::Bool(v))),
+                Kind::Int => each!(i64, |v| ok(Value::Int(v))),
+                Kind::Float => each!(f64, |v| ok(Value::Float(v))),
+                Kind::Numeric => each!(String, |v| ok(Value::Numeric(v))),
+                Kind::Text => each!(String, |v| ok(Value::Text(v))),
+                Kind::Json => each!(String, |v| ok(Value::Json(v))),
+                Kind::Bytes => each!(serde_bytes::ByteBuf, |v: serde_bytes::ByteBuf| ok(
+                    Value::Bytes(v.into_vec())
+                )),
+                Kind::Uuid => each!(serde_bytes::ByteBuf, |v: serde_bytes::ByteBuf| {
+                    <[u8; 16]>::try_from(v.as_slice())
+                        .map(Value::Uuid)
+                        .map_err(|_| A::Error::custom("a uuid is 16 bytes"))
+                }),
+                Kind::Date => each!(i32, |v| ok(Value::Date(v))),
+                Kind::Time => each!(i64, |v| ok(Value::Time(v))),
+                Kind::Timestamp => each!(i64, |v| ok(Value::Timestamp(v))),
+                Kind::TimestampTz => each!(i64, |v| ok(Value::TimestampTz(v))),
+            }
+            Ok(out)
+        }
+    }
+
+    /// One column: its kind tag, then its values.
+    struct ColumnValues(Vec<Value>);
+
+    impl<'de> Deserialize<'de> for ColumnValues {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Pair;
+            impl<'de> Visitor<'de> for Pair {
+                type Value = ColumnValues;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a column: [kind, values]")
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<ColumnValues, A::Error> {
+                    let tag: u8 = seq
+                        .next_element()?
+                        .ok_or_else(|| A::Error::custom("a column without its kind"))?;
+                    let values = seq
+                        .next_element_seed(Values(tag))?
+                        .ok_or_else(|| A::Error::custom("a column without its values"))?;
+                    if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                        return Err(A::Error::custom("a column has two parts"));
+                    }
+                    Ok(ColumnValues(values))
+                }
+            }
+            deserializer.deserialize_tuple(2, Pair)
+        }
+    }
+
     /// Reads columns back into rows.
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Vec<Vec<Value>>, D::Error> {
-        let columns = Vec::<Vec<Value>>::deserialize(deserializer)?;
+        let columns: Vec<Vec<Value>> = Vec::<ColumnValues>::deserialize(deserializer)?
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
         let height = columns.first().map_or(0, Vec::len);
         if columns.iter().any(|column| column.len() != height) {
             return Err(D::Error::custom("columns of a batch differ in length"));

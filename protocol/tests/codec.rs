@@ -334,42 +334,51 @@ fn row_batches_travel_column_major_and_ragged_ones_are_refused() {
         last_key: vec![Value::Int(2)],
         transfer_id: "t".into(),
     };
-    // The rows field is [[1, 2], ["a", "b"]]: one array per column.
+    // The rows field is [[2, [1, 2]], [5, ["a", "b"]]]: one array per column, each with its kind
+    // (2 integers, 5 text) and bare values.
     let payload = rmp_serde::to_vec(&batch).unwrap();
-    let columns = rmp_serde::to_vec(&vec![
-        vec![Value::Int(1), Value::Int(2)],
-        vec![Value::Text("a".into()), Value::Text("b".into())],
-    ])
-    .unwrap();
+    let columns = rmp_serde::to_vec(&((2u8, [1i64, 2]), (5u8, ["a", "b"]))).unwrap();
     assert!(
         payload
             .windows(columns.len())
             .any(|w| w == columns.as_slice()),
         "column-major rows in the payload"
     );
+    // A column of mixed kinds, or with a NULL, still round-trips.
+    let mut mixed = batch.clone();
+    mixed.rows[0][1] = Value::Int(5);
+    mixed.rows[1][0] = Value::Null;
+    let encoded = codec::encode(&Message::RowBatch(mixed.clone()), 3).unwrap();
+    let (decoded, _) = codec::decode(&encoded, &limits()).unwrap().unwrap();
+    assert_eq!(decoded, Message::RowBatch(mixed));
     // Rows of different lengths cannot be sent.
     let mut ragged = batch.clone();
     ragged.rows[1].pop();
     assert!(codec::encode(&Message::RowBatch(ragged), 3).is_err());
-    // Columns of different lengths from a peer are refused, not padded or truncated.
+    // From a peer: columns of different lengths, unknown kinds, and values that do not match
+    // their column's kind are refused, not padded, truncated or guessed.
     #[derive(serde::Serialize)]
-    struct Raw(u64, u64, Vec<String>, Vec<Vec<Value>>, Vec<Value>, String);
-    let hostile = rmp_serde::to_vec(&Raw(
-        1,
-        0,
-        vec!["id".into(), "name".into()],
-        vec![
-            vec![Value::Int(1), Value::Int(2)],
-            vec![Value::Text("a".into())],
-        ],
-        vec![],
-        "t".into(),
-    ))
-    .unwrap();
-    let compressed = zstd::bulk::compress(&hostile, 3).unwrap();
-    let mut frame = vec![MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0];
-    frame.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&compressed);
-    let err = codec::decode(&frame, &limits()).unwrap_err();
+    struct Raw<C>(u64, u64, Vec<String>, C, Vec<Value>, String);
+    fn framed<C: serde::Serialize>(columns: C) -> Vec<u8> {
+        let payload =
+            rmp_serde::to_vec(&Raw(1, 0, vec!["id".into()], columns, vec![], "t".into())).unwrap();
+        let compressed = zstd::bulk::compress(&payload, 3).unwrap();
+        let mut frame = vec![MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0];
+        frame.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&compressed);
+        frame
+    }
+    let err = codec::decode(&framed(((2u8, [1i64, 2]), (5u8, ["a"]))), &limits()).unwrap_err();
     assert!(err.to_string().contains("differ in length"), "{err}");
+    for frame in [
+        framed(((99u8, [1i64]),)),
+        framed(((2u8, ["x"]),)),
+        framed(((7u8, [serde_bytes::Bytes::new(&[1, 2, 3])]),)),
+        framed(((2u8, [1i64], 3u8),)),
+    ] {
+        assert!(matches!(
+            codec::decode(&frame, &limits()),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
 }

@@ -126,7 +126,25 @@ fn seed(orders: i64) -> Vec<String> {
     statements
 }
 
+/// Context of a failed QUIC bind (retried on another port).
+const BIND_QUIC: &str = "binding the QUIC endpoint";
+
 async fn start_site(
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(Arc<Agent>, String, tokio::sync::oneshot::Sender<()>)> {
+    // QUIC listens on UDP at the TCP listener's port; another program may hold that UDP port,
+    // so a few fresh ports are tried.
+    for attempt in 1.. {
+        match start_site_once(dir, name).await {
+            Err(err) if attempt < 5 && err.to_string() == BIND_QUIC => continue,
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+async fn start_site_once(
     dir: &std::path::Path,
     name: &str,
 ) -> anyhow::Result<(Arc<Agent>, String, tokio::sync::oneshot::Sender<()>)> {
@@ -146,7 +164,7 @@ async fn start_site(
     let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock))?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let state = AppState::new(Arc::clone(&agent));
-    let quic = server::bind_quic(&state)?;
+    let quic = server::bind_quic(&state).context(BIND_QUIC)?;
     tokio::spawn(async move {
         let _ = server::serve_site(listener, state, quic, async {
             let _ = stopped.await;
