@@ -8,10 +8,7 @@
 
 use dbsync_protocol::Value;
 
-/// Days from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
-const PG_EPOCH_DAYS: i32 = 10_957;
-/// Microseconds from 1970-01-01 to 2000-01-01.
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+use crate::source::pg_binary::{PG_EPOCH_DAYS, PG_EPOCH_MICROS};
 /// `PGCOPY\n\377\r\n\0`, then flags and header-extension length (both 0).
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The trailer: a field count of -1.

@@ -409,11 +409,7 @@ impl Store {
             && !keys_only
             && mirror.is_none()
             && strategy != ConflictStrategy::Append
-            && !self
-                .conflicting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains(&table);
+            && !conflicting(&self.conflicting).contains(&table);
         macro_rules! run {
             ($pool:expr, $bind:ident) => {{
                 let mut tx = $pool.begin().await?;
@@ -479,10 +475,7 @@ impl Store {
                     }
                 }
                 if engine == Engine::Sqlite && applied.created == rows.len() as i64 {
-                    self.conflicting
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&table);
+                    conflicting(&self.conflicting).remove(&table);
                 }
                 if !keys_only {
                     checkpoint!(tx);
@@ -520,11 +513,7 @@ impl Store {
                 let split = strategy != ConflictStrategy::Append
                     && mirror.is_none()
                     && rows.len() >= 2 * PARALLEL_MIN_ROWS
-                    && self
-                        .conflicting
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .contains(&table);
+                    && conflicting(&self.conflicting).contains(&table);
                 let mut parallel = None;
                 if split {
                     let (first, second) = rows.split_at(rows.len() / 2);
@@ -566,10 +555,10 @@ impl Store {
                 }
             }
             Pool::Postgres(pool) => run!(pool, bind_pg),
-            // As on PostgreSQL: while a table's batches meet no existing key, plain inserts in a
-            // savepoint (no existence lookup, no ON CONFLICT), one prepared row at a time on the
-            // raw handle (`sqlite_raw`). At the first unique violation the batch is rolled back
-            // and counted key by key, and the table is remembered.
+            // As on PostgreSQL: while a table's batches meet no existing key, plain inserts (no
+            // existence lookup, no ON CONFLICT), one prepared row at a time on the raw handle
+            // (`sqlite_raw`). At the first unique violation the transaction is rolled back, the
+            // table is remembered, and the batch goes again counted key by key.
             Pool::Sqlite(pool) if optimistic => {
                 let mut tx = pool.begin().await?;
                 let slots = vec!["?"; columns.len()].join(", ");
@@ -589,10 +578,7 @@ impl Store {
                     }
                     Err(crate::sqlite_raw::RawError::UniqueViolation(_)) => {
                         tx.rollback().await?;
-                        self.conflicting
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(table.clone());
+                        conflicting(&self.conflicting).insert(table.clone());
                         run!(pool, bind_sqlite)
                     }
                     Err(crate::sqlite_raw::RawError::Sqlx(err)) => return Err(err.into()),
@@ -863,12 +849,7 @@ async fn insert_columns(
     strategy: ConflictStrategy,
     conflict: &str,
 ) -> Result<Applied> {
-    let conflicting = || {
-        target
-            .conflicting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    };
+    let conflicting = || conflicting(target.conflicting);
     let mut optimistic = !conflict.is_empty() && !conflicting().contains(target.table);
     // Into a table that has none of the batch's keys (a new or emptied one, or an append), a
     // binary `COPY` does the least work on the server. At an existing key it fails with a unique
@@ -1031,15 +1012,29 @@ async fn insert_columns(
     Ok(applied)
 }
 
+/// The tables (quoted names) whose batches met existing keys in this process, so their next
+/// batches skip the plain-insert attempt; locked (a poisoned lock still holds a usable set).
+fn conflicting(
+    memo: &std::sync::Mutex<std::collections::HashSet<String>>,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+    memo.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// `$n`, or `$n::type` on PostgreSQL so text parameters become the column's type. On SQLite an
 /// anonymous `?` (parameters are always numbered in order here): SQLite finds a named `$n` by a
 /// linear scan, and sqlx looks up every parameter's name, so a 10,000-parameter batch spent 90 %
 /// of its time in `sqlite3_bind_parameter_name`.
-fn placeholder(engine: Engine, n: usize, cast: &str) -> String {
+fn push_placeholder(sql: &mut String, engine: Engine, n: usize, cast: &str) {
+    use std::fmt::Write;
     match engine {
-        Engine::Postgres if !cast.is_empty() => format!("${n}::{cast}"),
-        Engine::Postgres => format!("${n}"),
-        Engine::Sqlite => "?".to_owned(),
+        Engine::Postgres if !cast.is_empty() => {
+            let _ = write!(sql, "${n}::{cast}");
+        }
+        Engine::Postgres => {
+            let _ = write!(sql, "${n}");
+        }
+        Engine::Sqlite => sql.push('?'),
     }
 }
 
@@ -1051,7 +1046,6 @@ fn insert_query<'a>(
     rows: &'a [Vec<Value>],
     conflict: &str,
 ) -> (String, Vec<&'a Value>) {
-    use std::fmt::Write;
     let mut params = Vec::with_capacity(rows.len() * quoted.len());
     // Written straight into one string: a 3,000-row SQLite statement has 30,000 placeholders.
     let mut sql = format!("INSERT INTO {table} ({}) VALUES ", quoted.join(", "));
@@ -1063,15 +1057,7 @@ fn insert_query<'a>(
             if j > 0 {
                 sql.push_str(", ");
             }
-            match engine {
-                Engine::Sqlite => sql.push('?'),
-                Engine::Postgres => {
-                    let _ = write!(sql, "${}", params.len());
-                    if !cast.is_empty() {
-                        let _ = write!(sql, "::{cast}");
-                    }
-                }
-            }
+            push_placeholder(&mut sql, engine, params.len(), cast);
         }
         sql.push(')');
     }
@@ -1096,7 +1082,8 @@ fn existing_query<'a>(
         let mut slots = Vec::with_capacity(key_positions.len());
         for (position, column) in key_positions.iter().zip(key_list) {
             params.push(&row[*position]);
-            let slot = placeholder(engine, params.len(), &casts[*position]);
+            let mut slot = String::new();
+            push_placeholder(&mut slot, engine, params.len(), &casts[*position]);
             slots.push(if key_list.len() == 1 {
                 slot
             } else {

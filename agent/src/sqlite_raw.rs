@@ -9,7 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_int};
-use std::ptr::{self, NonNull};
+use std::ptr;
 
 use libsqlite3_sys as ffi;
 
@@ -62,7 +62,28 @@ impl Drop for Statement {
     }
 }
 
+fn sql_text(sql: &str) -> Result<CString, RawError> {
+    CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))
+}
+
 impl Statement {
+    /// Prepares `sql` on `db`, an open handle the caller keeps locked while the statement lives.
+    fn prepare(db: *mut ffi::sqlite3, sql: &CStr) -> Result<Self, RawError> {
+        let mut stmt = ptr::null_mut();
+        // SAFETY: `db` is sqlx's open connection, locked by the caller; `sql` is NUL-terminated
+        // and outlives the call.
+        let rc =
+            unsafe { ffi::sqlite3_prepare_v2(db, sql.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
+        if rc != ffi::SQLITE_OK || stmt.is_null() {
+            // SAFETY: as above; the message is copied before anything else runs on the handle.
+            let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+                .to_string_lossy()
+                .into_owned();
+            return Err(RawError::Sqlite { code: rc, message });
+        }
+        Ok(Self { db, stmt })
+    }
+
     fn error(&self, code: c_int) -> RawError {
         // SAFETY: `db` is the open handle the statement belongs to; the message is copied out
         // before any other call on the handle.
@@ -120,14 +141,14 @@ impl Statement {
 
 /// Runs `sql` (an `INSERT` with one `?` per column) once per row of `rows`, each row's values
 /// given by `arg`, on `conn`'s handle inside its current transaction. Stops at the first row
-/// SQLite refuses; the caller rolls back (to a savepoint) as it would after a failed statement.
+/// SQLite refuses; the caller rolls back as it would after a failed statement.
 pub(crate) async fn insert_rows<'r, T>(
     conn: &mut sqlx::SqliteConnection,
     sql: &str,
     rows: &'r [Vec<T>],
     arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
 ) -> Result<(), RawError> {
-    let text = CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))?;
+    let text = sql_text(sql)?;
     // Convert first, so a value that cannot be stored fails before anything is written.
     let args: Vec<Vec<Arg<'r>>> = rows
         .iter()
@@ -135,20 +156,9 @@ pub(crate) async fn insert_rows<'r, T>(
         .collect::<Result<_, _>>()
         .map_err(RawError::Invalid)?;
     let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
-    let db: NonNull<ffi::sqlite3> = handle.as_raw_handle();
-    let db = db.as_ptr();
-    let mut stmt = ptr::null_mut();
-    // SAFETY: `db` is sqlx's open connection, locked for us until `handle` drops; `text` is a
-    // NUL-terminated statement that outlives the call.
-    let rc = unsafe { ffi::sqlite3_prepare_v2(db, text.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
-    if rc != ffi::SQLITE_OK || stmt.is_null() {
-        // SAFETY: as above; the message is copied before anything else runs on the handle.
-        let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
-            .to_string_lossy()
-            .into_owned();
-        return Err(RawError::Sqlite { code: rc, message });
-    }
-    let statement = Statement { db, stmt };
+    let db = handle.as_raw_handle().as_ptr();
+    let statement = Statement::prepare(db, &text)?;
+    let stmt = statement.stmt;
     // SAFETY: `stmt` is live.
     let parameters = unsafe { ffi::sqlite3_bind_parameter_count(stmt) };
     for row in &args {
@@ -190,21 +200,11 @@ pub(crate) async fn select_rows(
     width: usize,
 ) -> Result<Vec<Vec<dbsync_protocol::Value>>, RawError> {
     use dbsync_protocol::Value;
-    let text = CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))?;
+    let text = sql_text(sql)?;
     let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
     let db = handle.as_raw_handle().as_ptr();
-    let mut stmt = ptr::null_mut();
-    // SAFETY: `db` is sqlx's open connection, locked for us until `handle` drops; `text` is a
-    // NUL-terminated statement that outlives the call.
-    let rc = unsafe { ffi::sqlite3_prepare_v2(db, text.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
-    if rc != ffi::SQLITE_OK || stmt.is_null() {
-        // SAFETY: as above; the message is copied before anything else runs on the handle.
-        let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
-            .to_string_lossy()
-            .into_owned();
-        return Err(RawError::Sqlite { code: rc, message });
-    }
-    let statement = Statement { db, stmt };
+    let statement = Statement::prepare(db, &text)?;
+    let stmt = statement.stmt;
     // SAFETY: `stmt` is live.
     let (parameters, columns) = unsafe {
         (

@@ -458,62 +458,45 @@ pub mod columnar {
         index: usize,
     }
 
+    /// A column's values, bare (its kind written once before them) or whole.
+    struct Values<'a> {
+        column: &'a Column<'a>,
+        bare: bool,
+    }
+
+    impl Serialize for Values<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut seq = serializer.serialize_seq(Some(self.column.rows.len()))?;
+            for value in self.column.values() {
+                if self.bare {
+                    seq.serialize_element(&Bare(value))?;
+                } else {
+                    seq.serialize_element(value)?;
+                }
+            }
+            seq.end()
+        }
+    }
+
+    impl Column<'_> {
+        fn values(&self) -> impl Iterator<Item = &Value> {
+            self.rows.iter().map(|row| &row[self.index])
+        }
+    }
+
     impl Serialize for Column<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-            let values = || self.rows.iter().map(|row| &row[self.index]);
-            let mut kinds = values().filter(|v| **v != Value::Null).map(Kind::of);
+            let mut kinds = self.values().filter(|v| **v != Value::Null).map(Kind::of);
             let kind = match kinds.next() {
                 None => Some(Kind::Int),
                 Some(first) => first.filter(|k| kinds.all(|other| other == Some(*k))),
             };
-            struct Bares<'a, I>(
-                std::cell::Cell<Option<I>>,
-                usize,
-                std::marker::PhantomData<&'a ()>,
-            );
-            impl<'a, I: Iterator<Item = &'a Value>> Serialize for Bares<'a, I> {
-                fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                    let mut seq = serializer.serialize_seq(Some(self.1))?;
-                    for value in self.0.take().into_iter().flatten() {
-                        seq.serialize_element(&Bare(value))?;
-                    }
-                    seq.end()
-                }
-            }
-            struct Whole<'a, I>(
-                std::cell::Cell<Option<I>>,
-                usize,
-                std::marker::PhantomData<&'a ()>,
-            );
-            impl<'a, I: Iterator<Item = &'a Value>> Serialize for Whole<'a, I> {
-                fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                    let mut seq = serializer.serialize_seq(Some(self.1))?;
-                    for value in self.0.take().into_iter().flatten() {
-                        seq.serialize_element(value)?;
-                    }
-                    seq.end()
-                }
-            }
-            let len = self.rows.len();
             let mut pair = serializer.serialize_tuple(2)?;
-            match kind {
-                Some(kind) => {
-                    pair.serialize_element(&(kind as u8))?;
-                    pair.serialize_element(&Bares(
-                        std::cell::Cell::new(Some(values())),
-                        len,
-                        std::marker::PhantomData,
-                    ))?;
-                }
-                None => {
-                    pair.serialize_element(&MIXED)?;
-                    pair.serialize_element(&Whole(
-                        std::cell::Cell::new(Some(values())),
-                        len,
-                        std::marker::PhantomData,
-                    ))?;
-                }
-            }
+            pair.serialize_element(&kind.map_or(MIXED, |k| k as u8))?;
+            pair.serialize_element(&Values {
+                column: self,
+                bare: kind.is_some(),
+            })?;
             pair.end()
         }
     }
@@ -535,9 +518,9 @@ pub mod columnar {
     }
 
     /// Reads the values of a column of `kind` (or of whole values for [`MIXED`]).
-    struct Values(u8);
+    struct ValuesOf(u8);
 
-    impl<'de> DeserializeSeed<'de> for Values {
+    impl<'de> DeserializeSeed<'de> for ValuesOf {
         type Value = Vec<Value>;
 
         fn deserialize<D: Deserializer<'de>>(
@@ -548,7 +531,7 @@ pub mod columnar {
         }
     }
 
-    impl<'de> Visitor<'de> for Values {
+    impl<'de> Visitor<'de> for ValuesOf {
         type Value = Vec<Value>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -621,7 +604,7 @@ pub mod columnar {
                         .next_element()?
                         .ok_or_else(|| A::Error::custom("a column without its kind"))?;
                     let values = seq
-                        .next_element_seed(Values(tag))?
+                        .next_element_seed(ValuesOf(tag))?
                         .ok_or_else(|| A::Error::custom("a column without its values"))?;
                     if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
                         return Err(A::Error::custom("a column has two parts"));

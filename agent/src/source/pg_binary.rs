@@ -7,9 +7,9 @@ use dbsync_protocol::Value;
 use crate::error::{Error, Result};
 
 /// Days from 1970-01-01 to 2000-01-01 (PostgreSQL's epoch).
-const PG_EPOCH_DAYS: i32 = 10_957;
+pub(crate) const PG_EPOCH_DAYS: i32 = 10_957;
 /// Microseconds from 1970-01-01 to 2000-01-01.
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 fn bad(neutral: &str, detail: impl std::fmt::Display) -> Error {
     Error::invalid(
