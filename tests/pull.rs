@@ -11,7 +11,7 @@ use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_agent::{Error, Store};
 use dbsync_protocol::Value;
 
-use crate::support::agents::{Options, RunningAgent, start};
+use crate::support::agents::{Options, RunningAgent, pull_killed_after, start};
 
 fn admin() -> Actor {
     Actor::admin("tester")
@@ -444,23 +444,7 @@ async fn a_pull_killed_mid_way_resumes_without_loss_or_duplicates() {
         };
 
         // Kill the pull (drop it, socket and all) as soon as two batches are applied.
-        let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let agent = std::sync::Arc::clone(&b.agent);
-        let name = receiver.clone();
-        let opts = options.clone();
-        let task = tokio::spawn(async move {
-            agent
-                .pull(&name, &opts, move |event| {
-                    if matches!(event, dbsync_agent::pull::PullEvent::Batch { .. }) {
-                        let _ = seen.send(());
-                    }
-                })
-                .await
-        });
-        batches.recv().await.unwrap();
-        batches.recv().await.unwrap();
-        task.abort();
-        let _ = task.await;
+        pull_killed_after(&b.agent, &receiver, &options, 2).await;
         let partial = rows(&b.agent.store, "users").await.len();
         assert!(
             (2_000..6_000).contains(&partial),

@@ -3,10 +3,11 @@
 //! and a composite key paged across many batches.
 
 use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings};
-use dbsync_agent::pull::{PullEvent, PullOptions};
+use dbsync_agent::pull::PullOptions;
 use dbsync_protocol::Value;
 
 use crate::pull::{exec, pair, rows, schema_statements};
+use crate::support::agents::pull_killed_after;
 
 fn options(strategy: ConflictStrategy) -> PullOptions {
     PullOptions {
@@ -169,22 +170,7 @@ async fn an_interrupted_mirror_pull_resumes_and_still_deletes_exactly() {
             ],
         )
         .await;
-        let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let agent = std::sync::Arc::clone(&b.agent);
-        let name = receiver.clone();
-        let task = tokio::spawn(async move {
-            agent
-                .pull(&name, &options(ConflictStrategy::Mirror), move |event| {
-                    if matches!(event, PullEvent::Batch { .. }) {
-                        let _ = seen.send(());
-                    }
-                })
-                .await
-        });
-        batches.recv().await.unwrap();
-        batches.recv().await.unwrap();
-        task.abort();
-        let _ = task.await;
+        pull_killed_after(&b.agent, &receiver, &options(ConflictStrategy::Mirror), 2).await;
         let summary = b
             .agent
             .pull(&receiver, &options(ConflictStrategy::Mirror), |_| {})

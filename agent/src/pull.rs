@@ -23,7 +23,8 @@ use crate::catalog::fk_order;
 use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
 use crate::error::{Error, Result};
 use crate::link::{FrameReader, FrameWriter, Incoming, Link};
-use crate::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
+use crate::sink::BatchOf;
+use crate::transfer::{NewTransfer, TransferDirection, TransferStatus, Transport};
 
 /// Batches the sender may have in flight before it waits for credit.
 pub const CREDITS: u32 = 8;
@@ -1087,7 +1088,10 @@ impl Agent {
                         let applied = store
                             .apply_batch(
                                 connection.id,
-                                Some(summary.transfer_id),
+                                Some(BatchOf {
+                                    transfer_id: summary.transfer_id,
+                                    bytes_wire: wire as i64,
+                                }),
                                 schema,
                                 &batch.columns,
                                 &batch.rows,
@@ -1095,8 +1099,8 @@ impl Agent {
                                 last_key,
                             )
                             .await?;
-                        // Acknowledge at once: the rows are committed, and the sender can
-                        // read and send on while this side does its bookkeeping.
+                        // Acknowledge at once: the rows (and the transfer's counters) are
+                        // committed, and the sender can read and send on.
                         client
                             .send(&Message::Credit(Credit {
                                 request_id,
@@ -1109,27 +1113,14 @@ impl Agent {
                         summary.updated += applied.updated;
                         summary.skipped += applied.skipped;
                         summary.bytes_wire += wire as i64;
-                        store
-                            .record_progress(
-                                summary.transfer_id,
-                                &Progress {
-                                    records_transferred: rows,
-                                    records_created: applied.created,
-                                    records_updated: applied.updated,
-                                    records_skipped: applied.skipped,
-                                    bytes_wire: wire as i64,
-                                    resume_key: after
-                                        .as_ref()
-                                        .and_then(|k| serde_json::to_value(k).ok()),
-                                    ..Progress::default()
-                                },
-                            )
-                            .await?;
                         on_event(PullEvent::Batch {
                             table: schema.name.clone(),
                             rows,
                             bytes_wire: wire as i64,
                         });
+                        // Freeing a batch's millions of values takes as long as a good part of
+                        // applying it: another thread does it while this one takes the next.
+                        tokio::task::spawn_blocking(move || drop(batch));
                     }
                     Message::PullDone(done) => {
                         if pass.keys_only {

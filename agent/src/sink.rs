@@ -25,6 +25,17 @@ const CHECKPOINT_UPSERT: &str = "INSERT INTO dbsync_checkpoints (connection_id, 
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
      transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
      rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at";
+/// The transfer a batch belongs to: the batch's checkpoint names it, and its counters (rows,
+/// bytes on the wire, resume key) move in the batch's own transaction, so a batch costs one
+/// commit and the counters always agree with the rows applied.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOf {
+    /// The receiver's transfer.
+    pub transfer_id: Uuid,
+    /// The batch's size on the wire.
+    pub bytes_wire: i64,
+}
+
 /// Fewest rows in each half of a batch upserted as two halves at once (PostgreSQL).
 const PARALLEL_MIN_ROWS: usize = 1_000;
 /// Most rows in one existence lookup over a composite key (an OR of ANDs).
@@ -120,6 +131,11 @@ impl Store {
     /// when it exists, checks that every column of `columns` is there (schema drift is an error
     /// naming the missing columns). Returns whether the table was created.
     pub async fn ensure_table(&self, schema: &TableSchema, columns: &[String]) -> Result<bool> {
+        // A new pull describes the table again (it may have been altered since the last one).
+        self.described
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&schema.name);
         match self.describe_table(&schema.name).await {
             Ok(existing) => {
                 let missing: Vec<&str> = columns
@@ -212,13 +228,33 @@ impl Store {
         .transpose()
     }
 
+    /// `table` as described by the catalog, once per pull (see [`Store::ensure_table`]).
+    async fn described_table(&self, table: &str) -> Result<TableSchema> {
+        let cached = self
+            .described
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(table)
+            .cloned();
+        if let Some(schema) = cached {
+            return Ok(schema);
+        }
+        let schema = self.describe_table(table).await?;
+        self.described
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(table.to_owned(), schema.clone());
+        Ok(schema)
+    }
+
     /// Applies `rows` (columns in `columns` order) to `schema.name` with `strategy`, and moves the
-    /// connection's checkpoint for the table to `last_key`, in one transaction.
+    /// connection's checkpoint for the table to `last_key` (and the progress of the transfer in
+    /// `batch_of`, when given), in one transaction.
     #[allow(clippy::too_many_arguments)]
     pub async fn apply_batch(
         &self,
         connection_id: Uuid,
-        transfer_id: Option<Uuid>,
+        batch_of: Option<BatchOf>,
         schema: &TableSchema,
         columns: &[String],
         rows: &[Vec<Value>],
@@ -227,7 +263,7 @@ impl Store {
     ) -> Result<Applied> {
         self.apply(
             connection_id,
-            transfer_id,
+            batch_of,
             schema,
             columns,
             rows,
@@ -265,7 +301,7 @@ impl Store {
     async fn apply(
         &self,
         connection_id: Uuid,
-        transfer_id: Option<Uuid>,
+        batch_of: Option<BatchOf>,
         schema: &TableSchema,
         columns: &[String],
         rows: &[Vec<Value>],
@@ -303,7 +339,7 @@ impl Store {
         let columnwise = engine == Engine::Postgres && !keys_only;
         let casts: Vec<String> =
             if engine == Engine::Postgres || strategy == ConflictStrategy::Mirror {
-                let target = self.describe_table(&schema.name).await?;
+                let target = self.described_table(&schema.name).await?;
                 columns
                     .iter()
                     .map(|c| {
@@ -366,21 +402,43 @@ impl Store {
             .transpose()
             .map_err(|err| Error::invalid("last key", err.to_string()))?
             .map(sqlx::types::Json);
-        // Moves the connection's checkpoint for the table, in the batch's transaction.
+        let mut applied = Applied::default();
+        // Moves the connection's checkpoint for the table and the transfer's counters, in the
+        // batch's transaction (after the rows, when `applied` holds their counts).
         macro_rules! checkpoint {
             ($tx:expr) => {
                 sqlx::query(CHECKPOINT_UPSERT)
                     .bind(connection_id)
                     .bind(&schema.name)
-                    .bind(transfer_id)
+                    .bind(batch_of.map(|b| b.transfer_id))
                     .bind(&last_key_json)
                     .bind(rows.len() as i64)
                     .bind(now)
                     .execute(&mut *$tx)
-                    .await?
+                    .await?;
+                if let Some(batch) = batch_of {
+                    let moved = sqlx::query(crate::transfer::PROGRESS_UPDATE)
+                        .bind(batch.transfer_id)
+                        .bind(rows.len() as i64)
+                        .bind(applied.created)
+                        .bind(applied.updated)
+                        .bind(applied.skipped)
+                        .bind(0_i64)
+                        .bind(batch.bytes_wire)
+                        .bind(0_i64)
+                        .bind(&last_key_json)
+                        .execute(&mut *$tx)
+                        .await?
+                        .rows_affected();
+                    // Cancelled or failed meanwhile: the batch is rolled back and the pull stops.
+                    if moved == 0 {
+                        return Err(self
+                            .illegal_transfer(batch.transfer_id, "record progress on")
+                            .await);
+                    }
+                }
             };
         }
-        let mut applied = Applied::default();
         // Mirror: the keys seen go into a staging table in the same transaction, so the delete
         // pass at the end knows every key the sender has, even across an interrupted pull.
         let mirror = if strategy == ConflictStrategy::Mirror {
@@ -532,13 +590,13 @@ impl Store {
                 }
                 match parallel {
                     Some((mut tx, a, b)) => {
-                        checkpoint!(tx);
-                        tx.commit().await?;
                         applied = Applied {
                             created: a.created + b.created,
                             updated: a.updated + b.updated,
                             skipped: a.skipped + b.skipped,
                         };
+                        checkpoint!(tx);
+                        tx.commit().await?;
                     }
                     None => {
                         let mut tx = begin().await?;
@@ -556,32 +614,84 @@ impl Store {
             }
             Pool::Postgres(pool) => run!(pool, bind_pg),
             // As on PostgreSQL: while a table's batches meet no existing key, plain inserts (no
-            // existence lookup, no ON CONFLICT), one prepared row at a time on the raw handle
-            // (`sqlite_raw`). At the first unique violation the transaction is rolled back, the
-            // table is remembered, and the batch goes again counted key by key.
+            // existence lookup, no ON CONFLICT), one prepared row at a time on the raw handle,
+            // the checkpoint and the transfer's counters after them, in one transaction that
+            // never leaves the calling thread (`sqlite_raw::load_rows`). At the first unique
+            // violation the transaction is rolled back, the table is remembered, and the batch
+            // goes again counted key by key.
             Pool::Sqlite(pool) if optimistic => {
-                let mut tx = pool.begin().await?;
                 let slots = vec!["?"; columns.len()].join(", ");
                 let sql = format!(
                     "INSERT INTO {table} ({}) VALUES ({slots})",
                     quoted.join(", ")
                 );
-                match crate::sqlite_raw::insert_rows(&mut tx, &sql, rows, |v| {
-                    sqlite_arg(v).map_err(|err| err.to_string())
-                })
-                .await
-                {
-                    Ok(()) => {
-                        applied.created = rows.len() as i64;
-                        checkpoint!(tx);
-                        tx.commit().await?;
-                    }
-                    Err(crate::sqlite_raw::RawError::UniqueViolation(_)) => {
-                        tx.rollback().await?;
+                // The values as sqlx binds them for the same statements elsewhere: UUIDs as
+                // 16-byte blobs, JSON as text, times as RFC 3339 text.
+                use crate::sqlite_raw::{Arg, RawError, Then};
+                let transfer = batch_of.map(|b| *b.transfer_id.as_bytes());
+                let transfer_arg = || transfer.as_ref().map_or(Arg::Null, |t| Arg::Blob(t));
+                let last_key_text = last_key_json
+                    .as_ref()
+                    .map(|key| serde_json::to_string(&key.0))
+                    .transpose()
+                    .map_err(|err| Error::invalid("last key", err.to_string()))?;
+                let last_key_arg = || {
+                    last_key_text
+                        .as_deref()
+                        .map_or(Arg::Null, |k| Arg::Text(k.into()))
+                };
+                let count = rows.len() as i64;
+                let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
+                let mut then = vec![Then {
+                    sql: CHECKPOINT_UPSERT,
+                    params: vec![
+                        Arg::Blob(connection_id.as_bytes()),
+                        Arg::Text(schema.name.as_str().into()),
+                        transfer_arg(),
+                        last_key_arg(),
+                        Arg::Int(count),
+                        Arg::Text(now_text.as_str().into()),
+                    ],
+                    must_change: false,
+                }];
+                if let Some(batch) = batch_of {
+                    then.push(Then {
+                        sql: crate::transfer::PROGRESS_UPDATE,
+                        params: vec![
+                            transfer_arg(),
+                            Arg::Int(count),
+                            Arg::Int(count),
+                            Arg::Int(0),
+                            Arg::Int(0),
+                            Arg::Int(0),
+                            Arg::Int(batch.bytes_wire),
+                            Arg::Int(0),
+                            last_key_arg(),
+                        ],
+                        must_change: true,
+                    });
+                }
+                let mut conn = pool.acquire().await?;
+                let loaded = crate::sqlite_raw::load_rows(
+                    &mut conn,
+                    &sql,
+                    rows,
+                    |v| sqlite_arg(v).map_err(|err| err.to_string()),
+                    &then,
+                )
+                .await;
+                drop(conn);
+                match loaded {
+                    Ok(()) => applied.created = count,
+                    Err(RawError::UniqueViolation(_)) => {
                         conflicting(&self.conflicting).insert(table.clone());
                         run!(pool, bind_sqlite)
                     }
-                    Err(crate::sqlite_raw::RawError::Sqlx(err)) => return Err(err.into()),
+                    Err(RawError::NothingChanged(_)) => {
+                        let id = batch_of.map(|b| b.transfer_id).unwrap_or_default();
+                        return Err(self.illegal_transfer(id, "record progress on").await);
+                    }
+                    Err(RawError::Sqlx(err)) => return Err(err.into()),
                     Err(err) => {
                         return Err(Error::invalid(
                             "row",
@@ -589,8 +699,12 @@ impl Store {
                         ));
                     }
                 }
+                self.checkpoint_wal();
             }
-            Pool::Sqlite(pool) => run!(pool, bind_sqlite),
+            Pool::Sqlite(pool) => {
+                run!(pool, bind_sqlite);
+                self.checkpoint_wal();
+            }
         }
         Ok(applied)
     }

@@ -2,9 +2,12 @@
 //! on the connection's own handle. Through sqlx a batch is one statement with 30,000 `?`
 //! placeholders whose SQL is rebuilt, hashed and bound value by value through an argument
 //! buffer; here each value is bound straight from the batch (text and blobs without a copy).
+//! The batch's whole transaction (begin, rows, bookkeeping, commit) runs here too: through sqlx
+//! each statement is a round trip to the connection's worker thread, which on a busy machine
+//! costs more than the statement.
 //!
-//! The handle is sqlx's, locked for the duration ([`sqlx::sqlite::SqliteConnection::lock_handle`]),
-//! so this runs inside the caller's transaction. All `unsafe` of the crate's SQLite use is here.
+//! The handle is sqlx's, locked for the duration ([`sqlx::sqlite::SqliteConnection::lock_handle`]).
+//! All `unsafe` of the crate's SQLite use is here.
 
 #![allow(unsafe_code)]
 
@@ -23,7 +26,7 @@ pub(crate) enum Arg<'a> {
     Blob(&'a [u8]),
 }
 
-/// What went wrong in [`insert_rows`].
+/// What went wrong in [`load_rows`] or [`select_rows`].
 #[derive(Debug)]
 pub(crate) enum RawError {
     /// A row hit an existing key (a PRIMARY KEY or UNIQUE constraint).
@@ -34,6 +37,9 @@ pub(crate) enum RawError {
     Invalid(String),
     /// sqlx could not lend its handle.
     Sqlx(sqlx::Error),
+    /// The bookkeeping statement at this index changed no row (the transaction was rolled
+    /// back).
+    NothingChanged(usize),
 }
 
 impl std::fmt::Display for RawError {
@@ -43,6 +49,7 @@ impl std::fmt::Display for RawError {
             Self::Sqlite { code, message } => write!(f, "SQLite error {code}: {message}"),
             Self::Invalid(message) => write!(f, "{message}"),
             Self::Sqlx(err) => write!(f, "{err}"),
+            Self::NothingChanged(index) => write!(f, "statement {index} changed no row"),
         }
     }
 }
@@ -137,57 +144,141 @@ impl Statement {
             Err(self.error(rc))
         }
     }
-}
 
-/// Runs `sql` (an `INSERT` with one `?` per column) once per row of `rows`, each row's values
-/// given by `arg`, on `conn`'s handle inside its current transaction. Stops at the first row
-/// SQLite refuses; the caller rolls back as it would after a failed statement.
-pub(crate) async fn insert_rows<'r, T>(
-    conn: &mut sqlx::SqliteConnection,
-    sql: &str,
-    rows: &'r [Vec<T>],
-    arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
-) -> Result<(), RawError> {
-    let text = sql_text(sql)?;
-    // Convert first, so a value that cannot be stored fails before anything is written.
-    let args: Vec<Vec<Arg<'r>>> = rows
-        .iter()
-        .map(|row| row.iter().map(&arg).collect::<Result<Vec<_>, _>>())
-        .collect::<Result<_, _>>()
-        .map_err(RawError::Invalid)?;
-    let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
-    let db = handle.as_raw_handle().as_ptr();
-    let statement = Statement::prepare(db, &text)?;
-    let stmt = statement.stmt;
-    // SAFETY: `stmt` is live.
-    let parameters = unsafe { ffi::sqlite3_bind_parameter_count(stmt) };
-    for row in &args {
-        if c_int::try_from(row.len()).ok() != Some(parameters) {
+    /// Binds `params` to `$1`, `$2`, ... wherever each appears in the text.
+    fn bind_numbered(&self, params: &[Arg<'_>]) -> Result<(), RawError> {
+        // SAFETY: `stmt` is live.
+        let count = unsafe { ffi::sqlite3_bind_parameter_count(self.stmt) };
+        if c_int::try_from(params.len()).ok() != Some(count) {
             return Err(RawError::Invalid(format!(
-                "a row of {} values for {parameters} parameters",
-                row.len()
+                "{} values for {count} parameters",
+                params.len()
             )));
         }
-        for (i, value) in row.iter().enumerate() {
-            statement.bind(i as c_int + 1, value)?;
+        for (i, value) in params.iter().enumerate() {
+            let name = sql_text(&format!("${}", i + 1))?;
+            // SAFETY: `stmt` is live and `name` is NUL-terminated.
+            let index = unsafe { ffi::sqlite3_bind_parameter_index(self.stmt, name.as_ptr()) };
+            if index == 0 {
+                return Err(RawError::Invalid(format!("no parameter ${}", i + 1)));
+            }
+            self.bind(index, value)?;
         }
-        // SAFETY: `stmt` is live and fully bound; reset before the next row's bindings.
-        let rc = unsafe { ffi::sqlite3_step(stmt) };
+        Ok(())
+    }
+
+    /// Steps a statement that returns no row.
+    fn run(&self) -> Result<(), RawError> {
+        // SAFETY: `stmt` is live and fully bound.
+        let rc = unsafe { ffi::sqlite3_step(self.stmt) };
         if rc != ffi::SQLITE_DONE {
-            return Err(statement.error(rc));
+            return Err(self.error(rc));
         }
         // SAFETY: as above. (A failed step's reset repeats that error, already reported.)
         unsafe {
-            ffi::sqlite3_reset(stmt);
+            ffi::sqlite3_reset(self.stmt);
         }
+        Ok(())
     }
-    // SAFETY: unbinds the pointers into `rows` before the statement is finalized.
+}
+
+/// Runs SQL text without parameters (transaction control).
+fn execute(db: *mut ffi::sqlite3, sql: &CStr) -> Result<(), RawError> {
+    Statement::prepare(db, sql)?.run()
+}
+
+/// Binds and steps `statement` (one `?` per value) once per row of `rows`, each row's values
+/// given by `arg`.
+fn insert_all<'r, T>(
+    statement: &Statement,
+    rows: &'r [Vec<T>],
+    arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
+) -> Result<(), RawError> {
+    // SAFETY: `stmt` is live.
+    let parameters = unsafe { ffi::sqlite3_bind_parameter_count(statement.stmt) };
+    // One row's values, converted just before they are bound. SQLite keeps pointers into the
+    // text and blobs (SQLITE_STATIC) until they are bound again, so the buffer is refilled only
+    // after the row was stepped, and emptied only after the bindings are cleared.
+    let mut values: Vec<Arg<'r>> = Vec::with_capacity(usize::try_from(parameters).unwrap_or(0));
+    let inserted = (|| {
+        for row in rows {
+            if c_int::try_from(row.len()).ok() != Some(parameters) {
+                return Err(RawError::Invalid(format!(
+                    "a row of {} values for {parameters} parameters",
+                    row.len()
+                )));
+            }
+            values.clear();
+            for value in row {
+                values.push(arg(value).map_err(RawError::Invalid)?);
+            }
+            for (i, value) in values.iter().enumerate() {
+                statement.bind(i as c_int + 1, value)?;
+            }
+            statement.run()?;
+        }
+        Ok(())
+    })();
+    // SAFETY: unbinds the pointers into `values` and the caller's rows before either goes.
     unsafe {
-        ffi::sqlite3_clear_bindings(stmt);
+        ffi::sqlite3_clear_bindings(statement.stmt);
     }
-    drop(statement);
+    drop(values);
+    inserted
+}
+
+/// A bookkeeping statement run after the rows, in [`load_rows`]' transaction.
+pub(crate) struct Then<'a> {
+    /// SQL with `$1`, `$2`, ... parameters (in any order in the text).
+    pub sql: &'a str,
+    /// The value of `$1` first.
+    pub params: Vec<Arg<'a>>,
+    /// Whether the statement must change a row: if it changes none, the whole transaction is
+    /// rolled back and the answer is [`RawError::NothingChanged`].
+    pub must_change: bool,
+}
+
+/// Loads a batch in one transaction on `conn`'s handle: `BEGIN IMMEDIATE`, `insert` (an
+/// `INSERT` with one `?` per column) once per row of `rows`, each row's values given by `arg`,
+/// then each of `then` in order, and `COMMIT`. Anything refused (a value `arg` cannot convert,
+/// a row, a bookkeeping statement that must change a row and did not) rolls the whole
+/// transaction back before the error is returned. `conn` must not be inside a transaction.
+pub(crate) async fn load_rows<'r, T>(
+    conn: &mut sqlx::SqliteConnection,
+    insert: &str,
+    rows: &'r [Vec<T>],
+    arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
+    then: &[Then<'_>],
+) -> Result<(), RawError> {
+    let text = sql_text(insert)?;
+    let then_text = then
+        .iter()
+        .map(|step| sql_text(step.sql))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
+    let db = handle.as_raw_handle().as_ptr();
+    // From here to the end nothing awaits: the transaction cannot be left open by a dropped
+    // future.
+    execute(db, c"BEGIN IMMEDIATE")?;
+    let loaded = (|| {
+        insert_all(&Statement::prepare(db, &text)?, rows, arg)?;
+        for (index, (step, sql)) in then.iter().zip(&then_text).enumerate() {
+            let statement = Statement::prepare(db, sql)?;
+            statement.bind_numbered(&step.params)?;
+            statement.run()?;
+            // SAFETY: `db` is the open handle; reads the count of the statement just run.
+            if step.must_change && unsafe { ffi::sqlite3_changes64(db) } == 0 {
+                return Err(RawError::NothingChanged(index));
+            }
+        }
+        execute(db, c"COMMIT")
+    })();
+    // SAFETY: `db` is the open handle. (Every statement above is finalized by now.)
+    if loaded.is_err() && unsafe { ffi::sqlite3_get_autocommit(db) } == 0 {
+        let _ = execute(db, c"ROLLBACK");
+    }
     drop(handle);
-    Ok(())
+    loaded
 }
 
 /// Runs the query `sql` with `params` (bound in order; `$n` parameters are numbered by first
@@ -297,7 +388,7 @@ mod tests {
             vec![Arg::Int(4), Arg::Text("7".into()), Arg::Text("y".into())],
         ];
         let sql = "INSERT INTO t (id, x, y) VALUES (?, ?, ?)";
-        insert_rows(&mut conn, sql, &rows, |a| Ok(a.clone()))
+        load_rows(&mut conn, sql, &rows, |a| Ok(a.clone()), &[])
             .await
             .unwrap();
         let read = select_rows(
@@ -328,18 +419,18 @@ mod tests {
         // An existing key is told apart from other refusals.
         let again = vec![vec![Arg::Int(1), Arg::Null, Arg::Text("z".into())]];
         assert!(matches!(
-            insert_rows(&mut conn, sql, &again, |a| Ok(a.clone())).await,
+            load_rows(&mut conn, sql, &again, |a| Ok(a.clone()), &[]).await,
             Err(RawError::UniqueViolation(_))
         ));
         let null = vec![vec![Arg::Int(9), Arg::Null, Arg::Null]];
-        let err = insert_rows(&mut conn, sql, &null, |a| Ok(a.clone()))
+        let err = load_rows(&mut conn, sql, &null, |a| Ok(a.clone()), &[])
             .await
             .unwrap_err();
         assert!(err.to_string().contains("NOT NULL"), "{err}");
         // Wrong shapes and bad SQL are errors, not panics.
         let short = vec![vec![Arg::Int(10)]];
         assert!(matches!(
-            insert_rows(&mut conn, sql, &short, |a| Ok(a.clone())).await,
+            load_rows(&mut conn, sql, &short, |a| Ok(a.clone()), &[]).await,
             Err(RawError::Invalid(_))
         ));
         assert!(matches!(
@@ -355,11 +446,62 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("UTF-8"), "{err}");
+        // Bookkeeping runs in the rows' transaction; one that must change a row and does not
+        // takes the rows back with it.
+        sqlx::query("CREATE TABLE book (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let more = vec![vec![Arg::Int(30), Arg::Null, Arg::Text("a".into())]];
+        let count = |n: i64| Then {
+            sql: "INSERT INTO book (id, n) VALUES ($2, $1) ON CONFLICT (id) DO UPDATE SET n = n + $1",
+            params: vec![Arg::Int(n), Arg::Int(1)],
+            must_change: true,
+        };
+        load_rows(&mut conn, sql, &more, |a| Ok(a.clone()), &[count(5)])
+            .await
+            .unwrap();
+        let missing = Then {
+            sql: "UPDATE book SET n = n + 1 WHERE id = $1",
+            params: vec![Arg::Int(99)],
+            must_change: true,
+        };
+        let next = vec![vec![Arg::Int(31), Arg::Null, Arg::Text("b".into())]];
+        assert!(matches!(
+            load_rows(
+                &mut conn,
+                sql,
+                &next,
+                |a| Ok(a.clone()),
+                &[count(7), missing]
+            )
+            .await,
+            Err(RawError::NothingChanged(1))
+        ));
+        let kept: (i64, i64) =
+            sqlx::query_as("SELECT (SELECT n FROM book), (SELECT COUNT(*) FROM t WHERE id >= 30)")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(kept, (5, 1), "the refused batch left nothing behind");
+        // A value that cannot be converted also takes back the rows before it.
+        let bad = vec![
+            vec![Arg::Int(40), Arg::Int(1), Arg::Text("c".into())],
+            vec![Arg::Int(41), Arg::Null, Arg::Text("d".into())],
+        ];
+        let refuse_null = |a: &Arg<'static>| match a {
+            Arg::Null => Err("no nulls here".to_owned()),
+            other => Ok(other.clone()),
+        };
+        assert!(matches!(
+            load_rows(&mut conn, sql, &bad, refuse_null, &[]).await,
+            Err(RawError::Invalid(_))
+        ));
         // The connection is still usable through sqlx.
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
             .fetch_one(&mut conn)
             .await
             .unwrap();
-        assert_eq!(n, 5);
+        assert_eq!(n, 6, "rows 1-4, 20 and 30");
     }
 }

@@ -90,6 +90,13 @@ pub struct Store {
     /// Tables whose last batch met keys it already held: the sink goes straight to its
     /// `ON CONFLICT` statement for them (see `sink::insert_columns`).
     pub(crate) conflicting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Target tables as described once per pull (by [`Store::ensure_table`]'s first batch), so
+    /// each batch does not ask the catalog again for the column types.
+    pub(crate) described: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, dbsync_protocol::message::TableSchema>>,
+    >,
+    /// Whether a background WAL checkpoint is running (SQLite; see [`Store::checkpoint_wal`]).
+    checkpointing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `options` without TLS when `url` names a server on this machine (a loopback address,
@@ -108,6 +115,31 @@ fn plain_loopback(url: &str, options: &PgConnectOptions) -> Option<PgConnectOpti
 }
 
 impl Store {
+    /// SQLite: copies the write-ahead log into the database file on another connection, in
+    /// the background, unless a copy is already running. A bulk load calls this after each
+    /// batch commit, so the copying (and its fsync) runs beside the next batch instead of
+    /// inside a commit: SQLite's own automatic checkpoint, which stays on as the safety net,
+    /// then finds little or nothing left to copy. PASSIVE never waits for readers or writers.
+    pub(crate) fn checkpoint_wal(&self) {
+        use std::sync::atomic::Ordering;
+        let Pool::Sqlite(pool) = &self.pool else {
+            return;
+        };
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (pool, running) = (pool.clone(), self.checkpointing.clone());
+        tokio::spawn(async move {
+            if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(error = %err, "background WAL checkpoint failed");
+            }
+            running.store(false, Ordering::Release);
+        });
+    }
+
     /// Connects to `url` and applies pending migrations (a no-op when there are none). A SQLite
     /// file is created if missing.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -138,6 +170,7 @@ impl Store {
             Engine::Sqlite => {
                 let options = SqliteConnectOptions::from_str(url)?
                     .create_if_missing(true)
+                    .page_size(16384)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
@@ -148,6 +181,9 @@ impl Store {
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(30))
+                    // A file does not go stale like a server connection: no ping (a round trip
+                    // to the connection's worker thread) before each use.
+                    .test_before_acquire(false)
                     .connect_with(options)
                     .await?;
                 SQLITE_MIGRATIONS.run(&pool).await?;
@@ -157,6 +193,8 @@ impl Store {
         let store = Self {
             pool,
             conflicting: std::sync::Arc::default(),
+            described: std::sync::Arc::default(),
+            checkpointing: std::sync::Arc::default(),
         };
         store.ensure_settings_row().await?;
         Ok(store)

@@ -159,6 +159,16 @@ pub struct NewTransfer {
     pub requester_user_agent: Option<String>,
 }
 
+/// Adds a [`Progress`] to a running transfer: $1 the transfer, $2..$8 the counters in the
+/// order of its fields, $9 the resume key (kept when null). Matches no row when the transfer is
+/// no longer in progress.
+pub(crate) const PROGRESS_UPDATE: &str = "UPDATE dbsync_transfers SET records_transferred = records_transferred + $2, \
+     records_created = records_created + $3, records_updated = records_updated + $4, \
+     records_skipped = records_skipped + $5, records_failed = records_failed + $6, \
+     bytes_wire = bytes_wire + $7, bytes_raw = bytes_raw + $8, \
+     resume_key = COALESCE($9, resume_key) \
+     WHERE id = $1 AND status = 'in_progress'";
+
 /// Counters added to a running transfer.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -328,14 +338,9 @@ impl Store {
     /// Adds counters to an in-progress transfer.
     pub async fn record_progress(&self, id: Uuid, progress: &Progress) -> Result<Transfer> {
         let updated: Option<Transfer> = on_pool!(self, |pool| {
-            sqlx::query_as(
-                "UPDATE dbsync_transfers SET records_transferred = records_transferred + $2, \
-                 records_created = records_created + $3, records_updated = records_updated + $4, \
-                 records_skipped = records_skipped + $5, records_failed = records_failed + $6, \
-                 bytes_wire = bytes_wire + $7, bytes_raw = bytes_raw + $8, \
-                 resume_key = COALESCE($9, resume_key) \
-                 WHERE id = $1 AND status = 'in_progress' RETURNING *",
-            )
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "{PROGRESS_UPDATE} RETURNING *"
+            )))
             .bind(id)
             .bind(progress.records_transferred)
             .bind(progress.records_created)
@@ -654,7 +659,7 @@ impl Store {
         }
     }
 
-    async fn illegal_transfer(&self, id: Uuid, action: &'static str) -> Error {
+    pub(crate) async fn illegal_transfer(&self, id: Uuid, action: &'static str) -> Error {
         match self.get_transfer(id).await {
             Ok(transfer) => Error::IllegalTransition {
                 kind: "transfer",

@@ -173,3 +173,36 @@ impl RunningAgent {
         }
     }
 }
+
+/// Runs `agent.pull(connection, options)` in a task that dies right after its `batches`-th batch
+/// is committed, as a receiver killed there would (its sockets and transactions go with it).
+/// Returns once the task is gone. (Aborting the task instead would stop it only at a later
+/// await, by which time a fast pull may have finished.)
+pub async fn pull_killed_after(
+    agent: &Arc<Agent>,
+    connection: &str,
+    options: &dbsync_agent::pull::PullOptions,
+    batches: usize,
+) {
+    let agent = Arc::clone(agent);
+    let (connection, options) = (connection.to_owned(), options.clone());
+    let task = tokio::spawn(async move {
+        let mut seen = 0;
+        agent
+            .pull(&connection, &options, move |event| {
+                if matches!(event, dbsync_agent::pull::PullEvent::Batch { .. }) {
+                    seen += 1;
+                    if seen == batches {
+                        // Unwinds without the panic hook's report: this is the planned kill.
+                        std::panic::resume_unwind(Box::new("killed by the test"));
+                    }
+                }
+            })
+            .await
+    });
+    let outcome = task.await;
+    assert!(
+        outcome.as_ref().is_err_and(|err| err.is_panic()),
+        "the pull ended before its {batches}th batch: {outcome:?}"
+    );
+}
