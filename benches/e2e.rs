@@ -1,7 +1,8 @@
 //! End-to-end throughput of `dbsync pull` against the raw COPY pipe, measured in the same run.
 //!
 //! `cargo bench --bench e2e -- [--rows N] [--transports ws,quic] [--zstd-level L]
-//! [--batch-rows N] [--pipeline-depth N] [--no-memory] [--no-sqlite] [--json FILE]`
+//! [--batch-rows N] [--pipeline-depth N] [--no-memory] [--no-sqlite] [--no-postgres]
+//! [--json FILE]`
 //!
 //! Two `dbsync serve` processes (sender on database A, receiver on database B) on loopback; the
 //! receiver pulls with the `dbsync pull` binary. Peak RSS is sampled from /proc for the sender's
@@ -25,6 +26,7 @@ struct Knobs {
     zstd_level: i32,
     batch_rows: i64,
     pipeline_depth: u32,
+    postgres: bool,
     memory: bool,
     sqlite: bool,
     json: String,
@@ -38,6 +40,7 @@ fn knobs() -> Knobs {
         batch_rows: 5_000,
         pipeline_depth: 8,
         memory: true,
+        postgres: true,
         sqlite: true,
         json: "target/bench-e2e.json".into(),
     };
@@ -54,6 +57,7 @@ fn knobs() -> Knobs {
             }
             "--no-memory" => knobs.memory = false,
             "--no-sqlite" => knobs.sqlite = false,
+            "--no-postgres" => knobs.postgres = false,
             "--json" => knobs.json = value(),
             "--bench" => {}
             other => eprintln!("ignoring {other}"),
@@ -368,8 +372,42 @@ fn main() {
 
 async fn run(knobs: Knobs) {
     let dir = tempfile::tempdir().unwrap();
-    let mut pg = Pg::connect().await;
     let mut table: Vec<Row> = Vec::new();
+    let mut pg = None;
+    let mut text_bytes = None;
+    if knobs.postgres {
+        let mut server = Pg::connect().await;
+        text_bytes = Some(postgres_steps(&mut server, &knobs, dir.path(), &mut table).await);
+        pg = Some(server);
+    }
+    if knobs.sqlite {
+        sqlite_steps(pg.as_ref(), &knobs, dir.path(), &mut table).await;
+    }
+    if let Some(pg) = &pg {
+        pg.drop_all().await;
+    }
+    report(&knobs, text_bytes, &table);
+}
+
+/// Before each measured step (the baselines too): PostgreSQL writes out the pages earlier steps
+/// left dirty (`CHECKPOINT`) and the kernel flushes its page cache (`sync`), so the background
+/// writes of one step do not land in the time of the next.
+async fn settle(pg: Option<&Pg>) {
+    if let Some(pg) = pg
+        && let Err(err) = sqlx::query("CHECKPOINT").execute(&pg.admin).await
+    {
+        eprintln!("settle: CHECKPOINT failed ({err}); measuring anyway");
+    }
+    let _ = Command::new("sync").status();
+}
+
+/// Steps 1-5 (PostgreSQL); returns the table's size as COPY text.
+async fn postgres_steps(
+    pg: &mut Pg,
+    knobs: &Knobs,
+    dir: &std::path::Path,
+    table: &mut Vec<Row>,
+) -> u64 {
     let depth = knobs.pipeline_depth.to_string();
     eprintln!("building {} rows on A ...", knobs.rows);
     let (a_url, a) = pg.database("a").await;
@@ -381,6 +419,7 @@ async fn run(knobs: Knobs) {
 
     // Baseline: into an empty copy of the table on B.
     exec(&b, &users_ddl("users")).await;
+    settle(Some(pg)).await;
     let baseline = copy_pipe(&a, &b, "users").await;
     exec(&b, "DROP TABLE users").await;
     table.push(Row {
@@ -394,11 +433,12 @@ async fn run(knobs: Knobs) {
     });
     eprintln!("baseline: {:.2} s", baseline.as_secs_f64());
 
-    let setup = register(&a_url, &b_url, dir.path(), &knobs, "pg");
+    let setup = register(&a_url, &b_url, dir, knobs, "pg");
     let mut full_ws = None;
     for transport in &knobs.transports {
         exec(&b, "DROP TABLE IF EXISTS users").await;
         exec(&b, "DELETE FROM dbsync_checkpoints").await;
+        settle(Some(pg)).await;
         let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
             &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
             &setup.sender,
@@ -421,6 +461,7 @@ async fn run(knobs: Knobs) {
     }
     let transport = knobs.transports[0].as_str();
     // Re-pull with overwrite onto the full target.
+    settle(Some(pg)).await;
     let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
         &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
         &setup.sender,
@@ -452,6 +493,7 @@ async fn run(knobs: Knobs) {
         "UPDATE users SET name = name || '!', updated_at = now() WHERE id % 100 = 0",
     )
     .await;
+    settle(Some(pg)).await;
     let (summary, elapsed, _, _) = setup.receiver.pull(
         &pull_args(&setup, transport, &depth, &["--incremental"]),
         &setup.sender,
@@ -482,7 +524,8 @@ async fn run(knobs: Knobs) {
         exec(&a4, &users_ddl("users")).await;
         exec(&a4, &users_fill("users", rows)).await;
         exec(&a4, "VACUUM ANALYZE users").await;
-        let setup = register(&a4_url, &b4_url, dir.path(), &knobs, "pg4");
+        let setup = register(&a4_url, &b4_url, dir, knobs, "pg4");
+        settle(Some(pg)).await;
         let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
             &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
             &setup.sender,
@@ -498,11 +541,18 @@ async fn run(knobs: Knobs) {
         });
     }
 
-    if knobs.sqlite {
+    text_bytes
+}
+
+/// Step 6: SQLite → SQLite against its own baseline.
+async fn sqlite_steps(pg: Option<&Pg>, knobs: &Knobs, dir: &std::path::Path, table: &mut Vec<Row>) {
+    let depth = knobs.pipeline_depth.to_string();
+    let transport = knobs.transports[0].as_str();
+    {
         eprintln!("SQLite: {} rows ...", knobs.rows);
-        let a_file = dir.path().join("a.db");
-        let b_file = dir.path().join("b.db");
-        let base_file = dir.path().join("baseline.db");
+        let a_file = dir.join("a.db");
+        let b_file = dir.join("b.db");
+        let base_file = dir.join("baseline.db");
         let a_url = format!("sqlite://{}?mode=rwc", a_file.display());
         let source = sqlx::SqlitePool::connect(&a_url).await.unwrap();
         for sql in [
@@ -518,6 +568,7 @@ async fn run(knobs: Knobs) {
         ] {
             sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&source).await.unwrap();
         }
+        settle(pg).await;
         let started = Instant::now();
         let mut conn = source.acquire().await.unwrap();
         for sql in [
@@ -543,10 +594,11 @@ async fn run(knobs: Knobs) {
         let setup = register(
             &format!("sqlite://{}", a_file.display()),
             &format!("sqlite://{}", b_file.display()),
-            dir.path(),
-            &knobs,
+            dir,
+            knobs,
             "sqlite",
         );
+        settle(pg).await;
         let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
             &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
             &setup.sender,
@@ -561,14 +613,16 @@ async fn run(knobs: Knobs) {
             rss_sender_mib: Some(mib(rss_a)),
         });
     }
-    pg.drop_all().await;
+}
 
+/// Prints the table and writes the JSON report.
+fn report(knobs: &Knobs, text_bytes: Option<u64>, table: &[Row]) {
     println!(
         "\n{:<58} {:>9} {:>10} {:>12} {:>7} {:>10} {:>10} {:>10}",
         "measure", "seconds", "rows", "rows/s", "ratio", "wire/text", "RSS recv", "RSS send"
     );
     let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));
-    for row in &table {
+    for row in table {
         println!(
             "{:<58} {:>9.2} {:>10} {:>12.0} {:>7} {:>10} {:>10} {:>10}",
             row.measure,
