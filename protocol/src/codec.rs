@@ -176,7 +176,26 @@ pub fn decompress_bounded(payload: &[u8], limit: u64) -> Result<Vec<u8>, Protoco
         Ok(Some(size)) if size > limit => {
             return Err(ProtocolError::DecompressedTooLarge { limit });
         }
-        Ok(_) => {}
+        // The size is declared (as this encoder always does): decompress in one call into a
+        // buffer of exactly that size, with this thread's context. A frame holding more than
+        // it declared overflows the buffer and is refused.
+        Ok(Some(size)) => {
+            let mut out = Vec::with_capacity(size as usize);
+            return SCRATCH.with_borrow_mut(|scratch| {
+                let decompressor = match &mut scratch.decompressor {
+                    Some(decompressor) => decompressor,
+                    empty => empty.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|err| ProtocolError::Decompress(err.to_string()))?,
+                    ),
+                };
+                decompressor
+                    .decompress_to_buffer(payload, &mut out)
+                    .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
+                Ok(out)
+            });
+        }
+        Ok(None) => {}
         Err(_) => return Err(ProtocolError::Decompress("not a zstd frame".into())),
     }
     let decoder = zstd::stream::read::Decoder::with_buffer(payload)
@@ -200,6 +219,9 @@ pub fn encode(message: &Message, zstd_level: i32) -> Result<Vec<u8>, ProtocolErr
 
 /// Like [`encode`], also returning the payload size before compression (for raw-byte counts).
 pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usize), ProtocolError> {
+    if let Message::RowBatch(batch) = message {
+        return SCRATCH.with_borrow_mut(|scratch| scratch.row_batch(batch, zstd_level));
+    }
     let payload = match message {
         Message::Hello(m) => to_msgpack(m)?,
         Message::Welcome(m) => to_msgpack(m)?,
@@ -218,20 +240,69 @@ pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usiz
         Message::Ping(m) | Message::Pong(m) => to_msgpack(m)?,
     };
     let raw_len = payload.len();
-    let (flags, payload) = if matches!(message, Message::RowBatch(_)) {
-        let compressed = zstd::bulk::compress(&payload, zstd_level)
-            .map_err(|err| ProtocolError::Encode(err.to_string()))?;
-        (FLAG_ZSTD, compressed)
-    } else {
-        (0, payload)
-    };
-    let length = u32::try_from(payload.len())
-        .map_err(|_| ProtocolError::Encode("payload larger than 4 GiB".into()))?;
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-    frame.extend_from_slice(&[MAGIC, message.kind() as u8, flags, 0]);
-    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&[MAGIC, message.kind() as u8, 0, 0, 0, 0, 0, 0]);
     frame.extend_from_slice(&payload);
+    set_length(&mut frame)?;
     Ok((frame, raw_len))
+}
+
+/// Writes the payload length (everything after the header) into a frame's header.
+fn set_length(frame: &mut [u8]) -> Result<(), ProtocolError> {
+    let length = u32::try_from(frame.len() - HEADER_LEN)
+        .map_err(|_| ProtocolError::Encode("payload larger than 4 GiB".into()))?;
+    frame[4..HEADER_LEN].copy_from_slice(&length.to_be_bytes());
+    Ok(())
+}
+
+/// Largest MessagePack buffer a thread keeps between row batches.
+const KEEP_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// A thread's zstd contexts and MessagePack buffer, reused from frame to frame: setting up a
+/// context costs about a megabyte of tables, and a buffer grown from empty copies itself a
+/// dozen times per batch.
+#[derive(Default)]
+struct Scratch {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    payload: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+impl Scratch {
+    /// A row batch's frame: MessagePack, then zstd at `level` straight into the frame.
+    fn row_batch(
+        &mut self,
+        batch: &crate::message::RowBatch,
+        level: i32,
+    ) -> Result<(Vec<u8>, usize), ProtocolError> {
+        self.payload.clear();
+        rmp_serde::encode::write(&mut self.payload, batch)
+            .map_err(|err| ProtocolError::Encode(err.to_string()))?;
+        let raw_len = self.payload.len();
+        let compressor = match &mut self.compressor {
+            Some((current, compressor)) if *current == level => compressor,
+            slot => {
+                let compressor = zstd::bulk::Compressor::new(level)
+                    .map_err(|err| ProtocolError::Encode(err.to_string()))?;
+                &mut slot.insert((level, compressor)).1
+            }
+        };
+        let mut frame = vec![0; HEADER_LEN + zstd::zstd_safe::compress_bound(raw_len)];
+        let written = compressor
+            .compress_to_buffer(&self.payload, &mut frame[HEADER_LEN..])
+            .map_err(|err| ProtocolError::Encode(err.to_string()))?;
+        frame.truncate(HEADER_LEN + written);
+        frame[..4].copy_from_slice(&[MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0]);
+        set_length(&mut frame)?;
+        if self.payload.capacity() > KEEP_PAYLOAD_BYTES {
+            self.payload = Vec::new();
+        }
+        Ok((frame, raw_len))
+    }
 }
 
 fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtocolError> {

@@ -253,6 +253,16 @@ fn a_zstd_bomb_is_refused() {
         Err(ProtocolError::DecompressedTooLarge { .. })
     ));
 
+    // A payload that holds more than its first frame declares (a second frame after it) does
+    // not fit the buffer sized from the declaration.
+    let mut stacked = zstd::bulk::compress(&[1u8; 100], 3).unwrap();
+    stacked.extend(zstd::bulk::compress(&vec![2u8; 1024 * 1024], 3).unwrap());
+    let framed = frame(Kind::RowBatch as u8, FLAG_ZSTD, &stacked);
+    assert!(matches!(
+        codec::decode(&framed, &limits()),
+        Err(ProtocolError::Decompress(_))
+    ));
+
     // Garbage flagged as zstd.
     let framed = frame(Kind::RowBatch as u8, FLAG_ZSTD, b"not zstd at all");
     assert!(matches!(
