@@ -351,7 +351,7 @@ impl Message {
 pub mod columnar {
     use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
     use serde::ser::{Error as _, SerializeSeq, SerializeTuple};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::{Deserializer, Serialize, Serializer};
 
     use crate::Value;
 
@@ -517,44 +517,88 @@ pub mod columnar {
         seq.end()
     }
 
-    /// Reads the values of a column of `kind` (or of whole values for [`MIXED`]).
-    struct ValuesOf(u8);
+    /// Room reserved in each row for its values (rows grow past it; a declared column count is
+    /// not trusted for more).
+    const ROW_CAPACITY: usize = 64;
 
-    impl<'de> DeserializeSeed<'de> for ValuesOf {
-        type Value = Vec<Value>;
+    /// Where a column's values go: the `i`-th value to row `i`. The first column makes the rows;
+    /// each later one must have exactly as many values.
+    struct Sink<'r> {
+        rows: &'r mut Vec<Vec<Value>>,
+        first: bool,
+        width: usize,
+        next: usize,
+    }
 
-        fn deserialize<D: Deserializer<'de>>(
-            self,
-            deserializer: D,
-        ) -> Result<Vec<Value>, D::Error> {
+    impl Sink<'_> {
+        fn put<E: serde::de::Error>(&mut self, value: Value) -> Result<(), E> {
+            if self.first {
+                let mut row = Vec::with_capacity(self.width);
+                row.push(value);
+                self.rows.push(row);
+            } else {
+                self.rows
+                    .get_mut(self.next)
+                    .ok_or_else(|| E::custom("columns of a batch differ in length"))?
+                    .push(value);
+            }
+            self.next += 1;
+            Ok(())
+        }
+
+        fn finish<E: serde::de::Error>(&self) -> Result<(), E> {
+            if self.next == self.rows.len() {
+                Ok(())
+            } else {
+                Err(E::custom("columns of a batch differ in length"))
+            }
+        }
+    }
+
+    /// Reads the values of a column of kind `tag` (or of whole values for [`MIXED`]) straight
+    /// into the rows, with no column-major copy to transpose afterwards.
+    struct ValuesOf<'r> {
+        tag: u8,
+        sink: Sink<'r>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for ValuesOf<'_> {
+        type Value = ();
+
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
             deserializer.deserialize_seq(self)
         }
     }
 
-    impl<'de> Visitor<'de> for ValuesOf {
-        type Value = Vec<Value>;
+    impl<'de> Visitor<'de> for ValuesOf<'_> {
+        type Value = ();
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an array of column values")
         }
 
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Value>, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PREALLOCATE));
-            if self.0 == MIXED {
-                while let Some(value) = seq.next_element::<Value>()? {
-                    out.push(value);
-                }
-                return Ok(out);
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+            if self.sink.first {
+                self.sink
+                    .rows
+                    .reserve(seq.size_hint().unwrap_or(0).min(PREALLOCATE));
             }
-            let kind = Kind::from_tag(self.0)
-                .ok_or_else(|| A::Error::custom(format!("unknown column kind {}", self.0)))?;
+            if self.tag == MIXED {
+                while let Some(value) = seq.next_element::<Value>()? {
+                    self.sink.put::<A::Error>(value)?;
+                }
+                return self.sink.finish();
+            }
+            let kind = Kind::from_tag(self.tag)
+                .ok_or_else(|| A::Error::custom(format!("unknown column kind {}", self.tag)))?;
             macro_rules! each {
                 ($ty:ty, $make:expr) => {
                     while let Some(item) = seq.next_element::<Option<$ty>>()? {
-                        out.push(match item {
+                        let value = match item {
                             None => Value::Null,
                             Some(v) => $make(v)?,
-                        });
+                        };
+                        self.sink.put::<A::Error>(value)?;
                     }
                 };
             }
@@ -579,40 +623,67 @@ pub mod columnar {
                 Kind::Timestamp => each!(i64, |v| ok(Value::Timestamp(v))),
                 Kind::TimestampTz => each!(i64, |v| ok(Value::TimestampTz(v))),
             }
-            Ok(out)
+            self.sink.finish()
         }
     }
 
-    /// One column: its kind tag, then its values.
-    struct ColumnValues(Vec<Value>);
+    /// One column: its kind tag, then its values (into the rows).
+    struct ColumnInto<'r>(Sink<'r>);
 
-    impl<'de> Deserialize<'de> for ColumnValues {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            struct Pair;
-            impl<'de> Visitor<'de> for Pair {
-                type Value = ColumnValues;
+    impl<'de> DeserializeSeed<'de> for ColumnInto<'_> {
+        type Value = ();
 
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a column: [kind, values]")
-                }
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_tuple(2, self)
+        }
+    }
 
-                fn visit_seq<A: SeqAccess<'de>>(
-                    self,
-                    mut seq: A,
-                ) -> Result<ColumnValues, A::Error> {
-                    let tag: u8 = seq
-                        .next_element()?
-                        .ok_or_else(|| A::Error::custom("a column without its kind"))?;
-                    let values = seq
-                        .next_element_seed(ValuesOf(tag))?
-                        .ok_or_else(|| A::Error::custom("a column without its values"))?;
-                    if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                        return Err(A::Error::custom("a column has two parts"));
-                    }
-                    Ok(ColumnValues(values))
-                }
+    impl<'de> Visitor<'de> for ColumnInto<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a column: [kind, values]")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let tag: u8 = seq
+                .next_element()?
+                .ok_or_else(|| A::Error::custom("a column without its kind"))?;
+            seq.next_element_seed(ValuesOf { tag, sink: self.0 })?
+                .ok_or_else(|| A::Error::custom("a column without its values"))?;
+            if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                return Err(A::Error::custom("a column has two parts"));
             }
-            deserializer.deserialize_tuple(2, Pair)
+            Ok(())
+        }
+    }
+
+    /// The columns of a batch, read into rows.
+    struct Columns;
+
+    impl<'de> Visitor<'de> for Columns {
+        type Value = Vec<Vec<Value>>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of columns")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Vec<Value>>, A::Error> {
+            let width = seq.size_hint().unwrap_or(0).min(ROW_CAPACITY);
+            let mut rows = Vec::new();
+            let mut first = true;
+            while seq
+                .next_element_seed(ColumnInto(Sink {
+                    rows: &mut rows,
+                    first,
+                    width,
+                    next: 0,
+                }))?
+                .is_some()
+            {
+                first = false;
+            }
+            Ok(rows)
         }
     }
 
@@ -620,25 +691,6 @@ pub mod columnar {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Vec<Vec<Value>>, D::Error> {
-        let columns: Vec<Vec<Value>> = Vec::<ColumnValues>::deserialize(deserializer)?
-            .into_iter()
-            .map(|c| c.0)
-            .collect();
-        let height = columns.first().map_or(0, Vec::len);
-        if columns.iter().any(|column| column.len() != height) {
-            return Err(D::Error::custom("columns of a batch differ in length"));
-        }
-        let width = columns.len();
-        let mut cells: Vec<std::vec::IntoIter<Value>> =
-            columns.into_iter().map(Vec::into_iter).collect();
-        Ok((0..height)
-            .map(|_| {
-                let mut row = Vec::with_capacity(width);
-                for column in &mut cells {
-                    row.extend(column.next());
-                }
-                row
-            })
-            .collect())
+        deserializer.deserialize_seq(Columns)
     }
 }

@@ -380,6 +380,8 @@ fn row_batches_travel_column_major_and_ragged_ones_are_refused() {
     }
     let err = codec::decode(&framed(((2u8, [1i64, 2]), (5u8, ["a"]))), &limits()).unwrap_err();
     assert!(err.to_string().contains("differ in length"), "{err}");
+    let err = codec::decode(&framed(((2u8, [1i64]), (5u8, ["a", "b"]))), &limits()).unwrap_err();
+    assert!(err.to_string().contains("differ in length"), "{err}");
     for frame in [
         framed(((99u8, [1i64]),)),
         framed(((2u8, ["x"]),)),
