@@ -278,6 +278,28 @@ impl FrameWriter for WsWriter {
     }
 }
 
+/// Frees applied batches on a thread of its own: dropping a batch's millions of values takes as
+/// long as a good part of applying it, so the pull goes on to the next batch meanwhile. At most
+/// two wait; beyond that (or without the thread) a batch is freed where it is.
+struct Freer(Option<std::sync::mpsc::SyncSender<dbsync_protocol::message::RowBatch>>);
+
+impl Freer {
+    fn start() -> Self {
+        let (to_free, batches) = std::sync::mpsc::sync_channel(2);
+        let spawned = std::thread::Builder::new()
+            .name("dbsync-free".into())
+            .spawn(move || batches.iter().for_each(drop));
+        Self(spawned.ok().map(|_| to_free))
+    }
+
+    fn free(&self, batch: dbsync_protocol::message::RowBatch) {
+        if let Some(to_free) = &self.0 {
+            // Full or gone: the batch comes back and is dropped here.
+            let _ = to_free.try_send(batch);
+        }
+    }
+}
+
 pub(crate) struct Client {
     link: Link,
     site: String,
@@ -1024,6 +1046,7 @@ impl Agent {
             .filter(|c| !columns.contains(c))
             .collect();
         let waiting_since = Instant::now();
+        let freer = Freer::start();
         let mut request_id = 0u64;
         loop {
             request_id += 1;
@@ -1118,9 +1141,7 @@ impl Agent {
                             rows,
                             bytes_wire: wire as i64,
                         });
-                        // Freeing a batch's millions of values takes as long as a good part of
-                        // applying it: another thread does it while this one takes the next.
-                        tokio::task::spawn_blocking(move || drop(batch));
+                        freer.free(batch);
                     }
                     Message::PullDone(done) => {
                         if pass.keys_only {
