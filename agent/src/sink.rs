@@ -132,10 +132,7 @@ impl Store {
     /// naming the missing columns). Returns whether the table was created.
     pub async fn ensure_table(&self, schema: &TableSchema, columns: &[String]) -> Result<bool> {
         // A new pull describes the table again (it may have been altered since the last one).
-        self.described
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&schema.name);
+        locked(&self.described).remove(&schema.name);
         match self.describe_table(&schema.name).await {
             Ok(existing) => {
                 let missing: Vec<&str> = columns
@@ -230,20 +227,12 @@ impl Store {
 
     /// `table` as described by the catalog, once per pull (see [`Store::ensure_table`]).
     async fn described_table(&self, table: &str) -> Result<TableSchema> {
-        let cached = self
-            .described
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(table)
-            .cloned();
+        let cached = locked(&self.described).get(table).cloned();
         if let Some(schema) = cached {
             return Ok(schema);
         }
         let schema = self.describe_table(table).await?;
-        self.described
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(table.to_owned(), schema.clone());
+        locked(&self.described).insert(table.to_owned(), schema.clone());
         Ok(schema)
     }
 
@@ -467,7 +456,7 @@ impl Store {
             && !keys_only
             && mirror.is_none()
             && strategy != ConflictStrategy::Append
-            && !conflicting(&self.conflicting).contains(&table);
+            && !locked(&self.conflicting).contains(&table);
         macro_rules! run {
             ($pool:expr, $bind:ident) => {{
                 let mut tx = $pool.begin().await?;
@@ -533,7 +522,7 @@ impl Store {
                     }
                 }
                 if engine == Engine::Sqlite && applied.created == rows.len() as i64 {
-                    conflicting(&self.conflicting).remove(&table);
+                    locked(&self.conflicting).remove(&table);
                 }
                 if !keys_only {
                     checkpoint!(tx);
@@ -571,7 +560,7 @@ impl Store {
                 let split = strategy != ConflictStrategy::Append
                     && mirror.is_none()
                     && rows.len() >= 2 * PARALLEL_MIN_ROWS
-                    && conflicting(&self.conflicting).contains(&table);
+                    && locked(&self.conflicting).contains(&table);
                 let mut parallel = None;
                 if split {
                     let (first, second) = rows.split_at(rows.len() / 2);
@@ -684,9 +673,11 @@ impl Store {
                 match loaded {
                     Ok(()) => applied.created = count,
                     Err(RawError::UniqueViolation(_)) => {
-                        conflicting(&self.conflicting).insert(table.clone());
+                        locked(&self.conflicting).insert(table.clone());
                         run!(pool, bind_sqlite)
                     }
+                    // Only the counters' update must change a row, and it runs only for a
+                    // transfer.
                     Err(RawError::NothingChanged(_)) => {
                         let id = batch_of.map(|b| b.transfer_id).unwrap_or_default();
                         return Err(self.illegal_transfer(id, "record progress on").await);
@@ -963,7 +954,7 @@ async fn insert_columns(
     strategy: ConflictStrategy,
     conflict: &str,
 ) -> Result<Applied> {
-    let conflicting = || conflicting(target.conflicting);
+    let conflicting = || locked(target.conflicting);
     let mut optimistic = !conflict.is_empty() && !conflicting().contains(target.table);
     // Into a table that has none of the batch's keys (a new or emptied one, or an append), a
     // binary `COPY` does the least work on the server. At an existing key it fails with a unique
@@ -1126,11 +1117,10 @@ async fn insert_columns(
     Ok(applied)
 }
 
-/// The tables (quoted names) whose batches met existing keys in this process, so their next
-/// batches skip the plain-insert attempt; locked (a poisoned lock still holds a usable set).
-fn conflicting(
-    memo: &std::sync::Mutex<std::collections::HashSet<String>>,
-) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+/// One of the store's memos, locked: the tables (quoted names) whose batches met existing keys
+/// (their next batches skip the plain-insert attempt), or the target tables described this pull.
+/// A poisoned lock still holds a usable memo.
+fn locked<T>(memo: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     memo.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -114,9 +114,9 @@ impl Statement {
     fn bind(&self, index: c_int, arg: &Arg<'_>) -> Result<(), RawError> {
         let too_long = || RawError::Invalid("a value is too large for SQLite".into());
         // SAFETY: `stmt` is a live prepared statement and `index` is within its parameter
-        // count (checked by the caller). Text and blob pointers are bound as SQLITE_STATIC: they
-        // point into the caller's batch, which outlives this statement, and every binding is
-        // replaced or cleared before the next row is bound.
+        // count (checked by the caller). Text and blob pointers are bound as SQLITE_STATIC: the
+        // callers keep the values alive until they are bound again, stepped past or cleared
+        // (`insert_all`, `bind_numbered` callers step before their values go).
         let rc = unsafe {
             match arg {
                 Arg::Null => ffi::sqlite3_bind_null(self.stmt, index),
@@ -281,9 +281,8 @@ pub(crate) async fn load_rows<'r, T>(
     loaded
 }
 
-/// Runs the query `sql` with `params` (bound in order; `$n` parameters are numbered by first
-/// appearance, which is their order in the queries built here) on `conn`'s handle and returns
-/// every row's first `width` columns by storage class: INTEGER, REAL, TEXT, BLOB, NULL.
+/// Runs the query `sql` with `params` (the values of `$1`, `$2`, ...) on `conn`'s handle and
+/// returns every row's first `width` columns by storage class: INTEGER, REAL, TEXT, BLOB, NULL.
 pub(crate) async fn select_rows(
     conn: &mut sqlx::SqliteConnection,
     sql: &str,
@@ -297,23 +296,11 @@ pub(crate) async fn select_rows(
     let statement = Statement::prepare(db, &text)?;
     let stmt = statement.stmt;
     // SAFETY: `stmt` is live.
-    let (parameters, columns) = unsafe {
-        (
-            ffi::sqlite3_bind_parameter_count(stmt),
-            ffi::sqlite3_column_count(stmt),
-        )
-    };
-    if c_int::try_from(params.len()).ok() != Some(parameters)
-        || c_int::try_from(width).map_or(true, |w| w > columns)
-    {
-        return Err(RawError::Invalid(format!(
-            "{} values for {parameters} parameters, {width} of {columns} columns",
-            params.len()
-        )));
+    let columns = unsafe { ffi::sqlite3_column_count(stmt) };
+    if c_int::try_from(width).map_or(true, |w| w > columns) {
+        return Err(RawError::Invalid(format!("{width} of {columns} columns")));
     }
-    for (i, value) in params.iter().enumerate() {
-        statement.bind(i as c_int + 1, value)?;
-    }
+    statement.bind_numbered(params)?;
     let mut rows = Vec::new();
     loop {
         // SAFETY: `stmt` is live and fully bound.

@@ -90,8 +90,9 @@ pub struct Store {
     /// Tables whose last batch met keys it already held: the sink goes straight to its
     /// `ON CONFLICT` statement for them (see `sink::insert_columns`).
     pub(crate) conflicting: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    /// Target tables as described once per pull (by [`Store::ensure_table`]'s first batch), so
-    /// each batch does not ask the catalog again for the column types.
+    /// Target tables as described for the current pull (emptied for a table by
+    /// [`Store::ensure_table`], filled by its first batch), so each batch does not ask the
+    /// catalog again for the column types.
     pub(crate) described: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<String, dbsync_protocol::message::TableSchema>>,
     >,
