@@ -5,9 +5,10 @@
 //! [--json FILE]`
 //!
 //! Two `dbsync serve` processes (sender on database A, receiver on database B) on loopback; the
-//! receiver pulls with the `dbsync pull` binary. Peak RSS is sampled from /proc for the sender's
-//! serve process and the pull process. PostgreSQL comes from DBSYNC_TEST_PG_URL (default the
-//! local server); the bench creates and drops its own databases.
+//! receiver pulls with the `dbsync pull` binary. Peak RSS is the kernel's high-water mark of the
+//! pull process (`wait4`) and of the sender's serve process during the pull (`VmHWM`, reset
+//! before it). PostgreSQL comes from DBSYNC_TEST_PG_URL (default the local server); the bench
+//! creates and drops its own databases.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -127,9 +128,17 @@ impl Agent {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
-    /// Runs `dbsync pull` and samples the peak RSS of the pull process and of `sender`.
+    /// Runs `dbsync pull`; returns its summary, wall time, and the peak RSS (KiB) of the pull
+    /// process and of `sender` during it. Both peaks are the kernel's own high-water marks, not
+    /// samples: the pull's from `wait4` (`ru_maxrss`), the sender's `VmHWM`, reset before the
+    /// pull through `/proc/<pid>/clear_refs`.
     fn pull(&self, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
+        let sender_pid = sender.child.id();
+        std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
+            .expect("reset the sender's peak RSS (/proc/<pid>/clear_refs)");
         let started = Instant::now();
+        // Reaped by `wait_with_peak` (wait4), which clippy cannot see.
+        #[allow(clippy::zombie_processes)]
         let mut child = Command::new(DBSYNC)
             .arg("--json")
             .arg("pull")
@@ -139,7 +148,6 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (mut receiver_peak, mut sender_peak) = (0, 0);
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
@@ -152,22 +160,12 @@ impl Agent {
             std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text).unwrap();
             text
         });
-        loop {
-            receiver_peak = receiver_peak.max(rss_kib(child.id()));
-            sender_peak = sender_peak.max(rss_kib(sender.child.id()));
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (status, receiver_peak) = wait_with_peak(child.id());
         let elapsed = started.elapsed();
-        let status = child.wait().unwrap();
+        let sender_peak = status_kib(sender_pid, "VmHWM:");
         let text = reader.join().unwrap();
         let errors = errors.join().unwrap();
-        assert!(
-            status.success(),
-            "dbsync pull {args:?} failed: {text} {errors}"
-        );
+        assert!(status == 0, "dbsync pull {args:?} failed: {text} {errors}");
         (
             serde_json::from_str(&text).unwrap(),
             elapsed,
@@ -177,6 +175,18 @@ impl Agent {
     }
 }
 
+/// Waits for a child process; returns its wait status and peak RSS in KiB.
+#[allow(unsafe_code)]
+fn wait_with_peak(pid: u32) -> (i32, u64) {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid pointers to locals.
+    let waited = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid as libc::pid_t, "wait4 on the pull process");
+    (status, usage.ru_maxrss as u64)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -184,14 +194,14 @@ impl Drop for Agent {
     }
 }
 
-/// Resident set size of a process, in KiB (0 once it is gone).
-fn rss_kib(pid: u32) -> u64 {
+/// A KiB figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), 0 once the process is gone.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|n| n.parse().ok())
         })
