@@ -5,9 +5,9 @@
 //! [--json FILE]`
 //!
 //! Two `dbsync serve` processes (sender on database A, receiver on database B) on loopback; the
-//! receiver pulls with the `dbsync pull` binary. Peak RSS is the kernel's high-water mark of the
-//! pull process (`wait4`) and of the sender's serve process during the pull (`VmHWM`, reset
-//! before it). PostgreSQL comes from DBSYNC_TEST_PG_URL (default the local server); the bench
+//! receiver pulls with the `dbsync pull` binary. Peak RSS is the kernel's high-water mark
+//! (`VmHWM`) of the pull process and of the sender's serve process during the pull (reset before
+//! it). PostgreSQL comes from DBSYNC_TEST_PG_URL (default the local server); the bench
 //! creates and drops its own databases.
 
 use std::io::{BufRead, BufReader};
@@ -129,16 +129,16 @@ impl Agent {
     }
 
     /// Runs `dbsync pull`; returns its summary, wall time, and the peak RSS (KiB) of the pull
-    /// process and of `sender` during it. Both peaks are the kernel's own high-water marks, not
-    /// samples: the pull's from `wait4` (`ru_maxrss`), the sender's `VmHWM`, reset before the
-    /// pull through `/proc/<pid>/clear_refs`.
+    /// process and of `sender` during it. Both peaks are the kernel's own high-water marks
+    /// (`VmHWM`), not samples of the current RSS: the sender's is reset before the pull through
+    /// `/proc/<pid>/clear_refs`; the pull's is read every 10 ms until it exits (a high-water
+    /// mark only rises, and a pull's memory falls as it ends). Not `wait4`'s `ru_maxrss`: for a
+    /// child started by `vfork`, as `Command` does, that also counts this process's own peak.
     fn pull(&self, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
         let sender_pid = sender.child.id();
         std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
             .expect("reset the sender's peak RSS (/proc/<pid>/clear_refs)");
         let started = Instant::now();
-        // Reaped by `wait_with_peak` (wait4), which clippy cannot see.
-        #[allow(clippy::zombie_processes)]
         let mut child = Command::new(DBSYNC)
             .arg("--json")
             .arg("pull")
@@ -160,12 +160,22 @@ impl Agent {
             std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text).unwrap();
             text
         });
-        let (status, receiver_peak) = wait_with_peak(child.id());
+        let mut receiver_peak = 0;
+        let status = loop {
+            receiver_peak = receiver_peak.max(status_kib(child.id(), "VmHWM:"));
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         let elapsed = started.elapsed();
         let sender_peak = status_kib(sender_pid, "VmHWM:");
         let text = reader.join().unwrap();
         let errors = errors.join().unwrap();
-        assert!(status == 0, "dbsync pull {args:?} failed: {text} {errors}");
+        assert!(
+            status.success(),
+            "dbsync pull {args:?} failed: {text} {errors}"
+        );
         (
             serde_json::from_str(&text).unwrap(),
             elapsed,
@@ -173,18 +183,6 @@ impl Agent {
             sender_peak,
         )
     }
-}
-
-/// Waits for a child process; returns its wait status and peak RSS in KiB.
-#[allow(unsafe_code)]
-fn wait_with_peak(pid: u32) -> (i32, u64) {
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, with valid pointers to locals.
-    let waited = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid as libc::pid_t, "wait4 on the pull process");
-    (status, usage.ru_maxrss as u64)
 }
 
 impl Drop for Agent {
