@@ -133,7 +133,7 @@ impl Agent {
     /// (`VmHWM`), not samples of the current RSS: the sender's is reset before the pull through
     /// `/proc/<pid>/clear_refs`; the pull's is read every 10 ms until it exits (a high-water
     /// mark only rises, and a pull's memory falls as it ends). Not `wait4`'s `ru_maxrss`: for a
-    /// child started by `vfork`, as `Command` does, that also counts this process's own peak.
+    /// child started by `vfork`, as `Command` can do, Linux folds this process's peak into it.
     fn pull(&self, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
         let sender_pid = sender.child.id();
         std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
