@@ -162,14 +162,14 @@ impl Agent {
         });
         let mut receiver_peak = 0;
         let status = loop {
-            receiver_peak = receiver_peak.max(status_kib(child.id(), "VmHWM:"));
+            receiver_peak = receiver_peak.max(peak_kib(child.id()));
             if let Some(status) = child.try_wait().unwrap() {
                 break status;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
         let elapsed = started.elapsed();
-        let sender_peak = status_kib(sender_pid, "VmHWM:");
+        let sender_peak = peak_kib(sender_pid);
         let text = reader.join().unwrap();
         let errors = errors.join().unwrap();
         assert!(
@@ -192,14 +192,14 @@ impl Drop for Agent {
     }
 }
 
-/// A KiB figure of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), 0 once the process is gone.
-fn status_kib(pid: u32, field: &str) -> u64 {
+/// A process's peak RSS so far (`VmHWM` of `/proc/<pid>/status`), in KiB; 0 once it is gone.
+fn peak_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|l| l.starts_with(field))
+                .find(|l| l.starts_with("VmHWM:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|n| n.parse().ok())
         })
