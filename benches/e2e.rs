@@ -278,6 +278,9 @@ async fn exec(pool: &sqlx::PgPool, sql: &str) {
 }
 
 /// The baseline: binary COPY out of A streamed straight into COPY in on B (`psql | psql`).
+/// Bytes per write into the baseline's `COPY FROM STDIN`.
+const COPY_WRITE: usize = 64 * 1024;
+
 async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Duration {
     let started = Instant::now();
     let mut out = from
@@ -288,9 +291,17 @@ async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Durat
         .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
         .await
         .unwrap();
+    // COPY OUT yields one message per row; handing each to `send` would write (and flush) each
+    // on its own. Gathered into 64 KiB writes, as libpq's buffering does for `psql | psql`.
+    let mut buffer = Vec::with_capacity(COPY_WRITE + 4096);
     while let Some(chunk) = out.next().await {
-        sink.send(chunk.unwrap()).await.unwrap();
+        buffer.extend_from_slice(&chunk.unwrap());
+        if buffer.len() >= COPY_WRITE {
+            sink.send(buffer.as_slice()).await.unwrap();
+            buffer.clear();
+        }
     }
+    sink.send(buffer.as_slice()).await.unwrap();
     sink.finish().await.unwrap();
     started.elapsed()
 }
