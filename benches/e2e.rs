@@ -37,7 +37,7 @@ fn knobs() -> Knobs {
     let mut knobs = Knobs {
         rows: 1_000_000,
         transports: vec!["ws".into(), "quic".into()],
-        zstd_level: 3,
+        zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
         batch_rows: 5_000,
         pipeline_depth: 8,
         memory: true,

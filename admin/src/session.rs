@@ -807,6 +807,8 @@ const PAGES_AHEAD: usize = 2;
 const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Rows of a pull's first page, before the width of a row is known.
 const FIRST_PAGE_ROWS: i64 = 100;
+/// Rows of a page whose size is measured to size the next one.
+const SIZE_SAMPLE_ROWS: usize = 64;
 
 /// About how many bytes `values` take encoded (for sizing pages, not exact).
 fn approx_bytes(values: &[dbsync_protocol::Value]) -> usize {
@@ -910,9 +912,15 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         }
         after = page.last_key.clone();
         sent += got;
-        let per_row = (page.rows.iter().map(|r| approx_bytes(r)).sum::<usize>()
-            / page.rows.len().max(1))
-        .max(1);
+        // The row size from an even sample of the page (walking every value of every page
+        // cost ~3 % of the sender's time).
+        let step = (page.rows.len() / SIZE_SAMPLE_ROWS).max(1);
+        let (bytes, counted) = page
+            .rows
+            .iter()
+            .step_by(step)
+            .fold((0, 0), |(bytes, n), row| (bytes + approx_bytes(row), n + 1));
+        let per_row = (bytes / counted.max(1)).max(1);
         page_rows = i64::try_from(TARGET_BATCH_BYTES / per_row)
             .unwrap_or(i64::MAX)
             .clamp(1, job.batch_rows);

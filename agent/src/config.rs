@@ -96,7 +96,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             peer_rate_limit_per_minute: 120,
             push_retry_secs: 30,
-            zstd_level: 3,
+            zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
             batch_rows: 5_000,
         }
     }

@@ -114,6 +114,8 @@ impl Store {
                     }
                 }
                 let fetched = query.bind(limit).fetch_all(pool).await?;
+                let decoders: Vec<pg_binary::Decoder> =
+                    neutral.iter().map(|n| pg_binary::Decoder::of(n)).collect();
                 fetched
                     .iter()
                     .map(|row| {
@@ -126,7 +128,7 @@ impl Store {
                                     let bytes = raw
                                         .as_bytes()
                                         .map_err(|e| Error::invalid("value", e.to_string()))?;
-                                    pg_binary::decode(neutral[i], bytes)
+                                    decoders[i].decode(bytes)
                                 }
                             })
                             .collect::<Result<Vec<_>>>()

@@ -24,86 +24,157 @@ fn fixed<const N: usize>(bytes: &[u8], neutral: &str) -> Result<[u8; N]> {
         .map_err(|_| bad(neutral, format!("{} bytes, expected {N}", bytes.len())))
 }
 
+/// How to decode the values of one column, resolved once from its engine-neutral type name (as
+/// [`crate::catalog`] names it) rather than matched by name for every value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoder {
+    Bool,
+    Int,
+    Float,
+    Numeric,
+    Text,
+    Bytes,
+    Uuid,
+    Json,
+    Date,
+    Time,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    /// An array of the inner type, of any dimension.
+    Array(Box<Decoder>),
+    /// A type with no transfer yet (refused at its first non-null value).
+    Unsupported(String),
+}
+
+impl Decoder {
+    /// The decoder of engine-neutral type `neutral`.
+    pub fn of(neutral: &str) -> Self {
+        if let Some(element) = neutral
+            .strip_prefix("array<")
+            .and_then(|rest| rest.strip_suffix('>'))
+        {
+            return Self::Array(Box::new(Self::of(element)));
+        }
+        match neutral {
+            "bool" => Self::Bool,
+            "int" => Self::Int,
+            "float" => Self::Float,
+            "numeric" => Self::Numeric,
+            "text" => Self::Text,
+            "bytes" => Self::Bytes,
+            "uuid" => Self::Uuid,
+            "json" => Self::Json,
+            "date" => Self::Date,
+            "time" => Self::Time,
+            "timestamp" => Self::Timestamp,
+            "timestamptz" => Self::TimestampTz,
+            "interval" => Self::Interval,
+            other => Self::Unsupported(other.to_owned()),
+        }
+    }
+
+    /// The type's name in errors.
+    fn name(&self) -> &str {
+        match self {
+            Self::Bool => "bool",
+            Self::Int => "int",
+            Self::Float => "float",
+            Self::Numeric => "numeric",
+            Self::Text => "text",
+            Self::Bytes => "bytes",
+            Self::Uuid => "uuid",
+            Self::Json => "json",
+            Self::Date => "date",
+            Self::Time => "time",
+            Self::Timestamp => "timestamp",
+            Self::TimestampTz => "timestamptz",
+            Self::Interval => "interval",
+            Self::Array(_) => "array",
+            Self::Unsupported(name) => name,
+        }
+    }
+
+    /// Decodes one non-null value.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Value> {
+        let name = self.name();
+        Ok(match self {
+            Self::Bool => Value::Bool(fixed::<1>(bytes, name)?[0] != 0),
+            Self::Int => Value::Int(match bytes.len() {
+                2 => i64::from(i16::from_be_bytes(fixed(bytes, name)?)),
+                4 => i64::from(i32::from_be_bytes(fixed(bytes, name)?)),
+                8 => i64::from_be_bytes(fixed(bytes, name)?),
+                n => return Err(bad(name, format!("{n} bytes"))),
+            }),
+            Self::Float => Value::Float(match bytes.len() {
+                4 => f64::from(f32::from_be_bytes(fixed(bytes, name)?)),
+                8 => f64::from_be_bytes(fixed(bytes, name)?),
+                n => return Err(bad(name, format!("{n} bytes"))),
+            }),
+            Self::Numeric => Value::Numeric(numeric_to_string(bytes)?),
+            Self::Text => Value::Text(utf8(bytes, name)?),
+            Self::Bytes => Value::Bytes(bytes.to_vec()),
+            Self::Uuid => Value::Uuid(fixed(bytes, name)?),
+            // jsonb starts with a version byte (1); json is plain text.
+            Self::Json => Value::Json(utf8(
+                match bytes.first() {
+                    Some(1) => &bytes[1..],
+                    _ => bytes,
+                },
+                name,
+            )?),
+            Self::Date => {
+                let days = i32::from_be_bytes(fixed(bytes, name)?);
+                Value::Date(match days {
+                    i32::MIN | i32::MAX => days,
+                    _ => days
+                        .checked_add(PG_EPOCH_DAYS)
+                        .ok_or_else(|| bad(name, "out of range"))?,
+                })
+            }
+            Self::Time => Value::Time(i64::from_be_bytes(fixed(bytes, name)?)),
+            Self::Timestamp | Self::TimestampTz => {
+                let micros = i64::from_be_bytes(fixed(bytes, name)?);
+                let micros = match micros {
+                    i64::MIN | i64::MAX => micros,
+                    _ => micros
+                        .checked_add(PG_EPOCH_MICROS)
+                        .ok_or_else(|| bad(name, "out of range"))?,
+                };
+                if *self == Self::Timestamp {
+                    Value::Timestamp(micros)
+                } else {
+                    Value::TimestampTz(micros)
+                }
+            }
+            Self::Interval => {
+                let raw: [u8; 16] = fixed(bytes, name)?;
+                Value::Interval {
+                    micros: i64::from_be_bytes(raw[..8].try_into().expect("8 bytes")),
+                    days: i32::from_be_bytes(raw[8..12].try_into().expect("4 bytes")),
+                    months: i32::from_be_bytes(raw[12..].try_into().expect("4 bytes")),
+                }
+            }
+            Self::Array(element) => decode_array(element, bytes)?,
+            Self::Unsupported(other) => {
+                return Err(Error::invalid(
+                    "column type",
+                    format!("{other} values cannot be transferred yet"),
+                ));
+            }
+        })
+    }
+}
+
+fn utf8(bytes: &[u8], name: &str) -> Result<String> {
+    Ok(std::str::from_utf8(bytes)
+        .map_err(|e| bad(name, e))?
+        .to_owned())
+}
+
 /// Decodes one non-null value of engine-neutral type `neutral` (as [`crate::catalog`] names it).
 pub fn decode(neutral: &str, bytes: &[u8]) -> Result<Value> {
-    if let Some(element) = neutral
-        .strip_prefix("array<")
-        .and_then(|rest| rest.strip_suffix('>'))
-    {
-        return decode_array(element, bytes);
-    }
-    Ok(match neutral {
-        "bool" => Value::Bool(fixed::<1>(bytes, neutral)?[0] != 0),
-        "int" => Value::Int(match bytes.len() {
-            2 => i64::from(i16::from_be_bytes(fixed(bytes, neutral)?)),
-            4 => i64::from(i32::from_be_bytes(fixed(bytes, neutral)?)),
-            8 => i64::from_be_bytes(fixed(bytes, neutral)?),
-            n => return Err(bad(neutral, format!("{n} bytes"))),
-        }),
-        "float" => Value::Float(match bytes.len() {
-            4 => f64::from(f32::from_be_bytes(fixed(bytes, neutral)?)),
-            8 => f64::from_be_bytes(fixed(bytes, neutral)?),
-            n => return Err(bad(neutral, format!("{n} bytes"))),
-        }),
-        "numeric" => Value::Numeric(numeric_to_string(bytes)?),
-        "text" => Value::Text(
-            std::str::from_utf8(bytes)
-                .map_err(|e| bad(neutral, e))?
-                .to_owned(),
-        ),
-        "bytes" => Value::Bytes(bytes.to_vec()),
-        "uuid" => Value::Uuid(fixed(bytes, neutral)?),
-        "json" => {
-            // jsonb starts with a version byte (1); json is plain text.
-            let text = match bytes.first() {
-                Some(1) => &bytes[1..],
-                _ => bytes,
-            };
-            Value::Json(
-                std::str::from_utf8(text)
-                    .map_err(|e| bad(neutral, e))?
-                    .to_owned(),
-            )
-        }
-        "date" => {
-            let days = i32::from_be_bytes(fixed(bytes, neutral)?);
-            Value::Date(match days {
-                i32::MIN | i32::MAX => days,
-                _ => days
-                    .checked_add(PG_EPOCH_DAYS)
-                    .ok_or_else(|| bad(neutral, "out of range"))?,
-            })
-        }
-        "time" => Value::Time(i64::from_be_bytes(fixed(bytes, neutral)?)),
-        "timestamp" | "timestamptz" => {
-            let micros = i64::from_be_bytes(fixed(bytes, neutral)?);
-            let micros = match micros {
-                i64::MIN | i64::MAX => micros,
-                _ => micros
-                    .checked_add(PG_EPOCH_MICROS)
-                    .ok_or_else(|| bad(neutral, "out of range"))?,
-            };
-            if neutral == "timestamp" {
-                Value::Timestamp(micros)
-            } else {
-                Value::TimestampTz(micros)
-            }
-        }
-        "interval" => {
-            let raw: [u8; 16] = fixed(bytes, neutral)?;
-            Value::Interval {
-                micros: i64::from_be_bytes(raw[..8].try_into().expect("8 bytes")),
-                days: i32::from_be_bytes(raw[8..12].try_into().expect("4 bytes")),
-                months: i32::from_be_bytes(raw[12..].try_into().expect("4 bytes")),
-            }
-        }
-        other => {
-            return Err(Error::invalid(
-                "column type",
-                format!("{other} values cannot be transferred yet"),
-            ));
-        }
-    })
+    Decoder::of(neutral).decode(bytes)
 }
 
 struct Cursor<'a> {
@@ -130,7 +201,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn decode_array(element: &str, bytes: &[u8]) -> Result<Value> {
+fn decode_array(element: &Decoder, bytes: &[u8]) -> Result<Value> {
     let mut cursor = Cursor { bytes, pos: 0 };
     let ndim = cursor.i32()?;
     let _has_nulls = cursor.i32()?;
@@ -158,7 +229,7 @@ fn decode_array(element: &str, bytes: &[u8]) -> Result<Value> {
             flat.push(if len < 0 {
                 Value::Null
             } else {
-                decode(element, cursor.take(len as usize)?)?
+                element.decode(cursor.take(len as usize)?)?
             });
         }
     }
@@ -170,6 +241,19 @@ fn nest(dims: &[usize], items: &mut impl Iterator<Item = Value>) -> Value {
         None => Value::Array(Vec::new()),
         Some((len, [])) => Value::Array(items.take(*len).collect()),
         Some((len, rest)) => Value::Array((0..*len).map(|_| nest(rest, items)).collect()),
+    }
+}
+
+/// Appends a base-10000 digit group (below 10,000) in decimal: four digits when `pad`, else
+/// without leading zeros.
+fn push_group(text: &mut String, group: u16, pad: bool) {
+    let mut started = pad;
+    for divisor in [1000, 100, 10, 1] {
+        let digit = (group / divisor % 10) as u8;
+        if started || digit != 0 || divisor == 1 {
+            text.push(char::from(b'0' + digit));
+            started = true;
+        }
     }
 }
 
@@ -196,6 +280,9 @@ pub fn numeric_to_string(bytes: &[u8]) -> Result<String> {
         return Err(bad("numeric", "length does not match digit count"));
     }
     let digits: Vec<u16> = (0..ndigits).map(|i| field(4 + i)).collect::<Result<_>>()?;
+    if digits.iter().any(|d| *d > 9999) {
+        return Err(bad("numeric", "a base-10000 digit over 9999"));
+    }
     let digit = |group: i32| -> u16 {
         usize::try_from(group)
             .ok()
@@ -211,18 +298,15 @@ pub fn numeric_to_string(bytes: &[u8]) -> Result<String> {
         text.push('0');
     } else {
         for group in 0..=weight {
-            if group == 0 {
-                text.push_str(&digit(group).to_string());
-            } else {
-                text.push_str(&format!("{:04}", digit(group)));
-            }
+            // The leading group without its leading zeros.
+            push_group(&mut text, digit(group), group > 0);
         }
     }
     if dscale > 0 {
         let mut fraction = String::with_capacity(dscale + 4);
         let mut group = weight + 1;
         while fraction.len() < dscale {
-            fraction.push_str(&format!("{:04}", digit(group)));
+            push_group(&mut fraction, digit(group), true);
             group += 1;
         }
         fraction.truncate(dscale);
@@ -273,7 +357,12 @@ mod tests {
             numeric_to_string(&numeric(0, 0, 0xF000, 0, &[])).unwrap(),
             "-Infinity"
         );
+        assert_eq!(
+            numeric_to_string(&numeric(3, 1, 0, 2, &[1234, 5, 700])).unwrap(),
+            "12340005.07"
+        );
         assert!(numeric_to_string(&[0, 1]).is_err());
+        assert!(numeric_to_string(&numeric(1, 0, 0, 0, &[10_000])).is_err());
     }
 
     #[test]
