@@ -16,7 +16,7 @@ use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::Connection;
 use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link};
-use dbsync_agent::source::Page;
+use dbsync_agent::source::{EncodedPage, Page};
 use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 use dbsync_agent::{AccessDenied, Agent};
 use dbsync_protocol::Message;
@@ -546,17 +546,28 @@ impl Session<'_> {
                         }
                     }
                 }
-                let got = page.rows.len() as i64;
-                let last_key = page.last_key.clone();
-                let batch = RowBatch {
+                let got = page.len() as i64;
+                let last_key = page.last_key().clone();
+                let mut batch = RowBatch {
                     request_id: pull.request_id,
                     seq,
                     columns: columns.clone(),
-                    last_key: page.last_key.unwrap_or_default(),
-                    rows: page.rows,
+                    last_key: last_key.clone().unwrap_or_default(),
+                    rows: Vec::new(),
                     transfer_id: transfer.id.to_string(),
                 };
-                let (wire, raw) = match self.send_sized(&Message::RowBatch(batch)).await {
+                let sent_batch = match page {
+                    Read::Values(page) => {
+                        batch.rows = page.rows;
+                        self.send_sized(&Message::RowBatch(batch)).await
+                    }
+                    Read::Encoded(page) => {
+                        self.link
+                            .send_row_batch_columns(&batch, &page.columns)
+                            .await
+                    }
+                };
+                let (wire, raw) = match sent_batch {
                     Ok(sizes) => sizes,
                     Err(err) => {
                         self.release_unacknowledged(connection, &mut in_flight, reserved)
@@ -824,10 +835,50 @@ fn approx_bytes(values: &[dbsync_protocol::Value]) -> usize {
         .sum()
 }
 
+/// A page as read: values (SQLite), or encoded for the wire as read (PostgreSQL).
+enum Read {
+    Values(Page),
+    Encoded(EncodedPage),
+}
+
+impl Read {
+    fn len(&self) -> usize {
+        match self {
+            Self::Values(page) => page.rows.len(),
+            Self::Encoded(page) => page.rows,
+        }
+    }
+
+    fn last_key(&self) -> &Option<Vec<dbsync_protocol::Value>> {
+        match self {
+            Self::Values(page) => &page.last_key,
+            Self::Encoded(page) => &page.last_key,
+        }
+    }
+
+    /// About how many bytes a row takes encoded (to size the next page).
+    fn bytes_per_row(&self) -> usize {
+        match self {
+            Self::Values(page) => {
+                // An even sample of the page (walking every value of every page cost ~3 % of
+                // the sender's time).
+                let step = (page.rows.len() / SIZE_SAMPLE_ROWS).max(1);
+                let (bytes, counted) = page
+                    .rows
+                    .iter()
+                    .step_by(step)
+                    .fold((0, 0), |(bytes, n), row| (bytes + approx_bytes(row), n + 1));
+                bytes / counted.max(1)
+            }
+            Self::Encoded(page) => page.columns.len() / page.rows.max(1),
+        }
+    }
+}
+
 /// What the page reader hands the session.
 enum Produced {
     /// Rows to send, with the record reservation taken for them (0 when unlimited).
-    Page { page: Page, reserved: i64 },
+    Page { page: Read, reserved: i64 },
     /// Nothing more to read: the table is done (`exhausted`) or the record limit cut it.
     End { exhausted: bool, truncated: bool },
     /// Reading failed.
@@ -877,8 +928,8 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: true,
             };
         }
-        let page = match store
-            .read_page_filtered(
+        let read = match store
+            .read_page_encoded(
                 &job.schema,
                 &job.columns,
                 after.as_deref(),
@@ -887,6 +938,20 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             )
             .await
         {
+            Ok(Some(page)) => Ok(Read::Encoded(page)),
+            Ok(None) => store
+                .read_page_filtered(
+                    &job.schema,
+                    &job.columns,
+                    after.as_deref(),
+                    job.filter.as_ref(),
+                    granted,
+                )
+                .await
+                .map(Read::Values),
+            Err(err) => Err(err),
+        };
+        let page = match read {
             Ok(page) => page,
             Err(err) => {
                 if job.limited {
@@ -895,7 +960,7 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 break Produced::Failed(err.to_string());
             }
         };
-        let got = page.rows.len() as i64;
+        let got = page.len() as i64;
         if job.limited
             && got < granted
             && let Err(err) = store
@@ -910,17 +975,9 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: false,
             };
         }
-        after = page.last_key.clone();
+        after = page.last_key().clone();
         sent += got;
-        // The row size from an even sample of the page (walking every value of every page
-        // cost ~3 % of the sender's time).
-        let step = (page.rows.len() / SIZE_SAMPLE_ROWS).max(1);
-        let (bytes, counted) = page
-            .rows
-            .iter()
-            .step_by(step)
-            .fold((0, 0), |(bytes, n), row| (bytes + approx_bytes(row), n + 1));
-        let per_row = (bytes / counted.max(1)).max(1);
+        let per_row = page.bytes_per_row().max(1);
         page_rows = i64::try_from(TARGET_BATCH_BYTES / per_row)
             .unwrap_or(i64::MAX)
             .clamp(1, job.batch_rows);

@@ -86,6 +86,21 @@ impl Link {
         Ok((wire, raw))
     }
 
+    /// Encodes and queues a row batch whose rows are already encoded column by column
+    /// ([`dbsync_protocol::message::columnar::ColumnsWriter`]; `batch.rows` is not read); returns
+    /// what [`Link::send`] returns.
+    pub async fn send_row_batch_columns(
+        &mut self,
+        batch: &dbsync_protocol::message::RowBatch,
+        columns: &[u8],
+    ) -> Result<(usize, usize), String> {
+        let (frame, raw) = codec::encode_row_batch_columns(batch, columns, self.zstd_level)
+            .map_err(|e| e.to_string())?;
+        let wire = frame.len();
+        self.send_frame(frame).await?;
+        Ok((wire, raw))
+    }
+
     /// Queues an encoded frame.
     pub async fn send_frame(&mut self, frame: Vec<u8>) -> Result<(), String> {
         let outgoing = self

@@ -248,6 +248,17 @@ pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usiz
     Ok((frame, raw_len))
 }
 
+/// Like [`encode_sized`] for a row batch whose rows were encoded column by column already
+/// ([`crate::message::columnar::ColumnsWriter`]): `batch.rows` is not read, `columns` stands for
+/// it. The frame is the one [`encode_sized`] makes for the same rows.
+pub fn encode_row_batch_columns(
+    batch: &crate::message::RowBatch,
+    columns: &[u8],
+    zstd_level: i32,
+) -> Result<(Vec<u8>, usize), ProtocolError> {
+    SCRATCH.with_borrow_mut(|scratch| scratch.row_batch_columns(batch, columns, zstd_level))
+}
+
 /// Writes the payload length (everything after the header) into a frame's header.
 fn set_length(frame: &mut [u8]) -> Result<(), ProtocolError> {
     let length = u32::try_from(frame.len() - HEADER_LEN)
@@ -283,6 +294,33 @@ impl Scratch {
         self.payload.clear();
         rmp_serde::encode::write(&mut self.payload, batch)
             .map_err(|err| ProtocolError::Encode(err.to_string()))?;
+        self.compress_row_batch(level)
+    }
+
+    /// A row batch's frame from its fields and its rows already encoded column by column
+    /// ([`crate::message::columnar::ColumnsWriter`]); `batch.rows` is not read.
+    fn row_batch_columns(
+        &mut self,
+        batch: &crate::message::RowBatch,
+        columns: &[u8],
+        level: i32,
+    ) -> Result<(Vec<u8>, usize), ProtocolError> {
+        let encode = |err: rmp_serde::encode::Error| ProtocolError::Encode(err.to_string());
+        self.payload.clear();
+        // The fields in `RowBatch`'s order, as its derived `Serialize` writes them (an array).
+        let out = &mut self.payload;
+        rmp::encode::write_array_len(out, 6).map_err(|e| encode(e.into()))?;
+        rmp_serde::encode::write(out, &batch.request_id).map_err(encode)?;
+        rmp_serde::encode::write(out, &batch.seq).map_err(encode)?;
+        rmp_serde::encode::write(out, &batch.columns).map_err(encode)?;
+        out.extend_from_slice(columns);
+        rmp_serde::encode::write(out, &batch.last_key).map_err(encode)?;
+        rmp_serde::encode::write(out, &batch.transfer_id).map_err(encode)?;
+        self.compress_row_batch(level)
+    }
+
+    /// Compresses the row batch in `payload` into a frame.
+    fn compress_row_batch(&mut self, level: i32) -> Result<(Vec<u8>, usize), ProtocolError> {
         let raw_len = self.payload.len();
         let compressor = match &mut self.compressor {
             Some((current, compressor)) if *current == level => compressor,

@@ -392,7 +392,8 @@ pub mod columnar {
     pub const MIXED: u8 = 255;
 
     impl Kind {
-        fn of(value: &Value) -> Option<Self> {
+        /// The kind of a non-null scalar value (`None` for NULL, intervals and arrays).
+        pub fn of(value: &Value) -> Option<Self> {
             Some(match value {
                 Value::Bool(_) => Self::Bool,
                 Value::Int(_) => Self::Int,
@@ -498,6 +499,120 @@ pub mod columnar {
                 bare: kind.is_some(),
             })?;
             pair.end()
+        }
+    }
+
+    /// Writes a batch's rows column by column straight from a source's own representation,
+    /// with no [`Value`] per cell: the bytes [`serialize`] writes for the same rows, except that
+    /// a column whose values are all NULL keeps the kind it is given (the reader takes NULLs of
+    /// any kind alike). Write the columns in order: [`ColumnsWriter::column`], then exactly
+    /// `rows` values, then the next column.
+    #[derive(Debug)]
+    pub struct ColumnsWriter {
+        out: Vec<u8>,
+        width: usize,
+        rows: usize,
+        columns: usize,
+        values: usize,
+        /// The current column holds whole values.
+        whole: bool,
+    }
+
+    fn written<T, E: std::fmt::Display>(result: Result<T, E>) {
+        // Writes into a `Vec` cannot fail.
+        if let Err(err) = result {
+            unreachable!("MessagePack write into memory failed: {err}");
+        }
+    }
+
+    impl ColumnsWriter {
+        /// Starts `width` columns of `rows` values each, appended to `out`.
+        pub fn new(width: usize, rows: usize, mut out: Vec<u8>) -> Self {
+            written(rmp::encode::write_array_len(&mut out, width as u32));
+            Self {
+                out,
+                width,
+                rows,
+                columns: 0,
+                values: rows,
+                whole: false,
+            }
+        }
+
+        /// Starts the next column: its values are all of `kind` or NULL (`None`: whole values,
+        /// written with [`ColumnsWriter::value`]).
+        pub fn column(&mut self, kind: Option<Kind>) -> Result<(), String> {
+            if self.values != self.rows || self.columns == self.width {
+                return Err("a column started before the last one was full".into());
+            }
+            self.columns += 1;
+            self.values = 0;
+            self.whole = kind.is_none();
+            written(rmp::encode::write_array_len(&mut self.out, 2));
+            written(rmp::encode::write_uint(
+                &mut self.out,
+                u64::from(kind.map_or(MIXED, |k| k as u8)),
+            ));
+            written(rmp::encode::write_array_len(
+                &mut self.out,
+                self.rows as u32,
+            ));
+            Ok(())
+        }
+
+        fn count(&mut self) -> &mut Vec<u8> {
+            self.values += 1;
+            &mut self.out
+        }
+
+        /// NULL (bare, or the whole value `Value::Null` in a column of whole values).
+        pub fn null(&mut self) {
+            if self.whole {
+                written(rmp_serde::encode::write(self.count(), &Value::Null));
+            } else {
+                written(rmp::encode::write_nil(self.count()));
+            }
+        }
+
+        /// A bool.
+        pub fn bool(&mut self, value: bool) {
+            written(rmp::encode::write_bool(self.count(), value));
+        }
+
+        /// An integer (ints, dates, times, timestamps).
+        pub fn int(&mut self, value: i64) {
+            written(rmp::encode::write_sint(self.count(), value));
+        }
+
+        /// A float.
+        pub fn float(&mut self, value: f64) {
+            written(rmp::encode::write_f64(self.count(), value));
+        }
+
+        /// Text, numeric text or JSON text.
+        pub fn str(&mut self, value: &str) {
+            written(rmp::encode::write_str(self.count(), value));
+        }
+
+        /// Bytes or a UUID's 16 bytes.
+        pub fn bin(&mut self, value: &[u8]) {
+            written(rmp::encode::write_bin(self.count(), value));
+        }
+
+        /// A whole value (a column started with kind `None`).
+        pub fn value(&mut self, value: &Value) -> Result<(), String> {
+            rmp_serde::encode::write(self.count(), value).map_err(|err| err.to_string())
+        }
+
+        /// The encoded columns (the `rows` field of a [`super::RowBatch`] on the wire).
+        pub fn finish(self) -> Result<Vec<u8>, String> {
+            if self.columns != self.width || self.values != self.rows {
+                return Err(format!(
+                    "{} of {} columns written, the last with {} of {} values",
+                    self.columns, self.width, self.values, self.rows
+                ));
+            }
+            Ok(self.out)
         }
     }
 

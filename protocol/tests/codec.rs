@@ -1,6 +1,7 @@
 //! Frame round-trips (property tests) and one test per kind of malformed input.
 
 use dbsync_protocol::codec::{self, FLAG_ZSTD, HEADER_LEN, Limits, MAGIC};
+use dbsync_protocol::message::columnar::{ColumnsWriter, Kind as ColumnKind};
 use dbsync_protocol::message::{
     Credit, ErrorMessage, Hello, KeyFilter, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
 };
@@ -80,6 +81,48 @@ proptest! {
         for (a, b) in decoded.rows.iter().flatten().zip(batch.rows.iter().flatten()) {
             prop_assert!(same(a, b), "{:?} != {:?}", a, b);
         }
+    }
+
+    #[test]
+    fn columns_written_directly_make_the_same_frame(rows in (1usize..6).prop_flat_map(|width| proptest::collection::vec(proptest::collection::vec(value(), width), 1..20))) {
+        let batch = RowBatch {
+            request_id: 300,
+            seq: 70_000,
+            columns: (0..rows[0].len()).map(|i| format!("c{i}")).collect(),
+            last_key: vec![rows[rows.len() - 1][0].clone()],
+            rows,
+            transfer_id: "0190-transfer".into(),
+        };
+        let (frame, raw) = codec::encode_sized(&Message::RowBatch(batch.clone()), 1).unwrap();
+        let mut writer = ColumnsWriter::new(batch.columns.len(), batch.rows.len(), Vec::new());
+        for index in 0..batch.columns.len() {
+            // The kind the serializer chooses: the one kind of the non-null values, Int when all
+            // are NULL, none (whole values) when they differ.
+            let mut kinds = batch.rows.iter().map(|r| &r[index]).filter(|v| **v != Value::Null).map(ColumnKind::of);
+            let kind = match kinds.next() {
+                None => Some(ColumnKind::Int),
+                Some(first) => first.filter(|k| kinds.all(|other| other == Some(*k))),
+            };
+            writer.column(kind).unwrap();
+            for row in &batch.rows {
+                match (&row[index], kind) {
+                    (Value::Null, _) => writer.null(),
+                    (_, None) => writer.value(&row[index]).unwrap(),
+                    (Value::Bool(b), _) => writer.bool(*b),
+                    (Value::Int(i) | Value::Time(i) | Value::Timestamp(i) | Value::TimestampTz(i), _) => writer.int(*i),
+                    (Value::Date(d), _) => writer.int(i64::from(*d)),
+                    (Value::Float(f), _) => writer.float(*f),
+                    (Value::Numeric(t) | Value::Text(t) | Value::Json(t), _) => writer.str(t),
+                    (Value::Bytes(b), _) => writer.bin(b),
+                    (Value::Uuid(u), _) => writer.bin(u),
+                    (other, Some(_)) => panic!("{other:?} has no bare form"),
+                }
+            }
+        }
+        let columns = writer.finish().unwrap();
+        let (direct, direct_raw) = codec::encode_row_batch_columns(&batch, &columns, 1).unwrap();
+        prop_assert_eq!(raw, direct_raw);
+        prop_assert!(frame == direct, "the frames differ");
     }
 
     #[test]

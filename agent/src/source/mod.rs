@@ -8,6 +8,7 @@ pub mod pg_binary;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dbsync_protocol::Value;
+use dbsync_protocol::message::columnar::ColumnsWriter;
 use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use sqlx::{Row, ValueRef};
 
@@ -48,6 +49,133 @@ impl Store {
         filter: Option<&KeyFilter>,
         limit: i64,
     ) -> Result<Page> {
+        let query = PageQuery::new(schema, columns, after, filter)?;
+        let rows = match self.pool() {
+            Pool::Postgres(pool) => {
+                let fetched = query.fetch_postgres(pool, limit).await?;
+                let decoders = query.decoders();
+                fetched
+                    .iter()
+                    .map(|row| {
+                        (0..columns.len())
+                            .map(|i| postgres_value(row, i, &decoders[i]))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Pool::Sqlite(pool) => {
+                // Read on the raw handle: sqlx hands each row over from its worker thread.
+                let mut params = Vec::new();
+                for value in query.keys.iter().copied().flatten() {
+                    params.push(sqlite_key(value)?);
+                }
+                params.push(crate::sqlite_raw::Arg::Int(limit));
+                let mut conn = pool.acquire().await?;
+                crate::sqlite_raw::select_rows(&mut conn, &query.sql, &params, columns.len())
+                    .await
+                    .map_err(|err| match err {
+                        crate::sqlite_raw::RawError::Sqlx(err) => err.into(),
+                        other => {
+                            Error::invalid("rows", format!("reading {:?}: {other}", schema.name))
+                        }
+                    })?
+            }
+        };
+        let last_key = rows.last().map(|row| {
+            query
+                .key_positions
+                .iter()
+                .map(|i| row[*i].clone())
+                .collect()
+        });
+        Ok(Page { rows, last_key })
+    }
+
+    /// [`Store::read_page_filtered`] with the rows encoded for the wire as they are read, column
+    /// by column, with no [`Value`] per cell (only the last row's key is decoded). `None` when
+    /// the store is not PostgreSQL (read those pages as values).
+    pub async fn read_page_encoded(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        filter: Option<&KeyFilter>,
+        limit: i64,
+    ) -> Result<Option<EncodedPage>> {
+        let Pool::Postgres(pool) = self.pool() else {
+            return Ok(None);
+        };
+        let query = PageQuery::new(schema, columns, after, filter)?;
+        let fetched = query.fetch_postgres(pool, limit).await?;
+        let decoders = query.decoders();
+        let invalid = |e: String| Error::invalid("rows", e);
+        let mut writer = ColumnsWriter::new(
+            columns.len(),
+            fetched.len(),
+            Vec::with_capacity(fetched.len() * columns.len() * 16),
+        );
+        let mut numeric = String::new();
+        for (i, decoder) in decoders.iter().enumerate() {
+            writer.column(decoder.kind()).map_err(invalid)?;
+            for row in &fetched {
+                let raw = row.try_get_raw(i)?;
+                if raw.is_null() {
+                    writer.null();
+                } else {
+                    let bytes = raw
+                        .as_bytes()
+                        .map_err(|e| Error::invalid("value", e.to_string()))?;
+                    decoder.write(bytes, &mut writer, &mut numeric)?;
+                }
+            }
+        }
+        let last_key = fetched
+            .last()
+            .map(|row| {
+                query
+                    .key_positions
+                    .iter()
+                    .map(|i| postgres_value(row, *i, &decoders[*i]))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        Ok(Some(EncodedPage {
+            columns: writer.finish().map_err(invalid)?,
+            rows: fetched.len(),
+            last_key,
+        }))
+    }
+}
+
+/// One page of rows encoded for the wire ([`Store::read_page_encoded`]).
+#[derive(Debug)]
+pub struct EncodedPage {
+    /// The rows, column by column: a row batch's `rows` field as it goes on the wire.
+    pub columns: Vec<u8>,
+    /// How many rows.
+    pub rows: usize,
+    /// Key of the last row, if any row was read.
+    pub last_key: Option<Vec<Value>>,
+}
+
+/// A keyset page's query and what reading its rows needs.
+struct PageQuery<'a> {
+    sql: String,
+    /// The key values bound, in order: `after`, then the filter's keys.
+    keys: Vec<&'a [Value]>,
+    /// Where each key column is among the columns read.
+    key_positions: Vec<usize>,
+    /// Each column's engine-neutral type.
+    neutral: Vec<&'a str>,
+}
+
+impl<'a> PageQuery<'a> {
+    fn new(
+        schema: &'a TableSchema,
+        columns: &'a [String],
+        after: Option<&'a [Value]>,
+        filter: Option<&'a KeyFilter>,
+    ) -> Result<Self> {
         let filter_keys: Vec<&[Value]> = match filter {
             None => Vec::new(),
             Some(KeyFilter::Range { from, to }) => {
@@ -63,7 +191,8 @@ impl Store {
                 keys.iter().map(Vec::as_slice).collect()
             }
         };
-        for key in after.iter().chain(filter_keys.iter()) {
+        let keys: Vec<&[Value]> = after.into_iter().chain(filter_keys).collect();
+        for key in &keys {
             if key.len() != schema.primary_key.len() {
                 return Err(Error::invalid(
                     "key",
@@ -98,66 +227,57 @@ impl Store {
                     })
             })
             .collect::<Result<_>>()?;
-        let sql = sqlx::AssertSqlSafe(keyset_query_filtered(
+        let sql = keyset_query_filtered(
             &schema.name,
             columns,
             &schema.primary_key,
             after.is_some(),
             filter,
-        )?);
-        let rows = match self.pool() {
-            Pool::Postgres(pool) => {
-                let mut query = sqlx::query(sql);
-                for key in after.iter().chain(filter_keys.iter()) {
-                    for (value, position) in key.iter().zip(&key_positions) {
-                        query = bind_postgres(query, value, neutral[*position])?;
-                    }
-                }
-                let fetched = query.bind(limit).fetch_all(pool).await?;
-                let decoders: Vec<pg_binary::Decoder> =
-                    neutral.iter().map(|n| pg_binary::Decoder::of(n)).collect();
-                fetched
-                    .iter()
-                    .map(|row| {
-                        (0..columns.len())
-                            .map(|i| {
-                                let raw = row.try_get_raw(i)?;
-                                if raw.is_null() {
-                                    Ok(Value::Null)
-                                } else {
-                                    let bytes = raw
-                                        .as_bytes()
-                                        .map_err(|e| Error::invalid("value", e.to_string()))?;
-                                    decoders[i].decode(bytes)
-                                }
-                            })
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-            Pool::Sqlite(pool) => {
-                // Read on the raw handle: sqlx hands each row over from its worker thread.
-                let mut params = Vec::new();
-                for value in after.iter().chain(filter_keys.iter()).copied().flatten() {
-                    params.push(sqlite_key(value)?);
-                }
-                params.push(crate::sqlite_raw::Arg::Int(limit));
-                let mut conn = pool.acquire().await?;
-                crate::sqlite_raw::select_rows(&mut conn, &sql.0, &params, columns.len())
-                    .await
-                    .map_err(|err| match err {
-                        crate::sqlite_raw::RawError::Sqlx(err) => err.into(),
-                        other => {
-                            Error::invalid("rows", format!("reading {:?}: {other}", schema.name))
-                        }
-                    })?
-            }
-        };
-        let last_key = rows
-            .last()
-            .map(|row| key_positions.iter().map(|i| row[*i].clone()).collect());
-        Ok(Page { rows, last_key })
+        )?;
+        Ok(Self {
+            sql,
+            keys,
+            key_positions,
+            neutral,
+        })
     }
+
+    fn decoders(&self) -> Vec<pg_binary::Decoder> {
+        self.neutral
+            .iter()
+            .map(|n| pg_binary::Decoder::of(n))
+            .collect()
+    }
+
+    async fn fetch_postgres(
+        &self,
+        pool: &sqlx::PgPool,
+        limit: i64,
+    ) -> Result<Vec<sqlx::postgres::PgRow>> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
+        for key in &self.keys {
+            for (value, position) in key.iter().zip(&self.key_positions) {
+                query = bind_postgres(query, value, self.neutral[*position])?;
+            }
+        }
+        Ok(query.bind(limit).fetch_all(pool).await?)
+    }
+}
+
+/// Column `i` of a PostgreSQL row as a value.
+fn postgres_value(
+    row: &sqlx::postgres::PgRow,
+    i: usize,
+    decoder: &pg_binary::Decoder,
+) -> Result<Value> {
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let bytes = raw
+        .as_bytes()
+        .map_err(|e| Error::invalid("value", e.to_string()))?;
+    decoder.decode(bytes)
 }
 
 fn key_type_error(neutral: &str) -> Error {

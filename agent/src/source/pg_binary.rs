@@ -3,6 +3,7 @@
 //! sentinels kept, intervals as (months, days, µs), arrays of any dimension.
 
 use dbsync_protocol::Value;
+use dbsync_protocol::message::columnar::{ColumnsWriter, Kind as ColumnKind};
 
 use crate::error::{Error, Result};
 
@@ -95,81 +96,156 @@ impl Decoder {
         }
     }
 
-    /// Decodes one non-null value.
-    pub fn decode(&self, bytes: &[u8]) -> Result<Value> {
+    /// The wire kind of this type's values (`None`: they travel whole, as intervals and arrays
+    /// do).
+    pub fn kind(&self) -> Option<ColumnKind> {
+        Some(match self {
+            Self::Bool => ColumnKind::Bool,
+            Self::Int => ColumnKind::Int,
+            Self::Float => ColumnKind::Float,
+            Self::Numeric => ColumnKind::Numeric,
+            Self::Text => ColumnKind::Text,
+            Self::Bytes => ColumnKind::Bytes,
+            Self::Uuid => ColumnKind::Uuid,
+            Self::Json => ColumnKind::Json,
+            Self::Date => ColumnKind::Date,
+            Self::Time => ColumnKind::Time,
+            Self::Timestamp => ColumnKind::Timestamp,
+            Self::TimestampTz => ColumnKind::TimestampTz,
+            Self::Interval | Self::Array(_) | Self::Unsupported(_) => return None,
+        })
+    }
+
+    /// One non-null value's bare form, borrowed from `bytes` where it can be; `None` for the
+    /// types without one (see [`Decoder::kind`]).
+    fn bare<'a>(&self, bytes: &'a [u8]) -> Result<Option<Bare<'a>>> {
         let name = self.name();
-        Ok(match self {
-            Self::Bool => Value::Bool(fixed::<1>(bytes, name)?[0] != 0),
-            Self::Int => Value::Int(match bytes.len() {
+        Ok(Some(match self {
+            Self::Bool => Bare::Bool(fixed::<1>(bytes, name)?[0] != 0),
+            Self::Int => Bare::Int(match bytes.len() {
                 2 => i64::from(i16::from_be_bytes(fixed(bytes, name)?)),
                 4 => i64::from(i32::from_be_bytes(fixed(bytes, name)?)),
                 8 => i64::from_be_bytes(fixed(bytes, name)?),
                 n => return Err(bad(name, format!("{n} bytes"))),
             }),
-            Self::Float => Value::Float(match bytes.len() {
+            Self::Float => Bare::Float(match bytes.len() {
                 4 => f64::from(f32::from_be_bytes(fixed(bytes, name)?)),
                 8 => f64::from_be_bytes(fixed(bytes, name)?),
                 n => return Err(bad(name, format!("{n} bytes"))),
             }),
-            Self::Numeric => Value::Numeric(numeric_to_string(bytes)?),
-            Self::Text => Value::Text(utf8(bytes, name)?),
-            Self::Bytes => Value::Bytes(bytes.to_vec()),
-            Self::Uuid => Value::Uuid(fixed(bytes, name)?),
+            Self::Numeric => Bare::Numeric(bytes),
+            Self::Text => Bare::Text(std::str::from_utf8(bytes).map_err(|e| bad(name, e))?),
+            Self::Bytes => Bare::Bin(bytes),
+            Self::Uuid => Bare::Bin(fixed::<16>(bytes, name).map(|_| bytes)?),
             // jsonb starts with a version byte (1); json is plain text.
-            Self::Json => Value::Json(utf8(
-                match bytes.first() {
+            Self::Json => Bare::Text(
+                std::str::from_utf8(match bytes.first() {
                     Some(1) => &bytes[1..],
                     _ => bytes,
-                },
-                name,
-            )?),
+                })
+                .map_err(|e| bad(name, e))?,
+            ),
             Self::Date => {
                 let days = i32::from_be_bytes(fixed(bytes, name)?);
-                Value::Date(match days {
+                Bare::Int(i64::from(match days {
                     i32::MIN | i32::MAX => days,
                     _ => days
                         .checked_add(PG_EPOCH_DAYS)
                         .ok_or_else(|| bad(name, "out of range"))?,
-                })
+                }))
             }
-            Self::Time => Value::Time(i64::from_be_bytes(fixed(bytes, name)?)),
+            Self::Time => Bare::Int(i64::from_be_bytes(fixed(bytes, name)?)),
             Self::Timestamp | Self::TimestampTz => {
                 let micros = i64::from_be_bytes(fixed(bytes, name)?);
-                let micros = match micros {
+                Bare::Int(match micros {
                     i64::MIN | i64::MAX => micros,
                     _ => micros
                         .checked_add(PG_EPOCH_MICROS)
                         .ok_or_else(|| bad(name, "out of range"))?,
-                };
-                if *self == Self::Timestamp {
-                    Value::Timestamp(micros)
-                } else {
-                    Value::TimestampTz(micros)
-                }
+                })
             }
+            Self::Interval | Self::Array(_) | Self::Unsupported(_) => return Ok(None),
+        }))
+    }
+
+    /// Decodes one non-null value.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Value> {
+        let Some(bare) = self.bare(bytes)? else {
+            return self.decode_whole(bytes);
+        };
+        Ok(match (self, bare) {
+            (_, Bare::Bool(b)) => Value::Bool(b),
+            (Self::Date, Bare::Int(days)) => Value::Date(days as i32),
+            (Self::Time, Bare::Int(micros)) => Value::Time(micros),
+            (Self::Timestamp, Bare::Int(micros)) => Value::Timestamp(micros),
+            (Self::TimestampTz, Bare::Int(micros)) => Value::TimestampTz(micros),
+            (_, Bare::Int(i)) => Value::Int(i),
+            (_, Bare::Float(f)) => Value::Float(f),
+            (_, Bare::Numeric(raw)) => Value::Numeric(numeric_to_string(raw)?),
+            (Self::Json, Bare::Text(text)) => Value::Json(text.to_owned()),
+            (_, Bare::Text(text)) => Value::Text(text.to_owned()),
+            (Self::Uuid, Bare::Bin(raw)) => Value::Uuid(fixed(raw, "uuid")?),
+            (_, Bare::Bin(raw)) => Value::Bytes(raw.to_vec()),
+        })
+    }
+
+    /// Writes one non-null value to the wire column being written (started with
+    /// [`Decoder::kind`]); `numeric` is scratch space for numeric text.
+    pub fn write(
+        &self,
+        bytes: &[u8],
+        writer: &mut ColumnsWriter,
+        numeric: &mut String,
+    ) -> Result<()> {
+        match self.bare(bytes)? {
+            None => writer
+                .value(&self.decode_whole(bytes)?)
+                .map_err(|e| Error::invalid("value", e))?,
+            Some(Bare::Bool(b)) => writer.bool(b),
+            Some(Bare::Int(i)) => writer.int(i),
+            Some(Bare::Float(f)) => writer.float(f),
+            Some(Bare::Numeric(raw)) => {
+                numeric.clear();
+                write_numeric(raw, numeric)?;
+                writer.str(numeric);
+            }
+            Some(Bare::Text(text)) => writer.str(text),
+            Some(Bare::Bin(raw)) => writer.bin(raw),
+        }
+        Ok(())
+    }
+
+    /// The types without a bare form, as whole values.
+    fn decode_whole(&self, bytes: &[u8]) -> Result<Value> {
+        let name = self.name();
+        match self {
             Self::Interval => {
                 let raw: [u8; 16] = fixed(bytes, name)?;
-                Value::Interval {
+                Ok(Value::Interval {
                     micros: i64::from_be_bytes(raw[..8].try_into().expect("8 bytes")),
                     days: i32::from_be_bytes(raw[8..12].try_into().expect("4 bytes")),
                     months: i32::from_be_bytes(raw[12..].try_into().expect("4 bytes")),
-                }
+                })
             }
-            Self::Array(element) => decode_array(element, bytes)?,
-            Self::Unsupported(other) => {
-                return Err(Error::invalid(
-                    "column type",
-                    format!("{other} values cannot be transferred yet"),
-                ));
-            }
-        })
+            Self::Array(element) => decode_array(element, bytes),
+            Self::Unsupported(other) => Err(Error::invalid(
+                "column type",
+                format!("{other} values cannot be transferred yet"),
+            )),
+            scalar => Err(bad(scalar.name(), "has a bare form")),
+        }
     }
 }
 
-fn utf8(bytes: &[u8], name: &str) -> Result<String> {
-    Ok(std::str::from_utf8(bytes)
-        .map_err(|e| bad(name, e))?
-        .to_owned())
+/// A non-null value as it goes on the wire in a column of one kind.
+enum Bare<'a> {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    /// PostgreSQL's binary numeric, formatted where it is used.
+    Numeric(&'a [u8]),
+    Text(&'a str),
+    Bin(&'a [u8]),
 }
 
 /// Decodes one non-null value of engine-neutral type `neutral` (as [`crate::catalog`] names it).
@@ -259,6 +335,13 @@ fn push_group(text: &mut String, group: u16, pad: bool) {
 
 /// PostgreSQL's binary numeric (base-10000 digits) as the decimal text PostgreSQL prints.
 pub fn numeric_to_string(bytes: &[u8]) -> Result<String> {
+    let mut text = String::new();
+    write_numeric(bytes, &mut text)?;
+    Ok(text)
+}
+
+/// [`numeric_to_string`] appending to `text`.
+pub fn write_numeric(bytes: &[u8], text: &mut String) -> Result<()> {
     let field = |i: usize| -> Result<u16> {
         bytes
             .get(i * 2..i * 2 + 2)
@@ -269,28 +352,32 @@ pub fn numeric_to_string(bytes: &[u8]) -> Result<String> {
     let weight = i32::from(field(1)? as i16);
     let sign = field(2)?;
     let dscale = usize::from(field(3)?);
-    match sign {
-        0xC000 => return Ok("NaN".into()),
-        0xD000 => return Ok("Infinity".into()),
-        0xF000 => return Ok("-Infinity".into()),
-        0x0000 | 0x4000 => {}
+    let special = match sign {
+        0xC000 => "NaN",
+        0xD000 => "Infinity",
+        0xF000 => "-Infinity",
+        0x0000 | 0x4000 => "",
         other => return Err(bad("numeric", format!("sign {other:#06x}"))),
+    };
+    if !special.is_empty() {
+        text.push_str(special);
+        return Ok(());
     }
     if bytes.len() != 8 + 2 * ndigits {
         return Err(bad("numeric", "length does not match digit count"));
     }
-    let digits: Vec<u16> = (0..ndigits).map(|i| field(4 + i)).collect::<Result<_>>()?;
-    if digits.iter().any(|d| *d > 9999) {
-        return Err(bad("numeric", "a base-10000 digit over 9999"));
+    for i in 0..ndigits {
+        if field(4 + i)? > 9999 {
+            return Err(bad("numeric", "a base-10000 digit over 9999"));
+        }
     }
-    let digit = |group: i32| -> u16 {
-        usize::try_from(group)
-            .ok()
-            .and_then(|g| digits.get(g))
-            .copied()
-            .unwrap_or(0)
+    // Digit groups past the stored ones (or before the first) are zero.
+    let digit = |group: i32| -> Result<u16> {
+        match usize::try_from(group) {
+            Ok(g) if g < ndigits => field(4 + g),
+            _ => Ok(0),
+        }
     };
-    let mut text = String::new();
     if sign == 0x4000 {
         text.push('-');
     }
@@ -299,21 +386,20 @@ pub fn numeric_to_string(bytes: &[u8]) -> Result<String> {
     } else {
         for group in 0..=weight {
             // The leading group without its leading zeros.
-            push_group(&mut text, digit(group), group > 0);
+            push_group(text, digit(group)?, group > 0);
         }
     }
     if dscale > 0 {
-        let mut fraction = String::with_capacity(dscale + 4);
+        text.push('.');
+        let start = text.len();
         let mut group = weight + 1;
-        while fraction.len() < dscale {
-            push_group(&mut fraction, digit(group), true);
+        while text.len() - start < dscale {
+            push_group(text, digit(group)?, true);
             group += 1;
         }
-        fraction.truncate(dscale);
-        text.push('.');
-        text.push_str(&fraction);
+        text.truncate(start + dscale);
     }
-    Ok(text)
+    Ok(())
 }
 
 #[cfg(test)]
