@@ -278,6 +278,7 @@ struct Scratch {
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     payload: Vec<u8>,
+    compressed: Vec<u8>,
 }
 
 thread_local! {
@@ -330,15 +331,24 @@ impl Scratch {
                 &mut slot.insert((level, compressor)).1
             }
         };
-        let mut frame = vec![0; HEADER_LEN + zstd::zstd_safe::compress_bound(raw_len)];
+        // Compressed into this thread's buffer (room for the worst case, not zeroed), then
+        // copied into a frame of exactly its size: a frame allocated at the worst case (~6x the
+        // compressed size here) held and touched that much memory while it waited to be sent.
+        self.compressed.clear();
+        self.compressed
+            .reserve(zstd::zstd_safe::compress_bound(raw_len));
         let written = compressor
-            .compress_to_buffer(&self.payload, &mut frame[HEADER_LEN..])
+            .compress_to_buffer(&self.payload, &mut self.compressed)
             .map_err(|err| ProtocolError::Encode(err.to_string()))?;
-        frame.truncate(HEADER_LEN + written);
-        frame[..4].copy_from_slice(&[MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0]);
+        let mut frame = Vec::with_capacity(HEADER_LEN + written);
+        frame.extend_from_slice(&[MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0, 0, 0, 0, 0]);
+        frame.extend_from_slice(&self.compressed);
         set_length(&mut frame)?;
         if self.payload.capacity() > KEEP_PAYLOAD_BYTES {
             self.payload = Vec::new();
+        }
+        if self.compressed.capacity() > KEEP_PAYLOAD_BYTES {
+            self.compressed = Vec::new();
         }
         Ok((frame, raw_len))
     }
