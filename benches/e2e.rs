@@ -277,10 +277,10 @@ async fn exec(pool: &sqlx::PgPool, sql: &str) {
         .unwrap();
 }
 
-/// The baseline: binary COPY out of A streamed straight into COPY in on B (`psql | psql`).
 /// Bytes per write into the baseline's `COPY FROM STDIN`.
 const COPY_WRITE: usize = 64 * 1024;
 
+/// The baseline: binary COPY out of A streamed straight into COPY in on B (`psql | psql`).
 async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Duration {
     let started = Instant::now();
     let mut out = from

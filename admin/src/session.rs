@@ -928,25 +928,20 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: true,
             };
         }
+        let (schema, columns, from, filter) = (
+            &job.schema,
+            &job.columns,
+            after.as_deref(),
+            job.filter.as_ref(),
+        );
+        // PostgreSQL pages come encoded for the wire; other stores' as values.
         let read = match store
-            .read_page_encoded(
-                &job.schema,
-                &job.columns,
-                after.as_deref(),
-                job.filter.as_ref(),
-                granted,
-            )
+            .read_page_encoded(schema, columns, from, filter, granted)
             .await
         {
             Ok(Some(page)) => Ok(Read::Encoded(page)),
             Ok(None) => store
-                .read_page_filtered(
-                    &job.schema,
-                    &job.columns,
-                    after.as_deref(),
-                    job.filter.as_ref(),
-                    granted,
-                )
+                .read_page_filtered(schema, columns, from, filter, granted)
                 .await
                 .map(Read::Values),
             Err(err) => Err(err),

@@ -79,11 +79,8 @@ impl Link {
     /// Encodes and queues a message; returns (bytes on the wire, payload bytes before
     /// compression).
     pub async fn send(&mut self, message: &Message) -> Result<(usize, usize), String> {
-        let (frame, raw) =
-            codec::encode_sized(message, self.zstd_level).map_err(|e| e.to_string())?;
-        let wire = frame.len();
-        self.send_frame(frame).await?;
-        Ok((wire, raw))
+        self.send_sized(codec::encode_sized(message, self.zstd_level))
+            .await
     }
 
     /// Encodes and queues a row batch whose rows are already encoded column by column
@@ -94,8 +91,21 @@ impl Link {
         batch: &dbsync_protocol::message::RowBatch,
         columns: &[u8],
     ) -> Result<(usize, usize), String> {
-        let (frame, raw) = codec::encode_row_batch_columns(batch, columns, self.zstd_level)
-            .map_err(|e| e.to_string())?;
+        self.send_sized(codec::encode_row_batch_columns(
+            batch,
+            columns,
+            self.zstd_level,
+        ))
+        .await
+    }
+
+    /// Queues a frame just encoded (with its payload size before compression); returns (bytes
+    /// on the wire, that size).
+    async fn send_sized(
+        &mut self,
+        encoded: Result<(Vec<u8>, usize), dbsync_protocol::ProtocolError>,
+    ) -> Result<(usize, usize), String> {
+        let (frame, raw) = encoded.map_err(|e| e.to_string())?;
         let wire = frame.len();
         self.send_frame(frame).await?;
         Ok((wire, raw))

@@ -33,7 +33,8 @@ pub const DEFAULT_MAX_DECOMPRESSED_BYTES: u64 = 64 * 1024 * 1024;
 /// Default deepest MessagePack nesting (a row batch needs 4 plus array dimensions).
 pub const DEFAULT_MAX_DEPTH: usize = 32;
 /// Default zstd level for row batches. Level 1: on the bench's table (columns already grouped)
-/// level 3 made batches only ~2 % smaller and pulls ~4 % slower (docs/performance.md).
+/// level 3 made batches only ~2 % smaller for about twice the compression CPU
+/// (docs/performance.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Every bound the decoder applies.
