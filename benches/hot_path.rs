@@ -1,5 +1,6 @@
 //! Micro-benches of the hot path: encoding and decoding a row batch (MessagePack + zstd at
-//! several levels), and applying a batch on each engine. `cargo bench --bench hot_path`;
+//! several levels; decoding into values, and checked in place as a receiver does), and applying
+//! a batch of values on each engine. `cargo bench --bench hot_path`;
 //! the PostgreSQL group runs when DBSYNC_TEST_PG_URL (or the local default) answers.
 
 use std::hint::black_box;
@@ -8,6 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, NewConnection};
+use dbsync_agent::sink::Rows;
 use dbsync_protocol::codec::{self, Limits};
 use dbsync_protocol::message::RowBatch;
 use dbsync_protocol::{Message, Value};
@@ -70,6 +72,10 @@ fn codec_benches(c: &mut Criterion) {
         });
         group.bench_function(format!("decode_zstd{level}"), |b| {
             b.iter(|| codec::decode_exact(black_box(&encoded), &Limits::default()).unwrap())
+        });
+        // What a receiver does: the batch checked, its rows left in place.
+        group.bench_function(format!("decode_in_place_zstd{level}"), |b| {
+            b.iter(|| codec::decode_batch_exact(black_box(&encoded), &Limits::default()).unwrap())
         });
         let (_, raw) = codec::encode_sized(&message, level).unwrap();
         eprintln!(
@@ -160,7 +166,7 @@ fn apply_benches(c: &mut Criterion) {
                             None,
                             &schema,
                             &rows.columns,
-                            &shifted,
+                            Rows::Values(&shifted),
                             strategy,
                             None,
                         ))

@@ -164,6 +164,17 @@ impl Session<'_> {
             .map_err(|_| "timed out waiting for the receiver".to_owned())?;
         match next {
             Some(Incoming::Message(message, _)) => Ok(message),
+            // Rows only ever flow to the receiver: refused like any unexpected message, and the
+            // session goes on.
+            Some(Incoming::Batch(..)) => {
+                self.refuse(
+                    codes::PROTOCOL_ERROR,
+                    format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch),
+                    None,
+                )
+                .await?;
+                Box::pin(self.recv(timeout)).await
+            }
             Some(Incoming::Malformed(reason)) => {
                 let _ = self
                     .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)

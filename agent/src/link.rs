@@ -8,6 +8,7 @@ use std::future::Future;
 
 use dbsync_protocol::Message;
 use dbsync_protocol::codec::{self, HEADER_LEN, Limits};
+use dbsync_protocol::columns::ReceivedBatch;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -39,6 +40,8 @@ pub trait FrameWriter: Send + 'static {
 pub enum Incoming {
     /// A decoded message and its size on the wire.
     Message(Message, usize),
+    /// A row batch, checked but its rows left encoded, and its size on the wire.
+    Batch(ReceivedBatch, usize),
     /// A frame that broke the codec's rules (the session answers `protocol_error`).
     Malformed(String),
     /// The transport failed.
@@ -151,16 +154,20 @@ async fn read_loop(
         let item = match reader.read_frame().await {
             Ok(Some(frame)) => {
                 let wire = frame.len();
-                // Decoding (decompression, MessagePack) runs here, beside the session's work.
-                match codec::decode_exact(&frame, &limits) {
-                    Ok(message) => Incoming::Message(message, wire),
-                    Err(err) => Incoming::Malformed(err.to_string()),
-                }
+                // Decoding (decompression, MessagePack) runs here, beside the session's work. A
+                // row batch is only checked: its rows are read where they are written.
+                let batch = frame.get(1) == Some(&(dbsync_protocol::Kind::RowBatch as u8));
+                let decoded = if batch {
+                    codec::decode_batch_exact(&frame, &limits).map(|b| Incoming::Batch(b, wire))
+                } else {
+                    codec::decode_exact(&frame, &limits).map(|m| Incoming::Message(m, wire))
+                };
+                decoded.unwrap_or_else(|err| Incoming::Malformed(err.to_string()))
             }
             Ok(None) => return,
             Err(err) => Incoming::Failed(err),
         };
-        let stop = !matches!(item, Incoming::Message(..));
+        let stop = !matches!(item, Incoming::Message(..) | Incoming::Batch(..));
         if to_session.send(item).await.is_err() || stop {
             return;
         }

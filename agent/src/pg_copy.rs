@@ -7,6 +7,10 @@
 //! text-and-cast path instead, which converts the way an `INSERT` would.
 
 use dbsync_protocol::Value;
+use dbsync_protocol::columns::Scalar;
+use dbsync_protocol::message::columnar::Kind;
+
+use crate::sink::Rows;
 
 use crate::source::pg_binary::{PG_EPOCH_DAYS, PG_EPOCH_MICROS};
 /// `PGCOPY\n\377\r\n\0`, then flags and header-extension length (both 0).
@@ -69,26 +73,67 @@ impl Column {
 }
 
 /// The binary `COPY` data (header, rows, trailer) of `rows` for columns written as `columns`, or
-/// `None` when some value has no exact binary form for its column.
-pub(crate) fn encode(rows: &[Vec<Value>], columns: &[Column]) -> Option<Vec<u8>> {
+/// `None` when some value has no exact binary form for its column. Encoded rows are read in
+/// place, each column with its own cursor, row by row: no [`Value`] is built.
+pub(crate) fn encode(rows: Rows<'_>, columns: &[Column]) -> Option<Vec<u8>> {
     let field_count = i16::try_from(columns.len()).ok()?;
     let mut out = Vec::with_capacity(HEADER.len() + rows.len() * (2 + columns.len() * 16));
     out.extend_from_slice(HEADER);
-    for row in rows {
-        if row.len() != columns.len() {
-            return None;
+    match rows {
+        Rows::Values(rows) => {
+            for row in rows {
+                if row.len() != columns.len() {
+                    return None;
+                }
+                out.extend_from_slice(&field_count.to_be_bytes());
+                for (value, column) in row.iter().zip(columns) {
+                    let (kind, scalar) = scalar_of(value)?;
+                    field(&mut out, kind, scalar, *column)?;
+                }
+            }
         }
-        out.extend_from_slice(&field_count.to_be_bytes());
-        for (value, column) in row.iter().zip(columns) {
-            field(&mut out, value, *column)?;
+        Rows::Encoded(rows) => {
+            // A column of whole values (mixed kinds, intervals, arrays) has no cursor.
+            let mut cursors = rows.cursors()?;
+            if cursors.len() != columns.len() && !rows.is_empty() {
+                return None;
+            }
+            for _ in 0..rows.len() {
+                out.extend_from_slice(&field_count.to_be_bytes());
+                for (cursor, column) in cursors.iter_mut().zip(columns) {
+                    let kind = cursor.kind();
+                    field(&mut out, kind, cursor.next_scalar().ok()?, *column)?;
+                }
+            }
         }
     }
     out.extend_from_slice(TRAILER);
     Some(out)
 }
 
-/// Writes one field: its length (-1 for NULL), then its bytes.
-fn field(out: &mut Vec<u8>, value: &Value, column: Column) -> Option<()> {
+/// A value as the scalar of its kind, the way a batch's column carries it (`None` for an
+/// interval or an array: no binary form here). NULL's kind does not matter.
+fn scalar_of(value: &Value) -> Option<(Kind, Scalar<'_>)> {
+    Some(match value {
+        Value::Null => (Kind::Int, Scalar::Null),
+        Value::Bool(b) => (Kind::Bool, Scalar::Bool(*b)),
+        Value::Int(i) => (Kind::Int, Scalar::Int(*i)),
+        Value::Float(f) => (Kind::Float, Scalar::Float(*f)),
+        Value::Numeric(t) => (Kind::Numeric, Scalar::Str(t.as_bytes())),
+        Value::Text(t) => (Kind::Text, Scalar::Str(t.as_bytes())),
+        Value::Json(t) => (Kind::Json, Scalar::Str(t.as_bytes())),
+        Value::Bytes(b) => (Kind::Bytes, Scalar::Bin(b)),
+        Value::Uuid(u) => (Kind::Uuid, Scalar::Bin(u)),
+        Value::Date(d) => (Kind::Date, Scalar::Int(i64::from(*d))),
+        Value::Time(t) => (Kind::Time, Scalar::Int(*t)),
+        Value::Timestamp(t) => (Kind::Timestamp, Scalar::Int(*t)),
+        Value::TimestampTz(t) => (Kind::TimestampTz, Scalar::Int(*t)),
+        Value::Interval { .. } | Value::Array(_) => return None,
+    })
+}
+
+/// Writes one field, a value of `kind`: its length (-1 for NULL), then its bytes.
+fn field(out: &mut Vec<u8>, kind: Kind, scalar: Scalar<'_>, column: Column) -> Option<()> {
     fn fixed(out: &mut Vec<u8>, bytes: &[u8]) {
         out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
         out.extend_from_slice(bytes);
@@ -100,48 +145,52 @@ fn field(out: &mut Vec<u8>, value: &Value, column: Column) -> Option<()> {
         out.extend_from_slice(bytes);
         Some(())
     }
-    match (value, column) {
-        (Value::Null, _) => out.extend_from_slice(&(-1i32).to_be_bytes()),
-        (Value::Int(i), Column::Int8) => fixed(out, &i.to_be_bytes()),
-        (Value::Int(i), Column::Int4) => fixed(out, &i32::try_from(*i).ok()?.to_be_bytes()),
-        (Value::Int(i), Column::Int2) => fixed(out, &i16::try_from(*i).ok()?.to_be_bytes()),
-        (Value::Float(f), Column::Float8) => fixed(out, &f.to_be_bytes()),
+    match (kind, scalar, column) {
+        (_, Scalar::Null, _) => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        (Kind::Int, Scalar::Int(i), Column::Int8) => fixed(out, &i.to_be_bytes()),
+        (Kind::Int, Scalar::Int(i), Column::Int4) => {
+            fixed(out, &i32::try_from(i).ok()?.to_be_bytes())
+        }
+        (Kind::Int, Scalar::Int(i), Column::Int2) => {
+            fixed(out, &i16::try_from(i).ok()?.to_be_bytes())
+        }
+        (Kind::Float, Scalar::Float(f), Column::Float8) => fixed(out, &f.to_be_bytes()),
         // Only where the value came from a `real` (or fits one exactly): no silent rounding.
-        (Value::Float(f), Column::Float4) if f64::from(*f as f32) == *f || f.is_nan() => {
-            fixed(out, &(*f as f32).to_be_bytes())
+        (Kind::Float, Scalar::Float(f), Column::Float4)
+            if f64::from(f as f32) == f || f.is_nan() =>
+        {
+            fixed(out, &(f as f32).to_be_bytes())
         }
-        (Value::Bool(b), Column::Bool) => fixed(out, &[u8::from(*b)]),
-        (Value::Uuid(bytes), Column::Uuid) => fixed(out, bytes),
-        (Value::Bytes(bytes), Column::Bytea) => varying(out, &[], bytes)?,
-        (Value::Text(text), Column::Text) => varying(out, &[], text.as_bytes())?,
-        (Value::Json(text) | Value::Text(text), Column::Json) => {
-            varying(out, &[], text.as_bytes())?
-        }
+        (Kind::Bool, Scalar::Bool(b), Column::Bool) => fixed(out, &[u8::from(b)]),
+        (Kind::Uuid, Scalar::Bin(bytes), Column::Uuid) if bytes.len() == 16 => fixed(out, bytes),
+        (Kind::Bytes, Scalar::Bin(bytes), Column::Bytea) => varying(out, &[], bytes)?,
+        // Text goes as it came: PostgreSQL verifies the encoding of every text it receives, so
+        // a batch with bytes that are not UTF-8 fails its `COPY` and is rolled back.
+        (Kind::Text, Scalar::Str(text), Column::Text) => varying(out, &[], text)?,
+        (Kind::Json | Kind::Text, Scalar::Str(text), Column::Json) => varying(out, &[], text)?,
         // jsonb's binary form is a version byte (1) and the document as text.
-        (Value::Json(text) | Value::Text(text), Column::Jsonb) => {
-            varying(out, &[1], text.as_bytes())?
-        }
-        (Value::Numeric(text), Column::Numeric) => {
-            let bytes = numeric(text)?;
+        (Kind::Json | Kind::Text, Scalar::Str(text), Column::Jsonb) => varying(out, &[1], text)?,
+        (Kind::Numeric, Scalar::Str(text), Column::Numeric) => {
+            let bytes = numeric(std::str::from_utf8(text).ok()?)?;
             varying(out, &[], &bytes)?
         }
-        (Value::Timestamp(micros), Column::Timestamp)
-        | (Value::TimestampTz(micros), Column::TimestampTz) => {
-            let micros = match *micros {
+        (Kind::Timestamp, Scalar::Int(micros), Column::Timestamp)
+        | (Kind::TimestampTz, Scalar::Int(micros), Column::TimestampTz) => {
+            let micros = match micros {
                 // PostgreSQL's ±infinity sentinels are kept as they are.
-                i64::MIN | i64::MAX => *micros,
+                i64::MIN | i64::MAX => micros,
                 m => m.checked_sub(PG_EPOCH_MICROS)?,
             };
             fixed(out, &micros.to_be_bytes())
         }
-        (Value::Date(days), Column::Date) => {
-            let days = match *days {
-                i32::MIN | i32::MAX => *days,
+        (Kind::Date, Scalar::Int(days), Column::Date) => {
+            let days = match i32::try_from(days).ok()? {
+                d @ (i32::MIN | i32::MAX) => d,
                 d => d.checked_sub(PG_EPOCH_DAYS)?,
             };
             fixed(out, &days.to_be_bytes())
         }
-        (Value::Time(micros), Column::Time) => fixed(out, &micros.to_be_bytes()),
+        (Kind::Time, Scalar::Int(micros), Column::Time) => fixed(out, &micros.to_be_bytes()),
         _ => return None,
     }
     Some(())
@@ -271,25 +320,122 @@ mod tests {
         assert_eq!(Column::for_type("interval"), None);
         let columns = [Column::Int4, Column::Text];
         let rows = vec![vec![Value::Int(7), Value::Null]];
-        let data = encode(&rows, &columns).unwrap();
+        let data = encode(Rows::Values(&rows), &columns).unwrap();
         assert!(data.starts_with(b"PGCOPY\n\xff\r\n\0"));
         assert!(data.ends_with(&[0xff, 0xff]));
         // 19-byte header, field count, 4-byte length + 4-byte int, -1 for NULL, trailer.
         assert_eq!(data.len(), 19 + 2 + 8 + 4 + 2);
         assert_eq!(
-            encode(&[vec![Value::Int(1 << 40), Value::Null]], &columns),
-            None
-        );
-        assert_eq!(
-            encode(&[vec![Value::Text("7".into()), Value::Null]], &columns),
+            encode(
+                Rows::Values(&[vec![Value::Int(1 << 40), Value::Null]]),
+                &columns
+            ),
             None
         );
         assert_eq!(
             encode(
-                &[vec![Value::Float(0.1), Value::Null]],
+                Rows::Values(&[vec![Value::Text("7".into()), Value::Null]]),
+                &columns
+            ),
+            None
+        );
+        assert_eq!(
+            encode(
+                Rows::Values(&[vec![Value::Float(0.1), Value::Null]]),
                 &[Column::Float4, Column::Text]
             ),
             None
+        );
+    }
+
+    /// The rows of a batch as a receiver gets them (through the wire codec).
+    fn received(rows: &[Vec<Value>]) -> dbsync_protocol::columns::EncodedRows {
+        let width = rows.first().map_or(0, Vec::len);
+        let batch = dbsync_protocol::message::RowBatch {
+            request_id: 1,
+            seq: 0,
+            columns: (0..width).map(|i| format!("c{i}")).collect(),
+            rows: rows.to_vec(),
+            last_key: vec![],
+            transfer_id: String::new(),
+        };
+        let frame = dbsync_protocol::codec::encode(
+            &dbsync_protocol::Message::RowBatch(batch),
+            dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
+        )
+        .unwrap();
+        dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default())
+            .unwrap()
+            .rows
+    }
+
+    #[test]
+    fn encoded_rows_make_the_same_copy_data_as_values() {
+        let columns = [
+            Column::Int8,
+            Column::Int4,
+            Column::Int2,
+            Column::Float8,
+            Column::Float4,
+            Column::Bool,
+            Column::Uuid,
+            Column::Bytea,
+            Column::Text,
+            Column::Json,
+            Column::Jsonb,
+            Column::Numeric,
+            Column::Timestamp,
+            Column::TimestampTz,
+            Column::Date,
+            Column::Time,
+        ];
+        let row = |i: i64| {
+            vec![
+                Value::Int(i << 40),
+                Value::Int(-i),
+                Value::Int(i % 300),
+                Value::Float(i as f64 / 3.0),
+                Value::Float(f64::from(i as f32 * 0.5)),
+                Value::Bool(i % 2 == 0),
+                Value::Uuid([i as u8; 16]),
+                Value::Bytes(vec![0, 255, i as u8]),
+                Value::Text(format!("row {i} ü")),
+                Value::Json(format!("{{\"n\": {i}}}")),
+                Value::Text(format!("[{i}]")),
+                Value::Numeric(format!("-{i}.50")),
+                Value::Timestamp(i * 1_000_000),
+                Value::TimestampTz(if i == 2 { i64::MAX } else { -i }),
+                Value::Date(i as i32 - 20_000),
+                Value::Time(i * 7),
+            ]
+        };
+        let mut rows: Vec<Vec<Value>> = (0..50).map(row).collect();
+        rows[3] = vec![Value::Null; columns.len()];
+        rows[4][8] = Value::Null;
+        let from_values = encode(Rows::Values(&rows), &columns).unwrap();
+        assert_eq!(
+            encode(Rows::Encoded(&received(&rows)), &columns).as_ref(),
+            Some(&from_values)
+        );
+        // What values refuse, encoded rows refuse: a value too wide, a kind that does not fit.
+        for (column, value) in [
+            (Column::Int2, Value::Int(1 << 20)),
+            (Column::Int8, Value::Text("1".into())),
+            (Column::Float4, Value::Float(0.1)),
+        ] {
+            let rows = vec![vec![value]];
+            assert_eq!(encode(Rows::Values(&rows), &[column]), None);
+            assert_eq!(encode(Rows::Encoded(&received(&rows)), &[column]), None);
+        }
+        // A column of whole values has no cursor; the sink reads such rows as values.
+        let mixed = vec![vec![Value::Int(1)], vec![Value::Text("a".into())]];
+        assert_eq!(
+            encode(Rows::Encoded(&received(&mixed)), &[Column::Text]),
+            None
+        );
+        assert_eq!(
+            encode(Rows::Encoded(&received(&[])), &columns).map(|d| d.len()),
+            Some(HEADER.len() + TRAILER.len())
         );
     }
 }

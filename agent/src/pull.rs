@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dbsync_protocol::codec::{HEADER_LEN, Limits};
+use dbsync_protocol::columns::ReceivedBatch;
 use dbsync_protocol::message::{Credit, Hello, KeyFilter, Pull, TableSchema};
 use dbsync_protocol::peer::TransportOffer;
 use dbsync_protocol::{Message, Value};
@@ -23,7 +24,7 @@ use crate::catalog::fk_order;
 use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
 use crate::error::{Error, Result};
 use crate::link::{FrameReader, FrameWriter, Incoming, Link};
-use crate::sink::BatchOf;
+use crate::sink::{BatchOf, Rows};
 use crate::transfer::{NewTransfer, TransferDirection, TransferStatus, Transport};
 
 /// Batches the sender may have in flight before it waits for credit.
@@ -278,26 +279,10 @@ impl FrameWriter for WsWriter {
     }
 }
 
-/// Frees applied batches on a thread of its own: dropping a batch's millions of values takes as
-/// long as a good part of applying it, so the pull goes on to the next batch meanwhile. At most
-/// two wait; beyond that (or without the thread) a batch is freed where it is.
-struct Freer(Option<std::sync::mpsc::SyncSender<dbsync_protocol::message::RowBatch>>);
-
-impl Freer {
-    fn start() -> Self {
-        let (to_free, batches) = std::sync::mpsc::sync_channel(2);
-        let spawned = std::thread::Builder::new()
-            .name("dbsync-free".into())
-            .spawn(move || batches.iter().for_each(drop));
-        Self(spawned.ok().map(|_| to_free))
-    }
-
-    fn free(&self, batch: dbsync_protocol::message::RowBatch) {
-        if let Some(to_free) = &self.0 {
-            // Full or gone: the batch comes back and is dropped here.
-            let _ = to_free.try_send(batch);
-        }
-    }
+/// What a pull receives: a message, or a row batch with its rows still encoded.
+enum Reply {
+    Message(Message),
+    Batch(ReceivedBatch),
 }
 
 pub(crate) struct Client {
@@ -336,8 +321,18 @@ impl Client {
         }
     }
 
-    /// The next message and its size on the wire; a remote `Error` becomes [`Error::Remote`].
+    /// The next message and its size on the wire; a remote `Error` becomes [`Error::Remote`],
+    /// and a row batch is not expected.
     async fn recv(&mut self) -> Result<(Message, usize)> {
+        match self.recv_rows().await? {
+            (Reply::Message(message), wire) => Ok((message, wire)),
+            (Reply::Batch(_), _) => Err(self.session_error("unexpected RowBatch")),
+        }
+    }
+
+    /// The next message or row batch and its size on the wire; a remote `Error` becomes
+    /// [`Error::Remote`].
+    async fn recv_rows(&mut self) -> Result<(Reply, usize)> {
         let next = tokio::time::timeout(Duration::from_secs(300), self.link.recv())
             .await
             .map_err(|_| self.broke_off("no answer for 300 s"))?;
@@ -348,7 +343,8 @@ impl Client {
                 message: error.message,
                 retry_after_ms: error.retry_after_ms,
             }),
-            Some(Incoming::Message(message, wire)) => Ok((message, wire)),
+            Some(Incoming::Message(message, wire)) => Ok((Reply::Message(message), wire)),
+            Some(Incoming::Batch(batch, wire)) => Ok((Reply::Batch(batch), wire)),
             Some(Incoming::Malformed(reason)) => Err(self.session_error(reason)),
             Some(Incoming::Failed(reason)) => Err(self.broke_off(reason)),
             None => Err(self.broke_off("the sender closed the session")),
@@ -1046,7 +1042,6 @@ impl Agent {
             .filter(|c| !columns.contains(c))
             .collect();
         let waiting_since = Instant::now();
-        let freer = Freer::start();
         let mut request_id = 0u64;
         loop {
             request_id += 1;
@@ -1065,7 +1060,7 @@ impl Agent {
                 }))
                 .await?;
             loop {
-                let (message, wire) = match client.recv().await {
+                let (message, wire) = match client.recv_rows().await {
                     Ok(received) => received,
                     // Over the sender's request rate: wait as told, then ask again.
                     Err(Error::Remote {
@@ -1083,9 +1078,10 @@ impl Agent {
                     Err(err) => return Err(err),
                 };
                 match message {
-                    Message::RowBatch(batch) if pass.keys_only => {
+                    Reply::Batch(batch) if pass.keys_only => {
+                        let keys = batch.rows.to_rows().map_err(|e| client.session_error(e))?;
                         store
-                            .stage_mirror_keys(connection.id, schema, &batch.columns, &batch.rows)
+                            .stage_mirror_keys(connection.id, schema, &batch.columns, &keys)
                             .await?;
                         *after = (!batch.last_key.is_empty()).then_some(batch.last_key);
                         summary.rows += batch.rows.len() as i64;
@@ -1096,7 +1092,7 @@ impl Agent {
                             }))
                             .await?;
                     }
-                    Message::RowBatch(batch) => {
+                    Reply::Batch(batch) => {
                         adopt_remote_transfer(
                             store,
                             summary.transfer_id,
@@ -1117,7 +1113,7 @@ impl Agent {
                                 }),
                                 schema,
                                 &batch.columns,
-                                &batch.rows,
+                                Rows::Encoded(&batch.rows),
                                 strategy,
                                 last_key,
                             )
@@ -1141,9 +1137,8 @@ impl Agent {
                             rows,
                             bytes_wire: wire as i64,
                         });
-                        freer.free(batch);
                     }
-                    Message::PullDone(done) => {
+                    Reply::Message(Message::PullDone(done)) => {
                         if pass.keys_only {
                             *remote_transfer = Some(done.transfer_id.clone());
                         } else {
@@ -1165,7 +1160,7 @@ impl Agent {
                         }
                         break;
                     }
-                    Message::ApprovalPending(pending) => {
+                    Reply::Message(Message::ApprovalPending(pending)) => {
                         adopt_remote_transfer(
                             store,
                             summary.transfer_id,
@@ -1200,8 +1195,8 @@ impl Agent {
                         // an admin decides.
                         break;
                     }
-                    Message::Pong(_) => {}
-                    other => {
+                    Reply::Message(Message::Pong(_)) => {}
+                    Reply::Message(other) => {
                         return Err(client.session_error(format!("unexpected {:?}", other.kind())));
                     }
                 }

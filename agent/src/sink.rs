@@ -6,7 +6,10 @@
 //! engines, types map through the engine-neutral type (see `docs/types.md`).
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
+use std::borrow::Cow;
+
 use dbsync_protocol::Value;
+use dbsync_protocol::columns::EncodedRows;
 use dbsync_protocol::message::TableSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -25,6 +28,42 @@ const CHECKPOINT_UPSERT: &str = "INSERT INTO dbsync_checkpoints (connection_id, 
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
      transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
      rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at";
+/// A batch's rows: values, or as they arrived (read in place where they go into PostgreSQL by
+/// `COPY`, turned into values everywhere else).
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// Rows of values.
+    Values(&'a [Vec<Value>]),
+    /// Rows as received.
+    Encoded(&'a EncodedRows),
+}
+
+impl<'a> Rows<'a> {
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Values(rows) => rows.len(),
+            Self::Encoded(rows) => rows.len(),
+        }
+    }
+
+    /// No rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows as values (built here for encoded rows).
+    pub fn values(&self) -> Result<Cow<'a, [Vec<Value>]>> {
+        match self {
+            Self::Values(rows) => Ok(Cow::Borrowed(rows)),
+            Self::Encoded(rows) => rows
+                .to_rows()
+                .map(Cow::Owned)
+                .map_err(|err| Error::invalid("row batch", err.to_string())),
+        }
+    }
+}
+
 /// The transfer a batch belongs to: the batch's checkpoint names it, and its counters (rows,
 /// bytes on the wire, resume key) move in the batch's own transaction, so a batch costs one
 /// commit and the counters always agree with the rows applied.
@@ -246,7 +285,7 @@ impl Store {
         batch_of: Option<BatchOf>,
         schema: &TableSchema,
         columns: &[String],
-        rows: &[Vec<Value>],
+        rows: Rows<'_>,
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
     ) -> Result<Applied> {
@@ -277,7 +316,7 @@ impl Store {
             None,
             schema,
             columns,
-            rows,
+            Rows::Values(rows),
             ConflictStrategy::Mirror,
             None,
             true,
@@ -293,11 +332,12 @@ impl Store {
         batch_of: Option<BatchOf>,
         schema: &TableSchema,
         columns: &[String],
-        rows: &[Vec<Value>],
+        rows: Rows<'_>,
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
         keys_only: bool,
     ) -> Result<Applied> {
+        let count = rows.len() as i64;
         let engine = self.engine();
         let table = quote_ident(&schema.name)?;
         let quoted: Vec<String> = columns
@@ -401,14 +441,14 @@ impl Store {
                     .bind(&schema.name)
                     .bind(batch_of.map(|b| b.transfer_id))
                     .bind(&last_key_json)
-                    .bind(rows.len() as i64)
+                    .bind(count)
                     .bind(now)
                     .execute(&mut *$tx)
                     .await?;
                 if let Some(batch) = batch_of {
                     let moved = sqlx::query(crate::transfer::PROGRESS_UPDATE)
                         .bind(batch.transfer_id)
-                        .bind(rows.len() as i64)
+                        .bind(count)
                         .bind(applied.created)
                         .bind(applied.updated)
                         .bind(applied.skipped)
@@ -443,11 +483,7 @@ impl Store {
                 definitions.join(", "),
                 key_list.join(", ")
             );
-            let keys: Vec<Vec<Value>> = rows
-                .iter()
-                .map(|row| key_positions.iter().map(|p| row[*p].clone()).collect())
-                .collect();
-            Some((stage, key_casts, create, keys))
+            Some((stage, key_casts, create))
         } else {
             None
         };
@@ -458,12 +494,17 @@ impl Store {
             && strategy != ConflictStrategy::Append
             && !locked(&self.conflicting).contains(&table);
         macro_rules! run {
-            ($pool:expr, $bind:ident) => {{
+            ($pool:expr, $bind:ident, $rows:expr) => {{
+                let rows: &[Vec<Value>] = $rows;
                 let mut tx = $pool.begin().await?;
-                if let Some((stage, key_casts, create, keys)) = &mirror {
+                if let Some((stage, key_casts, create)) = &mirror {
                     sqlx::query(sqlx::AssertSqlSafe(create.clone()))
                         .execute(&mut *tx)
                         .await?;
+                    let keys: Vec<Vec<Value>> = rows
+                        .iter()
+                        .map(|row| key_positions.iter().map(|p| row[*p].clone()).collect())
+                        .collect();
                     for chunk in keys.chunks((MAX_PARAMS / key_list.len()).max(1)) {
                         let (sql, params) =
                             insert_query(engine, stage, &key_list, key_casts, chunk, &key_conflict);
@@ -521,7 +562,7 @@ impl Store {
                         applied.updated += existing;
                     }
                 }
-                if engine == Engine::Sqlite && applied.created == rows.len() as i64 {
+                if engine == Engine::Sqlite && applied.created == count {
                     locked(&self.conflicting).remove(&table);
                 }
                 if !keys_only {
@@ -563,7 +604,9 @@ impl Store {
                     && locked(&self.conflicting).contains(&table);
                 let mut parallel = None;
                 if split {
-                    let (first, second) = rows.split_at(rows.len() / 2);
+                    let values = rows.values()?;
+                    let (first, second) = values.split_at(values.len() / 2);
+                    let (first, second) = (Rows::Values(first), Rows::Values(second));
                     let (mut tx_first, mut tx_second) = (begin().await?, begin().await?);
                     let both = tokio::join!(
                         insert_columns(&mut tx_first, &target, first, strategy, &conflict),
@@ -589,7 +632,7 @@ impl Store {
                     }
                     None => {
                         let mut tx = begin().await?;
-                        if let Some((_, _, create, _)) = &mirror {
+                        if let Some((_, _, create)) = &mirror {
                             sqlx::query(sqlx::AssertSqlSafe(create.clone()))
                                 .execute(&mut *tx)
                                 .await?;
@@ -601,7 +644,7 @@ impl Store {
                     }
                 }
             }
-            Pool::Postgres(pool) => run!(pool, bind_pg),
+            Pool::Postgres(pool) => run!(pool, bind_pg, &rows.values()?),
             // As on PostgreSQL: while a table's batches meet no existing key, plain inserts (no
             // existence lookup, no ON CONFLICT), one prepared row at a time on the raw handle,
             // the checkpoint and the transfer's counters after them, in one transaction that
@@ -629,7 +672,6 @@ impl Store {
                         .as_deref()
                         .map_or(Arg::Null, |k| Arg::Text(k.into()))
                 };
-                let count = rows.len() as i64;
                 let now_text = now.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
                 let mut then = vec![Then {
                     sql: CHECKPOINT_UPSERT,
@@ -660,11 +702,12 @@ impl Store {
                         must_change: true,
                     });
                 }
+                let values = rows.values()?;
                 let mut conn = pool.acquire().await?;
                 let loaded = crate::sqlite_raw::load_rows(
                     &mut conn,
                     &sql,
-                    rows,
+                    &values,
                     |v| sqlite_arg(v).map_err(|err| err.to_string()),
                     &then,
                 )
@@ -674,7 +717,7 @@ impl Store {
                     Ok(()) => applied.created = count,
                     Err(RawError::UniqueViolation(_)) => {
                         locked(&self.conflicting).insert(table.clone());
-                        run!(pool, bind_sqlite)
+                        run!(pool, bind_sqlite, &values)
                     }
                     // Only the counters' update must change a row, and it runs only for a
                     // transfer.
@@ -693,7 +736,7 @@ impl Store {
                 self.checkpoint_wal();
             }
             Pool::Sqlite(pool) => {
-                run!(pool, bind_sqlite);
+                run!(pool, bind_sqlite, &rows.values()?);
                 self.checkpoint_wal();
             }
         }
@@ -950,7 +993,7 @@ struct ColumnTarget<'a> {
 async fn insert_columns(
     tx: &mut sqlx::PgConnection,
     target: &ColumnTarget<'_>,
-    rows: &[Vec<Value>],
+    rows: Rows<'_>,
     strategy: ConflictStrategy,
     conflict: &str,
 ) -> Result<Applied> {
@@ -1009,6 +1052,7 @@ async fn insert_columns(
             }
         }
     }
+    let rows = rows.values()?;
     let width = target.columns.len();
     let arrays: Vec<ColumnArray> = (0..width)
         .map(|i| ColumnArray::build(rows.iter().map(|row| &row[i]), &target.casts[i]))

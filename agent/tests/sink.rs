@@ -3,7 +3,7 @@
 //! checkpoint written in the same transaction.
 
 use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, NewConnection};
-use dbsync_agent::sink::Applied;
+use dbsync_agent::sink::{Applied, Rows};
 use dbsync_agent::{Error, Store};
 use dbsync_protocol::Value;
 use dbsync_protocol::message::TableSchema;
@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::support::{Engine, Sibling, TestDb, both_engines, exec};
 
 both_engines!(
+    batches_read_in_place_and_bad_ones_change_nothing,
     conflict_strategies_and_checkpoints,
     schema_drift_is_named,
     copy_to_the_other_engine
@@ -61,7 +62,7 @@ async fn copy(
                 None,
                 &schema,
                 &columns,
-                &rows.rows,
+                Rows::Values(&rows.rows),
                 ConflictStrategy::Overwrite,
                 rows.last_key.as_deref(),
             )
@@ -191,7 +192,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
                     None,
                     &schema,
                     &columns,
-                    &rows,
+                    Rows::Values(&rows),
                     strategy,
                     last.as_deref(),
                 )
@@ -292,7 +293,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
             None,
             &events,
             &cols,
-            &rows,
+            Rows::Values(&rows),
             ConflictStrategy::Append,
             None,
         )
@@ -306,7 +307,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
             None,
             &events,
             &cols,
-            &rows,
+            Rows::Values(&rows),
             ConflictStrategy::Overwrite,
             None,
         )
@@ -318,6 +319,93 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
             ..
         })
     ));
+}
+
+/// A batch as a receiver gets it: encoded into a frame (uncompressed, so a test can break its
+/// bytes with `patch`), then read back with its rows left in place.
+fn received(
+    batch: &dbsync_protocol::message::RowBatch,
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> dbsync_protocol::columns::ReceivedBatch {
+    let mut payload = rmp_serde::to_vec(batch).unwrap();
+    patch(&mut payload);
+    let mut frame = vec![0xDB, dbsync_protocol::Kind::RowBatch as u8, 0, 0];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default()).unwrap()
+}
+
+/// Rows that arrive encoded go in as they are read (PostgreSQL: transcoded into `COPY`); a batch
+/// whose values break the rules (text that is not UTF-8, an integer too wide for its column) is
+/// an error, and neither its rows nor the checkpoint move.
+async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
+    let connection = connection_in(&db.store, &db).await;
+    exec(
+        &db,
+        &["CREATE TABLE people (id BIGINT PRIMARY KEY, name TEXT, score INTEGER)".into()],
+    )
+    .await;
+    let schema = db.store.describe_table("people").await.unwrap();
+    let columns: Vec<String> = ["id", "name", "score"].map(String::from).to_vec();
+    let batch = |from: i64, name: &str, score: i64| dbsync_protocol::message::RowBatch {
+        request_id: 1,
+        seq: 0,
+        columns: columns.clone(),
+        rows: (from..from + 3)
+            .map(|i| {
+                vec![
+                    Value::Int(i),
+                    Value::Text(format!("{name}{i}")),
+                    Value::Int(score),
+                ]
+            })
+            .collect(),
+        last_key: vec![Value::Int(from + 2)],
+        transfer_id: String::new(),
+    };
+    let apply = async |received: &dbsync_protocol::columns::ReceivedBatch| {
+        db.store
+            .apply_batch(
+                connection,
+                None,
+                &schema,
+                &received.columns,
+                Rows::Encoded(&received.rows),
+                ConflictStrategy::Overwrite,
+                Some(&received.last_key),
+            )
+            .await
+    };
+    let good = received(&batch(1, "ann", 7), |_| {});
+    assert_eq!(apply(&good).await.unwrap().created, 3);
+    assert_eq!(
+        all_rows(&db.store, "people").await[2],
+        vec![Value::Int(3), Value::Text("ann3".into()), Value::Int(7)]
+    );
+
+    let broken = received(&batch(10, "bob", 7), |payload| {
+        let at = payload.windows(5).position(|w| w == b"bob11").unwrap();
+        payload[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+    });
+    // (PostgreSQL: refused by the server in the `COPY`, which verifies every text's encoding.)
+    let mut bad = vec![broken];
+    // A 64-bit integer into PostgreSQL's 32-bit `integer` (SQLite's integers take 64 bits).
+    if db.url.starts_with("postgres") {
+        bad.push(received(&batch(20, "cy", 1 << 40), |_| {}));
+    }
+    for bad in &bad {
+        assert!(apply(bad).await.is_err());
+        assert_eq!(all_rows(&db.store, "people").await.len(), 3);
+        let checkpoint = db
+            .store
+            .checkpoint(connection, "people")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(checkpoint.last_key, Some(vec![Value::Int(3)]));
+    }
+    // Again, onto the rows it made: the upsert path reads the same batch as values.
+    assert_eq!(apply(&good).await.unwrap().updated, 3);
 }
 
 async fn schema_drift_is_named(db: TestDb) {

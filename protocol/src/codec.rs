@@ -128,6 +128,39 @@ pub fn decode_exact(input: &[u8], limits: &Limits) -> Result<Message, ProtocolEr
     }
 }
 
+/// Decodes a complete row batch frame, its rows left encoded and checked (see
+/// [`crate::columns`]); a frame of another kind is an error. Trailing bytes are an error.
+pub fn decode_batch_exact(
+    input: &[u8],
+    limits: &Limits,
+) -> Result<crate::columns::ReceivedBatch, ProtocolError> {
+    let header = check_header(input, limits)?.ok_or(ProtocolError::Truncated)?;
+    if header.kind != Kind::RowBatch {
+        return Err(ProtocolError::Malformed(format!(
+            "a row batch expected, got {:?}",
+            header.kind
+        )));
+    }
+    let payload = &input[HEADER_LEN..];
+    if payload.len() != header.length as usize {
+        return Err(if payload.len() < header.length as usize {
+            ProtocolError::Truncated
+        } else {
+            ProtocolError::Malformed(format!(
+                "{} bytes after the frame",
+                payload.len() - header.length as usize
+            ))
+        });
+    }
+    let body = if header.flags & FLAG_ZSTD != 0 {
+        decompress_bounded(payload, limits.max_decompressed_bytes)?
+    } else {
+        payload.to_vec()
+    };
+    crate::msgpack::check(&body, limits.max_depth)?;
+    crate::columns::decode_batch(body, limits.max_depth)
+}
+
 fn decode_payload(
     header: Header,
     payload: &[u8],
@@ -153,7 +186,9 @@ fn decode_payload(
         Kind::DescribeTable => Message::DescribeTable(parse(body, limits)?),
         Kind::TableSchema => Message::TableSchema(parse(body, limits)?),
         Kind::Pull => Message::Pull(parse(body, limits)?),
-        Kind::RowBatch => Message::RowBatch(parse(body, limits)?),
+        Kind::RowBatch => Message::RowBatch(
+            crate::columns::decode_batch(body.to_vec(), limits.max_depth)?.into_row_batch()?,
+        ),
         Kind::Credit => Message::Credit(parse(body, limits)?),
         Kind::PullDone => Message::PullDone(parse(body, limits)?),
         Kind::ApprovalPending => Message::ApprovalPending(parse(body, limits)?),

@@ -5,11 +5,13 @@
 //! - [`codec`]: frames (header + MessagePack payload, row batches zstd-compressed) with every
 //!   decoding limit explicit ([`codec::Limits`]).
 //! - [`message`]: the messages of a data-plane session, with explicit numeric kinds.
+//! - [`columns`]: a received row batch read in place, column by column.
 //! - [`value`]: the engine-neutral value model.
 //! - [`msgpack`]: the pre-scan that bounds depth and declared lengths before parsing.
 //! - [`peer`]: the JSON bodies of the peer API that sites exchange over HTTP.
 
 pub mod codec;
+pub mod columns;
 pub mod error;
 pub mod message;
 pub mod msgpack;

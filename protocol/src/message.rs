@@ -204,8 +204,9 @@ pub enum KeyFilter {
     Keys(Vec<Vec<Value>>),
 }
 
-/// Rows, in key order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Rows, in key order. Sent as this; read back as a [`crate::columns::ReceivedBatch`], whose
+/// rows stay encoded until asked for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RowBatch {
     /// The pull this answers.
     pub request_id: u64,
@@ -214,7 +215,7 @@ pub struct RowBatch {
     /// Column names, in row order.
     pub columns: Vec<String>,
     /// The rows. On the wire they travel column-major (see [`columnar`]).
-    #[serde(with = "columnar")]
+    #[serde(serialize_with = "columnar::serialize")]
     pub rows: Vec<Vec<Value>>,
     /// Key of the last row, to resume after.
     pub last_key: Vec<Value>,
@@ -347,16 +348,12 @@ impl Message {
 /// names it (see [`columnar::Kind`]) and `values` holds the bare payloads, `nil` for NULL: no
 /// per-value variant name to write, read and check. Otherwise `kind` is 255 and `values` holds
 /// whole [`Value`]s. Every column must hold the same number of values; a batch with rows has at
-/// least one column.
+/// least one column. [`crate::columns`] reads it.
 pub mod columnar {
-    use serde::de::{DeserializeSeed, Error as _, SeqAccess, Visitor};
     use serde::ser::{Error as _, SerializeSeq, SerializeTuple};
-    use serde::{Deserializer, Serialize, Serializer};
+    use serde::{Serialize, Serializer};
 
     use crate::Value;
-
-    /// Most values reserved ahead from a declared array length (the rest grow as they arrive).
-    const PREALLOCATE: usize = 4096;
 
     /// The kind tag of a column whose non-null values are all of one kind.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,7 +408,7 @@ pub mod columnar {
             })
         }
 
-        fn from_tag(tag: u8) -> Option<Self> {
+        pub(crate) fn from_tag(tag: u8) -> Option<Self> {
             [
                 Self::Bool,
                 Self::Int,
@@ -630,182 +627,5 @@ pub mod columnar {
             seq.serialize_element(&Column { rows, index })?;
         }
         seq.end()
-    }
-
-    /// Room reserved in each row for its values (rows grow past it; a declared column count is
-    /// not trusted for more).
-    const ROW_CAPACITY: usize = 64;
-
-    /// Where a column's values go: the `i`-th value to row `i`. The first column makes the rows;
-    /// each later one must have exactly as many values.
-    struct Sink<'r> {
-        rows: &'r mut Vec<Vec<Value>>,
-        first: bool,
-        width: usize,
-        next: usize,
-    }
-
-    impl Sink<'_> {
-        fn put<E: serde::de::Error>(&mut self, value: Value) -> Result<(), E> {
-            if self.first {
-                let mut row = Vec::with_capacity(self.width);
-                row.push(value);
-                self.rows.push(row);
-            } else {
-                self.rows
-                    .get_mut(self.next)
-                    .ok_or_else(|| E::custom("columns of a batch differ in length"))?
-                    .push(value);
-            }
-            self.next += 1;
-            Ok(())
-        }
-
-        fn finish<E: serde::de::Error>(&self) -> Result<(), E> {
-            if self.next == self.rows.len() {
-                Ok(())
-            } else {
-                Err(E::custom("columns of a batch differ in length"))
-            }
-        }
-    }
-
-    /// Reads the values of a column of kind `tag` (or of whole values for [`MIXED`]) straight
-    /// into the rows, with no column-major copy to transpose afterwards.
-    struct ValuesOf<'r> {
-        tag: u8,
-        sink: Sink<'r>,
-    }
-
-    impl<'de> DeserializeSeed<'de> for ValuesOf<'_> {
-        type Value = ();
-
-        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-            deserializer.deserialize_seq(self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for ValuesOf<'_> {
-        type Value = ();
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("an array of column values")
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
-            if self.sink.first {
-                self.sink
-                    .rows
-                    .reserve(seq.size_hint().unwrap_or(0).min(PREALLOCATE));
-            }
-            if self.tag == MIXED {
-                while let Some(value) = seq.next_element::<Value>()? {
-                    self.sink.put::<A::Error>(value)?;
-                }
-                return self.sink.finish();
-            }
-            let kind = Kind::from_tag(self.tag)
-                .ok_or_else(|| A::Error::custom(format!("unknown column kind {}", self.tag)))?;
-            macro_rules! each {
-                ($ty:ty, $make:expr) => {
-                    while let Some(item) = seq.next_element::<Option<$ty>>()? {
-                        let value = match item {
-                            None => Value::Null,
-                            Some(v) => $make(v)?,
-                        };
-                        self.sink.put::<A::Error>(value)?;
-                    }
-                };
-            }
-            let ok = |v: Value| -> Result<Value, A::Error> { Ok(v) };
-            match kind {
-                Kind::Bool => each!(bool, |v| ok(Value::Bool(v))),
-                Kind::Int => each!(i64, |v| ok(Value::Int(v))),
-                Kind::Float => each!(f64, |v| ok(Value::Float(v))),
-                Kind::Numeric => each!(String, |v| ok(Value::Numeric(v))),
-                Kind::Text => each!(String, |v| ok(Value::Text(v))),
-                Kind::Json => each!(String, |v| ok(Value::Json(v))),
-                Kind::Bytes => each!(serde_bytes::ByteBuf, |v: serde_bytes::ByteBuf| ok(
-                    Value::Bytes(v.into_vec())
-                )),
-                Kind::Uuid => each!(serde_bytes::ByteBuf, |v: serde_bytes::ByteBuf| {
-                    <[u8; 16]>::try_from(v.as_slice())
-                        .map(Value::Uuid)
-                        .map_err(|_| A::Error::custom("a uuid is 16 bytes"))
-                }),
-                Kind::Date => each!(i32, |v| ok(Value::Date(v))),
-                Kind::Time => each!(i64, |v| ok(Value::Time(v))),
-                Kind::Timestamp => each!(i64, |v| ok(Value::Timestamp(v))),
-                Kind::TimestampTz => each!(i64, |v| ok(Value::TimestampTz(v))),
-            }
-            self.sink.finish()
-        }
-    }
-
-    /// One column: its kind tag, then its values (into the rows).
-    struct ColumnInto<'r>(Sink<'r>);
-
-    impl<'de> DeserializeSeed<'de> for ColumnInto<'_> {
-        type Value = ();
-
-        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-            deserializer.deserialize_tuple(2, self)
-        }
-    }
-
-    impl<'de> Visitor<'de> for ColumnInto<'_> {
-        type Value = ();
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a column: [kind, values]")
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            let tag: u8 = seq
-                .next_element()?
-                .ok_or_else(|| A::Error::custom("a column without its kind"))?;
-            seq.next_element_seed(ValuesOf { tag, sink: self.0 })?
-                .ok_or_else(|| A::Error::custom("a column without its values"))?;
-            if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                return Err(A::Error::custom("a column has two parts"));
-            }
-            Ok(())
-        }
-    }
-
-    /// The columns of a batch, read into rows.
-    struct Columns;
-
-    impl<'de> Visitor<'de> for Columns {
-        type Value = Vec<Vec<Value>>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("an array of columns")
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Vec<Value>>, A::Error> {
-            let width = seq.size_hint().unwrap_or(0).min(ROW_CAPACITY);
-            let mut rows = Vec::new();
-            let mut first = true;
-            while seq
-                .next_element_seed(ColumnInto(Sink {
-                    rows: &mut rows,
-                    first,
-                    width,
-                    next: 0,
-                }))?
-                .is_some()
-            {
-                first = false;
-            }
-            Ok(rows)
-        }
-    }
-
-    /// Reads columns back into rows.
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Vec<Vec<Value>>, D::Error> {
-        deserializer.deserialize_seq(Columns)
     }
 }

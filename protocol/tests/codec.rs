@@ -66,7 +66,7 @@ proptest! {
         let batch = RowBatch {
             request_id: 7,
             seq,
-            columns: vec!["a".into()],
+            columns: (0..rows.first().map_or(1, Vec::len)).map(|i| format!("c{i}")).collect(),
             last_key: rows.last().map(|r| vec![r[0].clone()]).unwrap_or_default(),
             rows,
             transfer_id: "t".into(),
