@@ -7,7 +7,7 @@
 //! text-and-cast path instead, which converts the way an `INSERT` would.
 
 use dbsync_protocol::Value;
-use dbsync_protocol::columns::Scalar;
+use dbsync_protocol::columns::{Cursor, Scalar};
 use dbsync_protocol::message::columnar::Kind;
 
 use crate::sink::Rows;
@@ -73,42 +73,103 @@ impl Column {
 }
 
 /// The binary `COPY` data (header, rows, trailer) of `rows` for columns written as `columns`, or
-/// `None` when some value has no exact binary form for its column. Encoded rows are read in
-/// place, each column with its own cursor, row by row: no [`Value`] is built.
+/// `None` when some value has no exact binary form for its column.
+#[cfg(test)]
 pub(crate) fn encode(rows: Rows<'_>, columns: &[Column]) -> Option<Vec<u8>> {
-    let field_count = i16::try_from(columns.len()).ok()?;
-    let mut out = Vec::with_capacity(HEADER.len() + rows.len() * (2 + columns.len() * 16));
-    out.extend_from_slice(HEADER);
-    match rows {
-        Rows::Values(rows) => {
-            for row in rows {
-                if row.len() != columns.len() {
+    let mut encoder = Encoder::new(rows, columns)?;
+    encoder.fill(usize::MAX)?;
+    Some(encoder.out)
+}
+
+/// Where an [`Encoder`] reads its rows.
+enum Source<'a> {
+    Values(std::slice::Iter<'a, Vec<Value>>),
+    /// Encoded rows, read in place with a cursor per column, row by row: no [`Value`] is built.
+    Cursors(Vec<Cursor<'a>>),
+}
+
+/// Writes a batch's rows as binary `COPY` data a chunk at a time, so the server can work on one
+/// chunk while the next is written.
+pub(crate) struct Encoder<'a> {
+    source: Source<'a>,
+    columns: &'a [Column],
+    field_count: [u8; 2],
+    /// Rows not written yet.
+    left: usize,
+    started: bool,
+    /// The chunk last written by [`Encoder::fill`].
+    pub(crate) out: Vec<u8>,
+}
+
+impl<'a> Encoder<'a> {
+    /// An encoder of `rows` into columns written as `columns`; `None` when the rows do not
+    /// have one value per column, or some column of encoded rows holds whole values (mixed
+    /// kinds, intervals, arrays), which have no binary form here.
+    pub(crate) fn new(rows: Rows<'a>, columns: &'a [Column]) -> Option<Self> {
+        let field_count = i16::try_from(columns.len()).ok()?.to_be_bytes();
+        let (source, left) = match rows {
+            Rows::Values(values) => {
+                if values.iter().any(|row| row.len() != columns.len()) {
                     return None;
                 }
-                out.extend_from_slice(&field_count.to_be_bytes());
-                for (value, column) in row.iter().zip(columns) {
-                    let (kind, scalar) = scalar_of(value)?;
-                    field(&mut out, kind, scalar, *column)?;
+                (Source::Values(values.iter()), values.len())
+            }
+            Rows::Encoded(encoded) => {
+                let cursors = encoded.cursors()?;
+                if cursors.len() != columns.len() && !encoded.is_empty() {
+                    return None;
                 }
+                (Source::Cursors(cursors), encoded.len())
             }
-        }
-        Rows::Encoded(rows) => {
-            // A column of whole values (mixed kinds, intervals, arrays) has no cursor.
-            let mut cursors = rows.cursors()?;
-            if cursors.len() != columns.len() && !rows.is_empty() {
-                return None;
-            }
-            for _ in 0..rows.len() {
-                out.extend_from_slice(&field_count.to_be_bytes());
-                for (cursor, column) in cursors.iter_mut().zip(columns) {
-                    let kind = cursor.kind();
-                    field(&mut out, kind, cursor.next_scalar().ok()?, *column)?;
-                }
-            }
-        }
+        };
+        Some(Self {
+            source,
+            columns,
+            field_count,
+            left,
+            started: false,
+            out: Vec::new(),
+        })
     }
-    out.extend_from_slice(TRAILER);
-    Some(out)
+
+    /// Replaces [`Encoder::out`] with the next chunk of at most `max_rows` rows (the header
+    /// before the first row, the trailer after the last): `Some(true)` while rows are left,
+    /// `Some(false)` once the trailer is written, `None` when a value has no exact binary form
+    /// for its column (or an encoded value is malformed).
+    pub(crate) fn fill(&mut self, max_rows: usize) -> Option<bool> {
+        let rows = self.left.min(max_rows);
+        self.out.clear();
+        self.out
+            .reserve(rows * (2 + self.columns.len() * 16) + HEADER.len());
+        if !self.started {
+            self.out.extend_from_slice(HEADER);
+            self.started = true;
+        }
+        let out = &mut self.out;
+        for _ in 0..rows {
+            out.extend_from_slice(&self.field_count);
+            match &mut self.source {
+                Source::Values(values) => {
+                    for (value, column) in values.next()?.iter().zip(self.columns) {
+                        let (kind, scalar) = scalar_of(value)?;
+                        field(out, kind, scalar, *column)?;
+                    }
+                }
+                Source::Cursors(cursors) => {
+                    for (cursor, column) in cursors.iter_mut().zip(self.columns) {
+                        let kind = cursor.kind();
+                        field(out, kind, cursor.next_scalar().ok()?, *column)?;
+                    }
+                }
+            }
+        }
+        self.left -= rows;
+        if self.left == 0 {
+            out.extend_from_slice(TRAILER);
+            return Some(false);
+        }
+        Some(true)
+    }
 }
 
 /// A value as the scalar of its kind, the way a batch's column carries it (`None` for an

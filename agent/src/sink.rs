@@ -75,6 +75,8 @@ pub struct BatchOf {
     pub bytes_wire: i64,
 }
 
+/// Rows of binary `COPY` data written and sent at a time (~300 KiB of a users-like table).
+const COPY_CHUNK_ROWS: usize = 2_000;
 /// Fewest rows in each half of a batch upserted as two halves at once (PostgreSQL).
 const PARALLEL_MIN_ROWS: usize = 1_000;
 /// Most rows in one existence lookup over a composite key (an OR of ANDs).
@@ -1004,35 +1006,52 @@ async fn insert_columns(
     // violation, is rolled back to its savepoint, and the batch goes again with the strategy's
     // `ON CONFLICT` below.
     if (optimistic || conflict.is_empty()) && target.key_stage.is_none() {
-        let data = target
+        let columns = target
             .casts
             .iter()
             .map(|native| pg_copy::Column::for_type(native))
-            .collect::<Option<Vec<_>>>()
-            .and_then(|columns| pg_copy::encode(rows, &columns));
-        if let Some(data) = data {
+            .collect::<Option<Vec<_>>>();
+        let mut encoder = columns
+            .as_deref()
+            .and_then(|columns| pg_copy::Encoder::new(rows, columns));
+        // The first chunk is written before the `COPY` starts: a batch whose values do not fit
+        // it (say text for an integer column) goes straight to the path below.
+        let first = encoder.as_mut().and_then(|e| e.fill(COPY_CHUNK_ROWS));
+        if let (Some(encoder), Some(more)) = (encoder.as_mut(), first) {
             let sql = format!(
                 "COPY {} ({}) FROM STDIN (FORMAT binary)",
                 target.table,
                 target.columns.join(", ")
             );
-            let copy = async |tx: &mut sqlx::PgConnection| -> sqlx::Result<u64> {
+            // The rows go a chunk at a time, so the server works on each while the next is
+            // written. A later value that does not fit aborts the `COPY` (`Ok(None)`).
+            let mut copy = async |tx: &mut sqlx::PgConnection| -> sqlx::Result<Option<u64>> {
                 let mut copy = tx.copy_in_raw(&sql).await?;
-                copy.send(data.as_slice()).await?;
-                copy.finish().await
+                copy.send(encoder.out.as_slice()).await?;
+                let mut more = more;
+                while more {
+                    match encoder.fill(COPY_CHUNK_ROWS) {
+                        Some(next) => more = next,
+                        None => {
+                            copy.abort("a value has no exact binary form").await?;
+                            return Ok(None);
+                        }
+                    }
+                    copy.send(encoder.out.as_slice()).await?;
+                }
+                copy.finish().await.map(Some)
             };
-            if conflict.is_empty() {
-                let created = copy(&mut *tx).await? as i64;
-                return Ok(Applied {
-                    created,
-                    ..Applied::default()
-                });
-            }
             sqlx::query("SAVEPOINT dbsync_copy")
                 .execute(&mut *tx)
                 .await?;
+            let rollback = async |tx: &mut sqlx::PgConnection| -> Result<()> {
+                sqlx::query("ROLLBACK TO SAVEPOINT dbsync_copy")
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            };
             match copy(&mut *tx).await {
-                Ok(created) => {
+                Ok(Some(created)) => {
                     sqlx::query("RELEASE SAVEPOINT dbsync_copy")
                         .execute(&mut *tx)
                         .await?;
@@ -1041,10 +1060,11 @@ async fn insert_columns(
                         ..Applied::default()
                     });
                 }
-                Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("23505") => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT dbsync_copy")
-                        .execute(&mut *tx)
-                        .await?;
+                Ok(None) => rollback(&mut *tx).await?,
+                Err(sqlx::Error::Database(err))
+                    if err.code().as_deref() == Some("23505") && !conflict.is_empty() =>
+                {
+                    rollback(&mut *tx).await?;
                     conflicting().insert(target.table.to_owned());
                     optimistic = false;
                 }
