@@ -38,7 +38,7 @@ fn knobs() -> Knobs {
         rows: 1_000_000,
         transports: vec!["ws".into(), "quic".into()],
         zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
-        batch_rows: 5_000,
+        batch_rows: 20_000,
         pipeline_depth: 8,
         memory: true,
         postgres: true,

@@ -82,7 +82,9 @@ pub struct ServerConfig {
     pub push_retry_secs: u64,
     /// zstd level of the row batches this site sends (1 fastest .. 19 smallest).
     pub zstd_level: i32,
-    /// Rows per batch this site sends.
+    /// Most rows per batch this site sends (a batch also stops near 4 MiB of values). 20,000:
+    /// on a users-like table, pulls took ~20 % less time than at 5,000, for ~30 MiB more peak
+    /// memory on the sender (docs/performance.md).
     pub batch_rows: i64,
 }
 
@@ -97,7 +99,7 @@ impl Default for ServerConfig {
             peer_rate_limit_per_minute: 120,
             push_retry_secs: 30,
             zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
-            batch_rows: 5_000,
+            batch_rows: 20_000,
         }
     }
 }
@@ -255,10 +257,10 @@ mod tests {
     #[test]
     fn secret_never_prints() {
         let config = Config {
-            token_encryption_key: Some(Secret::new("00".repeat(32))),
+            token_encryption_key: Some(Secret::new("ab".repeat(32))),
             ..Config::default()
         };
-        assert!(!format!("{config:?}").contains("0000"));
+        assert!(!format!("{config:?}").contains("abab"));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 /// Frames decoded ahead of the session (each is bounded by the codec's limits, and the peer
 /// may only have its granted credits in flight). Enough to keep decoding off the session's
-/// path; more would only hold decoded batches (~2 MiB each at 5,000 rows) while the database is
-/// the slower side. Frames past these wait undecoded, in the transport's buffers. (SQLite pulls
+/// path; more would only hold decoded batches (a row batch's decompressed payload, ~3.4 MiB at
+/// 20,000 rows of the bench's table) while the database is the slower side. Frames past these wait undecoded, in the transport's buffers. (SQLite pulls
 /// with 4 were as fast as with 16, interleaved runs: docs/performance.md.)
 const INCOMING: usize = 4;
 /// Encoded frames waiting for the socket.
