@@ -432,8 +432,23 @@ async fn a_wrong_token_or_a_suspended_connection_is_refused_over(transport: Tran
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_killed_mid_way_resumes_without_loss_or_duplicates() {
     for postgres in [false, true] {
-        let Some((a, b, receiver)) =
-            pair("pull::resume", postgres, ConnectionSettings::default()).await
+        // Batches of at most 2,000 rows, so two of them leave part of the table to resume.
+        let sender = Options {
+            postgres,
+            batch_rows: Some(2_000),
+            ..Options::default()
+        };
+        let receiver_options = Options {
+            postgres,
+            ..Options::default()
+        };
+        let Some((a, b, receiver)) = pair_with(
+            "pull::resume",
+            sender,
+            receiver_options,
+            ConnectionSettings::default(),
+        )
+        .await
         else {
             return;
         };

@@ -43,6 +43,8 @@ pub struct Options {
     pub database_url: Option<String>,
     /// And this key file (to read the tokens stored in it).
     pub key_file: Option<std::path::PathBuf>,
+    /// Most rows per batch this agent sends (default: the config's).
+    pub batch_rows: Option<i64>,
 }
 
 impl Default for Options {
@@ -58,6 +60,7 @@ impl Default for Options {
             clock: None,
             database_url: None,
             key_file: None,
+            batch_rows: None,
         }
     }
 }
@@ -101,6 +104,9 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     config.server.peer_rate_limit_per_minute = options.peer_rate_limit_per_minute;
     config.server.max_body_bytes = options.max_body_bytes;
     config.server.push_retry_secs = options.push_retry_secs;
+    if let Some(rows) = options.batch_rows {
+        config.server.batch_rows = rows;
+    }
     let store = Store::connect(&url).await.unwrap();
     let url = url.clone();
     let clock = options
