@@ -14,10 +14,12 @@ use tokio::task::JoinHandle;
 
 /// Frames decoded ahead of the session (each is bounded by the codec's limits, and the peer
 /// may only have its granted credits in flight). Enough to keep decoding off the session's
-/// path; more would only hold decoded batches (a row batch's decompressed payload, ~3.4 MiB at
-/// 20,000 rows of the bench's table) while the database is the slower side. Frames past these wait undecoded, in the transport's buffers. (SQLite pulls
-/// with 4 were as fast as with 16, interleaved runs: docs/performance.md.)
-const INCOMING: usize = 4;
+/// path, which applies up to two batches at once besides; more would only hold decoded batches
+/// (a row batch's decompressed payload, ~3.4 MiB at 20,000 rows of the bench's table) while the
+/// database is the slower side. Frames past these wait undecoded, in the transport's buffers.
+/// (SQLite pulls with 4 were as fast as with 16; with 2 instead of 4 the receiver's peak at 4M
+/// rows stopped drifting above its peak at 1M: docs/performance.md.)
+const INCOMING: usize = 2;
 /// Encoded frames waiting for the socket.
 const OUTGOING: usize = 4;
 

@@ -28,6 +28,23 @@ const CHECKPOINT_UPSERT: &str = "INSERT INTO dbsync_checkpoints (connection_id, 
      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
      transfer_id = excluded.transfer_id, last_key = excluded.last_key, \
      rows_applied = dbsync_checkpoints.rows_applied + excluded.rows_applied, updated_at = excluded.updated_at";
+/// Says whether the batch before committed (see [`Store::apply_batch_after`]).
+pub type Gate = tokio::sync::oneshot::Receiver<bool>;
+
+/// Waits for the batch before to commit; an error when it did not.
+async fn committed(previous: Option<Gate>) -> Result<()> {
+    match previous {
+        None => Ok(()),
+        Some(gate) => match gate.await {
+            Ok(true) => Ok(()),
+            _ => Err(Error::invalid(
+                "batch",
+                "the batch before it in the pull was not applied",
+            )),
+        },
+    }
+}
+
 /// A batch's rows: values, or as they arrived (read in place where they go into PostgreSQL by
 /// `COPY`, turned into values everywhere else).
 #[derive(Debug, Clone, Copy)]
@@ -300,6 +317,39 @@ impl Store {
             strategy,
             last_key,
             false,
+            None,
+        )
+        .await
+    }
+
+    /// [`Store::apply_batch`] for a batch applied while the one before it may still be going
+    /// in (on another connection): its rows go in at once, but its checkpoint waits until
+    /// `previous` says the batch before committed, so batches commit in order and a crash never
+    /// leaves a later batch applied behind an earlier one (on SQLite, and on PostgreSQL paths
+    /// other than the column-wise one, the whole batch waits). `previous` saying `false` (or
+    /// dropped) fails this batch too.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn apply_batch_after(
+        &self,
+        previous: Gate,
+        connection_id: Uuid,
+        batch_of: Option<BatchOf>,
+        schema: &TableSchema,
+        columns: &[String],
+        rows: Rows<'_>,
+        strategy: ConflictStrategy,
+        last_key: Option<&[Value]>,
+    ) -> Result<Applied> {
+        self.apply(
+            connection_id,
+            batch_of,
+            schema,
+            columns,
+            rows,
+            strategy,
+            last_key,
+            false,
+            Some(previous),
         )
         .await
     }
@@ -322,6 +372,7 @@ impl Store {
             ConflictStrategy::Mirror,
             None,
             true,
+            None,
         )
         .await
         .map(drop)
@@ -338,9 +389,11 @@ impl Store {
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
         keys_only: bool,
+        previous: Option<Gate>,
     ) -> Result<Applied> {
         let count = rows.len() as i64;
         let engine = self.engine();
+        let mut previous = previous;
         let table = quote_ident(&schema.name)?;
         let quoted: Vec<String> = columns
             .iter()
@@ -368,6 +421,10 @@ impl Store {
         // mirror pull for its key stage. (PostgreSQL rows go in column-wise, one statement a
         // batch: `insert_columns`.)
         let columnwise = engine == Engine::Postgres && !keys_only;
+        // Only PostgreSQL's column-wise path puts rows in before the batch before commits.
+        if !columnwise {
+            committed(previous.take()).await?;
+        }
         let casts: Vec<String> =
             if engine == Engine::Postgres || strategy == ConflictStrategy::Mirror {
                 let target = self.described_table(&schema.name).await?;
@@ -438,6 +495,7 @@ impl Store {
         // batch's transaction (after the rows, when `applied` holds their counts).
         macro_rules! checkpoint {
             ($tx:expr) => {
+                committed(previous.take()).await?;
                 sqlx::query(CHECKPOINT_UPSERT)
                     .bind(connection_id)
                     .bind(&schema.name)

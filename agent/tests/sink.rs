@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::support::{Engine, Sibling, TestDb, both_engines, exec};
 
 both_engines!(
+    a_batch_commits_only_after_the_one_before,
     batches_read_in_place_and_bad_ones_change_nothing,
     conflict_strategies_and_checkpoints,
     schema_drift_is_named,
@@ -454,6 +455,68 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
         assert_eq!(stored.len(), 2_500);
         assert_eq!(stored[2_300][1], Value::Float(f64::from(0.1f32)));
     }
+}
+
+/// Two batches at once: the later one's rows and checkpoint become visible only after the batch
+/// before it says it committed; if that one failed, so does the later one, leaving nothing.
+async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
+    let connection = connection_in(&db.store, &db).await;
+    exec(
+        &db,
+        &["CREATE TABLE seq (id BIGINT PRIMARY KEY, v TEXT)".into()],
+    )
+    .await;
+    let schema = std::sync::Arc::new(db.store.describe_table("seq").await.unwrap());
+    let columns: Vec<String> = ["id", "v"].map(String::from).to_vec();
+    let later = |from: i64| {
+        let (store, schema, columns) = (db.store.clone(), schema.clone(), columns.clone());
+        let (before, gate) = tokio::sync::oneshot::channel::<bool>();
+        let rows: Vec<Vec<Value>> = (from..from + 10)
+            .map(|i| vec![Value::Int(i), Value::Text(format!("v{i}"))])
+            .collect();
+        let task = tokio::spawn(async move {
+            store
+                .apply_batch_after(
+                    gate,
+                    connection,
+                    None,
+                    &schema,
+                    &columns,
+                    Rows::Values(&rows),
+                    ConflictStrategy::Overwrite,
+                    Some(&[Value::Int(from + 9)]),
+                )
+                .await
+        });
+        (before, task)
+    };
+    let (before, task) = later(1);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "the batch waits for the one before");
+    assert!(all_rows(&db.store, "seq").await.is_empty());
+    assert_eq!(db.store.checkpoint(connection, "seq").await.unwrap(), None);
+    before.send(true).unwrap();
+    assert_eq!(task.await.unwrap().unwrap().created, 10);
+    assert_eq!(all_rows(&db.store, "seq").await.len(), 10);
+    let checkpoint = db
+        .store
+        .checkpoint(connection, "seq")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.last_key, Some(vec![Value::Int(10)]));
+
+    let (before, task) = later(11);
+    drop(before);
+    assert!(task.await.unwrap().is_err());
+    assert_eq!(all_rows(&db.store, "seq").await.len(), 10);
+    let checkpoint = db
+        .store
+        .checkpoint(connection, "seq")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(checkpoint.last_key, Some(vec![Value::Int(10)]));
 }
 
 async fn schema_drift_is_named(db: TestDb) {
