@@ -1151,35 +1151,18 @@ impl Agent {
                                     bytes_wire: wire as i64,
                                 });
                                 let rows = Rows::Encoded(&batch.rows);
-                                let applied = match previous {
-                                    Some(previous) => {
-                                        store
-                                            .apply_batch_after(
-                                                previous,
-                                                connection_id,
-                                                batch_of,
-                                                schema,
-                                                &batch.columns,
-                                                rows,
-                                                strategy,
-                                                last_key,
-                                            )
-                                            .await
-                                    }
-                                    None => {
-                                        store
-                                            .apply_batch(
-                                                connection_id,
-                                                batch_of,
-                                                schema,
-                                                &batch.columns,
-                                                rows,
-                                                strategy,
-                                                last_key,
-                                            )
-                                            .await
-                                    }
-                                };
+                                let applied = store
+                                    .apply_batch_after(
+                                        previous,
+                                        connection_id,
+                                        batch_of,
+                                        schema,
+                                        &batch.columns,
+                                        rows,
+                                        strategy,
+                                        last_key,
+                                    )
+                                    .await;
                                 let _ = committed.send(applied.is_ok());
                                 let done = Committed {
                                     rows: batch.rows.len() as i64,

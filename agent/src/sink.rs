@@ -327,11 +327,11 @@ impl Store {
     /// `previous` says the batch before committed, so batches commit in order and a crash never
     /// leaves a later batch applied behind an earlier one (on SQLite, and on PostgreSQL paths
     /// other than the column-wise one, the whole batch waits). `previous` saying `false` (or
-    /// dropped) fails this batch too.
+    /// dropped) fails this batch too; `None` is [`Store::apply_batch`].
     #[allow(clippy::too_many_arguments)]
     pub async fn apply_batch_after(
         &self,
-        previous: Gate,
+        previous: Option<Gate>,
         connection_id: Uuid,
         batch_of: Option<BatchOf>,
         schema: &TableSchema,
@@ -349,7 +349,7 @@ impl Store {
             strategy,
             last_key,
             false,
-            Some(previous),
+            previous,
         )
         .await
     }

@@ -477,7 +477,7 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
         let task = tokio::spawn(async move {
             store
                 .apply_batch_after(
-                    gate,
+                    Some(gate),
                     connection,
                     None,
                     &schema,
