@@ -159,37 +159,39 @@ impl Session<'_> {
     }
 
     async fn recv(&mut self, timeout: Duration) -> SessionResult<Message> {
-        let next = tokio::time::timeout(timeout, self.link.recv())
-            .await
-            .map_err(|_| "timed out waiting for the receiver".to_owned())?;
-        match next {
-            Some(Incoming::Message(message, _)) => Ok(message),
-            // Rows only ever flow to the receiver: refused like any unexpected message, and the
-            // session goes on.
-            Some(Incoming::Batch(..)) => {
-                self.refuse(
-                    codes::PROTOCOL_ERROR,
-                    format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch),
-                    None,
-                )
-                .await?;
-                Box::pin(self.recv(timeout)).await
-            }
-            Some(Incoming::Malformed(reason)) => {
-                let _ = self
-                    .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
-                    .await;
-                Err(reason)
-            }
-            Some(Incoming::Failed(reason)) => {
-                if reason.contains("text frames") {
+        loop {
+            let next = tokio::time::timeout(timeout, self.link.recv())
+                .await
+                .map_err(|_| "timed out waiting for the receiver".to_owned())?;
+            return match next {
+                Some(Incoming::Message(message, _)) => Ok(message),
+                // Rows only ever flow to the receiver: refused like any unexpected message, and
+                // the session goes on.
+                Some(Incoming::Batch(..)) => {
+                    self.refuse(
+                        codes::PROTOCOL_ERROR,
+                        format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch),
+                        None,
+                    )
+                    .await?;
+                    continue;
+                }
+                Some(Incoming::Malformed(reason)) => {
                     let _ = self
                         .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
                         .await;
+                    Err(reason)
                 }
-                Err(reason)
-            }
-            None => Err("closed by the receiver".into()),
+                Some(Incoming::Failed(reason)) => {
+                    if reason.contains("text frames") {
+                        let _ = self
+                            .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                            .await;
+                    }
+                    Err(reason)
+                }
+                None => Err("closed by the receiver".into()),
+            };
         }
     }
 

@@ -11,8 +11,8 @@ use dbsync_protocol::columns::{Cursor, Scalar};
 use dbsync_protocol::message::columnar::Kind;
 
 use crate::sink::Rows;
-
 use crate::source::pg_binary::{PG_EPOCH_DAYS, PG_EPOCH_MICROS};
+
 /// `PGCOPY\n\377\r\n\0`, then flags and header-extension length (both 0).
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The trailer: a field count of -1.

@@ -5,9 +5,9 @@
 //! Same-engine transfers keep the source's native column types and values exactly. Across
 //! engines, types map through the engine-neutral type (see `docs/types.md`).
 
-use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use std::borrow::Cow;
 
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use dbsync_protocol::Value;
 use dbsync_protocol::columns::EncodedRows;
 use dbsync_protocol::message::TableSchema;
@@ -389,11 +389,10 @@ impl Store {
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
         keys_only: bool,
-        previous: Option<Gate>,
+        mut previous: Option<Gate>,
     ) -> Result<Applied> {
         let count = rows.len() as i64;
         let engine = self.engine();
-        let mut previous = previous;
         let table = quote_ident(&schema.name)?;
         let quoted: Vec<String> = columns
             .iter()

@@ -490,6 +490,10 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
         });
         (before, task)
     };
+    let resume_key = async |db: &TestDb| {
+        let checkpoint = db.store.checkpoint(connection, "seq").await.unwrap();
+        checkpoint.unwrap().last_key
+    };
     let (before, task) = later(1);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!task.is_finished(), "the batch waits for the one before");
@@ -498,25 +502,13 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
     before.send(true).unwrap();
     assert_eq!(task.await.unwrap().unwrap().created, 10);
     assert_eq!(all_rows(&db.store, "seq").await.len(), 10);
-    let checkpoint = db
-        .store
-        .checkpoint(connection, "seq")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(checkpoint.last_key, Some(vec![Value::Int(10)]));
+    assert_eq!(resume_key(&db).await, Some(vec![Value::Int(10)]));
 
     let (before, task) = later(11);
     drop(before);
     assert!(task.await.unwrap().is_err());
     assert_eq!(all_rows(&db.store, "seq").await.len(), 10);
-    let checkpoint = db
-        .store
-        .checkpoint(connection, "seq")
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(checkpoint.last_key, Some(vec![Value::Int(10)]));
+    assert_eq!(resume_key(&db).await, Some(vec![Value::Int(10)]));
 }
 
 async fn schema_drift_is_named(db: TestDb) {

@@ -118,14 +118,8 @@ pub fn decode(input: &[u8], limits: &Limits) -> Result<Option<(Message, usize)>,
 
 /// Decodes a complete frame (a WebSocket binary message, say); trailing bytes are an error.
 pub fn decode_exact(input: &[u8], limits: &Limits) -> Result<Message, ProtocolError> {
-    match decode(input, limits)? {
-        Some((message, used)) if used == input.len() => Ok(message),
-        Some((_, used)) => Err(ProtocolError::Malformed(format!(
-            "{} bytes after the frame",
-            input.len() - used
-        ))),
-        None => Err(ProtocolError::Truncated),
-    }
+    let (header, payload) = exact_frame(input, limits)?;
+    decode_payload(header, payload, limits)
 }
 
 /// Decodes a complete row batch frame, its rows left encoded and checked (see
@@ -134,31 +128,44 @@ pub fn decode_batch_exact(
     input: &[u8],
     limits: &Limits,
 ) -> Result<crate::columns::ReceivedBatch, ProtocolError> {
-    let header = check_header(input, limits)?.ok_or(ProtocolError::Truncated)?;
+    let (header, payload) = exact_frame(input, limits)?;
     if header.kind != Kind::RowBatch {
         return Err(ProtocolError::Malformed(format!(
             "a row batch expected, got {:?}",
             header.kind
         )));
     }
-    let payload = &input[HEADER_LEN..];
-    if payload.len() != header.length as usize {
-        return Err(if payload.len() < header.length as usize {
-            ProtocolError::Truncated
-        } else {
-            ProtocolError::Malformed(format!(
-                "{} bytes after the frame",
-                payload.len() - header.length as usize
-            ))
-        });
+    let body = checked_body(header, payload, limits)?;
+    crate::columns::decode_batch(body.into_owned(), limits.max_depth)
+}
+
+/// The header and payload of a complete frame; a short frame or trailing bytes are an error.
+fn exact_frame<'a>(input: &'a [u8], limits: &Limits) -> Result<(Header, &'a [u8]), ProtocolError> {
+    let header = check_header(input, limits)?.ok_or(ProtocolError::Truncated)?;
+    let end = HEADER_LEN + header.length as usize;
+    let payload = input.get(HEADER_LEN..end).ok_or(ProtocolError::Truncated)?;
+    if input.len() > end {
+        return Err(ProtocolError::Malformed(format!(
+            "{} bytes after the frame",
+            input.len() - end
+        )));
     }
+    Ok((header, payload))
+}
+
+/// A payload decompressed (when its header says so) and through the MessagePack pre-scan.
+fn checked_body<'a>(
+    header: Header,
+    payload: &'a [u8],
+    limits: &Limits,
+) -> Result<std::borrow::Cow<'a, [u8]>, ProtocolError> {
     let body = if header.flags & FLAG_ZSTD != 0 {
-        decompress_bounded(payload, limits.max_decompressed_bytes)?
+        std::borrow::Cow::Owned(decompress_bounded(payload, limits.max_decompressed_bytes)?)
     } else {
-        payload.to_vec()
+        std::borrow::Cow::Borrowed(payload)
     };
     crate::msgpack::check(&body, limits.max_depth)?;
-    crate::columns::decode_batch(body, limits.max_depth)
+    Ok(body)
 }
 
 fn decode_payload(
@@ -166,36 +173,29 @@ fn decode_payload(
     payload: &[u8],
     limits: &Limits,
 ) -> Result<Message, ProtocolError> {
-    let decompressed;
-    let body = if header.flags & FLAG_ZSTD != 0 {
-        decompressed = decompress_bounded(payload, limits.max_decompressed_bytes)?;
-        decompressed.as_slice()
-    } else {
-        payload
-    };
-    crate::msgpack::check(body, limits.max_depth)?;
+    let body = checked_body(header, payload, limits)?;
     let message = match header.kind {
-        Kind::Hello => Message::Hello(parse(body, limits)?),
-        Kind::Welcome => Message::Welcome(parse(body, limits)?),
-        Kind::Error => Message::Error(parse(body, limits)?),
+        Kind::Hello => Message::Hello(parse(&body, limits)?),
+        Kind::Welcome => Message::Welcome(parse(&body, limits)?),
+        Kind::Error => Message::Error(parse(&body, limits)?),
         Kind::ListTables => {
-            parse::<()>(body, limits)?;
+            parse::<()>(&body, limits)?;
             Message::ListTables
         }
-        Kind::TableList => Message::TableList(parse(body, limits)?),
-        Kind::DescribeTable => Message::DescribeTable(parse(body, limits)?),
-        Kind::TableSchema => Message::TableSchema(parse(body, limits)?),
-        Kind::Pull => Message::Pull(parse(body, limits)?),
+        Kind::TableList => Message::TableList(parse(&body, limits)?),
+        Kind::DescribeTable => Message::DescribeTable(parse(&body, limits)?),
+        Kind::TableSchema => Message::TableSchema(parse(&body, limits)?),
+        Kind::Pull => Message::Pull(parse(&body, limits)?),
         Kind::RowBatch => Message::RowBatch(
-            crate::columns::decode_batch(body.to_vec(), limits.max_depth)?.into_row_batch()?,
+            crate::columns::decode_batch(body.into_owned(), limits.max_depth)?.into_row_batch()?,
         ),
-        Kind::Credit => Message::Credit(parse(body, limits)?),
-        Kind::PullDone => Message::PullDone(parse(body, limits)?),
-        Kind::ApprovalPending => Message::ApprovalPending(parse(body, limits)?),
-        Kind::ApprovalStatus => Message::ApprovalStatus(parse(body, limits)?),
-        Kind::Cancel => Message::Cancel(parse(body, limits)?),
-        Kind::Ping => Message::Ping(parse(body, limits)?),
-        Kind::Pong => Message::Pong(parse(body, limits)?),
+        Kind::Credit => Message::Credit(parse(&body, limits)?),
+        Kind::PullDone => Message::PullDone(parse(&body, limits)?),
+        Kind::ApprovalPending => Message::ApprovalPending(parse(&body, limits)?),
+        Kind::ApprovalStatus => Message::ApprovalStatus(parse(&body, limits)?),
+        Kind::Cancel => Message::Cancel(parse(&body, limits)?),
+        Kind::Ping => Message::Ping(parse(&body, limits)?),
+        Kind::Pong => Message::Pong(parse(&body, limits)?),
     };
     Ok(message)
 }
