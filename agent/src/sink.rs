@@ -640,17 +640,6 @@ impl Store {
                     key: &key_list,
                     key_stage: mirror.as_ref().map(|m| m.0.as_str()),
                 };
-                // The batch and its checkpoint commit together, so a commit lost to a server
-                // crash loses both, and the pull resumes from the checkpoint before: waiting for
-                // each batch's WAL flush buys nothing. (Later synchronous commits, like the
-                // transfer's completion, flush everything before them.)
-                let begin = async || -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-                    let mut tx = pool.begin().await?;
-                    sqlx::query("SET LOCAL synchronous_commit TO off")
-                        .execute(&mut *tx)
-                        .await?;
-                    Ok(tx)
-                };
                 // Upserts into a table that already holds the keys (a re-pull, an incremental
                 // pull) keep one server process busy per statement, so a large batch goes in
                 // as two halves on two connections at once. The first half commits first, then
@@ -661,15 +650,36 @@ impl Store {
                     && mirror.is_none()
                     && rows.len() >= 2 * PARALLEL_MIN_ROWS
                     && locked(&self.conflicting).contains(&table);
+                // (Declared before the transactions on them, so dropped after them.)
+                let mut halves = None;
                 let mut parallel = None;
                 if split {
                     let values = rows.values()?;
                     let (first, second) = values.split_at(values.len() / 2);
                     let (first, second) = (Rows::Values(first), Rows::Values(second));
-                    let (mut tx_first, mut tx_second) = (begin().await?, begin().await?);
+                    let (a, b) = halves.insert((
+                        BatchConnection::acquire(pool).await?,
+                        BatchConnection::acquire(pool).await?,
+                    ));
+                    let (mut tx_first, copying_first) = a.begin().await?;
+                    let (mut tx_second, copying_second) = b.begin().await?;
                     let both = tokio::join!(
-                        insert_columns(&mut tx_first, &target, first, strategy, &conflict),
-                        insert_columns(&mut tx_second, &target, second, strategy, &conflict)
+                        insert_columns(
+                            &mut tx_first,
+                            copying_first,
+                            &target,
+                            first,
+                            strategy,
+                            &conflict
+                        ),
+                        insert_columns(
+                            &mut tx_second,
+                            copying_second,
+                            &target,
+                            second,
+                            strategy,
+                            &conflict
+                        )
                     );
                     // Anything odd (a deadlock through a trigger, say) rolls both back, and the
                     // batch goes again the plain way below.
@@ -690,14 +700,16 @@ impl Store {
                         tx.commit().await?;
                     }
                     None => {
-                        let mut tx = begin().await?;
+                        let mut batch = BatchConnection::acquire(pool).await?;
+                        let (mut tx, copying) = batch.begin().await?;
                         if let Some((_, _, create)) = &mirror {
                             sqlx::query(sqlx::AssertSqlSafe(create.clone()))
                                 .execute(&mut *tx)
                                 .await?;
                         }
                         applied =
-                            insert_columns(&mut tx, &target, rows, strategy, &conflict).await?;
+                            insert_columns(&mut tx, copying, &target, rows, strategy, &conflict)
+                                .await?;
                         checkpoint!(tx);
                         tx.commit().await?;
                     }
@@ -1044,6 +1056,62 @@ struct ColumnTarget<'a> {
     key_stage: Option<&'a str>,
 }
 
+/// A pooled PostgreSQL connection for one batch's transaction, closed instead of going back to
+/// the pool when it is dropped in the middle of a `COPY` (a pull cancelled or killed mid-batch).
+/// sqlx 0.9 does not count the server's reply to the `CopyFail` it sends for a `COPY` dropped
+/// unfinished, nor to one it aborts after the server has already failed it, so the connection's
+/// next user would read that reply as its own: a protocol error ("expected ParseComplete, got
+/// ReadyForQuery") or, worse, another statement's result.
+struct BatchConnection {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    /// Set while the server may still owe replies to a `COPY` (see `insert_columns`).
+    copying: bool,
+}
+
+impl BatchConnection {
+    async fn acquire(pool: &sqlx::PgPool) -> Result<Self> {
+        Ok(Self {
+            conn: pool.acquire().await?,
+            copying: false,
+        })
+    }
+
+    /// Starts the batch's transaction. The batch and its checkpoint commit together, so a
+    /// commit lost to a server crash loses both, and the pull resumes from the checkpoint
+    /// before: waiting for each batch's WAL flush buys nothing (later synchronous commits, like
+    /// the transfer's completion, flush everything before them). No JIT either: a batch's
+    /// statement is large in the planner's eyes (a lookup per row) and simple in fact, so
+    /// compiling it costs more than it saves. (`set_config(..., true)` is `SET LOCAL`.)
+    async fn begin(&mut self) -> Result<(sqlx::Transaction<'_, sqlx::Postgres>, &mut bool)> {
+        let Self { conn, copying } = self;
+        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), \
+             set_config('jit', 'off', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok((tx, copying))
+    }
+}
+
+impl Drop for BatchConnection {
+    fn drop(&mut self) {
+        if self.copying {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+/// Clears `copying` when `result` shows that sqlx read the server's replies to the end: a
+/// success, or an error the server reported.
+fn settled<T>(result: sqlx::Result<T>, copying: &mut bool) -> sqlx::Result<T> {
+    if matches!(result, Ok(_) | Err(sqlx::Error::Database(_))) {
+        *copying = false;
+    }
+    result
+}
+
 /// PostgreSQL's fast path: one statement per batch, whatever its size. Each column travels as one
 /// array parameter ([`ColumnArray`]); `unnest` turns them back into rows, cast to the target's
 /// types, and one `INSERT ... SELECT` with the strategy's `ON CONFLICT`
@@ -1051,6 +1119,7 @@ struct ColumnTarget<'a> {
 /// a table's batches meet no existing key they go in by binary `COPY` instead ([`pg_copy`]).
 async fn insert_columns(
     tx: &mut sqlx::PgConnection,
+    copying: &mut bool,
     target: &ColumnTarget<'_>,
     rows: Rows<'_>,
     strategy: ConflictStrategy,
@@ -1082,8 +1151,13 @@ async fn insert_columns(
             );
             // The rows go a chunk at a time, so the server works on each while the next is
             // written. A later value that does not fit aborts the `COPY` (`Ok(None)`).
+            // `copying` stays set from the start of the `COPY` until sqlx has read the server's
+            // last reply to it, which it does when the `COPY` starts or ends with success or a
+            // database error, or is aborted with success ([`BatchConnection`]).
             let mut copy = async |tx: &mut sqlx::PgConnection| -> sqlx::Result<Option<u64>> {
-                let mut copy = tx.copy_in_raw(&sql).await?;
+                *copying = true;
+                let mut copy = settled(tx.copy_in_raw(&sql).await, copying)?;
+                *copying = true;
                 copy.send(encoder.out.as_slice()).await?;
                 let mut more = more;
                 while more {
@@ -1091,12 +1165,13 @@ async fn insert_columns(
                         Some(next) => more = next,
                         None => {
                             copy.abort("a value has no exact binary form").await?;
+                            *copying = false;
                             return Ok(None);
                         }
                     }
                     copy.send(encoder.out.as_slice()).await?;
                 }
-                copy.finish().await.map(Some)
+                settled(copy.finish().await, copying).map(Some)
             };
             sqlx::query("SAVEPOINT dbsync_copy")
                 .execute(&mut *tx)
@@ -1162,10 +1237,42 @@ async fn insert_columns(
         }
         None => String::new(),
     };
+    // Overwrite and mirror leave a row alone when its stored image already equals the incoming
+    // one (`*<>` in `conflict`), but `ON CONFLICT DO UPDATE` locks the stored row before it
+    // looks: a lock written to the WAL and a dirtied page per row even when nothing changes,
+    // most of a re-pull's cost on the server. So such rows are dropped first by a lookup that
+    // takes no lock (a subquery per row, which the planner runs as one index probe; a join
+    // could become a hash join over the whole table). A row changed between that lookup and the
+    // insert still meets the `ON CONFLICT`.
+    let unchanged_first = matches!(
+        strategy,
+        ConflictStrategy::Overwrite | ConflictStrategy::Mirror
+    ) && target.columns.len() > target.key.len();
+    let unchanged = if unchanged_first {
+        let others = || target.columns.iter().filter(|c| !target.key.contains(c));
+        let old: Vec<String> = others().map(|c| format!("dbsync_old.{c}")).collect();
+        let new: Vec<String> = others().map(|c| format!("src.{c}")).collect();
+        let same_key: Vec<String> = target
+            .key
+            .iter()
+            .map(|k| format!("dbsync_old.{k} = src.{k}"))
+            .collect();
+        format!(
+            " WHERE (SELECT pg_catalog.record_image_eq(ROW({}), ROW({})) FROM {} AS dbsync_old \
+             WHERE {}) IS NOT TRUE",
+            old.join(", "),
+            new.join(", "),
+            target.table,
+            same_key.join(" AND ")
+        )
+    } else {
+        String::new()
+    };
     let statement = |conflict: &str| {
+        let filter = if conflict.is_empty() { "" } else { &unchanged };
         format!(
             "WITH src AS (SELECT {} FROM unnest({}) AS s({})){staged}, \
-             moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{conflict} RETURNING (xmax = 0) AS inserted) \
+             moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{filter}{conflict} RETURNING (xmax = 0) AS inserted) \
              SELECT CAST(COUNT(*) FILTER (WHERE inserted) AS BIGINT) FROM moved",
             projections.join(", "),
             parameters.join(", "),

@@ -13,6 +13,7 @@ use crate::support::{Engine, Sibling, TestDb, both_engines, exec};
 
 both_engines!(
     a_batch_commits_only_after_the_one_before,
+    a_batch_dropped_mid_copy_leaves_the_pool_usable,
     batches_read_in_place_and_bad_ones_change_nothing,
     conflict_strategies_and_checkpoints,
     schema_drift_is_named,
@@ -509,6 +510,56 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
     assert!(task.await.unwrap().is_err());
     assert_eq!(all_rows(&db.store, "seq").await.len(), 10);
     assert_eq!(resume_key(&db).await, Some(vec![Value::Int(10)]));
+}
+
+/// A pull dropped in the middle of a batch's `COPY` (cancelled, or its task killed) must not hand
+/// the pool a connection that still owes replies to that `COPY`: its next user would read them
+/// as its own. The `COPY` here is held at its fifth row by another session's uncommitted insert
+/// of the same key, then given up on while sqlx waits for the server's answer to its end; every
+/// later statement on the pool must still work and see the right results.
+async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
+    if !db.url.starts_with("postgres") {
+        return; // `COPY` is PostgreSQL's.
+    }
+    let connection = connection_in(&db.store, &db).await;
+    exec(
+        &db,
+        &["CREATE TABLE held (id BIGINT PRIMARY KEY, v TEXT)".into()],
+    )
+    .await;
+    let schema = db.store.describe_table("held").await.unwrap();
+    let columns: Vec<String> = ["id", "v"].map(String::from).to_vec();
+    let rows: Vec<Vec<Value>> = (1..=10)
+        .map(|i| vec![Value::Int(i), Value::Text(format!("v{i}"))])
+        .collect();
+    let apply = || {
+        db.store.apply_batch(
+            connection,
+            None,
+            &schema,
+            &columns,
+            Rows::Values(&rows),
+            ConflictStrategy::Overwrite,
+            Some(&[Value::Int(10)]),
+        )
+    };
+    let locker = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut lock = locker.begin().await.unwrap();
+    sqlx::query("INSERT INTO held VALUES (5, 'theirs')")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let given_up = tokio::time::timeout(std::time::Duration::from_millis(500), apply()).await;
+    assert!(given_up.is_err(), "the COPY waits for the other insert");
+    lock.rollback().await.unwrap();
+    locker.close().await;
+    // Round the pool's idle connections several times.
+    for _ in 0..20 {
+        assert_eq!(db.store.checkpoint(connection, "held").await.unwrap(), None);
+        assert!(all_rows(&db.store, "held").await.is_empty());
+    }
+    assert_eq!(apply().await.unwrap().created, 10);
+    assert_eq!(all_rows(&db.store, "held").await.len(), 10);
 }
 
 async fn schema_drift_is_named(db: TestDb) {
