@@ -9,8 +9,9 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use dbsync_protocol::Value;
-use dbsync_protocol::columns::EncodedRows;
+use dbsync_protocol::columns::{Cursor, EncodedRows, Scalar};
 use dbsync_protocol::message::TableSchema;
+use dbsync_protocol::message::columnar::Kind;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -67,6 +68,15 @@ impl<'a> Rows<'a> {
     /// No rows.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// A reader per column over encoded rows whose columns are all of bare scalars, or `None`
+    /// (values, or a column of whole values).
+    pub fn cursors(&self) -> Option<Vec<Cursor<'a>>> {
+        match self {
+            Self::Values(_) => None,
+            Self::Encoded(rows) => rows.cursors(),
+        }
     }
 
     /// The rows as values (built here for encoded rows).
@@ -732,7 +742,11 @@ impl Store {
                 // 16-byte blobs, JSON as text, times as RFC 3339 text.
                 use crate::sqlite_raw::{Arg, RawError, Then};
                 let transfer = batch_of.map(|b| *b.transfer_id.as_bytes());
-                let transfer_arg = || transfer.as_ref().map_or(Arg::Null, |t| Arg::Blob(t));
+                let transfer_arg = || {
+                    transfer
+                        .as_ref()
+                        .map_or(Arg::Null, |t| Arg::Blob(t.as_slice().into()))
+                };
                 let last_key_text = last_key_json
                     .as_ref()
                     .map(|key| serde_json::to_string(&key.0))
@@ -747,7 +761,7 @@ impl Store {
                 let mut then = vec![Then {
                     sql: CHECKPOINT_UPSERT,
                     params: vec![
-                        Arg::Blob(connection_id.as_bytes()),
+                        Arg::Blob(connection_id.as_bytes().as_slice().into()),
                         Arg::Text(schema.name.as_str().into()),
                         transfer_arg(),
                         last_key_arg(),
@@ -773,22 +787,27 @@ impl Store {
                         must_change: true,
                     });
                 }
-                let values = rows.values()?;
                 let mut conn = pool.acquire().await?;
-                let loaded = crate::sqlite_raw::load_rows(
-                    &mut conn,
-                    &sql,
-                    &values,
-                    |v| sqlite_arg(v).map_err(|err| err.to_string()),
-                    &then,
-                )
-                .await;
+                // Encoded rows are bound straight from the batch, column by column.
+                let loaded = match rows.cursors() {
+                    Some(cursors) => {
+                        let next_row = sqlite_rows(cursors, rows.len());
+                        crate::sqlite_raw::load_rows(&mut conn, &sql, next_row, &then).await
+                    }
+                    None => {
+                        let values = rows.values()?;
+                        let next_row = crate::sqlite_raw::each_row(&values, |v| {
+                            sqlite_arg(v).map_err(|err| err.to_string())
+                        });
+                        crate::sqlite_raw::load_rows(&mut conn, &sql, next_row, &then).await
+                    }
+                };
                 drop(conn);
                 match loaded {
                     Ok(()) => applied.created = count,
                     Err(RawError::UniqueViolation(_)) => {
                         locked(&self.conflicting).insert(table.clone());
-                        run!(pool, bind_sqlite, &values)
+                        run!(pool, bind_sqlite, &rows.values()?)
                     }
                     // Only the counters' update must change a row, and it runs only for a
                     // transfer.
@@ -1474,6 +1493,51 @@ fn bind_pg<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<
 }
 
 /// On SQLite integers, reals and blobs keep their storage class; everything else is text.
+/// `rows` encoded rows, read through one cursor per column, as SQLite binds them.
+fn sqlite_rows<'r>(
+    mut cursors: Vec<Cursor<'r>>,
+    mut rows: usize,
+) -> impl crate::sqlite_raw::NextRow<'r> {
+    move |out: &mut Vec<crate::sqlite_raw::Arg<'r>>| {
+        if rows == 0 {
+            return Ok(false);
+        }
+        rows -= 1;
+        for cursor in &mut cursors {
+            let scalar = cursor.next_scalar().map_err(|err| err.to_string())?;
+            out.push(sqlite_scalar(cursor.kind(), scalar)?);
+        }
+        Ok(true)
+    }
+}
+
+/// What [`sqlite_arg`] makes of a batch's encoded value, without building the value where the
+/// bytes can be bound as they are.
+fn sqlite_scalar(
+    kind: Kind,
+    scalar: Scalar<'_>,
+) -> std::result::Result<crate::sqlite_raw::Arg<'_>, String> {
+    use crate::sqlite_raw::Arg;
+    Ok(match (kind, scalar) {
+        (_, Scalar::Null) => Arg::Null,
+        (Kind::Bool, Scalar::Bool(b)) => Arg::Int(i64::from(b)),
+        (Kind::Int, Scalar::Int(i)) => Arg::Int(i),
+        (Kind::Float, Scalar::Float(f)) if !f.is_nan() => Arg::Float(f),
+        (Kind::Text | Kind::Json | Kind::Numeric, Scalar::Str(bytes)) => Arg::Text(
+            std::str::from_utf8(bytes)
+                .map_err(|_| "a string that is not UTF-8".to_owned())?
+                .into(),
+        ),
+        (Kind::Bytes, Scalar::Bin(bytes)) => Arg::Blob(bytes.into()),
+        (kind, scalar) => {
+            let value = scalar.value(kind).map_err(|err| err.to_string())?;
+            sqlite_arg(&value)
+                .map_err(|err| err.to_string())?
+                .into_owned()
+        }
+    })
+}
+
 fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
     use crate::sqlite_raw::Arg;
     Ok(match value {
@@ -1482,7 +1546,7 @@ fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
         Value::Int(i) => Arg::Int(*i),
         Value::Float(f) if f.is_nan() => Arg::Text("NaN".into()),
         Value::Float(f) => Arg::Float(*f),
-        Value::Bytes(b) => Arg::Blob(b),
+        Value::Bytes(b) => Arg::Blob(b.as_slice().into()),
         Value::Text(text) => Arg::Text(text.as_str().into()),
         Value::Array(_) => Arg::Text(array_json(value).to_string().into()),
         other => match pg_text(other)? {
@@ -1499,7 +1563,7 @@ fn bind_sqlite<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Res
         Arg::Int(i) => query.bind_i64(i),
         Arg::Float(f) => query.bind_f64(f),
         Arg::Text(text) => query.bind_text(Some(text.into_owned())),
-        Arg::Blob(bytes) => query.bind_bytes(bytes.to_vec()),
+        Arg::Blob(bytes) => query.bind_bytes(bytes.into_owned()),
     })
 }
 

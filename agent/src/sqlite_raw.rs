@@ -23,7 +23,20 @@ pub(crate) enum Arg<'a> {
     Int(i64),
     Float(f64),
     Text(std::borrow::Cow<'a, str>),
-    Blob(&'a [u8]),
+    Blob(std::borrow::Cow<'a, [u8]>),
+}
+
+impl Arg<'_> {
+    /// The same value, owning its text or bytes.
+    pub(crate) fn into_owned(self) -> Arg<'static> {
+        match self {
+            Self::Null => Arg::Null,
+            Self::Int(i) => Arg::Int(i),
+            Self::Float(f) => Arg::Float(f),
+            Self::Text(text) => Arg::Text(text.into_owned().into()),
+            Self::Blob(bytes) => Arg::Blob(bytes.into_owned().into()),
+        }
+    }
 }
 
 /// What went wrong in [`load_rows`] or [`select_rows`].
@@ -187,30 +200,48 @@ fn execute(db: *mut ffi::sqlite3, sql: &CStr) -> Result<(), RawError> {
     Statement::prepare(db, sql)?.run()
 }
 
-/// Binds and steps `statement` (one `?` per value) once per row of `rows`, each row's values
-/// given by `arg`.
-fn insert_all<'r, T>(
-    statement: &Statement,
+/// One row after another for [`load_rows`]: each call pushes the next row's values onto the
+/// (empty) vector it is given and says `true`, or says `false` past the last row.
+pub(crate) trait NextRow<'r>: FnMut(&mut Vec<Arg<'r>>) -> Result<bool, String> {}
+
+impl<'r, F: FnMut(&mut Vec<Arg<'r>>) -> Result<bool, String>> NextRow<'r> for F {}
+
+/// The rows of a slice as [`NextRow`], each value given by `arg`.
+pub(crate) fn each_row<'r, T>(
     rows: &'r [Vec<T>],
     arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
-) -> Result<(), RawError> {
+) -> impl NextRow<'r> {
+    let mut rows = rows.iter();
+    move |out: &mut Vec<Arg<'r>>| {
+        let Some(row) = rows.next() else {
+            return Ok(false);
+        };
+        for value in row {
+            out.push(arg(value)?);
+        }
+        Ok(true)
+    }
+}
+
+/// Binds and steps `statement` (one `?` per value) once per row that `next_row` gives.
+fn insert_all<'r>(statement: &Statement, mut next_row: impl NextRow<'r>) -> Result<(), RawError> {
     // SAFETY: `stmt` is live.
     let parameters = unsafe { ffi::sqlite3_bind_parameter_count(statement.stmt) };
-    // One row's values, converted just before they are bound. SQLite keeps pointers into the
-    // text and blobs (SQLITE_STATIC) until they are bound again, so the buffer is refilled only
+    // One row's values, made just before they are bound. SQLite keeps pointers into the text
+    // and blobs (SQLITE_STATIC) until they are bound again, so the buffer is refilled only
     // after the row was stepped, and emptied only after the bindings are cleared.
     let mut values: Vec<Arg<'r>> = Vec::with_capacity(usize::try_from(parameters).unwrap_or(0));
     let inserted = (|| {
-        for row in rows {
-            if c_int::try_from(row.len()).ok() != Some(parameters) {
+        loop {
+            values.clear();
+            if !next_row(&mut values).map_err(RawError::Invalid)? {
+                break;
+            }
+            if c_int::try_from(values.len()).ok() != Some(parameters) {
                 return Err(RawError::Invalid(format!(
                     "a row of {} values for {parameters} parameters",
-                    row.len()
+                    values.len()
                 )));
-            }
-            values.clear();
-            for value in row {
-                values.push(arg(value).map_err(RawError::Invalid)?);
             }
             for (i, value) in values.iter().enumerate() {
                 statement.bind(i as c_int + 1, value)?;
@@ -239,15 +270,14 @@ pub(crate) struct Then<'a> {
 }
 
 /// Loads a batch in one transaction on `conn`'s handle: `BEGIN IMMEDIATE`, `insert` (an
-/// `INSERT` with one `?` per column) once per row of `rows`, each row's values given by `arg`,
-/// then each of `then` in order, and `COMMIT`. Anything refused (a value `arg` cannot convert,
-/// a row, a bookkeeping statement that must change a row and did not) rolls the whole
-/// transaction back before the error is returned. `conn` must not be inside a transaction.
-pub(crate) async fn load_rows<'r, T>(
+/// `INSERT` with one `?` per column) once per row `rows` gives, then each of `then` in order,
+/// and `COMMIT`. Anything refused (a value `rows` cannot give, a row, a bookkeeping statement
+/// that must change a row and did not) rolls the whole transaction back before the error is
+/// returned. `conn` must not be inside a transaction.
+pub(crate) async fn load_rows<'r>(
     conn: &mut sqlx::SqliteConnection,
     insert: &str,
-    rows: &'r [Vec<T>],
-    arg: impl Fn(&'r T) -> Result<Arg<'r>, String>,
+    rows: impl NextRow<'r>,
     then: &[Then<'_>],
 ) -> Result<(), RawError> {
     let text = sql_text(insert)?;
@@ -261,7 +291,7 @@ pub(crate) async fn load_rows<'r, T>(
     // future.
     execute(db, c"BEGIN IMMEDIATE")?;
     let loaded = (|| {
-        insert_all(&Statement::prepare(db, &text)?, rows, arg)?;
+        insert_all(&Statement::prepare(db, &text)?, rows)?;
         for (index, (step, sql)) in then.iter().zip(&then_text).enumerate() {
             let statement = Statement::prepare(db, sql)?;
             statement.bind_numbered(&step.params)?;
@@ -370,12 +400,16 @@ mod tests {
             .unwrap();
         let rows = vec![
             vec![Arg::Int(1), Arg::Float(0.1), Arg::Text("é".into())],
-            vec![Arg::Int(2), Arg::Blob(&[0, 255]), Arg::Text("".into())],
+            vec![
+                Arg::Int(2),
+                Arg::Blob([0, 255].as_slice().into()),
+                Arg::Text("".into()),
+            ],
             vec![Arg::Int(3), Arg::Null, Arg::Text("x".into())],
             vec![Arg::Int(4), Arg::Text("7".into()), Arg::Text("y".into())],
         ];
         let sql = "INSERT INTO t (id, x, y) VALUES (?, ?, ?)";
-        load_rows(&mut conn, sql, &rows, |a| Ok(a.clone()), &[])
+        load_rows(&mut conn, sql, each_row(&rows, |a| Ok(a.clone())), &[])
             .await
             .unwrap();
         let read = select_rows(
@@ -406,18 +440,18 @@ mod tests {
         // An existing key is told apart from other refusals.
         let again = vec![vec![Arg::Int(1), Arg::Null, Arg::Text("z".into())]];
         assert!(matches!(
-            load_rows(&mut conn, sql, &again, |a| Ok(a.clone()), &[]).await,
+            load_rows(&mut conn, sql, each_row(&again, |a| Ok(a.clone())), &[]).await,
             Err(RawError::UniqueViolation(_))
         ));
         let null = vec![vec![Arg::Int(9), Arg::Null, Arg::Null]];
-        let err = load_rows(&mut conn, sql, &null, |a| Ok(a.clone()), &[])
+        let err = load_rows(&mut conn, sql, each_row(&null, |a| Ok(a.clone())), &[])
             .await
             .unwrap_err();
         assert!(err.to_string().contains("NOT NULL"), "{err}");
         // Wrong shapes and bad SQL are errors, not panics.
         let short = vec![vec![Arg::Int(10)]];
         assert!(matches!(
-            load_rows(&mut conn, sql, &short, |a| Ok(a.clone()), &[]).await,
+            load_rows(&mut conn, sql, each_row(&short, |a| Ok(a.clone())), &[]).await,
             Err(RawError::Invalid(_))
         ));
         assert!(matches!(
@@ -445,9 +479,14 @@ mod tests {
             params: vec![Arg::Int(n), Arg::Int(1)],
             must_change: true,
         };
-        load_rows(&mut conn, sql, &more, |a| Ok(a.clone()), &[count(5)])
-            .await
-            .unwrap();
+        load_rows(
+            &mut conn,
+            sql,
+            each_row(&more, |a| Ok(a.clone())),
+            &[count(5)],
+        )
+        .await
+        .unwrap();
         let missing = Then {
             sql: "UPDATE book SET n = n + 1 WHERE id = $1",
             params: vec![Arg::Int(99)],
@@ -458,8 +497,7 @@ mod tests {
             load_rows(
                 &mut conn,
                 sql,
-                &next,
-                |a| Ok(a.clone()),
+                each_row(&next, |a| Ok(a.clone())),
                 &[count(7), missing]
             )
             .await,
@@ -481,7 +519,7 @@ mod tests {
             other => Ok(other.clone()),
         };
         assert!(matches!(
-            load_rows(&mut conn, sql, &bad, refuse_null, &[]).await,
+            load_rows(&mut conn, sql, each_row(&bad, refuse_null), &[]).await,
             Err(RawError::Invalid(_))
         ));
         // The connection is still usable through sqlx.

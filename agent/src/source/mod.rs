@@ -321,7 +321,7 @@ fn sqlite_key(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
         Value::Int(v) => Arg::Int(*v),
         Value::Float(v) => Arg::Float(*v),
         Value::Text(v) => Arg::Text(v.as_str().into()),
-        Value::Bytes(v) => Arg::Blob(v),
+        Value::Bytes(v) => Arg::Blob(v.as_slice().into()),
         other => return Err(key_type_error(&format!("{other:?}"))),
     })
 }
