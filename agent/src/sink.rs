@@ -476,7 +476,8 @@ impl Store {
                     // WAL or bloat for the rows that did not change. `*<>` on whole rows compares
                     // bytes, so `1.0` against `1.00`, or a case change under citext, still
                     // counts as a change. (When the pull leaves columns out, `excluded` holds
-                    // their defaults, so every row differs and is updated as before.)
+                    // their defaults, so every row differs here; the lock-free lookup before it
+                    // in `insert_columns` compares the pulled columns only.)
                     let unchanged =
                         if engine == Engine::Postgres && strategy != ConflictStrategy::Merge {
                             format!(" WHERE {table} OPERATOR(pg_catalog.*<>) excluded")
@@ -1171,12 +1172,14 @@ async fn insert_columns(
             // The rows go a chunk at a time, so the server works on each while the next is
             // written. A later value that does not fit aborts the `COPY` (`Ok(None)`).
             // `copying` stays set from the start of the `COPY` until sqlx has read the server's
-            // last reply to it, which it does when the `COPY` starts or ends with success or a
-            // database error, or is aborted with success ([`BatchConnection`]).
+            // last reply to it: when the server refuses to start it, when it ends with success
+            // or a database error, or when it is aborted with success ([`BatchConnection`]).
             let mut copy = async |tx: &mut sqlx::PgConnection| -> sqlx::Result<Option<u64>> {
                 *copying = true;
-                let mut copy = settled(tx.copy_in_raw(&sql).await, copying)?;
-                *copying = true;
+                let mut copy = match tx.copy_in_raw(&sql).await {
+                    Ok(copy) => copy,
+                    Err(err) => return settled(Err(err), copying),
+                };
                 copy.send(encoder.out.as_slice()).await?;
                 let mut more = more;
                 while more {
@@ -1492,7 +1495,6 @@ fn bind_pg<'q, Q: Bind<'q>>(query: Q, value: &Value, _engine: Engine) -> Result<
     Ok(query.bind_text(pg_text(value)?))
 }
 
-/// On SQLite integers, reals and blobs keep their storage class; everything else is text.
 /// `rows` encoded rows, read through one cursor per column, as SQLite binds them.
 fn sqlite_rows<'r>(
     mut cursors: Vec<Cursor<'r>>,
@@ -1538,6 +1540,7 @@ fn sqlite_scalar(
     })
 }
 
+/// On SQLite integers, reals and blobs keep their storage class; everything else is text.
 fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
     use crate::sqlite_raw::Arg;
     Ok(match value {
