@@ -522,7 +522,12 @@ impl Session<'_> {
         let mut exhausted = false;
         let mut in_flight: VecDeque<SentBatch> = VecDeque::new();
         let outcome: SessionResult<bool> = async {
-            while let Some(produced) = pages.recv().await {
+            loop {
+                // The reader ends every pull with `End` or `Failed`; a closed channel means it
+                // died (a panic), which must fail the transfer, not end it as if complete.
+                let produced = pages.recv().await.unwrap_or_else(|| {
+                    Produced::Failed("the sender's page reader stopped unexpectedly".into())
+                });
                 let (page, reserved) = match produced {
                     Produced::Page { page, reserved } => (page, reserved),
                     Produced::End {
@@ -829,10 +834,10 @@ const PAGES_AHEAD: usize = 2;
 /// Uncompressed bytes a batch aims at: wide rows make pages shorter than `server.batch_rows`,
 /// which bounds the memory of both agents and keeps batches far under the frame limit.
 const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// The same for pages read as values (SQLite sources), which take several times their encoded
-/// size in memory: ~6,000 rows of the bench's users table. (SQLite to SQLite, 20,000-row batches
-/// took 1.87-1.91 s against 1.64-1.69 s at 5,000, with twice the memory on both sides.)
-const TARGET_VALUE_BATCH_BYTES: usize = 1024 * 1024;
+/// The same for SQLite sources (and pages read as values): ~6,000 rows of the bench's users
+/// table. (SQLite to SQLite, when both sides still built values, 20,000-row batches took
+/// 1.87-1.91 s against 1.64-1.69 s at 5,000, with twice the memory on both sides.)
+const TARGET_SQLITE_BATCH_BYTES: usize = 1024 * 1024;
 /// Rows of a pull's first page, before the width of a row is known.
 const FIRST_PAGE_ROWS: i64 = 100;
 /// Rows of a page whose size is measured to size the next one.
@@ -990,9 +995,9 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         after = page.last_key().clone();
         sent += got;
         let per_row = page.bytes_per_row().max(1);
-        let target = match &page {
-            Read::Encoded(_) => TARGET_BATCH_BYTES,
-            Read::Values(_) => TARGET_VALUE_BATCH_BYTES,
+        let target = match (&page, store.engine()) {
+            (Read::Encoded(_), dbsync_agent::store::Engine::Postgres) => TARGET_BATCH_BYTES,
+            _ => TARGET_SQLITE_BATCH_BYTES,
         };
         page_rows = i64::try_from(target / per_row)
             .unwrap_or(i64::MAX)

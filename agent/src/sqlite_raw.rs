@@ -39,7 +39,7 @@ impl Arg<'_> {
     }
 }
 
-/// What went wrong in [`load_rows`] or [`select_rows`].
+/// What went wrong in [`load_rows`] or [`select_cells`].
 #[derive(Debug)]
 pub(crate) enum RawError {
     /// A row hit an existing key (a PRIMARY KEY or UNIQUE constraint).
@@ -311,15 +311,121 @@ pub(crate) async fn load_rows<'r>(
     loaded
 }
 
+/// One value as read from SQLite, by storage class; text and bytes are a range of the page's
+/// arena ([`Cells`]).
+#[derive(Debug, Clone, Copy)]
+enum Cell {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(usize, usize),
+    Blob(usize, usize),
+}
+
+/// Rows read by [`select_cells`]: `width` cells a row, row after row, their text and bytes
+/// copied one after another into one buffer (no allocation per value).
+#[derive(Debug)]
+pub(crate) struct Cells {
+    width: usize,
+    cells: Vec<Cell>,
+    arena: Vec<u8>,
+}
+
+impl Cells {
+    /// How many rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.cells.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    fn text(&self, start: usize, end: usize) -> Result<&str, RawError> {
+        std::str::from_utf8(&self.arena[start..end])
+            .map_err(|_| RawError::Invalid("a text value that is not UTF-8".into()))
+    }
+
+    fn value(&self, cell: Cell) -> Result<dbsync_protocol::Value, RawError> {
+        use dbsync_protocol::Value;
+        Ok(match cell {
+            Cell::Null => Value::Null,
+            Cell::Int(i) => Value::Int(i),
+            Cell::Float(f) => Value::Float(f),
+            Cell::Text(start, end) => Value::Text(self.text(start, end)?.to_owned()),
+            Cell::Blob(start, end) => Value::Bytes(self.arena[start..end].to_vec()),
+        })
+    }
+
+    /// Row `row`'s values at `positions` (a key).
+    pub(crate) fn values_at(
+        &self,
+        row: usize,
+        positions: &[usize],
+    ) -> Result<Vec<dbsync_protocol::Value>, RawError> {
+        positions
+            .iter()
+            .map(|i| self.value(self.cells[row * self.width + i]))
+            .collect()
+    }
+
+    /// Every row as values: INTEGER, REAL, TEXT, BLOB and NULL as `Int`, `Float`, `Text`,
+    /// `Bytes` and `Null`.
+    pub(crate) fn to_rows(&self) -> Result<Vec<Vec<dbsync_protocol::Value>>, RawError> {
+        let all: Vec<usize> = (0..self.width).collect();
+        (0..self.rows())
+            .map(|row| self.values_at(row, &all))
+            .collect()
+    }
+
+    /// The rows encoded for the wire column by column (a row batch's `rows`), as
+    /// [`Cells::to_rows`] would be: a column whose values are all of one storage class (or NULL)
+    /// goes bare, any other as whole values.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, RawError> {
+        use dbsync_protocol::message::columnar::{ColumnsWriter, Kind};
+        let rows = self.rows();
+        let invalid = RawError::Invalid;
+        let mut writer = ColumnsWriter::new(
+            self.width,
+            rows,
+            Vec::with_capacity(self.arena.len() + self.cells.len() * 4 + 64),
+        );
+        for column in 0..self.width {
+            let cells = || self.cells.iter().skip(column).step_by(self.width);
+            let kind_of = |cell: &Cell| match cell {
+                Cell::Null => None,
+                Cell::Int(_) => Some(Kind::Int),
+                Cell::Float(_) => Some(Kind::Float),
+                Cell::Text(..) => Some(Kind::Text),
+                Cell::Blob(..) => Some(Kind::Bytes),
+            };
+            let mut kinds = cells().filter_map(kind_of);
+            let first = kinds.next();
+            let kind = if kinds.all(|k| Some(k) == first) {
+                Some(first.unwrap_or(Kind::Int))
+            } else {
+                None
+            };
+            writer.column(kind).map_err(invalid)?;
+            for cell in cells() {
+                match (kind, *cell) {
+                    (_, Cell::Null) => writer.null(),
+                    (None, cell) => writer.value(&self.value(cell)?).map_err(invalid)?,
+                    (Some(_), Cell::Int(i)) => writer.int(i),
+                    (Some(_), Cell::Float(f)) => writer.float(f),
+                    (Some(_), Cell::Text(start, end)) => writer.str(self.text(start, end)?),
+                    (Some(_), Cell::Blob(start, end)) => writer.bin(&self.arena[start..end]),
+                }
+            }
+        }
+        writer.finish().map_err(invalid)
+    }
+}
+
 /// Runs the query `sql` with `params` (the values of `$1`, `$2`, ...) on `conn`'s handle and
 /// returns every row's first `width` columns by storage class: INTEGER, REAL, TEXT, BLOB, NULL.
-pub(crate) async fn select_rows(
+pub(crate) async fn select_cells(
     conn: &mut sqlx::SqliteConnection,
     sql: &str,
     params: &[Arg<'_>],
     width: usize,
-) -> Result<Vec<Vec<dbsync_protocol::Value>>, RawError> {
-    use dbsync_protocol::Value;
+) -> Result<Cells, RawError> {
     let text = sql_text(sql)?;
     let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
     let db = handle.as_raw_handle().as_ptr();
@@ -331,7 +437,11 @@ pub(crate) async fn select_rows(
         return Err(RawError::Invalid(format!("{width} of {columns} columns")));
     }
     statement.bind_numbered(params)?;
-    let mut rows = Vec::new();
+    let mut read = Cells {
+        width,
+        cells: Vec::new(),
+        arena: Vec::new(),
+    };
     loop {
         // SAFETY: `stmt` is live and fully bound.
         let rc = unsafe { ffi::sqlite3_step(stmt) };
@@ -341,46 +451,40 @@ pub(crate) async fn select_rows(
         if rc != ffi::SQLITE_ROW {
             return Err(statement.error(rc));
         }
-        let mut row = Vec::with_capacity(width);
         for i in 0..width as c_int {
             // SAFETY: `stmt` is on a row and `i` is below its column count. Each pointer is read
             // right after the call that returns it (text or blob first, then its length, as
             // SQLite documents) and copied before the next step.
-            let value = unsafe {
+            let cell = unsafe {
+                let mut copy = |data: *const u8| {
+                    let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
+                    let start = read.arena.len();
+                    if !data.is_null() && len > 0 {
+                        read.arena
+                            .extend_from_slice(std::slice::from_raw_parts(data, len));
+                    }
+                    (start, read.arena.len())
+                };
                 match ffi::sqlite3_column_type(stmt, i) {
-                    ffi::SQLITE_INTEGER => Value::Int(ffi::sqlite3_column_int64(stmt, i)),
-                    ffi::SQLITE_FLOAT => Value::Float(ffi::sqlite3_column_double(stmt, i)),
-                    ffi::SQLITE_NULL => Value::Null,
+                    ffi::SQLITE_INTEGER => Cell::Int(ffi::sqlite3_column_int64(stmt, i)),
+                    ffi::SQLITE_FLOAT => Cell::Float(ffi::sqlite3_column_double(stmt, i)),
+                    ffi::SQLITE_NULL => Cell::Null,
                     ffi::SQLITE_BLOB => {
-                        let data = ffi::sqlite3_column_blob(stmt, i).cast::<u8>();
-                        let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
-                        if data.is_null() || len == 0 {
-                            Value::Bytes(Vec::new())
-                        } else {
-                            Value::Bytes(std::slice::from_raw_parts(data, len).to_vec())
-                        }
+                        let (start, end) = copy(ffi::sqlite3_column_blob(stmt, i).cast());
+                        Cell::Blob(start, end)
                     }
                     _ => {
-                        let data = ffi::sqlite3_column_text(stmt, i);
-                        let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
-                        let bytes = if data.is_null() || len == 0 {
-                            Vec::new()
-                        } else {
-                            std::slice::from_raw_parts(data, len).to_vec()
-                        };
-                        Value::Text(String::from_utf8(bytes).map_err(|_| {
-                            RawError::Invalid(format!("column {i} holds text that is not UTF-8"))
-                        })?)
+                        let (start, end) = copy(ffi::sqlite3_column_text(stmt, i));
+                        Cell::Text(start, end)
                     }
                 }
             };
-            row.push(value);
+            read.cells.push(cell);
         }
-        rows.push(row);
     }
     drop(statement);
     drop(handle);
-    Ok(rows)
+    Ok(read)
 }
 
 #[cfg(test)]
@@ -412,7 +516,7 @@ mod tests {
         load_rows(&mut conn, sql, each_row(&rows, |a| Ok(a.clone())), &[])
             .await
             .unwrap();
-        let read = select_rows(
+        let cells = select_cells(
             &mut conn,
             "SELECT id, x, y FROM t WHERE id > $1 ORDER BY id LIMIT $2",
             &[Arg::Int(0), Arg::Int(10)],
@@ -420,6 +524,31 @@ mod tests {
         )
         .await
         .unwrap();
+        let read = cells.to_rows().unwrap();
+        // Encoded for the wire (`x` mixes every storage class, so it goes as whole values), the
+        // same rows come back out.
+        let batch = dbsync_protocol::message::RowBatch {
+            request_id: 1,
+            seq: 0,
+            columns: vec!["id".into(), "x".into(), "y".into()],
+            rows: Vec::new(),
+            last_key: cells.values_at(3, &[0]).unwrap(),
+            transfer_id: String::new(),
+        };
+        let (frame, _) =
+            dbsync_protocol::codec::encode_row_batch_columns(&batch, &cells.encode().unwrap(), 1)
+                .unwrap();
+        let arrived =
+            dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default()).unwrap();
+        assert_eq!(arrived.rows.to_rows().unwrap(), read);
+        assert_eq!(arrived.last_key, vec![Value::Int(4)]);
+        // Past the last row: an empty page of three columns.
+        let none = select_cells(&mut conn, "SELECT id, x, y FROM t WHERE id > 99", &[], 3)
+            .await
+            .unwrap();
+        assert_eq!(none.rows(), 0);
+        assert!(none.to_rows().unwrap().is_empty());
+        assert!(!none.encode().unwrap().is_empty());
         assert_eq!(
             read,
             vec![
@@ -455,7 +584,7 @@ mod tests {
             Err(RawError::Invalid(_))
         ));
         assert!(matches!(
-            select_rows(&mut conn, "SELEC nonsense", &[], 1).await,
+            select_cells(&mut conn, "SELEC nonsense", &[], 1).await,
             Err(RawError::Sqlite { .. })
         ));
         // Text that is not UTF-8 is refused on the way out.
@@ -463,10 +592,12 @@ mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        let err = select_rows(&mut conn, "SELECT id, x FROM t WHERE id = 20", &[], 2)
+        let bad = select_cells(&mut conn, "SELECT id, x FROM t WHERE id = 20", &[], 2)
             .await
-            .unwrap_err();
-        assert!(err.to_string().contains("UTF-8"), "{err}");
+            .unwrap();
+        for err in [bad.to_rows().unwrap_err(), bad.encode().unwrap_err()] {
+            assert!(err.to_string().contains("UTF-8"), "{err}");
+        }
         // Bookkeeping runs in the rows' transaction; one that must change a row and does not
         // takes the rows back with it.
         sqlx::query("CREATE TABLE book (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")

@@ -64,21 +64,8 @@ impl Store {
                     .collect::<Result<Vec<_>>>()?
             }
             Pool::Sqlite(pool) => {
-                // Read on the raw handle: sqlx hands each row over from its worker thread.
-                let mut params = Vec::new();
-                for value in query.keys.iter().copied().flatten() {
-                    params.push(sqlite_key(value)?);
-                }
-                params.push(crate::sqlite_raw::Arg::Int(limit));
-                let mut conn = pool.acquire().await?;
-                crate::sqlite_raw::select_rows(&mut conn, &query.sql, &params, columns.len())
-                    .await
-                    .map_err(|err| match err {
-                        crate::sqlite_raw::RawError::Sqlx(err) => err.into(),
-                        other => {
-                            Error::invalid("rows", format!("reading {:?}: {other}", schema.name))
-                        }
-                    })?
+                let cells = query.select_sqlite(pool, schema, limit).await?;
+                cells.to_rows().map_err(|err| sqlite_error(schema, err))?
             }
         };
         let last_key = rows.last().map(|row| {
@@ -102,10 +89,24 @@ impl Store {
         filter: Option<&KeyFilter>,
         limit: i64,
     ) -> Result<Option<EncodedPage>> {
-        let Pool::Postgres(pool) = self.pool() else {
-            return Ok(None);
-        };
         let query = PageQuery::new(schema, columns, after, filter)?;
+        let pool = match self.pool() {
+            Pool::Postgres(pool) => pool,
+            Pool::Sqlite(pool) => {
+                let cells = query.select_sqlite(pool, schema, limit).await?;
+                let last_key = match cells.rows() {
+                    0 => None,
+                    rows => Some(cells.values_at(rows - 1, &query.key_positions)),
+                };
+                return Ok(Some(EncodedPage {
+                    columns: cells.encode().map_err(|err| sqlite_error(schema, err))?,
+                    rows: cells.rows(),
+                    last_key: last_key
+                        .transpose()
+                        .map_err(|err| sqlite_error(schema, err))?,
+                }));
+            }
+        };
         let fetched = query.fetch_postgres(pool, limit).await?;
         let decoders = query.decoders();
         let invalid = |e: String| Error::invalid("rows", e);
@@ -170,6 +171,28 @@ struct PageQuery<'a> {
 }
 
 impl<'a> PageQuery<'a> {
+    /// Reads the page from SQLite on the raw handle (sqlx would hand each row over from its
+    /// worker thread), `limit` rows at most.
+    async fn select_sqlite(
+        &self,
+        pool: &sqlx::SqlitePool,
+        schema: &TableSchema,
+        limit: i64,
+    ) -> Result<crate::sqlite_raw::Cells> {
+        let mut params = Vec::new();
+        for value in self.keys.iter().copied().flatten() {
+            params.push(sqlite_key(value)?);
+        }
+        params.push(crate::sqlite_raw::Arg::Int(limit));
+        let mut conn = pool.acquire().await?;
+        crate::sqlite_raw::select_cells(&mut conn, &self.sql, &params, self.neutral.len())
+            .await
+            .map_err(|err| match err {
+                crate::sqlite_raw::RawError::Sqlx(err) => err.into(),
+                other => sqlite_error(schema, other),
+            })
+    }
+
     fn new(
         schema: &'a TableSchema,
         columns: &'a [String],
@@ -324,4 +347,9 @@ fn sqlite_key(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
         Value::Bytes(v) => Arg::Blob(v.as_slice().into()),
         other => return Err(key_type_error(&format!("{other:?}"))),
     })
+}
+
+/// A SQLite page that could not be read (text that is not UTF-8, say), naming the table.
+fn sqlite_error(schema: &TableSchema, err: crate::sqlite_raw::RawError) -> Error {
+    Error::invalid("rows", format!("reading {:?}: {err}", schema.name))
 }
