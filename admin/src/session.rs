@@ -834,10 +834,15 @@ const PAGES_AHEAD: usize = 2;
 /// Uncompressed bytes a batch aims at: wide rows make pages shorter than `server.batch_rows`,
 /// which bounds the memory of both agents and keeps batches far under the frame limit.
 const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// The same for SQLite sources (and pages read as values): ~6,000 rows of the bench's users
-/// table. (SQLite to SQLite, when both sides still built values, 20,000-row batches took
-/// 1.87-1.91 s against 1.64-1.69 s at 5,000, with twice the memory on both sides.)
-const TARGET_SQLITE_BATCH_BYTES: usize = 1024 * 1024;
+/// The same for pages read as values, which take several times their encoded size in memory:
+/// ~6,000 rows of the bench's users table. (SQLite to SQLite, when both sides built values,
+/// 20,000-row batches took 1.87-1.91 s against 1.64-1.69 s at 5,000, with twice the memory on
+/// both sides.)
+const TARGET_VALUE_BATCH_BYTES: usize = 1024 * 1024;
+/// The same for SQLite sources, read into one buffer per page and encoded from it: ~11,000 rows
+/// of the bench's users table, sender peak 69-73 MiB. (At 1 MiB, ~17,000 rows, the peak was
+/// 93-120 MiB for no clear gain in time; at 384 KiB, ~6,000 rows, pulls took ~10 % longer.)
+const TARGET_SQLITE_BATCH_BYTES: usize = 640 * 1024;
 /// Rows of a pull's first page, before the width of a row is known.
 const FIRST_PAGE_ROWS: i64 = 100;
 /// Rows of a page whose size is measured to size the next one.
@@ -997,7 +1002,8 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         let per_row = page.bytes_per_row().max(1);
         let target = match (&page, store.engine()) {
             (Read::Encoded(_), dbsync_agent::store::Engine::Postgres) => TARGET_BATCH_BYTES,
-            _ => TARGET_SQLITE_BATCH_BYTES,
+            (Read::Encoded(_), _) => TARGET_SQLITE_BATCH_BYTES,
+            (Read::Values(_), _) => TARGET_VALUE_BATCH_BYTES,
         };
         page_rows = i64::try_from(target / per_row)
             .unwrap_or(i64::MAX)
