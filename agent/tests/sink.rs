@@ -38,6 +38,20 @@ async fn connection_in(store: &Store, db: &TestDb) -> Uuid {
         .id
 }
 
+/// A sender connection and a new table made by `ddl`: the connection, the table's schema and
+/// its columns in order.
+async fn connection_and_table(
+    db: &TestDb,
+    table: &str,
+    ddl: &str,
+) -> (Uuid, TableSchema, Vec<String>) {
+    let connection = connection_in(&db.store, db).await;
+    exec(db, &[ddl.to_owned()]).await;
+    let schema = db.store.describe_table(table).await.unwrap();
+    let columns = schema.columns.iter().map(|c| c.name.clone()).collect();
+    (connection, schema, columns)
+}
+
 /// Copies every row of `table` from `from` to `to` in pages of `page` rows.
 async fn copy(
     from: &Store,
@@ -432,14 +446,12 @@ async fn sqlite_stores_encoded_rows_as_it_stores_values(db: TestDb) {
 /// whose values break the rules (text that is not UTF-8, an integer too wide for its column) is
 /// an error, and neither its rows nor the checkpoint move.
 async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
-    let connection = connection_in(&db.store, &db).await;
-    exec(
+    let (connection, schema, columns) = connection_and_table(
         &db,
-        &["CREATE TABLE people (id BIGINT PRIMARY KEY, name TEXT, score INTEGER)".into()],
+        "people",
+        "CREATE TABLE people (id BIGINT PRIMARY KEY, name TEXT, score INTEGER)",
     )
     .await;
-    let schema = db.store.describe_table("people").await.unwrap();
-    let columns: Vec<String> = ["id", "name", "score"].map(String::from).to_vec();
     let batch = |from: i64, name: &str, score: i64| dbsync_protocol::message::RowBatch {
         request_id: 1,
         seq: 0,
@@ -552,14 +564,13 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
 /// Two batches at once: the later one's rows and checkpoint become visible only after the batch
 /// before it says it committed; if that one failed, so does the later one, leaving nothing.
 async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
-    let connection = connection_in(&db.store, &db).await;
-    exec(
+    let (connection, schema, columns) = connection_and_table(
         &db,
-        &["CREATE TABLE seq (id BIGINT PRIMARY KEY, v TEXT)".into()],
+        "seq",
+        "CREATE TABLE seq (id BIGINT PRIMARY KEY, v TEXT)",
     )
     .await;
-    let schema = std::sync::Arc::new(db.store.describe_table("seq").await.unwrap());
-    let columns: Vec<String> = ["id", "v"].map(String::from).to_vec();
+    let schema = std::sync::Arc::new(schema);
     let later = |from: i64| {
         let (store, schema, columns) = (db.store.clone(), schema.clone(), columns.clone());
         let (before, gate) = tokio::sync::oneshot::channel::<bool>();
@@ -612,14 +623,12 @@ async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
     if !db.url.starts_with("postgres") {
         return; // `COPY` is PostgreSQL's.
     }
-    let connection = connection_in(&db.store, &db).await;
-    exec(
+    let (connection, schema, columns) = connection_and_table(
         &db,
-        &["CREATE TABLE held (id BIGINT PRIMARY KEY, v TEXT)".into()],
+        "held",
+        "CREATE TABLE held (id BIGINT PRIMARY KEY, v TEXT)",
     )
     .await;
-    let schema = db.store.describe_table("held").await.unwrap();
-    let columns: Vec<String> = ["id", "v"].map(String::from).to_vec();
     let rows: Vec<Vec<Value>> = (1..=10)
         .map(|i| vec![Value::Int(i), Value::Text(format!("v{i}"))])
         .collect();
