@@ -16,7 +16,7 @@ use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::Connection;
 use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link};
-use dbsync_agent::source::{EncodedPage, Page};
+use dbsync_agent::source::EncodedPage;
 use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 use dbsync_agent::{AccessDenied, Agent};
 use dbsync_protocol::Message;
@@ -564,9 +564,9 @@ impl Session<'_> {
                         }
                     }
                 }
-                let got = page.len() as i64;
-                let last_key = page.last_key().clone();
-                let mut batch = RowBatch {
+                let got = page.rows as i64;
+                let last_key = page.last_key.clone();
+                let batch = RowBatch {
                     request_id: pull.request_id,
                     seq,
                     columns: columns.clone(),
@@ -574,17 +574,10 @@ impl Session<'_> {
                     rows: Vec::new(),
                     transfer_id: transfer.id.to_string(),
                 };
-                let sent_batch = match page {
-                    Read::Values(page) => {
-                        batch.rows = page.rows;
-                        self.send_sized(&Message::RowBatch(batch)).await
-                    }
-                    Read::Encoded(page) => {
-                        self.link
-                            .send_row_batch_columns(&batch, &page.columns)
-                            .await
-                    }
-                };
+                let sent_batch = self
+                    .link
+                    .send_row_batch_columns(&batch, &page.columns)
+                    .await;
                 let (wire, raw) = match sent_batch {
                     Ok(sizes) => sizes,
                     Err(err) => {
@@ -834,78 +827,21 @@ const PAGES_AHEAD: usize = 2;
 /// Uncompressed bytes a batch aims at: wide rows make pages shorter than `server.batch_rows`,
 /// which bounds the memory of both agents and keeps batches far under the frame limit.
 const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// The same for pages read as values, which take several times their encoded size in memory:
-/// ~6,000 rows of the bench's users table. (SQLite to SQLite, when both sides built values,
-/// 20,000-row batches took 1.87-1.91 s against 1.64-1.69 s at 5,000, with twice the memory on
-/// both sides.)
-const TARGET_VALUE_BATCH_BYTES: usize = 1024 * 1024;
 /// The same for SQLite sources, read into one buffer per page and encoded from it: ~11,000 rows
 /// of the bench's users table, sender peak 69-73 MiB. (At 1 MiB, ~17,000 rows, the peak was
 /// 93-120 MiB for no clear gain in time; at 384 KiB, ~6,000 rows, pulls took ~10 % longer.)
 const TARGET_SQLITE_BATCH_BYTES: usize = 640 * 1024;
 /// Rows of a pull's first page, before the width of a row is known.
 const FIRST_PAGE_ROWS: i64 = 100;
-/// Rows of a page whose size is measured to size the next one.
-const SIZE_SAMPLE_ROWS: usize = 64;
-
-/// About how many bytes `values` take encoded (for sizing pages, not exact).
-fn approx_bytes(values: &[dbsync_protocol::Value]) -> usize {
-    use dbsync_protocol::Value;
-    values
-        .iter()
-        .map(|value| match value {
-            Value::Numeric(text) | Value::Text(text) | Value::Json(text) => text.len() + 4,
-            Value::Bytes(bytes) => bytes.len() + 4,
-            Value::Array(items) => approx_bytes(items) + 4,
-            _ => 9,
-        })
-        .sum()
-}
-
-/// A page as read: values (SQLite), or encoded for the wire as read (PostgreSQL).
-enum Read {
-    Values(Page),
-    Encoded(EncodedPage),
-}
-
-impl Read {
-    fn len(&self) -> usize {
-        match self {
-            Self::Values(page) => page.rows.len(),
-            Self::Encoded(page) => page.rows,
-        }
-    }
-
-    fn last_key(&self) -> &Option<Vec<dbsync_protocol::Value>> {
-        match self {
-            Self::Values(page) => &page.last_key,
-            Self::Encoded(page) => &page.last_key,
-        }
-    }
-
-    /// About how many bytes a row takes encoded (to size the next page).
-    fn bytes_per_row(&self) -> usize {
-        match self {
-            Self::Values(page) => {
-                // An even sample of the page (walking every value of every page cost ~3 % of
-                // the sender's time).
-                let step = (page.rows.len() / SIZE_SAMPLE_ROWS).max(1);
-                let (bytes, counted) = page
-                    .rows
-                    .iter()
-                    .step_by(step)
-                    .fold((0, 0), |(bytes, n), row| (bytes + approx_bytes(row), n + 1));
-                bytes / counted.max(1)
-            }
-            Self::Encoded(page) => page.columns.len() / page.rows.max(1),
-        }
-    }
+/// About how many bytes a row of `page` takes encoded (to size the next page).
+fn bytes_per_row(page: &EncodedPage) -> usize {
+    page.columns.len() / page.rows.max(1)
 }
 
 /// What the page reader hands the session.
 enum Produced {
     /// Rows to send, with the record reservation taken for them (0 when unlimited).
-    Page { page: Read, reserved: i64 },
+    Page { page: EncodedPage, reserved: i64 },
     /// Nothing more to read: the table is done (`exhausted`) or the record limit cut it.
     End { exhausted: bool, truncated: bool },
     /// Reading failed.
@@ -961,18 +897,9 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             after.as_deref(),
             job.filter.as_ref(),
         );
-        // PostgreSQL pages come encoded for the wire; other stores' as values.
-        let read = match store
+        let read = store
             .read_page_encoded(schema, columns, from, filter, granted)
-            .await
-        {
-            Ok(Some(page)) => Ok(Read::Encoded(page)),
-            Ok(None) => store
-                .read_page_filtered(schema, columns, from, filter, granted)
-                .await
-                .map(Read::Values),
-            Err(err) => Err(err),
-        };
+            .await;
         let page = match read {
             Ok(page) => page,
             Err(err) => {
@@ -982,7 +909,7 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 break Produced::Failed(err.to_string());
             }
         };
-        let got = page.len() as i64;
+        let got = page.rows as i64;
         if job.limited
             && got < granted
             && let Err(err) = store
@@ -997,13 +924,12 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: false,
             };
         }
-        after = page.last_key().clone();
+        after = page.last_key.clone();
         sent += got;
-        let per_row = page.bytes_per_row().max(1);
-        let target = match (&page, store.engine()) {
-            (Read::Encoded(_), dbsync_agent::store::Engine::Postgres) => TARGET_BATCH_BYTES,
-            (Read::Encoded(_), _) => TARGET_SQLITE_BATCH_BYTES,
-            (Read::Values(_), _) => TARGET_VALUE_BATCH_BYTES,
+        let per_row = bytes_per_row(&page).max(1);
+        let target = match store.engine() {
+            dbsync_agent::store::Engine::Postgres => TARGET_BATCH_BYTES,
+            dbsync_agent::store::Engine::Sqlite => TARGET_SQLITE_BATCH_BYTES,
         };
         page_rows = i64::try_from(target / per_row)
             .unwrap_or(i64::MAX)

@@ -1144,13 +1144,16 @@ impl Agent {
                             // a pull that is dropped drops its batches with it, and their
                             // transactions roll back.
                             in_flight.push_back(Box::pin(async move {
-                                let last_key = (!batch.last_key.is_empty())
-                                    .then_some(batch.last_key.as_slice());
+                                let done = Committed {
+                                    rows: batch.rows.len() as i64,
+                                    wire,
+                                    last_key: (!batch.last_key.is_empty())
+                                        .then_some(batch.last_key),
+                                };
                                 let batch_of = Some(BatchOf {
                                     transfer_id,
                                     bytes_wire: wire as i64,
                                 });
-                                let rows = Rows::Encoded(&batch.rows);
                                 let applied = store
                                     .apply_batch_after(
                                         previous,
@@ -1158,18 +1161,12 @@ impl Agent {
                                         batch_of,
                                         schema,
                                         &batch.columns,
-                                        rows,
+                                        Rows::Encoded(&batch.rows),
                                         strategy,
-                                        last_key,
+                                        done.last_key.as_deref(),
                                     )
                                     .await;
                                 let _ = committed.send(applied.is_ok());
-                                let done = Committed {
-                                    rows: batch.rows.len() as i64,
-                                    wire,
-                                    last_key: (!batch.last_key.is_empty())
-                                        .then(|| batch.last_key.clone()),
-                                };
                                 applied.map(|applied| (done, applied))
                             }));
                         }

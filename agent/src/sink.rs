@@ -318,7 +318,8 @@ impl Store {
         strategy: ConflictStrategy,
         last_key: Option<&[Value]>,
     ) -> Result<Applied> {
-        self.apply(
+        self.apply_batch_after(
+            None,
             connection_id,
             batch_of,
             schema,
@@ -326,8 +327,6 @@ impl Store {
             rows,
             strategy,
             last_key,
-            false,
-            None,
         )
         .await
     }

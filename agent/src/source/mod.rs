@@ -79,8 +79,7 @@ impl Store {
     }
 
     /// [`Store::read_page_filtered`] with the rows encoded for the wire as they are read, column
-    /// by column, with no [`Value`] per cell (only the last row's key is decoded). `None` when
-    /// the store is not PostgreSQL (read those pages as values).
+    /// by column, with no [`Value`] per cell (only the last row's key is decoded).
     pub async fn read_page_encoded(
         &self,
         schema: &TableSchema,
@@ -88,7 +87,7 @@ impl Store {
         after: Option<&[Value]>,
         filter: Option<&KeyFilter>,
         limit: i64,
-    ) -> Result<Option<EncodedPage>> {
+    ) -> Result<EncodedPage> {
         let query = PageQuery::new(schema, columns, after, filter)?;
         let pool = match self.pool() {
             Pool::Postgres(pool) => pool,
@@ -98,13 +97,13 @@ impl Store {
                     0 => None,
                     rows => Some(cells.values_at(rows - 1, &query.key_positions)),
                 };
-                return Ok(Some(EncodedPage {
+                return Ok(EncodedPage {
                     columns: cells.encode().map_err(|err| sqlite_error(schema, err))?,
                     rows: cells.rows(),
                     last_key: last_key
                         .transpose()
                         .map_err(|err| sqlite_error(schema, err))?,
-                }));
+                });
             }
         };
         let fetched = query.fetch_postgres(pool, limit).await?;
@@ -140,11 +139,11 @@ impl Store {
                     .collect::<Result<Vec<_>>>()
             })
             .transpose()?;
-        Ok(Some(EncodedPage {
+        Ok(EncodedPage {
             columns: writer.finish().map_err(invalid)?,
             rows: fetched.len(),
             last_key,
-        }))
+        })
     }
 }
 
