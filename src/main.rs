@@ -23,10 +23,41 @@ fn restore_sigpipe() {
     }
 }
 
+/// mimalloc's `purge_delay` option (its index in `mi_option_t` of the mimalloc 3 that
+/// libmimalloc-sys builds; the sys crate names no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Milliseconds freed memory stays mapped before it is returned to the system, for a pull:
+/// none. mimalloc's default is a second, and a pull frees a decoded batch (~3-4 MiB) every few
+/// dozen milliseconds, so its peak RSS held whatever batches it had freed in the last second
+/// and moved by a fifth from run to run (38-47 MiB at 1M rows of the bench's table, and peaks at
+/// 4M rows up to 25 % above). Returned at once, the peak follows the batches held (32-35 MiB)
+/// for ~0.06 s more system time per million rows. `serve` keeps the default: as a sender it
+/// allocates page buffers at the same pace and reuses what it freed; returning them at once
+/// cost it ~13 % more CPU (docs/performance.md). MIMALLOC_PURGE_DELAY still wins.
+const PULL_PURGE_DELAY_MS: std::ffi::c_long = 0;
+
+/// Sets the purge delay unless the environment chose one. (mimalloc reads every option from
+/// the environment when the process starts, so `mi_option_set_default` would come too late.
+/// Set here, 10 ms still peaked at 40-43 MiB, like the default, where MIMALLOC_PURGE_DELAY=10
+/// gave 31-36 MiB; 0, which purges as memory is freed, gives 32-35 MiB either way.)
+#[allow(unsafe_code)]
+fn set_purge_delay(milliseconds: std::ffi::c_long) {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: mi_option_set only stores an option's value, which mimalloc reads when it next
+    // purges; the index is checked against mimalloc's own default by a test.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, milliseconds) }
+}
+
 fn main() -> ExitCode {
     #[cfg(unix)]
     restore_sigpipe();
     let args = cli::Cli::parse();
+    if args.receives_rows() {
+        set_purge_delay(PULL_PURGE_DELAY_MS);
+    }
     cli::init_tracing(&args.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -45,5 +76,21 @@ fn main() -> ExitCode {
             cli::output::print_error(&err, json);
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The option index names mimalloc's purge delay: its default is 1000 ms, which no option
+    /// near it shares.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_purge_delay_option_is_the_one_set() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reading an option has no preconditions.
+        let value = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
+        assert_eq!(value, 1000);
     }
 }

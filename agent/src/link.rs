@@ -16,7 +16,8 @@ use tokio::task::JoinHandle;
 /// may only have its granted credits in flight). Enough to keep decoding off the session's
 /// path, which applies up to two batches at once besides; more would only hold decoded batches
 /// (a row batch's decompressed payload, ~3.4 MiB at 20,000 rows of the bench's table) while the
-/// database is the slower side. Frames past these wait undecoded, in the transport's buffers.
+/// database is the slower side. The reading task takes a place in the queue before it decodes a
+/// frame; frames past these wait undecoded, in the transport's buffers.
 /// (SQLite pulls with 4 were as fast as with 16; with 2 instead of 4 the receiver's peak at 4M
 /// rows stopped drifting above its peak at 1M: docs/performance.md.)
 const INCOMING: usize = 2;
@@ -153,7 +154,13 @@ async fn read_loop(
     to_session: mpsc::Sender<Incoming>,
 ) {
     loop {
-        let item = match reader.read_frame().await {
+        let frame = reader.read_frame().await;
+        // Room in the queue first, then decoding: a frame waits here compressed, not as a
+        // decoded batch beside the queued ones (at most `INCOMING` decoded batches wait).
+        let Ok(slot) = to_session.reserve().await else {
+            return;
+        };
+        let item = match frame {
             Ok(Some(frame)) => {
                 let wire = frame.len();
                 // Decoding (decompression, MessagePack) runs here, beside the session's work. A
@@ -170,7 +177,8 @@ async fn read_loop(
             Err(err) => Incoming::Failed(err),
         };
         let stop = !matches!(item, Incoming::Message(..) | Incoming::Batch(..));
-        if to_session.send(item).await.is_err() || stop {
+        slot.send(item);
+        if stop {
             return;
         }
     }
