@@ -27,20 +27,23 @@ fn restore_sigpipe() {
 /// libmimalloc-sys builds; the sys crate names no constant for it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Milliseconds freed memory stays mapped before it is returned to the system, for a pull:
-/// none. mimalloc's default is a second, and a pull frees a decoded batch (~3-4 MiB) every few
-/// dozen milliseconds, so its peak RSS held whatever batches it had freed in the last second
-/// and moved by a fifth from run to run (38-47 MiB at 1M rows of the bench's table, and peaks at
-/// 4M rows up to 25 % above). Returned at once, the peak follows the batches held (32-35 MiB)
-/// for ~0.06 s more system time per million rows. `serve` keeps the default: as a sender it
-/// allocates page buffers at the same pace and reuses what it freed; returning them at once
-/// cost it ~13 % more CPU (docs/performance.md). MIMALLOC_PURGE_DELAY still wins.
-const PULL_PURGE_DELAY_MS: std::ffi::c_long = 0;
+/// Milliseconds freed memory stays mapped before it is returned to the system: none.
+/// mimalloc's default is a second, and an agent frees megabytes per batch (a pull a decoded
+/// batch of ~3-4 MiB, a sender its page, the rows it read and the frame), much of it on
+/// another thread than the one that allocated it, so the peak RSS held whatever was freed in
+/// the last second and moved by a fifth from run to run: pull 38-47 MiB and sender 60-79 MiB
+/// at 1M rows of the bench's table, with peaks at 4M rows up to 25 % above. Returned at once,
+/// the peaks follow what is held: pull 32-35 MiB, sender 46-47 MiB. The cost is the page faults
+/// of memory touched again: ~0.06 s more system time per million rows in a pull and ~15-20 %
+/// more CPU in a sender (docs/performance.md). MIMALLOC_PURGE_DELAY still wins (1000 is
+/// mimalloc's default).
+const PURGE_DELAY_MS: std::ffi::c_long = 0;
 
 /// Sets the purge delay unless the environment chose one. (mimalloc reads every option from
 /// the environment when the process starts, so `mi_option_set_default` would come too late.
-/// Set here, 10 ms still peaked at 40-43 MiB, like the default, where MIMALLOC_PURGE_DELAY=10
-/// gave 31-36 MiB; 0, which purges as memory is freed, gives 32-35 MiB either way.)
+/// Set here, 10 ms still peaked at 40-43 MiB in a pull, like the default, where
+/// MIMALLOC_PURGE_DELAY=10 gave 31-36 MiB; 0, which purges as memory is freed, behaves the same
+/// either way.)
 #[allow(unsafe_code)]
 fn set_purge_delay(milliseconds: std::ffi::c_long) {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
@@ -55,9 +58,7 @@ fn main() -> ExitCode {
     #[cfg(unix)]
     restore_sigpipe();
     let args = cli::Cli::parse();
-    if args.receives_rows() {
-        set_purge_delay(PULL_PURGE_DELAY_MS);
-    }
+    set_purge_delay(PURGE_DELAY_MS);
     cli::init_tracing(&args.global);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

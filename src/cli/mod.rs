@@ -29,14 +29,6 @@ pub(crate) struct Cli {
     command: Command,
 }
 
-impl Cli {
-    /// Whether this command receives rows (a one-shot `dbsync pull`), where memory should follow
-    /// the batches held rather than what the allocator keeps for reuse (`main`).
-    pub(crate) fn receives_rows(&self) -> bool {
-        matches!(self.command, Command::Pull(_))
-    }
-}
-
 /// Options every command takes.
 #[derive(Debug, Args)]
 pub(crate) struct GlobalArgs {
