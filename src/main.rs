@@ -31,9 +31,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// mimalloc's default is a second, and an agent frees megabytes per batch (a pull a decoded
 /// batch of ~3-4 MiB, a sender its page, the rows it read and the frame), much of it on
 /// another thread than the one that allocated it, so the peak RSS held whatever was freed in
-/// the last second and moved by a fifth from run to run: pull 38-47 MiB and sender 60-79 MiB
+/// the last second and moved by a fifth from run to run: pull 36-46 MiB and sender 60-77 MiB
 /// at 1M rows of the bench's table, with peaks at 4M rows up to 25 % above. Returned at once,
-/// the peaks follow what is held: pull 32-35 MiB, sender 46-47 MiB. The cost is the page faults
+/// the peaks follow what is held: pull 31-34 MiB, sender 48 MiB. The cost is the page faults
 /// of memory touched again: ~0.06 s more system time per million rows in a pull and ~15-20 %
 /// more CPU in a sender (docs/performance.md). MIMALLOC_PURGE_DELAY still wins (1000 is
 /// mimalloc's default).
@@ -41,8 +41,8 @@ const PURGE_DELAY_MS: std::ffi::c_long = 0;
 
 /// Sets the purge delay unless the environment chose one. (mimalloc reads every option from
 /// the environment when the process starts, so `mi_option_set_default` would come too late.
-/// Set here, 10 ms still peaked at 40-43 MiB in a pull, like the default, where
-/// MIMALLOC_PURGE_DELAY=10 gave 31-36 MiB; 0, which purges as memory is freed, behaves the same
+/// Set here, 10 ms still peaked at 39-42 MiB in a pull, like the default, where
+/// MIMALLOC_PURGE_DELAY=10 gave 30-35 MiB; 0, which purges as memory is freed, behaves the same
 /// either way.)
 #[allow(unsafe_code)]
 fn set_purge_delay(milliseconds: std::ffi::c_long) {
