@@ -869,6 +869,10 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
     // Slow start: the first page is small; later pages hold as many rows as fit the target
     // batch size, up to `batch_rows`.
     let mut page_rows = job.batch_rows.min(FIRST_PAGE_ROWS);
+    let target = match store.engine() {
+        dbsync_agent::store::Engine::Postgres => TARGET_BATCH_BYTES,
+        dbsync_agent::store::Engine::Sqlite => TARGET_SQLITE_BATCH_BYTES,
+    };
     let end = loop {
         if sent >= job.limit {
             break Produced::End {
@@ -927,10 +931,6 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         after = page.last_key.clone();
         sent += got;
         let per_row = bytes_per_row(&page).max(1);
-        let target = match store.engine() {
-            dbsync_agent::store::Engine::Postgres => TARGET_BATCH_BYTES,
-            dbsync_agent::store::Engine::Sqlite => TARGET_SQLITE_BATCH_BYTES,
-        };
         page_rows = i64::try_from(target / per_row)
             .unwrap_or(i64::MAX)
             .clamp(1, job.batch_rows);
