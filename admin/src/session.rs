@@ -498,8 +498,8 @@ impl Session<'_> {
         let initial_credits = pull.credits.clamp(1, 64);
         let mut credits = initial_credits;
         let limited = connection.max_records_total.is_some() && !pull.keys_only;
-        // Pages are read by their own task, a couple ahead, while this one encodes and the
-        // link's writer sends: reading, encoding and sending overlap.
+        // Pages are read by their own task, one ahead besides the one being read, while this one
+        // encodes and the link's writer sends: reading, encoding and sending overlap.
         let (pages_tx, mut pages) = mpsc::channel::<Produced>(PAGES_AHEAD);
         let producer = tokio::spawn(produce(
             self.agent.store.clone(),
@@ -523,12 +523,33 @@ impl Session<'_> {
         let mut in_flight: VecDeque<SentBatch> = VecDeque::new();
         let outcome: SessionResult<bool> = async {
             loop {
+                // A credit first, then the next page: while the receiver holds every batch it
+                // allowed, the pages read ahead wait in the channel (where an ended pull gives
+                // their records back), and the reader waits with them.
+                while credits == 0 {
+                    match self
+                        .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
+                        .await
+                    {
+                        Ok(Some(batches)) => credits += batches,
+                        Ok(None) => {
+                            self.release_unacknowledged(connection, &mut in_flight, 0)
+                                .await;
+                            return Ok(false);
+                        }
+                        Err(err) => {
+                            self.release_unacknowledged(connection, &mut in_flight, 0)
+                                .await;
+                            return Err(err);
+                        }
+                    }
+                }
                 // The reader ends every pull with `End` or `Failed`; a closed channel means it
                 // died (a panic), which must fail the transfer, not end it as if complete.
                 let produced = pages.recv().await.unwrap_or_else(|| {
                     Produced::Failed("the sender's page reader stopped unexpectedly".into())
                 });
-                let (page, reserved) = match produced {
+                let (mut page, reserved) = match produced {
                     Produced::Page { page, reserved } => (page, reserved),
                     Produced::End {
                         exhausted: e,
@@ -546,24 +567,6 @@ impl Session<'_> {
                         return Ok(false);
                     }
                 };
-                while credits == 0 {
-                    match self
-                        .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
-                        .await
-                    {
-                        Ok(Some(batches)) => credits += batches,
-                        Ok(None) => {
-                            self.release_unacknowledged(connection, &mut in_flight, reserved)
-                                .await;
-                            return Ok(false);
-                        }
-                        Err(err) => {
-                            self.release_unacknowledged(connection, &mut in_flight, reserved)
-                                .await;
-                            return Err(err);
-                        }
-                    }
-                }
                 let got = page.rows as i64;
                 let last_key = page.last_key.clone();
                 let batch = RowBatch {
@@ -576,7 +579,7 @@ impl Session<'_> {
                 };
                 let sent_batch = self
                     .link
-                    .send_row_batch_columns(&batch, &page.columns)
+                    .send_row_batch_in_place(&batch, &mut page.columns, page.room)
                     .await;
                 let (wire, raw) = match sent_batch {
                     Ok(sizes) => sizes,
@@ -822,8 +825,8 @@ impl Session<'_> {
     }
 }
 
-/// Pages read ahead of the encoder.
-const PAGES_AHEAD: usize = 2;
+/// Pages read ahead of the encoder (besides the one being read).
+const PAGES_AHEAD: usize = 1;
 /// Uncompressed bytes a batch aims at: wide rows make pages shorter than `server.batch_rows`,
 /// which bounds the memory of both agents and keeps batches far under the frame limit.
 const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -835,7 +838,7 @@ const TARGET_SQLITE_BATCH_BYTES: usize = 640 * 1024;
 const FIRST_PAGE_ROWS: i64 = 100;
 /// About how many bytes a row of `page` takes encoded (to size the next page).
 fn bytes_per_row(page: &EncodedPage) -> usize {
-    page.columns.len() / page.rows.max(1)
+    (page.columns.len() - page.room) / page.rows.max(1)
 }
 
 /// What the page reader hands the session.
@@ -873,6 +876,9 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         dbsync_agent::store::Engine::Postgres => TARGET_BATCH_BYTES,
         dbsync_agent::store::Engine::Sqlite => TARGET_SQLITE_BATCH_BYTES,
     };
+    // Each page is read behind room for the frame fields before its rows, so it is sent from
+    // where it lies (`codec::encode_row_batch_in_place`).
+    let room = dbsync_protocol::codec::row_batch_room(&job.columns);
     let end = loop {
         if sent >= job.limit {
             break Produced::End {
@@ -902,7 +908,7 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             job.filter.as_ref(),
         );
         let read = store
-            .read_page_encoded(schema, columns, from, filter, granted)
+            .read_page_encoded(schema, columns, from, filter, granted, room)
             .await;
         let page = match read {
             Ok(page) => page,

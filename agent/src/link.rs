@@ -89,17 +89,19 @@ impl Link {
             .await
     }
 
-    /// Encodes and queues a row batch whose rows are already encoded column by column
-    /// ([`dbsync_protocol::message::columnar::ColumnsWriter`]; `batch.rows` is not read); returns
-    /// what [`Link::send`] returns.
-    pub async fn send_row_batch_columns(
+    /// Encodes and queues a row batch whose rows are already encoded column by column, at
+    /// `page[room..]` (see [`codec::encode_row_batch_in_place`]; `batch.rows` is not read);
+    /// returns what [`Link::send`] returns.
+    pub async fn send_row_batch_in_place(
         &mut self,
         batch: &dbsync_protocol::message::RowBatch,
-        columns: &[u8],
+        page: &mut Vec<u8>,
+        room: usize,
     ) -> Result<(usize, usize), String> {
-        self.send_sized(codec::encode_row_batch_columns(
+        self.send_sized(codec::encode_row_batch_in_place(
             batch,
-            columns,
+            page,
+            room,
             self.zstd_level,
         ))
         .await

@@ -375,17 +375,15 @@ impl Cells {
     }
 
     /// The rows encoded for the wire column by column (a row batch's `rows`), as
-    /// [`Cells::to_rows`] would be: a column whose values are all of one storage class (or NULL)
-    /// goes bare, any other as whole values.
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, RawError> {
+    /// [`Cells::to_rows`] would be, behind `room` zero bytes: a column whose values are all of
+    /// one storage class (or NULL) goes bare, any other as whole values.
+    pub(crate) fn encode(&self, room: usize) -> Result<Vec<u8>, RawError> {
         use dbsync_protocol::message::columnar::{ColumnsWriter, Kind};
         let rows = self.rows();
         let invalid = RawError::Invalid;
-        let mut writer = ColumnsWriter::new(
-            self.width,
-            rows,
-            Vec::with_capacity(self.arena.len() + self.cells.len() * 4 + 64),
-        );
+        let mut out = Vec::with_capacity(room + self.arena.len() + self.cells.len() * 4 + 64);
+        out.resize(room, 0);
+        let mut writer = ColumnsWriter::new(self.width, rows, out);
         for column in 0..self.width {
             let cells = || self.cells.iter().skip(column).step_by(self.width);
             let kind_of = |cell: &Cell| match cell {
@@ -402,15 +400,15 @@ impl Cells {
             } else {
                 None
             };
-            writer.column(kind).map_err(invalid)?;
+            let out = writer.column(kind).map_err(invalid)?;
             for cell in cells() {
                 match (kind, *cell) {
-                    (_, Cell::Null) => writer.null(),
-                    (None, cell) => writer.value(&self.value(cell)?).map_err(invalid)?,
-                    (Some(_), Cell::Int(i)) => writer.int(i),
-                    (Some(_), Cell::Float(f)) => writer.float(f),
-                    (Some(_), Cell::Text(start, end)) => writer.str(self.text(start, end)?),
-                    (Some(_), Cell::Blob(start, end)) => writer.bin(&self.arena[start..end]),
+                    (_, Cell::Null) => out.null(),
+                    (None, cell) => out.value(&self.value(cell)?).map_err(invalid)?,
+                    (Some(_), Cell::Int(i)) => out.int(i),
+                    (Some(_), Cell::Float(f)) => out.float(f),
+                    (Some(_), Cell::Text(start, end)) => out.str(self.text(start, end)?),
+                    (Some(_), Cell::Blob(start, end)) => out.bin(&self.arena[start..end]),
                 }
             }
         }
@@ -535,9 +533,10 @@ mod tests {
             last_key: cells.values_at(3, &[0]).unwrap(),
             transfer_id: String::new(),
         };
+        let room = dbsync_protocol::codec::row_batch_room(&batch.columns);
+        let mut page = cells.encode(room).unwrap();
         let (frame, _) =
-            dbsync_protocol::codec::encode_row_batch_columns(&batch, &cells.encode().unwrap(), 1)
-                .unwrap();
+            dbsync_protocol::codec::encode_row_batch_in_place(&batch, &mut page, room, 1).unwrap();
         let arrived =
             dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default()).unwrap();
         assert_eq!(arrived.rows.to_rows().unwrap(), read);
@@ -548,7 +547,7 @@ mod tests {
             .unwrap();
         assert_eq!(none.rows(), 0);
         assert!(none.to_rows().unwrap().is_empty());
-        assert!(!none.encode().unwrap().is_empty());
+        assert!(!none.encode(0).unwrap().is_empty());
         assert_eq!(
             read,
             vec![
@@ -595,7 +594,7 @@ mod tests {
         let bad = select_cells(&mut conn, "SELECT id, x FROM t WHERE id = 20", &[], 2)
             .await
             .unwrap();
-        for err in [bad.to_rows().unwrap_err(), bad.encode().unwrap_err()] {
+        for err in [bad.to_rows().unwrap_err(), bad.encode(0).unwrap_err()] {
             assert!(err.to_string().contains("UTF-8"), "{err}");
         }
         // Bookkeeping runs in the rows' transaction; one that must change a row and does not

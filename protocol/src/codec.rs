@@ -295,6 +295,27 @@ pub fn encode_row_batch_columns(
     SCRATCH.with_borrow_mut(|scratch| scratch.row_batch_columns(batch, columns, zstd_level))
 }
 
+/// Room [`encode_row_batch_in_place`] needs before a batch's rows, for a batch of the columns
+/// `columns`: the fields that come before the rows at their largest.
+pub fn row_batch_room(columns: &[String]) -> usize {
+    // The array's header, `request_id` and `seq` (at most 9 bytes each), the column names.
+    1 + 9 + 9 + to_msgpack(columns).map_or(0, |names| names.len())
+}
+
+/// Like [`encode_row_batch_columns`] for rows encoded at `page[room..]` behind `room` bytes
+/// of space (see [`row_batch_room`]): the fields before the rows are written into that space
+/// and the ones after them appended, and the payload is compressed where it lies, with no copy
+/// of the rows (`page` is left holding it). With too little room the rows are copied as
+/// [`encode_row_batch_columns`] copies them. The frame is the same.
+pub fn encode_row_batch_in_place(
+    batch: &crate::message::RowBatch,
+    page: &mut Vec<u8>,
+    room: usize,
+    zstd_level: i32,
+) -> Result<(Vec<u8>, usize), ProtocolError> {
+    SCRATCH.with_borrow_mut(|scratch| scratch.row_batch_in_place(batch, page, room, zstd_level))
+}
+
 /// Writes the payload length (everything after the header) into a frame's header.
 fn set_length(frame: &mut [u8]) -> Result<(), ProtocolError> {
     let length = u32::try_from(frame.len() - HEADER_LEN)
@@ -328,10 +349,13 @@ impl Scratch {
         batch: &crate::message::RowBatch,
         level: i32,
     ) -> Result<(Vec<u8>, usize), ProtocolError> {
-        self.payload.clear();
-        rmp_serde::encode::write(&mut self.payload, batch)
-            .map_err(|err| ProtocolError::Encode(err.to_string()))?;
-        self.compress_row_batch(level)
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.clear();
+        let framed = rmp_serde::encode::write(&mut payload, batch)
+            .map_err(|err| ProtocolError::Encode(err.to_string()))
+            .and_then(|()| self.compress_row_batch(&payload, level));
+        self.keep_payload(payload);
+        framed
     }
 
     /// A row batch's frame from its fields and its rows already encoded column by column
@@ -342,23 +366,56 @@ impl Scratch {
         columns: &[u8],
         level: i32,
     ) -> Result<(Vec<u8>, usize), ProtocolError> {
-        let encode = |err: rmp_serde::encode::Error| ProtocolError::Encode(err.to_string());
-        self.payload.clear();
-        // The fields in `RowBatch`'s order, as its derived `Serialize` writes them (an array).
-        let out = &mut self.payload;
-        rmp::encode::write_array_len(out, 6).map_err(|e| encode(e.into()))?;
-        rmp_serde::encode::write(out, &batch.request_id).map_err(encode)?;
-        rmp_serde::encode::write(out, &batch.seq).map_err(encode)?;
-        rmp_serde::encode::write(out, &batch.columns).map_err(encode)?;
-        out.extend_from_slice(columns);
-        rmp_serde::encode::write(out, &batch.last_key).map_err(encode)?;
-        rmp_serde::encode::write(out, &batch.transfer_id).map_err(encode)?;
-        self.compress_row_batch(level)
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.clear();
+        let framed = row_batch_head(&mut payload, batch)
+            .and_then(|()| {
+                payload.extend_from_slice(columns);
+                row_batch_tail(&mut payload, batch)
+            })
+            .and_then(|()| self.compress_row_batch(&payload, level));
+        self.keep_payload(payload);
+        framed
     }
 
-    /// Compresses the row batch in `payload` into a frame.
-    fn compress_row_batch(&mut self, level: i32) -> Result<(Vec<u8>, usize), ProtocolError> {
-        let raw_len = self.payload.len();
+    /// [`encode_row_batch_in_place`].
+    fn row_batch_in_place(
+        &mut self,
+        batch: &crate::message::RowBatch,
+        page: &mut Vec<u8>,
+        room: usize,
+        level: i32,
+    ) -> Result<(Vec<u8>, usize), ProtocolError> {
+        if page.len() < room {
+            return Err(ProtocolError::Encode(format!(
+                "a page of {} bytes has no rows after {room} bytes of room",
+                page.len()
+            )));
+        }
+        let mut head = Vec::new();
+        row_batch_head(&mut head, batch)?;
+        let Some(start) = room.checked_sub(head.len()) else {
+            return self.row_batch_columns(batch, &page[room..], level);
+        };
+        page[start..room].copy_from_slice(&head);
+        row_batch_tail(page, batch)?;
+        self.compress_row_batch(&page[start..], level)
+    }
+
+    /// Keeps a payload buffer for the next batch unless it grew too large.
+    fn keep_payload(&mut self, payload: Vec<u8>) {
+        if payload.capacity() <= KEEP_PAYLOAD_BYTES {
+            self.payload = payload;
+        }
+    }
+
+    /// Compresses a row batch's `payload` into a frame.
+    fn compress_row_batch(
+        &mut self,
+        payload: &[u8],
+        level: i32,
+    ) -> Result<(Vec<u8>, usize), ProtocolError> {
+        let raw_len = payload.len();
         let compressor = match &mut self.compressor {
             Some((current, compressor)) if *current == level => compressor,
             slot => {
@@ -374,20 +431,40 @@ impl Scratch {
         self.compressed
             .reserve(zstd::zstd_safe::compress_bound(raw_len));
         let written = compressor
-            .compress_to_buffer(&self.payload, &mut self.compressed)
+            .compress_to_buffer(payload, &mut self.compressed)
             .map_err(|err| ProtocolError::Encode(err.to_string()))?;
         let mut frame = Vec::with_capacity(HEADER_LEN + written);
         frame.extend_from_slice(&[MAGIC, Kind::RowBatch as u8, FLAG_ZSTD, 0, 0, 0, 0, 0]);
         frame.extend_from_slice(&self.compressed);
         set_length(&mut frame)?;
-        if self.payload.capacity() > KEEP_PAYLOAD_BYTES {
-            self.payload = Vec::new();
-        }
         if self.compressed.capacity() > KEEP_PAYLOAD_BYTES {
             self.compressed = Vec::new();
         }
         Ok((frame, raw_len))
     }
+}
+
+/// A row batch's fields before its rows, in `RowBatch`'s order as its derived `Serialize`
+/// writes them (an array of six).
+fn row_batch_head(
+    out: &mut Vec<u8>,
+    batch: &crate::message::RowBatch,
+) -> Result<(), ProtocolError> {
+    let encode = |err: rmp_serde::encode::Error| ProtocolError::Encode(err.to_string());
+    rmp::encode::write_array_len(out, 6).map_err(|e| encode(e.into()))?;
+    rmp_serde::encode::write(out, &batch.request_id).map_err(encode)?;
+    rmp_serde::encode::write(out, &batch.seq).map_err(encode)?;
+    rmp_serde::encode::write(out, &batch.columns).map_err(encode)
+}
+
+/// A row batch's fields after its rows.
+fn row_batch_tail(
+    out: &mut Vec<u8>,
+    batch: &crate::message::RowBatch,
+) -> Result<(), ProtocolError> {
+    let encode = |err: rmp_serde::encode::Error| ProtocolError::Encode(err.to_string());
+    rmp_serde::encode::write(out, &batch.last_key).map_err(encode)?;
+    rmp_serde::encode::write(out, &batch.transfer_id).map_err(encode)
 }
 
 fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, ProtocolError> {

@@ -296,7 +296,7 @@ impl EncodedRows {
         self.rows == 0
     }
 
-    /// The columns as the sender encoded them (what `codec::encode_row_batch_columns` takes).
+    /// The columns as the sender encoded them (what `codec::encode_row_batch_columns` and `codec::encode_row_batch_in_place` take).
     pub fn as_bytes(&self) -> &[u8] {
         &self.payload[self.span.clone()]
     }

@@ -451,14 +451,14 @@ pub mod columnar {
         }
     }
 
-    struct Column<'a> {
+    struct RowsColumn<'a> {
         rows: &'a [Vec<Value>],
         index: usize,
     }
 
     /// A column's values, bare (its kind written once before them) or whole.
     struct Values<'a> {
-        column: &'a Column<'a>,
+        column: &'a RowsColumn<'a>,
         bare: bool,
     }
 
@@ -476,13 +476,13 @@ pub mod columnar {
         }
     }
 
-    impl Column<'_> {
+    impl RowsColumn<'_> {
         fn values(&self) -> impl Iterator<Item = &Value> {
             self.rows.iter().map(|row| &row[self.index])
         }
     }
 
-    impl Serialize for Column<'_> {
+    impl Serialize for RowsColumn<'_> {
         fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             let mut kinds = self.values().filter(|v| **v != Value::Null).map(Kind::of);
             let kind = match kinds.next() {
@@ -502,17 +502,25 @@ pub mod columnar {
     /// Writes a batch's rows column by column straight from a source's own representation,
     /// with no [`Value`] per cell: the bytes [`serialize`] writes for the same rows, except that
     /// a column whose values are all NULL keeps the kind it is given (the reader takes NULLs of
-    /// any kind alike). Write the columns in order: [`ColumnsWriter::column`], then exactly
-    /// `rows` values, then the next column.
+    /// any kind alike). Either write each column in place ([`ColumnsWriter::column`], then
+    /// exactly `rows` values into the [`Column`] it returns), or add columns written apart, once
+    /// the rows are counted ([`ColumnsWriter::push`]).
     #[derive(Debug)]
     pub struct ColumnsWriter {
-        out: Vec<u8>,
+        /// The column being written; its buffer is the whole batch.
+        current: Column,
         width: usize,
         rows: usize,
         columns: usize,
+    }
+
+    /// One column's values, each written as it is read: in a [`ColumnsWriter`]'s batch, or on
+    /// its own ([`Column::new`]) for a reader that learns the row count only at the end.
+    #[derive(Debug)]
+    pub struct Column {
+        out: Vec<u8>,
+        kind: Option<Kind>,
         values: usize,
-        /// The current column holds whole values.
-        whole: bool,
     }
 
     fn written<T, E: std::fmt::Display>(result: Result<T, E>) {
@@ -522,39 +530,30 @@ pub mod columnar {
         }
     }
 
-    impl ColumnsWriter {
-        /// Starts `width` columns of `rows` values each, appended to `out`.
-        pub fn new(width: usize, rows: usize, mut out: Vec<u8>) -> Self {
-            written(rmp::encode::write_array_len(&mut out, width as u32));
+    impl Column {
+        /// An empty column whose values are all of `kind` or NULL (`None`: whole values, written
+        /// with [`Column::value`]).
+        pub fn new(kind: Option<Kind>) -> Self {
             Self {
-                out,
-                width,
-                rows,
-                columns: 0,
-                values: rows,
-                whole: false,
+                out: Vec::new(),
+                kind,
+                values: 0,
             }
         }
 
-        /// Starts the next column: its values are all of `kind` or NULL (`None`: whole values,
-        /// written with [`ColumnsWriter::value`]).
-        pub fn column(&mut self, kind: Option<Kind>) -> Result<(), String> {
-            if self.values != self.rows || self.columns == self.width {
-                return Err("a column started before the last one was full".into());
-            }
-            self.columns += 1;
-            self.values = 0;
-            self.whole = kind.is_none();
-            written(rmp::encode::write_array_len(&mut self.out, 2));
-            written(rmp::encode::write_uint(
-                &mut self.out,
-                u64::from(kind.map_or(MIXED, |k| k as u8)),
-            ));
-            written(rmp::encode::write_array_len(
-                &mut self.out,
-                self.rows as u32,
-            ));
-            Ok(())
+        /// How many values are written.
+        pub fn len(&self) -> usize {
+            self.values
+        }
+
+        /// No value is written yet.
+        pub fn is_empty(&self) -> bool {
+            self.values == 0
+        }
+
+        /// The size of its values as written, in bytes.
+        pub fn encoded_len(&self) -> usize {
+            self.out.len()
         }
 
         fn count(&mut self) -> &mut Vec<u8> {
@@ -564,7 +563,7 @@ pub mod columnar {
 
         /// NULL (bare, or the whole value `Value::Null` in a column of whole values).
         pub fn null(&mut self) {
-            if self.whole {
+            if self.kind.is_none() {
                 written(rmp_serde::encode::write(self.count(), &Value::Null));
             } else {
                 written(rmp::encode::write_nil(self.count()));
@@ -596,20 +595,73 @@ pub mod columnar {
             written(rmp::encode::write_bin(self.count(), value));
         }
 
-        /// A whole value (a column started with kind `None`).
+        /// A whole value (a column of kind `None`).
         pub fn value(&mut self, value: &Value) -> Result<(), String> {
             rmp_serde::encode::write(self.count(), value).map_err(|err| err.to_string())
+        }
+    }
+
+    impl ColumnsWriter {
+        /// Starts `width` columns of `rows` values each, appended to `out`.
+        pub fn new(width: usize, rows: usize, mut out: Vec<u8>) -> Self {
+            written(rmp::encode::write_array_len(&mut out, width as u32));
+            Self {
+                current: Column {
+                    out,
+                    kind: None,
+                    values: rows,
+                },
+                width,
+                rows,
+                columns: 0,
+            }
+        }
+
+        /// Starts the next column in place: its values are all of `kind` or NULL (`None`: whole
+        /// values, written with [`Column::value`]). Write exactly `rows` values into it.
+        pub fn column(&mut self, kind: Option<Kind>) -> Result<&mut Column, String> {
+            if self.current.values != self.rows || self.columns == self.width {
+                return Err("a column started before the last one was full".into());
+            }
+            self.columns += 1;
+            let column = &mut self.current;
+            column.values = 0;
+            column.kind = kind;
+            written(rmp::encode::write_array_len(&mut column.out, 2));
+            written(rmp::encode::write_uint(
+                &mut column.out,
+                u64::from(kind.map_or(MIXED, |k| k as u8)),
+            ));
+            written(rmp::encode::write_array_len(
+                &mut column.out,
+                self.rows as u32,
+            ));
+            Ok(column)
+        }
+
+        /// Adds the next column, written on its own with exactly `rows` values.
+        pub fn push(&mut self, column: &Column) -> Result<(), String> {
+            if column.values != self.rows {
+                return Err(format!(
+                    "a column of {} values in a batch of {} rows",
+                    column.values, self.rows
+                ));
+            }
+            let current = self.column(column.kind)?;
+            current.out.extend_from_slice(&column.out);
+            current.values = column.values;
+            Ok(())
         }
 
         /// The encoded columns (the `rows` field of a [`super::RowBatch`] on the wire).
         pub fn finish(self) -> Result<Vec<u8>, String> {
-            if self.columns != self.width || self.values != self.rows {
+            if self.columns != self.width || self.current.values != self.rows {
                 return Err(format!(
                     "{} of {} columns written, the last with {} of {} values",
-                    self.columns, self.width, self.values, self.rows
+                    self.columns, self.width, self.current.values, self.rows
                 ));
             }
-            Ok(self.out)
+            Ok(self.current.out)
         }
     }
 
@@ -624,7 +676,7 @@ pub mod columnar {
         }
         let mut seq = serializer.serialize_seq(Some(width))?;
         for index in 0..width {
-            seq.serialize_element(&Column { rows, index })?;
+            seq.serialize_element(&RowsColumn { rows, index })?;
         }
         seq.end()
     }

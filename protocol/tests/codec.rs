@@ -1,7 +1,7 @@
 //! Frame round-trips (property tests) and one test per kind of malformed input.
 
 use dbsync_protocol::codec::{self, FLAG_ZSTD, HEADER_LEN, Limits, MAGIC};
-use dbsync_protocol::message::columnar::{ColumnsWriter, Kind as ColumnKind};
+use dbsync_protocol::message::columnar::{Column, ColumnsWriter, Kind as ColumnKind};
 use dbsync_protocol::message::{
     Credit, ErrorMessage, Hello, KeyFilter, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
 };
@@ -94,7 +94,21 @@ proptest! {
             transfer_id: "0190-transfer".into(),
         };
         let (frame, raw) = codec::encode_sized(&Message::RowBatch(batch.clone()), 1).unwrap();
+        let write = |column: &mut Column, value: &Value, kind: Option<ColumnKind>| match (value, kind) {
+            (Value::Null, _) => column.null(),
+            (_, None) => column.value(value).unwrap(),
+            (Value::Bool(b), _) => column.bool(*b),
+            (Value::Int(i) | Value::Time(i) | Value::Timestamp(i) | Value::TimestampTz(i), _) => column.int(*i),
+            (Value::Date(d), _) => column.int(i64::from(*d)),
+            (Value::Float(f), _) => column.float(*f),
+            (Value::Numeric(t) | Value::Text(t) | Value::Json(t), _) => column.str(t),
+            (Value::Bytes(b), _) => column.bin(b),
+            (Value::Uuid(u), _) => column.bin(u),
+            (other, Some(_)) => panic!("{other:?} has no bare form"),
+        };
+        // Each column written in place, and each written apart and added whole.
         let mut writer = ColumnsWriter::new(batch.columns.len(), batch.rows.len(), Vec::new());
+        let mut apart = ColumnsWriter::new(batch.columns.len(), batch.rows.len(), Vec::new());
         for index in 0..batch.columns.len() {
             // The kind the serializer chooses: the one kind of the non-null values, Int when all
             // are NULL, none (whole values) when they differ.
@@ -103,26 +117,29 @@ proptest! {
                 None => Some(ColumnKind::Int),
                 Some(first) => first.filter(|k| kinds.all(|other| other == Some(*k))),
             };
-            writer.column(kind).unwrap();
+            let column = writer.column(kind).unwrap();
+            let mut alone = Column::new(kind);
             for row in &batch.rows {
-                match (&row[index], kind) {
-                    (Value::Null, _) => writer.null(),
-                    (_, None) => writer.value(&row[index]).unwrap(),
-                    (Value::Bool(b), _) => writer.bool(*b),
-                    (Value::Int(i) | Value::Time(i) | Value::Timestamp(i) | Value::TimestampTz(i), _) => writer.int(*i),
-                    (Value::Date(d), _) => writer.int(i64::from(*d)),
-                    (Value::Float(f), _) => writer.float(*f),
-                    (Value::Numeric(t) | Value::Text(t) | Value::Json(t), _) => writer.str(t),
-                    (Value::Bytes(b), _) => writer.bin(b),
-                    (Value::Uuid(u), _) => writer.bin(u),
-                    (other, Some(_)) => panic!("{other:?} has no bare form"),
-                }
+                write(column, &row[index], kind);
+                write(&mut alone, &row[index], kind);
             }
+            apart.push(&alone).unwrap();
         }
         let columns = writer.finish().unwrap();
+        prop_assert_eq!(&apart.finish().unwrap(), &columns);
         let (direct, direct_raw) = codec::encode_row_batch_columns(&batch, &columns, 1).unwrap();
         prop_assert_eq!(raw, direct_raw);
         prop_assert!(frame == direct, "the frames differ");
+        // Sent from where the rows lie, behind the room a sender leaves, more room, or too
+        // little (then copied): the same frame.
+        let room = codec::row_batch_room(&batch.columns);
+        for room in [room, room + 7, 0, 1] {
+            let mut page = vec![0xAB; room];
+            page.extend_from_slice(&columns);
+            let (in_place, in_place_raw) = codec::encode_row_batch_in_place(&batch, &mut page, room, 1).unwrap();
+            prop_assert_eq!(raw, in_place_raw);
+            prop_assert!(frame == in_place, "the frame sent in place differs (room {})", room);
+        }
     }
 
     #[test]
@@ -372,6 +389,33 @@ fn hello_debug_hides_token_and_password() {
     };
     let shown = format!("{hello:?}");
     assert!(!shown.contains("secret"), "{shown}");
+}
+
+#[test]
+fn columns_of_the_wrong_length_and_pages_without_their_room_are_refused() {
+    let mut writer = ColumnsWriter::new(2, 2, Vec::new());
+    let mut short = Column::new(Some(ColumnKind::Int));
+    short.int(1);
+    assert!(
+        writer
+            .push(&short)
+            .unwrap_err()
+            .contains("1 values in a batch of 2 rows")
+    );
+    short.null();
+    writer.push(&short).unwrap();
+    assert!(writer.finish().unwrap_err().contains("1 of 2 columns"));
+    let batch = RowBatch {
+        request_id: 1,
+        seq: 0,
+        columns: vec!["id".into()],
+        rows: Vec::new(),
+        last_key: Vec::new(),
+        transfer_id: String::new(),
+    };
+    let room = codec::row_batch_room(&batch.columns);
+    let mut page = vec![0; room - 1];
+    assert!(codec::encode_row_batch_in_place(&batch, &mut page, room, 1).is_err());
 }
 
 #[test]

@@ -8,8 +8,9 @@ pub mod pg_binary;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dbsync_protocol::Value;
-use dbsync_protocol::message::columnar::ColumnsWriter;
+use dbsync_protocol::message::columnar::{Column, ColumnsWriter};
 use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
+use futures_util::TryStreamExt;
 use sqlx::{Row, ValueRef};
 
 use crate::catalog::keyset_query_filtered;
@@ -52,7 +53,7 @@ impl Store {
         let query = PageQuery::new(schema, columns, after, filter)?;
         let rows = match self.pool() {
             Pool::Postgres(pool) => {
-                let fetched = query.fetch_postgres(pool, limit).await?;
+                let fetched = query.postgres(limit)?.fetch_all(pool).await?;
                 let decoders = query.decoders();
                 fetched
                     .iter()
@@ -79,7 +80,10 @@ impl Store {
     }
 
     /// [`Store::read_page_filtered`] with the rows encoded for the wire as they are read, column
-    /// by column, with no [`Value`] per cell (only the last row's key is decoded).
+    /// by column, with no [`Value`] per cell (only the last row's key is decoded), behind `room`
+    /// bytes left free for the fields a frame puts before them
+    /// ([`dbsync_protocol::codec::row_batch_room`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn read_page_encoded(
         &self,
         schema: &TableSchema,
@@ -87,6 +91,7 @@ impl Store {
         after: Option<&[Value]>,
         filter: Option<&KeyFilter>,
         limit: i64,
+        room: usize,
     ) -> Result<EncodedPage> {
         let query = PageQuery::new(schema, columns, after, filter)?;
         let pool = match self.pool() {
@@ -98,7 +103,10 @@ impl Store {
                     rows => Some(cells.values_at(rows - 1, &query.key_positions)),
                 };
                 return Ok(EncodedPage {
-                    columns: cells.encode().map_err(|err| sqlite_error(schema, err))?,
+                    columns: cells
+                        .encode(room)
+                        .map_err(|err| sqlite_error(schema, err))?,
+                    room,
                     rows: cells.rows(),
                     last_key: last_key
                         .transpose()
@@ -106,42 +114,50 @@ impl Store {
                 });
             }
         };
-        let fetched = query.fetch_postgres(pool, limit).await?;
+        // Each row is written into its columns as it arrives and dropped: the page is held
+        // once, encoded, not also as rows.
         let decoders = query.decoders();
         let invalid = |e: String| Error::invalid("rows", e);
-        let mut writer = ColumnsWriter::new(
-            columns.len(),
-            fetched.len(),
-            Vec::with_capacity(fetched.len() * columns.len() * 16),
-        );
+        let mut columns: Vec<Column> = decoders.iter().map(|d| Column::new(d.kind())).collect();
         let mut numeric = String::new();
-        for (i, decoder) in decoders.iter().enumerate() {
-            writer.column(decoder.kind()).map_err(invalid)?;
-            for row in &fetched {
+        let mut last = None;
+        let mut rows = query.postgres(limit)?.fetch(pool);
+        while let Some(row) = rows.try_next().await? {
+            for (i, (decoder, column)) in decoders.iter().zip(&mut columns).enumerate() {
                 let raw = row.try_get_raw(i)?;
                 if raw.is_null() {
-                    writer.null();
+                    column.null();
                 } else {
                     let bytes = raw
                         .as_bytes()
                         .map_err(|e| Error::invalid("value", e.to_string()))?;
-                    decoder.write(bytes, &mut writer, &mut numeric)?;
+                    decoder.write(bytes, column, &mut numeric)?;
                 }
             }
+            last = Some(row);
         }
-        let last_key = fetched
-            .last()
+        drop(rows);
+        let count = columns.first().map_or(0, Column::len);
+        let size = columns.iter().map(Column::encoded_len).sum::<usize>();
+        let mut out = Vec::with_capacity(room + size + 16 * columns.len());
+        out.resize(room, 0);
+        let mut writer = ColumnsWriter::new(columns.len(), count, out);
+        for column in columns {
+            writer.push(&column).map_err(invalid)?;
+        }
+        let last_key = last
             .map(|row| {
                 query
                     .key_positions
                     .iter()
-                    .map(|i| postgres_value(row, *i, &decoders[*i]))
+                    .map(|i| postgres_value(&row, *i, &decoders[*i]))
                     .collect::<Result<Vec<_>>>()
             })
             .transpose()?;
         Ok(EncodedPage {
             columns: writer.finish().map_err(invalid)?,
-            rows: fetched.len(),
+            room,
+            rows: count,
             last_key,
         })
     }
@@ -150,8 +166,11 @@ impl Store {
 /// One page of rows encoded for the wire ([`Store::read_page_encoded`]).
 #[derive(Debug)]
 pub struct EncodedPage {
-    /// The rows, column by column: a row batch's `rows` field as it goes on the wire.
+    /// `room` free bytes, then the rows column by column: a row batch's `rows` field as it goes
+    /// on the wire.
     pub columns: Vec<u8>,
+    /// Free bytes before the rows.
+    pub room: usize,
     /// How many rows.
     pub rows: usize,
     /// Key of the last row, if any row was read.
@@ -271,18 +290,18 @@ impl<'a> PageQuery<'a> {
             .collect()
     }
 
-    async fn fetch_postgres(
+    /// The page's query on PostgreSQL, its keys and `limit` bound.
+    fn postgres(
         &self,
-        pool: &sqlx::PgPool,
         limit: i64,
-    ) -> Result<Vec<sqlx::postgres::PgRow>> {
+    ) -> Result<sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>> {
         let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
         for key in &self.keys {
             for (value, position) in key.iter().zip(&self.key_positions) {
                 query = bind_postgres(query, value, self.neutral[*position])?;
             }
         }
-        Ok(query.bind(limit).fetch_all(pool).await?)
+        Ok(query.bind(limit))
     }
 }
 

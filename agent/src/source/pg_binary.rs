@@ -3,7 +3,7 @@
 //! sentinels kept, intervals as (months, days, µs), arrays of any dimension.
 
 use dbsync_protocol::Value;
-use dbsync_protocol::message::columnar::{ColumnsWriter, Kind as ColumnKind};
+use dbsync_protocol::message::columnar::{Column, Kind as ColumnKind};
 
 use crate::error::{Error, Result};
 
@@ -189,14 +189,9 @@ impl Decoder {
         })
     }
 
-    /// Writes one non-null value to the wire column being written (started with
-    /// [`Decoder::kind`]); `numeric` is scratch space for numeric text.
-    pub fn write(
-        &self,
-        bytes: &[u8],
-        writer: &mut ColumnsWriter,
-        numeric: &mut String,
-    ) -> Result<()> {
+    /// Writes one non-null value to its wire column (of [`Decoder::kind`]); `numeric` is
+    /// scratch space for numeric text.
+    pub fn write(&self, bytes: &[u8], writer: &mut Column, numeric: &mut String) -> Result<()> {
         match self.bare(bytes)? {
             None => writer
                 .value(&self.decode_whole(bytes)?)
