@@ -31,6 +31,7 @@ struct Knobs {
     memory: bool,
     sqlite: bool,
     json: String,
+    repeat: usize,
 }
 
 fn knobs() -> Knobs {
@@ -44,6 +45,7 @@ fn knobs() -> Knobs {
         postgres: true,
         sqlite: true,
         json: "target/bench-e2e.json".into(),
+        repeat: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +62,13 @@ fn knobs() -> Knobs {
             "--no-sqlite" => knobs.sqlite = false,
             "--no-postgres" => knobs.postgres = false,
             "--json" => knobs.json = value(),
+            "--repeat" => {
+                knobs.repeat = value()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .expect("--repeat N (1 or more)")
+            }
             "--bench" => {}
             other => eprintln!("ignoring {other}"),
         }
@@ -322,7 +331,10 @@ async fn copy_text_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
 #[derive(Debug, Clone)]
 struct Row {
     measure: String,
+    /// The median of `samples`.
     seconds: f64,
+    /// Every run's time, in order.
+    samples: Vec<f64>,
     rows: i64,
     ratio: Option<f64>,
     wire_ratio: Option<f64>,
@@ -332,6 +344,21 @@ struct Row {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+/// The times of a step's runs in seconds, and their median (the middle one, or the mean of the
+/// two middle ones).
+fn median(times: &[Duration]) -> (f64, Vec<f64>) {
+    let samples: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let middle = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (middle, samples)
 }
 
 struct Setup {
@@ -437,60 +464,85 @@ async fn postgres_steps(
     let text_bytes = copy_text_bytes(&a, "users").await;
 
     // Baseline: into an empty copy of the table on B.
-    exec(&b, &users_ddl("users")).await;
-    settle(Some(pg)).await;
-    let baseline = copy_pipe(&a, &b, "users").await;
-    exec(&b, "DROP TABLE users").await;
+    let mut times = Vec::new();
+    for _ in 0..knobs.repeat {
+        exec(&b, &users_ddl("users")).await;
+        settle(Some(pg)).await;
+        times.push(copy_pipe(&a, &b, "users").await);
+        exec(&b, "DROP TABLE users").await;
+    }
+    let (baseline, samples) = median(&times);
     table.push(Row {
         measure: "baseline: COPY binary | COPY".into(),
-        seconds: baseline.as_secs_f64(),
+        seconds: baseline,
+        samples,
         rows: knobs.rows,
         ratio: Some(1.0),
         wire_ratio: Some(1.0),
         rss_receiver_mib: None,
         rss_sender_mib: None,
     });
-    eprintln!("baseline: {:.2} s", baseline.as_secs_f64());
+    eprintln!("baseline: {baseline:.2} s (median of {})", knobs.repeat);
 
     let setup = register(&a_url, &b_url, dir, knobs, "pg");
     let mut full_ws = None;
     for transport in &knobs.transports {
-        exec(&b, "DROP TABLE IF EXISTS users").await;
-        exec(&b, "DELETE FROM dbsync_checkpoints").await;
-        settle(Some(pg)).await;
-        let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
-            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
-            &setup.sender,
-        );
-        let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
-        assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
+        // Each run into an empty target; the wire bytes and peaks are the first run's (a
+        // sender's first pull).
+        let mut times = Vec::new();
+        let mut first = None;
+        for _ in 0..knobs.repeat {
+            exec(&b, "DROP TABLE IF EXISTS users").await;
+            exec(&b, "DELETE FROM dbsync_checkpoints").await;
+            settle(Some(pg)).await;
+            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
+                &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+                &setup.sender,
+            );
+            let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
+            assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
+            times.push(elapsed);
+            first.get_or_insert((wire, rss_b, rss_a));
+        }
+        let (elapsed, samples) = median(&times);
+        let (wire, rss_b, rss_a) = first.expect("at least one run");
         if transport == "ws" {
             full_ws = Some(elapsed);
         }
-        eprintln!("full pull over {transport}: {:.2} s", elapsed.as_secs_f64());
+        eprintln!("full pull over {transport}: {elapsed:.2} s");
         table.push(Row {
             measure: format!("full pull over {transport}"),
-            seconds: elapsed.as_secs_f64(),
+            seconds: elapsed,
+            samples,
             rows: knobs.rows,
-            ratio: Some(elapsed.as_secs_f64() / baseline.as_secs_f64()),
+            ratio: Some(elapsed / baseline),
             wire_ratio: Some(wire as f64 / text_bytes as f64),
             rss_receiver_mib: Some(mib(rss_b)),
             rss_sender_mib: Some(mib(rss_a)),
         });
     }
     let transport = knobs.transports[0].as_str();
-    // Re-pull with overwrite onto the full target.
-    settle(Some(pg)).await;
-    let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
-        &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
-        &setup.sender,
-    );
-    eprintln!("re-pull with overwrite: {:.2} s", elapsed.as_secs_f64());
+    // Re-pull with overwrite onto the full target (the same rows each run).
+    let mut times = Vec::new();
+    let mut first = None;
+    for _ in 0..knobs.repeat {
+        settle(Some(pg)).await;
+        let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+            &setup.sender,
+        );
+        times.push(elapsed);
+        first.get_or_insert((rss_b, rss_a));
+    }
+    let (elapsed, samples) = median(&times);
+    let (rss_b, rss_a) = first.expect("at least one run");
+    eprintln!("re-pull with overwrite: {elapsed:.2} s");
     table.push(Row {
         measure: format!("re-pull with overwrite ({transport})"),
-        seconds: elapsed.as_secs_f64(),
+        seconds: elapsed,
+        samples,
         rows: knobs.rows,
-        ratio: Some(elapsed.as_secs_f64() / baseline.as_secs_f64()),
+        ratio: Some(elapsed / baseline),
         wire_ratio: None,
         rss_receiver_mib: Some(mib(rss_b)),
         rss_sender_mib: Some(mib(rss_a)),
@@ -507,28 +559,43 @@ async fn postgres_steps(
         &pull_args(&setup, transport, &depth, &["--incremental"]),
         &setup.sender,
     );
-    exec(
-        &a,
-        "UPDATE users SET name = name || '!', updated_at = now() WHERE id % 100 = 0",
-    )
-    .await;
-    settle(Some(pg)).await;
-    let (summary, elapsed, _, _) = setup.receiver.pull(
-        &pull_args(&setup, transport, &depth, &["--incremental"]),
-        &setup.sender,
-    );
-    let moved = summary["tables"][0]["rows"].as_i64().unwrap_or(-1);
-    assert_eq!(
-        moved,
-        knobs.rows / 100,
-        "an incremental pull moves the changed rows"
-    );
-    eprintln!("incremental (1%): {:.2} s", elapsed.as_secs_f64());
+    // Each run changes another 1 % (every hundredth key, from another offset), so every run
+    // changes rows spread over the whole table that no run before it touched.
+    let mut times = Vec::new();
+    let mut moved = 0;
+    for run in 0..knobs.repeat {
+        let changed = format!("id % 100 = {}", run % 100);
+        let expected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM users WHERE {changed}"
+        )))
+        .fetch_one(&a)
+        .await
+        .unwrap();
+        exec(
+            &a,
+            &format!("UPDATE users SET name = name || '!', updated_at = now() WHERE {changed}"),
+        )
+        .await;
+        settle(Some(pg)).await;
+        let (summary, elapsed, _, _) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--incremental"]),
+            &setup.sender,
+        );
+        moved = summary["tables"][0]["rows"].as_i64().unwrap_or(-1);
+        assert_eq!(
+            moved, expected,
+            "an incremental pull moves the changed rows"
+        );
+        times.push(elapsed);
+    }
+    let (elapsed, samples) = median(&times);
+    eprintln!("incremental (1%): {elapsed:.2} s");
     table.push(Row {
         measure: "incremental pull, 1% changed (ratio: to the full pull)".into(),
-        seconds: elapsed.as_secs_f64(),
+        seconds: elapsed,
+        samples,
         rows: moved,
-        ratio: full_ws.map(|full| elapsed.as_secs_f64() / full.as_secs_f64()),
+        ratio: full_ws.map(|full| elapsed / full),
         wire_ratio: None,
         rss_receiver_mib: None,
         rss_sender_mib: None,
@@ -552,6 +619,7 @@ async fn postgres_steps(
         table.push(Row {
             measure: format!("full pull at 4x rows ({transport})"),
             seconds: elapsed.as_secs_f64(),
+            samples: vec![elapsed.as_secs_f64()],
             rows,
             ratio: None,
             wire_ratio: None,
@@ -587,23 +655,32 @@ async fn sqlite_steps(pg: Option<&Pg>, knobs: &Knobs, dir: &std::path::Path, tab
         ] {
             sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&source).await.unwrap();
         }
-        settle(pg).await;
-        let started = Instant::now();
-        let mut conn = source.acquire().await.unwrap();
-        for sql in [
-            format!("ATTACH DATABASE '{}' AS baseline", base_file.display()),
-            "CREATE TABLE baseline.users (id INTEGER PRIMARY KEY, uuid BLOB NOT NULL, email TEXT NOT NULL, name TEXT NOT NULL, \
-             active INTEGER NOT NULL, score INTEGER, balance REAL, profile TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)".to_owned(),
-            "INSERT INTO baseline.users SELECT * FROM main.users".to_owned(),
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.unwrap();
+        // Each run into a database file of its own.
+        let mut times = Vec::new();
+        for run in 0..knobs.repeat {
+            settle(pg).await;
+            let started = Instant::now();
+            let mut conn = source.acquire().await.unwrap();
+            for sql in [
+                format!("ATTACH DATABASE '{}{run}' AS baseline", base_file.display()),
+                "CREATE TABLE baseline.users (id INTEGER PRIMARY KEY, uuid BLOB NOT NULL, email TEXT NOT NULL, name TEXT NOT NULL, \
+                 active INTEGER NOT NULL, score INTEGER, balance REAL, profile TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)".to_owned(),
+                "INSERT INTO baseline.users SELECT * FROM main.users".to_owned(),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await.unwrap();
+            }
+            times.push(started.elapsed());
+            sqlx::query("DETACH DATABASE baseline")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
         }
-        let sqlite_baseline = started.elapsed();
-        drop(conn);
         source.close().await;
+        let (sqlite_baseline, samples) = median(&times);
         table.push(Row {
             measure: "SQLite baseline: INSERT INTO attached SELECT".into(),
-            seconds: sqlite_baseline.as_secs_f64(),
+            seconds: sqlite_baseline,
+            samples,
             rows: knobs.rows,
             ratio: Some(1.0),
             wire_ratio: None,
@@ -617,16 +694,37 @@ async fn sqlite_steps(pg: Option<&Pg>, knobs: &Knobs, dir: &std::path::Path, tab
             knobs,
             "sqlite",
         );
-        settle(pg).await;
-        let (_, elapsed, rss_b, rss_a) = setup.receiver.pull(
-            &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
-            &setup.sender,
-        );
+        // Each run into an empty target; the peaks are the first run's.
+        let target = sqlx::SqlitePool::connect(&format!("sqlite://{}", b_file.display()))
+            .await
+            .unwrap();
+        let mut times = Vec::new();
+        let mut first = None;
+        for _ in 0..knobs.repeat {
+            for sql in [
+                "DROP TABLE IF EXISTS users",
+                "DELETE FROM dbsync_checkpoints",
+            ] {
+                sqlx::query(sql).execute(&target).await.unwrap();
+            }
+            settle(pg).await;
+            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
+                &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+                &setup.sender,
+            );
+            assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
+            times.push(elapsed);
+            first.get_or_insert((rss_b, rss_a));
+        }
+        target.close().await;
+        let (elapsed, samples) = median(&times);
+        let (rss_b, rss_a) = first.expect("at least one run");
         table.push(Row {
             measure: format!("SQLite full pull ({transport})"),
-            seconds: elapsed.as_secs_f64(),
+            seconds: elapsed,
+            samples,
             rows: knobs.rows,
-            ratio: Some(elapsed.as_secs_f64() / sqlite_baseline.as_secs_f64()),
+            ratio: Some(elapsed / sqlite_baseline),
             wire_ratio: None,
             rss_receiver_mib: Some(mib(rss_b)),
             rss_sender_mib: Some(mib(rss_a)),
@@ -637,15 +735,33 @@ async fn sqlite_steps(pg: Option<&Pg>, knobs: &Knobs, dir: &std::path::Path, tab
 /// Prints the table and writes the JSON report.
 fn report(knobs: &Knobs, text_bytes: Option<u64>, table: &[Row]) {
     println!(
-        "\n{:<58} {:>9} {:>10} {:>12} {:>7} {:>10} {:>10} {:>10}",
-        "measure", "seconds", "rows", "rows/s", "ratio", "wire/text", "RSS recv", "RSS send"
+        "\n{:<58} {:>9} {:>12} {:>10} {:>12} {:>7} {:>10} {:>10} {:>10}",
+        "measure",
+        "seconds",
+        "runs",
+        "rows",
+        "rows/s",
+        "ratio",
+        "wire/text",
+        "RSS recv",
+        "RSS send"
     );
     let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.2}{unit}"));
     for row in table {
+        let (low, high) = row
+            .samples
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), s| (l.min(*s), h.max(*s)));
+        let runs = if row.samples.len() > 1 {
+            format!("{low:.2}-{high:.2}")
+        } else {
+            "-".to_owned()
+        };
         println!(
-            "{:<58} {:>9.2} {:>10} {:>12.0} {:>7} {:>10} {:>10} {:>10}",
+            "{:<58} {:>9.2} {:>12} {:>10} {:>12.0} {:>7} {:>10} {:>10} {:>10}",
             row.measure,
             row.seconds,
+            runs,
             row.rows,
             row.rows as f64 / row.seconds.max(1e-9),
             opt(row.ratio, ""),
@@ -658,10 +774,11 @@ fn report(knobs: &Knobs, text_bytes: Option<u64>, table: &[Row]) {
         "knobs": {
             "rows": knobs.rows, "transports": knobs.transports, "zstd_level": knobs.zstd_level,
             "batch_rows": knobs.batch_rows, "pipeline_depth": knobs.pipeline_depth,
+            "repeat": knobs.repeat,
         },
         "copy_text_bytes": text_bytes,
         "results": table.iter().map(|r| json!({
-            "measure": r.measure, "seconds": r.seconds, "rows": r.rows,
+            "measure": r.measure, "seconds": r.seconds, "samples": r.samples, "rows": r.rows,
             "rows_per_second": r.rows as f64 / r.seconds.max(1e-9),
             "ratio": r.ratio, "wire_over_copy_text": r.wire_ratio,
             "peak_rss_receiver_mib": r.rss_receiver_mib, "peak_rss_sender_mib": r.rss_sender_mib,
