@@ -556,6 +556,11 @@ pub mod columnar {
             self.out.len()
         }
 
+        /// Makes room for at least `additional` more bytes of values.
+        pub fn reserve(&mut self, additional: usize) {
+            self.out.reserve(additional);
+        }
+
         fn count(&mut self) -> &mut Vec<u8> {
             self.values += 1;
             &mut self.out
