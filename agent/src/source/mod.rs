@@ -138,11 +138,18 @@ impl Store {
             last = Some(row);
             read += 1;
             // Each column sized from the first row for the whole page, with a quarter to spare,
-            // rather than grown (and copied) a dozen times.
+            // rather than grown (and copied) a dozen times; at most `COLUMN_RESERVE` bytes
+            // each (a huge first value does not reserve a hundred times itself).
             if read == 1 {
                 let rows = usize::try_from(limit).unwrap_or(0);
                 for column in &mut columns {
-                    column.reserve(column.encoded_len().max(1) * rows * 5 / 4);
+                    let estimate = column
+                        .encoded_len()
+                        .max(1)
+                        .saturating_mul(rows)
+                        .saturating_mul(5)
+                        / 4;
+                    column.reserve(estimate.min(COLUMN_RESERVE));
                 }
             }
         }
@@ -172,6 +179,10 @@ impl Store {
         })
     }
 }
+
+/// Most bytes a page's column is sized for before its values need them (a sender's page aims at
+/// 4 MiB in all).
+const COLUMN_RESERVE: usize = 4 * 1024 * 1024;
 
 /// One page of rows encoded for the wire ([`Store::read_page_encoded`]).
 #[derive(Debug)]
