@@ -38,6 +38,10 @@ pub struct AppState {
     pub(crate) login_limiter: Arc<peer_api::PeerLimiter>,
     /// Set when the server shuts down: running sessions end.
     sessions_stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Caps on open connections (TCP and QUIC), per agent and per client address.
+    pub connections: dbsync_agent::admission::Admission,
+    /// Caps on open data-plane sessions (both transports), per agent and per client address.
+    pub sessions: dbsync_agent::admission::Admission,
 }
 
 impl AppState {
@@ -46,6 +50,14 @@ impl AppState {
         let server = &agent.config.server;
         let proxies = Arc::new(TrustedProxies::parse(&server.trusted_proxies));
         let peer_limiter = Arc::new(peer_api::limiter(server.peer_rate_limit_per_minute));
+        let connections = dbsync_agent::admission::Admission::new(
+            server.connection_cap(),
+            server.max_connections_per_ip,
+        );
+        let sessions = dbsync_agent::admission::Admission::new(
+            server.session_cap(),
+            server.max_sessions_per_ip,
+        );
         Self {
             agent,
             proxies,
@@ -53,6 +65,8 @@ impl AppState {
             web_sessions: Arc::default(),
             login_limiter: Arc::new(peer_api::limiter(pages::LOGIN_ATTEMPTS_PER_MINUTE)),
             sessions_stop: Arc::new(tokio::sync::watch::channel(false).0),
+            connections,
+            sessions,
         }
     }
 

@@ -4,7 +4,6 @@
 //! request, rate limit). Rows go out in key order, a batch at a time, never more batches in
 //! flight than the receiver granted.
 
-use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -15,15 +14,18 @@ use axum::response::Response;
 use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::Connection;
-use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link};
+use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
+use dbsync_agent::source::Window;
 use dbsync_agent::source::EncodedPage;
 use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 use dbsync_agent::{AccessDenied, Agent};
 use dbsync_protocol::Message;
 use dbsync_protocol::codec::{HEADER_LEN, Limits};
 use dbsync_protocol::error::codes;
-use dbsync_protocol::message::TableSchema;
-use dbsync_protocol::message::{ApprovalPending, ErrorMessage, Pull, PullDone, RowBatch, Welcome};
+use dbsync_protocol::message::{
+    ApprovalPending, ErrorMessage, KeyFilter, MAX_CREDITS, MAX_FILTER_KEYS, Pull, PullDone,
+    RowBatch, TableSchema, Welcome,
+};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -44,7 +46,7 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let limits = Limits::default();
+    let limits = Limits::requests();
     let user_agent = headers
         .get(axum::http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -54,7 +56,7 @@ pub(crate) async fn upgrade(
         .on_upgrade(move |socket| async move {
             let (writer, reader) = socket.split();
             let link = Link::spawn(WsReader(reader), WsWriter(writer), limits);
-            serve(&state, link, limits, client.0, user_agent, Transport::Ws).await;
+            serve(&state, link, client.0, user_agent, Transport::Ws).await;
         })
 }
 
@@ -62,16 +64,32 @@ pub(crate) async fn upgrade(
 pub(crate) async fn serve(
     state: &AppState,
     mut link: Link,
-    limits: Limits,
     client_ip: IpAddr,
     user_agent: Option<String>,
     transport: Transport,
 ) {
     link.set_zstd_level(state.agent.config.server.zstd_level);
+    // A place under the session caps, held while the session runs; none left: refused at once,
+    // before any Hello is read.
+    let _permit = match state.sessions.admit(client_ip) {
+        Ok(permit) => permit,
+        Err(refusal) => {
+            tracing::debug!(client = %client_ip, reason = %refusal, %transport, "session refused");
+            let _ = link
+                .send(&Message::Error(ErrorMessage {
+                    code: codes::TOO_MANY_SESSIONS.to_owned(),
+                    message: format!("{refusal}; try again later"),
+                    retry_after_ms: Some(5_000),
+                    transfer_id: None,
+                }))
+                .await;
+            link.close().await;
+            return;
+        }
+    };
     let mut session = Session {
         agent: &state.agent,
         link,
-        limits,
         client_ip,
         user_agent,
         transport,
@@ -91,16 +109,18 @@ pub(crate) async fn serve(
 struct WsReader(SplitStream<WebSocket>);
 
 impl FrameReader for WsReader {
-    async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, String> {
+    async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, LinkFailure> {
         loop {
             match self.0.next().await {
                 Some(Ok(WsMessage::Binary(bytes))) => return Ok(Some(bytes.into())),
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
                 Some(Ok(WsMessage::Text(_))) => {
-                    return Err("text frames are not part of the protocol".into());
+                    return Err(LinkFailure::NotProtocol(
+                        "text frames are not part of the protocol".into(),
+                    ));
                 }
                 Some(Ok(WsMessage::Close(_))) | None => return Ok(None),
-                Some(Err(err)) => return Err(err.to_string()),
+                Some(Err(err)) => return Err(LinkFailure::Transport(err.to_string())),
             }
         }
     }
@@ -125,7 +145,6 @@ impl FrameWriter for WsWriter {
 pub(crate) struct Session<'a> {
     pub(crate) agent: &'a Agent,
     pub(crate) link: Link,
-    pub(crate) limits: Limits,
     pub(crate) client_ip: IpAddr,
     pub(crate) user_agent: Option<String>,
     pub(crate) transport: Transport,
@@ -158,40 +177,43 @@ impl Session<'_> {
         self.send(&error).await.map(|_| ())
     }
 
-    async fn recv(&mut self, timeout: Duration) -> SessionResult<Message> {
-        loop {
-            let next = tokio::time::timeout(timeout, self.link.recv())
-                .await
-                .map_err(|_| "timed out waiting for the receiver".to_owned())?;
-            return match next {
-                Some(Incoming::Message(message, _)) => Ok(message),
-                // Rows only ever flow to the receiver: refused like any unexpected message, and
-                // the session goes on.
-                Some(Incoming::Batch(..)) => {
-                    self.refuse(
-                        codes::PROTOCOL_ERROR,
-                        format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch),
-                        None,
-                    )
-                    .await?;
-                    continue;
-                }
-                Some(Incoming::Malformed(reason)) => {
+    /// The next request, by `deadline` (pings answered on the way do not move it). A row batch
+    /// or a malformed frame is answered with `protocol_error`; silence past the deadline with
+    /// `timeout`.
+    async fn recv(&mut self, deadline: tokio::time::Instant) -> SessionResult<Message> {
+        let next = match tokio::time::timeout_at(deadline, self.link.recv()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let _ = self
+                    .refuse(codes::TIMEOUT, "no request in time; closing the session", None)
+                    .await;
+                return Err("timed out waiting for the receiver".to_owned());
+            }
+        };
+        match next {
+            Some(Incoming::Message(message, _)) => Ok(message),
+            // The link refuses row batches from a receiver before decoding them
+            // (`Limits::requests`): they arrive as malformed frames.
+            Some(Incoming::Batch(..)) => {
+                let reason = format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch);
+                let _ = self.refuse(codes::PROTOCOL_ERROR, reason.clone(), None).await;
+                Err(reason)
+            }
+            Some(Incoming::Malformed(reason)) => {
+                let _ = self
+                    .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                    .await;
+                Err(reason)
+            }
+            Some(Incoming::Failed(failure)) => {
+                if let LinkFailure::NotProtocol(reason) = &failure {
                     let _ = self
                         .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
                         .await;
-                    Err(reason)
                 }
-                Some(Incoming::Failed(reason)) => {
-                    if reason.contains("text frames") {
-                        let _ = self
-                            .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
-                            .await;
-                    }
-                    Err(reason)
-                }
-                None => Err("closed by the receiver".into()),
-            };
+                Err(failure.to_string())
+            }
+            None => Err("closed by the receiver".into()),
         }
     }
 
@@ -211,7 +233,8 @@ impl Session<'_> {
     }
 
     pub(crate) async fn run(&mut self) -> SessionResult<()> {
-        let Message::Hello(hello) = self.recv(HELLO_TIMEOUT).await? else {
+        let hello_by = tokio::time::Instant::now() + HELLO_TIMEOUT;
+        let Message::Hello(hello) = self.recv(hello_by).await? else {
             self.refuse(codes::PROTOCOL_ERROR, "the first frame must be Hello", None)
                 .await?;
             return Err("no hello".into());
@@ -232,7 +255,12 @@ impl Session<'_> {
         let connection = match self
             .agent
             .validator
-            .validate_connection(&hello.token, self.client_ip, now, hello.password.as_deref())
+            .validate_connection(
+                hello.token.expose(),
+                self.client_ip,
+                now,
+                hello.password.as_ref().map(dbsync_protocol::Secret::expose),
+            )
             .await
         {
             Ok(connection) => connection,
@@ -250,11 +278,13 @@ impl Session<'_> {
             version,
             session_id: Uuid::new_v4().to_string(),
             max_records_per_request: connection.max_records_per_request as u64,
-            max_frame_bytes: u64::from(self.limits.max_frame_bytes),
+            max_frame_bytes: u64::from(dbsync_protocol::codec::DEFAULT_MAX_FRAME_BYTES),
         }))
         .await?;
+        // Pings answer but do not keep a session open: the idle deadline moves with requests.
+        let mut idle_by = tokio::time::Instant::now() + IDLE_TIMEOUT;
         loop {
-            let request = self.recv(IDLE_TIMEOUT).await?;
+            let request = self.recv(idle_by).await?;
             // Every request re-reads the connection: a suspension or a changed limit applies at once.
             let connection = match self.agent.store.find_connection(connection.id).await {
                 Ok(Some(c)) if c.status == dbsync_agent::ConnectionStatus::Active => c,
@@ -274,17 +304,18 @@ impl Session<'_> {
                 }
                 Err(err) => return self.denied(AccessDenied::Internal(err)).await,
             };
-            if matches!(request, Message::Ping(_)) {
-                if let Message::Ping(ping) = request {
-                    self.send(&Message::Pong(ping)).await?;
-                }
-                continue;
+            if !matches!(request, Message::Ping(_)) {
+                idle_by = tokio::time::Instant::now() + IDLE_TIMEOUT;
             }
+            // Every request counts against the rate limit, pings included.
             if let Err(denied) = self.agent.validator.check_rate(&connection) {
                 self.denied(denied).await?;
                 continue;
             }
             match request {
+                Message::Ping(ping) => {
+                    self.send(&Message::Pong(ping)).await?;
+                }
                 Message::ListTables => {
                     let tables = self
                         .agent
@@ -335,6 +366,14 @@ impl Session<'_> {
     }
 
     /// Serves one pull request.
+    ///
+    /// Accounting: a row counts (against the connection's record limit and in the transfer) when
+    /// it leaves this site, however the receiver behaves afterwards. The transfer keeps the
+    /// furthest key it sent (`resume_key`) and the key it started after (`start_key` in its
+    /// metadata); a resume re-sends what lies between the receiver's key and the furthest key
+    /// sent without counting it again, never reads at or below the start key, and must ask for
+    /// what the transfer started with (columns, key filter, cursor, keys-only): a resume cannot
+    /// widen what its transfer covers.
     async fn pull(&mut self, connection: &Connection, pull: Pull) -> SessionResult<()> {
         let store = &self.agent.store;
         if !connection.offers_table(&pull.table) {
@@ -371,7 +410,7 @@ impl Session<'_> {
                 if !columns.contains(cursor) || schema.primary_key.contains(cursor) {
                     return self
                         .refuse(
-                            codes::PROTOCOL_ERROR,
+                            codes::INVALID_REQUEST,
                             format!("{cursor:?} cannot be the cursor of {:?}", pull.table),
                             None,
                         )
@@ -383,6 +422,10 @@ impl Session<'_> {
             }
             _ => schema,
         };
+        if let Err(reason) = check_pull_shape(&pull, &schema, &columns) {
+            return self.refuse(codes::INVALID_REQUEST, reason, None).await;
+        }
+        let scope = PullScope::of(&pull, &columns);
         let now = self.agent.now();
         // Resume a transfer of this connection, or start a new one (a new download).
         let resumed = match pull
@@ -391,19 +434,39 @@ impl Session<'_> {
             .and_then(|id| Uuid::parse_str(id).ok())
         {
             Some(id) => match store.get_transfer(id).await {
-                Ok(t) if t.connection_id == Some(connection.id) && t.table_name == pull.table => {
+                Ok(t) if t.connection_id == Some(connection.id)
+                    && t.direction == TransferDirection::Send
+                    && t.table_name == pull.table =>
+                {
                     Some(t)
                 }
                 _ => None,
             },
             None => None,
         };
+        if let Some(t) = &resumed
+            && matches!(
+                t.status,
+                TransferStatus::InProgress
+                    | TransferStatus::PendingApproval
+                    | TransferStatus::Approved
+            )
+            && !scope.matches(t)
+        {
+            return self
+                .refuse(
+                    codes::INVALID_REQUEST,
+                    format!(
+                        "transfer {} covers other rows or columns than this request asks for; \
+                         a resume asks for what its transfer started with",
+                        t.id
+                    ),
+                    None,
+                )
+                .await;
+        }
         let transfer = match resumed {
-            Some(t) if t.status == TransferStatus::InProgress => {
-                self.count_applied_unacknowledged(connection, &schema, &t, &pull)
-                    .await?;
-                t
-            }
+            Some(t) if t.status == TransferStatus::InProgress => t,
             Some(t) if t.status == TransferStatus::PendingApproval => {
                 return self.approval_pending(&pull, t.id).await;
             }
@@ -425,9 +488,9 @@ impl Session<'_> {
                     .map_err(|e| e.to_string())?
             }
             _ => {
-                // A keys-only pass reveals no row data: no approval, not a download.
-                let requires_approval =
-                    !pull.keys_only && connection.table_requires_approval(&pull.table);
+                // Keys are data: a keys-only pass waits for approval, is a download and counts
+                // its keys, like any pull.
+                let requires_approval = connection.table_requires_approval(&pull.table);
                 let created = store
                     .create_transfer(
                         NewTransfer {
@@ -447,24 +510,26 @@ impl Session<'_> {
                     )
                     .await
                     .map_err(|e| e.to_string())?;
+                let mut facts = serde_json::json!({ "scope": scope.0 });
+                if pull.keys_only {
+                    facts["keys_only"] = true.into();
+                } else if let Some(cursor) = &pull.cursor_column {
+                    facts["incremental"] = serde_json::json!({ "cursor": cursor });
+                }
+                if let Some(start) = &pull.after_key {
+                    facts["start_key"] = serde_json::to_value(start).unwrap_or_default();
+                }
+                store
+                    .merge_transfer_metadata(created.id, facts)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if requires_approval {
                     return self.approval_pending(&pull, created.id).await;
                 }
-                let kind = match (&pull.cursor_column, pull.keys_only) {
-                    (_, true) => Some(serde_json::json!({ "keys_only": true })),
-                    (Some(cursor), false) => {
-                        Some(serde_json::json!({ "incremental": { "cursor": cursor } }))
-                    }
-                    (None, false) => None,
-                };
-                if let Some(kind) = kind {
-                    let _ = store.merge_transfer_metadata(created.id, kind).await;
-                }
-                if !pull.keys_only
-                    && !store
-                        .take_download(connection.id)
-                        .await
-                        .map_err(|e| e.to_string())?
+                if !store
+                    .take_download(connection.id)
+                    .await
+                    .map_err(|e| e.to_string())?
                 {
                     let _ = store
                         .fail_transfer(created.id, "download limit reached", now)
@@ -477,27 +542,18 @@ impl Session<'_> {
                     .map_err(|e| e.to_string())?
             }
         };
-
-        // A transfer's resume key is its last acknowledged key; before the first credit it is
-        // where the pull started, so a resume can tell which rows came before this transfer.
-        if transfer.resume_key.is_none()
-            && let Some(start) = &pull.after_key
-        {
-            store
-                .record_progress(
-                    transfer.id,
-                    &Progress {
-                        resume_key: serde_json::to_value(start).ok(),
-                        ..Progress::default()
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        let start_key = transfer
+            .metadata
+            .get("start_key")
+            .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
+        let sent_up_to = transfer
+            .resume_key
+            .as_ref()
+            .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
-        let initial_credits = pull.credits.clamp(1, 64);
+        let initial_credits = pull.credits.clamp(1, MAX_CREDITS);
         let mut credits = initial_credits;
-        let limited = connection.max_records_total.is_some() && !pull.keys_only;
+        let limited = connection.max_records_total.is_some();
         // Pages are read by their own task, one ahead besides the one being read, while this one
         // encodes and the link's writer sends: reading, encoding and sending overlap.
         let (pages_tx, mut pages) = mpsc::channel::<Produced>(PAGES_AHEAD);
@@ -509,6 +565,8 @@ impl Session<'_> {
                 schema: schema.clone(),
                 columns: columns.clone(),
                 after: pull.after_key.clone(),
+                start_key,
+                sent_up_to,
                 filter: pull.key_filter.clone(),
                 limit,
                 batch_rows: self.agent.config.server.batch_rows,
@@ -520,7 +578,8 @@ impl Session<'_> {
         let mut seq = 0;
         let mut truncated = false;
         let mut exhausted = false;
-        let mut in_flight: VecDeque<SentBatch> = VecDeque::new();
+        // Batches sent and not yet acknowledged (a credit comes back for each).
+        let mut in_flight: u32 = 0;
         let outcome: SessionResult<bool> = async {
             loop {
                 // A credit first, then the next page: while the receiver holds every batch it
@@ -528,29 +587,29 @@ impl Session<'_> {
                 // their records back), and the reader waits with them.
                 while credits == 0 {
                     match self
-                        .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
-                        .await
+                        .next_credit(connection, transfer.id, pull.request_id, in_flight)
+                        .await?
                     {
-                        Ok(Some(batches)) => credits += batches,
-                        Ok(None) => {
-                            self.release_unacknowledged(connection, &mut in_flight, 0)
-                                .await;
-                            return Ok(false);
+                        Some(batches) => {
+                            credits += batches;
+                            in_flight -= batches;
                         }
-                        Err(err) => {
-                            self.release_unacknowledged(connection, &mut in_flight, 0)
-                                .await;
-                            return Err(err);
-                        }
+                        None => return Ok(false),
                     }
                 }
                 // The reader ends every pull with `End` or `Failed`; a closed channel means it
                 // died (a panic), which must fail the transfer, not end it as if complete.
                 let produced = pages.recv().await.unwrap_or_else(|| {
-                    Produced::Failed("the sender's page reader stopped unexpectedly".into())
+                    Produced::Failed(dbsync_agent::Error::Config(
+                        "the sender's page reader stopped unexpectedly".into(),
+                    ))
                 });
-                let (mut page, reserved) = match produced {
-                    Produced::Page { page, reserved } => (page, reserved),
+                let (mut page, reserved, fresh) = match produced {
+                    Produced::Page {
+                        page,
+                        reserved,
+                        fresh,
+                    } => (page, reserved, fresh),
                     Produced::End {
                         exhausted: e,
                         truncated: t,
@@ -559,11 +618,21 @@ impl Session<'_> {
                         truncated = t;
                         break;
                     }
-                    Produced::Failed(reason) => {
+                    Produced::Failed(err) => {
+                        let reason = err.to_string();
                         let _ = store
                             .fail_transfer(transfer.id, &reason, self.agent.now())
                             .await;
-                        self.refuse(codes::INTERNAL_ERROR, reason, None).await?;
+                        // What the receiver asked for that cannot be read is its error;
+                        // anything else is this site's.
+                        let code = match err {
+                            dbsync_agent::Error::Invalid { .. } => codes::INVALID_REQUEST,
+                            _ => {
+                                tracing::error!(error = %reason, table = %pull.table, "reading a page failed");
+                                codes::INTERNAL_ERROR
+                            }
+                        };
+                        self.refuse(code, reason, None).await?;
                         return Ok(false);
                     }
                 };
@@ -584,22 +653,37 @@ impl Session<'_> {
                 let (wire, raw) = match sent_batch {
                     Ok(sizes) => sizes,
                     Err(err) => {
-                        self.release_unacknowledged(connection, &mut in_flight, reserved)
-                            .await;
+                        // Never handed to the link: these rows did not leave.
+                        if reserved > 0 {
+                            let _ = store.release_records(connection.id, reserved).await;
+                        }
                         return Err(err);
                     }
                 };
+                // The rows left: they count now, whatever the receiver does with them. Rows
+                // re-sent from before the furthest key sent were counted when they first left.
+                store
+                    .record_progress(
+                        transfer.id,
+                        &Progress {
+                            records_transferred: if fresh { got } else { 0 },
+                            bytes_wire: wire as i64,
+                            bytes_raw: raw as i64,
+                            resume_key: if fresh {
+                                last_key.as_ref().and_then(|k| serde_json::to_value(k).ok())
+                            } else {
+                                None
+                            },
+                            ..Progress::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 credits -= 1;
+                in_flight += 1;
                 seq += 1;
                 sent += got;
                 after = last_key;
-                in_flight.push_back(SentBatch {
-                    rows: got,
-                    wire: wire as i64,
-                    raw: raw as i64,
-                    last_key: after.clone(),
-                    reserved,
-                });
             }
             Ok(true)
         }
@@ -619,15 +703,14 @@ impl Session<'_> {
         if !outcome? {
             return Ok(());
         }
-        // A batch counts as delivered only when the receiver has applied it (its credit comes
-        // back): wait for every outstanding one, so a receiver that dies now leaves the
-        // transfer in progress, to be resumed, not completed.
-        while credits < initial_credits {
+        // The pull ends once the receiver has applied every batch (its credits come back), so
+        // a receiver that dies now leaves the transfer in progress, to be resumed.
+        while in_flight > 0 {
             match self
-                .next_credit(connection, transfer.id, pull.request_id, &mut in_flight)
+                .next_credit(connection, transfer.id, pull.request_id, in_flight)
                 .await?
             {
-                Some(batches) => credits += batches,
+                Some(batches) => in_flight -= batches,
                 None => return Ok(()),
             }
         }
@@ -658,124 +741,26 @@ impl Session<'_> {
         .map(|_| ())
     }
 
-    /// A resumed transfer: batches the receiver applied but whose credit never arrived (it died
-    /// in between) were not counted and their record reservations were given back. The rows
-    /// between the last acknowledged key and the receiver's resume key are those rows: count
-    /// them now, once. (At most the credits of one pull, so the read is small.)
-    async fn count_applied_unacknowledged(
-        &mut self,
-        connection: &Connection,
-        schema: &dbsync_protocol::message::TableSchema,
-        transfer: &dbsync_agent::transfer::Transfer,
-        pull: &Pull,
-    ) -> SessionResult<()> {
-        use dbsync_protocol::message::KeyFilter;
-        let Some(resume) = &pull.after_key else {
-            return Ok(());
-        };
-        // No acknowledged key: no credit ever came back, and the transfer started at the first
-        // row (a transfer that started elsewhere records its start as its resume key).
-        let acknowledged = match &transfer.resume_key {
-            Some(key) => match serde_json::from_value::<Vec<dbsync_protocol::Value>>(key.clone()) {
-                Ok(key) => Some(key),
-                Err(_) => return Ok(()),
-            },
-            None => None,
-        };
-        // Within the pull's own key filter.
-        let from = match &pull.key_filter {
-            Some(KeyFilter::Range { from, .. }) => from.clone(),
-            _ => None,
-        };
-        let store = &self.agent.store;
-        let page = store
-            .read_page_filtered(
-                schema,
-                &schema.primary_key,
-                acknowledged.as_deref(),
-                Some(&KeyFilter::Range {
-                    from,
-                    to: Some(resume.clone()),
-                }),
-                64 * self.agent.config.server.batch_rows,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let rows = match &pull.key_filter {
-            Some(KeyFilter::Keys(keys)) => page.rows.iter().filter(|r| keys.contains(r)).count(),
-            _ => page.rows.len(),
-        } as i64;
-        if rows == 0 {
-            return Ok(());
-        }
-        if connection.max_records_total.is_some() && !pull.keys_only {
-            store
-                .take_records(connection.id, rows)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        store
-            .record_progress(
-                transfer.id,
-                &Progress {
-                    records_transferred: rows,
-                    resume_key: page.last_key.and_then(|k| serde_json::to_value(k).ok()),
-                    ..Progress::default()
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        tracing::debug!(transfer_id = %transfer.id, rows, "counted rows applied before the receiver's last credit was lost");
-        Ok(())
-    }
-
-    /// Waits for the receiver's next credit for `request_id`. Batches it acknowledges are
-    /// recorded as transferred; if the receiver goes away, rows reserved for unacknowledged
-    /// batches are given back, so a resumed transfer never counts them twice. `None` when the
-    /// receiver cancelled the pull.
+    /// Waits for the receiver's next credit for `request_id`, of at most the `in_flight`
+    /// batches it has not acknowledged (a receiver cannot grant itself more than it was sent).
+    /// `None` when the receiver cancelled the pull.
     async fn next_credit(
         &mut self,
         connection: &Connection,
         transfer_id: Uuid,
         request_id: u64,
-        in_flight: &mut VecDeque<SentBatch>,
+        in_flight: u32,
     ) -> SessionResult<Option<u32>> {
+        let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
         loop {
-            let message = match self.recv(IDLE_TIMEOUT).await {
-                Ok(message) => message,
-                Err(err) => {
-                    self.release_unacknowledged(connection, in_flight, 0).await;
-                    return Err(err);
-                }
-            };
-            match message {
+            match self.recv(deadline).await? {
                 Message::Credit(credit) if credit.request_id == request_id => {
-                    for _ in 0..credit.batches {
-                        let Some(batch) = in_flight.pop_front() else {
-                            break;
-                        };
-                        self.agent
-                            .store
-                            .record_progress(
-                                transfer_id,
-                                &Progress {
-                                    records_transferred: batch.rows,
-                                    bytes_wire: batch.wire,
-                                    bytes_raw: batch.raw,
-                                    resume_key: batch
-                                        .last_key
-                                        .as_ref()
-                                        .and_then(|k| serde_json::to_value(k).ok()),
-                                    ..Progress::default()
-                                },
-                            )
-                            .await
-                            .map_err(|e| e.to_string())?;
+                    let batches = credit.batches.min(in_flight);
+                    if batches > 0 {
+                        return Ok(Some(batches));
                     }
-                    return Ok(Some(credit.batches));
                 }
                 Message::Cancel(_) => {
-                    self.release_unacknowledged(connection, in_flight, 0).await;
                     let _ = self
                         .agent
                         .store
@@ -788,30 +773,14 @@ impl Session<'_> {
                     return Ok(None);
                 }
                 Message::Ping(ping) => {
+                    if let Err(denied) = self.agent.validator.check_rate(connection) {
+                        self.denied(denied).await?;
+                        return Err("rate limited while pinging".into());
+                    }
                     self.send(&Message::Pong(ping)).await?;
                 }
                 _ => {}
             }
-        }
-    }
-
-    /// Gives back the record reservations of batches the receiver never acknowledged (plus
-    /// `extra` reserved rows not sent at all).
-    async fn release_unacknowledged(
-        &mut self,
-        connection: &Connection,
-        in_flight: &mut VecDeque<SentBatch>,
-        extra: i64,
-    ) {
-        let unacknowledged: i64 = in_flight.drain(..).map(|b| b.reserved).sum::<i64>() + extra;
-        if unacknowledged > 0
-            && let Err(err) = self
-                .agent
-                .store
-                .release_records(connection.id, unacknowledged)
-                .await
-        {
-            tracing::warn!(error = %err, "could not release unacknowledged record reservations");
         }
     }
 
@@ -822,6 +791,79 @@ impl Session<'_> {
         }))
         .await
         .map(|_| ())
+    }
+}
+
+/// Checks a pull's keys against the table before anything is read: the resume key and every
+/// filter key have one value per key column, and a key list is within [`MAX_FILTER_KEYS`].
+fn check_pull_shape(pull: &Pull, schema: &TableSchema, columns: &[String]) -> Result<(), String> {
+    let key_len = schema.primary_key.len();
+    if key_len == 0 {
+        return Err(format!("{:?} has no primary key to page by", schema.name));
+    }
+    for key in &schema.primary_key {
+        if !columns.contains(key) {
+            return Err(format!("the key column {key:?} cannot be left out"));
+        }
+    }
+    let shape = |what: &str, key: &[dbsync_protocol::Value], len: usize| {
+        if key.len() == len {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} has {} value(s); {:?} pages by {len}",
+                key.len(),
+                schema.name
+            ))
+        }
+    };
+    if let Some(after) = &pull.after_key {
+        shape("the resume key", after, key_len)?;
+    }
+    let filter_len = key_len - usize::from(pull.cursor_column.is_some() && !pull.keys_only);
+    match &pull.key_filter {
+        None => {}
+        Some(KeyFilter::Range { from, to }) => {
+            for key in from.iter().chain(to.iter()) {
+                shape("a key filter bound", key, filter_len)?;
+            }
+        }
+        Some(KeyFilter::Keys(keys)) => {
+            if keys.len() > MAX_FILTER_KEYS {
+                return Err(format!(
+                    "a key filter lists {} keys; at most {MAX_FILTER_KEYS} may be listed (use a range)",
+                    keys.len()
+                ));
+            }
+            for key in keys {
+                shape("a listed key", key, filter_len)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a transfer covers: its columns, key filter, cursor and kind. Recorded when the transfer
+/// is created; every later request under it must ask for the same.
+struct PullScope(serde_json::Value);
+
+impl PullScope {
+    fn of(pull: &Pull, columns: &[String]) -> Self {
+        Self(serde_json::json!({
+            "columns": columns,
+            "key_filter": pull.key_filter,
+            "cursor": pull.cursor_column,
+            "keys_only": pull.keys_only,
+        }))
+    }
+
+    /// Whether `transfer` was created for this scope (a transfer recorded before scopes were
+    /// kept is taken as it is).
+    fn matches(&self, transfer: &dbsync_agent::transfer::Transfer) -> bool {
+        transfer
+            .metadata
+            .get("scope")
+            .is_none_or(|scope| *scope == self.0)
     }
 }
 
@@ -843,12 +885,17 @@ fn bytes_per_row(page: &EncodedPage) -> usize {
 
 /// What the page reader hands the session.
 enum Produced {
-    /// Rows to send, with the record reservation taken for them (0 when unlimited).
-    Page { page: EncodedPage, reserved: i64 },
+    /// Rows to send, with the record reservation taken for them (0 when unlimited or when they
+    /// were sent before), and whether they are rows this transfer never sent (`fresh`).
+    Page {
+        page: EncodedPage,
+        reserved: i64,
+        fresh: bool,
+    },
     /// Nothing more to read: the table is done (`exhausted`) or the record limit cut it.
     End { exhausted: bool, truncated: bool },
     /// Reading failed.
-    Failed(String),
+    Failed(dbsync_agent::Error),
 }
 
 /// One pull's reading job.
@@ -857,18 +904,27 @@ struct ProduceJob {
     limited: bool,
     schema: TableSchema,
     columns: Vec<String>,
+    /// The receiver's resume key.
     after: Option<Vec<dbsync_protocol::Value>>,
+    /// Where the transfer started: nothing at or below it is read.
+    start_key: Option<Vec<dbsync_protocol::Value>>,
+    /// The furthest key the transfer sent: rows up to it were counted when they first left.
+    sent_up_to: Option<Vec<dbsync_protocol::Value>>,
     filter: Option<dbsync_protocol::message::KeyFilter>,
     limit: i64,
     batch_rows: i64,
 }
 
-/// Reads the pages of one pull in key order, reserving records against the connection's
-/// total when it has one. Stops when the session stops listening, giving back the reservation
-/// of a page it could not hand over.
+/// Reads the pages of one pull in key order: first, on a resume, the rows between the
+/// receiver's key and the furthest key sent (sent before, not counted again), then the rows
+/// past it, reserving records against the connection's total when it has one. Stops when the
+/// session stops listening, giving back the reservation of a page it could not hand over.
 async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produced>) {
     let mut after = job.after;
     let mut sent: i64 = 0;
+    // Re-sending what the transfer sent before, while there is any between the receiver's key
+    // and the furthest key sent.
+    let mut resending = job.sent_up_to.is_some() && after != job.sent_up_to;
     // Slow start: the first page is small; later pages hold as many rows as fit the target
     // batch size, up to `batch_rows`.
     let mut page_rows = job.batch_rows.min(FIRST_PAGE_ROWS);
@@ -887,10 +943,11 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             };
         }
         let want = page_rows.min(job.limit - sent);
-        let granted = if job.limited {
+        let charged = job.limited && !resending;
+        let granted = if charged {
             match store.take_records(job.connection_id, want).await {
                 Ok(granted) => granted,
-                Err(err) => break Produced::Failed(err.to_string()),
+                Err(err) => break Produced::Failed(err),
             }
         } else {
             want
@@ -901,6 +958,17 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
                 truncated: true,
             };
         }
+        let window = if resending {
+            Window {
+                above: job.start_key.as_deref(),
+                at_most: job.sent_up_to.as_deref(),
+            }
+        } else {
+            Window {
+                above: job.sent_up_to.as_deref().or(job.start_key.as_deref()),
+                at_most: None,
+            }
+        };
         let (schema, columns, from, filter) = (
             &job.schema,
             &job.columns,
@@ -908,27 +976,32 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             job.filter.as_ref(),
         );
         let read = store
-            .read_page_encoded(schema, columns, from, filter, granted, room)
+            .read_page_encoded(schema, columns, from, window, filter, granted, room)
             .await;
         let page = match read {
             Ok(page) => page,
             Err(err) => {
-                if job.limited {
+                if charged {
                     let _ = store.release_records(job.connection_id, granted).await;
                 }
-                break Produced::Failed(err.to_string());
+                break Produced::Failed(err);
             }
         };
         let got = page.rows as i64;
-        if job.limited
+        if charged
             && got < granted
             && let Err(err) = store
                 .release_records(job.connection_id, granted - got)
                 .await
         {
-            break Produced::Failed(err.to_string());
+            break Produced::Failed(err);
         }
         if got == 0 {
+            if resending {
+                // Everything sent before is sent again: on to the rows past it.
+                resending = false;
+                continue;
+            }
             break Produced::End {
                 exhausted: true,
                 truncated: false,
@@ -940,9 +1013,15 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         page_rows = i64::try_from(target / per_row)
             .unwrap_or(i64::MAX)
             .clamp(1, job.batch_rows);
-        let reserved = if job.limited { got } else { 0 };
-        if let Err(mpsc::error::SendError(unsent)) =
-            to_session.send(Produced::Page { page, reserved }).await
+        let reserved = if charged { got } else { 0 };
+        let fresh = !resending;
+        if let Err(mpsc::error::SendError(unsent)) = to_session
+            .send(Produced::Page {
+                page,
+                reserved,
+                fresh,
+            })
+            .await
         {
             if let Produced::Page { reserved, .. } = unsent
                 && reserved > 0
@@ -952,6 +1031,10 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
             return;
         }
         if got < granted {
+            if resending {
+                resending = false;
+                continue;
+            }
             // Fewer rows than asked for: the table is done.
             break Produced::End {
                 exhausted: true,
@@ -967,13 +1050,4 @@ async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produce
         }
     };
     let _ = to_session.send(end).await;
-}
-
-/// A batch sent and not yet acknowledged.
-struct SentBatch {
-    rows: i64,
-    wire: i64,
-    raw: i64,
-    last_key: Option<Vec<dbsync_protocol::Value>>,
-    reserved: i64,
 }

@@ -85,11 +85,61 @@ impl From<Error> for AccessDenied {
     }
 }
 
+/// Download-password guesses allowed per connection in a minute (a burst of this many, then one
+/// every 60 / N seconds), checked before any argon2 work.
+pub const PASSWORD_GUESSES_PER_MINUTE: i64 = 5;
+/// Wrong passwords in a row after which a connection refuses every guess for
+/// [`PASSWORD_LOCKOUT`].
+pub const PASSWORD_LOCKOUT_AFTER: u32 = 10;
+/// How long a connection refuses password guesses after [`PASSWORD_LOCKOUT_AFTER`] wrong ones.
+pub const PASSWORD_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Wrong download passwords per connection: consecutive failures and a lockout.
+#[derive(Debug, Default)]
+struct PasswordFailures {
+    by_connection: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, (u32, Option<DateTime<Utc>>)>>,
+}
+
+impl PasswordFailures {
+    /// When the connection refuses guesses until, if it does now.
+    fn locked_until(&self, id: uuid::Uuid, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let map = self.by_connection.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&id).and_then(|(_, until)| *until).filter(|until| *until > now)
+    }
+
+    /// Counts a wrong guess; returns the lockout's end when this one starts it.
+    fn failed(&self, id: uuid::Uuid, now: DateTime<Utc>) -> (u32, Option<DateTime<Utc>>) {
+        let mut map = self.by_connection.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(id).or_insert((0, None));
+        if entry.1.is_some_and(|until| until <= now) {
+            *entry = (0, None);
+        }
+        entry.0 += 1;
+        if entry.0 >= PASSWORD_LOCKOUT_AFTER {
+            let until = now
+                + chrono::Duration::from_std(PASSWORD_LOCKOUT).unwrap_or(chrono::Duration::zero());
+            *entry = (0, Some(until));
+            return (PASSWORD_LOCKOUT_AFTER, Some(until));
+        }
+        (entry.0, None)
+    }
+
+    fn succeeded(&self, id: uuid::Uuid) {
+        self.by_connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
 /// Validates receivers' requests against their sender connection.
 #[derive(Debug, Clone)]
 pub struct Validator {
     store: Store,
     rate_limits: Arc<RateLimits>,
+    /// Download-password guesses, a limiter per connection (its own, not the request limit).
+    password_guesses: Arc<RateLimits>,
+    password_failures: Arc<PasswordFailures>,
 }
 
 impl Validator {
@@ -97,7 +147,9 @@ impl Validator {
     pub fn new(store: Store, clock: SharedClock) -> Self {
         Self {
             store,
-            rate_limits: Arc::new(RateLimits::new(clock)),
+            rate_limits: Arc::new(RateLimits::new(Arc::clone(&clock))),
+            password_guesses: Arc::new(RateLimits::new(clock)),
+            password_failures: Arc::default(),
         }
     }
 
@@ -152,17 +204,69 @@ impl Validator {
             return Err(AccessDenied::OutsideAllowedHours);
         }
         if let Some(hash) = &connection.download_password_hash {
-            match password {
-                None | Some("") => return Err(AccessDenied::PasswordRequired),
-                Some(given) if !crate::password::verify(given, hash) => {
-                    return Err(AccessDenied::InvalidPassword);
-                }
-                Some(_) => {}
-            }
+            let Some(given) = password.filter(|p| !p.is_empty()) else {
+                return Err(AccessDenied::PasswordRequired);
+            };
+            self.check_password(&connection, given, hash, client_ip, now)
+                .await?;
         }
         self.check_rate(&connection)?;
         self.store.touch_connected(connection.id, now).await?;
         Ok(connection)
+    }
+
+    /// Checks a download password guess: refused without hashing while the connection is locked
+    /// out or over [`PASSWORD_GUESSES_PER_MINUTE`]; a wrong guess is audited, and the
+    /// [`PASSWORD_LOCKOUT_AFTER`]th in a row locks the connection's password for
+    /// [`PASSWORD_LOCKOUT`].
+    async fn check_password(
+        &self,
+        connection: &Connection,
+        given: &str,
+        hash: &str,
+        client_ip: IpAddr,
+        now: DateTime<Utc>,
+    ) -> Result<(), AccessDenied> {
+        if let Some(until) = self.password_failures.locked_until(connection.id, now) {
+            let retry_after = (until - now).to_std().unwrap_or(PASSWORD_LOCKOUT);
+            return Err(AccessDenied::RateLimited { retry_after });
+        }
+        self.password_guesses
+            .check(connection.id, PASSWORD_GUESSES_PER_MINUTE)
+            .map_err(|retry_after| AccessDenied::RateLimited { retry_after })?;
+        // argon2 takes tens of milliseconds of CPU: off the async workers.
+        let (given, hash) = (given.to_owned(), hash.to_owned());
+        let right = tokio::task::spawn_blocking(move || crate::password::verify(&given, &hash))
+            .await
+            .unwrap_or(false);
+        if right {
+            self.password_failures.succeeded(connection.id);
+            return Ok(());
+        }
+        let (in_a_row, locked_until) = self.password_failures.failed(connection.id, now);
+        let action = if locked_until.is_some() {
+            "password_locked"
+        } else {
+            "password_failed"
+        };
+        let event = crate::audit::NewEvent::connection(
+            &Actor::remote(&connection.site_url),
+            action,
+            connection.id,
+            now,
+        )
+        .detail(serde_json::json!({
+            "client_ip": client_ip.to_string(),
+            "failures_in_a_row": in_a_row,
+            "locked_until": locked_until,
+        }));
+        if let Err(err) = self.store.record_event(event).await {
+            tracing::warn!(error = %err, "could not audit a wrong download password");
+        }
+        if locked_until.is_some() {
+            tracing::warn!(connection_id = %connection.id, client = %client_ip, "download password locked after repeated wrong guesses");
+        }
+        Err(AccessDenied::InvalidPassword)
     }
 
     /// Drops the rate-limit state of a deleted connection.

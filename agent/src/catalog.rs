@@ -25,9 +25,33 @@ pub fn quote_ident(name: &str) -> Result<String> {
     Ok(format!("\"{}\"", name.replace('"', "\"\"")))
 }
 
-/// Whether a table belongs to the agent or the engine and is never offered.
+/// Name prefixes of tables that belong to dbsync or to an engine, compared without regard to
+/// ASCII case (SQLite resolves `DBSYNC_CONNECTIONS` to `dbsync_connections`; PostgreSQL keeps
+/// them apart, and refusing both there costs nothing).
+const INTERNAL_PREFIXES: &[&str] = &["dbsync_", "sqlite_", "pg_", "_sqlx_"];
+
+/// The one rule for which names are never synced tables, on either engine and on either side:
+/// dbsync's own tables (`dbsync_*`), the migration ledger (`_sqlx_migrations`) and the engines'
+/// system tables (`sqlite_*`, `pg_*`), whatever their spelling. Such a table is never listed,
+/// described or pulled by a sender, and never created or written by a receiver, whatever a peer
+/// says. A name that is not a valid identifier is internal too: it can be no synced table.
 pub fn is_internal_table(name: &str) -> bool {
-    name.starts_with("dbsync_") || name == "_sqlx_migrations" || name.starts_with("sqlite_")
+    if quote_ident(name).is_err() {
+        return true;
+    }
+    let lower = name.to_ascii_lowercase();
+    INTERNAL_PREFIXES
+        .iter()
+        .any(|prefix| lower.starts_with(prefix))
+}
+
+/// Refuses a name that [`is_internal_table`] reserves (`not_found`: to a peer, such a table does
+/// not exist).
+pub fn check_synced_table(name: &str) -> Result<()> {
+    if is_internal_table(name) {
+        return Err(Error::not_found("table", name));
+    }
+    Ok(())
 }
 
 /// The engine-neutral type of a PostgreSQL type name (`pg_type.typname`); arrays are
@@ -135,17 +159,39 @@ pub fn keyset_query(
     key: &[String],
     after: bool,
 ) -> Result<String> {
-    keyset_query_filtered(table, columns, key, after, None)
+    keyset_query_filtered(
+        table,
+        columns,
+        key,
+        KeyBounds {
+            after,
+            ..KeyBounds::default()
+        },
+        None,
+    )
 }
 
-/// [`keyset_query`] restricted by a key filter. Parameters: the previous page's last key (when
-/// `after` is true), then the filter's keys (a range's `from` then `to`, or every listed key),
-/// then the limit.
+/// Which key bounds a keyset page's query takes, each a parameter tuple in this order: `after`
+/// (`key > $`), `above` (`key > $`, a floor the sender sets, which a receiver's `after` cannot
+/// lower), `at_most` (`key <= $`, a ceiling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyBounds {
+    /// The previous page's last key.
+    pub after: bool,
+    /// A floor of the sender's own.
+    pub above: bool,
+    /// A ceiling.
+    pub at_most: bool,
+}
+
+/// [`keyset_query`] within `bounds` and restricted by a key filter. Parameters: the bounds'
+/// keys (see [`KeyBounds`]), then the filter's keys (a range's `from` then `to`, or every listed
+/// key), then the limit.
 pub fn keyset_query_filtered(
     table: &str,
     columns: &[String],
     key: &[String],
-    after: bool,
+    bounds: KeyBounds,
     filter: Option<&KeyFilter>,
 ) -> Result<String> {
     if key.is_empty() {
@@ -181,8 +227,14 @@ pub fn keyset_query_filtered(
         }
     };
     let mut conditions = Vec::new();
-    if after {
+    if bounds.after {
         conditions.push(format!("{lhs} > {}", tuple()));
+    }
+    if bounds.above {
+        conditions.push(format!("{lhs} > {}", tuple()));
+    }
+    if bounds.at_most {
+        conditions.push(format!("{lhs} <= {}", tuple()));
     }
     match filter {
         None => {}
@@ -313,8 +365,22 @@ impl Store {
 
     /// Columns and primary key of a table; `not_found` when it does not exist or is internal.
     pub async fn describe_table(&self, table: &str) -> Result<TableSchema> {
-        if is_internal_table(table) {
-            return Err(Error::not_found("table", table));
+        check_synced_table(table)?;
+        if self.engine() == Engine::Sqlite {
+            // SQLite resolves names without regard to case (`USERS` is `users`): only the name
+            // exactly as stored is a table here, so lists of allowed and excluded tables, which
+            // compare exact names, mean what they say.
+            let stored: Option<String> = on_pool!(self, |pool| {
+                sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name = $1 COLLATE BINARY",
+                )
+                .bind(table)
+                .fetch_optional(pool)
+                .await?
+            });
+            if stored.as_deref() != Some(table) {
+                return Err(Error::not_found("table", table));
+            }
         }
         let rows: Vec<ColumnRow> = match self.engine() {
             Engine::Postgres => on_pool!(self, |pool| {
@@ -385,6 +451,28 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_names_are_refused_in_any_spelling() {
+        for name in [
+            "dbsync_connections",
+            "DBSYNC_ADMIN_TOKENS",
+            "DbSync_Settings",
+            "_SQLX_MIGRATIONS",
+            "_sqlx_migrations",
+            "SQLITE_MASTER",
+            "sqlite_sequence",
+            "Pg_Authid",
+            "",
+            "a\0b",
+        ] {
+            assert!(is_internal_table(name), "{name:?}");
+            assert!(check_synced_table(name).is_err(), "{name:?}");
+        }
+        for name in ["users", "USERS", "dbsync", "my_dbsync_table", "Order", "select"] {
+            assert!(!is_internal_table(name), "{name:?}");
+        }
+    }
 
     #[test]
     fn identifiers_are_quoted_and_validated() {

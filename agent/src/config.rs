@@ -86,6 +86,42 @@ pub struct ServerConfig {
     /// on a users-like table, pulls took ~20 % less time than at 5,000, for ~30 MiB more peak
     /// memory on the sender (docs/performance.md).
     pub batch_rows: i64,
+    /// Connections (TCP and QUIC) open at once; more are closed as they arrive. 0: a quarter of
+    /// the process's open-file limit (at least 16, at most 4,096).
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_ip: usize,
+    /// Data-plane sessions open at once (both transports); more are refused with
+    /// `too_many_sessions`. 0: like `max_connections`.
+    pub max_sessions: usize,
+    /// Data-plane sessions open at once from one client address.
+    pub max_sessions_per_ip: usize,
+    /// Seconds a connection may stay silent once it has sent its first byte (between requests,
+    /// or inside a WebSocket session) before it is closed. Before the first byte the limit is
+    /// `header_read_timeout_secs`. Longer than a session's own idle limit (300 s), which ends
+    /// a session first with a `timeout` error.
+    pub idle_timeout_secs: u64,
+}
+
+impl ServerConfig {
+    /// `max_connections`, with 0 resolved from the open-file limit.
+    pub fn connection_cap(&self) -> usize {
+        resolve_cap(self.max_connections)
+    }
+
+    /// `max_sessions`, with 0 resolved from the open-file limit.
+    pub fn session_cap(&self) -> usize {
+        resolve_cap(self.max_sessions)
+    }
+}
+
+/// A configured cap, or a quarter of the open-file limit (16..=4,096) when it is 0.
+fn resolve_cap(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let files = crate::admission::open_files_limit().unwrap_or(1024);
+    usize::try_from(files / 4).unwrap_or(4096).clamp(16, 4096)
 }
 
 impl Default for ServerConfig {
@@ -100,6 +136,11 @@ impl Default for ServerConfig {
             push_retry_secs: 30,
             zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
             batch_rows: 20_000,
+            max_connections: 0,
+            max_connections_per_ip: 64,
+            max_sessions: 0,
+            max_sessions_per_ip: 16,
+            idle_timeout_secs: 330,
         }
     }
 }
@@ -194,6 +235,9 @@ impl Config {
             || server.request_timeout_secs == 0
             || server.peer_rate_limit_per_minute == 0
             || server.push_retry_secs == 0
+            || server.max_connections_per_ip == 0
+            || server.max_sessions_per_ip == 0
+            || server.idle_timeout_secs == 0
         {
             return Err(Error::Config(
                 "server limits and timeouts must be > 0".into(),

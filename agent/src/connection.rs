@@ -225,7 +225,8 @@ impl Connection {
 
     /// Whether `table` is offered to the receiver (not excluded, and allowed when a list is set).
     pub fn offers_table(&self, table: &str) -> bool {
-        !self.excluded_tables.iter().any(|t| t == table)
+        !crate::catalog::is_internal_table(table)
+            && !self.excluded_tables.iter().any(|t| t == table)
             && (self.allowed_tables.is_empty() || self.allowed_tables.iter().any(|t| t == table))
     }
 

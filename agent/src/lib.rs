@@ -68,6 +68,7 @@ macro_rules! string_enum {
 }
 
 pub mod access;
+pub mod admission;
 pub mod admin_token;
 mod agent;
 pub mod audit;

@@ -24,10 +24,23 @@ const INCOMING: usize = 2;
 /// Encoded frames waiting for the socket.
 const OUTGOING: usize = 4;
 
+/// Why a transport stopped delivering frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkFailure {
+    /// The peer sent something that is not a frame of this protocol at all (a WebSocket text
+    /// message, a frame header declaring more than allowed): it is told `protocol_error`.
+    #[error("{0}")]
+    NotProtocol(String),
+    /// The transport broke (reset, timeout, closed mid-frame).
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// The reading half of a transport: whole frames, `None` at a clean end.
 pub trait FrameReader: Send + 'static {
     /// The next frame (header and payload), or `None` when the peer closed.
-    fn read_frame(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, String>> + Send;
+    fn read_frame(&mut self)
+    -> impl Future<Output = Result<Option<Vec<u8>>, LinkFailure>> + Send;
 }
 
 /// The writing half of a transport.
@@ -48,7 +61,7 @@ pub enum Incoming {
     /// A frame that broke the codec's rules (the session answers `protocol_error`).
     Malformed(String),
     /// The transport failed.
-    Failed(String),
+    Failed(LinkFailure),
 }
 
 /// A running link: send messages, receive decoded ones.
@@ -197,41 +210,88 @@ async fn write_loop(mut writer: impl FrameWriter, mut from_session: mpsc::Receiv
 }
 
 /// Reads one frame from a byte stream (QUIC): the 8-byte header, then exactly the payload it
-/// declares, refused before reading when it declares more than `max_frame_bytes`.
+/// declares, refused before reading when it declares more than `max_frame_bytes`. The buffer
+/// grows with the bytes that arrive, never to the declared length up front: a peer that
+/// declares 16 MiB and sends nothing costs nothing.
 pub async fn read_framed<R: tokio::io::AsyncRead + Unpin>(
     stream: &mut R,
     limits: &Limits,
-) -> Result<Option<Vec<u8>>, String> {
+) -> Result<Option<Vec<u8>>, LinkFailure> {
     use tokio::io::AsyncReadExt;
+    let transport = |e: std::io::Error| LinkFailure::Transport(e.to_string());
     let mut header = [0u8; HEADER_LEN];
     let mut filled = 0;
     while filled < HEADER_LEN {
         let n = stream
             .read(&mut header[filled..])
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(transport)?;
         if n == 0 {
             return if filled == 0 {
                 Ok(None)
             } else {
-                Err("the stream ended inside a frame header".into())
+                Err(LinkFailure::Transport(
+                    "the stream ended inside a frame header".into(),
+                ))
             };
         }
         filled += n;
     }
-    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    if len > limits.max_frame_bytes {
-        return Err(format!(
-            "a frame declares {len} bytes, more than the {} allowed",
-            limits.max_frame_bytes
-        ));
-    }
-    let mut frame = Vec::with_capacity(HEADER_LEN + len as usize);
+    codec::check_header(&header, limits).map_err(|e| LinkFailure::NotProtocol(e.to_string()))?;
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let mut frame = Vec::with_capacity(HEADER_LEN + len.min(READ_CHUNK));
     frame.extend_from_slice(&header);
-    frame.resize(HEADER_LEN + len as usize, 0);
-    stream
-        .read_exact(&mut frame[HEADER_LEN..])
-        .await
-        .map_err(|e| format!("the stream ended inside a frame: {e}"))?;
+    let mut rest = (&mut *stream).take(len as u64);
+    let mut chunk = vec![0u8; READ_CHUNK.min(len.max(1))];
+    while frame.len() < HEADER_LEN + len {
+        let n = rest.read(&mut chunk).await.map_err(transport)?;
+        if n == 0 {
+            return Err(LinkFailure::Transport(format!(
+                "the stream ended {} bytes into a frame of {len}",
+                frame.len() - HEADER_LEN
+            )));
+        }
+        frame.extend_from_slice(&chunk[..n]);
+    }
     Ok(Some(frame))
+}
+
+/// Bytes read from a stream at a time while a frame's payload arrives.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_declared_length_costs_nothing_until_bytes_arrive() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut header = vec![codec::MAGIC, dbsync_protocol::Kind::Ping as u8, 0, 0];
+        header.extend_from_slice(&(16u32 * 1024 * 1024).to_be_bytes());
+        tokio::io::AsyncWriteExt::write_all(&mut client, &header)
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &[0u8; 100])
+            .await
+            .unwrap();
+        drop(client);
+        // The stream ends 100 bytes in: an error, after holding ~100 bytes, not 16 MiB.
+        let err = read_framed(&mut server, &Limits::default()).await.unwrap_err();
+        assert!(matches!(err, LinkFailure::Transport(_)), "{err:?}");
+        assert!(err.to_string().contains("100 bytes into"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_header_over_the_limits_is_refused_before_reading() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut header = vec![codec::MAGIC, dbsync_protocol::Kind::RowBatch as u8, 1, 0];
+        header.extend_from_slice(&100u32.to_be_bytes());
+        tokio::io::AsyncWriteExt::write_all(&mut client, &header)
+            .await
+            .unwrap();
+        let err = read_framed(&mut server, &Limits::requests())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LinkFailure::NotProtocol(_)), "{err:?}");
+    }
 }

@@ -23,7 +23,7 @@ use crate::audit::Actor;
 use crate::catalog::fk_order;
 use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
 use crate::error::{Error, Result};
-use crate::link::{FrameReader, FrameWriter, Incoming, Link};
+use crate::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
 use crate::sink::{BatchOf, Rows};
 use crate::transfer::{NewTransfer, TransferDirection, TransferStatus, Transport};
 
@@ -76,8 +76,8 @@ pub struct PullOptions {
     pub strategy: Option<ConflictStrategy>,
     /// Columns to leave out (key columns cannot be left out).
     pub exclude_columns: Vec<String>,
-    /// The sender's download password, when it has one.
-    pub password: Option<String>,
+    /// The sender's download password, when it has one (never printed).
+    pub password: Option<dbsync_protocol::Secret>,
     /// Give up waiting for an approval after this long (none: wait forever).
     pub approval_wait: Option<Duration>,
     /// Only rows whose key passes this filter (see [`crate::key_filter`]); one table only.
@@ -138,6 +138,34 @@ fn cursor_column(schema: &TableSchema, given: Option<&str>) -> Result<String> {
         ));
     }
     Ok(chosen)
+}
+
+/// Checks the sender's description of `table` before anything is created or written from it:
+/// the table it asked for, under that name, with valid and distinct column names and a key made
+/// of its columns.
+fn check_described(table: &str, schema: &TableSchema) -> std::result::Result<(), String> {
+    if schema.name != table {
+        return Err(format!(
+            "asked to describe {table:?}, the sender described {:?}",
+            schema.name
+        ));
+    }
+    let mut names = std::collections::HashSet::new();
+    for column in &schema.columns {
+        crate::catalog::quote_ident(&column.name).map_err(|e| e.to_string())?;
+        if !names.insert(column.name.as_str()) {
+            return Err(format!("{table:?} is described with column {:?} twice", column.name));
+        }
+    }
+    if schema.columns.is_empty() {
+        return Err(format!("{table:?} is described with no columns"));
+    }
+    for key in &schema.primary_key {
+        if !names.contains(key.as_str()) {
+            return Err(format!("{table:?} is described with key column {key:?}, which it lacks"));
+        }
+    }
+    Ok(())
 }
 
 /// One table's outcome.
@@ -250,14 +278,16 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 struct WsReader(futures_util::stream::SplitStream<Socket>);
 
 impl FrameReader for WsReader {
-    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, String> {
+    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, LinkFailure> {
         loop {
             match self.0.next().await {
                 Some(Ok(WsMessage::Binary(bytes))) => return Ok(Some(bytes.into())),
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
-                Some(Ok(WsMessage::Text(_))) => return Err("unexpected text frame".into()),
+                Some(Ok(WsMessage::Text(_))) => {
+                    return Err(LinkFailure::NotProtocol("unexpected text frame".into()));
+                }
                 Some(Ok(WsMessage::Close(_))) | None => return Ok(None),
-                Some(Err(err)) => return Err(err.to_string()),
+                Some(Err(err)) => return Err(LinkFailure::Transport(err.to_string())),
             }
         }
     }
@@ -510,7 +540,7 @@ impl Agent {
     async fn open_session(
         &self,
         connection: &Connection,
-        password: Option<&str>,
+        password: Option<&dbsync_protocol::Secret>,
         choice: TransportChoice,
     ) -> Result<(Client, u64)> {
         let mut client = match choice {
@@ -545,13 +575,23 @@ impl Agent {
         client
             .send(&Message::Hello(Hello {
                 versions: dbsync_protocol::SUPPORTED_VERSIONS.to_vec(),
-                token: token.expose().to_owned(),
-                password: password.map(str::to_owned),
+                token: dbsync_protocol::Secret::new(token.expose()),
+                password: password.cloned(),
                 client_name: concat!("dbsync/", env!("CARGO_PKG_VERSION")).to_owned(),
             }))
             .await?;
         match client.recv().await? {
-            (Message::Welcome(welcome), _) => Ok((client, welcome.max_records_per_request)),
+            // A sender must choose a version this receiver offered.
+            (Message::Welcome(welcome), _)
+                if dbsync_protocol::SUPPORTED_VERSIONS.contains(&welcome.version) =>
+            {
+                Ok((client, welcome.max_records_per_request.max(1)))
+            }
+            (Message::Welcome(welcome), _) => Err(client.session_error(format!(
+                "the sender chose protocol version {}, which this receiver does not speak ({:?})",
+                welcome.version,
+                dbsync_protocol::SUPPORTED_VERSIONS
+            ))),
             (other, _) => {
                 Err(client.session_error(format!("expected Welcome, got {:?}", other.kind())))
             }
@@ -569,7 +609,7 @@ impl Agent {
     ) -> Result<(Client, u64)> {
         loop {
             match self
-                .open_session(connection, options.password.as_deref(), options.transport)
+                .open_session(connection, options.password.as_ref(), options.transport)
                 .await
             {
                 Ok(opened) => return Ok(opened),
@@ -660,6 +700,20 @@ impl Agent {
                 );
             }
         };
+        // The sender's list is the sender's word: a name this site reserves (its own state, the
+        // engine's tables, in any spelling) is never pulled, whoever offers it.
+        let mut offered: Vec<_> = offered
+            .into_iter()
+            .filter(|t| {
+                let reserved = crate::catalog::is_internal_table(&t.name);
+                if reserved {
+                    tracing::warn!(table = %t.name, site = %connection.site_url, "the sender offered a reserved table name; it is not pulled");
+                }
+                !reserved
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        offered.retain(|t| seen.insert(t.name.clone()));
         let wanted: Vec<_> = match &options.tables {
             Some(names) => {
                 for name in names {
@@ -701,7 +755,11 @@ impl Agent {
                 let attempt = async {
                     client.send(&Message::DescribeTable(table.clone())).await?;
                     let schema = match client.recv().await? {
-                        (Message::TableSchema(schema), _) => schema,
+                        (Message::TableSchema(schema), _) => {
+                            check_described(&table, &schema)
+                                .map_err(|reason| client.session_error(reason))?;
+                            schema
+                        }
                         (other, _) => {
                             return Err(client.session_error(format!(
                                 "expected TableSchema, got {:?}",
@@ -1111,6 +1169,23 @@ impl Agent {
                         }
                         Err(err) => return Err(err),
                     };
+                    if let Reply::Batch(batch) = &message {
+                        let expected: &[String] = if pass.keys_only {
+                            &schema.primary_key
+                        } else {
+                            columns
+                        };
+                        let key_len = schema.primary_key.len() + usize::from(pass.cursor.is_some());
+                        if batch.request_id != request_id
+                            || batch.columns != expected
+                            || !(batch.last_key.is_empty() || batch.last_key.len() == key_len)
+                        {
+                            return Err(client.session_error(format!(
+                                "a row batch for request {} with columns {:?} does not answer request {request_id} for {:?}",
+                                batch.request_id, batch.columns, expected
+                            )));
+                        }
+                    }
                     match message {
                         Reply::Batch(batch) if pass.keys_only => {
                             let keys = batch.rows.to_rows().map_err(|e| client.session_error(e))?;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::link::{FrameReader, FrameWriter, Link, read_framed};
+use crate::link::{FrameReader, FrameWriter, Link, LinkFailure, read_framed};
 
 /// ALPN protocol id of a dbsync session.
 pub const ALPN: &[u8] = b"dbsync/1";
@@ -178,8 +178,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Transport parameters for bulk transfer. Memory per connection is bounded by the windows:
-/// at most `receive_window` buffered for reading and `send_window` for sending.
-pub fn transport_config(config: &QuicConfig) -> TransportConfig {
+/// at most `receive_window` buffered for reading and `send_window` for sending. Only a client
+/// (`keep_alive`) sends keep-alives: a server that did would keep a silent client's connection
+/// open past the idle timeout for it.
+pub fn transport_config(config: &QuicConfig, keep_alive: bool) -> TransportConfig {
     let mut transport = TransportConfig::default();
     let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
     transport
@@ -188,7 +190,7 @@ pub fn transport_config(config: &QuicConfig) -> TransportConfig {
         .stream_receive_window(varint(config.stream_receive_window))
         .receive_window(varint(config.receive_window))
         .send_window(config.send_window)
-        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_interval(keep_alive.then_some(Duration::from_secs(10)))
         .max_idle_timeout(
             Duration::from_secs(config.idle_timeout_secs.max(1))
                 .try_into()
@@ -226,7 +228,7 @@ pub fn server_endpoint(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(config)));
+    server.transport_config(Arc::new(transport_config(config, false)));
     let cannot_bind =
         |e: std::io::Error| Error::Config(format!("cannot listen on udp {addr}: {e}"));
     let socket = udp_socket(addr, config.socket_buffer_bytes).map_err(cannot_bind)?;
@@ -308,7 +310,7 @@ pub async fn connect(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Refused(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(config)));
+    client.transport_config(Arc::new(transport_config(config, true)));
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid address")
     } else {
@@ -430,7 +432,7 @@ impl QuicReader {
 }
 
 impl FrameReader for QuicReader {
-    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, String> {
+    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, LinkFailure> {
         read_framed(&mut self.stream, &self.limits).await
     }
 }

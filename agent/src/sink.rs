@@ -194,11 +194,24 @@ pub fn target_type(
     })
 }
 
+/// A receiver never creates or writes a table that [`crate::catalog::is_internal_table`]
+/// reserves, whatever its peer sent.
+fn refuse_reserved(table: &str) -> Result<()> {
+    if crate::catalog::is_internal_table(table) {
+        return Err(Error::invalid(
+            "table",
+            format!("{table:?} is reserved for dbsync or the database engine and is never written"),
+        ));
+    }
+    Ok(())
+}
+
 impl Store {
     /// Creates `schema.name` when it does not exist (columns, types, NOT NULL, primary key);
     /// when it exists, checks that every column of `columns` is there (schema drift is an error
     /// naming the missing columns). Returns whether the table was created.
     pub async fn ensure_table(&self, schema: &TableSchema, columns: &[String]) -> Result<bool> {
+        refuse_reserved(&schema.name)?;
         // A new pull describes the table again (it may have been altered since the last one).
         locked(&self.described).remove(&schema.name);
         match self.describe_table(&schema.name).await {
@@ -400,6 +413,7 @@ impl Store {
         keys_only: bool,
         mut previous: Option<Gate>,
     ) -> Result<Applied> {
+        refuse_reserved(&schema.name)?;
         let count = rows.len() as i64;
         let engine = self.engine();
         let table = quote_ident(&schema.name)?;

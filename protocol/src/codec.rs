@@ -32,6 +32,9 @@ pub const DEFAULT_MAX_FRAME_BYTES: u32 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_DECOMPRESSED_BYTES: u64 = 64 * 1024 * 1024;
 /// Default deepest MessagePack nesting (a row batch needs 4 plus array dimensions).
 pub const DEFAULT_MAX_DEPTH: usize = 32;
+/// Largest request a sender accepts from a receiver (4 MiB): a pull with a key filter of
+/// [`crate::message::MAX_FILTER_KEYS`] long text keys fits; nothing a receiver sends is bigger.
+pub const MAX_REQUEST_BYTES: u32 = 4 * 1024 * 1024;
 /// Default zstd level for row batches. Level 1: on the bench's table (columns already grouped)
 /// level 3 made batches only ~2 % smaller for about twice the compression CPU
 /// (docs/performance.md).
@@ -46,6 +49,23 @@ pub struct Limits {
     pub max_decompressed_bytes: u64,
     /// Deepest MessagePack nesting.
     pub max_depth: usize,
+    /// Whether compressed payloads and row batches are accepted at all. A sender reads only
+    /// requests from its receivers, which are small and never compressed: it refuses both from
+    /// the header, before any decompression work ([`Limits::requests`]).
+    pub rows: bool,
+}
+
+impl Limits {
+    /// The bounds of what a sender reads from a receiver: requests only, at most
+    /// [`MAX_REQUEST_BYTES`], never compressed, never a row batch.
+    pub fn requests() -> Self {
+        Self {
+            max_frame_bytes: MAX_REQUEST_BYTES,
+            max_decompressed_bytes: 0,
+            max_depth: DEFAULT_MAX_DEPTH,
+            rows: false,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -54,6 +74,7 @@ impl Default for Limits {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             max_depth: DEFAULT_MAX_DEPTH,
+            rows: true,
         }
     }
 }
@@ -86,6 +107,12 @@ pub fn check_header(input: &[u8], limits: &Limits) -> Result<Option<Header>, Pro
         return Err(ProtocolError::BadHeader(format!(
             "unknown flags {flags:#04x}/{:#04x}",
             bytes[3]
+        )));
+    }
+    if !limits.rows && (flags & FLAG_ZSTD != 0 || kind == Kind::RowBatch) {
+        return Err(ProtocolError::BadHeader(format!(
+            "{kind:?} frames{} are not accepted from this peer",
+            if flags & FLAG_ZSTD != 0 { " (compressed)" } else { "" }
         )));
     }
     let length = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -235,17 +262,40 @@ pub fn decompress_bounded(payload: &[u8], limit: u64) -> Result<Vec<u8>, Protoco
         Ok(None) => {}
         Err(_) => return Err(ProtocolError::Decompress("not a zstd frame".into())),
     }
+    // No declared size: measure first, streaming through a small buffer (nothing is kept),
+    // then decompress into a buffer of exactly the measured size. Memory follows what the
+    // payload really holds, never more than `limit`, at the price of decompressing twice
+    // (this encoder always declares the size; only a foreign or hostile peer omits it).
+    let size = undeclared_size(payload, limit)?;
+    let mut out = Vec::with_capacity(size);
     let decoder = zstd::stream::read::Decoder::with_buffer(payload)
         .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
-    let mut out = Vec::new();
     decoder
-        .take(limit + 1)
+        .take(size as u64)
         .read_to_end(&mut out)
         .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
-    if out.len() as u64 > limit {
-        return Err(ProtocolError::DecompressedTooLarge { limit });
-    }
     Ok(out)
+}
+
+/// The decompressed size of a payload that does not declare it, read through a 64 KiB buffer;
+/// refused as soon as it passes `limit`.
+fn undeclared_size(payload: &[u8], limit: u64) -> Result<usize, ProtocolError> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(payload)
+        .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        let n = decoder
+            .read(&mut scratch)
+            .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
+        if n == 0 {
+            return usize::try_from(total).map_err(|_| ProtocolError::DecompressedTooLarge { limit });
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(ProtocolError::DecompressedTooLarge { limit });
+        }
+    }
 }
 
 /// Encodes a message as one frame. Row batches are compressed at `zstd_level`; other messages

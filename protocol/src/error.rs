@@ -83,6 +83,13 @@ pub mod codes {
     pub const APPROVAL_DENIED: &str = "approval_denied";
     /// The peer sent something malformed.
     pub const PROTOCOL_ERROR: &str = "protocol_error";
+    /// A well-formed request the sender will not serve as asked: a key of the wrong shape, a
+    /// key filter over its bound, a resume that changes what its transfer covers.
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// The agent or this client address has as many sessions (or connections) open as allowed.
+    pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+    /// The peer said nothing for too long.
+    pub const TIMEOUT: &str = "timeout";
     /// The sender failed.
     pub const INTERNAL_ERROR: &str = "internal_error";
 }

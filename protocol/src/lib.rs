@@ -9,6 +9,7 @@
 //! - [`value`]: the engine-neutral value model.
 //! - [`msgpack`]: the pre-scan that bounds depth and declared lengths before parsing.
 //! - [`peer`]: the JSON bodies of the peer API that sites exchange over HTTP.
+//! - [`secret`]: tokens and passwords in a type that never prints them.
 
 pub mod codec;
 pub mod columns;
@@ -16,10 +17,12 @@ pub mod error;
 pub mod message;
 pub mod msgpack;
 pub mod peer;
+pub mod secret;
 pub mod value;
 
 pub use error::ProtocolError;
 pub use message::{Kind, Message};
+pub use secret::Secret;
 pub use value::Value;
 
 /// Protocol versions this build speaks, oldest first. Version 2 sends a row batch's rows

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secret::Secret;
 use crate::value::Value;
 
 /// Message kinds and their wire tags. Tags are never reused.
@@ -71,26 +72,17 @@ impl Kind {
     }
 }
 
-/// First frame of a session.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// First frame of a session. Its secrets are [`Secret`]s: no `Debug` of it prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Protocol versions the receiver speaks.
     pub versions: Vec<u16>,
     /// The connection token.
-    pub token: String,
+    pub token: Secret,
     /// The download password, when the connection has one.
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Receiver software and version, for the transfer records.
     pub client_name: String,
-}
-
-impl std::fmt::Debug for Hello {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hello")
-            .field("versions", &self.versions)
-            .field("client_name", &self.client_name)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Session accepted, with the limits the receiver must respect.
@@ -183,9 +175,14 @@ pub struct Pull {
     /// `after_key` and every `last_key` hold the cursor value first, then the key.
     pub cursor_column: Option<String>,
     /// Send the primary key columns only (a reconciliation pass: the receiver deletes the rows
-    /// the sender no longer has). Not a download, and not counted against the record limit.
+    /// the sender no longer has). Keys are data: subject to approval like any pull, a download,
+    /// and each key counted as a record against the record limit.
     pub keys_only: bool,
 }
+
+/// Most batches a receiver may let a sender have in flight in one pull; a sender clamps what it
+/// is granted to `1..=MAX_CREDITS`.
+pub const MAX_CREDITS: u32 = 64;
 
 /// Largest key list a [`KeyFilter::Keys`] may carry.
 pub const MAX_FILTER_KEYS: usize = 10_000;

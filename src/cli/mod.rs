@@ -111,9 +111,19 @@ impl Context {
 }
 
 /// Sets up logging on stderr. Nothing secret is ever logged by the engine.
+/// Log targets never shown, at any level: they print the payloads they carry.
+const SILENCED_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
 pub(crate) fn init_tracing(global: &GlobalArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&global.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Libraries that trace the bytes they move: a WebSocket frame's payload is a Hello with its
+    // token and password. Silenced whatever the filter asks for, so no level logs a secret.
+    for target in SILENCED_TARGETS {
+        if let Ok(directive) = format!("{target}=off").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

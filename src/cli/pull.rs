@@ -64,7 +64,9 @@ fn parse_strategy(text: &str) -> Result<ConflictStrategy, String> {
 
 pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     let password = if args.password_stdin {
-        Some(super::read_secret_line("download password")?)
+        Some(dbsync_protocol::Secret::new(super::read_secret_line(
+            "download password",
+        )?))
     } else {
         None
     };

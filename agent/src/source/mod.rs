@@ -13,9 +13,19 @@ use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use futures_util::TryStreamExt;
 use sqlx::{Row, ValueRef};
 
-use crate::catalog::keyset_query_filtered;
+use crate::catalog::{KeyBounds, keyset_query_filtered};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
+
+/// Bounds a sender sets on a page besides the receiver's `after`: a floor (`key > above`) and a
+/// ceiling (`key <= at_most`), keys it recorded itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Window<'a> {
+    /// Only keys above this one.
+    pub above: Option<&'a [Value]>,
+    /// Only keys up to this one.
+    pub at_most: Option<&'a [Value]>,
+}
 
 /// One page of rows and where the next page starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +60,7 @@ impl Store {
         filter: Option<&KeyFilter>,
         limit: i64,
     ) -> Result<Page> {
-        let query = PageQuery::new(schema, columns, after, filter)?;
+        let query = PageQuery::new(schema, columns, after, Window::default(), filter)?;
         let rows = match self.pool() {
             Pool::Postgres(pool) => {
                 let fetched = query.postgres(limit)?.fetch_all(pool).await?;
@@ -89,11 +99,12 @@ impl Store {
         schema: &TableSchema,
         columns: &[String],
         after: Option<&[Value]>,
+        window: Window<'_>,
         filter: Option<&KeyFilter>,
         limit: i64,
         room: usize,
     ) -> Result<EncodedPage> {
-        let query = PageQuery::new(schema, columns, after, filter)?;
+        let query = PageQuery::new(schema, columns, after, window, filter)?;
         let pool = match self.pool() {
             Pool::Postgres(pool) => pool,
             Pool::Sqlite(pool) => {
@@ -201,7 +212,8 @@ pub struct EncodedPage {
 /// A keyset page's query and what reading its rows needs.
 struct PageQuery<'a> {
     sql: String,
-    /// The key values bound, in order: `after`, then the filter's keys.
+    /// The key values bound, in order: `after`, the window's floor and ceiling, then the
+    /// filter's keys.
     keys: Vec<&'a [Value]>,
     /// Where each key column is among the columns read.
     key_positions: Vec<usize>,
@@ -236,6 +248,7 @@ impl<'a> PageQuery<'a> {
         schema: &'a TableSchema,
         columns: &'a [String],
         after: Option<&'a [Value]>,
+        window: Window<'a>,
         filter: Option<&'a KeyFilter>,
     ) -> Result<Self> {
         let filter_keys: Vec<&[Value]> = match filter {
@@ -253,7 +266,12 @@ impl<'a> PageQuery<'a> {
                 keys.iter().map(Vec::as_slice).collect()
             }
         };
-        let keys: Vec<&[Value]> = after.into_iter().chain(filter_keys).collect();
+        let keys: Vec<&[Value]> = after
+            .into_iter()
+            .chain(window.above)
+            .chain(window.at_most)
+            .chain(filter_keys)
+            .collect();
         for key in &keys {
             if key.len() != schema.primary_key.len() {
                 return Err(Error::invalid(
@@ -293,7 +311,11 @@ impl<'a> PageQuery<'a> {
             &schema.name,
             columns,
             &schema.primary_key,
-            after.is_some(),
+            KeyBounds {
+                after: after.is_some(),
+                above: window.above.is_some(),
+                at_most: window.at_most.is_some(),
+            },
             filter,
         )?;
         Ok(Self {
