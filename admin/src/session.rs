@@ -15,8 +15,8 @@ use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::Connection;
 use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
-use dbsync_agent::source::Window;
 use dbsync_agent::source::EncodedPage;
+use dbsync_agent::source::Window;
 use dbsync_agent::transfer::{NewTransfer, Progress, TransferDirection, TransferStatus, Transport};
 use dbsync_agent::{AccessDenied, Agent};
 use dbsync_protocol::Message;
@@ -185,7 +185,11 @@ impl Session<'_> {
             Ok(next) => next,
             Err(_) => {
                 let _ = self
-                    .refuse(codes::TIMEOUT, "no request in time; closing the session", None)
+                    .refuse(
+                        codes::TIMEOUT,
+                        "no request in time; closing the session",
+                        None,
+                    )
                     .await;
                 return Err("timed out waiting for the receiver".to_owned());
             }
@@ -196,7 +200,9 @@ impl Session<'_> {
             // (`Limits::requests`): they arrive as malformed frames.
             Some(Incoming::Batch(..)) => {
                 let reason = format!("unexpected {:?}", dbsync_protocol::Kind::RowBatch);
-                let _ = self.refuse(codes::PROTOCOL_ERROR, reason.clone(), None).await;
+                let _ = self
+                    .refuse(codes::PROTOCOL_ERROR, reason.clone(), None)
+                    .await;
                 Err(reason)
             }
             Some(Incoming::Malformed(reason)) => {
@@ -434,9 +440,10 @@ impl Session<'_> {
             .and_then(|id| Uuid::parse_str(id).ok())
         {
             Some(id) => match store.get_transfer(id).await {
-                Ok(t) if t.connection_id == Some(connection.id)
-                    && t.direction == TransferDirection::Send
-                    && t.table_name == pull.table =>
+                Ok(t)
+                    if t.connection_id == Some(connection.id)
+                        && t.direction == TransferDirection::Send
+                        && t.table_name == pull.table =>
                 {
                     Some(t)
                 }
@@ -475,10 +482,11 @@ impl Session<'_> {
                 return self.refuse(codes::APPROVAL_DENIED, reason, None).await;
             }
             Some(t) if t.status == TransferStatus::Approved => {
-                if !store
-                    .take_download(connection.id)
-                    .await
-                    .map_err(|e| e.to_string())?
+                if !t.metadata.get("keys_only").is_some_and(|k| k == true)
+                    && !store
+                        .take_download(connection.id)
+                        .await
+                        .map_err(|e| e.to_string())?
                 {
                     return self.denied(AccessDenied::DownloadLimitExceeded).await;
                 }
@@ -488,8 +496,8 @@ impl Session<'_> {
                     .map_err(|e| e.to_string())?
             }
             _ => {
-                // Keys are data: a keys-only pass waits for approval, is a download and counts
-                // its keys, like any pull.
+                // Keys are data: a keys-only pass waits for approval and counts its keys against
+                // the record limit, like any pull.
                 let requires_approval = connection.table_requires_approval(&pull.table);
                 let created = store
                     .create_transfer(
@@ -526,10 +534,12 @@ impl Session<'_> {
                 if requires_approval {
                     return self.approval_pending(&pull, created.id).await;
                 }
-                if !store
-                    .take_download(connection.id)
-                    .await
-                    .map_err(|e| e.to_string())?
+                // A keys-only pass reconciles the row pass before it, which was the download.
+                if !pull.keys_only
+                    && !store
+                        .take_download(connection.id)
+                        .await
+                        .map_err(|e| e.to_string())?
                 {
                     let _ = store
                         .fail_transfer(created.id, "download limit reached", now)

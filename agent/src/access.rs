@@ -97,14 +97,17 @@ pub const PASSWORD_LOCKOUT: Duration = Duration::from_secs(15 * 60);
 /// Wrong download passwords per connection: consecutive failures and a lockout.
 #[derive(Debug, Default)]
 struct PasswordFailures {
-    by_connection: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, (u32, Option<DateTime<Utc>>)>>,
+    by_connection:
+        std::sync::Mutex<std::collections::HashMap<uuid::Uuid, (u32, Option<DateTime<Utc>>)>>,
 }
 
 impl PasswordFailures {
     /// When the connection refuses guesses until, if it does now.
     fn locked_until(&self, id: uuid::Uuid, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let map = self.by_connection.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(&id).and_then(|(_, until)| *until).filter(|until| *until > now)
+        map.get(&id)
+            .and_then(|(_, until)| *until)
+            .filter(|until| *until > now)
     }
 
     /// Counts a wrong guess; returns the lockout's end when this one starts it.

@@ -469,7 +469,14 @@ mod tests {
             assert!(is_internal_table(name), "{name:?}");
             assert!(check_synced_table(name).is_err(), "{name:?}");
         }
-        for name in ["users", "USERS", "dbsync", "my_dbsync_table", "Order", "select"] {
+        for name in [
+            "users",
+            "USERS",
+            "dbsync",
+            "my_dbsync_table",
+            "Order",
+            "select",
+        ] {
             assert!(!is_internal_table(name), "{name:?}");
         }
     }

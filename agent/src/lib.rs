@@ -68,8 +68,8 @@ macro_rules! string_enum {
 }
 
 pub mod access;
-pub mod admission;
 pub mod admin_token;
+pub mod admission;
 mod agent;
 pub mod audit;
 pub mod catalog;

@@ -39,8 +39,7 @@ pub enum LinkFailure {
 /// The reading half of a transport: whole frames, `None` at a clean end.
 pub trait FrameReader: Send + 'static {
     /// The next frame (header and payload), or `None` when the peer closed.
-    fn read_frame(&mut self)
-    -> impl Future<Output = Result<Option<Vec<u8>>, LinkFailure>> + Send;
+    fn read_frame(&mut self) -> impl Future<Output = Result<Option<Vec<u8>>, LinkFailure>> + Send;
 }
 
 /// The writing half of a transport.
@@ -276,7 +275,9 @@ mod tests {
             .unwrap();
         drop(client);
         // The stream ends 100 bytes in: an error, after holding ~100 bytes, not 16 MiB.
-        let err = read_framed(&mut server, &Limits::default()).await.unwrap_err();
+        let err = read_framed(&mut server, &Limits::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, LinkFailure::Transport(_)), "{err:?}");
         assert!(err.to_string().contains("100 bytes into"), "{err}");
     }

@@ -154,7 +154,10 @@ fn check_described(table: &str, schema: &TableSchema) -> std::result::Result<(),
     for column in &schema.columns {
         crate::catalog::quote_ident(&column.name).map_err(|e| e.to_string())?;
         if !names.insert(column.name.as_str()) {
-            return Err(format!("{table:?} is described with column {:?} twice", column.name));
+            return Err(format!(
+                "{table:?} is described with column {:?} twice",
+                column.name
+            ));
         }
     }
     if schema.columns.is_empty() {
@@ -162,7 +165,9 @@ fn check_described(table: &str, schema: &TableSchema) -> std::result::Result<(),
     }
     for key in &schema.primary_key {
         if !names.contains(key.as_str()) {
-            return Err(format!("{table:?} is described with key column {key:?}, which it lacks"));
+            return Err(format!(
+                "{table:?} is described with key column {key:?}, which it lacks"
+            ));
         }
     }
     Ok(())

@@ -205,7 +205,15 @@ async fn every_postgres_type_is_decoded_exactly() {
             // A page after the last row is empty, with no key.
             let past = db
                 .store
-                .read_page_encoded(&schema, &columns, Some(&[Value::Int(3)]), Default::default(), None, 10, 0)
+                .read_page_encoded(
+                    &schema,
+                    &columns,
+                    Some(&[Value::Int(3)]),
+                    Default::default(),
+                    None,
+                    10,
+                    0,
+                )
                 .await
                 .unwrap();
             assert_eq!((past.rows, past.last_key), (0, None));

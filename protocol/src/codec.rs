@@ -112,7 +112,11 @@ pub fn check_header(input: &[u8], limits: &Limits) -> Result<Option<Header>, Pro
     if !limits.rows && (flags & FLAG_ZSTD != 0 || kind == Kind::RowBatch) {
         return Err(ProtocolError::BadHeader(format!(
             "{kind:?} frames{} are not accepted from this peer",
-            if flags & FLAG_ZSTD != 0 { " (compressed)" } else { "" }
+            if flags & FLAG_ZSTD != 0 {
+                " (compressed)"
+            } else {
+                ""
+            }
         )));
     }
     let length = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
@@ -289,7 +293,8 @@ fn undeclared_size(payload: &[u8], limit: u64) -> Result<usize, ProtocolError> {
             .read(&mut scratch)
             .map_err(|err| ProtocolError::Decompress(err.to_string()))?;
         if n == 0 {
-            return usize::try_from(total).map_err(|_| ProtocolError::DecompressedTooLarge { limit });
+            return usize::try_from(total)
+                .map_err(|_| ProtocolError::DecompressedTooLarge { limit });
         }
         total += n as u64;
         if total > limit {

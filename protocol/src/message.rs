@@ -175,8 +175,9 @@ pub struct Pull {
     /// `after_key` and every `last_key` hold the cursor value first, then the key.
     pub cursor_column: Option<String>,
     /// Send the primary key columns only (a reconciliation pass: the receiver deletes the rows
-    /// the sender no longer has). Keys are data: subject to approval like any pull, a download,
-    /// and each key counted as a record against the record limit.
+    /// the sender no longer has). Keys are data: subject to approval like any pull, and each key
+    /// counted as a record against the record limit; not a download of its own (the row pass it
+    /// reconciles was).
     pub keys_only: bool,
 }
 

@@ -64,6 +64,9 @@ mod tests {
         assert_eq!(secret.expose(), "dbs_very_secret");
         // On the wire it is the plain string.
         let bytes = rmp_serde::to_vec(&secret).unwrap();
-        assert_eq!(rmp_serde::from_slice::<String>(&bytes).unwrap(), "dbs_very_secret");
+        assert_eq!(
+            rmp_serde::from_slice::<String>(&bytes).unwrap(),
+            "dbs_very_secret"
+        );
     }
 }
