@@ -5,6 +5,7 @@ mod support;
 mod admin_api;
 mod browser;
 mod cli;
+mod hostile;
 mod incremental;
 mod kill;
 mod peer;

@@ -92,9 +92,10 @@ fn two_agents_driven_through_the_cli() {
             "to-b",
             "--site-url",
             &server_b.url,
+            "--download-password-stdin",
             "--remote-password-stdin",
         ],
-        Some("b-incoming-pw\n"),
+        Some("dl-pw-secret\nb-incoming-pw\n"),
     )
     .json();
     assert_eq!(created["registration"]["outcome"], "accepted", "{created}");
@@ -104,6 +105,50 @@ fn two_agents_driven_through_the_cli() {
     let on_b = b.run(&["--json", "connections", "list"], None).json();
     assert_eq!(on_b[0]["status"], "active");
     assert_eq!(on_b[0]["site_url"], server_a.url);
+
+    // B pulls a table with the download password, over both transports, logging at trace
+    // level: the pull's log is checked for secrets below, with the agents'.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&a.url).await.unwrap();
+        sqlx::query("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO items VALUES (1, 'one'), (2, 'two')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let receiver = on_b[0]["name"].as_str().unwrap().to_owned();
+    let mut pull_logs = Vec::new();
+    for transport in ["ws", "quic"] {
+        let pulled = b.run_logged(
+            "trace",
+            &[
+                "--allow-private-peers",
+                "--json",
+                "pull",
+                &receiver,
+                "--tables",
+                "items",
+                "--transport",
+                transport,
+                "--password-stdin",
+            ],
+            Some("dl-pw-secret\n"),
+        );
+        assert_eq!(pulled.status, 0, "{transport}: {}", pulled.stderr);
+        assert!(
+            pulled.stderr.contains("TRACE") || pulled.stderr.contains("DEBUG"),
+            "the pull logged at trace level"
+        );
+        pull_logs.push(pulled.stderr);
+    }
 
     let suspended = cli_a(
         &[
@@ -156,21 +201,40 @@ fn two_agents_driven_through_the_cli() {
     assert_eq!(terminate(&mut server_a), 0);
     assert_eq!(terminate(&mut server_b), 0);
 
-    // Neither agent logged a token, a token hash or a password, at trace level.
+    // Neither agent nor the pulls logged a token, a token hash or a password, at trace level,
+    // in clear, as hex or as the bytes of a frame.
     let hash_hex = hex::encode(Sha256::digest(token.as_bytes()));
-    for log in [&server_a.log, &server_b.log] {
-        let text = std::fs::read_to_string(log).unwrap();
-        assert!(
-            text.contains("dbsync serving"),
-            "the log is being written: {text}"
-        );
-        for secret in [&token[10..], hash_hex.as_str(), "b-incoming-pw"] {
-            assert!(!text.contains(secret), "{} leaked {secret}", log.display());
+    let mut logs: Vec<(String, String)> = [&server_a.log, &server_b.log]
+        .into_iter()
+        .map(|log| {
+            let text = std::fs::read_to_string(log).unwrap();
+            assert!(
+                text.contains("dbsync serving"),
+                "the log is being written: {text}"
+            );
+            (log.display().to_string(), text)
+        })
+        .collect();
+    logs.extend(pull_logs.into_iter().map(|text| ("pull".to_owned(), text)));
+    let as_hex = |s: &str| hex::encode(s.as_bytes());
+    let as_list = |s: &str| format!("{:?}", s.as_bytes());
+    for (name, text) in &logs {
+        for secret in [
+            &token[10..],
+            hash_hex.as_str(),
+            "b-incoming-pw",
+            "dl-pw-secret",
+        ] {
+            assert!(!text.contains(secret), "{name} leaked {secret}");
+            assert!(
+                !text.contains(&as_hex(secret)),
+                "{name} leaked {secret} as hex"
+            );
+            assert!(
+                !text.contains(&as_list(secret)[1..20]),
+                "{name} leaked {secret} as bytes"
+            );
         }
-        assert!(
-            !text.contains("dbs_"),
-            "no token prefix either: {}",
-            log.display()
-        );
+        assert!(!text.contains("dbs_"), "no token prefix either: {name}");
     }
 }

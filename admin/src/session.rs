@@ -36,8 +36,6 @@ use crate::client_ip::ClientIp;
 
 /// Time a receiver has to send `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time the session waits for the next request or a credit.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// `GET /db-sync/ws`.
 pub(crate) async fn upgrade(
@@ -90,6 +88,7 @@ pub(crate) async fn serve(
     let mut session = Session {
         agent: &state.agent,
         link,
+        idle: Duration::from_secs(state.agent.config.server.session_idle_timeout_secs),
         client_ip,
         user_agent,
         transport,
@@ -145,6 +144,9 @@ impl FrameWriter for WsWriter {
 pub(crate) struct Session<'a> {
     pub(crate) agent: &'a Agent,
     pub(crate) link: Link,
+    /// How long the session waits for the next request or a credit
+    /// (`server.session_idle_timeout_secs`).
+    pub(crate) idle: Duration,
     pub(crate) client_ip: IpAddr,
     pub(crate) user_agent: Option<String>,
     pub(crate) transport: Transport,
@@ -288,7 +290,7 @@ impl Session<'_> {
         }))
         .await?;
         // Pings answer but do not keep a session open: the idle deadline moves with requests.
-        let mut idle_by = tokio::time::Instant::now() + IDLE_TIMEOUT;
+        let mut idle_by = tokio::time::Instant::now() + self.idle;
         loop {
             let request = self.recv(idle_by).await?;
             // Every request re-reads the connection: a suspension or a changed limit applies at once.
@@ -311,7 +313,7 @@ impl Session<'_> {
                 Err(err) => return self.denied(AccessDenied::Internal(err)).await,
             };
             if !matches!(request, Message::Ping(_)) {
-                idle_by = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                idle_by = tokio::time::Instant::now() + self.idle;
             }
             // Every request counts against the rate limit, pings included.
             if let Err(denied) = self.agent.validator.check_rate(&connection) {
@@ -761,7 +763,7 @@ impl Session<'_> {
         request_id: u64,
         in_flight: u32,
     ) -> SessionResult<Option<u32>> {
-        let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.idle;
         loop {
             match self.recv(deadline).await? {
                 Message::Credit(credit) if credit.request_id == request_id => {

@@ -101,6 +101,9 @@ pub struct ServerConfig {
     /// `header_read_timeout_secs`. Longer than a session's own idle limit (300 s), which ends
     /// a session first with a `timeout` error.
     pub idle_timeout_secs: u64,
+    /// Seconds a data-plane session may go without a request (pings do not count) before the
+    /// sender ends it with `timeout`; a sender waiting for a credit waits as long.
+    pub session_idle_timeout_secs: u64,
 }
 
 impl ServerConfig {
@@ -141,6 +144,7 @@ impl Default for ServerConfig {
             max_sessions: 0,
             max_sessions_per_ip: 16,
             idle_timeout_secs: 330,
+            session_idle_timeout_secs: 300,
         }
     }
 }
@@ -238,6 +242,7 @@ impl Config {
             || server.max_connections_per_ip == 0
             || server.max_sessions_per_ip == 0
             || server.idle_timeout_secs == 0
+            || server.session_idle_timeout_secs == 0
         {
             return Err(Error::Config(
                 "server limits and timeouts must be > 0".into(),

@@ -45,6 +45,8 @@ pub struct Options {
     pub key_file: Option<std::path::PathBuf>,
     /// Most rows per batch this agent sends (default: the config's).
     pub batch_rows: Option<i64>,
+    /// Changes the agent's configuration before it starts.
+    pub tweak: Option<fn(&mut Config)>,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             database_url: None,
             key_file: None,
             batch_rows: None,
+            tweak: None,
         }
     }
 }
@@ -106,6 +109,9 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     config.server.push_retry_secs = options.push_retry_secs;
     if let Some(rows) = options.batch_rows {
         config.server.batch_rows = rows;
+    }
+    if let Some(tweak) = options.tweak {
+        tweak(&mut config);
     }
     let store = Store::connect(&url).await.unwrap();
     let url = url.clone();

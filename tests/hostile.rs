@@ -1,0 +1,1181 @@
+//! Hostile peers, written as the attacks are: a receiver and a sender that speak the protocol
+//! by hand (over WebSocket and QUIC, against agents on SQLite and PostgreSQL) and lie about
+//! names, sizes, counts and order, or say nothing. Each test names the item of the security
+//! review it guards (docs/security.md).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use dbsync_agent::audit::Actor;
+use dbsync_agent::connection::{ApprovalMode, ConnectionSettings, NewConnection};
+use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
+use dbsync_agent::pull::PullOptions;
+use dbsync_protocol::codec::{self, FLAG_ZSTD, Limits, MAGIC};
+use dbsync_protocol::message::{
+    ColumnInfo, Credit, KeyFilter, Ping, Pull, RowBatch, TableInfo, TableSchema, Welcome,
+};
+use dbsync_protocol::{Kind, Message, Secret, Value};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::pull::exec;
+use crate::support::agents::{Options, RunningAgent, start};
+
+fn admin() -> Actor {
+    Actor::admin("tester")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A receiver that speaks the protocol by hand.
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct WsIn(futures_util::stream::SplitStream<Ws>);
+
+impl FrameReader for WsIn {
+    async fn read_frame(&mut self) -> Result<Option<Vec<u8>>, LinkFailure> {
+        loop {
+            match self.0.next().await {
+                Some(Ok(WsMessage::Binary(bytes))) => return Ok(Some(bytes.into())),
+                Some(Ok(WsMessage::Close(_))) | None => return Ok(None),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Err(LinkFailure::Transport(err.to_string())),
+            }
+        }
+    }
+}
+
+struct WsOut(futures_util::stream::SplitSink<Ws, WsMessage>);
+
+impl FrameWriter for WsOut {
+    async fn write_frame(&mut self, frame: Vec<u8>) -> Result<(), String> {
+        self.0
+            .send(WsMessage::Binary(frame.into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn finish(&mut self) {
+        let _ = self.0.close().await;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Via {
+    Ws,
+    Quic,
+}
+
+/// One session opened by hand.
+struct Hand {
+    link: Link,
+    _quic: Option<dbsync_agent::quic::QuicConnection>,
+}
+
+impl Hand {
+    async fn open(agent: &RunningAgent, via: Via) -> Self {
+        match via {
+            Via::Ws => {
+                let (socket, _) =
+                    tokio_tungstenite::connect_async(format!("ws://{}/db-sync/ws", agent.addr))
+                        .await
+                        .unwrap();
+                let (writer, reader) = socket.split();
+                Self {
+                    link: Link::spawn(WsIn(reader), WsOut(writer), Limits::default()),
+                    _quic: None,
+                }
+            }
+            Via::Quic => {
+                let (link, quic) = quic_connect(agent).await;
+                Self {
+                    link,
+                    _quic: Some(quic),
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, message: &Message) {
+        self.link.send(message).await.unwrap();
+    }
+
+    async fn send_raw(&mut self, frame: Vec<u8>) {
+        self.link.send_frame(frame).await.unwrap();
+    }
+
+    /// The next thing the sender says (a closed link is `None`).
+    async fn recv(&mut self) -> Option<Incoming> {
+        tokio::time::timeout(Duration::from_secs(20), self.link.recv())
+            .await
+            .expect("the sender answers within 20 s")
+    }
+
+    /// The next message; panics on a batch or a closed link.
+    async fn message(&mut self) -> Message {
+        match self.recv().await {
+            Some(Incoming::Message(message, _)) => message,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// The code of the next message, which must be an `Error`.
+    async fn error_code(&mut self) -> String {
+        match self.message().await {
+            Message::Error(error) => error.code,
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    }
+
+    async fn hello(&mut self, token: &str, password: Option<&str>) -> Message {
+        self.send(&Message::Hello(dbsync_protocol::message::Hello {
+            versions: vec![2],
+            token: Secret::new(token),
+            password: password.map(Secret::new),
+            client_name: "hostile/1".into(),
+        }))
+        .await;
+        self.message().await
+    }
+
+    async fn welcomed(agent: &RunningAgent, via: Via, token: &str) -> Self {
+        let mut hand = Self::open(agent, via).await;
+        match hand.hello(token, None).await {
+            Message::Welcome(_) => hand,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    async fn close(self) {
+        self.link.close().await;
+    }
+}
+
+async fn quic_connect(agent: &RunningAgent) -> (Link, dbsync_agent::quic::QuicConnection) {
+    let fingerprint = agent.agent.quic_identity().unwrap().fingerprint.clone();
+    dbsync_agent::quic::connect(
+        agent.addr,
+        "dbsync",
+        &dbsync_agent::quic::Verify::Pinned(fingerprint),
+        &dbsync_agent::quic::QuicConfig::default(),
+        Limits::default(),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))
+    .unwrap()
+}
+
+fn frame(kind: Kind, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![MAGIC, kind as u8, flags, 0];
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn pull_of(table: &str) -> Pull {
+    Pull {
+        request_id: 1,
+        table: table.into(),
+        after_key: None,
+        limit: 100_000,
+        exclude_columns: vec![],
+        credits: 8,
+        transfer_id: None,
+        key_filter: None,
+        cursor_column: None,
+        keys_only: false,
+    }
+}
+
+/// A sender connection on `agent` made and approved by hand; returns its token.
+async fn sender_token(agent: &RunningAgent, settings: ConnectionSettings) -> String {
+    named_sender_token(agent, "to-hostile", settings).await
+}
+
+/// [`sender_token`] under another name.
+async fn named_sender_token(
+    agent: &RunningAgent,
+    name: &str,
+    settings: ConnectionSettings,
+) -> String {
+    let created = agent
+        .agent
+        .store
+        .create_sender(
+            NewConnection {
+                name: name.into(),
+                site_url: format!("https://{name}.example"),
+                settings,
+            },
+            &admin(),
+            agent.agent.now(),
+        )
+        .await
+        .unwrap();
+    agent
+        .agent
+        .store
+        .approve_connection(name, &admin(), agent.agent.now())
+        .await
+        .unwrap();
+    created.token.expose().to_owned()
+}
+
+async fn agent(
+    test: &str,
+    postgres: bool,
+    tweak: Option<fn(&mut dbsync_agent::Config)>,
+) -> Option<RunningAgent> {
+    start(
+        test,
+        Options {
+            postgres,
+            batch_rows: Some(50),
+            tweak,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn items(agent: &RunningAgent, rows: i64) {
+    let mut statements = vec![
+        "CREATE TABLE items (id BIGINT PRIMARY KEY, name TEXT NOT NULL)".to_owned(),
+        "CREATE TABLE users (id BIGINT PRIMARY KEY, secret TEXT NOT NULL)".to_owned(),
+        "INSERT INTO users VALUES (1, 'not for you')".to_owned(),
+    ];
+    for i in 1..=rows {
+        statements.push(format!("INSERT INTO items VALUES ({i}, 'item {i}')"));
+    }
+    exec(agent, &statements).await;
+}
+
+fn key_of(row: &[Value]) -> i64 {
+    match row[0] {
+        Value::Int(id) => id,
+        ref other => panic!("an id, not {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: a token holder reads nothing private.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holder_reads_no_table_it_is_not_offered() {
+    for postgres in [false, true] {
+        let Some(a) = agent("hostile::private", postgres, None).await else {
+            continue;
+        };
+        items(&a, 3).await;
+        let token = sender_token(
+            &a,
+            ConnectionSettings {
+                excluded_tables: vec!["users".into()],
+                rate_limit_per_minute: 10_000,
+                ..ConnectionSettings::default()
+            },
+        )
+        .await;
+        for via in [Via::Ws, Via::Quic] {
+            let mut hand = Hand::welcomed(&a, via, &token).await;
+            hand.send(&Message::ListTables).await;
+            let Message::TableList(tables) = hand.message().await else {
+                panic!("a table list");
+            };
+            let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(names, ["items"], "{postgres} {via:?}");
+            for name in [
+                "dbsync_connections",
+                "DBSYNC_CONNECTIONS",
+                "DBSYNC_ADMIN_TOKENS",
+                "DbSync_Settings",
+                "DBSYNC_AUDIT_EVENTS",
+                "dbsync_transfers",
+                "_SQLX_MIGRATIONS",
+                "_sqlx_migrations",
+                "SQLITE_MASTER",
+                "sqlite_master",
+                "sqlite_schema",
+                "pg_class",
+                "pg_authid",
+                "users",
+                "USERS",
+                "Users",
+                "ITEMS",
+                "items\0",
+                "",
+            ] {
+                hand.send(&Message::DescribeTable(name.into())).await;
+                assert_eq!(
+                    hand.error_code().await,
+                    "table_not_allowed",
+                    "describe {name:?} ({postgres} {via:?})"
+                );
+                hand.send(&Message::Pull(pull_of(name))).await;
+                assert_eq!(
+                    hand.error_code().await,
+                    "table_not_allowed",
+                    "pull {name:?} ({postgres} {via:?})"
+                );
+            }
+            hand.close().await;
+        }
+        // Nothing was counted or recorded for the refused requests.
+        let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+        assert_eq!(connection.downloads_used, 0);
+        a.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 3: limits hold without credit; a resume cannot widen its transfer; keys are data.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_limits_hold_however_the_receiver_acknowledges() {
+    for postgres in [false, true] {
+        for via in [Via::Ws, Via::Quic] {
+            let Some(a) = agent("hostile::credit", postgres, None).await else {
+                continue;
+            };
+            limits_without_credit(&a, via).await;
+            a.stop().await;
+        }
+    }
+}
+
+async fn limits_without_credit(a: &RunningAgent, via: Via) {
+    items(a, 2_000).await;
+    let token = sender_token(
+        a,
+        ConnectionSettings {
+            max_records_total: Some(500),
+            ..ConnectionSettings::default()
+        },
+    )
+    .await;
+    let mut seen: BTreeSet<i64> = BTreeSet::new();
+    let mut transfer_id = None;
+
+    // Reads every batch it is sent and never grants a credit, then goes away.
+    let mut hand = Hand::welcomed(a, via, &token).await;
+    hand.send(&Message::Pull(pull_of("items"))).await;
+    for _ in 0..8 {
+        match hand.recv().await {
+            Some(Incoming::Batch(batch, _)) => {
+                transfer_id = Some(batch.transfer_id.clone());
+                for row in batch.rows.to_rows().unwrap() {
+                    seen.insert(key_of(&row));
+                }
+            }
+            other => panic!("a batch, got {other:?}"),
+        }
+    }
+    hand.close().await;
+    let transfer_id = transfer_id.unwrap();
+
+    // Resumes the same transfer with key ranges of its choosing: refused, the transfer covers
+    // every key from the first.
+    let mut hand = Hand::welcomed(a, via, &token).await;
+    for filter in [
+        KeyFilter::Range {
+            from: Some(vec![Value::Int(1_000)]),
+            to: None,
+        },
+        KeyFilter::Keys(vec![vec![Value::Int(1_999)]]),
+    ] {
+        hand.send(&Message::Pull(Pull {
+            transfer_id: Some(transfer_id.clone()),
+            key_filter: Some(filter),
+            ..pull_of("items")
+        }))
+        .await;
+        assert_eq!(hand.error_code().await, "invalid_request", "{via:?}");
+    }
+    // Resumes it from the start, granting every credit: what it was sent before comes again,
+    // uncounted, then new rows until the limit cuts the transfer.
+    let mut request = 10;
+    let mut after: Option<Vec<Value>> = None;
+    loop {
+        request += 1;
+        hand.send(&Message::Pull(Pull {
+            request_id: request,
+            transfer_id: Some(transfer_id.clone()),
+            after_key: after.clone(),
+            ..pull_of("items")
+        }))
+        .await;
+        let done = loop {
+            match hand.recv().await {
+                Some(Incoming::Batch(batch, _)) => {
+                    for row in batch.rows.to_rows().unwrap() {
+                        seen.insert(key_of(&row));
+                    }
+                    after = Some(batch.last_key.clone());
+                    hand.send(&Message::Credit(Credit {
+                        request_id: request,
+                        batches: 1_000,
+                    }))
+                    .await;
+                }
+                Some(Incoming::Message(Message::PullDone(done), _)) => break done,
+                Some(Incoming::Message(Message::Error(error), _)) => {
+                    assert_eq!(error.code, "record_limit_exceeded", "{error:?}");
+                    break dbsync_protocol::message::PullDone {
+                        request_id: request,
+                        rows: 0,
+                        more: false,
+                        truncated: true,
+                        last_key: None,
+                        transfer_id: transfer_id.clone(),
+                    };
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        if !done.more {
+            assert!(done.truncated, "the limit cut the pull");
+            break;
+        }
+    }
+    // A new transfer of a far range: the limit is spent.
+    hand.send(&Message::Pull(Pull {
+        request_id: 99,
+        key_filter: Some(KeyFilter::Range {
+            from: Some(vec![Value::Int(1_500)]),
+            to: None,
+        }),
+        ..pull_of("items")
+    }))
+    .await;
+    match hand.recv().await {
+        Some(Incoming::Message(Message::PullDone(done), _)) => {
+            assert_eq!(done.rows, 0);
+            assert!(done.truncated);
+        }
+        Some(Incoming::Message(Message::Error(error), _)) => {
+            assert_eq!(error.code, "record_limit_exceeded");
+        }
+        other => panic!("{other:?}"),
+    }
+    hand.close().await;
+
+    let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+    assert_eq!(
+        seen.len(),
+        500,
+        "{via:?}: exactly the limit, in distinct rows"
+    );
+    assert_eq!(
+        connection.records_downloaded,
+        seen.len() as i64,
+        "{via:?}: every row that left is counted once"
+    );
+    let transfer = a
+        .agent
+        .store
+        .get_transfer(transfer_id.parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(transfer.records_transferred, 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_only_pass_waits_for_approval_and_counts_its_keys() {
+    for postgres in [false, true] {
+        let Some(a) = agent("hostile::keys", postgres, None).await else {
+            continue;
+        };
+        items(&a, 100).await;
+        let token = sender_token(
+            &a,
+            ConnectionSettings {
+                approval_mode: ApprovalMode::RequireApproval,
+                max_records_total: Some(10),
+                ..ConnectionSettings::default()
+            },
+        )
+        .await;
+        let mut hand = Hand::welcomed(&a, Via::Ws, &token).await;
+        hand.send(&Message::Pull(Pull {
+            keys_only: true,
+            ..pull_of("items")
+        }))
+        .await;
+        let Message::ApprovalPending(pending) = hand.message().await else {
+            panic!("a keys-only pass waits for approval");
+        };
+        a.agent
+            .store
+            .approve_transfer(
+                pending.transfer_id.parse().unwrap(),
+                &admin(),
+                a.agent.now(),
+            )
+            .await
+            .unwrap();
+        hand.send(&Message::Pull(Pull {
+            keys_only: true,
+            transfer_id: Some(pending.transfer_id.clone()),
+            ..pull_of("items")
+        }))
+        .await;
+        let mut keys = 0;
+        let done = loop {
+            match hand.recv().await {
+                Some(Incoming::Batch(batch, _)) => {
+                    keys += batch.rows.len();
+                    hand.send(&Message::Credit(Credit {
+                        request_id: 1,
+                        batches: 1,
+                    }))
+                    .await;
+                }
+                Some(Incoming::Message(Message::PullDone(done), _)) => break done,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(keys, 10, "keys count against the record limit");
+        assert!(done.truncated);
+        let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+        assert_eq!(connection.records_downloaded, 10);
+        hand.close().await;
+        a.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 1: a hostile sender takes nothing over on the receiver.
+
+/// What the fake sender lies about.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Lie {
+    /// Offers dbsync's own tables and describes `t1` as `DBSYNC_ADMIN_TOKENS`.
+    Names,
+    /// Welcomes with a protocol version nobody offered.
+    Version,
+}
+
+/// A sender that speaks the protocol by hand over WebSocket; returns its URL.
+async fn fake_sender(lie: Lie) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(fake_session(stream, lie));
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
+    let Ok(mut socket) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    let admin_schema = |name: &str| TableSchema {
+        name: name.into(),
+        engine: "sqlite".into(),
+        columns: [
+            "id",
+            "name",
+            "token_hash",
+            "token_prefix",
+            "created_at",
+            "created_by",
+        ]
+        .iter()
+        .map(|c| ColumnInfo {
+            name: (*c).into(),
+            native_type: "TEXT".into(),
+            neutral_type: "text".into(),
+            nullable: true,
+        })
+        .collect(),
+        primary_key: vec!["id".into()],
+    };
+    while let Some(Ok(WsMessage::Binary(bytes))) = socket.next().await {
+        let Ok(message) = codec::decode_exact(&bytes, &Limits::default()) else {
+            return;
+        };
+        let reply = match message {
+            Message::Hello(_) => Message::Welcome(Welcome {
+                version: if lie == Lie::Version { 99 } else { 2 },
+                session_id: "fake".into(),
+                max_records_per_request: 1_000,
+                max_frame_bytes: 16 << 20,
+            }),
+            Message::ListTables => Message::TableList(
+                [
+                    "DBSYNC_ADMIN_TOKENS",
+                    "_SQLX_MIGRATIONS",
+                    "dbsync_settings",
+                    "t1",
+                ]
+                .iter()
+                .map(|name| TableInfo {
+                    name: (*name).into(),
+                    estimated_rows: 1,
+                    bytes: 1,
+                    primary_key: vec!["id".into()],
+                    depends_on: vec![],
+                })
+                .collect(),
+            ),
+            // Whatever is asked for, dbsync's admin tokens are described.
+            Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
+            Message::Pull(pull) => Message::RowBatch(RowBatch {
+                request_id: pull.request_id,
+                seq: 0,
+                columns: admin_schema("x")
+                    .columns
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect(),
+                rows: vec![vec![
+                    Value::Text("planted".into()),
+                    Value::Text("planted".into()),
+                    Value::Text("00".repeat(32)),
+                    Value::Text("dbsa_xx".into()),
+                    Value::Text("2026-01-01".into()),
+                    Value::Text("evil".into()),
+                ]],
+                last_key: vec![Value::Text("planted".into())],
+                transfer_id: "00000000-0000-0000-0000-000000000001".into(),
+            }),
+            _ => continue,
+        };
+        let frame = codec::encode(&reply, 1).unwrap();
+        if socket.send(WsMessage::Binary(frame.into())).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn tables_of(agent: &RunningAgent) -> Vec<String> {
+    let mut names: Vec<String> = agent
+        .agent
+        .store
+        .list_tables()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_sender_writes_no_table_the_receiver_did_not_ask_for() {
+    for postgres in [false, true] {
+        let Some(b) = agent("hostile::sender", postgres, None).await else {
+            continue;
+        };
+        let url = fake_sender(Lie::Names).await;
+        b.agent
+            .add_receiver_by_hand(
+                "evil",
+                &url,
+                dbsync_agent::token::Token::generate().expose(),
+                &admin(),
+            )
+            .await
+            .unwrap();
+        let tokens_before = b.agent.store.list_admin_tokens().await.unwrap().len();
+        let tables_before = tables_of(&b).await;
+        // Every table offered, and then one named table.
+        for tables in [None, Some(vec!["t1".to_owned()])] {
+            let options = PullOptions {
+                tables,
+                ..PullOptions::default()
+            };
+            let err = b.agent.pull("evil", &options, |_| {}).await.unwrap_err();
+            assert!(
+                err.to_string().contains("DBSYNC_ADMIN_TOKENS"),
+                "{postgres}: {err}"
+            );
+        }
+        assert_eq!(
+            b.agent.store.list_admin_tokens().await.unwrap().len(),
+            tokens_before,
+            "{postgres}: no admin token was planted"
+        );
+        assert_eq!(
+            tables_of(&b).await,
+            tables_before,
+            "{postgres}: no table created"
+        );
+        b.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_of_a_version_never_offered_is_refused() {
+    let Some(b) = agent("hostile::version", false, None).await else {
+        return;
+    };
+    let url = fake_sender(Lie::Version).await;
+    b.agent
+        .add_receiver_by_hand(
+            "evil",
+            &url,
+            dbsync_agent::token::Token::generate().expose(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    let err = b
+        .agent
+        .pull("evil", &PullOptions::default(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("version 99"), "{err}");
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: QUIC streams that declare more than they send cost nothing, and silent connections
+// close.
+
+/// `dbsync serve` in its own process (so its memory is its own), with `config` as its
+/// configuration file; returns the child, its QUIC address and certificate fingerprint.
+fn serve_process(
+    site: &crate::support::Site,
+    config: &str,
+) -> (std::process::Child, SocketAddr, String) {
+    use std::io::BufRead;
+    let config_file = site.path().join("dbsync.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dbsync"))
+        .args(["--config"])
+        .arg(&config_file)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(site.path())
+        .env("DBSYNC_DATABASE_URL", &site.url)
+        .env("DBSYNC_KEY_FILE", site.key_file())
+        .env("DBSYNC_LOG", "warn")
+        .env_remove("DBSYNC_SITE_URL")
+        .env_remove("DBSYNC_LISTEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn dbsync serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let quic = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("udp://"))
+        .unwrap_or_else(|| panic!("no QUIC address in {line:?}"))
+        .parse()
+        .unwrap();
+    let fingerprint = line
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_owned();
+    (child, quic, fingerprint)
+}
+
+fn resident_bytes_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+async fn quic_to(
+    addr: SocketAddr,
+    fingerprint: &str,
+) -> (Link, dbsync_agent::quic::QuicConnection) {
+    dbsync_agent::quic::connect(
+        addr,
+        "dbsync",
+        &dbsync_agent::quic::Verify::Pinned(fingerprint.to_owned()),
+        &dbsync_agent::quic::QuicConfig::default(),
+        Limits::default(),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_streams_that_declare_more_than_they_send_cost_nothing() {
+    let site = crate::support::Site::sqlite();
+    let (mut child, addr, fingerprint) =
+        serve_process(&site, "[server]\nmax_sessions_per_ip = 64\n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = resident_bytes_of(child.id());
+    // A request header declaring the most a request may be, then 8 bytes.
+    let mut header = vec![MAGIC, Kind::Hello as u8, 0, 0];
+    header.extend_from_slice(&codec::MAX_REQUEST_BYTES.to_be_bytes());
+    header.extend_from_slice(&[0u8; 8]);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let (mut link, quic) = quic_to(addr, &fingerprint).await;
+        // Four streams, as many as a connection may open: the session's own and three more.
+        link.send_frame(header.clone()).await.unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            let (mut send, recv) = quic.connection.open_bi().await.unwrap();
+            send.write_all(&header).await.unwrap();
+            streams.push((send, recv));
+        }
+        held.push((link, quic, streams));
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let grown = resident_bytes_of(child.id()).saturating_sub(before);
+    // 40 streams x 4 MiB declared: 160 MiB if allocated up front.
+    assert!(grown < 48 << 20, "the agent grew by {} MiB", grown >> 20);
+
+    // A stream declaring more than a request may be is refused from its header.
+    let (mut link, _quic) = quic_to(addr, &fingerprint).await;
+    let mut header = vec![MAGIC, Kind::Hello as u8, 0, 0];
+    header.extend_from_slice(&(16u32 << 20).to_be_bytes());
+    link.send_frame(header).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), link.recv())
+        .await
+        .unwrap()
+    {
+        Some(Incoming::Message(Message::Error(error), _)) => {
+            assert_eq!(error.code, "protocol_error")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Connections whose streams never finish a Hello, and one that opens no stream at all, are
+    // closed by the sender (no keep-alive of its own holds them open; the client's keep-alives
+    // do not either).
+    let (idle_link, idle) = quic_to(addr, &fingerprint).await;
+    drop(idle_link);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), idle.connection.closed())
+        .await
+        .expect("a streamless connection is closed");
+    for (_, quic, _) in &held {
+        tokio::time::timeout(Duration::from_secs(30), quic.connection.closed())
+            .await
+            .expect("a connection with no Hello is closed");
+    }
+    assert!(started.elapsed() < Duration::from_secs(28));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 5: silent TCP connections close; connections and sessions are capped.
+
+fn tight(config: &mut dbsync_agent::Config) {
+    config.server.header_read_timeout_secs = 1;
+    config.server.max_connections_per_ip = 8;
+    config.server.max_sessions_per_ip = 2;
+    config.server.session_idle_timeout_secs = 2;
+}
+
+async fn closes_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+async fn status_from(addr: SocketAddr, local: &str) -> reqwest::StatusCode {
+    let client = reqwest::Client::builder()
+        .local_address(local.parse::<std::net::IpAddr>().unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    client
+        .get(format!("http://{addr}/db-sync/api/status"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_close_and_open_ones_are_capped() {
+    let Some(a) = agent("hostile::silent", false, Some(tight)).await else {
+        return;
+    };
+    let mut silent = Vec::new();
+    for _ in 0..30 {
+        silent.push(tokio::net::TcpStream::connect(a.addr).await.unwrap());
+    }
+    // Past the cap of 8 per address, connections are closed as they arrive; another address
+    // is still served meanwhile.
+    let mut refused = 0;
+    for stream in &mut silent[8..] {
+        if closes_within(stream, Duration::from_millis(500)).await {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 22);
+    assert!(status_from(a.addr, "127.0.0.2").await.is_success());
+    // The 8 silent ones are closed on the header timer (1 s).
+    for stream in &mut silent[..8] {
+        assert!(closes_within(stream, Duration::from_secs(3)).await);
+    }
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(status_from(a.addr, "127.0.0.1").await.is_success());
+
+    // Sessions: two per address; a third is refused with its own code.
+    items(&a, 1).await;
+    let token = sender_token(&a, ConnectionSettings::default()).await;
+    let first = Hand::welcomed(&a, Via::Ws, &token).await;
+    let second = Hand::welcomed(&a, Via::Quic, &token).await;
+    let mut third = Hand::open(&a, Via::Ws).await;
+    assert_eq!(third.error_code().await, "too_many_sessions");
+    drop(third);
+    first.close().await;
+    second.close().await;
+    a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 6: password guesses are limited before any hashing, audited, and locked out.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guesses_are_limited_audited_and_locked_out() {
+    let clock = dbsync_agent::ManualClock::new(chrono::Utc::now());
+    let Some(a) = start(
+        "hostile::password",
+        Options {
+            clock: Some(std::sync::Arc::new(clock.clone())),
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let token = sender_token(
+        &a,
+        ConnectionSettings {
+            download_password: Some(dbsync_agent::config::Secret::new("right-one".into())),
+            rate_limit_per_minute: 1_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await;
+    let mut codes = Vec::new();
+    for guess in 0..8 {
+        let mut hand = Hand::open(&a, Via::Ws).await;
+        match hand.hello(&token, Some(&format!("guess-{guess}"))).await {
+            Message::Error(error) => codes.push(error.code),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(codes[..5], ["invalid_password"; 5]);
+    assert_eq!(codes[5..], ["rate_limited"; 3], "limited before hashing");
+    // Even the right password waits its turn.
+    let mut hand = Hand::open(&a, Via::Ws).await;
+    assert!(
+        matches!(hand.hello(&token, Some("right-one")).await, Message::Error(e) if e.code == "rate_limited")
+    );
+
+    // One guess every 12 s: the tenth wrong one in a row locks the password for 15 minutes.
+    for guess in 5..10 {
+        clock.advance(chrono::Duration::seconds(13));
+        let mut hand = Hand::open(&a, Via::Ws).await;
+        assert!(
+            matches!(hand.hello(&token, Some(&format!("guess-{guess}"))).await, Message::Error(e) if e.code == "invalid_password")
+        );
+    }
+    clock.advance(chrono::Duration::minutes(2));
+    let mut hand = Hand::open(&a, Via::Ws).await;
+    assert!(
+        matches!(hand.hello(&token, Some("right-one")).await, Message::Error(e) if e.code == "rate_limited")
+    );
+    clock.advance(chrono::Duration::minutes(14));
+    let mut hand = Hand::open(&a, Via::Ws).await;
+    assert!(matches!(
+        hand.hello(&token, Some("right-one")).await,
+        Message::Welcome(_)
+    ));
+
+    let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+    let events = a
+        .agent
+        .store
+        .audit_events(Some(connection.id), 100)
+        .await
+        .unwrap();
+    let failed = events
+        .iter()
+        .filter(|e| e.action == "password_failed")
+        .count();
+    let locked = events
+        .iter()
+        .filter(|e| e.action == "password_locked")
+        .count();
+    assert_eq!((failed, locked), (9, 1), "every wrong guess is audited");
+    a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 8: frames a receiver may not send, pings, oversized key filters.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_a_receiver_may_not_send_are_refused_before_decoding() {
+    let Some(a) = agent("hostile::frames", false, Some(tight)).await else {
+        return;
+    };
+    items(&a, 10).await;
+    let token = sender_token(
+        &a,
+        ConnectionSettings {
+            rate_limit_per_minute: 10_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await;
+    let pinger = named_sender_token(
+        &a,
+        "pinger",
+        ConnectionSettings {
+            rate_limit_per_minute: 5,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await;
+    for via in [Via::Ws, Via::Quic] {
+        // A compressed frame (a zstd bomb or not) and a row batch: refused from the header.
+        let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 3).unwrap();
+        for bad in [
+            frame(Kind::Ping, FLAG_ZSTD, &bomb),
+            frame(Kind::RowBatch, 0, &[0x90]),
+        ] {
+            let mut hand = Hand::welcomed(&a, via, &token).await;
+            hand.send_raw(bad).await;
+            assert_eq!(hand.error_code().await, "protocol_error", "{via:?}");
+            hand.close().await;
+        }
+
+        // Keys of the wrong shape and too many of them: the receiver's error, not the sender's.
+        let mut hand = Hand::welcomed(&a, via, &token).await;
+        let too_many: Vec<Vec<Value>> = (0..10_001).map(|i| vec![Value::Int(i)]).collect();
+        for pull in [
+            Pull {
+                key_filter: Some(KeyFilter::Keys(too_many)),
+                ..pull_of("items")
+            },
+            Pull {
+                after_key: Some(vec![Value::Int(1), Value::Int(2)]),
+                ..pull_of("items")
+            },
+            Pull {
+                cursor_column: Some("id".into()),
+                ..pull_of("items")
+            },
+        ] {
+            hand.send(&Message::Pull(pull)).await;
+            assert_eq!(hand.error_code().await, "invalid_request", "{via:?}");
+        }
+        hand.close().await;
+    }
+
+    // Pings neither keep a session open nor escape the rate limit.
+    let mut hand = Hand::welcomed(&a, Via::Ws, &pinger).await;
+    let started = Instant::now();
+    let mut codes = Vec::new();
+    for nonce in 0..40 {
+        hand.send(&Message::Ping(Ping { nonce })).await;
+        match hand.recv().await {
+            Some(Incoming::Message(Message::Pong(_), _)) => {}
+            Some(Incoming::Message(Message::Error(error), _)) => {
+                codes.push(error.code.clone());
+                if error.code == "timeout" {
+                    break;
+                }
+            }
+            None => break,
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(codes.contains(&"rate_limited".to_owned()), "{codes:?}");
+    assert_eq!(
+        codes.last().map(String::as_str),
+        Some("timeout"),
+        "{codes:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 9: the sender's counts stay exact when the receiver dies again and again.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_stay_exact_when_the_receiver_dies_again_and_again() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) = crate::pull::pair_with(
+            "hostile::kills",
+            Options {
+                postgres,
+                batch_rows: Some(200),
+                ..Options::default()
+            },
+            Options {
+                postgres,
+                ..Options::default()
+            },
+            ConnectionSettings {
+                max_records_total: Some(1_000_000),
+                ..ConnectionSettings::default()
+            },
+        )
+        .await
+        else {
+            continue;
+        };
+        exec(
+            &a,
+            &["CREATE TABLE events (id BIGINT PRIMARY KEY, kind TEXT NOT NULL)".into()],
+        )
+        .await;
+        let values: Vec<String> = (1..=6_000).map(|i| format!("({i}, 'k{i}')")).collect();
+        exec(
+            &a,
+            &[format!("INSERT INTO events VALUES {}", values.join(", "))],
+        )
+        .await;
+        let options = PullOptions {
+            credits: Some(4),
+            ..PullOptions::default()
+        };
+        for kill in 0..6 {
+            crate::support::agents::pull_killed_after(&b.agent, &receiver, &options, 2 + kill % 3)
+                .await;
+        }
+        b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+        let sent = a
+            .agent
+            .store
+            .list_transfers(&dbsync_agent::transfer::TransferFilter {
+                direction: Some(dbsync_agent::transfer::TransferDirection::Send),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(sent.total, 1, "{postgres}: one transfer, resumed each time");
+        assert_eq!(sent.items[0].records_transferred, 6_000, "{postgres}");
+        let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+        assert_eq!(on_a.records_downloaded, 6_000, "{postgres}");
+        assert_eq!(on_a.total_records, 6_000, "{postgres}");
+        a.stop().await;
+        b.stop().await;
+    }
+}
