@@ -94,11 +94,13 @@ pub const PASSWORD_LOCKOUT_AFTER: u32 = 10;
 /// How long a connection refuses password guesses after [`PASSWORD_LOCKOUT_AFTER`] wrong ones.
 pub const PASSWORD_LOCKOUT: Duration = Duration::from_secs(15 * 60);
 
+/// Wrong guesses in a row, and the end of the lockout they started (if any).
+type Failures = (u32, Option<DateTime<Utc>>);
+
 /// Wrong download passwords per connection: consecutive failures and a lockout.
 #[derive(Debug, Default)]
 struct PasswordFailures {
-    by_connection:
-        std::sync::Mutex<std::collections::HashMap<uuid::Uuid, (u32, Option<DateTime<Utc>>)>>,
+    by_connection: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Failures>>,
 }
 
 impl PasswordFailures {

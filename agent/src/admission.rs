@@ -97,7 +97,7 @@ pub fn open_files_limit() -> Option<u64> {
         // SAFETY: getrlimit writes one rlimit into the struct it is given, which lives here.
         #[allow(unsafe_code)]
         let status = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-        (status == 0).then_some(limit.rlim_cur as u64)
+        (status == 0).then_some(limit.rlim_cur)
     }
     #[cfg(not(unix))]
     {
