@@ -873,9 +873,14 @@ impl Agent {
             };
             // Resume only the same kind of pull: same filter, and a mirror pull only a mirror
             // pull (its staging table must hold every key seen).
+            let excluded = serde_json::json!(options.exclude_columns);
             let same_pull = |t: &crate::transfer::Transfer| {
                 t.metadata.get("key_filter").and_then(|v| v.as_str())
                     == options.where_key.as_deref()
+                    && t.metadata
+                        .get("exclude_columns")
+                        .unwrap_or(&serde_json::json!([]))
+                        == &excluded
                     && t.metadata.get("cursor").and_then(|v| v.as_str()) == cursor.as_deref()
                     && (t.conflict_strategy == ConflictStrategy::Mirror)
                         == (strategy == ConflictStrategy::Mirror)
@@ -956,6 +961,13 @@ impl Agent {
         }
         if let Some(column) = &cursor {
             facts.insert("cursor".into(), column.clone().into());
+        }
+        if !options.exclude_columns.is_empty() {
+            // The sender holds a transfer to the columns it started with: a resume asks for them.
+            facts.insert(
+                "exclude_columns".into(),
+                serde_json::json!(options.exclude_columns),
+            );
         }
         if options.scheduled {
             facts.insert("scheduled".into(), true.into());
