@@ -9,6 +9,7 @@
 //! - [`value`]: the engine-neutral value model.
 //! - [`msgpack`]: the pre-scan that bounds depth and declared lengths before parsing.
 //! - [`peer`]: the JSON bodies of the peer API that sites exchange over HTTP.
+//! - [`session`]: the session's rules as a pure state machine (both halves), driven with `now`.
 //! - [`secret`]: tokens and passwords in a type that never prints them.
 
 pub mod codec;
@@ -18,6 +19,7 @@ pub mod message;
 pub mod msgpack;
 pub mod peer;
 pub mod secret;
+pub mod session;
 pub mod value;
 
 pub use error::ProtocolError;
