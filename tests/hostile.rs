@@ -375,6 +375,26 @@ async fn limits_without_credit(a: &RunningAgent, via: Via) {
     }
     hand.close().await;
     let transfer_id = transfer_id.unwrap();
+    // The 400 rows sent count; the pages read ahead and never sent are given back once the
+    // sender notices the receiver left.
+    let started = Instant::now();
+    loop {
+        let used = a
+            .agent
+            .store
+            .get_connection("to-hostile")
+            .await
+            .unwrap()
+            .records_downloaded;
+        if used == 400 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{via:?}: {used} records counted for 400 rows sent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Resumes the same transfer with key ranges of its choosing: refused, the transfer covers
     // every key from the first.

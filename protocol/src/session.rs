@@ -257,7 +257,9 @@ impl SenderCore {
                 self.deadline = now + self.idle;
                 Ok(SenderEvent::Request)
             }
-            (SenderState::Ready, Message::Credit(_) | Message::Cancel(_)) => Ok(SenderEvent::Ignore),
+            (SenderState::Ready, Message::Credit(_) | Message::Cancel(_)) => {
+                Ok(SenderEvent::Ignore)
+            }
             (SenderState::Ready, _) => Err(unexpected(false)),
             (SenderState::Pulling(mut window), Message::Credit(credit))
                 if credit.request_id == window.request_id =>
@@ -342,7 +344,9 @@ pub enum Violation {
     #[error("expected Welcome, got {0}")]
     NotWelcome(String),
     /// The Welcome chose a version the receiver did not offer.
-    #[error("the sender chose protocol version {chosen}, which this receiver does not speak ({offered:?})")]
+    #[error(
+        "the sender chose protocol version {chosen}, which this receiver does not speak ({offered:?})"
+    )]
     Version {
         /// What it chose.
         chosen: u16,
@@ -522,10 +526,15 @@ mod tests {
         let answer = welcome(2);
         assert_eq!(receiver.on_welcome(&answer).unwrap().version, 2);
         assert_eq!(receiver.version(), Some(2));
-        assert_eq!(sender.handle(t0, &Message::ListTables), Ok(SenderEvent::Request));
+        assert_eq!(
+            sender.handle(t0, &Message::ListTables),
+            Ok(SenderEvent::Request)
+        );
         let asked = Message::Pull(pull(1, 3));
         assert_eq!(sender.handle(t0, &asked), Ok(SenderEvent::Request));
-        let Message::Pull(asked) = asked else { unreachable!() };
+        let Message::Pull(asked) = asked else {
+            unreachable!()
+        };
         let window = sender.start_pull(&asked);
         assert_eq!(window.credits, 3);
         let expected = Expected {
@@ -591,7 +600,10 @@ mod tests {
         // Pulling: credits of another request and requests are ignored until the pull ends.
         sender.start_pull(&pull(4, 2));
         assert_eq!(sender.handle(t0, &credit(3, 1)), Ok(SenderEvent::Ignore));
-        assert_eq!(sender.handle(t0, &Message::ListTables), Ok(SenderEvent::Ignore));
+        assert_eq!(
+            sender.handle(t0, &Message::ListTables),
+            Ok(SenderEvent::Ignore)
+        );
         assert_eq!(
             sender.handle(t0, &Message::Cancel(Cancel { request_id: 4 })),
             Ok(SenderEvent::Cancelled)

@@ -1,0 +1,701 @@
+//! `dbsync pull`: the receiver's table loop. Lists and describes the sender's tables, creates
+//! missing ones, and pulls each table in foreign-key order, applying every batch with its
+//! checkpoint in one transaction. A pull that was interrupted resumes after the last applied key,
+//! under the same sender transfer; a session that breaks off is re-opened with backoff. The
+//! batches of one pass are received and applied in [`super::rows`].
+
+use std::time::{Duration, Instant};
+
+use dbsync_protocol::Message;
+use dbsync_protocol::Value;
+use dbsync_protocol::message::TableSchema;
+use dbsync_protocol::session::ReceiverCore;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::agent::Agent;
+use crate::audit::Actor;
+use crate::catalog::fk_order;
+use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
+use crate::error::{Error, Result};
+use crate::session::receiver::Client;
+pub use crate::session::receiver::{QUIC_CONNECT_TIMEOUT, TransportChoice};
+use crate::transfer::{NewTransfer, TransferDirection, TransferStatus};
+
+/// Batches the sender may have in flight before it waits for credit.
+pub const CREDITS: u32 = 8;
+/// How often a pull waiting for approval asks again.
+pub const APPROVAL_POLL: Duration = Duration::from_secs(5);
+/// How long a QUIC handshake may take before `auto` falls back to WebSocket.
+/// First wait before reconnecting (doubles each attempt, with jitter).
+const RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest wait between reconnect attempts.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What to pull and how.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Tables to pull (none: every offered table).
+    pub tables: Option<Vec<String>>,
+    /// Conflict strategy (none: the connection's default).
+    pub strategy: Option<ConflictStrategy>,
+    /// Columns to leave out (key columns cannot be left out).
+    pub exclude_columns: Vec<String>,
+    /// The sender's download password, when it has one (never printed).
+    pub password: Option<dbsync_protocol::Secret>,
+    /// Give up waiting for an approval after this long (none: wait forever).
+    pub approval_wait: Option<Duration>,
+    /// Only rows whose key passes this filter (see [`crate::key_filter`]); one table only.
+    pub where_key: Option<String>,
+    /// Transport (default: auto).
+    pub transport: TransportChoice,
+    /// Keep reconnecting after a session breaks off for this long (zero: give up at once).
+    pub retry_for: Duration,
+    /// Move only the rows changed since the last incremental pull of each table.
+    pub incremental: bool,
+    /// The cursor column of an incremental pull (none: `updated_at`, else `inserted_at`).
+    pub cursor_column: Option<String>,
+    /// Batches the sender may have in flight (none: [`CREDITS`]).
+    pub credits: Option<u32>,
+    /// A run of the auto-sync scheduler: recorded as such, and a table without a cursor column
+    /// is pulled in full instead of failing the run.
+    pub scheduled: bool,
+}
+
+/// What one pass over a table's rows asks the sender for.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Pass {
+    /// Incremental: page by this column, then the key.
+    pub(super) cursor: Option<String>,
+    /// Keys only (a mirror reconciliation pass).
+    pub(super) keys_only: bool,
+}
+
+/// The cursor column of an incremental pull of `schema`.
+fn cursor_column(schema: &TableSchema, given: Option<&str>) -> Result<String> {
+    let has = |name: &str| schema.columns.iter().any(|c| c.name == name);
+    let chosen = match given {
+        Some(name) if has(name) => name.to_owned(),
+        Some(name) => {
+            return Err(Error::invalid(
+                "cursor column",
+                format!("{:?} has no column {name:?}", schema.name),
+            ));
+        }
+        None => ["updated_at", "inserted_at"]
+            .into_iter()
+            .find(|name| has(name))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "cursor column",
+                    format!(
+                        "{:?} has no updated_at or inserted_at column; name one with --cursor-column",
+                        schema.name
+                    ),
+                )
+            })?,
+    };
+    if schema.primary_key.contains(&chosen) {
+        return Err(Error::invalid(
+            "cursor column",
+            format!("{chosen:?} is part of the primary key of {:?}", schema.name),
+        ));
+    }
+    Ok(chosen)
+}
+
+/// One table's outcome.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableSummary {
+    /// The table.
+    pub table: String,
+    /// Rows received.
+    pub rows: i64,
+    /// Rows inserted.
+    pub created: i64,
+    /// Rows updated.
+    pub updated: i64,
+    /// Rows left alone.
+    pub skipped: i64,
+    /// Local rows deleted because the sender no longer has them (`mirror`).
+    pub deleted: i64,
+    /// Compressed bytes received.
+    pub bytes_wire: i64,
+    /// Bytes before compression.
+    pub bytes_raw: i64,
+    /// Whether the table was created here.
+    pub created_table: bool,
+    /// Whether the pull resumed an interrupted one.
+    pub resumed: bool,
+    /// Whether the sender's record limit cut it.
+    pub truncated: bool,
+    /// The receive transfer record.
+    pub transfer_id: Uuid,
+    /// The transport of the session that finished the table ("ws" or "quic").
+    pub transport: String,
+    /// Sessions that broke off and were re-opened while pulling this table.
+    pub reconnects: u32,
+}
+
+/// Outcome of a pull.
+#[derive(Debug, Clone, Serialize)]
+pub struct PullSummary {
+    /// Per table, in the order pulled.
+    pub tables: Vec<TableSummary>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Progress events while pulling (for progress bars).
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    /// A table starts; `estimated_rows` is the sender's estimate.
+    TableStarted {
+        /// Table.
+        table: String,
+        /// Estimate.
+        estimated_rows: u64,
+    },
+    /// A batch was applied.
+    Batch {
+        /// Table.
+        table: String,
+        /// Rows in the batch.
+        rows: i64,
+        /// Wire bytes of the batch.
+        bytes_wire: i64,
+    },
+    /// The transfer waits for the sender's admin.
+    WaitingForApproval {
+        /// Table.
+        table: String,
+        /// The sender's transfer id.
+        transfer_id: String,
+    },
+}
+
+/// The sender's transfer a receive transfer ran under (a later run resumes under it).
+fn remote_transfer_of(transfer: &crate::transfer::Transfer) -> Option<&str> {
+    transfer
+        .metadata
+        .get("remote_transfer_id")
+        .and_then(|v| v.as_str())
+}
+
+/// Records the sender's transfer id `id` on the receive transfer (with `facts`), when it is not
+/// the one already known.
+pub(super) async fn adopt_remote_transfer(
+    store: &crate::Store,
+    receive_transfer: Uuid,
+    known: &mut Option<String>,
+    id: &str,
+    mut facts: serde_json::Value,
+) -> Result<()> {
+    if known.as_deref() == Some(id) {
+        return Ok(());
+    }
+    *known = Some(id.to_owned());
+    facts["remote_transfer_id"] = id.into();
+    store
+        .merge_transfer_metadata(receive_transfer, facts)
+        .await
+        .map(drop)
+}
+
+async fn store_reconnects(store: &crate::Store, transfer: Uuid, reconnects: u32) {
+    let _ = store
+        .merge_transfer_metadata(transfer, serde_json::json!({ "reconnects": reconnects }))
+        .await;
+}
+
+impl Agent {
+    /// Opens a session, retrying a transient failure with exponential backoff and jitter until
+    /// `retry_for` has passed since `failing_since`.
+    async fn open_session_retrying(
+        &self,
+        connection: &Connection,
+        options: &PullOptions,
+        failing_since: &mut Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<(Client, u64)> {
+        loop {
+            match self
+                .open_session(connection, options.password.as_ref(), options.transport)
+                .await
+            {
+                Ok(opened) => return Ok(opened),
+                Err(err) => self.backoff(err, options, failing_since, attempts).await?,
+            }
+        }
+    }
+
+    /// Waits before the next attempt after a transient `err`, or gives `err` back when it is not
+    /// transient or the retry time is used up.
+    async fn backoff(
+        &self,
+        err: Error,
+        options: &PullOptions,
+        failing_since: &mut Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<()> {
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if !err.is_transient() || since.elapsed() >= options.retry_for {
+            return Err(err);
+        }
+        *attempts += 1;
+        let base = RETRY_BASE
+            .saturating_mul(1 << (*attempts - 1).min(6))
+            .min(RETRY_MAX);
+        let jitter = rand::random_range(0.5..1.5);
+        let wait = base
+            .mul_f64(jitter)
+            .min(RETRY_MAX)
+            .min(options.retry_for.saturating_sub(since.elapsed()));
+        tracing::warn!(error = %err, attempt = *attempts, wait_ms = wait.as_millis() as u64, "session broke off; retrying");
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
+
+    /// Pulls tables from the sending site of a receiver connection.
+    pub async fn pull(
+        &self,
+        id_or_name: &str,
+        options: &PullOptions,
+        mut on_event: impl FnMut(PullEvent),
+    ) -> Result<PullSummary> {
+        let started = Instant::now();
+        let connection = self.store.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection; pull from a receiver connection",
+                    connection.name
+                ),
+            ));
+        }
+        if connection.status != ConnectionStatus::Active {
+            return Err(Error::illegal_connection(
+                &connection.name,
+                "pull through",
+                connection.status,
+            ));
+        }
+        let strategy = options
+            .strategy
+            .unwrap_or(connection.default_conflict_strategy);
+        if options.incremental && options.where_key.is_some() {
+            return Err(Error::invalid(
+                "where-key",
+                "an incremental pull moves what changed; it takes no key filter",
+            ));
+        }
+        if strategy == ConflictStrategy::Mirror && options.where_key.is_some() {
+            return Err(Error::invalid(
+                "strategy",
+                "mirror deletes the rows the sender no longer has, so it needs a full pull: \
+                 leave out --where-key",
+            ));
+        }
+        let mut failing_since: Option<Instant> = None;
+        let mut attempts = 0;
+        let (mut client, mut max_per_request) = self
+            .open_session_retrying(&connection, options, &mut failing_since, &mut attempts)
+            .await?;
+        client.send(&Message::ListTables).await?;
+        let offered = match client.recv().await? {
+            (Message::TableList(tables), _) => tables,
+            (other, _) => {
+                return Err(
+                    client.session_error(format!("expected TableList, got {:?}", other.kind()))
+                );
+            }
+        };
+        // The sender's list is the sender's word: a name this site reserves (its own state, the
+        // engine's tables, in any spelling) is never pulled, whoever offers it.
+        let mut offered: Vec<_> = offered
+            .into_iter()
+            .filter(|t| {
+                let reserved = crate::catalog::is_internal_table(&t.name);
+                if reserved {
+                    tracing::warn!(table = %t.name, site = %connection.site_url, "the sender offered a reserved table name; it is not pulled");
+                }
+                !reserved
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        offered.retain(|t| seen.insert(t.name.clone()));
+        let wanted: Vec<_> = match &options.tables {
+            Some(names) => {
+                for name in names {
+                    if !offered.iter().any(|t| &t.name == name) {
+                        return Err(Error::Remote {
+                            site: connection.site_url.clone(),
+                            code: "table_not_allowed".into(),
+                            message: format!("{name:?} is not offered"),
+                            retry_after_ms: None,
+                        });
+                    }
+                }
+                offered
+                    .iter()
+                    .filter(|t| names.contains(&t.name))
+                    .cloned()
+                    .collect()
+            }
+            None => offered.clone(),
+        };
+        if options.where_key.is_some() && wanted.len() != 1 {
+            return Err(Error::invalid(
+                "where-key",
+                "a key filter applies to one table: name it with --tables",
+            ));
+        }
+        let mut summaries = Vec::new();
+        for table in fk_order(&wanted) {
+            let estimated_rows = wanted
+                .iter()
+                .find(|t| t.name == table)
+                .map_or(0, |t| t.estimated_rows);
+            on_event(PullEvent::TableStarted {
+                table: table.clone(),
+                estimated_rows,
+            });
+            let mut reconnects = 0;
+            let summary = loop {
+                let attempt = async {
+                    client.send(&Message::DescribeTable(table.clone())).await?;
+                    let schema = match client.recv().await? {
+                        (Message::TableSchema(schema), _) => {
+                            ReceiverCore::check_schema(&table, &schema)
+                                .map_err(|violation| client.session_error(violation))?;
+                            schema
+                        }
+                        (other, _) => {
+                            return Err(client.session_error(format!(
+                                "expected TableSchema, got {:?}",
+                                other.kind()
+                            )));
+                        }
+                    };
+                    self.pull_table(
+                        &mut client,
+                        &connection,
+                        &schema,
+                        strategy,
+                        max_per_request,
+                        options,
+                        &mut on_event,
+                    )
+                    .await
+                }
+                .await;
+                match attempt {
+                    Ok(summary) => break summary,
+                    Err(err) => {
+                        // A session that broke off is re-opened; the table resumes after its
+                        // checkpoint.
+                        self.backoff(err, options, &mut failing_since, &mut attempts)
+                            .await?;
+                        reconnects += 1;
+                        let (reopened, max) = self
+                            .open_session_retrying(
+                                &connection,
+                                options,
+                                &mut failing_since,
+                                &mut attempts,
+                            )
+                            .await?;
+                        std::mem::replace(&mut client, reopened).close().await;
+                        max_per_request = max;
+                    }
+                }
+            };
+            failing_since = None;
+            attempts = 0;
+            if reconnects > 0 {
+                store_reconnects(&self.store, summary.transfer_id, reconnects).await;
+            }
+            summaries.push(TableSummary {
+                reconnects,
+                ..summary
+            });
+        }
+        client.close().await;
+        Ok(PullSummary {
+            tables: summaries,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_table(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        schema: &TableSchema,
+        strategy: ConflictStrategy,
+        max_per_request: u64,
+        options: &PullOptions,
+        on_event: &mut impl FnMut(PullEvent),
+    ) -> Result<TableSummary> {
+        let store = &self.store;
+        let columns: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|c| !options.exclude_columns.contains(c))
+            .collect();
+        let key_filter = options
+            .where_key
+            .as_deref()
+            .map(|text| crate::key_filter::parse(text, schema))
+            .transpose()?;
+        let cursor = if options.incremental {
+            let column = match cursor_column(schema, options.cursor_column.as_deref()) {
+                Ok(column) => column,
+                Err(_) if options.scheduled && options.cursor_column.is_none() => String::new(),
+                Err(err) => return Err(err),
+            };
+            if options.exclude_columns.contains(&column) {
+                return Err(Error::invalid(
+                    "exclude-columns",
+                    format!("the cursor column {column:?} cannot be left out"),
+                ));
+            }
+            (!column.is_empty()).then_some(column)
+        } else {
+            None
+        };
+        let created_table = store.ensure_table(schema, &columns).await?;
+        // Resume an interrupted pull of this table, or start from the beginning.
+        let mut after: Option<Vec<Value>> = None;
+        let mut remote_transfer: Option<String> = None;
+        let mut resumed = false;
+        if let Some(checkpoint) = store.checkpoint(connection.id, &schema.name).await? {
+            let previous = match checkpoint.transfer_id {
+                Some(id) => store.get_transfer(id).await.ok(),
+                None => None,
+            };
+            // Resume only the same kind of pull: same filter, and a mirror pull only a mirror
+            // pull (its staging table must hold every key seen).
+            let excluded = serde_json::json!(options.exclude_columns);
+            let same_pull = |t: &crate::transfer::Transfer| {
+                t.metadata.get("key_filter").and_then(|v| v.as_str())
+                    == options.where_key.as_deref()
+                    && t.metadata
+                        .get("exclude_columns")
+                        .unwrap_or(&serde_json::json!([]))
+                        == &excluded
+                    && t.metadata.get("cursor").and_then(|v| v.as_str()) == cursor.as_deref()
+                    && (t.conflict_strategy == ConflictStrategy::Mirror)
+                        == (strategy == ConflictStrategy::Mirror)
+            };
+            match previous {
+                Some(t) if t.status != TransferStatus::Completed && same_pull(&t) => {
+                    after = checkpoint.last_key;
+                    remote_transfer = remote_transfer_of(&t).map(str::to_owned);
+                    resumed = true;
+                    if t.status == TransferStatus::InProgress {
+                        let _ = store
+                            .fail_transfer(t.id, "interrupted; resumed by a later pull", self.now())
+                            .await;
+                    }
+                }
+                _ => store.clear_checkpoint(connection.id, &schema.name).await?,
+            }
+            // A new incremental pull starts after the previous one's last (cursor, key).
+            if !resumed
+                && let Some(column) = &cursor
+                && let Some(saved) = &checkpoint.incremental_cursor
+                && saved.get("column").and_then(|c| c.as_str()) == Some(column.as_str())
+            {
+                after = saved
+                    .get("after")
+                    .and_then(|a| serde_json::from_value(a.clone()).ok());
+            }
+        }
+        if !resumed {
+            store.reset_mirror(connection.id, &schema.name).await?;
+        }
+        if remote_transfer.is_none() {
+            // Nothing applied yet, but an earlier pull may have been told to wait for approval:
+            // ask about the same sender transfer rather than opening a new one.
+            let latest = store
+                .list_transfers(&crate::transfer::TransferFilter {
+                    connection_id: Some(connection.id),
+                    direction: Some(TransferDirection::Receive),
+                    table_name: Some(schema.name.clone()),
+                    per_page: Some(1),
+                    ..Default::default()
+                })
+                .await?;
+            if let Some(previous) = latest.items.first()
+                && previous.status != TransferStatus::Completed
+                && let Some(id) = remote_transfer_of(previous)
+            {
+                remote_transfer = Some(id.to_owned());
+                resumed = true;
+            }
+        }
+        let transfer = store
+            .create_transfer(
+                NewTransfer {
+                    connection_id: connection.id,
+                    direction: TransferDirection::Receive,
+                    table_name: schema.name.clone(),
+                    requires_approval: false,
+                    records_requested: 0,
+                    conflict_strategy: strategy,
+                    transport: Some(client.transport),
+                    requester_ip: None,
+                    requester_user_agent: None,
+                },
+                self.config.approval_ttl(),
+                &Actor::system(),
+                self.now(),
+            )
+            .await?;
+        store.start_transfer(transfer.id, self.now()).await?;
+        // What a later run needs to resume this one: the filter, and the sender's transfer.
+        let mut facts = serde_json::Map::new();
+        if let Some(text) = &options.where_key {
+            facts.insert("key_filter".into(), text.clone().into());
+        }
+        if let Some(remote) = &remote_transfer {
+            facts.insert("remote_transfer_id".into(), remote.clone().into());
+        }
+        if let Some(column) = &cursor {
+            facts.insert("cursor".into(), column.clone().into());
+        }
+        if !options.exclude_columns.is_empty() {
+            // The sender holds a transfer to the columns it started with: a resume asks for them.
+            facts.insert(
+                "exclude_columns".into(),
+                serde_json::json!(options.exclude_columns),
+            );
+        }
+        if options.scheduled {
+            facts.insert("scheduled".into(), true.into());
+        }
+        if !facts.is_empty() {
+            store
+                .merge_transfer_metadata(transfer.id, serde_json::Value::Object(facts))
+                .await?;
+        }
+        let mut summary = TableSummary {
+            table: schema.name.clone(),
+            created_table,
+            resumed,
+            transfer_id: transfer.id,
+            transport: client.transport.to_string(),
+            ..TableSummary::default()
+        };
+        // An incremental mirror moves the changed rows, then reconciles keys in a second pass.
+        let row_strategy = if strategy == ConflictStrategy::Mirror && cursor.is_some() {
+            ConflictStrategy::Overwrite
+        } else {
+            strategy
+        };
+        let pass = Pass {
+            cursor: cursor.clone(),
+            keys_only: false,
+        };
+        let mut outcome = self
+            .pull_rows(
+                client,
+                connection,
+                schema,
+                &columns,
+                row_strategy,
+                max_per_request,
+                options,
+                key_filter.as_ref(),
+                &pass,
+                on_event,
+                &mut after,
+                &mut remote_transfer,
+                &mut summary,
+            )
+            .await;
+        if outcome.is_ok()
+            && let Some(column) = &cursor
+        {
+            let saved = serde_json::json!({ "column": column, "after": after });
+            outcome = store
+                .set_incremental_cursor(connection.id, &schema.name, &saved)
+                .await;
+        }
+        if outcome.is_ok() && strategy == ConflictStrategy::Mirror && cursor.is_some() {
+            store.reset_mirror(connection.id, &schema.name).await?;
+            let mut keys_after = None;
+            let mut keys_remote = None;
+            let mut keys_summary = TableSummary::default();
+            outcome = self
+                .pull_rows(
+                    client,
+                    connection,
+                    schema,
+                    &schema.primary_key,
+                    ConflictStrategy::Mirror,
+                    max_per_request,
+                    options,
+                    None,
+                    &Pass {
+                        cursor: None,
+                        keys_only: true,
+                    },
+                    &mut |_| {},
+                    &mut keys_after,
+                    &mut keys_remote,
+                    &mut keys_summary,
+                )
+                .await;
+            summary.truncated |= keys_summary.truncated;
+        }
+        let outcome = match outcome {
+            Ok(()) if strategy == ConflictStrategy::Mirror => {
+                if summary.truncated {
+                    // Rows past the cut were never seen: deleting them would be wrong.
+                    store.reset_mirror(connection.id, &schema.name).await?;
+                    tracing::warn!(table = %schema.name, "mirror delete pass skipped: the sender's record limit cut the pull");
+                    store
+                        .merge_transfer_metadata(
+                            transfer.id,
+                            serde_json::json!({ "mirror_skipped": "record limit reached" }),
+                        )
+                        .await
+                        .map(drop)
+                } else {
+                    match store.finish_mirror(connection.id, schema).await {
+                        Ok(deleted) => {
+                            summary.deleted = deleted;
+                            store
+                                .merge_transfer_metadata(
+                                    transfer.id,
+                                    serde_json::json!({ "rows_deleted": deleted }),
+                                )
+                                .await
+                                .map(drop)
+                        }
+                        Err(err) => Err(err),
+                    }
+                }
+            }
+            other => other,
+        };
+        match outcome {
+            Ok(()) => {
+                store.complete_transfer(transfer.id, self.now()).await?;
+                Ok(summary)
+            }
+            Err(err) => {
+                let _ = store
+                    .fail_transfer(transfer.id, &err.to_string(), self.now())
+                    .await;
+                Err(err)
+            }
+        }
+    }
+}
