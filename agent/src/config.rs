@@ -13,28 +13,7 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://dbsync.db";
 /// Name of the key file created beside the state database when no key is configured.
 pub const DEFAULT_KEY_FILE: &str = "dbsync.key";
 
-/// A value that must never reach a log line or an error message.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    /// Wraps a secret value.
-    pub fn new(value: T) -> Self {
-        Self(value)
-    }
-
-    /// The secret itself; call only where it is used, never to print.
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> std::fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use crate::secret::Secret;
 
 /// Everything an agent reads at start-up.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -294,7 +294,7 @@ pub struct ConnectionSettings {
     /// See [`Connection::rate_limit_per_minute`].
     pub rate_limit_per_minute: i64,
     /// Download password in clear; hashed (argon2id) before it is stored.
-    pub download_password: Option<crate::config::Secret<String>>,
+    pub download_password: Option<crate::secret::Secret<String>>,
     /// CIDR blocks or single addresses.
     pub ip_whitelist: Vec<String>,
     /// `(start, end)` hours, 0-23, end exclusive; wraps midnight when end < start.
@@ -417,7 +417,7 @@ pub enum PasswordChange {
     /// Leave it as it is.
     Keep,
     /// Set a new one (hashed before storing).
-    Set(crate::config::Secret<String>),
+    Set(crate::secret::Secret<String>),
     /// Remove it.
     Clear,
 }

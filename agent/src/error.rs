@@ -1,7 +1,5 @@
 //! The engine's error type.
 
-use crate::connection::ConnectionStatus;
-
 /// Result alias for engine operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -143,7 +141,7 @@ impl Error {
     pub(crate) fn illegal_connection(
         name: &str,
         action: &'static str,
-        status: ConnectionStatus,
+        status: impl std::fmt::Display,
     ) -> Self {
         Self::IllegalTransition {
             kind: "connection",

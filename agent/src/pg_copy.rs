@@ -10,7 +10,7 @@ use dbsync_protocol::Value;
 use dbsync_protocol::columns::{Cursor, Scalar};
 use dbsync_protocol::message::columnar::Kind;
 
-use crate::sink::Rows;
+use crate::batch::Rows;
 use crate::source::pg_binary::{PG_EPOCH_DAYS, PG_EPOCH_MICROS};
 
 /// `PGCOPY\n\377\r\n\0`, then flags and header-extension length (both 0).

@@ -5,11 +5,9 @@
 //! Same-engine transfers keep the source's native column types and values exactly. Across
 //! engines, types map through the engine-neutral type (see `docs/types.md`).
 
-use std::borrow::Cow;
-
 use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
 use dbsync_protocol::Value;
-use dbsync_protocol::columns::{Cursor, EncodedRows, Scalar};
+use dbsync_protocol::columns::{Cursor, Scalar};
 use dbsync_protocol::message::TableSchema;
 use dbsync_protocol::message::columnar::Kind;
 use serde::{Deserialize, Serialize};
@@ -46,50 +44,7 @@ async fn committed(previous: Option<Gate>) -> Result<()> {
     }
 }
 
-/// A batch's rows: values, or as they arrived (read in place where they go into PostgreSQL by
-/// `COPY`, turned into values everywhere else).
-#[derive(Debug, Clone, Copy)]
-pub enum Rows<'a> {
-    /// Rows of values.
-    Values(&'a [Vec<Value>]),
-    /// Rows as received.
-    Encoded(&'a EncodedRows),
-}
-
-impl<'a> Rows<'a> {
-    /// The number of rows.
-    pub fn len(&self) -> usize {
-        match self {
-            Self::Values(rows) => rows.len(),
-            Self::Encoded(rows) => rows.len(),
-        }
-    }
-
-    /// No rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// A reader per column over encoded rows whose columns are all of bare scalars, or `None`
-    /// (values, or a column of whole values).
-    pub fn cursors(&self) -> Option<Vec<Cursor<'a>>> {
-        match self {
-            Self::Values(_) => None,
-            Self::Encoded(rows) => rows.cursors(),
-        }
-    }
-
-    /// The rows as values (built here for encoded rows).
-    pub fn values(&self) -> Result<Cow<'a, [Vec<Value>]>> {
-        match self {
-            Self::Values(rows) => Ok(Cow::Borrowed(rows)),
-            Self::Encoded(rows) => rows
-                .to_rows()
-                .map(Cow::Owned)
-                .map_err(|err| Error::invalid("row batch", err.to_string())),
-        }
-    }
-}
+pub use crate::batch::Rows;
 
 /// The transfer a batch belongs to: the batch's checkpoint names it, and its counters (rows,
 /// bytes on the wire, resume key) move in the batch's own transaction, so a batch costs one

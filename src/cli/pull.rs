@@ -39,7 +39,7 @@ pub(crate) struct PullArgs {
     #[arg(long, requires = "incremental")]
     cursor_column: Option<String>,
     /// Row batches the sender may have in flight before this side acknowledges (pipeline depth)
-    #[arg(long, default_value_t = dbsync_agent::pull::CREDITS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = dbsync_agent::pull::CREDITS, value_parser = clap::value_parser!(u32).range(1..=i64::from(dbsync_protocol::message::MAX_CREDITS)))]
     pipeline_depth: u32,
     /// ws, quic, or auto (QUIC when the sender offers it and UDP gets through, else WebSocket)
     #[arg(long, default_value = "auto", value_parser = parse_transport)]

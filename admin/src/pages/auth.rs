@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
 
+use super::viewer::{CSRF_FIELD, Flash, Viewer};
 use super::{PREFIX, layout};
 use crate::AppState;
 
@@ -27,8 +28,6 @@ use crate::AppState;
 pub(crate) const SESSION_COOKIE: &str = "dbsync_session";
 /// Name of the cookie that ties the login form to the browser that loaded it.
 const LOGIN_COOKIE: &str = "dbsync_login";
-/// Name of the hidden form field carrying the CSRF token.
-pub(crate) const CSRF_FIELD: &str = "csrf";
 /// A session ends after this long without a request.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// A session ends this long after login, however busy.
@@ -51,30 +50,6 @@ pub(crate) struct WebSession {
     pub(crate) flash: Option<Flash>,
     created: Instant,
     last_seen: Instant,
-}
-
-/// A message shown once at the top of the next page.
-#[derive(Debug, Clone)]
-pub(crate) struct Flash {
-    /// Whether it reports a failure.
-    pub(crate) error: bool,
-    /// The text (escaped when rendered).
-    pub(crate) text: String,
-}
-
-/// What a page handler learns about the signed-in browser.
-#[derive(Debug, Clone)]
-pub(crate) struct Viewer {
-    /// Key of the session in the store.
-    key: [u8; 32],
-    /// Actor for audit events.
-    pub(crate) actor: Actor,
-    /// CSRF token for the forms on the page.
-    pub(crate) csrf: String,
-    /// Admin token name, shown in the header.
-    pub(crate) name: String,
-    /// Message left by the previous action.
-    pub(crate) flash: Option<Flash>,
 }
 
 /// The in-memory session store.

@@ -16,9 +16,9 @@ use dbsync_agent::transfer::TransferFilter;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::auth::Viewer;
 use super::forms::{self, Fields};
 use super::layout::{self, Nav};
+use super::viewer::Viewer;
 use super::{PREFIX, history};
 use crate::AppState;
 

@@ -18,9 +18,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::PREFIX;
-use super::auth::Viewer;
 use super::forms::Fields;
 use super::layout::{self, Nav};
+use super::viewer::Viewer;
 use crate::AppState;
 
 /// Transfers per page.

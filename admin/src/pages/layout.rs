@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 
-use super::auth::{CSRF_FIELD, Viewer};
+use super::viewer::{CSRF_FIELD, Viewer};
 use super::{ASSET_VERSION, PREFIX};
 
 /// Which navigation entry is current.

@@ -16,6 +16,7 @@ mod forms;
 mod history;
 pub(crate) mod layout;
 mod overview;
+pub(crate) mod viewer;
 
 use axum::Router;
 use axum::extract::Request;

@@ -11,9 +11,9 @@ use dbsync_agent::settings::IncomingMode;
 use dbsync_agent::transfer::{TransferFilter, TransferStatus};
 use maud::{Markup, html};
 
-use super::auth::Viewer;
 use super::forms::Fields;
 use super::layout::{self, Nav};
+use super::viewer::Viewer;
 use super::{PREFIX, history};
 use crate::AppState;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
 use dbsync_protocol::message::TableSchema;
-use dbsync_protocol::session::ReceiverCore;
+use dbsync_protocol::session::{Code, ReceiverCore};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -332,7 +332,7 @@ impl Agent {
                     if !offered.iter().any(|t| &t.name == name) {
                         return Err(Error::Remote {
                             site: connection.site_url.clone(),
-                            code: "table_not_allowed".into(),
+                            code: Code::TableNotAllowed.as_str().into(),
                             message: format!("{name:?} is not offered"),
                             retry_after_ms: None,
                         });

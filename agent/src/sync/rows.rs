@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use dbsync_protocol::message::{Credit, KeyFilter, Pull, TableSchema};
-use dbsync_protocol::session::{Expected, ReceiverCore};
+use dbsync_protocol::session::{Code, Expected, ReceiverCore};
 use dbsync_protocol::{Message, Value};
 use futures_util::StreamExt;
 
@@ -103,7 +103,7 @@ impl Agent {
                             code,
                             retry_after_ms,
                             ..
-                        }) if code == "rate_limited" => {
+                        }) if Code::parse(&code) == Some(Code::RateLimited) => {
                             let wait = Duration::from_millis(
                                 retry_after_ms.unwrap_or(1_000).clamp(100, 60_000),
                             );
@@ -231,7 +231,7 @@ impl Agent {
                             {
                                 return Err(Error::Remote {
                                     site: connection.site_url.clone(),
-                                    code: "approval_pending".into(),
+                                    code: Code::ApprovalPending.as_str().into(),
                                     message: format!(
                                         "transfer {} still waits for the sender's approval",
                                         pending.transfer_id
