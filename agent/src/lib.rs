@@ -4,18 +4,24 @@
 //! ran under them, the incoming-registration settings, an audit trail and per-table checkpoints.
 //! The store runs on PostgreSQL or SQLite, chosen by the database URL, with one code path for both.
 //!
-//! - [`connection`]: the connection lifecycle (create, approve, suspend, reactivate, revoke, ...).
-//! - [`access`]: `validate_connection`, the gate every session from a receiver passes through.
-//! - [`transfer`]: transfer records, their lifecycle and approval workflow, statistics.
-//! - [`settings`]: how this site answers registrations from other sites.
-//! - [`token`], [`password`], [`vault`]: secrets: connection tokens, argon2id hashes, encryption at
-//!   rest of the tokens a receiver holds.
-//! - [`clock`]: injectable time, so expiry, allowed hours and rate limits are testable.
-//! - [`Agent`], [`registration`], [`peer`]: one site's engine, cross-site registration and status
-//!   propagation, and the guarded client that calls peers.
-//! - [`admin_token`]: bearer tokens of the admin JSON API.
-//! - [`catalog`], [`source`]: the synced tables: list, describe, foreign-key order, and rows
-//!   read a keyset page at a time as engine-neutral values.
+//! The crate is in wings, a folder each with one job; no module imports one that imports it back:
+//!
+//! - [`secrets`]: connection tokens, argon2id passwords, the vault for tokens held as a receiver,
+//!   and `Secret`, which never prints.
+//! - [`store`]: the pool on either engine and its migrations, the audit trail, admin tokens.
+//! - [`connections`]: connections and their lifecycle, transfers and approvals, incoming
+//!   settings, the access gate (`validate_connection`), rate limits, caps on open connections
+//!   and sessions.
+//! - [`data`]: the synced tables (catalog, key filters), rows read by keyset (`source`) and
+//!   written with their checkpoint (`sink`, with PostgreSQL `COPY` and SQLite's raw handle).
+//! - [`transport`]: the transport-neutral link, QUIC, the guarded client that calls peers.
+//! - [`session`]: both halves of a data-plane session over the protocol's state machine.
+//! - [`sync`]: `dbsync pull` (tables, resume, mirror, backoff), the auto-sync scheduler,
+//!   registration with other sites.
+//! - [`Agent`], [`clock`], [`config`]: one site's engine, injectable time, configuration.
+//!
+//! Each wing's modules are also reachable by their own names (`dbsync_agent::connection`,
+//! `dbsync_agent::catalog`, ...).
 
 /// Declares a fieldless enum stored and shown as snake_case text: `as_str`, `Display`, `FromStr`
 /// (with the accepted values in the error), serde, and `TryFrom<String>` for sqlx rows.
@@ -67,38 +73,27 @@ macro_rules! string_enum {
     };
 }
 
-pub mod access;
-pub mod admin_token;
-pub mod admission;
 mod agent;
-pub mod audit;
-mod batch;
-pub mod catalog;
 pub mod clock;
 pub mod config;
-pub mod connection;
+pub mod connections;
+pub mod data;
 mod error;
-pub mod key_filter;
-pub mod link;
-mod nodelay;
-pub mod password;
-pub mod peer;
-mod pg_copy;
-pub mod quic;
-pub mod rate_limit;
-pub mod registration;
-pub mod schedule;
-pub mod secret;
+pub mod secrets;
 pub mod session;
-pub mod settings;
-pub mod sink;
-pub mod source;
-mod sqlite_raw;
 pub mod store;
 pub mod sync;
-pub mod token;
-pub mod transfer;
-pub mod vault;
+pub mod transport;
+
+// Each wing's modules by their own names too (`dbsync_agent::connection`, `crate::catalog`, ...).
+pub use connections::{access, admission, connection, rate_limit, settings, transfer};
+pub(crate) use data::{batch, pg_copy, sqlite_raw};
+pub use data::{catalog, key_filter, sink, source};
+pub use secrets::{password, secret, token, vault};
+pub use store::{admin_token, audit};
+pub use sync::{registration, schedule};
+pub(crate) use transport::nodelay;
+pub use transport::{link, peer, quic};
 
 pub use access::{AccessDenied, Validator};
 pub use agent::Agent;

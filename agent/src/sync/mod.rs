@@ -1,5 +1,8 @@
-//! Keeping tables in step from the receiving side: a pull's table loop ([`pull`]) and its
-//! passes over rows ([`rows`]).
+//! Keeping tables in step: a pull's table loop ([`pull`]) and its passes over rows (`rows`),
+//! the auto-sync scheduler ([`schedule`]), and registration with other sites and the status
+//! changes pushed between them ([`registration`]).
 
 pub mod pull;
+pub mod registration;
 mod rows;
+pub mod schedule;

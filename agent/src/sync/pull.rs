@@ -2,7 +2,7 @@
 //! missing ones, and pulls each table in foreign-key order, applying every batch with its
 //! checkpoint in one transaction. A pull that was interrupted resumes after the last applied key,
 //! under the same sender transfer; a session that breaks off is re-opened with backoff. The
-//! batches of one pass are received and applied in [`super::rows`].
+//! batches of one pass are received and applied in `super::rows`.
 
 use std::time::{Duration, Instant};
 

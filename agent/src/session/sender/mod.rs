@@ -4,7 +4,7 @@
 //! request, rate limit). Which message each state allows, the credit window and the deadlines
 //! are [`SenderCore`]'s; this module does what it answers, against the store. Rows go out in key
 //! order, a batch at a time, never more batches in flight than the receiver granted
-//! ([`pull`], read by [`pages`]).
+//! (`pull`, read by `pages`).
 
 mod pages;
 mod pull;

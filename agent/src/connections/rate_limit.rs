@@ -1,4 +1,4 @@
-//! Per-connection request rate limits (governor's GCRA), driven by the agent's [`Clock`].
+//! Per-connection request rate limits (governor's GCRA), driven by the agent's [`Clock`](crate::Clock).
 //!
 //! Each connection gets a limiter with a burst of `rate_limit_per_minute` that refills evenly
 //! over the minute. A changed limit replaces the connection's limiter.

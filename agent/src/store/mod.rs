@@ -4,6 +4,9 @@
 //! `ON CONFLICT`, `CAST(... AS BIGINT)`) and run on either pool through [`on_pool!`]; the schema
 //! differs only in column types (see `migrations/`).
 
+pub mod admin_token;
+pub mod audit;
+
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,0 +1,11 @@
+//! Connections and what governs them: the connection record and its lifecycle
+//! ([`connection`]), transfers and approvals ([`transfer`]), how this site answers registrations
+//! ([`settings`]), the access gate every session passes ([`access`]), request rate limits
+//! ([`rate_limit`]) and the caps on open connections and sessions ([`admission`]).
+
+pub mod access;
+pub mod admission;
+pub mod connection;
+pub mod rate_limit;
+pub mod settings;
+pub mod transfer;
