@@ -6,6 +6,8 @@
 pub mod access;
 pub mod admission;
 pub mod connection;
+mod counters;
+mod lifecycle;
 pub mod rate_limit;
 pub mod settings;
 pub mod transfer;
