@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
-use dbsync_protocol::message::TableSchema;
+use dbsync_protocol::message::{KeyFilter, TableSchema};
 use dbsync_protocol::session::{Code, ReceiverCore};
 use serde::Serialize;
 use uuid::Uuid;
@@ -62,13 +62,41 @@ pub struct PullOptions {
     pub scheduled: bool,
 }
 
+/// The table a pull works on, and under what.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TableJob<'a> {
+    /// The receiver connection.
+    pub(super) connection: &'a Connection,
+    /// The sender's description of the table.
+    pub(super) schema: &'a TableSchema,
+    /// Rows per request, as the sender's Welcome said.
+    pub(super) max_per_request: u64,
+    /// What the operator asked for.
+    pub(super) options: &'a PullOptions,
+}
+
 /// What one pass over a table's rows asks the sender for.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Pass {
+#[derive(Debug, Clone)]
+pub(super) struct Pass<'a> {
+    /// The columns asked for, in order.
+    pub(super) columns: &'a [String],
+    /// How rows are applied.
+    pub(super) strategy: ConflictStrategy,
+    /// Only these keys.
+    pub(super) key_filter: Option<&'a KeyFilter>,
     /// Incremental: page by this column, then the key.
     pub(super) cursor: Option<String>,
     /// Keys only (a mirror reconciliation pass).
     pub(super) keys_only: bool,
+}
+
+/// Where a pass is: the key it resumes after and the sender's transfer it runs under.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Position {
+    /// The last key applied.
+    pub(super) after: Option<Vec<Value>>,
+    /// The sender's transfer.
+    pub(super) remote_transfer: Option<String>,
 }
 
 /// The cursor column of an incremental pull of `schema`.
@@ -379,16 +407,14 @@ impl Agent {
                             )));
                         }
                     };
-                    self.pull_table(
-                        &mut client,
-                        &connection,
-                        &schema,
-                        strategy,
+                    let job = TableJob {
+                        connection: &connection,
+                        schema: &schema,
                         max_per_request,
                         options,
-                        &mut on_event,
-                    )
-                    .await
+                    };
+                    self.pull_table(&mut client, &job, strategy, &mut on_event)
+                        .await
                 }
                 .await;
                 match attempt {
@@ -429,17 +455,19 @@ impl Agent {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn pull_table(
         &self,
         client: &mut Client,
-        connection: &Connection,
-        schema: &TableSchema,
+        job: &TableJob<'_>,
         strategy: ConflictStrategy,
-        max_per_request: u64,
-        options: &PullOptions,
         on_event: &mut impl FnMut(PullEvent),
     ) -> Result<TableSummary> {
+        let TableJob {
+            connection,
+            schema,
+            options,
+            ..
+        } = *job;
         let store = &self.store;
         let columns: Vec<String> = schema
             .columns
@@ -599,26 +627,20 @@ impl Agent {
             strategy
         };
         let pass = Pass {
+            columns: &columns,
+            strategy: row_strategy,
+            key_filter: key_filter.as_ref(),
             cursor: cursor.clone(),
             keys_only: false,
         };
+        let mut position = Position {
+            after,
+            remote_transfer,
+        };
         let mut outcome = self
-            .pull_rows(
-                client,
-                connection,
-                schema,
-                &columns,
-                row_strategy,
-                max_per_request,
-                options,
-                key_filter.as_ref(),
-                &pass,
-                on_event,
-                &mut after,
-                &mut remote_transfer,
-                &mut summary,
-            )
+            .pull_rows(client, job, &pass, on_event, &mut position, &mut summary)
             .await;
+        let after = position.after;
         if outcome.is_ok()
             && let Some(column) = &cursor
         {
@@ -629,26 +651,21 @@ impl Agent {
         }
         if outcome.is_ok() && strategy == ConflictStrategy::Mirror && cursor.is_some() {
             store.reset_mirror(connection.id, &schema.name).await?;
-            let mut keys_after = None;
-            let mut keys_remote = None;
             let mut keys_summary = TableSummary::default();
+            let keys = Pass {
+                columns: &schema.primary_key,
+                strategy: ConflictStrategy::Mirror,
+                key_filter: None,
+                cursor: None,
+                keys_only: true,
+            };
             outcome = self
                 .pull_rows(
                     client,
-                    connection,
-                    schema,
-                    &schema.primary_key,
-                    ConflictStrategy::Mirror,
-                    max_per_request,
-                    options,
-                    None,
-                    &Pass {
-                        cursor: None,
-                        keys_only: true,
-                    },
+                    job,
+                    &keys,
                     &mut |_| {},
-                    &mut keys_after,
-                    &mut keys_remote,
+                    &mut Position::default(),
                     &mut keys_summary,
                 )
                 .await;

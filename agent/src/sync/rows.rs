@@ -4,38 +4,44 @@
 
 use std::time::{Duration, Instant};
 
-use dbsync_protocol::message::{Credit, KeyFilter, Pull, TableSchema};
+use dbsync_protocol::message::{Credit, Pull, TableSchema};
 use dbsync_protocol::session::{Code, Expected, ReceiverCore};
 use dbsync_protocol::{Message, Value};
 use futures_util::StreamExt;
 
 use super::pull::{
-    APPROVAL_POLL, CREDITS, Pass, PullEvent, PullOptions, TableSummary, adopt_remote_transfer,
+    APPROVAL_POLL, CREDITS, Pass, Position, PullEvent, TableJob, TableSummary,
+    adopt_remote_transfer,
 };
 use crate::agent::Agent;
-use crate::connection::{ConflictStrategy, Connection};
+use crate::connection::ConflictStrategy;
 use crate::error::{Error, Result};
 use crate::session::receiver::{Client, Reply};
 use crate::sink::{BatchOf, Rows};
 
 impl Agent {
-    #[allow(clippy::too_many_arguments)]
+    /// One pass over a table's rows: pull requests until the sender says there is no more,
+    /// each batch checked, applied and acknowledged; `position` moves with every commit.
     pub(super) async fn pull_rows(
         &self,
         client: &mut Client,
-        connection: &Connection,
-        schema: &TableSchema,
-        columns: &[String],
-        strategy: ConflictStrategy,
-        max_per_request: u64,
-        options: &PullOptions,
-        key_filter: Option<&KeyFilter>,
-        pass: &Pass,
+        job: &TableJob<'_>,
+        pass: &Pass<'_>,
         on_event: &mut impl FnMut(PullEvent),
-        after: &mut Option<Vec<Value>>,
-        remote_transfer: &mut Option<String>,
+        position: &mut Position,
         summary: &mut TableSummary,
     ) -> Result<()> {
+        let TableJob {
+            connection,
+            schema,
+            max_per_request,
+            options,
+        } = *job;
+        let (columns, strategy, key_filter) = (pass.columns, pass.strategy, pass.key_filter);
+        let Position {
+            after,
+            remote_transfer,
+        } = position;
         let store = &self.store;
         let excluded: Vec<String> = schema
             .columns
