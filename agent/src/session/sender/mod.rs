@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use dbsync_protocol::Message;
-use dbsync_protocol::message::{ErrorMessage, Welcome};
+use dbsync_protocol::message::{ErrorMessage, TableSchema, Welcome};
 use dbsync_protocol::session::{Code, Refusal, SenderCore, SenderEvent};
 use uuid::Uuid;
 
@@ -200,6 +200,29 @@ impl Session<'_> {
         self.refuse(code, message, retry).await
     }
 
+    /// The schema of `table` when the connection offers it; otherwise `table_not_allowed` is
+    /// sent (a table not offered and one that does not exist look the same) and `None` returned.
+    async fn offered_schema(
+        &mut self,
+        connection: &crate::Connection,
+        table: &str,
+    ) -> SessionResult<Option<TableSchema>> {
+        let described = if connection.offers_table(table) {
+            self.agent.store.describe_table(table).await.ok()
+        } else {
+            None
+        };
+        if described.is_none() {
+            self.refuse(
+                Code::TableNotAllowed,
+                format!("{table:?} is not offered"),
+                None,
+            )
+            .await?;
+        }
+        Ok(described)
+    }
+
     async fn run(&mut self) -> SessionResult<()> {
         let (_, Message::Hello(hello)) = self.next().await? else {
             unreachable!("the core lets only Hello through first");
@@ -288,23 +311,8 @@ impl Session<'_> {
                     self.send(&Message::TableList(offered)).await?;
                 }
                 Message::DescribeTable(table) => {
-                    let described = if connection.offers_table(&table) {
-                        self.agent.store.describe_table(&table).await.ok()
-                    } else {
-                        None
-                    };
-                    match described {
-                        Some(schema) => {
-                            self.send(&Message::TableSchema(schema)).await?;
-                        }
-                        None => {
-                            self.refuse(
-                                Code::TableNotAllowed,
-                                format!("{table:?} is not offered"),
-                                None,
-                            )
-                            .await?;
-                        }
+                    if let Some(schema) = self.offered_schema(&connection, &table).await? {
+                        self.send(&Message::TableSchema(schema)).await?;
                     }
                 }
                 Message::Pull(pull) => {

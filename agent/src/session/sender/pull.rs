@@ -28,23 +28,8 @@ impl Session<'_> {
     /// widen what its transfer covers.
     pub(super) async fn pull(&mut self, connection: &Connection, pull: Pull) -> SessionResult<()> {
         let store = &self.agent.store;
-        if !connection.offers_table(&pull.table) {
-            return self
-                .refuse(
-                    Code::TableNotAllowed,
-                    format!("{:?} is not offered", pull.table),
-                    None,
-                )
-                .await;
-        }
-        let Ok(schema) = store.describe_table(&pull.table).await else {
-            return self
-                .refuse(
-                    Code::TableNotAllowed,
-                    format!("{:?} is not offered", pull.table),
-                    None,
-                )
-                .await;
+        let Some(schema) = self.offered_schema(connection, &pull.table).await? else {
+            return Ok(());
         };
         let columns: Vec<String> = if pull.keys_only {
             schema.primary_key.clone()
