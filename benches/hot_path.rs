@@ -9,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
 use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, NewConnection};
-use dbsync_agent::sink::Rows;
+use dbsync_agent::sink::{Batch, Rows};
 use dbsync_protocol::codec::{self, Limits};
 use dbsync_protocol::message::RowBatch;
 use dbsync_protocol::{Message, Value};
@@ -161,15 +161,15 @@ fn apply_benches(c: &mut Criterion) {
                         }
                     }
                     runtime
-                        .block_on(store.apply_batch(
-                            connection,
-                            None,
-                            &schema,
-                            &rows.columns,
-                            Rows::Values(&shifted),
+                        .block_on(store.apply_batch(Batch {
+                            connection_id: connection,
+                            batch_of: None,
+                            schema: &schema,
+                            columns: &rows.columns,
+                            rows: Rows::Values(&shifted),
                             strategy,
-                            None,
-                        ))
+                            last_key: None,
+                        }))
                         .unwrap()
                 })
             });

@@ -3,7 +3,7 @@
 //! checkpoint written in the same transaction.
 
 use dbsync_agent::connection::{ConflictStrategy, ConnectionSettings, NewConnection};
-use dbsync_agent::sink::{Applied, Rows};
+use dbsync_agent::sink::{Applied, Batch, Rows};
 use dbsync_agent::{Error, Store};
 use dbsync_protocol::Value;
 use dbsync_protocol::message::TableSchema;
@@ -74,15 +74,15 @@ async fn copy(
             break;
         }
         let applied = to
-            .apply_batch(
-                connection,
-                None,
-                &schema,
-                &columns,
-                Rows::Values(&rows.rows),
-                ConflictStrategy::Overwrite,
-                rows.last_key.as_deref(),
-            )
+            .apply_batch(Batch {
+                connection_id: connection,
+                batch_of: None,
+                schema: &schema,
+                columns: &columns,
+                rows: Rows::Values(&rows.rows),
+                strategy: ConflictStrategy::Overwrite,
+                last_key: rows.last_key.as_deref(),
+            })
             .await
             .unwrap();
         total.created += applied.created;
@@ -204,15 +204,15 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         async move {
             let last = rows.last().map(|r| vec![r[0].clone()]);
             store
-                .apply_batch(
-                    connection,
-                    None,
-                    &schema,
-                    &columns,
-                    Rows::Values(&rows),
+                .apply_batch(Batch {
+                    connection_id: connection,
+                    batch_of: None,
+                    schema: &schema,
+                    columns: &columns,
+                    rows: Rows::Values(&rows),
                     strategy,
-                    last.as_deref(),
-                )
+                    last_key: last.as_deref(),
+                })
                 .await
                 .unwrap()
         }
@@ -305,29 +305,29 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
     let rows = vec![vec![Value::Text("t1".into()), Value::Text("boot".into())]; 2];
     let appended = db
         .store
-        .apply_batch(
-            connection,
-            None,
-            &events,
-            &cols,
-            Rows::Values(&rows),
-            ConflictStrategy::Append,
-            None,
-        )
+        .apply_batch(Batch {
+            connection_id: connection,
+            batch_of: None,
+            schema: &events,
+            columns: &cols,
+            rows: Rows::Values(&rows),
+            strategy: ConflictStrategy::Append,
+            last_key: None,
+        })
         .await
         .unwrap();
     assert_eq!(appended.created, 2);
     let refused = db
         .store
-        .apply_batch(
-            connection,
-            None,
-            &events,
-            &cols,
-            Rows::Values(&rows),
-            ConflictStrategy::Overwrite,
-            None,
-        )
+        .apply_batch(Batch {
+            connection_id: connection,
+            batch_of: None,
+            schema: &events,
+            columns: &cols,
+            rows: Rows::Values(&rows),
+            strategy: ConflictStrategy::Overwrite,
+            last_key: None,
+        })
         .await;
     assert!(matches!(
         refused,
@@ -421,15 +421,15 @@ async fn sqlite_stores_encoded_rows_as_it_stores_values(db: TestDb) {
         let schema = db.store.describe_table(table).await.unwrap();
         let applied = db
             .store
-            .apply_batch(
-                connection,
-                None,
-                &schema,
-                &columns,
+            .apply_batch(Batch {
+                connection_id: connection,
+                batch_of: None,
+                schema: &schema,
+                columns: &columns,
                 rows,
-                ConflictStrategy::Overwrite,
-                Some(&[Value::Int(2)]),
-            )
+                strategy: ConflictStrategy::Overwrite,
+                last_key: Some(&[Value::Int(2)]),
+            })
             .await
             .unwrap();
         assert_eq!(applied.created, 2, "{table}");
@@ -470,15 +470,15 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
     };
     let apply = async |received: &dbsync_protocol::columns::ReceivedBatch| {
         db.store
-            .apply_batch(
-                connection,
-                None,
-                &schema,
-                &received.columns,
-                Rows::Encoded(&received.rows),
-                ConflictStrategy::Overwrite,
-                Some(&received.last_key),
-            )
+            .apply_batch(Batch {
+                connection_id: connection,
+                batch_of: None,
+                schema: &schema,
+                columns: &received.columns,
+                rows: Rows::Encoded(&received.rows),
+                strategy: ConflictStrategy::Overwrite,
+                last_key: Some(&received.last_key),
+            })
             .await
     };
     let good = received(&batch(1, "ann", 7), |_| {});
@@ -543,15 +543,15 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
         );
         let applied = db
             .store
-            .apply_batch(
-                connection,
-                None,
-                &readings,
-                &names,
-                Rows::Encoded(&batch.rows),
-                ConflictStrategy::Overwrite,
-                Some(&batch.last_key),
-            )
+            .apply_batch(Batch {
+                connection_id: connection,
+                batch_of: None,
+                schema: &readings,
+                columns: &names,
+                rows: Rows::Encoded(&batch.rows),
+                strategy: ConflictStrategy::Overwrite,
+                last_key: Some(&batch.last_key),
+            })
             .await
             .unwrap();
         assert_eq!(applied.created, 2_500);
@@ -581,13 +581,15 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
             store
                 .apply_batch_after(
                     Some(gate),
-                    connection,
-                    None,
-                    &schema,
-                    &columns,
-                    Rows::Values(&rows),
-                    ConflictStrategy::Overwrite,
-                    Some(&[Value::Int(from + 9)]),
+                    Batch {
+                        connection_id: connection,
+                        batch_of: None,
+                        schema: &schema,
+                        columns: &columns,
+                        rows: Rows::Values(&rows),
+                        strategy: ConflictStrategy::Overwrite,
+                        last_key: Some(&[Value::Int(from + 9)]),
+                    },
                 )
                 .await
         });
@@ -633,15 +635,15 @@ async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
         .map(|i| vec![Value::Int(i), Value::Text(format!("v{i}"))])
         .collect();
     let apply = || {
-        db.store.apply_batch(
-            connection,
-            None,
-            &schema,
-            &columns,
-            Rows::Values(&rows),
-            ConflictStrategy::Overwrite,
-            Some(&[Value::Int(10)]),
-        )
+        db.store.apply_batch(Batch {
+            connection_id: connection,
+            batch_of: None,
+            schema: &schema,
+            columns: &columns,
+            rows: Rows::Values(&rows),
+            strategy: ConflictStrategy::Overwrite,
+            last_key: Some(&[Value::Int(10)]),
+        })
     };
     let locker = sqlx::PgPool::connect(&db.url).await.unwrap();
     let mut lock = locker.begin().await.unwrap();

@@ -17,7 +17,7 @@ use crate::agent::Agent;
 use crate::connection::ConflictStrategy;
 use crate::error::{Error, Result};
 use crate::session::receiver::{Client, Reply};
-use crate::sink::{BatchOf, Rows};
+use crate::sink::{Batch, BatchOf, Rows};
 
 impl Agent {
     /// One pass over a table's rows: pull requests until the sender says there is no more,
@@ -183,13 +183,15 @@ impl Agent {
                                 let applied = store
                                     .apply_batch_after(
                                         previous,
-                                        connection_id,
-                                        batch_of,
-                                        schema,
-                                        &batch.columns,
-                                        Rows::Encoded(&batch.rows),
-                                        strategy,
-                                        done.last_key.as_deref(),
+                                        Batch {
+                                            connection_id,
+                                            batch_of,
+                                            schema,
+                                            columns: &batch.columns,
+                                            rows: Rows::Encoded(&batch.rows),
+                                            strategy,
+                                            last_key: done.last_key.as_deref(),
+                                        },
                                     )
                                     .await;
                                 let _ = committed.send(applied.is_ok());

@@ -1,7 +1,14 @@
 //! Values bound as statement parameters on either engine, and PostgreSQL's text forms of values
 //! (the cast path where no exact binary form fits).
 
-use super::*;
+use chrono::{DateTime, Datelike, NaiveDate, NaiveTime, Timelike};
+use dbsync_protocol::Value;
+use dbsync_protocol::columns::{Cursor, Scalar};
+use dbsync_protocol::message::columnar::Kind;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::Engine;
 
 /// `$n`, or `$n::type` on PostgreSQL so text parameters become the column's type. On SQLite an
 /// anonymous `?` (parameters are always numbered in order here): SQLite finds a named `$n` by a
@@ -324,4 +331,51 @@ pub fn pg_text(value: &Value) -> Result<Option<String>> {
         } => format!("{months} mons {days} days {micros} microseconds"),
         Value::Array(items) => array_literal(items)?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Datelike;
+
+    #[test]
+    fn postgres_text_forms() {
+        assert_eq!(pg_text(&Value::Float(0.1)).unwrap().unwrap(), "1e-1");
+        assert_eq!(
+            pg_text(&Value::Float(f64::NEG_INFINITY)).unwrap().unwrap(),
+            "-Infinity"
+        );
+        assert_eq!(
+            pg_text(&Value::Bytes(vec![0, 255])).unwrap().unwrap(),
+            "\\x00ff"
+        );
+        assert_eq!(pg_text(&Value::Date(0)).unwrap().unwrap(), "1970-01-01");
+        assert_eq!(
+            pg_text(&Value::Date(i32::MAX)).unwrap().unwrap(),
+            "infinity"
+        );
+        assert_eq!(
+            pg_text(&Value::TimestampTz(1_000_001)).unwrap().unwrap(),
+            "1970-01-01 00:00:01.000001+00"
+        );
+        assert_eq!(
+            pg_text(&Value::Time(86_399_999_999)).unwrap().unwrap(),
+            "23:59:59.999999"
+        );
+        assert_eq!(
+            pg_text(&Value::Array(vec![Value::Text("a\"b".into()), Value::Null]))
+                .unwrap()
+                .unwrap(),
+            "{\"a\\\"b\",NULL}"
+        );
+        // 44 BC: year -43 in the proleptic calendar.
+        let days = NaiveDate::from_ymd_opt(-43, 3, 15)
+            .unwrap()
+            .num_days_from_ce()
+            - 719_163;
+        assert_eq!(
+            pg_text(&Value::Date(days)).unwrap().unwrap(),
+            "0044-03-15 BC"
+        );
+    }
 }

@@ -2,7 +2,15 @@
 //! batch runs on: the path for tables that may already hold the batch's keys (`ON CONFLICT`), and
 //! the fallback of `COPY`.
 
-use super::*;
+use chrono::{DateTime, NaiveDate};
+use dbsync_protocol::Value;
+use uuid::Uuid;
+
+use super::bind::*;
+use super::{Applied, COPY_CHUNK_ROWS, Rows, locked};
+use crate::connection::ConflictStrategy;
+use crate::error::Result;
+use crate::pg_copy;
 
 /// One column of a batch as a PostgreSQL array parameter: in binary form where every value's kind
 /// matches the target column's type (nothing formatted here, nothing parsed on the server), else

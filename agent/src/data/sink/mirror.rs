@@ -2,6 +2,7 @@
 //! keys seen (and the delete that ends a mirror pull), and the incremental cursor.
 
 use super::*;
+use crate::clock::to_micros;
 
 impl Store {
     /// Ends a mirror pull of `schema.name`: deletes the local rows whose key the sender did not
