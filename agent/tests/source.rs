@@ -1,6 +1,7 @@
 //! Sources: every PostgreSQL type decoded exactly, SQLite storage classes kept, and keyset pages
 //! over a composite key covering a table exactly once, on both engines.
 
+use dbsync_agent::source::Bounds;
 use dbsync_protocol::codec::{self, Limits};
 use dbsync_protocol::message::RowBatch;
 use dbsync_protocol::{Message, Value};
@@ -175,7 +176,7 @@ async fn every_postgres_type_is_decoded_exactly() {
             let room = codec::row_batch_room(&columns);
             let mut encoded = db
                 .store
-                .read_page_encoded(&schema, &columns, None, Default::default(), None, 10, room)
+                .read_page_encoded(&schema, &columns, Default::default(), 10, room)
                 .await
                 .unwrap();
             assert_eq!(encoded.room, room);
@@ -208,9 +209,10 @@ async fn every_postgres_type_is_decoded_exactly() {
                 .read_page_encoded(
                     &schema,
                     &columns,
-                    Some(&[Value::Int(3)]),
-                    Default::default(),
-                    None,
+                    Bounds {
+                        after: Some(&[Value::Int(3)]),
+                        ..Default::default()
+                    },
                     10,
                     0,
                 )

@@ -70,6 +70,23 @@ pub struct JobOutcome {
     pub next_run_at: DateTime<Utc>,
 }
 
+/// How a scheduled run ended, as its schedule records it.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd<'a> {
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// When the next run is due.
+    pub next_run_at: DateTime<Utc>,
+    /// `completed` or `failed`.
+    pub status: &'a str,
+    /// Why it failed.
+    pub error: Option<&'a str>,
+    /// Rows it applied.
+    pub rows: i64,
+    /// What it did per table (JSON array).
+    pub tables: &'a serde_json::Value,
+}
+
 impl Store {
     /// Creates the schedules of connections that gained auto-sync (due at once) and drops the
     /// schedules of connections that lost it.
@@ -146,18 +163,20 @@ impl Store {
     }
 
     /// Records the end of a claimed run and when the next one is due; releases the claim.
-    #[allow(clippy::too_many_arguments)]
     pub async fn finish_schedule(
         &self,
         connection_id: Uuid,
         owner: &str,
-        now: DateTime<Utc>,
-        next_run_at: DateTime<Utc>,
-        status: &str,
-        error: Option<&str>,
-        rows: i64,
-        tables: &serde_json::Value,
+        run: &RunEnd<'_>,
     ) -> Result<()> {
+        let RunEnd {
+            finished_at: now,
+            next_run_at,
+            status,
+            error,
+            rows,
+            tables,
+        } = *run;
         let failed = status != "completed";
         on_pool!(self, |pool| {
             sqlx::query(
@@ -286,17 +305,16 @@ impl Agent {
                 )
             }
         };
+        let run = RunEnd {
+            finished_at: now,
+            next_run_at,
+            status,
+            error: error.as_deref(),
+            rows,
+            tables: &tables,
+        };
         self.store
-            .finish_schedule(
-                connection.id,
-                owner,
-                now,
-                next_run_at,
-                status,
-                error.as_deref(),
-                rows,
-                &tables,
-            )
+            .finish_schedule(connection.id, owner, &run)
             .await?;
         match &error {
             None => tracing::info!(connection = %connection.name, rows, "scheduled sync completed"),

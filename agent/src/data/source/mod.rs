@@ -27,6 +27,18 @@ pub struct Window<'a> {
     pub at_most: Option<&'a [Value]>,
 }
 
+/// Which rows a page may hold: after the receiver's key, inside the sender's window, and through
+/// the receiver's key filter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bounds<'a> {
+    /// Only keys after this one (the last key of the page before).
+    pub after: Option<&'a [Value]>,
+    /// The sender's own floor and ceiling.
+    pub window: Window<'a>,
+    /// Only these keys.
+    pub filter: Option<&'a KeyFilter>,
+}
+
 /// One page of rows and where the next page starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
@@ -93,17 +105,19 @@ impl Store {
     /// by column, with no [`Value`] per cell (only the last row's key is decoded), behind `room`
     /// bytes left free for the fields a frame puts before them
     /// ([`dbsync_protocol::codec::row_batch_room`]).
-    #[allow(clippy::too_many_arguments)]
     pub async fn read_page_encoded(
         &self,
         schema: &TableSchema,
         columns: &[String],
-        after: Option<&[Value]>,
-        window: Window<'_>,
-        filter: Option<&KeyFilter>,
+        bounds: Bounds<'_>,
         limit: i64,
         room: usize,
     ) -> Result<EncodedPage> {
+        let Bounds {
+            after,
+            window,
+            filter,
+        } = bounds;
         let query = PageQuery::new(schema, columns, after, window, filter)?;
         let pool = match self.pool() {
             Pool::Postgres(pool) => pool,

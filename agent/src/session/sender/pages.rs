@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::Store;
-use crate::source::{EncodedPage, Window};
+use crate::source::{Bounds, EncodedPage, Window};
 
 /// Pages read ahead of the encoder (besides the one being read).
 pub(super) const PAGES_AHEAD: usize = 1;
@@ -110,14 +110,13 @@ pub(super) async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sen
                 at_most: None,
             }
         };
-        let (schema, columns, from, filter) = (
-            &job.schema,
-            &job.columns,
-            after.as_deref(),
-            job.filter.as_ref(),
-        );
+        let bounds = Bounds {
+            after: after.as_deref(),
+            window,
+            filter: job.filter.as_ref(),
+        };
         let read = store
-            .read_page_encoded(schema, columns, from, window, filter, granted, room)
+            .read_page_encoded(&job.schema, &job.columns, bounds, granted, room)
             .await;
         let page = match read {
             Ok(page) => page,
