@@ -67,18 +67,21 @@ pub enum Error {
     Remote {
         /// The sending site.
         site: String,
-        /// Stable code (see the protocol's error codes).
-        code: String,
+        /// Its stable code (a code outside the protocol's is taken as `protocol_error`).
+        code: dbsync_protocol::session::Code,
         /// Its explanation.
         message: String,
         /// For `rate_limited`: how long to wait before asking again.
         retry_after_ms: Option<u64>,
     },
-    /// The data-plane connection failed (connect, TLS, dropped socket, malformed frame).
+    /// The data-plane session could not be held: the peer may not be dialed, its transport
+    /// was refused, or it broke the protocol. Not worth retrying as it is.
     #[error("session with {site} failed: {reason}")]
     Session {
         /// The sending site.
         site: String,
+        /// Which kind of failure.
+        fault: SessionFault,
         /// What went wrong.
         reason: String,
     },
@@ -90,6 +93,31 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// Why a data-plane session failed for good ([`Error::Session`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFault {
+    /// The peer's address is not one this agent may dial (private, unresolvable to an allowed
+    /// address, not a URL of a site).
+    PeerNotAllowed,
+    /// The transport was refused: TLS or QUIC handshake, certificate, upgrade, or no QUIC
+    /// offered when QUIC was asked for.
+    TransportRefused,
+    /// The peer broke the protocol: a frame that does not decode, a message out of place, a
+    /// batch that does not answer the request.
+    Protocol,
+}
+
+impl SessionFault {
+    /// The stable code of [`Error::Session`] with this fault.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::PeerNotAllowed => "peer_not_allowed",
+            Self::TransportRefused => "transport_refused",
+            Self::Protocol => "peer_protocol_error",
+        }
+    }
 }
 
 impl Error {
@@ -107,7 +135,7 @@ impl Error {
             Self::Config(_) => "invalid_config",
             Self::PasswordHash => "password_hash_failed",
             Self::Remote { .. } => "remote_refused",
-            Self::Session { .. } => "session_failed",
+            Self::Session { fault, .. } => fault.code(),
             Self::Unreachable { .. } => "peer_unreachable",
         }
     }

@@ -100,7 +100,7 @@ pub use agent::Agent;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
 pub use connection::{Connection, ConnectionStatus, Direction, NewConnection};
-pub use error::{Error, Result};
+pub use error::{Error, Result, SessionFault};
 pub use store::Store;
 pub use sync::pull;
 pub use transfer::{Transfer, TransferStatus};

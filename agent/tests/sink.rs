@@ -18,6 +18,7 @@ both_engines!(
     batches_read_in_place_and_bad_ones_change_nothing,
     conflict_strategies_and_checkpoints,
     schema_drift_is_named,
+    a_column_type_that_is_not_a_type_is_refused,
     copy_to_the_other_engine
 );
 
@@ -154,6 +155,75 @@ async fn postgres_to_postgres_is_exact_for_every_type() {
             .unwrap();
         assert_eq!(checkpoint.last_key, Some(vec![Value::Int(3)]));
         assert_eq!(checkpoint.rows_applied, 3);
+        target.cleanup().await;
+    })
+    .await;
+}
+
+/// The types of a real application's schema that dbsync does not model travel in their text
+/// form and come back as the same values of the same types: enums, domains, ranges, network
+/// and text-search types, `timetz`, `money`, bit strings, extension types, and arrays of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_types_dbsync_does_not_model_arrive_exactly() {
+    crate::support::run(Engine::Postgres, "sink::pg_app_types", |db| async move {
+        let types: Vec<String> = [
+            "CREATE EXTENSION IF NOT EXISTS citext",
+            "CREATE EXTENSION IF NOT EXISTS hstore",
+            "CREATE EXTENSION IF NOT EXISTS ltree",
+            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')",
+            "CREATE DOMAIN year AS integer CHECK (VALUE BETWEEN 1900 AND 2100)",
+            "CREATE DOMAIN email AS citext CHECK (VALUE LIKE '%@%')",
+        ]
+        .map(String::from)
+        .to_vec();
+        let table = "CREATE TABLE \"App Types\" (id BIGINT PRIMARY KEY, feeling mood, feelings mood[], \
+             born year, mail email, nick citext, attrs hstore, path ltree, during int4range, \
+             spans tstzrange, at_zone timetz, price money, prices money[], addr inet, net cidr, \
+             mac macaddr, flags bit(4), vflags varbit, doc tsvector, query tsquery, body xml, \
+             lsn pg_lsn, pt point, tags text[], letter \"char\")";
+        let rows = [
+            "INSERT INTO \"App Types\" VALUES (1, 'happy', '{sad,ok}', 1999, 'A@b.c', 'MiXed', \
+             'a=>1, b=>NULL', 'top.mid.leaf', '[1,10)', '[2020-01-01 00:00+00,2021-01-01 00:00+00)', \
+             '12:34:56.789+05:30', 12.34, '{1.50,-2.25}', '10.0.0.1/8', '192.168.0.0/16', \
+             '08:00:2b:01:02:03', B'1010', B'101', 'the quick:1 fox', 'fat & rat', '<a>x</a>', \
+             '16/B374D848', '(1.5,-2)', '{\"a b\",NULL}', 'x')",
+            "INSERT INTO \"App Types\" (id) VALUES (2)",
+        ];
+        let mut sender: Vec<String> = types.clone();
+        sender.push(table.into());
+        sender.extend(rows.map(String::from));
+        exec(&db, &sender).await;
+        let target = Sibling::new(&db).await;
+        // The types themselves are the receiver's (schema travel creates them: issue 23).
+        target.store.execute_batch(&types).await.unwrap();
+        let connection = connection_in(&target.store, &db).await;
+        let (schema, applied) = copy(&db.store, &target.store, connection, "App Types", 1).await;
+        assert_eq!(applied.created, 2);
+        let copied = target.store.describe_table("App Types").await.unwrap();
+        let native = |s: &TableSchema| {
+            s.columns
+                .iter()
+                .map(|c| c.native_type.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(native(&copied), native(&schema), "same column types");
+        let text = |url: String| async move {
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            let rows = sqlx::query_scalar::<_, String>(
+                "SELECT t::text FROM \"App Types\" t ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            rows
+        };
+        let (sent, arrived) = (
+            text(db.url.clone()).await,
+            text(target.postgres_url().unwrap().to_owned()).await,
+        );
+        assert_eq!(sent, arrived);
+        assert!(sent[0].contains("happy") && sent[0].contains("MiXed"), "{sent:?}");
         target.cleanup().await;
     })
     .await;
@@ -684,6 +754,47 @@ async fn schema_drift_is_named(db: TestDb) {
         !db.store.ensure_table(&schema, &columns[..2]).await.unwrap(),
         "exists already"
     );
+}
+
+/// A sender's column types are written into the receiver's `CREATE TABLE`: one that is more
+/// than a type name is refused, and nothing runs.
+async fn a_column_type_that_is_not_a_type_is_refused(db: TestDb) {
+    exec(&db, &["CREATE TABLE keep (id BIGINT PRIMARY KEY)".into()]).await;
+    let engine = if db.url.starts_with("postgres") {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    for evil in [
+        "TEXT); DROP TABLE keep; CREATE TABLE x (y TEXT",
+        "INTEGER DEFAULT (random())",
+        "TEXT CHECK (length(id) > 0)",
+    ] {
+        let schema = TableSchema {
+            name: "fresh".into(),
+            engine: engine.into(),
+            columns: vec![
+                dbsync_protocol::message::ColumnInfo {
+                    name: "id".into(),
+                    native_type: "BIGINT".into(),
+                    neutral_type: "int".into(),
+                    nullable: false,
+                },
+                dbsync_protocol::message::ColumnInfo {
+                    name: "evil".into(),
+                    native_type: evil.into(),
+                    neutral_type: "text".into(),
+                    nullable: true,
+                },
+            ],
+            primary_key: vec!["id".into()],
+        };
+        let columns: Vec<String> = vec!["id".into(), "evil".into()];
+        let err = db.store.ensure_table(&schema, &columns).await.unwrap_err();
+        assert!(err.to_string().contains("is not a type name"), "{err}");
+        assert!(db.store.describe_table("fresh").await.is_err());
+        db.store.describe_table("keep").await.unwrap();
+    }
 }
 
 async fn copy_to_the_other_engine(db: TestDb) {

@@ -117,6 +117,13 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                         eprintln!("pulling {table} (about {estimated_rows} rows)");
                     }
                 }
+                PullEvent::TableSkipped { table, reason } => {
+                    let line = format!("skipped {table}: {reason}");
+                    match &bar {
+                        Some(bar) => bar.println(line),
+                        None => eprintln!("{line}"),
+                    }
+                }
                 PullEvent::WaitingForApproval { table, transfer_id } => {
                     let line = format!(
                         "{table}: waiting for the sender's admin to approve transfer {transfer_id}"
@@ -186,5 +193,11 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     );
     let total: i64 = summary.tables.iter().map(|t| t.rows).sum();
     println!("{total} rows in {:.1} s", summary.seconds);
+    for skipped in &summary.skipped {
+        println!(
+            "skipped {} ({}): {}",
+            skipped.table, skipped.code, skipped.reason
+        );
+    }
     Ok(())
 }

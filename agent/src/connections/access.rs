@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dbsync_protocol::session::Code;
 
 use crate::audit::Actor;
 use crate::clock::SharedClock;
@@ -61,21 +62,26 @@ pub enum AccessDenied {
 }
 
 impl AccessDenied {
+    /// The protocol's code for this refusal.
+    pub fn wire_code(&self) -> Code {
+        match self {
+            Self::InvalidToken => Code::InvalidToken,
+            Self::ConnectionNotActive(_) => Code::ConnectionNotActive,
+            Self::ConnectionExpired => Code::ConnectionExpired,
+            Self::DownloadLimitExceeded => Code::DownloadLimitExceeded,
+            Self::RecordLimitExceeded => Code::RecordLimitExceeded,
+            Self::IpNotWhitelisted => Code::IpNotWhitelisted,
+            Self::OutsideAllowedHours => Code::OutsideAllowedHours,
+            Self::PasswordRequired => Code::PasswordRequired,
+            Self::InvalidPassword => Code::InvalidPassword,
+            Self::RateLimited { .. } => Code::RateLimited,
+            Self::Internal(_) => Code::InternalError,
+        }
+    }
+
     /// The stable error code of SPEC section 4.
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidToken => "invalid_token",
-            Self::ConnectionNotActive(_) => "connection_not_active",
-            Self::ConnectionExpired => "connection_expired",
-            Self::DownloadLimitExceeded => "download_limit_exceeded",
-            Self::RecordLimitExceeded => "record_limit_exceeded",
-            Self::IpNotWhitelisted => "ip_not_whitelisted",
-            Self::OutsideAllowedHours => "outside_allowed_hours",
-            Self::PasswordRequired => "password_required",
-            Self::InvalidPassword => "invalid_password",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::Internal(_) => "internal_error",
-        }
+        self.wire_code().as_str()
     }
 }
 

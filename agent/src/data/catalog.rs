@@ -54,18 +54,144 @@ pub fn check_synced_table(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The engine-neutral type of a PostgreSQL type name (`pg_type.typname`); arrays are
-/// `array<element>`. Types without a mapping are `unsupported:<name>`.
+/// Words that would turn a column's type into more than a type (a default, a constraint, a
+/// generated expression) when written after the column's name.
+const NOT_IN_A_TYPE: &[&str] = &[
+    "always",
+    "as",
+    "check",
+    "collate",
+    "constraint",
+    "default",
+    "deferrable",
+    "generated",
+    "identity",
+    "initially",
+    "key",
+    "not",
+    "null",
+    "on",
+    "primary",
+    "references",
+    "stored",
+    "unique",
+    "using",
+];
+
+/// Checks that `native` (a column type as a peer described it) is only a type name: words
+/// (bare or double-quoted, dotted for a schema), integer modifiers in parentheses, and array
+/// brackets, as PostgreSQL's `format_type` and SQLite's declared types write them
+/// (`character varying(20)[]`, `timestamp(3) with time zone`, `"My Type"`, `sales.mood`,
+/// `UNSIGNED BIG INT`). Anything else is refused before it reaches a `CREATE TABLE`: a type is
+/// written into DDL as given, so a peer's `TEXT); DROP TABLE ...` would otherwise run there.
+pub fn check_type_name(native: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::invalid(
+            "column type",
+            format!("{native:?} is not a type name ({why})"),
+        ))
+    };
+    // A SQLite column may have no declared type at all.
+    if native.is_empty() {
+        return Ok(());
+    }
+    if native.len() > 200 {
+        return refuse("longer than 200 bytes");
+    }
+    let mut chars = native.chars().peekable();
+    let mut words = 0;
+    while let Some(&c) = chars.peek() {
+        match c {
+            ' ' | '.' => {
+                chars.next();
+            }
+            '"' => {
+                chars.next();
+                let mut empty = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some(c) if c.is_alphanumeric() || c == '_' || c == ' ' || c == '$' => {
+                            empty = false;
+                        }
+                        _ => {
+                            return refuse(
+                                "a quoted name holds only letters, digits, _ and spaces",
+                            );
+                        }
+                    }
+                }
+                if empty {
+                    return refuse("an empty quoted name");
+                }
+                words += 1;
+            }
+            '(' => {
+                chars.next();
+                let mut inside = String::new();
+                loop {
+                    match chars.next() {
+                        Some(')') => break,
+                        Some(c) if c.is_ascii_digit() || c == ',' || c == ' ' || c == '-' => {
+                            inside.push(c);
+                        }
+                        _ => return refuse("type modifiers are integers"),
+                    }
+                }
+                if inside
+                    .split(',')
+                    .any(|n| n.trim().trim_start_matches('-').is_empty())
+                {
+                    return refuse("type modifiers are integers");
+                }
+            }
+            '[' => {
+                chars.next();
+                loop {
+                    match chars.next() {
+                        Some(']') => break,
+                        Some(c) if c.is_ascii_digit() => {}
+                        _ => return refuse("array bounds are integers"),
+                    }
+                }
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                let mut word = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_alphanumeric() || c == '_' || c == '$' {
+                        word.push(c);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if NOT_IN_A_TYPE.contains(&word.to_ascii_lowercase().as_str()) {
+                    return refuse(&format!("{word:?} is not part of a type"));
+                }
+                words += 1;
+            }
+            _ => return refuse(&format!("{c:?} is not part of a type")),
+        }
+    }
+    if words == 0 {
+        return refuse("no name");
+    }
+    Ok(())
+}
+
+/// The engine-neutral type of a PostgreSQL type name (`pg_type.typname`; a domain's base
+/// type); arrays are `array<element>`. A type dbsync does not model (enums, ranges, `timetz`,
+/// `inet`, `tsvector`, extension types, ...) is `text`: it travels in its text form
+/// ([`pg_read_cast`]) and is cast back to its own type on a PostgreSQL receiver.
 pub fn neutral_postgres_type(type_name: &str, element: Option<&str>) -> String {
     if let Some(element) = element {
         return format!("array<{}>", neutral_postgres_type(element, None));
     }
     match type_name {
         "bool" => "bool",
-        "int2" | "int4" | "int8" | "oid" => "int",
+        "int2" | "int4" | "int8" => "int",
         "float4" | "float8" => "float",
         "numeric" | "money" => "numeric",
-        "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => "text",
         "bytea" => "bytes",
         "uuid" => "uuid",
         "json" | "jsonb" => "json",
@@ -74,9 +200,30 @@ pub fn neutral_postgres_type(type_name: &str, element: Option<&str>) -> String {
         "timestamp" => "timestamp",
         "timestamptz" => "timestamptz",
         "interval" => "interval",
-        other => return format!("unsupported:{other}"),
+        _ => "text",
     }
     .to_owned()
+}
+
+/// PostgreSQL types whose binary form is their UTF-8 text (read as text without a cast).
+const TEXT_IN_BINARY: &[&str] = &["text", "character varying", "character", "bpchar", "citext"];
+
+/// The cast a PostgreSQL sender selects a column through so its binary form is one dbsync
+/// reads: `::text` (or `::text[]`) for every type whose neutral type is `text` but whose binary
+/// form is not text, `::numeric` for `money` (its binary form is cents in an `int8`). `""` for
+/// none. `native` is the sender's own `format_type` of the column.
+pub fn pg_read_cast(native: &str, neutral: &str) -> &'static str {
+    let array = native.ends_with("[]");
+    let base = native.trim_end_matches("[]");
+    let base = base.split('(').next().unwrap_or(base).trim();
+    let base = base.rsplit('.').next().unwrap_or(base);
+    match (neutral, array) {
+        ("numeric", false) if base == "money" => "::numeric",
+        ("array<numeric>", true) if base == "money" => "::numeric[]",
+        ("text", false) if !TEXT_IN_BINARY.contains(&base) => "::text",
+        ("array<text>", true) if !TEXT_IN_BINARY.contains(&base) => "::text[]",
+        _ => "",
+    }
 }
 
 /// The engine-neutral type of a SQLite declared column type, by SQLite's affinity rules with
@@ -162,6 +309,7 @@ pub fn keyset_query(
     keyset_query_filtered(
         table,
         columns,
+        &[],
         key,
         KeyBounds {
             after,
@@ -187,9 +335,12 @@ pub struct KeyBounds {
 /// [`keyset_query`] within `bounds` and restricted by a key filter. Parameters: the bounds'
 /// keys (see [`KeyBounds`]), then the filter's keys (a range's `from` then `to`, or every listed
 /// key), then the limit.
+/// `casts` is empty or holds a cast per column (`""` for none, else as [`pg_read_cast`] says):
+/// the column is selected as `"column"::text`, say.
 pub fn keyset_query_filtered(
     table: &str,
     columns: &[String],
+    casts: &[&str],
     key: &[String],
     bounds: KeyBounds,
     filter: Option<&KeyFilter>,
@@ -203,7 +354,14 @@ pub fn keyset_query_filtered(
     let table = quote_ident(table)?;
     let columns = columns
         .iter()
-        .map(|c| quote_ident(c))
+        .enumerate()
+        .map(|(i, c)| {
+            Ok(format!(
+                "{}{}",
+                quote_ident(c)?,
+                casts.get(i).unwrap_or(&"")
+            ))
+        })
         .collect::<Result<Vec<_>>>()?
         .join(", ");
     let key_list = key
@@ -386,15 +544,16 @@ impl Store {
             Engine::Postgres => on_pool!(self, |pool| {
                 sqlx::query_as(
                     "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS native_type, \
-                     t.typname::text AS type_name, \
-                     CASE WHEN t.typcategory = 'A' THEN et.typname::text END AS element_type, \
+                     b.typname::text AS type_name, \
+                     CASE WHEN b.typcategory = 'A' THEN et.typname::text END AS element_type, \
                      NOT a.attnotnull AS nullable, \
                      CAST(COALESCE(array_position(pk.conkey, a.attnum), 0) AS BIGINT) AS key_position \
                      FROM pg_attribute a \
                      JOIN pg_class c ON c.oid = a.attrelid \
                      JOIN pg_namespace n ON n.oid = c.relnamespace \
                      JOIN pg_type t ON t.oid = a.atttypid \
-                     LEFT JOIN pg_type et ON et.oid = t.typelem \
+                     JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+                     LEFT JOIN pg_type et ON et.oid = b.typelem \
                      LEFT JOIN pg_constraint pk ON pk.conrelid = c.oid AND pk.contype = 'p' \
                      WHERE n.nspname = current_schema() AND c.relname = $1 AND c.relkind IN ('r', 'p') \
                      AND a.attnum > 0 AND NOT a.attisdropped \
@@ -451,6 +610,43 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_type_names_reach_ddl() {
+        for ok in [
+            "integer",
+            "character varying(20)[]",
+            "timestamp(3) with time zone",
+            "numeric(10, 2)",
+            "\"My Type\"",
+            "sales.mood",
+            "\"char\"",
+            "UNSIGNED BIG INT",
+            "bit varying(5)",
+            "interval year to month",
+            "int[][]",
+            "text[3]",
+        ] {
+            assert!(check_type_name(ok).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "TEXT); DROP TABLE users; --",
+            "int DEFAULT pg_sleep(10)",
+            "integer CHECK (x > 0)",
+            "int GENERATED ALWAYS AS (1) STORED",
+            "text COLLATE \"C\"",
+            "int NOT NULL",
+            "int REFERENCES users",
+            "int(a)",
+            "\"\"",
+            " ",
+            "text -- comment",
+            "int;",
+            "text'",
+        ] {
+            assert!(check_type_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn internal_names_are_refused_in_any_spelling() {
@@ -540,10 +736,13 @@ mod tests {
         assert_eq!(neutral_postgres_type("int8", None), "int");
         assert_eq!(neutral_postgres_type("_int4", Some("int4")), "array<int>");
         assert_eq!(neutral_postgres_type("jsonb", None), "json");
-        assert_eq!(
-            neutral_postgres_type("tsvector", None),
-            "unsupported:tsvector"
-        );
+        assert_eq!(neutral_postgres_type("tsvector", None), "text");
+        assert_eq!(pg_read_cast("tsvector", "text"), "::text");
+        assert_eq!(pg_read_cast("public.mood[]", "array<text>"), "::text[]");
+        assert_eq!(pg_read_cast("character varying(20)", "text"), "");
+        assert_eq!(pg_read_cast("money", "numeric"), "::numeric");
+        assert_eq!(pg_read_cast("numeric(10,2)", "numeric"), "");
+        assert_eq!(pg_read_cast("integer", "int"), "");
         assert_eq!(neutral_sqlite_type("INTEGER"), "int");
         assert_eq!(neutral_sqlite_type("VARCHAR(20)"), "text");
         assert_eq!(neutral_sqlite_type("DATETIME"), "timestamp");

@@ -11,7 +11,7 @@ use dbsync_protocol::codec::{HEADER_LEN, Limits};
 use dbsync_protocol::columns::ReceivedBatch;
 use dbsync_protocol::message::Hello;
 use dbsync_protocol::peer::TransportOffer;
-use dbsync_protocol::session::ReceiverCore;
+use dbsync_protocol::session::{Code, ReceiverCore};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::agent::Agent;
 use crate::connection::Connection;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SessionFault};
 use crate::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
 use crate::transfer::Transport;
 
@@ -107,9 +107,11 @@ pub(crate) struct Client {
 }
 
 impl Client {
-    pub(crate) fn session_error(&self, reason: impl std::fmt::Display) -> Error {
+    /// The sender broke the protocol.
+    pub(crate) fn protocol_error(&self, reason: impl std::fmt::Display) -> Error {
         Error::Session {
             site: self.site.clone(),
+            fault: SessionFault::Protocol,
             reason: reason.to_string(),
         }
     }
@@ -140,7 +142,7 @@ impl Client {
     pub(crate) async fn recv(&mut self) -> Result<(Message, usize)> {
         match self.recv_rows().await? {
             (Reply::Message(message), wire) => Ok((message, wire)),
-            (Reply::Batch(_), _) => Err(self.session_error("unexpected RowBatch")),
+            (Reply::Batch(_), _) => Err(self.protocol_error("unexpected RowBatch")),
         }
     }
 
@@ -151,15 +153,25 @@ impl Client {
             .await
             .map_err(|_| self.broke_off("no answer for 300 s"))?;
         match next {
-            Some(Incoming::Message(Message::Error(error), _)) => Err(Error::Remote {
-                site: self.site.clone(),
-                code: error.code,
-                message: error.message,
-                retry_after_ms: error.retry_after_ms,
-            }),
+            Some(Incoming::Message(Message::Error(error), _)) => {
+                // The codes are part of the protocol version both sides agreed on.
+                let (code, message) = match Code::parse(&error.code) {
+                    Some(code) => (code, error.message),
+                    None => (
+                        Code::ProtocolError,
+                        format!("unknown error code {:?}: {}", error.code, error.message),
+                    ),
+                };
+                Err(Error::Remote {
+                    site: self.site.clone(),
+                    code,
+                    message,
+                    retry_after_ms: error.retry_after_ms,
+                })
+            }
             Some(Incoming::Message(message, wire)) => Ok((Reply::Message(message), wire)),
             Some(Incoming::Batch(batch, wire)) => Ok((Reply::Batch(batch), wire)),
-            Some(Incoming::Malformed(reason)) => Err(self.session_error(reason)),
+            Some(Incoming::Malformed(reason)) => Err(self.protocol_error(reason)),
             Some(Incoming::Failed(reason)) => Err(self.broke_off(reason)),
             None => Err(self.broke_off("the sender closed the session")),
         }
@@ -175,6 +187,7 @@ impl Agent {
     ) -> Result<(String, SocketAddr)> {
         let refused = |reason: String| Error::Session {
             site: site.to_owned(),
+            fault: SessionFault::PeerNotAllowed,
             reason,
         };
         let http = crate::peer::checked_url(site, "/db-sync/ws", self.config.allow_private_peers)
@@ -211,6 +224,7 @@ impl Agent {
         let http = crate::peer::checked_url(&site, "/db-sync/ws", self.config.allow_private_peers)
             .map_err(|e| Error::Session {
                 site: site.clone(),
+                fault: SessionFault::PeerNotAllowed,
                 reason: e.to_string(),
             })?;
         let mut ws_url = http.clone();
@@ -314,9 +328,14 @@ impl Agent {
             Err(crate::quic::ConnectError::Unreachable(reason)) => {
                 Err((true, Error::Unreachable { site, reason }))
             }
-            Err(crate::quic::ConnectError::Refused(reason)) => {
-                Err((false, Error::Session { site, reason }))
-            }
+            Err(crate::quic::ConnectError::Refused(reason)) => Err((
+                false,
+                Error::Session {
+                    site,
+                    fault: SessionFault::TransportRefused,
+                    reason,
+                },
+            )),
         }
     }
 
@@ -335,6 +354,7 @@ impl Agent {
                         .await?
                         .ok_or_else(|| Error::Session {
                             site: connection.site_url.clone(),
+                            fault: SessionFault::TransportRefused,
                             reason: "the sender offers no QUIC transport".into(),
                         })?;
                 self.open_quic(connection, &offer)
@@ -368,7 +388,7 @@ impl Agent {
         let (answer, _) = client.recv().await?;
         let max_per_request = core
             .on_welcome(&answer)
-            .map_err(|violation| client.session_error(violation))?
+            .map_err(|violation| client.protocol_error(violation))?
             .max_records_per_request
             .max(1);
         Ok((client, max_per_request))

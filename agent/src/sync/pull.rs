@@ -166,11 +166,24 @@ pub struct TableSummary {
     pub reconnects: u32,
 }
 
+/// A table a pull left out, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct SkippedTable {
+    /// Table.
+    pub table: String,
+    /// Stable code of the reason (`no_primary_key`).
+    pub code: &'static str,
+    /// The reason, naming what would work.
+    pub reason: String,
+}
+
 /// Outcome of a pull.
 #[derive(Debug, Clone, Serialize)]
 pub struct PullSummary {
     /// Per table, in the order pulled.
     pub tables: Vec<TableSummary>,
+    /// Tables left out (a keyless table in a pull of several); the others went on.
+    pub skipped: Vec<SkippedTable>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -193,6 +206,13 @@ pub enum PullEvent {
         rows: i64,
         /// Wire bytes of the batch.
         bytes_wire: i64,
+    },
+    /// A table is left out; the pull goes on with the others.
+    TableSkipped {
+        /// Table.
+        table: String,
+        /// Why.
+        reason: String,
     },
     /// The transfer waits for the sender's admin.
     WaitingForApproval {
@@ -336,7 +356,7 @@ impl Agent {
             (Message::TableList(tables), _) => tables,
             (other, _) => {
                 return Err(
-                    client.session_error(format!("expected TableList, got {:?}", other.kind()))
+                    client.protocol_error(format!("expected TableList, got {:?}", other.kind()))
                 );
             }
         };
@@ -360,7 +380,7 @@ impl Agent {
                     if !offered.iter().any(|t| &t.name == name) {
                         return Err(Error::Remote {
                             site: connection.site_url.clone(),
-                            code: Code::TableNotAllowed.as_str().into(),
+                            code: Code::TableNotAllowed,
                             message: format!("{name:?} is not offered"),
                             retry_after_ms: None,
                         });
@@ -381,6 +401,7 @@ impl Agent {
             ));
         }
         let mut summaries = Vec::new();
+        let mut skipped = Vec::new();
         for table in fk_order(&wanted) {
             let estimated_rows = wanted
                 .iter()
@@ -397,16 +418,19 @@ impl Agent {
                     let schema = match client.recv().await? {
                         (Message::TableSchema(schema), _) => {
                             ReceiverCore::check_schema(&table, &schema)
-                                .map_err(|violation| client.session_error(violation))?;
+                                .map_err(|violation| client.protocol_error(violation))?;
                             schema
                         }
                         (other, _) => {
-                            return Err(client.session_error(format!(
+                            return Err(client.protocol_error(format!(
                                 "expected TableSchema, got {:?}",
                                 other.kind()
                             )));
                         }
                     };
+                    if schema.primary_key.is_empty() {
+                        return Ok(None);
+                    }
                     let job = TableJob {
                         connection: &connection,
                         schema: &schema,
@@ -415,6 +439,7 @@ impl Agent {
                     };
                     self.pull_table(&mut client, &job, strategy, &mut on_event)
                         .await
+                        .map(Some)
                 }
                 .await;
                 match attempt {
@@ -440,6 +465,24 @@ impl Agent {
             };
             failing_since = None;
             attempts = 0;
+            // A keyless table: pages go by key, so it cannot be pulled (nor resumed) here.
+            let Some(summary) = summary else {
+                let reason = format!(
+                    "{table:?} has no primary key: dbsync pages and resumes tables by key; give \
+                     it a primary key on the sender to pull it (the other tables went on)"
+                );
+                tracing::warn!(table = %table, "skipped: no primary key");
+                on_event(PullEvent::TableSkipped {
+                    table: table.clone(),
+                    reason: reason.clone(),
+                });
+                skipped.push(SkippedTable {
+                    table,
+                    code: "no_primary_key",
+                    reason,
+                });
+                continue;
+            };
             if reconnects > 0 {
                 store_reconnects(&self.store, summary.transfer_id, reconnects).await;
             }
@@ -449,8 +492,15 @@ impl Agent {
             });
         }
         client.close().await;
+        // Nothing pulled and something left out: say so as an error (scripts see the status).
+        if summaries.is_empty()
+            && let Some(first) = skipped.first()
+        {
+            return Err(Error::invalid("table", first.reason.clone()));
+        }
         Ok(PullSummary {
             tables: summaries,
+            skipped,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

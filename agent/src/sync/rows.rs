@@ -106,10 +106,10 @@ impl Agent {
                         Ok(received) => received,
                         // Over the sender's request rate: wait as told, then ask again.
                         Err(Error::Remote {
-                            code,
+                            code: Code::RateLimited,
                             retry_after_ms,
                             ..
-                        }) if Code::parse(&code) == Some(Code::RateLimited) => {
+                        }) => {
                             let wait = Duration::from_millis(
                                 retry_after_ms.unwrap_or(1_000).clamp(100, 60_000),
                             );
@@ -135,11 +135,12 @@ impl Agent {
                             &batch.columns,
                             batch.last_key.len(),
                         )
-                        .map_err(|violation| client.session_error(violation))?;
+                        .map_err(|violation| client.protocol_error(violation))?;
                     }
                     match message {
                         Reply::Batch(batch) if pass.keys_only => {
-                            let keys = batch.rows.to_rows().map_err(|e| client.session_error(e))?;
+                            let keys =
+                                batch.rows.to_rows().map_err(|e| client.protocol_error(e))?;
                             store
                                 .stage_mirror_keys(connection.id, schema, &batch.columns, &keys)
                                 .await?;
@@ -239,7 +240,7 @@ impl Agent {
                             {
                                 return Err(Error::Remote {
                                     site: connection.site_url.clone(),
-                                    code: Code::ApprovalPending.as_str().into(),
+                                    code: Code::ApprovalPending,
                                     message: format!(
                                         "transfer {} still waits for the sender's approval",
                                         pending.transfer_id
@@ -258,7 +259,7 @@ impl Agent {
                         Reply::Message(Message::Pong(_)) => {}
                         Reply::Message(other) => {
                             return Err(
-                                client.session_error(format!("unexpected {:?}", other.kind()))
+                                client.protocol_error(format!("unexpected {:?}", other.kind()))
                             );
                         }
                     }

@@ -192,6 +192,11 @@ impl Sibling {
         }
     }
 
+    /// The PostgreSQL URL of this store, when it is on PostgreSQL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.scratch.as_ref().map(|s| s.url.as_str())
+    }
+
     /// A second store on the other engine, or `None` when PostgreSQL tests are skipped.
     pub async fn other_engine(db: &TestDb) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();

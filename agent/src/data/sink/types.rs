@@ -18,6 +18,8 @@ pub fn target_type(
         (Engine::Postgres, "postgres") | (Engine::Sqlite, "sqlite")
     );
     if same_engine {
+        // Written into the `CREATE TABLE` as given: only a type name may pass.
+        crate::catalog::check_type_name(native)?;
         return Ok(native.to_owned());
     }
     let (scalar, array) = match neutral

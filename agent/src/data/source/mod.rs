@@ -13,7 +13,7 @@ use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use futures_util::TryStreamExt;
 use sqlx::{Row, ValueRef};
 
-use crate::catalog::{KeyBounds, keyset_query_filtered};
+use crate::catalog::{KeyBounds, keyset_query_filtered, pg_read_cast};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
 
@@ -321,9 +321,25 @@ impl<'a> PageQuery<'a> {
                     })
             })
             .collect::<Result<_>>()?;
+        // Types dbsync does not model are read in their text form (money as numeric).
+        let casts: Vec<&str> = if schema.engine == "postgres" {
+            columns
+                .iter()
+                .map(|c| {
+                    schema
+                        .columns
+                        .iter()
+                        .find(|col| &col.name == c)
+                        .map_or("", |col| pg_read_cast(&col.native_type, &col.neutral_type))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let sql = keyset_query_filtered(
             &schema.name,
             columns,
+            &casts,
             &schema.primary_key,
             KeyBounds {
                 after: after.is_some(),

@@ -196,7 +196,7 @@ impl Session<'_> {
             }
             other => other.to_string(),
         };
-        let code = Code::parse(denied.code()).unwrap_or(Code::InternalError);
+        let code = denied.wire_code();
         self.refuse(code, message, retry).await
     }
 
@@ -253,7 +253,7 @@ impl Session<'_> {
         {
             Ok(connection) => connection,
             Err(denied) => {
-                let code = Code::parse(denied.code()).unwrap_or(Code::InternalError);
+                let code = denied.wire_code();
                 self.denied(denied).await?;
                 return Err(SessionEnd::Ended(code));
             }
