@@ -368,6 +368,58 @@ async fn approvals_hold_pulls_until_an_admin_decides_over(transport: TransportCh
     b.stop().await;
 }
 
+/// A keyless table (an event log) is left out of a pull of several, named in the summary with
+/// its reason, and the other tables arrive; a pull of that table alone fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_table_is_skipped_and_the_others_go_on() {
+    let Some((a, b, receiver)) = pair("pull::keyless", false, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE kept (id INTEGER PRIMARY KEY, v TEXT)".into(),
+            "INSERT INTO kept VALUES (1, 'a'), (2, 'b')".into(),
+            "CREATE TABLE event_log (at TEXT, what TEXT)".into(),
+            "INSERT INTO event_log VALUES ('now', 'x')".into(),
+        ],
+    )
+    .await;
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let pulled: Vec<(&str, i64)> = summary
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.rows))
+        .collect();
+    assert_eq!(pulled, vec![("kept", 2)]);
+    assert_eq!(summary.skipped.len(), 1);
+    assert_eq!(summary.skipped[0].table, "event_log");
+    assert_eq!(summary.skipped[0].code, "no_primary_key");
+    assert!(summary.skipped[0].reason.contains("primary key"));
+    let alone = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["event_log".into()]),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+    assert!(
+        matches!(&alone, Err(Error::Invalid { reason, .. }) if reason.contains("no primary key")),
+        "{alone:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_or_a_suspended_connection_is_refused() {
     for transport in [TransportChoice::Ws, TransportChoice::Quic] {
