@@ -614,6 +614,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
         })
         .collect(),
         primary_key: vec!["id".into()],
+        postgres: None,
     };
     while let Some(Ok(WsMessage::Binary(bytes))) = socket.next().await {
         let Ok(message) = codec::decode_exact(&bytes, &Limits::default()) else {

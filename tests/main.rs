@@ -12,5 +12,6 @@ mod peer;
 mod pull;
 mod quic;
 mod schedule;
+mod schema;
 mod serve;
 mod strategies;

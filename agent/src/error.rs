@@ -62,6 +62,16 @@ pub enum Error {
     /// Hashing a password failed (out of memory, or bad parameters).
     #[error("password hashing failed")]
     PasswordHash,
+    /// A table needs a PostgreSQL extension this database lacks.
+    #[error(
+        "table {table:?} needs the PostgreSQL extension {extension:?}: run CREATE EXTENSION \"{extension}\"; in this database, then pull again"
+    )]
+    MissingExtension {
+        /// The table.
+        table: String,
+        /// The extension.
+        extension: String,
+    },
     /// The sending site refused or failed a data-plane request, with its stable code.
     #[error("{site} refused: {code}: {message}")]
     Remote {
@@ -135,6 +145,7 @@ impl Error {
             Self::Config(_) => "invalid_config",
             Self::PasswordHash => "password_hash_failed",
             Self::Remote { .. } => "remote_refused",
+            Self::MissingExtension { .. } => "missing_extension",
             Self::Session { fault, .. } => fault.code(),
             Self::Unreachable { .. } => "peer_unreachable",
         }

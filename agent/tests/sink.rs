@@ -788,6 +788,7 @@ async fn a_column_type_that_is_not_a_type_is_refused(db: TestDb) {
                 },
             ],
             primary_key: vec!["id".into()],
+            postgres: None,
         };
         let columns: Vec<String> = vec!["id".into(), "evil".into()];
         let err = db.store.ensure_table(&schema, &columns).await.unwrap_err();

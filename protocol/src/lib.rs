@@ -29,10 +29,12 @@ pub use value::Value;
 
 /// Protocol versions this build speaks, oldest first. Version 2 sends a row batch's rows
 /// column-major (`message::columnar`); version 1 sent them row by row and is no longer spoken.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2];
+/// Version 3 adds `TableSchema::postgres` (types, extensions, sequences); a version 2 session
+/// never carries it.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 2;
+pub const CURRENT_VERSION: u16 = 3;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {

@@ -150,6 +150,94 @@ pub struct TableSchema {
     pub columns: Vec<ColumnInfo>,
     /// Primary key columns, in key order.
     pub primary_key: Vec<String>,
+    /// What a PostgreSQL receiver needs besides the columns to make the table usable: the user
+    /// types and extensions its columns use, and its sequences (version 3 and later; absent
+    /// before, and from a SQLite sender).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSchema>,
+}
+
+/// The parts of a PostgreSQL table's schema a receiver rebuilds, as data (never SQL text): a
+/// receiver writes every statement itself, from names it quotes and types it checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresSchema {
+    /// Extensions that provide a type a column uses (`hstore`, `citext`, ...).
+    pub extensions: Vec<String>,
+    /// The user types the columns use, each after the types it uses.
+    pub types: Vec<UserType>,
+    /// Sequences that give a column its values (serial and identity columns).
+    pub sequences: Vec<ColumnSequence>,
+}
+
+/// A user-defined type, as its definition's parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserType {
+    /// `CREATE TYPE name AS ENUM (labels...)`.
+    Enum {
+        /// Type name (`format_type`: schema-qualified when outside the search path).
+        name: String,
+        /// Labels in sort order.
+        labels: Vec<String>,
+    },
+    /// `CREATE TYPE name AS (attribute type, ...)`.
+    Composite {
+        /// Type name.
+        name: String,
+        /// Attributes: name and type.
+        attributes: Vec<(String, String)>,
+    },
+    /// `CREATE TYPE name AS RANGE (SUBTYPE = subtype)`.
+    Range {
+        /// Type name.
+        name: String,
+        /// Element type.
+        subtype: String,
+    },
+    /// `CREATE DOMAIN name AS base [NOT NULL]` (its CHECK constraints are SQL and do not travel).
+    Domain {
+        /// Type name.
+        name: String,
+        /// Base type.
+        base: String,
+        /// NOT NULL.
+        not_null: bool,
+    },
+}
+
+impl UserType {
+    /// The type's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Enum { name, .. }
+            | Self::Composite { name, .. }
+            | Self::Range { name, .. }
+            | Self::Domain { name, .. } => name,
+        }
+    }
+}
+
+/// A sequence that gives a column its values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnSequence {
+    /// The column.
+    pub column: String,
+    /// `always` or `by default` for an identity column; `None` for a serial column (a sequence
+    /// owned by the column and its `nextval` default).
+    pub identity: Option<String>,
+    /// The sequence's type (`bigint`, `integer`, `smallint`).
+    pub data_type: String,
+    /// Increment.
+    pub increment: i64,
+    /// Smallest value.
+    pub min_value: i64,
+    /// Largest value.
+    pub max_value: i64,
+    /// First value.
+    pub start: i64,
+    /// Wraps around at the end.
+    pub cycle: bool,
+    /// The last value handed out on the sender, if any.
+    pub last_value: Option<i64>,
 }
 
 /// A request for rows of one table, in key order after `after_key`.

@@ -456,6 +456,19 @@ impl ReceiverCore {
                 ));
             }
         }
+        if let Some(extras) = &schema.postgres {
+            if extras.types.len() > 200 || extras.extensions.len() > 64 {
+                return fail(format!("{table:?} is described with too many types"));
+            }
+            for sequence in &extras.sequences {
+                if !names.contains(sequence.column.as_str()) {
+                    return fail(format!(
+                        "{table:?} is described with a sequence for column {:?}, which it lacks",
+                        sequence.column
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -697,6 +710,7 @@ mod tests {
             engine: "sqlite".into(),
             columns: columns.iter().map(|c| column(c)).collect(),
             primary_key: key.iter().map(|k| (*k).to_owned()).collect(),
+            postgres: None,
         };
         assert!(ReceiverCore::check_schema("t1", &schema("t1", &["id"], &["id"])).is_ok());
         for bad in [

@@ -603,6 +603,7 @@ impl Store {
             engine: self.engine_name().to_owned(),
             columns,
             primary_key: key.into_iter().map(|(_, name)| name).collect(),
+            postgres: None,
         })
     }
 }

@@ -156,6 +156,7 @@ mod tests {
                 })
                 .collect(),
             primary_key: key.iter().map(|(name, _)| (*name).to_owned()).collect(),
+            postgres: None,
         }
     }
 

@@ -437,9 +437,12 @@ impl Agent {
                         max_per_request,
                         options,
                     };
-                    self.pull_table(&mut client, &job, strategy, &mut on_event)
-                        .await
-                        .map(Some)
+                    let summary = self
+                        .pull_table(&mut client, &job, strategy, &mut on_event)
+                        .await?;
+                    // The copy takes inserts at once: its sequences reach the sender's values.
+                    self.store.follow_sequences(&schema).await?;
+                    Ok(Some(summary))
                 }
                 .await;
                 match attempt {

@@ -37,7 +37,16 @@ pub(super) fn insert_query<'a>(
 ) -> (String, Vec<&'a Value>) {
     let mut params = Vec::with_capacity(rows.len() * quoted.len());
     // Written straight into one string: a 3,000-row SQLite statement has 30,000 placeholders.
-    let mut sql = format!("INSERT INTO {table} ({}) VALUES ", quoted.join(", "));
+    // The sender's values go in as they are, into `GENERATED ALWAYS` identity columns too.
+    let overriding = if engine == Engine::Postgres {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    let mut sql = format!(
+        "INSERT INTO {table} ({}){overriding} VALUES ",
+        quoted.join(", ")
+    );
     sql.reserve(rows.len() * (quoted.len() * 3 + 4) + conflict.len());
     for (i, row) in rows.iter().enumerate() {
         sql.push_str(if i == 0 { "(" } else { ", (" });

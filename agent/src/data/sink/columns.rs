@@ -349,7 +349,7 @@ pub(super) async fn insert_columns(
         let filter = if conflict.is_empty() { "" } else { &unchanged };
         format!(
             "WITH src AS (SELECT {} FROM unnest({}) AS s({})){staged}, \
-             moved AS (INSERT INTO {} ({columns}) SELECT {columns} FROM src{filter}{conflict} RETURNING (xmax = 0) AS inserted) \
+             moved AS (INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE SELECT {columns} FROM src{filter}{conflict} RETURNING (xmax = 0) AS inserted) \
              SELECT CAST(COUNT(*) FILTER (WHERE inserted) AS BIGINT) FROM moved",
             projections.join(", "),
             parameters.join(", "),

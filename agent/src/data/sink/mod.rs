@@ -285,6 +285,8 @@ impl Store {
                 }
             }
             Err(Error::NotFound { .. }) => {
+                // The extensions and user types its columns use, first (PostgreSQL).
+                self.prepare_postgres_types(schema).await?;
                 let mut definitions = Vec::new();
                 for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
                     let ty = target_type(
@@ -294,7 +296,21 @@ impl Store {
                         &column.neutral_type,
                     )?;
                     let not_null = if column.nullable { "" } else { " NOT NULL" };
-                    definitions.push(format!("{} {ty}{not_null}", quote_ident(&column.name)?));
+                    let identity = match (self.pool(), &schema.postgres) {
+                        (Pool::Postgres(_), Some(extras)) => extras
+                            .sequences
+                            .iter()
+                            .find(|s| s.column == column.name)
+                            .map(crate::pg_schema::identity_clause)
+                            .transpose()?
+                            .flatten()
+                            .unwrap_or_default(),
+                        _ => String::new(),
+                    };
+                    definitions.push(format!(
+                        "{} {ty}{not_null}{identity}",
+                        quote_ident(&column.name)?
+                    ));
                 }
                 if !schema.primary_key.is_empty() {
                     let key = schema
@@ -313,6 +329,7 @@ impl Store {
                     Pool::Postgres(pool) => postgres::PgSink(pool).create_table(sql).await?,
                     Pool::Sqlite(pool) => sqlite::SqliteSink(pool).create_table(sql).await?,
                 }
+                self.add_serial_sequences(schema).await?;
                 tracing::info!(table = %schema.name, "created table from the sender's schema");
                 Ok(true)
             }

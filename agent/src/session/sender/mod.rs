@@ -311,7 +311,17 @@ impl Session<'_> {
                     self.send(&Message::TableList(offered)).await?;
                 }
                 Message::DescribeTable(table) => {
-                    if let Some(schema) = self.offered_schema(&connection, &table).await? {
+                    if let Some(mut schema) = self.offered_schema(&connection, &table).await? {
+                        // Version 3 carries what a PostgreSQL receiver rebuilds besides columns.
+                        if version >= 3 {
+                            schema.postgres = match self.agent.store.postgres_schema(&table).await {
+                                Ok(extras) => extras,
+                                Err(err) => {
+                                    tracing::warn!(table = %table, error = %err, "cannot read the table's types and sequences; describing its columns only");
+                                    None
+                                }
+                            };
+                        }
                         self.send(&Message::TableSchema(schema)).await?;
                     }
                 }
