@@ -167,6 +167,66 @@ pub struct PostgresSchema {
     pub types: Vec<UserType>,
     /// Sequences that give a column its values (serial and identity columns).
     pub sequences: Vec<ColumnSequence>,
+    /// Column defaults (other than a serial column's), as PostgreSQL prints them. A receiver
+    /// keeps only those it can check are constants or a known function without arguments.
+    #[serde(default)]
+    pub defaults: Vec<ColumnDefault>,
+    /// Secondary indexes and UNIQUE constraints over plain columns (no expressions, predicates,
+    /// INCLUDE columns, sort options or non-default operator classes).
+    #[serde(default)]
+    pub indexes: Vec<IndexDef>,
+    /// Foreign keys of the table.
+    #[serde(default)]
+    pub foreign_keys: Vec<ForeignKeyDef>,
+}
+
+/// A column's default expression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnDefault {
+    /// The column.
+    pub column: String,
+    /// The expression, as `pg_get_expr` prints it.
+    pub expression: String,
+}
+
+/// An index over plain columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexDef {
+    /// Index (or constraint) name.
+    pub name: String,
+    /// Access method: `btree`, `hash`, `gin`, `gist`, `brin` or `spgist`.
+    pub method: String,
+    /// Key columns in order.
+    pub columns: Vec<String>,
+    /// Unique.
+    pub unique: bool,
+    /// It backs a UNIQUE constraint (made as the constraint).
+    pub constraint: bool,
+}
+
+/// A foreign key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignKeyDef {
+    /// Constraint name.
+    pub name: String,
+    /// Referencing columns.
+    pub columns: Vec<String>,
+    /// Referenced table (in the same schema).
+    pub references: String,
+    /// Referenced columns.
+    pub referenced_columns: Vec<String>,
+    /// `ON UPDATE` action: `a` no action, `r` restrict, `c` cascade, `n` set null, `d` set default.
+    pub on_update: String,
+    /// `ON DELETE` action, as `on_update`.
+    pub on_delete: String,
+    /// `MATCH FULL`.
+    pub match_full: bool,
+    /// `DEFERRABLE`.
+    pub deferrable: bool,
+    /// `INITIALLY DEFERRED`.
+    pub initially_deferred: bool,
+    /// Validated on the sender (else `NOT VALID` there).
+    pub validated: bool,
 }
 
 /// A user-defined type, as its definition's parts.

@@ -193,6 +193,9 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     );
     let total: i64 = summary.tables.iter().map(|t| t.rows).sum();
     println!("{total} rows in {:.1} s", summary.seconds);
+    for warning in &summary.warnings {
+        println!("warning: {warning}");
+    }
     for skipped in &summary.skipped {
         println!(
             "skipped {} ({}): {}",

@@ -6,7 +6,9 @@
 //! from names it quotes and types it checks ([`crate::catalog::check_type_name`]); no SQL text of
 //! the sender's runs here. So a domain's CHECK constraints and other expressions do not travel.
 
-use dbsync_protocol::message::{ColumnSequence, PostgresSchema, TableSchema, UserType};
+use dbsync_protocol::message::{
+    ColumnDefault, ColumnSequence, ForeignKeyDef, IndexDef, PostgresSchema, TableSchema, UserType,
+};
 
 use crate::catalog::{check_type_name, quote_ident};
 use crate::error::{Error, Result};
@@ -99,6 +101,105 @@ impl Store {
                     cycle,
                     last_value: last,
                 }
+            },
+        )
+        .collect();
+        out.defaults = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(format!(
+            "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+             WHERE d.adrelid = {TABLE_OID} AND a.attgenerated = '' ORDER BY a.attnum"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(column, expression)| ColumnDefault { column, expression })
+        .collect();
+        // Plain indexes only: key columns, no expression, predicate, INCLUDE, sort option or
+        // operator class other than the type's default.
+        out.indexes = sqlx::query_as::<_, (String, String, Vec<String>, bool, bool)>(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT ic.relname::text, am.amname::text, \
+                 ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord), \
+                 i.indisunique, COALESCE(con.contype = 'u', false) \
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+                 JOIN pg_am am ON am.oid = ic.relam \
+                 LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+                 WHERE i.indrelid = {TABLE_OID} AND NOT i.indisprimary \
+                 AND i.indexprs IS NULL AND i.indpred IS NULL AND i.indnatts = i.indnkeyatts \
+                 AND 0 <> ALL (i.indkey::int2[]) AND 0 = ALL (i.indoption::int2[]) \
+                 AND (con.contype IS NULL OR con.contype = 'u') \
+                 AND NOT EXISTS (SELECT 1 FROM unnest(i.indclass::oid[]) c(oid) \
+                                 JOIN pg_opclass o ON o.oid = c.oid WHERE NOT o.opcdefault) \
+                 ORDER BY ic.relname"
+            )),
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(name, method, columns, unique, constraint)| IndexDef {
+            name,
+            method,
+            columns,
+            unique,
+            constraint,
+        })
+        .collect();
+        type FkRow = (
+            String,
+            Vec<String>,
+            String,
+            Vec<String>,
+            String,
+            String,
+            bool,
+            bool,
+            bool,
+            bool,
+        );
+        out.foreign_keys = sqlx::query_as::<_, FkRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT con.conname::text, \
+             ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord) \
+                   JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord), \
+             r.relname::text, \
+             ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord) \
+                   JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord), \
+             con.confupdtype::text, con.confdeltype::text, con.confmatchtype = 'f', \
+             con.condeferrable, con.condeferred, con.convalidated \
+             FROM pg_constraint con JOIN pg_class r ON r.oid = con.confrelid \
+             JOIN pg_namespace rn ON rn.oid = r.relnamespace \
+             WHERE con.conrelid = {TABLE_OID} AND con.contype = 'f' AND rn.nspname = current_schema() \
+             ORDER BY con.conname"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(
+            |(
+                name,
+                columns,
+                references,
+                referenced_columns,
+                on_update,
+                on_delete,
+                match_full,
+                deferrable,
+                initially_deferred,
+                validated,
+            )| ForeignKeyDef {
+                name,
+                columns,
+                references,
+                referenced_columns,
+                on_update,
+                on_delete,
+                match_full,
+                deferrable,
+                initially_deferred,
+                validated,
             },
         )
         .collect();
@@ -400,5 +501,355 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// Functions without arguments a column default may call and still travel.
+const DEFAULT_FUNCTIONS: &[&str] = &[
+    "now()",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtimestamp",
+    "localtime",
+    "statement_timestamp()",
+    "transaction_timestamp()",
+    "clock_timestamp()",
+    "gen_random_uuid()",
+    "uuid_generate_v4()",
+];
+
+/// Whether `expression` (a default as `pg_get_expr` prints it) is one a receiver writes as
+/// given: a number, a string, `true`, `false` or `NULL`, or one of [`DEFAULT_FUNCTIONS`], each
+/// optionally in parentheses and cast to a type name (`'active'::character varying`,
+/// `'{}'::jsonb`, `(-1)`). Anything else is SQL of the sender's and does not travel.
+pub fn is_plain_default(expression: &str) -> bool {
+    let mut rest = expression.trim();
+    while let Some(inner) = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        rest = inner.trim();
+    }
+    // One value, then casts.
+    let (value, casts) = if let Some(after) = rest.strip_prefix('\'') {
+        // A string literal: '' is a quote inside it.
+        let bytes = after.as_bytes();
+        let mut i = 0;
+        loop {
+            match bytes.get(i) {
+                None => return false,
+                Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                Some(b'\'') => break,
+                Some(_) => i += 1,
+            }
+        }
+        (true, &after[i + 1..])
+    } else {
+        let end = rest.find("::").unwrap_or(rest.len());
+        let (value, casts) = rest.split_at(end);
+        let value = value.trim();
+        let lower = value.to_ascii_lowercase();
+        let number = {
+            let digits = value.strip_prefix('-').unwrap_or(value);
+            !digits.is_empty()
+                && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+                && digits.chars().filter(|c| *c == '.').count() <= 1
+        };
+        let known = number
+            || matches!(lower.as_str(), "true" | "false" | "null")
+            || DEFAULT_FUNCTIONS.contains(&lower.as_str());
+        (known, casts)
+    };
+    if !value {
+        return false;
+    }
+    casts
+        .split("::")
+        .skip(1)
+        .all(|ty| check_type_name(ty.trim()).is_ok())
+        && (casts.is_empty() || casts.starts_with("::"))
+}
+
+/// The `ON UPDATE`/`ON DELETE` action a catalog letter stands for.
+fn fk_action(letter: &str) -> Result<&'static str> {
+    Ok(match letter {
+        "a" => "NO ACTION",
+        "r" => "RESTRICT",
+        "c" => "CASCADE",
+        "n" => "SET NULL",
+        "d" => "SET DEFAULT",
+        other => {
+            return Err(Error::invalid(
+                "schema",
+                format!("{other:?} is not a foreign key action"),
+            ));
+        }
+    })
+}
+
+/// Quoted, comma-separated names.
+fn name_list(names: &[String]) -> Result<String> {
+    if names.is_empty() {
+        return Err(Error::invalid("schema", "an empty column list"));
+    }
+    Ok(names
+        .iter()
+        .map(|n| quote_ident(n))
+        .collect::<Result<Vec<_>>>()?
+        .join(", "))
+}
+
+/// The statement that makes `index` on `table`, from its parts.
+pub fn index_sql(table: &str, index: &IndexDef) -> Result<String> {
+    const METHODS: &[&str] = &["btree", "hash", "gin", "gist", "brin", "spgist"];
+    if !METHODS.contains(&index.method.as_str()) {
+        return Err(Error::invalid(
+            "schema",
+            format!("{:?} is not an index method dbsync creates", index.method),
+        ));
+    }
+    let columns = name_list(&index.columns)?;
+    let name = quote_ident(&index.name)?;
+    let table = quote_ident(table)?;
+    Ok(if index.constraint {
+        format!("ALTER TABLE {table} ADD CONSTRAINT {name} UNIQUE ({columns})")
+    } else {
+        let unique = if index.unique { "UNIQUE " } else { "" };
+        format!(
+            "CREATE {unique}INDEX {name} ON {table} USING {} ({columns})",
+            index.method
+        )
+    })
+}
+
+/// The statement that adds `key` to `table` as `NOT VALID` (validated after, when it was on the
+/// sender).
+pub fn foreign_key_sql(table: &str, key: &ForeignKeyDef) -> Result<String> {
+    if crate::catalog::is_internal_table(&key.references) {
+        return Err(Error::invalid(
+            "schema",
+            format!("{:?} is reserved and never referenced", key.references),
+        ));
+    }
+    if key.columns.len() != key.referenced_columns.len() {
+        return Err(Error::invalid(
+            "schema",
+            format!("foreign key {:?} has unequal column lists", key.name),
+        ));
+    }
+    Ok(format!(
+        "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} ON UPDATE {} ON DELETE {}{}{} NOT VALID",
+        quote_ident(table)?,
+        quote_ident(&key.name)?,
+        name_list(&key.columns)?,
+        quote_ident(&key.references)?,
+        name_list(&key.referenced_columns)?,
+        if key.match_full { " MATCH FULL" } else { "" },
+        fk_action(&key.on_update)?,
+        fk_action(&key.on_delete)?,
+        if key.deferrable { " DEFERRABLE" } else { "" },
+        if key.initially_deferred {
+            " INITIALLY DEFERRED"
+        } else {
+            ""
+        },
+    ))
+}
+
+/// Whether `table` here has a constraint or index named `name`.
+async fn has_relation_or_constraint(pool: &sqlx::PgPool, table: &str, name: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
+           JOIN pg_namespace n ON n.oid = c.relnamespace \
+           WHERE n.nspname = current_schema() AND c.relname = $1 AND con.conname = $2) \
+         OR EXISTS (SELECT 1 FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace \
+           WHERE n.nspname = current_schema() AND i.relname = $2)",
+    )
+    .bind(table)
+    .bind(name)
+    .fetch_one(pool)
+    .await?)
+}
+
+impl Store {
+    /// After the rows of a table dbsync created are in: its secondary indexes and UNIQUE
+    /// constraints, each unless one of that name is already here. One that cannot be made
+    /// (rows that break a UNIQUE the sender's rows kept, say) is reported and skipped.
+    pub async fn add_indexes(&self, schema: &TableSchema) -> Result<Vec<String>> {
+        let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
+            return Ok(Vec::new());
+        };
+        let mut skipped = Vec::new();
+        for index in &extras.indexes {
+            if has_relation_or_constraint(pool, &schema.name, &index.name).await? {
+                continue;
+            }
+            let sql = index_sql(&schema.name, index)?;
+            if let Err(err) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await {
+                tracing::warn!(table = %schema.name, index = %index.name, error = %err, "index not created");
+                skipped.push(format!("index {}: {err}", index.name));
+            }
+        }
+        Ok(skipped)
+    }
+
+    /// After every table of a pull is in: the foreign keys of `schema.name`, each unless one of
+    /// that name is here, added `NOT VALID` and then validated when the sender's was. A key
+    /// whose table is not here, or whose rows do not hold, is reported and skipped.
+    pub async fn add_foreign_keys(&self, schema: &TableSchema) -> Result<Vec<String>> {
+        let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
+            return Ok(Vec::new());
+        };
+        let mut skipped = Vec::new();
+        for key in &extras.foreign_keys {
+            if has_relation_or_constraint(pool, &schema.name, &key.name).await? {
+                continue;
+            }
+            let sql = foreign_key_sql(&schema.name, key)?;
+            let added = async {
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+                if key.validated {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+                        quote_ident(&schema.name)?,
+                        quote_ident(&key.name)?
+                    )))
+                    .execute(pool)
+                    .await?;
+                }
+                Ok::<_, Error>(())
+            }
+            .await;
+            if let Err(err) = added {
+                tracing::warn!(table = %schema.name, key = %key.name, error = %err, "foreign key not added or not validated");
+                skipped.push(format!("foreign key {}: {err}", key.name));
+            }
+        }
+        Ok(skipped)
+    }
+}
+
+impl Store {
+    /// Remembers that `table`, created here by a pull of `connection_id`, still needs its
+    /// indexes and foreign keys.
+    pub async fn mark_schema_pending(&self, connection_id: uuid::Uuid, table: &str) -> Result<()> {
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO dbsync_schema_pending (connection_id, table_name) VALUES ($1, $2) \
+                 ON CONFLICT (connection_id, table_name) DO NOTHING",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Whether `table` still needs its indexes and foreign keys.
+    pub async fn schema_pending(&self, connection_id: uuid::Uuid, table: &str) -> Result<bool> {
+        Ok(crate::store::on_pool!(self, |pool| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM dbsync_schema_pending WHERE connection_id = $1 AND table_name = $2",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .fetch_one(pool)
+            .await?
+        }) > 0)
+    }
+
+    /// `table` has its indexes and foreign keys.
+    pub async fn clear_schema_pending(&self, connection_id: uuid::Uuid, table: &str) -> Result<()> {
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "DELETE FROM dbsync_schema_pending WHERE connection_id = $1 AND table_name = $2",
+            )
+            .bind(connection_id)
+            .bind(table)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_defaults_travel() {
+        for ok in [
+            "0",
+            "(-1)",
+            "1.5",
+            "'active'::character varying",
+            "'{}'::jsonb",
+            "'it''s'::text",
+            "true",
+            "NULL::integer",
+            "now()",
+            "CURRENT_TIMESTAMP",
+            "gen_random_uuid()",
+            "'2020-01-01'::date",
+        ] {
+            assert!(is_plain_default(ok), "{ok:?}");
+        }
+        for bad in [
+            "nextval('t_id_seq'::regclass)",
+            "pg_sleep(10)",
+            "(now() + '1 day'::interval)",
+            "'a'::text || 'b'",
+            "'unterminated",
+            "lower('A'::text)",
+            "1; DROP TABLE t",
+            "'x'::text); DROP TABLE t; --",
+        ] {
+            assert!(!is_plain_default(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn index_and_foreign_key_statements_are_built_from_parts() {
+        let index = IndexDef {
+            name: "by email".into(),
+            method: "btree".into(),
+            columns: vec!["email".into()],
+            unique: true,
+            constraint: false,
+        };
+        assert_eq!(
+            index_sql("users", &index).unwrap(),
+            "CREATE UNIQUE INDEX \"by email\" ON \"users\" USING btree (\"email\")"
+        );
+        let bad = IndexDef {
+            method: "btree; DROP TABLE users".into(),
+            ..index
+        };
+        assert!(index_sql("users", &bad).is_err());
+        let key = ForeignKeyDef {
+            name: "fk".into(),
+            columns: vec!["user_id".into()],
+            references: "users".into(),
+            referenced_columns: vec!["id".into()],
+            on_update: "a".into(),
+            on_delete: "c".into(),
+            match_full: false,
+            deferrable: true,
+            initially_deferred: true,
+            validated: true,
+        };
+        assert!(foreign_key_sql("orders", &key).unwrap().ends_with(
+            "ON UPDATE NO ACTION ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED NOT VALID"
+        ));
+        let reserved = ForeignKeyDef {
+            references: "dbsync_connections".into(),
+            ..key.clone()
+        };
+        assert!(foreign_key_sql("orders", &reserved).is_err());
+        let odd = ForeignKeyDef {
+            on_delete: "x".into(),
+            ..key
+        };
+        assert!(foreign_key_sql("orders", &odd).is_err());
     }
 }

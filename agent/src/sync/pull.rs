@@ -184,6 +184,9 @@ pub struct PullSummary {
     pub tables: Vec<TableSummary>,
     /// Tables left out (a keyless table in a pull of several); the others went on.
     pub skipped: Vec<SkippedTable>,
+    /// Parts of a created table's schema that could not be made here (an index, a foreign
+    /// key), each with the reason; the rows are in.
+    pub warnings: Vec<String>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -402,6 +405,9 @@ impl Agent {
         }
         let mut summaries = Vec::new();
         let mut skipped = Vec::new();
+        let mut warnings = Vec::new();
+        // Tables whose foreign keys are made once every table of the pull is in.
+        let mut completed = Vec::new();
         for table in fk_order(&wanted) {
             let estimated_rows = wanted
                 .iter()
@@ -442,7 +448,7 @@ impl Agent {
                         .await?;
                     // The copy takes inserts at once: its sequences reach the sender's values.
                     self.store.follow_sequences(&schema).await?;
-                    Ok(Some(summary))
+                    Ok(Some((summary, schema)))
                 }
                 .await;
                 match attempt {
@@ -469,7 +475,7 @@ impl Agent {
             failing_since = None;
             attempts = 0;
             // A keyless table: pages go by key, so it cannot be pulled (nor resumed) here.
-            let Some(summary) = summary else {
+            let Some((summary, schema)) = summary else {
                 let reason = format!(
                     "{table:?} has no primary key: dbsync pages and resumes tables by key; give \
                      it a primary key on the sender to pull it (the other tables went on)"
@@ -489,12 +495,28 @@ impl Agent {
             if reconnects > 0 {
                 store_reconnects(&self.store, summary.transfer_id, reconnects).await;
             }
+            // A table this pull (or an interrupted one before it) created: its indexes now its
+            // rows are in.
+            if self
+                .store
+                .schema_pending(connection.id, &schema.name)
+                .await?
+            {
+                warnings.extend(self.store.add_indexes(&schema).await?);
+                completed.push(schema);
+            }
             summaries.push(TableSummary {
                 reconnects,
                 ..summary
             });
         }
         client.close().await;
+        for schema in &completed {
+            warnings.extend(self.store.add_foreign_keys(schema).await?);
+            self.store
+                .clear_schema_pending(connection.id, &schema.name)
+                .await?;
+        }
         // Nothing pulled and something left out: say so as an error (scripts see the status).
         if summaries.is_empty()
             && let Some(first) = skipped.first()
@@ -504,6 +526,7 @@ impl Agent {
         Ok(PullSummary {
             tables: summaries,
             skipped,
+            warnings,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -550,6 +573,11 @@ impl Agent {
             None
         };
         let created_table = store.ensure_table(schema, &columns).await?;
+        if created_table && schema.postgres.is_some() {
+            store
+                .mark_schema_pending(connection.id, &schema.name)
+                .await?;
+        }
         // Resume an interrupted pull of this table, or start from the beginning.
         let mut after: Option<Vec<Value>> = None;
         let mut remote_transfer: Option<String> = None;

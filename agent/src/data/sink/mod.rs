@@ -296,19 +296,34 @@ impl Store {
                         &column.neutral_type,
                     )?;
                     let not_null = if column.nullable { "" } else { " NOT NULL" };
-                    let identity = match (self.pool(), &schema.postgres) {
-                        (Pool::Postgres(_), Some(extras)) => extras
-                            .sequences
-                            .iter()
-                            .find(|s| s.column == column.name)
-                            .map(crate::pg_schema::identity_clause)
-                            .transpose()?
-                            .flatten()
-                            .unwrap_or_default(),
-                        _ => String::new(),
+                    let (identity, default) = match (self.pool(), &schema.postgres) {
+                        (Pool::Postgres(_), Some(extras)) => {
+                            let sequence =
+                                extras.sequences.iter().find(|s| s.column == column.name);
+                            let identity = sequence
+                                .map(crate::pg_schema::identity_clause)
+                                .transpose()?
+                                .flatten()
+                                .unwrap_or_default();
+                            // A serial column's default comes with its sequence.
+                            let default = extras
+                                .defaults
+                                .iter()
+                                .find(|d| d.column == column.name && sequence.is_none())
+                                .and_then(|d| {
+                                    let plain = crate::pg_schema::is_plain_default(&d.expression);
+                                    if !plain {
+                                        tracing::warn!(table = %schema.name, column = %column.name, "column default is not a constant or a known function; not created");
+                                    }
+                                    plain.then(|| format!(" DEFAULT {}", d.expression))
+                                })
+                                .unwrap_or_default();
+                            (identity, default)
+                        }
+                        _ => (String::new(), String::new()),
                     };
                     definitions.push(format!(
-                        "{} {ty}{not_null}{identity}",
+                        "{} {ty}{not_null}{default}{identity}",
                         quote_ident(&column.name)?
                     ));
                 }
