@@ -194,3 +194,102 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_only_creates_the_tables_and_moves_no_row() {
+    let Some((a, b, receiver)) = pair("schema::only", true, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(&a, &app_schema()).await;
+    exec(&b, &["CREATE EXTENSION IF NOT EXISTS hstore".into()]).await;
+    let options = PullOptions {
+        schema_only: true,
+        ..Default::default()
+    };
+    let summary = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    assert_eq!(summary.tables.len(), 3, "{summary:?}");
+    assert!(
+        summary
+            .tables
+            .iter()
+            .all(|t| t.created_table && t.rows == 0)
+    );
+    assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
+    assert_eq!(dump(&a.database_url).await, dump(&b.database_url).await);
+    let count = "SELECT ((SELECT count(*) FROM accounts) + (SELECT count(*) FROM events) \
+                 + (SELECT count(*) FROM notes))::text";
+    assert_eq!(scalar(&b.database_url, count).await, "0");
+    // Run again: nothing to create.
+    let again = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    assert!(again.tables.iter().all(|t| !t.created_table));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_columns_adds_what_is_missing_and_refuses_a_changed_type() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) = pair(
+            "schema::add_columns",
+            postgres,
+            ConnectionSettings::default(),
+        )
+        .await
+        else {
+            continue;
+        };
+        exec(
+            &a,
+            &[
+                "CREATE TABLE wide (id BIGINT PRIMARY KEY, a TEXT, b INTEGER)".into(),
+                "INSERT INTO wide VALUES (1, 'x', 7)".into(),
+                "CREATE TABLE changed (id BIGINT PRIMARY KEY, a TEXT)".into(),
+            ],
+        )
+        .await;
+        exec(
+            &b,
+            &[
+                "CREATE TABLE wide (id BIGINT PRIMARY KEY, a TEXT)".into(),
+                "CREATE TABLE changed (id BIGINT PRIMARY KEY, a INTEGER)".into(),
+            ],
+        )
+        .await;
+        let wide = |add_columns| PullOptions {
+            tables: Some(vec!["wide".into()]),
+            add_columns,
+            ..Default::default()
+        };
+        let drift = b.agent.pull(&receiver, &wide(false), |_| {}).await;
+        let text = drift.unwrap_err().to_string();
+        assert!(
+            text.contains("lacks the columns b") && text.contains("--add-columns"),
+            "{text}"
+        );
+        let summary = b.agent.pull(&receiver, &wide(true), |_| {}).await.unwrap();
+        assert_eq!(summary.tables[0].rows, 1);
+        let rows = crate::pull::rows(&b.agent.store, "wide").await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].len(), 3, "{rows:?}");
+        let changed = b
+            .agent
+            .pull(
+                &receiver,
+                &PullOptions {
+                    tables: Some(vec!["changed".into()]),
+                    add_columns: true,
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .await;
+        let text = changed.unwrap_err().to_string();
+        assert!(
+            text.contains("\"a\"") && text.contains("does not change a column's type"),
+            "{text}"
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+}

@@ -63,7 +63,7 @@ async fn copy(
 ) -> (TableSchema, Applied) {
     let schema = from.describe_table(table).await.unwrap();
     let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-    to.ensure_table(&schema, &columns).await.unwrap();
+    to.ensure_table(&schema, &columns, false).await.unwrap();
     let mut after: Option<Vec<Value>> = None;
     let mut total = Applied::default();
     loop {
@@ -748,10 +748,17 @@ async fn schema_drift_is_named(db: TestDb) {
         nullable: true,
     });
     let columns: Vec<String> = vec!["id".into(), "a".into(), "b".into()];
-    let err = db.store.ensure_table(&schema, &columns).await.unwrap_err();
+    let err = db
+        .store
+        .ensure_table(&schema, &columns, false)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("lacks the columns b"), "{err}");
     assert!(
-        !db.store.ensure_table(&schema, &columns[..2]).await.unwrap(),
+        !db.store
+            .ensure_table(&schema, &columns[..2], false)
+            .await
+            .unwrap(),
         "exists already"
     );
 }
@@ -791,7 +798,11 @@ async fn a_column_type_that_is_not_a_type_is_refused(db: TestDb) {
             postgres: None,
         };
         let columns: Vec<String> = vec!["id".into(), "evil".into()];
-        let err = db.store.ensure_table(&schema, &columns).await.unwrap_err();
+        let err = db
+            .store
+            .ensure_table(&schema, &columns, false)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("is not a type name"), "{err}");
         assert!(db.store.describe_table("fresh").await.is_err());
         db.store.describe_table("keep").await.unwrap();

@@ -50,6 +50,13 @@ pub(crate) struct PullArgs {
     /// Give up waiting for the sender's approval after this long (e.g. 10m) [default: wait]
     #[arg(long, value_parser = super::connections::parse_duration)]
     approval_wait: Option<chrono::Duration>,
+    /// Create the missing tables (types, sequences, indexes, foreign keys) and move no row
+    #[arg(long, conflicts_with_all = ["incremental", "where_key"])]
+    schema_only: bool,
+    /// Add to existing tables the columns the sender declares and they lack (a changed column
+    /// type is refused)
+    #[arg(long)]
+    add_columns: bool,
 }
 
 fn parse_transport(text: &str) -> Result<TransportChoice, String> {
@@ -81,6 +88,8 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         incremental: args.incremental,
         cursor_column: args.cursor_column,
         scheduled: false,
+        schema_only: args.schema_only,
+        add_columns: args.add_columns,
         credits: Some(args.pipeline_depth),
         retry_for: args.retry_for.to_std().unwrap_or_default(),
     };

@@ -60,6 +60,12 @@ pub struct PullOptions {
     /// A run of the auto-sync scheduler: recorded as such, and a table without a cursor column
     /// is pulled in full instead of failing the run.
     pub scheduled: bool,
+    /// Create the missing tables (with their types, sequences, indexes and keys) and move no
+    /// row.
+    pub schema_only: bool,
+    /// Add to an existing table the columns it lacks, as the sender declares them (nullable);
+    /// a column whose type differs from the sender's is named and refused.
+    pub add_columns: bool,
 }
 
 /// The table a pull works on, and under what.
@@ -434,6 +440,30 @@ impl Agent {
                             )));
                         }
                     };
+                    if options.schema_only {
+                        let columns: Vec<String> = schema
+                            .columns
+                            .iter()
+                            .map(|c| c.name.clone())
+                            .filter(|c| !options.exclude_columns.contains(c))
+                            .collect();
+                        let created_table = self
+                            .store
+                            .ensure_table(&schema, &columns, options.add_columns)
+                            .await?;
+                        if created_table && schema.postgres.is_some() {
+                            self.store
+                                .mark_schema_pending(connection.id, &schema.name)
+                                .await?;
+                        }
+                        let summary = TableSummary {
+                            table: schema.name.clone(),
+                            created_table,
+                            transport: client.transport.to_string(),
+                            ..TableSummary::default()
+                        };
+                        return Ok(Some((summary, schema)));
+                    }
                     if schema.primary_key.is_empty() {
                         return Ok(None);
                     }
@@ -572,7 +602,9 @@ impl Agent {
         } else {
             None
         };
-        let created_table = store.ensure_table(schema, &columns).await?;
+        let created_table = store
+            .ensure_table(schema, &columns, options.add_columns)
+            .await?;
         if created_table && schema.postgres.is_some() {
             store
                 .mark_schema_pending(connection.id, &schema.name)

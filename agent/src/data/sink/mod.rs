@@ -259,8 +259,15 @@ fn refuse_reserved(table: &str) -> Result<()> {
 impl Store {
     /// Creates `schema.name` when it does not exist (columns, types, NOT NULL, primary key);
     /// when it exists, checks that every column of `columns` is there (schema drift is an error
-    /// naming the missing columns). Returns whether the table was created.
-    pub async fn ensure_table(&self, schema: &TableSchema, columns: &[String]) -> Result<bool> {
+    /// naming the missing columns), or with `add_columns` adds the missing ones (nullable) after
+    /// checking that every column both sides have is of the same type (same engine). Returns
+    /// whether the table was created.
+    pub async fn ensure_table(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        add_columns: bool,
+    ) -> Result<bool> {
         refuse_reserved(&schema.name)?;
         // A new pull describes the table again (it may have been altered since the last one).
         locked(&self.described).remove(&schema.name);
@@ -271,13 +278,18 @@ impl Store {
                     .filter(|c| !existing.columns.iter().any(|e| &e.name == *c))
                     .map(String::as_str)
                     .collect();
+                if add_columns {
+                    self.add_missing_columns(schema, &existing, &missing)
+                        .await?;
+                    return Ok(false);
+                }
                 if missing.is_empty() {
                     Ok(false)
                 } else {
                     Err(Error::invalid(
                         "schema",
                         format!(
-                            "table {:?} here lacks the columns {}",
+                            "table {:?} here lacks the columns {} (--add-columns adds them)",
                             schema.name,
                             missing.join(", ")
                         ),
@@ -341,8 +353,8 @@ impl Store {
                     definitions.join(", ")
                 );
                 match self.pool() {
-                    Pool::Postgres(pool) => postgres::PgSink(pool).create_table(sql).await?,
-                    Pool::Sqlite(pool) => sqlite::SqliteSink(pool).create_table(sql).await?,
+                    Pool::Postgres(pool) => postgres::PgSink(pool).run_ddl(sql).await?,
+                    Pool::Sqlite(pool) => sqlite::SqliteSink(pool).run_ddl(sql).await?,
                 }
                 self.add_serial_sequences(schema).await?;
                 tracing::info!(table = %schema.name, "created table from the sender's schema");
@@ -350,6 +362,55 @@ impl Store {
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// Adds `missing` (columns of `schema`) to the existing table `existing`, after checking
+    /// that the columns both have are of the same type when both are on one engine.
+    async fn add_missing_columns(
+        &self,
+        schema: &TableSchema,
+        existing: &TableSchema,
+        missing: &[&str],
+    ) -> Result<()> {
+        if existing.engine == schema.engine {
+            for column in &schema.columns {
+                if let Some(here) = existing.columns.iter().find(|c| c.name == column.name)
+                    && here.native_type != column.native_type
+                {
+                    return Err(Error::invalid(
+                        "schema",
+                        format!(
+                            "column {:?} of {:?} is {} here and {} on the sender; \
+                             dbsync adds columns but does not change a column's type",
+                            column.name, schema.name, here.native_type, column.native_type
+                        ),
+                    ));
+                }
+            }
+        }
+        let table = quote_ident(&schema.name)?;
+        for name in missing {
+            let Some(column) = schema.columns.iter().find(|c| c.name == *name) else {
+                continue;
+            };
+            let ty = target_type(
+                self.engine(),
+                schema,
+                &column.native_type,
+                &column.neutral_type,
+            )?;
+            let sql = format!(
+                "ALTER TABLE {table} ADD COLUMN {} {ty}",
+                quote_ident(&column.name)?
+            );
+            match self.pool() {
+                Pool::Postgres(pool) => postgres::PgSink(pool).run_ddl(sql).await?,
+                Pool::Sqlite(pool) => sqlite::SqliteSink(pool).run_ddl(sql).await?,
+            }
+            tracing::info!(table = %schema.name, column = %column.name, "added a column the sender declares");
+        }
+        locked(&self.described).remove(&schema.name);
+        Ok(())
     }
 
     /// The checkpoint of `table` under a connection, if a pull has applied anything.
@@ -463,8 +524,8 @@ impl Store {
 /// What one engine does for a sink: run the DDL that creates a target table, and apply a
 /// batch (its rows, the mirror's key stage, the checkpoint, all in one transaction).
 trait EngineSink {
-    /// Runs `sql` (a `CREATE TABLE`).
-    async fn create_table(&self, sql: String) -> Result<()>;
+    /// Runs `sql` (a `CREATE TABLE`, an `ALTER TABLE ... ADD COLUMN`).
+    async fn run_ddl(&self, sql: String) -> Result<()>;
 
     /// Applies `batch`; stages its keys only (no rows, no checkpoint) when `keys_only`. Its
     /// checkpoint waits for `previous` to say the batch before committed.

@@ -15,7 +15,7 @@ use crate::store::{Engine, Store};
 pub(super) struct PgSink<'a>(pub &'a sqlx::PgPool);
 
 impl EngineSink for PgSink<'_> {
-    async fn create_table(&self, sql: String) -> Result<()> {
+    async fn run_ddl(&self, sql: String) -> Result<()> {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(self.0)
             .await?;

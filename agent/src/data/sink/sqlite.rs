@@ -16,7 +16,7 @@ use crate::store::{Engine, Store};
 pub(super) struct SqliteSink<'a>(pub &'a sqlx::SqlitePool);
 
 impl EngineSink for SqliteSink<'_> {
-    async fn create_table(&self, sql: String) -> Result<()> {
+    async fn run_ddl(&self, sql: String) -> Result<()> {
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(self.0)
             .await?;
