@@ -293,3 +293,63 @@ async fn add_columns_adds_what_is_missing_and_refuses_a_changed_type() {
         b.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_arrives_once_as_one_table() {
+    let Some((a, b, receiver)) =
+        pair("schema::partitions", true, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE measurements (id BIGINT, at DATE NOT NULL, value REAL, PRIMARY KEY (id, at)) \
+             PARTITION BY RANGE (at)"
+                .into(),
+            "CREATE TABLE measurements_2025 PARTITION OF measurements \
+             FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')"
+                .into(),
+            "CREATE TABLE measurements_2026 PARTITION OF measurements \
+             FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')"
+                .into(),
+            "INSERT INTO measurements VALUES (1, '2025-03-01', 1.5), (2, '2026-03-01', 2.5), \
+             (3, '2026-04-01', 3.5)"
+                .into(),
+        ],
+    )
+    .await;
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let pulled: Vec<(&str, i64)> = summary
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.rows))
+        .collect();
+    assert_eq!(pulled, vec![("measurements", 3)]);
+    assert_eq!(
+        scalar(&b.database_url, "SELECT count(*)::text FROM measurements").await,
+        "3"
+    );
+    // A partition named on its own is not offered.
+    let named = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["measurements_2025".into()]),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+    assert!(
+        matches!(&named, Err(Error::Remote { code, .. }) if code == "table_not_allowed"),
+        "{named:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}

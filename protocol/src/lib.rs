@@ -53,7 +53,8 @@ mod tests {
     fn negotiation_picks_the_highest_common_version() {
         assert_eq!(negotiate(&[2]), Some(2));
         assert_eq!(negotiate(&[1, 2, 99]), Some(2));
-        assert_eq!(negotiate(&[1, 3]), None);
+        assert_eq!(negotiate(&[2, 3]), Some(3));
+        assert_eq!(negotiate(&[1, 4]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

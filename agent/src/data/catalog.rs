@@ -556,6 +556,7 @@ impl Store {
                      LEFT JOIN pg_type et ON et.oid = b.typelem \
                      LEFT JOIN pg_constraint pk ON pk.conrelid = c.oid AND pk.contype = 'p' \
                      WHERE n.nspname = current_schema() AND c.relname = $1 AND c.relkind IN ('r', 'p') \
+                     AND NOT c.relispartition \
                      AND a.attnum > 0 AND NOT a.attisdropped \
                      ORDER BY a.attnum",
                 )

@@ -809,6 +809,46 @@ mod tests {
     }
 
     #[test]
+    fn types_are_built_from_checked_parts() {
+        let mood = UserType::Enum {
+            name: "mood".into(),
+            labels: vec!["it's".into(), "ok".into()],
+        };
+        assert_eq!(
+            create_type_sql(&mood).unwrap(),
+            "CREATE TYPE mood AS ENUM ('it''s', 'ok')"
+        );
+        let evil_name = UserType::Enum {
+            name: "x AS ENUM ('a'); DROP TABLE users; CREATE TYPE y".into(),
+            labels: vec![],
+        };
+        assert!(create_type_sql(&evil_name).is_err());
+        let evil_attribute = UserType::Composite {
+            name: "pair".into(),
+            attributes: vec![("a".into(), "int) ; DROP TABLE users; --".into())],
+        };
+        assert!(create_type_sql(&evil_attribute).is_err());
+        let evil_base = UserType::Domain {
+            name: "year".into(),
+            base: "integer CHECK (pg_sleep(1) IS NULL)".into(),
+            not_null: false,
+        };
+        assert!(create_type_sql(&evil_base).is_err());
+        let sequence = ColumnSequence {
+            column: "id".into(),
+            identity: Some("always; DROP".into()),
+            data_type: "bigint".into(),
+            increment: 1,
+            min_value: 1,
+            max_value: i64::MAX,
+            start: 1,
+            cycle: false,
+            last_value: None,
+        };
+        assert!(identity_clause(&sequence).is_err());
+    }
+
+    #[test]
     fn index_and_foreign_key_statements_are_built_from_parts() {
         let index = IndexDef {
             name: "by email".into(),
