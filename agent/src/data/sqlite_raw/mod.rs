@@ -1,17 +1,25 @@
-//! SQLite's fast paths, on the connection's own handle through rusqlite: a batch's whole
-//! transaction (begin, one prepared single-row `INSERT` bound and stepped per row, bookkeeping,
-//! commit), and a page read into one buffer ([`Cells`]). Through sqlx a batch is one statement
-//! with 30,000 `?` placeholders whose SQL is rebuilt, hashed and bound value by value through an
-//! argument buffer, and each statement is a round trip to the connection's worker thread, which
-//! on a busy machine costs more than the statement.
+//! SQLite's fast path into a table: one prepared single-row `INSERT`, bound and stepped per row
+//! on the connection's own handle. Through sqlx a batch is one statement with 30,000 `?`
+//! placeholders whose SQL is rebuilt, hashed and bound value by value through an argument
+//! buffer; here each value is bound straight from the batch (text and blobs without a copy).
+//! The batch's whole transaction (begin, rows, bookkeeping, commit) runs here too: through sqlx
+//! each statement is a round trip to the connection's worker thread, which on a busy machine
+//! costs more than the statement.
 //!
-//! The handle is sqlx's, locked for the duration ([`sqlx::sqlite::SqliteConnection::lock_handle`])
-//! and lent to rusqlite for it ([`on_handle`]): the crate's one `unsafe` use of SQLite.
+//! The handle is sqlx's, locked for the duration ([`sqlx::sqlite::SqliteConnection::lock_handle`]).
+//! All `unsafe` of the crate's SQLite use is here.
 
-use std::ptr::NonNull;
+#![allow(unsafe_code)]
 
-use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{ErrorCode, ffi};
+use std::ffi::{CStr, CString, c_int};
+use std::ptr;
+
+use libsqlite3_sys as ffi;
+
+mod cells;
+
+use cells::Cell;
+pub(crate) use cells::Cells;
 
 /// A value as SQLite stores it (the same mapping the sink binds through sqlx).
 #[derive(Debug, Clone, PartialEq)]
@@ -36,26 +44,14 @@ impl Arg<'_> {
     }
 }
 
-impl rusqlite::ToSql for Arg<'_> {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match self {
-            Self::Null => ValueRef::Null,
-            Self::Int(i) => ValueRef::Integer(*i),
-            Self::Float(f) => ValueRef::Real(*f),
-            Self::Text(text) => ValueRef::Text(text.as_bytes()),
-            Self::Blob(bytes) => ValueRef::Blob(bytes),
-        }))
-    }
-}
-
 /// What went wrong in [`load_rows`] or [`select_cells`].
 #[derive(Debug)]
 pub(crate) enum RawError {
     /// A row hit an existing key (a PRIMARY KEY or UNIQUE constraint).
     UniqueViolation(String),
     /// Anything else SQLite refused.
-    Sqlite { code: i32, message: String },
-    /// A value or a row did not fit the statement.
+    Sqlite { code: c_int, message: String },
+    /// The statement text had a NUL byte, or a value was too large for SQLite's length type.
     Invalid(String),
     /// sqlx could not lend its handle.
     Sqlx(sqlx::Error),
@@ -76,42 +72,137 @@ impl std::fmt::Display for RawError {
     }
 }
 
-impl From<rusqlite::Error> for RawError {
-    fn from(err: rusqlite::Error) -> Self {
-        match err {
-            rusqlite::Error::SqliteFailure(failure, message) => {
-                let message = message.unwrap_or_else(|| failure.to_string());
-                match (failure.code, failure.extended_code) {
-                    (
-                        ErrorCode::ConstraintViolation,
-                        ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE,
-                    ) => Self::UniqueViolation(message),
-                    _ => Self::Sqlite {
-                        code: failure.extended_code,
-                        message,
-                    },
-                }
-            }
-            other => Self::Invalid(other.to_string()),
+/// A prepared statement, finalized when dropped.
+struct Statement {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+}
+
+impl Drop for Statement {
+    fn drop(&mut self) {
+        // SAFETY: `stmt` came from a successful prepare on `db` and is finalized exactly once.
+        unsafe {
+            ffi::sqlite3_finalize(self.stmt);
         }
     }
 }
 
-/// Runs `work` with rusqlite on `db`.
-fn on_handle<T>(
-    db: NonNull<ffi::sqlite3>,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, RawError>,
-) -> Result<T, RawError> {
-    // SAFETY: `db` is sqlx's open connection handle, locked by the caller (`lock_handle`) for
-    // longer than this call, so nothing else uses it meanwhile. `from_handle` borrows it: the
-    // wrapper never closes the handle, and it is dropped (finalizing the statements it
-    // prepared) before this function returns, so none outlives the lock. `libsqlite3-sys` is
-    // one crate for both sqlx and rusqlite (one `sqlite3` links), so the pointer types agree.
-    #[allow(unsafe_code)]
-    let conn = unsafe { rusqlite::Connection::from_handle(db.as_ptr()) }?;
-    let result = work(&conn);
-    drop(conn);
-    result
+fn sql_text(sql: &str) -> Result<CString, RawError> {
+    CString::new(sql).map_err(|_| RawError::Invalid("NUL in SQL".into()))
+}
+
+impl Statement {
+    /// Prepares `sql` on `db`, an open handle the caller keeps locked while the statement lives.
+    fn prepare(db: *mut ffi::sqlite3, sql: &CStr) -> Result<Self, RawError> {
+        let mut stmt = ptr::null_mut();
+        // SAFETY: `db` is sqlx's open connection, locked by the caller; `sql` is NUL-terminated
+        // and outlives the call.
+        let rc =
+            unsafe { ffi::sqlite3_prepare_v2(db, sql.as_ptr(), -1, &mut stmt, ptr::null_mut()) };
+        if rc != ffi::SQLITE_OK || stmt.is_null() {
+            // SAFETY: as above; the message is copied before anything else runs on the handle.
+            let message = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+                .to_string_lossy()
+                .into_owned();
+            return Err(RawError::Sqlite { code: rc, message });
+        }
+        Ok(Self { db, stmt })
+    }
+
+    fn error(&self, code: c_int) -> RawError {
+        // SAFETY: `db` is the open handle the statement belongs to; the message is copied out
+        // before any other call on the handle.
+        let (extended, message) = unsafe {
+            let message = CStr::from_ptr(ffi::sqlite3_errmsg(self.db))
+                .to_string_lossy()
+                .into_owned();
+            (ffi::sqlite3_extended_errcode(self.db), message)
+        };
+        match extended {
+            ffi::SQLITE_CONSTRAINT_PRIMARYKEY | ffi::SQLITE_CONSTRAINT_UNIQUE => {
+                RawError::UniqueViolation(message)
+            }
+            _ => RawError::Sqlite {
+                code: if extended != 0 { extended } else { code },
+                message,
+            },
+        }
+    }
+
+    fn bind(&self, index: c_int, arg: &Arg<'_>) -> Result<(), RawError> {
+        let too_long = || RawError::Invalid("a value is too large for SQLite".into());
+        // SAFETY: `stmt` is a live prepared statement and `index` is within its parameter
+        // count (checked by the caller). Text and blob pointers are bound as SQLITE_STATIC: the
+        // callers keep the values alive until they are bound again, stepped past or cleared
+        // (`insert_all`, `bind_numbered` callers step before their values go).
+        let rc = unsafe {
+            match arg {
+                Arg::Null => ffi::sqlite3_bind_null(self.stmt, index),
+                Arg::Int(i) => ffi::sqlite3_bind_int64(self.stmt, index, *i),
+                Arg::Float(f) => ffi::sqlite3_bind_double(self.stmt, index, *f),
+                Arg::Text(text) => ffi::sqlite3_bind_text(
+                    self.stmt,
+                    index,
+                    text.as_ptr().cast(),
+                    c_int::try_from(text.len()).map_err(|_| too_long())?,
+                    ffi::SQLITE_STATIC(),
+                ),
+                Arg::Blob(bytes) => ffi::sqlite3_bind_blob(
+                    self.stmt,
+                    index,
+                    bytes.as_ptr().cast(),
+                    c_int::try_from(bytes.len()).map_err(|_| too_long())?,
+                    ffi::SQLITE_STATIC(),
+                ),
+            }
+        };
+        if rc == ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(self.error(rc))
+        }
+    }
+
+    /// Binds `params` to `$1`, `$2`, ... wherever each appears in the text.
+    fn bind_numbered(&self, params: &[Arg<'_>]) -> Result<(), RawError> {
+        // SAFETY: `stmt` is live.
+        let count = unsafe { ffi::sqlite3_bind_parameter_count(self.stmt) };
+        if c_int::try_from(params.len()).ok() != Some(count) {
+            return Err(RawError::Invalid(format!(
+                "{} values for {count} parameters",
+                params.len()
+            )));
+        }
+        for (i, value) in params.iter().enumerate() {
+            let name = sql_text(&format!("${}", i + 1))?;
+            // SAFETY: `stmt` is live and `name` is NUL-terminated.
+            let index = unsafe { ffi::sqlite3_bind_parameter_index(self.stmt, name.as_ptr()) };
+            if index == 0 {
+                return Err(RawError::Invalid(format!("no parameter ${}", i + 1)));
+            }
+            self.bind(index, value)?;
+        }
+        Ok(())
+    }
+
+    /// Steps a statement that returns no row.
+    fn run(&self) -> Result<(), RawError> {
+        // SAFETY: `stmt` is live and fully bound.
+        let rc = unsafe { ffi::sqlite3_step(self.stmt) };
+        if rc != ffi::SQLITE_DONE {
+            return Err(self.error(rc));
+        }
+        // SAFETY: as above. (A failed step's reset repeats that error, already reported.)
+        unsafe {
+            ffi::sqlite3_reset(self.stmt);
+        }
+        Ok(())
+    }
+}
+
+/// Runs SQL text without parameters (transaction control).
+fn execute(db: *mut ffi::sqlite3, sql: &CStr) -> Result<(), RawError> {
+    Statement::prepare(db, sql)?.run()
 }
 
 /// One row after another for [`load_rows`]: each call pushes the next row's values onto the
@@ -137,31 +228,39 @@ pub(crate) fn each_row<'r, T>(
     }
 }
 
-/// Binds and steps `insert` (one `?` per value) once per row that `next_row` gives.
-fn insert_all<'r>(
-    conn: &rusqlite::Connection,
-    insert: &str,
-    mut next_row: impl NextRow<'r>,
-) -> Result<(), RawError> {
-    let mut statement = conn.prepare(insert)?;
-    let parameters = statement.parameter_count();
-    let mut values: Vec<Arg<'r>> = Vec::with_capacity(parameters);
-    loop {
-        values.clear();
-        if !next_row(&mut values).map_err(RawError::Invalid)? {
-            return Ok(());
+/// Binds and steps `statement` (one `?` per value) once per row that `next_row` gives.
+fn insert_all<'r>(statement: &Statement, mut next_row: impl NextRow<'r>) -> Result<(), RawError> {
+    // SAFETY: `stmt` is live.
+    let parameters = unsafe { ffi::sqlite3_bind_parameter_count(statement.stmt) };
+    // One row's values, made just before they are bound. SQLite keeps pointers into the text
+    // and blobs (SQLITE_STATIC) until they are bound again, so the buffer is refilled only
+    // after the row was stepped, and emptied only after the bindings are cleared.
+    let mut values: Vec<Arg<'r>> = Vec::with_capacity(usize::try_from(parameters).unwrap_or(0));
+    let inserted = (|| {
+        loop {
+            values.clear();
+            if !next_row(&mut values).map_err(RawError::Invalid)? {
+                break;
+            }
+            if c_int::try_from(values.len()).ok() != Some(parameters) {
+                return Err(RawError::Invalid(format!(
+                    "a row of {} values for {parameters} parameters",
+                    values.len()
+                )));
+            }
+            for (i, value) in values.iter().enumerate() {
+                statement.bind(i as c_int + 1, value)?;
+            }
+            statement.run()?;
         }
-        if values.len() != parameters {
-            return Err(RawError::Invalid(format!(
-                "a row of {} values for {parameters} parameters",
-                values.len()
-            )));
-        }
-        for (i, value) in values.iter().enumerate() {
-            statement.raw_bind_parameter(i + 1, value)?;
-        }
-        statement.raw_execute()?;
+        Ok(())
+    })();
+    // SAFETY: unbinds the pointers into `values` and the caller's rows before either goes.
+    unsafe {
+        ffi::sqlite3_clear_bindings(statement.stmt);
     }
+    drop(values);
+    inserted
 }
 
 /// A bookkeeping statement run after the rows, in [`load_rows`]' transaction.
@@ -175,30 +274,6 @@ pub(crate) struct Then<'a> {
     pub must_change: bool,
 }
 
-/// Prepares `sql` and binds `params` to `$1`, `$2`, ... wherever each appears in the text.
-fn prepare_numbered<'c>(
-    conn: &'c rusqlite::Connection,
-    sql: &str,
-    params: &[Arg<'_>],
-) -> Result<rusqlite::Statement<'c>, RawError> {
-    let mut statement = conn.prepare(sql)?;
-    if statement.parameter_count() != params.len() {
-        return Err(RawError::Invalid(format!(
-            "{} values for {} parameters",
-            params.len(),
-            statement.parameter_count()
-        )));
-    }
-    for (i, value) in params.iter().enumerate() {
-        let name = format!("${}", i + 1);
-        let index = statement
-            .parameter_index(&name)?
-            .ok_or_else(|| RawError::Invalid(format!("no parameter {name}")))?;
-        statement.raw_bind_parameter(index, value)?;
-    }
-    Ok(statement)
-}
-
 /// Loads a batch in one transaction on `conn`'s handle: `BEGIN IMMEDIATE`, `insert` (an
 /// `INSERT` with one `?` per column) once per row `rows` gives, then each of `then` in order,
 /// and `COMMIT`. Anything refused (a value `rows` cannot give, a row, a bookkeeping statement
@@ -210,132 +285,35 @@ pub(crate) async fn load_rows<'r>(
     rows: impl NextRow<'r>,
     then: &[Then<'_>],
 ) -> Result<(), RawError> {
+    let text = sql_text(insert)?;
+    let then_text = then
+        .iter()
+        .map(|step| sql_text(step.sql))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
+    let db = handle.as_raw_handle().as_ptr();
     // From here to the end nothing awaits: the transaction cannot be left open by a dropped
     // future.
-    on_handle(handle.as_raw_handle(), |conn| {
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let loaded = (|| {
-            insert_all(conn, insert, rows)?;
-            for (index, step) in then.iter().enumerate() {
-                let changed = prepare_numbered(conn, step.sql, &step.params)?.raw_execute()?;
-                if step.must_change && changed == 0 {
-                    return Err(RawError::NothingChanged(index));
-                }
-            }
-            conn.execute_batch("COMMIT")?;
-            Ok(())
-        })();
-        if loaded.is_err() && !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        loaded
-    })
-}
-
-/// One value as read from SQLite, by storage class; text and bytes are a range of the page's
-/// arena ([`Cells`]).
-#[derive(Debug, Clone, Copy)]
-enum Cell {
-    Null,
-    Int(i64),
-    Float(f64),
-    Text(usize, usize),
-    Blob(usize, usize),
-}
-
-/// Rows read by [`select_cells`]: `width` cells a row, row after row, their text and bytes
-/// copied one after another into one buffer (no allocation per value).
-#[derive(Debug)]
-pub(crate) struct Cells {
-    width: usize,
-    cells: Vec<Cell>,
-    arena: Vec<u8>,
-}
-
-impl Cells {
-    /// How many rows.
-    pub(crate) fn rows(&self) -> usize {
-        self.cells.len().checked_div(self.width).unwrap_or(0)
-    }
-
-    fn text(&self, start: usize, end: usize) -> Result<&str, RawError> {
-        std::str::from_utf8(&self.arena[start..end])
-            .map_err(|_| RawError::Invalid("a text value that is not UTF-8".into()))
-    }
-
-    fn value(&self, cell: Cell) -> Result<dbsync_protocol::Value, RawError> {
-        use dbsync_protocol::Value;
-        Ok(match cell {
-            Cell::Null => Value::Null,
-            Cell::Int(i) => Value::Int(i),
-            Cell::Float(f) => Value::Float(f),
-            Cell::Text(start, end) => Value::Text(self.text(start, end)?.to_owned()),
-            Cell::Blob(start, end) => Value::Bytes(self.arena[start..end].to_vec()),
-        })
-    }
-
-    /// Row `row`'s values at `positions` (a key).
-    pub(crate) fn values_at(
-        &self,
-        row: usize,
-        positions: &[usize],
-    ) -> Result<Vec<dbsync_protocol::Value>, RawError> {
-        positions
-            .iter()
-            .map(|i| self.value(self.cells[row * self.width + i]))
-            .collect()
-    }
-
-    /// Every row as values: INTEGER, REAL, TEXT, BLOB and NULL as `Int`, `Float`, `Text`,
-    /// `Bytes` and `Null`.
-    pub(crate) fn to_rows(&self) -> Result<Vec<Vec<dbsync_protocol::Value>>, RawError> {
-        let all: Vec<usize> = (0..self.width).collect();
-        (0..self.rows())
-            .map(|row| self.values_at(row, &all))
-            .collect()
-    }
-
-    /// The rows encoded for the wire column by column (a row batch's `rows`), as
-    /// [`Cells::to_rows`] would be, behind `room` zero bytes: a column whose values are all of
-    /// one storage class (or NULL) goes bare, any other as whole values.
-    pub(crate) fn encode(&self, room: usize) -> Result<Vec<u8>, RawError> {
-        use dbsync_protocol::message::columnar::{ColumnsWriter, Kind};
-        let rows = self.rows();
-        let invalid = RawError::Invalid;
-        let mut out = Vec::with_capacity(room + self.arena.len() + self.cells.len() * 4 + 64);
-        out.resize(room, 0);
-        let mut writer = ColumnsWriter::new(self.width, rows, out);
-        for column in 0..self.width {
-            let cells = || self.cells.iter().skip(column).step_by(self.width);
-            let kind_of = |cell: &Cell| match cell {
-                Cell::Null => None,
-                Cell::Int(_) => Some(Kind::Int),
-                Cell::Float(_) => Some(Kind::Float),
-                Cell::Text(..) => Some(Kind::Text),
-                Cell::Blob(..) => Some(Kind::Bytes),
-            };
-            let mut kinds = cells().filter_map(kind_of);
-            let first = kinds.next();
-            let kind = if kinds.all(|k| Some(k) == first) {
-                Some(first.unwrap_or(Kind::Int))
-            } else {
-                None
-            };
-            let out = writer.column(kind).map_err(invalid)?;
-            for cell in cells() {
-                match (kind, *cell) {
-                    (_, Cell::Null) => out.null(),
-                    (None, cell) => out.value(&self.value(cell)?).map_err(invalid)?,
-                    (Some(_), Cell::Int(i)) => out.int(i),
-                    (Some(_), Cell::Float(f)) => out.float(f),
-                    (Some(_), Cell::Text(start, end)) => out.str(self.text(start, end)?),
-                    (Some(_), Cell::Blob(start, end)) => out.bin(&self.arena[start..end]),
-                }
+    execute(db, c"BEGIN IMMEDIATE")?;
+    let loaded = (|| {
+        insert_all(&Statement::prepare(db, &text)?, rows)?;
+        for (index, (step, sql)) in then.iter().zip(&then_text).enumerate() {
+            let statement = Statement::prepare(db, sql)?;
+            statement.bind_numbered(&step.params)?;
+            statement.run()?;
+            // SAFETY: `db` is the open handle; reads the count of the statement just run.
+            if step.must_change && unsafe { ffi::sqlite3_changes64(db) } == 0 {
+                return Err(RawError::NothingChanged(index));
             }
         }
-        writer.finish().map_err(invalid)
+        execute(db, c"COMMIT")
+    })();
+    // SAFETY: `db` is the open handle. (Every statement above is finalized by now.)
+    if loaded.is_err() && unsafe { ffi::sqlite3_get_autocommit(db) } == 0 {
+        let _ = execute(db, c"ROLLBACK");
     }
+    drop(handle);
+    loaded
 }
 
 /// Runs the query `sql` with `params` (the values of `$1`, `$2`, ...) on `conn`'s handle and
@@ -346,44 +324,65 @@ pub(crate) async fn select_cells(
     params: &[Arg<'_>],
     width: usize,
 ) -> Result<Cells, RawError> {
+    let text = sql_text(sql)?;
     let mut handle = conn.lock_handle().await.map_err(RawError::Sqlx)?;
-    on_handle(handle.as_raw_handle(), |conn| {
-        let mut statement = prepare_numbered(conn, sql, params)?;
-        let columns = statement.column_count();
-        if width > columns {
-            return Err(RawError::Invalid(format!("{width} of {columns} columns")));
+    let db = handle.as_raw_handle().as_ptr();
+    let statement = Statement::prepare(db, &text)?;
+    let stmt = statement.stmt;
+    // SAFETY: `stmt` is live.
+    let columns = unsafe { ffi::sqlite3_column_count(stmt) };
+    if c_int::try_from(width).map_or(true, |w| w > columns) {
+        return Err(RawError::Invalid(format!("{width} of {columns} columns")));
+    }
+    statement.bind_numbered(params)?;
+    let mut read = Cells {
+        width,
+        cells: Vec::new(),
+        arena: Vec::new(),
+    };
+    loop {
+        // SAFETY: `stmt` is live and fully bound.
+        let rc = unsafe { ffi::sqlite3_step(stmt) };
+        if rc == ffi::SQLITE_DONE {
+            break;
         }
-        let mut read = Cells {
-            width,
-            cells: Vec::new(),
-            arena: Vec::new(),
-        };
-        let mut rows = statement.raw_query();
-        while let Some(row) = rows.next()? {
-            for i in 0..width {
-                let mut copy = |data: &[u8]| {
+        if rc != ffi::SQLITE_ROW {
+            return Err(statement.error(rc));
+        }
+        for i in 0..width as c_int {
+            // SAFETY: `stmt` is on a row and `i` is below its column count. Each pointer is read
+            // right after the call that returns it (text or blob first, then its length, as
+            // SQLite documents) and copied before the next step.
+            let cell = unsafe {
+                let mut copy = |data: *const u8| {
+                    let len = usize::try_from(ffi::sqlite3_column_bytes(stmt, i)).unwrap_or(0);
                     let start = read.arena.len();
-                    read.arena.extend_from_slice(data);
+                    if !data.is_null() && len > 0 {
+                        read.arena
+                            .extend_from_slice(std::slice::from_raw_parts(data, len));
+                    }
                     (start, read.arena.len())
                 };
-                let cell = match row.get_ref(i)? {
-                    ValueRef::Integer(i) => Cell::Int(i),
-                    ValueRef::Real(f) => Cell::Float(f),
-                    ValueRef::Null => Cell::Null,
-                    ValueRef::Blob(bytes) => {
-                        let (start, end) = copy(bytes);
+                match ffi::sqlite3_column_type(stmt, i) {
+                    ffi::SQLITE_INTEGER => Cell::Int(ffi::sqlite3_column_int64(stmt, i)),
+                    ffi::SQLITE_FLOAT => Cell::Float(ffi::sqlite3_column_double(stmt, i)),
+                    ffi::SQLITE_NULL => Cell::Null,
+                    ffi::SQLITE_BLOB => {
+                        let (start, end) = copy(ffi::sqlite3_column_blob(stmt, i).cast());
                         Cell::Blob(start, end)
                     }
-                    ValueRef::Text(text) => {
-                        let (start, end) = copy(text);
+                    _ => {
+                        let (start, end) = copy(ffi::sqlite3_column_text(stmt, i));
                         Cell::Text(start, end)
                     }
-                };
-                read.cells.push(cell);
-            }
+                }
+            };
+            read.cells.push(cell);
         }
-        Ok(read)
-    })
+    }
+    drop(statement);
+    drop(handle);
+    Ok(read)
 }
 
 #[cfg(test)]
