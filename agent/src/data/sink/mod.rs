@@ -244,6 +244,29 @@ pub struct Checkpoint {
     pub incremental_cursor: Option<serde_json::Value>,
 }
 
+/// The type `column` of `schema` gets here; a refusal names the table, the column and the type.
+fn column_type(
+    engine: crate::store::Engine,
+    schema: &TableSchema,
+    column: &dbsync_protocol::message::ColumnInfo,
+) -> Result<String> {
+    target_type(engine, schema, &column.native_type, &column.neutral_type).map_err(|err| {
+        Error::invalid(
+            "column type",
+            format!(
+                "table {:?}, column {:?} ({} on the sender): {}",
+                schema.name,
+                column.name,
+                column.native_type,
+                match &err {
+                    Error::Invalid { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                }
+            ),
+        )
+    })
+}
+
 /// A receiver never creates or writes a table that [`crate::catalog::is_internal_table`]
 /// reserves, whatever its peer sent.
 fn refuse_reserved(table: &str) -> Result<()> {
@@ -301,12 +324,7 @@ impl Store {
                 self.prepare_postgres_types(schema).await?;
                 let mut definitions = Vec::new();
                 for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
-                    let ty = target_type(
-                        self.engine(),
-                        schema,
-                        &column.native_type,
-                        &column.neutral_type,
-                    )?;
+                    let ty = column_type(self.engine(), schema, column)?;
                     let not_null = if column.nullable { "" } else { " NOT NULL" };
                     let (identity, default) = match (self.pool(), &schema.postgres) {
                         (Pool::Postgres(_), Some(extras)) => {
@@ -393,12 +411,7 @@ impl Store {
             let Some(column) = schema.columns.iter().find(|c| c.name == *name) else {
                 continue;
             };
-            let ty = target_type(
-                self.engine(),
-                schema,
-                &column.native_type,
-                &column.neutral_type,
-            )?;
+            let ty = column_type(self.engine(), schema, column)?;
             let sql = format!(
                 "ALTER TABLE {table} ADD COLUMN {} {ty}",
                 quote_ident(&column.name)?
@@ -544,4 +557,33 @@ trait EngineSink {
 fn locked<T>(memo: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     memo.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dbsync_protocol::message::ColumnInfo;
+
+    #[test]
+    fn a_column_that_cannot_map_is_named_with_its_table_and_type() {
+        let column = ColumnInfo {
+            name: "doc".into(),
+            native_type: "tsvector".into(),
+            neutral_type: "unsupported:tsvector".into(),
+            nullable: true,
+        };
+        let schema = TableSchema {
+            name: "pages".into(),
+            engine: "postgres".into(),
+            columns: vec![column.clone()],
+            primary_key: vec![],
+            postgres: None,
+        };
+        let err = column_type(crate::store::Engine::Sqlite, &schema, &column)
+            .unwrap_err()
+            .to_string();
+        for part in ["\"pages\"", "\"doc\"", "tsvector"] {
+            assert!(err.contains(part), "{part} in {err}");
+        }
+    }
 }
