@@ -722,6 +722,42 @@ mod tests {
         ] {
             assert!(ReceiverCore::check_schema("t1", &bad).is_err(), "{bad:?}");
         }
+        // What a PostgreSQL sender adds must name the table's own columns and stay bounded.
+        let with = |extras: crate::message::PostgresSchema| TableSchema {
+            postgres: Some(extras),
+            ..schema("t1", &["id"], &["id"])
+        };
+        let sequence = |column: &str| crate::message::ColumnSequence {
+            column: column.into(),
+            identity: None,
+            data_type: "bigint".into(),
+            increment: 1,
+            min_value: 1,
+            max_value: i64::MAX,
+            start: 1,
+            cycle: false,
+            last_value: Some(5),
+        };
+        let fine = crate::message::PostgresSchema {
+            sequences: vec![sequence("id")],
+            ..Default::default()
+        };
+        assert!(ReceiverCore::check_schema("t1", &with(fine)).is_ok());
+        let lying = crate::message::PostgresSchema {
+            sequences: vec![sequence("nope")],
+            ..Default::default()
+        };
+        assert!(ReceiverCore::check_schema("t1", &with(lying)).is_err());
+        let many = crate::message::PostgresSchema {
+            types: (0..201)
+                .map(|i| crate::message::UserType::Enum {
+                    name: format!("t{i}"),
+                    labels: vec![],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(ReceiverCore::check_schema("t1", &with(many)).is_err());
         let expected = Expected {
             request_id: 3,
             columns: vec!["id".into(), "name".into()],

@@ -12,7 +12,7 @@ use dbsync_protocol::message::{
 
 use crate::catalog::{check_type_name, quote_ident};
 use crate::error::{Error, Result};
-use crate::store::{Engine, Pool, Store};
+use crate::store::{Pool, Store};
 
 /// Most user types one table may bring (nested composites included).
 const MAX_TYPES: usize = 200;
@@ -207,6 +207,7 @@ impl Store {
     }
 
     /// Adds the type `oid` to `out` after the types it uses, or the extension that provides it.
+    /// Each type's catalog row is read once.
     async fn collect_type(
         &self,
         pool: &sqlx::PgPool,
@@ -214,21 +215,28 @@ impl Store {
         seen: &mut std::collections::HashSet<i64>,
         out: &mut PostgresSchema,
     ) -> Result<()> {
-        let mut stack = vec![(oid, false)];
-        while let Some((oid, expanded)) = stack.pop() {
-            if expanded {
-                let row = type_row(pool, oid).await?;
-                if let Some(user_type) = user_type(pool, &row).await? {
-                    if out.types.len() >= MAX_TYPES {
-                        return Err(Error::invalid(
-                            "table",
-                            format!("its columns use more than {MAX_TYPES} user types"),
-                        ));
+        /// A type to look at, or one whose uses are all in `out` (with its composite attributes).
+        enum Visit {
+            Enter(i64),
+            Leave(Box<TypeRow>, Vec<(String, String)>),
+        }
+        let mut stack = vec![Visit::Enter(oid)];
+        while let Some(visit) = stack.pop() {
+            let oid = match visit {
+                Visit::Leave(row, attributes) => {
+                    if let Some(user_type) = user_type(pool, &row, attributes).await? {
+                        if out.types.len() >= MAX_TYPES {
+                            return Err(Error::invalid(
+                                "table",
+                                format!("its columns use more than {MAX_TYPES} user types"),
+                            ));
+                        }
+                        out.types.push(user_type);
                     }
-                    out.types.push(user_type);
+                    continue;
                 }
-                continue;
-            }
+                Visit::Enter(oid) => oid,
+            };
             if !seen.insert(oid) {
                 continue;
             }
@@ -242,24 +250,29 @@ impl Store {
             if row.builtin && row.category != "A" {
                 continue;
             }
-            stack.push((oid, true));
             let mut uses = Vec::new();
             if row.category == "A" {
                 uses.extend(row.element);
             }
             uses.extend(row.base);
             uses.extend(row.subtype);
+            let mut attributes = Vec::new();
             if let Some(relid) = row.relid {
-                let attributes: Vec<i64> = sqlx::query_scalar(
-                    "SELECT CAST(atttypid AS BIGINT) FROM pg_attribute WHERE attrelid = $1::oid \
-                     AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                    "SELECT attname::text, format_type(atttypid, atttypmod), CAST(atttypid AS BIGINT) \
+                     FROM pg_attribute WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped \
+                     ORDER BY attnum",
                 )
                 .bind(relid)
                 .fetch_all(pool)
                 .await?;
-                uses.extend(attributes);
+                for (name, ty, oid) in rows {
+                    attributes.push((name, ty));
+                    uses.push(oid);
+                }
             }
-            stack.extend(uses.into_iter().rev().map(|oid| (oid, false)));
+            stack.push(Visit::Leave(Box::new(row), attributes));
+            stack.extend(uses.into_iter().rev().map(Visit::Enter));
         }
         Ok(())
     }
@@ -287,9 +300,14 @@ async fn type_row(pool: &sqlx::PgPool, oid: i64) -> Result<TypeRow> {
     .await?)
 }
 
-/// The definition of a user type, or `None` for one dbsync does not create (an array: its
-/// element is created; a multirange: made with its range).
-async fn user_type(pool: &sqlx::PgPool, row: &TypeRow) -> Result<Option<UserType>> {
+/// The definition of a user type (a composite's `attributes` read by the caller), or `None` for
+/// one dbsync does not create (an array: its element is created; a multirange: made with its
+/// range).
+async fn user_type(
+    pool: &sqlx::PgPool,
+    row: &TypeRow,
+    attributes: Vec<(String, String)>,
+) -> Result<Option<UserType>> {
     Ok(match row.typtype.as_str() {
         "e" => {
             let labels: Vec<String> = sqlx::query_scalar(
@@ -303,19 +321,10 @@ async fn user_type(pool: &sqlx::PgPool, row: &TypeRow) -> Result<Option<UserType
                 labels,
             })
         }
-        "c" => {
-            let attributes: Vec<(String, String)> = sqlx::query_as(
-                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
-                 WHERE attrelid = $1::oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            )
-            .bind(row.relid)
-            .fetch_all(pool)
-            .await?;
-            Some(UserType::Composite {
-                name: row.name.clone(),
-                attributes,
-            })
-        }
+        "c" => Some(UserType::Composite {
+            name: row.name.clone(),
+            attributes,
+        }),
         "r" => row.subtype_name.clone().map(|subtype| UserType::Range {
             name: row.name.clone(),
             subtype,
@@ -478,9 +487,6 @@ impl Store {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
             return Ok(());
         };
-        if self.engine() != Engine::Postgres {
-            return Ok(());
-        }
         let table = quote_ident(&schema.name)?;
         for sequence in &extras.sequences {
             let Some(last) = sequence.last_value else {

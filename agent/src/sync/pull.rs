@@ -232,6 +232,37 @@ pub enum PullEvent {
     },
 }
 
+/// The columns of `schema` a pull asks for: all but those left out.
+fn pulled_columns(schema: &TableSchema, options: &PullOptions) -> Vec<String> {
+    schema
+        .columns
+        .iter()
+        .map(|c| c.name.clone())
+        .filter(|c| !options.exclude_columns.contains(c))
+        .collect()
+}
+
+/// Creates the table here when it is missing (or checks, and with `--add-columns` widens, the
+/// one here), and remembers that a created table still needs its indexes and foreign keys.
+/// Returns whether it was created.
+async fn prepare_table(
+    store: &crate::Store,
+    connection_id: Uuid,
+    schema: &TableSchema,
+    columns: &[String],
+    options: &PullOptions,
+) -> Result<bool> {
+    let created = store
+        .ensure_table(schema, columns, options.add_columns)
+        .await?;
+    if created && schema.postgres.is_some() {
+        store
+            .mark_schema_pending(connection_id, &schema.name)
+            .await?;
+    }
+    Ok(created)
+}
+
 /// The sender's transfer a receive transfer ran under (a later run resumes under it).
 fn remote_transfer_of(transfer: &crate::transfer::Transfer) -> Option<&str> {
     transfer
@@ -441,21 +472,10 @@ impl Agent {
                         }
                     };
                     if options.schema_only {
-                        let columns: Vec<String> = schema
-                            .columns
-                            .iter()
-                            .map(|c| c.name.clone())
-                            .filter(|c| !options.exclude_columns.contains(c))
-                            .collect();
-                        let created_table = self
-                            .store
-                            .ensure_table(&schema, &columns, options.add_columns)
-                            .await?;
-                        if created_table && schema.postgres.is_some() {
-                            self.store
-                                .mark_schema_pending(connection.id, &schema.name)
+                        let columns = pulled_columns(&schema, options);
+                        let created_table =
+                            prepare_table(&self.store, connection.id, &schema, &columns, options)
                                 .await?;
-                        }
                         let summary = TableSummary {
                             table: schema.name.clone(),
                             created_table,
@@ -527,10 +547,11 @@ impl Agent {
             }
             // A table this pull (or an interrupted one before it) created: its indexes now its
             // rows are in.
-            if self
-                .store
-                .schema_pending(connection.id, &schema.name)
-                .await?
+            if schema.postgres.is_some()
+                && self
+                    .store
+                    .schema_pending(connection.id, &schema.name)
+                    .await?
             {
                 warnings.extend(self.store.add_indexes(&schema).await?);
                 completed.push(schema);
@@ -575,12 +596,7 @@ impl Agent {
             ..
         } = *job;
         let store = &self.store;
-        let columns: Vec<String> = schema
-            .columns
-            .iter()
-            .map(|c| c.name.clone())
-            .filter(|c| !options.exclude_columns.contains(c))
-            .collect();
+        let columns = pulled_columns(schema, options);
         let key_filter = options
             .where_key
             .as_deref()
@@ -602,14 +618,7 @@ impl Agent {
         } else {
             None
         };
-        let created_table = store
-            .ensure_table(schema, &columns, options.add_columns)
-            .await?;
-        if created_table && schema.postgres.is_some() {
-            store
-                .mark_schema_pending(connection.id, &schema.name)
-                .await?;
-        }
+        let created_table = prepare_table(store, connection.id, schema, &columns, options).await?;
         // Resume an interrupted pull of this table, or start from the beginning.
         let mut after: Option<Vec<Value>> = None;
         let mut remote_transfer: Option<String> = None;

@@ -370,10 +370,7 @@ impl Store {
                     quote_ident(&schema.name)?,
                     definitions.join(", ")
                 );
-                match self.pool() {
-                    Pool::Postgres(pool) => postgres::PgSink(pool).run_ddl(sql).await?,
-                    Pool::Sqlite(pool) => sqlite::SqliteSink(pool).run_ddl(sql).await?,
-                }
+                self.run_ddl(sql).await?;
                 self.add_serial_sequences(schema).await?;
                 tracing::info!(table = %schema.name, "created table from the sender's schema");
                 Ok(true)
@@ -416,13 +413,20 @@ impl Store {
                 "ALTER TABLE {table} ADD COLUMN {} {ty}",
                 quote_ident(&column.name)?
             );
-            match self.pool() {
-                Pool::Postgres(pool) => postgres::PgSink(pool).run_ddl(sql).await?,
-                Pool::Sqlite(pool) => sqlite::SqliteSink(pool).run_ddl(sql).await?,
-            }
+            self.run_ddl(sql).await?;
             tracing::info!(table = %schema.name, column = %column.name, "added a column the sender declares");
         }
         locked(&self.described).remove(&schema.name);
+        Ok(())
+    }
+
+    /// Runs one statement the sink built (a `CREATE TABLE`, an `ALTER TABLE ... ADD COLUMN`).
+    async fn run_ddl(&self, sql: String) -> Result<()> {
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(pool)
+                .await?;
+        });
         Ok(())
     }
 
@@ -534,12 +538,9 @@ impl Store {
     }
 }
 
-/// What one engine does for a sink: run the DDL that creates a target table, and apply a
-/// batch (its rows, the mirror's key stage, the checkpoint, all in one transaction).
+/// What one engine does for a sink: apply a batch (its rows, the mirror's key stage, the
+/// checkpoint, all in one transaction) the way that engine takes rows fastest.
 trait EngineSink {
-    /// Runs `sql` (a `CREATE TABLE`, an `ALTER TABLE ... ADD COLUMN`).
-    async fn run_ddl(&self, sql: String) -> Result<()>;
-
     /// Applies `batch`; stages its keys only (no rows, no checkpoint) when `keys_only`. Its
     /// checkpoint waits for `previous` to say the batch before committed.
     async fn apply(

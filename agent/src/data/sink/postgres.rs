@@ -15,13 +15,6 @@ use crate::store::{Engine, Store};
 pub(super) struct PgSink<'a>(pub &'a sqlx::PgPool);
 
 impl EngineSink for PgSink<'_> {
-    async fn run_ddl(&self, sql: String) -> Result<()> {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(self.0)
-            .await?;
-        Ok(())
-    }
-
     async fn apply(
         &self,
         store: &Store,

@@ -16,13 +16,6 @@ use crate::store::{Engine, Store};
 pub(super) struct SqliteSink<'a>(pub &'a sqlx::SqlitePool);
 
 impl EngineSink for SqliteSink<'_> {
-    async fn run_ddl(&self, sql: String) -> Result<()> {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(self.0)
-            .await?;
-        Ok(())
-    }
-
     async fn apply(
         &self,
         store: &Store,
