@@ -162,6 +162,7 @@ fn apply_benches(c: &mut Criterion) {
                     }
                     runtime
                         .block_on(store.apply_batch(Batch {
+                            into: None,
                             connection_id: connection,
                             batch_of: None,
                             schema: &schema,

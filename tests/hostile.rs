@@ -566,6 +566,94 @@ async fn a_keys_only_pass_waits_for_approval_and_counts_its_keys() {
     }
 }
 
+/// A receiver that lies about where a whole-table pull is (a row count its session never
+/// reached, one from another session, a key where a count goes, a key filter) gets a clear
+/// refusal, and every row it was sent counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_pull_goes_on_only_from_the_snapshot_it_was_given() {
+    for postgres in [false, true] {
+        let Some(a) = agent("hostile::keyless", postgres, None).await else {
+            continue;
+        };
+        let mut statements = vec!["CREATE TABLE event_log (at BIGINT, what TEXT)".to_owned()];
+        for i in 0..30 {
+            statements.push(format!("INSERT INTO event_log VALUES ({i}, 'e{i}')"));
+        }
+        exec(&a, &statements).await;
+        let token = sender_token(&a, ConnectionSettings::default()).await;
+        let mut hand = Hand::welcomed(&a, Via::Ws, &token).await;
+        // A count no snapshot of this session is at.
+        hand.send(&Message::Pull(Pull {
+            after_key: Some(vec![Value::Int(10)]),
+            ..pull_of("event_log")
+        }))
+        .await;
+        assert_eq!(hand.error_code().await, "snapshot_gone");
+        // Not a count; a key filter on a table without a key.
+        for lie in [
+            Pull {
+                after_key: Some(vec![Value::Text("x".into())]),
+                ..pull_of("event_log")
+            },
+            Pull {
+                after_key: Some(vec![Value::Int(-1)]),
+                ..pull_of("event_log")
+            },
+            Pull {
+                key_filter: Some(dbsync_protocol::message::KeyFilter::Keys(vec![vec![
+                    Value::Int(1),
+                ]])),
+                ..pull_of("event_log")
+            },
+        ] {
+            hand.send(&Message::Pull(lie)).await;
+            assert_eq!(hand.error_code().await, "invalid_request");
+        }
+        // Ten rows, then on from ten under the same transfer, then a count it never reached.
+        hand.send(&Message::Pull(Pull {
+            limit: 10,
+            ..pull_of("event_log")
+        }))
+        .await;
+        let mut seen = Vec::new();
+        let mut done = None;
+        while done.is_none() {
+            match hand.recv().await {
+                Some(Incoming::Batch(batch, _)) => {
+                    seen.extend(batch.rows.to_rows().unwrap());
+                    assert_eq!(batch.last_key, vec![Value::Int(seen.len() as i64)]);
+                    hand.send(&Message::Credit(Credit {
+                        request_id: 1,
+                        batches: 1,
+                    }))
+                    .await;
+                }
+                Some(Incoming::Message(Message::PullDone(d), _)) => done = Some(d),
+                other => panic!("{other:?}"),
+            }
+        }
+        let first = done.unwrap();
+        assert!(first.more);
+        assert_eq!(seen.len(), 10);
+        hand.send(&Message::Pull(Pull {
+            after_key: Some(vec![Value::Int(25)]),
+            transfer_id: Some(first.transfer_id.clone()),
+            ..pull_of("event_log")
+        }))
+        .await;
+        assert_eq!(hand.error_code().await, "snapshot_gone");
+        let transfer = a
+            .agent
+            .store
+            .get_transfer(first.transfer_id.parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(transfer.records_transferred, 10);
+        hand.close().await;
+        a.stop().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 1: a hostile sender takes nothing over on the receiver.
 

@@ -368,24 +368,54 @@ async fn approvals_hold_pulls_until_an_admin_decides_over(transport: TransportCh
     b.stop().await;
 }
 
-/// A keyless table (an event log) is left out of a pull of several, named in the summary with
-/// its reason, and the other tables arrive; a pull of that table alone fails with the reason.
+/// Every row of `table`, duplicates too, ordered by all its columns (a table without a key).
+async fn all_rows(store: &Store, table: &str) -> Vec<Vec<Value>> {
+    let mut schema = store.describe_table(table).await.unwrap();
+    let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+    schema.primary_key = columns.clone();
+    store
+        .read_page(&schema, &columns, None, 100_000)
+        .await
+        .unwrap()
+        .rows
+}
+
+/// A keyless table (an event log, with duplicate rows) comes whole from one snapshot read over
+/// several requests: `replace` by default (a second pull does not double it, and rows gone on
+/// the sender go here), `append` when asked; a strategy that matches by key leaves it out of a
+/// pull of several, named in the summary, and the other tables arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keyless_table_is_skipped_and_the_others_go_on() {
-    let Some((a, b, receiver)) = pair("pull::keyless", false, ConnectionSettings::default()).await
+async fn a_keyless_table_comes_whole() {
+    for postgres in [false, true] {
+        a_keyless_table_comes_whole_on(postgres).await;
+    }
+}
+
+async fn a_keyless_table_comes_whole_on(postgres: bool) {
+    // Seven rows a request: the snapshot is read over four requests.
+    let settings = ConnectionSettings {
+        max_records_per_request: 7,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) =
+        pair(&format!("pull::keyless_{postgres}"), postgres, settings).await
     else {
         return;
     };
-    exec(
-        &a,
-        &[
-            "CREATE TABLE kept (id INTEGER PRIMARY KEY, v TEXT)".into(),
-            "INSERT INTO kept VALUES (1, 'a'), (2, 'b')".into(),
-            "CREATE TABLE event_log (at TEXT, what TEXT)".into(),
-            "INSERT INTO event_log VALUES ('now', 'x')".into(),
-        ],
-    )
-    .await;
+    let mut statements = vec![
+        "CREATE TABLE kept (id INTEGER PRIMARY KEY, v TEXT)".to_owned(),
+        "INSERT INTO kept VALUES (1, 'a'), (2, 'b')".to_owned(),
+        "CREATE TABLE event_log (at TEXT, what TEXT)".to_owned(),
+    ];
+    for i in 0..25 {
+        // Every fifth row twice: a keyless table may hold the same row more than once.
+        statements.push(format!(
+            "INSERT INTO event_log VALUES ('t{}', 'e{i}')",
+            i / 5
+        ));
+    }
+    statements.push("INSERT INTO event_log VALUES ('t0', 'e0')".to_owned());
+    exec(&a, &statements).await;
     let summary = b
         .agent
         .pull(&receiver, &PullOptions::default(), |_| {})
@@ -396,18 +426,101 @@ async fn a_keyless_table_is_skipped_and_the_others_go_on() {
         .iter()
         .map(|t| (t.table.as_str(), t.rows))
         .collect();
-    assert_eq!(pulled, vec![("kept", 2)]);
+    assert_eq!(pulled, vec![("event_log", 26), ("kept", 2)], "{postgres}");
+    assert!(summary.skipped.is_empty());
+    let expected = all_rows(&a.agent.store, "event_log").await;
+    assert_eq!(expected.len(), 26);
+    assert_eq!(all_rows(&b.agent.store, "event_log").await, expected);
+
+    // Again, after the sender lost rows and gained others: the copy is the sender's table.
+    exec(
+        &a,
+        &[
+            "DELETE FROM event_log WHERE at = 't1'".to_owned(),
+            "INSERT INTO event_log VALUES ('t9', 'late')".to_owned(),
+        ],
+    )
+    .await;
+    let again = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let log = again
+        .tables
+        .iter()
+        .find(|t| t.table == "event_log")
+        .unwrap();
+    assert_eq!((log.created, log.deleted), (22, 26));
+    let expected = all_rows(&a.agent.store, "event_log").await;
+    assert_eq!(all_rows(&b.agent.store, "event_log").await, expected);
+
+    // A pull killed halfway leaves the table as it was (its stage stays until the next pull of
+    // the table, which starts over).
+    exec(
+        &a,
+        &["INSERT INTO event_log VALUES ('t8', 'later')".to_owned()],
+    )
+    .await;
+    let only_log = PullOptions {
+        tables: Some(vec!["event_log".into()]),
+        ..Default::default()
+    };
+    pull_killed_after(&b.agent, &receiver, &only_log, 2).await;
+    assert_eq!(all_rows(&b.agent.store, "event_log").await, expected);
+    let connection = b.agent.store.get_connection(&receiver).await.unwrap();
+    assert!(
+        b.agent
+            .store
+            .stage_exists(connection.id, "event_log")
+            .await
+            .unwrap()
+    );
+    let resumed = b.agent.pull(&receiver, &only_log, |_| {}).await.unwrap();
+    assert_eq!(resumed.tables[0].created, 23);
+    let expected = all_rows(&a.agent.store, "event_log").await;
+    assert_eq!(all_rows(&b.agent.store, "event_log").await, expected);
+
+    // append adds the sender's rows to those here.
+    let appended = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["event_log".into()]),
+                strategy: Some(dbsync_agent::connection::ConflictStrategy::Append),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(appended.tables[0].created, 23);
+    assert_eq!(all_rows(&b.agent.store, "event_log").await.len(), 46);
+
+    // A strategy that matches rows by key, named by the operator: left out, the others go on.
+    let overwrite = PullOptions {
+        strategy: Some(dbsync_agent::connection::ConflictStrategy::Overwrite),
+        ..Default::default()
+    };
+    let summary = b.agent.pull(&receiver, &overwrite, |_| {}).await.unwrap();
+    let pulled: Vec<&str> = summary.tables.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(pulled, vec!["kept"]);
     assert_eq!(summary.skipped.len(), 1);
     assert_eq!(summary.skipped[0].table, "event_log");
     assert_eq!(summary.skipped[0].code, "no_primary_key");
-    assert!(summary.skipped[0].reason.contains("primary key"));
+    assert!(
+        summary.skipped[0].reason.contains("--strategy replace"),
+        "{}",
+        summary.skipped[0].reason
+    );
     let alone = b
         .agent
         .pull(
             &receiver,
             &PullOptions {
                 tables: Some(vec!["event_log".into()]),
-                ..Default::default()
+                ..overwrite
             },
             |_| {},
         )
@@ -415,6 +528,14 @@ async fn a_keyless_table_is_skipped_and_the_others_go_on() {
     assert!(
         matches!(&alone, Err(Error::Invalid { reason, .. }) if reason.contains("no primary key")),
         "{alone:?}"
+    );
+    // No stage is left behind.
+    assert!(
+        !b.agent
+            .store
+            .stage_exists(connection.id, "event_log")
+            .await
+            .unwrap()
     );
     a.stop().await;
     b.stop().await;

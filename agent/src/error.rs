@@ -153,7 +153,14 @@ impl Error {
 
     /// Whether trying again later may succeed (a dropped or unreachable session).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable { .. })
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::Remote {
+                    code: dbsync_protocol::session::Code::SnapshotGone,
+                    ..
+                }
+        )
     }
 
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {

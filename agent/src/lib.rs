@@ -88,7 +88,7 @@ pub mod transport;
 // Each wing's modules by their own names too (`dbsync_agent::connection`, `crate::catalog`, ...).
 pub use connections::{access, admission, connection, rate_limit, settings, transfer};
 pub(crate) use data::{batch, pg_copy, sqlite_raw};
-pub use data::{catalog, key_filter, pg_schema, sink, source};
+pub use data::{catalog, key_filter, pg_expr, pg_schema, sink, source};
 pub use secrets::{password, secret, token, vault};
 pub use store::{admin_token, audit};
 pub use sync::{registration, schedule};

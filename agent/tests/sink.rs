@@ -19,6 +19,7 @@ both_engines!(
     conflict_strategies_and_checkpoints,
     schema_drift_is_named,
     a_column_type_that_is_not_a_type_is_refused,
+    hostile_schema_parts_are_reported_not_run,
     copy_to_the_other_engine
 );
 
@@ -76,6 +77,7 @@ async fn copy(
         }
         let applied = to
             .apply_batch(Batch {
+                into: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -275,6 +277,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
             let last = rows.last().map(|r| vec![r[0].clone()]);
             store
                 .apply_batch(Batch {
+                    into: None,
                     connection_id: connection,
                     batch_of: None,
                     schema: &schema,
@@ -376,6 +379,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
     let appended = db
         .store
         .apply_batch(Batch {
+            into: None,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -390,6 +394,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
     let refused = db
         .store
         .apply_batch(Batch {
+            into: None,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -492,6 +497,7 @@ async fn sqlite_stores_encoded_rows_as_it_stores_values(db: TestDb) {
         let applied = db
             .store
             .apply_batch(Batch {
+                into: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -541,6 +547,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
     let apply = async |received: &dbsync_protocol::columns::ReceivedBatch| {
         db.store
             .apply_batch(Batch {
+                into: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -614,6 +621,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
         let applied = db
             .store
             .apply_batch(Batch {
+                into: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &readings,
@@ -652,6 +660,7 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
                 .apply_batch_after(
                     Some(gate),
                     Batch {
+                        into: None,
                         connection_id: connection,
                         batch_of: None,
                         schema: &schema,
@@ -706,6 +715,7 @@ async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
         .collect();
     let apply = || {
         db.store.apply_batch(Batch {
+            into: None,
             connection_id: connection,
             batch_of: None,
             schema: &schema,
@@ -842,4 +852,85 @@ async fn copy_to_the_other_engine(db: TestDb) {
     assert_eq!(rows[1][4], Value::Text("twö".into()));
     assert_eq!(rows[1][1], flag(false));
     target.cleanup().await;
+}
+
+/// A sender's expressions that call what no peer may run (a check that sleeps, a default that
+/// reads a file, an index predicate that kills backends), and a sequence value past this
+/// sequence's bounds: each is reported, nothing of it runs, and the pull's table stays usable.
+async fn hostile_schema_parts_are_reported_not_run(db: TestDb) {
+    use dbsync_protocol::message::{
+        CheckDef, ColumnDefault, ColumnSequence, IndexDef, PostgresSchema,
+    };
+    if !db.url.starts_with("postgres") {
+        // SQLite receivers make none of the PostgreSQL parts.
+        return;
+    }
+    exec(
+        &db,
+        &["CREATE TABLE target (id SERIAL PRIMARY KEY, n INTEGER, body TEXT)".into()],
+    )
+    .await;
+    let mut schema = db.store.describe_table("target").await.unwrap();
+    schema.postgres = Some(PostgresSchema {
+        checks: vec![CheckDef {
+            name: "sleepy".into(),
+            expression: "(pg_sleep((n)::double precision) IS NOT NULL)".into(),
+            validated: true,
+        }],
+        defaults: vec![ColumnDefault {
+            column: "body".into(),
+            expression: "pg_read_file('/etc/passwd'::text)".into(),
+        }],
+        indexes: vec![IndexDef {
+            name: "killer".into(),
+            method: "btree".into(),
+            columns: vec!["n".into()],
+            unique: false,
+            constraint: false,
+            keys: vec![],
+            include: vec![],
+            predicate: Some("(pg_terminate_backend(n) OR true)".into()),
+            exclude: vec![],
+        }],
+        sequences: vec![ColumnSequence {
+            column: "id".into(),
+            identity: None,
+            data_type: "integer".into(),
+            increment: 1,
+            min_value: 1,
+            max_value: i64::MAX,
+            start: 1,
+            cycle: false,
+            last_value: Some(i64::MAX),
+        }],
+        ..PostgresSchema::default()
+    });
+    let warnings = db.store.complete_schema(&schema).await.unwrap();
+    assert_eq!(warnings.len(), 3, "{warnings:?}");
+    for (warning, name) in warnings
+        .iter()
+        .zip(["pg_read_file", "pg_sleep", "pg_terminate_backend"])
+    {
+        assert!(warning.contains(name), "{warning}");
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let made: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_constraint WHERE conname = 'sleepy') \
+         + (SELECT count(*) FROM pg_class WHERE relname = 'killer') \
+         + (SELECT count(*) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid \
+            AND a.attnum = d.adnum WHERE a.attname = 'body')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(made, 0);
+    // The sender's sequence value is kept within this sequence's bounds.
+    let warnings = db.store.follow_sequences(&schema).await.unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let value: i64 = sqlx::query_scalar("SELECT last_value FROM target_id_seq")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(value, i64::from(i32::MAX));
+    pool.close().await;
 }

@@ -90,6 +90,8 @@ pub mod codes {
     pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
     /// The peer said nothing for too long.
     pub const TIMEOUT: &str = "timeout";
+    /// A whole-table pull's snapshot is gone; pull the table again.
+    pub const SNAPSHOT_GONE: &str = "snapshot_gone";
     /// The sender failed.
     pub const INTERNAL_ERROR: &str = "internal_error";
 }

@@ -157,8 +157,10 @@ pub struct TableSchema {
     pub postgres: Option<PostgresSchema>,
 }
 
-/// The parts of a PostgreSQL table's schema a receiver rebuilds, as data (never SQL text): a
-/// receiver writes every statement itself, from names it quotes and types it checks.
+/// The parts of a PostgreSQL table's schema a receiver rebuilds, as data: a receiver writes every
+/// statement itself, from names it quotes and types it checks. Expressions (defaults, CHECK,
+/// generated columns, index expressions and predicates) are the only SQL text; a receiver writes
+/// one only after reading it token by token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PostgresSchema {
     /// Extensions that provide a type a column uses (`hstore`, `citext`, ...).
@@ -168,16 +170,75 @@ pub struct PostgresSchema {
     /// Sequences that give a column its values (serial and identity columns).
     pub sequences: Vec<ColumnSequence>,
     /// Column defaults (other than a serial column's), as PostgreSQL prints them. A receiver
-    /// keeps only those it can check are constants or a known function without arguments.
+    /// writes only those it checks hold nothing but values, operators, casts and known
+    /// functions.
     #[serde(default)]
     pub defaults: Vec<ColumnDefault>,
-    /// Secondary indexes and UNIQUE constraints over plain columns (no expressions, predicates,
-    /// INCLUDE columns, sort options or non-default operator classes).
+    /// Secondary indexes, UNIQUE and EXCLUDE constraints, with their expressions, predicates,
+    /// INCLUDE columns, sort options and operator classes.
     #[serde(default)]
     pub indexes: Vec<IndexDef>,
     /// Foreign keys of the table.
     #[serde(default)]
     pub foreign_keys: Vec<ForeignKeyDef>,
+    /// CHECK constraints of the table (a domain's travel with the domain).
+    #[serde(default)]
+    pub checks: Vec<CheckDef>,
+    /// Generated columns and their expressions (the receiver computes them; their values are
+    /// not pulled).
+    #[serde(default)]
+    pub generated: Vec<GeneratedColumn>,
+    /// Comments on the table and its columns.
+    #[serde(default)]
+    pub comments: Vec<CommentDef>,
+}
+
+/// A CHECK constraint. Its expression is SQL text of the sender's: a receiver writes it only
+/// after checking it holds nothing but values, columns, operators, casts and known functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckDef {
+    /// Constraint name.
+    pub name: String,
+    /// The expression, as `pg_get_expr` prints it.
+    pub expression: String,
+    /// Validated on the sender (else `NOT VALID` there).
+    pub validated: bool,
+}
+
+/// A generated column (`GENERATED ALWAYS AS (expression) STORED`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeneratedColumn {
+    /// The column.
+    pub column: String,
+    /// The expression, as `pg_get_expr` prints it.
+    pub expression: String,
+}
+
+/// A comment on the table (`column` none) or one of its columns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommentDef {
+    /// The column, or none for the table.
+    pub column: Option<String>,
+    /// The comment.
+    pub text: String,
+}
+
+/// One key of an index that is more than a plain column: an expression, an operator class, a
+/// collation or a sort order of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexKey {
+    /// A column...
+    pub column: Option<String>,
+    /// ...or an expression, as `pg_get_indexdef` prints it.
+    pub expression: Option<String>,
+    /// Operator class, when not the type's default.
+    pub opclass: Option<String>,
+    /// Collation, when not the column's.
+    pub collation: Option<String>,
+    /// `DESC`.
+    pub descending: bool,
+    /// `NULLS FIRST` (`NULLS LAST` otherwise).
+    pub nulls_first: bool,
 }
 
 /// A column's default expression.
@@ -202,6 +263,18 @@ pub struct IndexDef {
     pub unique: bool,
     /// It backs a UNIQUE constraint (made as the constraint).
     pub constraint: bool,
+    /// Each key in full, when any is more than a plain column (then `columns` is empty).
+    #[serde(default)]
+    pub keys: Vec<IndexKey>,
+    /// `INCLUDE` columns.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// A partial index's predicate, as `pg_get_expr` prints it.
+    #[serde(default)]
+    pub predicate: Option<String>,
+    /// An exclusion constraint's operator for each key (empty for any other index).
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 /// A foreign key.
@@ -253,7 +326,7 @@ pub enum UserType {
         /// Element type.
         subtype: String,
     },
-    /// `CREATE DOMAIN name AS base [NOT NULL]` (its CHECK constraints are SQL and do not travel).
+    /// `CREATE DOMAIN name AS base [NOT NULL] [CONSTRAINT c CHECK (...)]...`.
     Domain {
         /// Type name.
         name: String,
@@ -261,6 +334,9 @@ pub enum UserType {
         base: String,
         /// NOT NULL.
         not_null: bool,
+        /// CHECK constraints (their expressions checked as a table's are).
+        #[serde(default)]
+        checks: Vec<CheckDef>,
     },
 }
 

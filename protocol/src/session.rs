@@ -60,6 +60,9 @@ pub enum Code {
     TooManySessions,
     /// No request in time.
     Timeout,
+    /// A whole-table pull asked to go on from a snapshot the sender no longer holds (the
+    /// session that read it ended): the table is pulled again from the start.
+    SnapshotGone,
     /// The sender failed.
     InternalError,
 }
@@ -85,6 +88,7 @@ impl Code {
         Code::InvalidRequest,
         Code::TooManySessions,
         Code::Timeout,
+        Code::SnapshotGone,
         Code::InternalError,
     ];
 
@@ -110,6 +114,7 @@ impl Code {
             Code::InvalidRequest => codes::INVALID_REQUEST,
             Code::TooManySessions => codes::TOO_MANY_SESSIONS,
             Code::Timeout => codes::TIMEOUT,
+            Code::SnapshotGone => codes::SNAPSHOT_GONE,
             Code::InternalError => codes::INTERNAL_ERROR,
         }
     }

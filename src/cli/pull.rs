@@ -18,8 +18,9 @@ pub(crate) struct PullArgs {
     /// Pull every table the sender offers (the default when --tables is absent)
     #[arg(long)]
     all: bool,
-    /// skip, overwrite, merge, append or mirror (overwrite, then delete the local rows the
-    /// sender no longer has) [default: the connection's]
+    /// skip, overwrite, merge, append, mirror (overwrite, then delete the local rows the
+    /// sender no longer has) or replace (the whole table, swapped in at the end in one
+    /// transaction) [default: the connection's; replace for tables without a primary key]
     #[arg(long, value_parser = parse_strategy)]
     strategy: Option<ConflictStrategy>,
     /// Columns to leave out (comma-separated; key columns cannot be left out)

@@ -201,7 +201,7 @@ pub(crate) fn settings_inputs(s: &ConnectionSettings, has_password: bool) -> Mar
             }))
             (field("default_conflict_strategy", "Default conflict strategy", "What the receiver does with a row whose key it already holds, when a pull names no strategy.", html! {
                 select #default_conflict_strategy name="default_conflict_strategy" aria-describedby="default_conflict_strategy-hint" {
-                    @for strategy in ConflictStrategy::ALL {
+                    @for strategy in ConflictStrategy::ALL.iter().filter(|s| **s != ConflictStrategy::Replace) {
                         option value=(strategy.as_str()) selected[*strategy == s.default_conflict_strategy] { (strategy.as_str()) }
                     }
                 }

@@ -74,6 +74,9 @@ string_enum! {
         Append => "append",
         /// Overwrite, then delete local rows the sender no longer has.
         Mirror => "mirror",
+        /// The whole table replaced in one transaction once every row is here (any table,
+        /// keyless ones too); chosen per pull, never a connection's default.
+        Replace => "replace",
     }
 }
 

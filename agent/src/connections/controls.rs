@@ -92,6 +92,12 @@ impl Default for ConnectionSettings {
 impl ConnectionSettings {
     /// Checks every field and returns the whitelist in canonical CIDR form.
     pub(super) fn validate(&self) -> Result<Vec<String>> {
+        if self.default_conflict_strategy == ConflictStrategy::Replace {
+            return Err(Error::invalid(
+                "default_conflict_strategy",
+                "replace is chosen per pull (dbsync pull --strategy replace), not as a default",
+            ));
+        }
         if self.max_records_per_request <= 0 {
             return Err(Error::invalid("max_records_per_request", "must be > 0"));
         }

@@ -7,6 +7,7 @@ pub(crate) mod batch;
 pub mod catalog;
 pub mod key_filter;
 pub(crate) mod pg_copy;
+pub mod pg_expr;
 pub mod pg_schema;
 pub mod sink;
 pub mod source;

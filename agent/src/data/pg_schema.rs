@@ -7,7 +7,8 @@
 //! the sender's runs here. So a domain's CHECK constraints and other expressions do not travel.
 
 use dbsync_protocol::message::{
-    ColumnDefault, ColumnSequence, ForeignKeyDef, IndexDef, PostgresSchema, TableSchema, UserType,
+    CheckDef, ColumnDefault, ColumnSequence, CommentDef, ForeignKeyDef, GeneratedColumn, IndexDef,
+    IndexKey, PostgresSchema, TableSchema, UserType,
 };
 
 use crate::catalog::{check_type_name, quote_ident};
@@ -115,37 +116,47 @@ impl Store {
         .into_iter()
         .map(|(column, expression)| ColumnDefault { column, expression })
         .collect();
-        // Plain indexes only: key columns, no expression, predicate, INCLUDE, sort option or
-        // operator class other than the type's default.
-        out.indexes = sqlx::query_as::<_, (String, String, Vec<String>, bool, bool)>(
-            sqlx::AssertSqlSafe(format!(
-                "SELECT ic.relname::text, am.amname::text, \
-                 ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord), \
-                 i.indisunique, COALESCE(con.contype = 'u', false) \
-                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
-                 JOIN pg_am am ON am.oid = ic.relam \
-                 LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
-                 WHERE i.indrelid = {TABLE_OID} AND NOT i.indisprimary \
-                 AND i.indexprs IS NULL AND i.indpred IS NULL AND i.indnatts = i.indnkeyatts \
-                 AND 0 <> ALL (i.indkey::int2[]) AND 0 = ALL (i.indoption::int2[]) \
-                 AND (con.contype IS NULL OR con.contype = 'u') \
-                 AND NOT EXISTS (SELECT 1 FROM unnest(i.indclass::oid[]) c(oid) \
-                                 JOIN pg_opclass o ON o.oid = c.oid WHERE NOT o.opcdefault) \
-                 ORDER BY ic.relname"
-            )),
-        )
+        out.indexes = indexes(pool, table).await?;
+        out.checks = sqlx::query_as::<_, (String, String, bool)>(sqlx::AssertSqlSafe(format!(
+            "SELECT con.conname::text, pg_get_expr(con.conbin, con.conrelid), con.convalidated \
+             FROM pg_constraint con WHERE con.conrelid = {TABLE_OID} AND con.contype = 'c' \
+             ORDER BY con.conname"
+        )))
         .bind(table)
         .fetch_all(pool)
         .await?
         .into_iter()
-        .map(|(name, method, columns, unique, constraint)| IndexDef {
+        .map(|(name, expression, validated)| CheckDef {
             name,
-            method,
-            columns,
-            unique,
-            constraint,
+            expression,
+            validated,
         })
+        .collect();
+        out.generated = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(format!(
+            "SELECT a.attname::text, pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+             WHERE d.adrelid = {TABLE_OID} AND a.attgenerated <> '' ORDER BY a.attnum"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(column, expression)| GeneratedColumn { column, expression })
+        .collect();
+        out.comments = sqlx::query_as::<_, (Option<String>, String)>(sqlx::AssertSqlSafe(format!(
+            "SELECT NULL::text, d.description FROM pg_description d \
+             WHERE d.classoid = 'pg_class'::regclass AND d.objoid = {TABLE_OID} AND d.objsubid = 0 \
+             UNION ALL \
+             SELECT a.attname::text, d.description FROM pg_description d \
+             JOIN pg_attribute a ON a.attrelid = d.objoid AND a.attnum = d.objsubid \
+             WHERE d.classoid = 'pg_class'::regclass AND d.objoid = {TABLE_OID} AND d.objsubid > 0 \
+             AND NOT a.attisdropped"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(column, text)| CommentDef { column, text })
         .collect();
         type FkRow = (
             String,
@@ -278,6 +289,108 @@ impl Store {
     }
 }
 
+/// An index of the table as the catalog tells it.
+#[derive(sqlx::FromRow)]
+struct IndexRow {
+    oid: i64,
+    name: String,
+    method: String,
+    unique: bool,
+    kind: Option<String>,
+    key_count: i16,
+    predicate: Option<String>,
+    operators: Vec<String>,
+}
+
+/// One column of an index as the catalog tells it (keys first, then INCLUDE columns).
+#[derive(sqlx::FromRow)]
+struct IndexColumnRow {
+    column: Option<String>,
+    definition: String,
+    opclass: Option<String>,
+    collation: Option<String>,
+    descending: bool,
+    nulls_first: bool,
+}
+
+/// The secondary indexes of `table` (in the current schema), and the UNIQUE and EXCLUDE
+/// constraints they back, with every key in full.
+async fn indexes(pool: &sqlx::PgPool, table: &str) -> Result<Vec<IndexDef>> {
+    let rows: Vec<IndexRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT CAST(i.indexrelid AS BIGINT) AS oid, ic.relname::text AS name, \
+         am.amname::text AS method, i.indisunique AS unique, con.contype::text AS kind, \
+         i.indnkeyatts AS key_count, pg_get_expr(i.indpred, i.indrelid) AS predicate, \
+         ARRAY(SELECT o.oprname::text FROM unnest(con.conexclop) WITH ORDINALITY e(op, ord) \
+               JOIN pg_operator o ON o.oid = e.op ORDER BY e.ord) AS operators \
+         FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+         JOIN pg_am am ON am.oid = ic.relam \
+         LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid \
+         WHERE i.indrelid = {TABLE_OID} AND NOT i.indisprimary \
+         AND (con.contype IS NULL OR con.contype IN ('u', 'x')) ORDER BY ic.relname"
+    )))
+    .bind(table)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let columns: Vec<IndexColumnRow> = sqlx::query_as(
+            "SELECT a.attname::text AS column, pg_get_indexdef(i.indexrelid, k.ord::int, true) AS definition, \
+             (SELECT o.opcname::text FROM pg_opclass o WHERE o.oid = i.indclass[k.ord - 1] \
+              AND NOT o.opcdefault) AS opclass, \
+             (SELECT c.collname::text FROM pg_collation c WHERE c.oid = i.indcollation[k.ord - 1] \
+              AND c.oid <> 100 AND c.oid IS DISTINCT FROM a.attcollation) AS collation, \
+             COALESCE(i.indoption[k.ord - 1] & 1 = 1, false) AS descending, \
+             COALESCE(i.indoption[k.ord - 1] & 2 = 2, false) AS nulls_first \
+             FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+             LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum AND k.attnum > 0 \
+             WHERE i.indexrelid = $1::oid ORDER BY k.ord",
+        )
+        .bind(row.oid)
+        .fetch_all(pool)
+        .await?;
+        let key_count = usize::try_from(row.key_count)
+            .unwrap_or(0)
+            .min(columns.len());
+        let (keys, include) = columns.split_at(key_count);
+        let keys: Vec<IndexKey> = keys
+            .iter()
+            .map(|c| IndexKey {
+                expression: c.column.is_none().then(|| c.definition.clone()),
+                column: c.column.clone(),
+                opclass: c.opclass.clone(),
+                collation: c.collation.clone(),
+                descending: c.descending,
+                nulls_first: c.nulls_first,
+            })
+            .collect();
+        let include: Vec<String> = include.iter().filter_map(|c| c.column.clone()).collect();
+        let plain = keys.iter().all(|k| {
+            k.expression.is_none()
+                && k.opclass.is_none()
+                && k.collation.is_none()
+                && !k.descending
+                && !k.nulls_first
+        });
+        let exclude = row.kind.as_deref() == Some("x");
+        out.push(IndexDef {
+            name: row.name,
+            method: row.method,
+            columns: if plain {
+                keys.iter().filter_map(|k| k.column.clone()).collect()
+            } else {
+                Vec::new()
+            },
+            unique: row.unique,
+            constraint: row.kind.as_deref() == Some("u"),
+            keys: if plain { Vec::new() } else { keys },
+            include,
+            predicate: row.predicate,
+            exclude: if exclude { row.operators } else { Vec::new() },
+        });
+    }
+    Ok(out)
+}
+
 async fn type_row(pool: &sqlx::PgPool, oid: i64) -> Result<TypeRow> {
     Ok(sqlx::query_as(
         "SELECT format_type(t.oid, NULL) AS name, t.typtype::text AS typtype, \
@@ -329,11 +442,31 @@ async fn user_type(
             name: row.name.clone(),
             subtype,
         }),
-        "d" => row.base_name.clone().map(|base| UserType::Domain {
-            name: row.name.clone(),
-            base,
-            not_null: row.not_null,
-        }),
+        "d" => match row.base_name.clone() {
+            Some(base) => {
+                let checks = sqlx::query_as::<_, (String, String, bool)>(
+                    "SELECT conname::text, pg_get_expr(conbin, 0), convalidated FROM pg_constraint \
+                     WHERE contypid = $1::regtype AND contype = 'c' ORDER BY conname",
+                )
+                .bind(&row.name)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(name, expression, validated)| CheckDef {
+                    name,
+                    expression,
+                    validated,
+                })
+                .collect();
+                Some(UserType::Domain {
+                    name: row.name.clone(),
+                    base,
+                    not_null: row.not_null,
+                    checks,
+                })
+            }
+            None => None,
+        },
         _ => None,
     })
 }
@@ -374,10 +507,20 @@ pub fn create_type_sql(user_type: &UserType) -> Result<String> {
             name,
             base,
             not_null,
+            checks,
         } => {
             check_type_name(base)?;
             let not_null = if *not_null { " NOT NULL" } else { "" };
-            format!("CREATE DOMAIN {name} AS {base}{not_null}")
+            let mut sql = format!("CREATE DOMAIN {name} AS {base}{not_null}");
+            for check in checks {
+                match check_clause(check) {
+                    Ok(clause) => sql.push_str(&clause),
+                    Err(refusal) => {
+                        tracing::warn!(r#type = %name, constraint = %check.name, %refusal, "domain constraint not created");
+                    }
+                }
+            }
+            sql
         }
     })
 }
@@ -481,97 +624,61 @@ impl Store {
     }
 
     /// After a pull of `schema.name` completed: each sequence that gives one of its columns
-    /// values here is moved to at least the sender's last value, so the copy takes inserts at
-    /// once. A column with no sequence here is left alone.
-    pub async fn follow_sequences(&self, schema: &TableSchema) -> Result<()> {
+    /// values here is moved to at least the sender's last value (within its own bounds), so the
+    /// copy takes inserts at once. A column with no sequence here is left alone; a sequence that
+    /// cannot be moved is reported, not an error (the rows are in).
+    pub async fn follow_sequences(&self, schema: &TableSchema) -> Result<Vec<String>> {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let table = quote_ident(&schema.name)?;
+        let mut skipped = Vec::new();
         for sequence in &extras.sequences {
             let Some(last) = sequence.last_value else {
                 continue;
             };
-            let moved: Option<i64> = sqlx::query_scalar(
-                "SELECT setval(s, GREATEST($3, COALESCE(pg_sequence_last_value(s), $3))) \
+            // The sender's value is its word: kept within this sequence's bounds.
+            let moved: std::result::Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT setval(seq.s, LEAST(p.seqmax, GREATEST(p.seqmin, $3, \
+                 COALESCE(pg_sequence_last_value(seq.s), $3)))) \
                  FROM (SELECT CAST(pg_get_serial_sequence($1, $2) AS regclass) AS s) seq \
-                 WHERE s IS NOT NULL",
+                 JOIN pg_sequence p ON p.seqrelid = seq.s",
             )
             .bind(&table)
             .bind(&sequence.column)
             .bind(last)
             .fetch_optional(pool)
-            .await?;
-            if let Some(value) = moved {
-                tracing::debug!(table = %schema.name, column = %sequence.column, value, "sequence follows the sender");
+            .await;
+            match moved {
+                Ok(Some(value)) => {
+                    tracing::debug!(table = %schema.name, column = %sequence.column, value, "sequence follows the sender");
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(table = %schema.name, column = %sequence.column, error = %err, "sequence not moved");
+                    skipped.push(format!(
+                        "sequence of {}.{} not moved to {last}: {err}",
+                        schema.name, sequence.column
+                    ));
+                }
             }
         }
-        Ok(())
+        Ok(skipped)
     }
 }
 
-/// Functions without arguments a column default may call and still travel.
-const DEFAULT_FUNCTIONS: &[&str] = &[
-    "now()",
-    "current_timestamp",
-    "current_date",
-    "current_time",
-    "localtimestamp",
-    "localtime",
-    "statement_timestamp()",
-    "transaction_timestamp()",
-    "clock_timestamp()",
-    "gen_random_uuid()",
-    "uuid_generate_v4()",
-];
+/// ` CONSTRAINT name CHECK (expression)` of `check`, once its expression passed
+/// [`crate::pg_expr::check`]; the refusal says why not.
+fn check_clause(check: &CheckDef) -> std::result::Result<String, String> {
+    crate::pg_expr::check(&check.expression)?;
+    let name = quote_ident(&check.name).map_err(|err| err.to_string())?;
+    Ok(format!(" CONSTRAINT {name} CHECK ({})", check.expression))
+}
 
-/// Whether `expression` (a default as `pg_get_expr` prints it) is one a receiver writes as
-/// given: a number, a string, `true`, `false` or `NULL`, or one of [`DEFAULT_FUNCTIONS`], each
-/// optionally in parentheses and cast to a type name (`'active'::character varying`,
-/// `'{}'::jsonb`, `(-1)`). Anything else is SQL of the sender's and does not travel.
-pub fn is_plain_default(expression: &str) -> bool {
-    let mut rest = expression.trim();
-    while let Some(inner) = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
-        rest = inner.trim();
-    }
-    // One value, then casts.
-    let (value, casts) = if let Some(after) = rest.strip_prefix('\'') {
-        // A string literal: '' is a quote inside it.
-        let bytes = after.as_bytes();
-        let mut i = 0;
-        loop {
-            match bytes.get(i) {
-                None => return false,
-                Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
-                Some(b'\'') => break,
-                Some(_) => i += 1,
-            }
-        }
-        (true, &after[i + 1..])
-    } else {
-        let end = rest.find("::").unwrap_or(rest.len());
-        let (value, casts) = rest.split_at(end);
-        let value = value.trim();
-        let lower = value.to_ascii_lowercase();
-        let number = {
-            let digits = value.strip_prefix('-').unwrap_or(value);
-            !digits.is_empty()
-                && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
-                && digits.chars().filter(|c| *c == '.').count() <= 1
-        };
-        let known = number
-            || matches!(lower.as_str(), "true" | "false" | "null")
-            || DEFAULT_FUNCTIONS.contains(&lower.as_str());
-        (known, casts)
-    };
-    if !value {
-        return false;
-    }
-    casts
-        .split("::")
-        .skip(1)
-        .all(|ty| check_type_name(ty.trim()).is_ok())
-        && (casts.is_empty() || casts.starts_with("::"))
+/// The expression of a column default or generated column, once it passed
+/// [`crate::pg_expr::check`].
+pub fn checked_expression(expression: &str) -> std::result::Result<&str, String> {
+    crate::pg_expr::check(expression).map(|()| expression)
 }
 
 /// The `ON UPDATE`/`ON DELETE` action a catalog letter stands for.
@@ -603,7 +710,45 @@ fn name_list(names: &[String]) -> Result<String> {
         .join(", "))
 }
 
-/// The statement that makes `index` on `table`, from its parts.
+/// One key of an index as written: a column or a checked expression, then its collation,
+/// operator class and order.
+fn index_key_sql(key: &IndexKey) -> Result<String> {
+    let mut sql = match (&key.column, &key.expression) {
+        (Some(column), None) => quote_ident(column)?,
+        (None, Some(expression)) => {
+            crate::pg_expr::check(expression).map_err(|refusal| {
+                Error::invalid("schema", format!("an index expression holds {refusal}"))
+            })?;
+            format!("({expression})")
+        }
+        _ => {
+            return Err(Error::invalid(
+                "schema",
+                "an index key is a column or an expression",
+            ));
+        }
+    };
+    if let Some(collation) = &key.collation {
+        sql.push_str(&format!(" COLLATE {}", quote_ident(collation)?));
+    }
+    if let Some(opclass) = &key.opclass {
+        sql.push_str(&format!(" {}", quote_ident(opclass)?));
+    }
+    if key.descending {
+        sql.push_str(" DESC");
+    }
+    if key.nulls_first != key.descending {
+        sql.push_str(if key.nulls_first {
+            " NULLS FIRST"
+        } else {
+            " NULLS LAST"
+        });
+    }
+    Ok(sql)
+}
+
+/// The statement that makes `index` on `table`, from its parts (names quoted, expressions
+/// checked, operators checked).
 pub fn index_sql(table: &str, index: &IndexDef) -> Result<String> {
     const METHODS: &[&str] = &["btree", "hash", "gin", "gist", "brin", "spgist"];
     if !METHODS.contains(&index.method.as_str()) {
@@ -612,16 +757,64 @@ pub fn index_sql(table: &str, index: &IndexDef) -> Result<String> {
             format!("{:?} is not an index method dbsync creates", index.method),
         ));
     }
-    let columns = name_list(&index.columns)?;
+    let keys: Vec<IndexKey> = if index.keys.is_empty() {
+        index
+            .columns
+            .iter()
+            .map(|c| IndexKey {
+                column: Some(c.clone()),
+                ..IndexKey::default()
+            })
+            .collect()
+    } else {
+        index.keys.clone()
+    };
+    if keys.is_empty() {
+        return Err(Error::invalid("schema", "an index without a key"));
+    }
+    let mut parts = Vec::with_capacity(keys.len());
+    for (i, key) in keys.iter().enumerate() {
+        let mut part = index_key_sql(key)?;
+        if !index.exclude.is_empty() {
+            let op = index.exclude.get(i).ok_or_else(|| {
+                Error::invalid(
+                    "schema",
+                    "an exclusion constraint without an operator per key",
+                )
+            })?;
+            crate::pg_expr::check_operator(op).map_err(|r| Error::invalid("schema", r))?;
+            part.push_str(&format!(" WITH {op}"));
+        }
+        parts.push(part);
+    }
+    let parts = parts.join(", ");
+    let include = if index.include.is_empty() {
+        String::new()
+    } else {
+        format!(" INCLUDE ({})", name_list(&index.include)?)
+    };
+    let predicate = match &index.predicate {
+        Some(predicate) => {
+            crate::pg_expr::check(predicate).map_err(|refusal| {
+                Error::invalid("schema", format!("an index predicate holds {refusal}"))
+            })?;
+            format!(" WHERE ({predicate})")
+        }
+        None => String::new(),
+    };
     let name = quote_ident(&index.name)?;
     let table = quote_ident(table)?;
-    Ok(if index.constraint {
-        format!("ALTER TABLE {table} ADD CONSTRAINT {name} UNIQUE ({columns})")
+    let method = &index.method;
+    Ok(if !index.exclude.is_empty() {
+        format!(
+            "ALTER TABLE {table} ADD CONSTRAINT {name} EXCLUDE USING {method} ({parts}){include}{predicate}"
+        )
+    } else if index.constraint && index.keys.is_empty() && index.predicate.is_none() {
+        format!("ALTER TABLE {table} ADD CONSTRAINT {name} UNIQUE ({parts}){include}")
     } else {
         let unique = if index.unique { "UNIQUE " } else { "" };
         format!(
-            "CREATE {unique}INDEX {name} ON {table} USING {} ({columns})",
-            index.method
+            "CREATE {unique}INDEX {name} ON {table} USING {method} ({parts}){include}{predicate}"
         )
     })
 }
@@ -676,25 +869,131 @@ async fn has_relation_or_constraint(pool: &sqlx::PgPool, table: &str, name: &str
 }
 
 impl Store {
-    /// After the rows of a table dbsync created are in: its secondary indexes and UNIQUE
-    /// constraints, each unless one of that name is already here. One that cannot be made
-    /// (rows that break a UNIQUE the sender's rows kept, say) is reported and skipped.
-    pub async fn add_indexes(&self, schema: &TableSchema) -> Result<Vec<String>> {
+    /// After the rows of a table dbsync created are in: its column defaults, CHECK constraints
+    /// (validated when the sender's were), secondary indexes, UNIQUE and EXCLUDE constraints and
+    /// comments, each unless one of that name is here. What cannot be made (an expression that
+    /// calls a function dbsync does not run from a peer, rows that break a UNIQUE the sender's
+    /// rows kept) is reported and skipped, as is a generated column made as a plain one.
+    pub async fn complete_schema(&self, schema: &TableSchema) -> Result<Vec<String>> {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
             return Ok(Vec::new());
         };
         let mut skipped = Vec::new();
+        let table = quote_ident(&schema.name)?;
+        let run = |sql: String| async move {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(pool)
+                .await
+                .map(drop)
+                .map_err(|err| match err {
+                    sqlx::Error::Database(db) => db.message().to_owned(),
+                    other => other.to_string(),
+                })
+        };
+        // Defaults: a serial column's came with its sequence; an identity column has none.
+        let generated_here = self.generated_columns(&schema.name).await?;
+        for default in &extras.defaults {
+            if extras.sequences.iter().any(|s| s.column == default.column)
+                || generated_here.contains(&default.column)
+            {
+                continue;
+            }
+            let made = match checked_expression(&default.expression) {
+                Ok(expression) => {
+                    run(format!(
+                        "ALTER TABLE {table} ALTER COLUMN {} SET DEFAULT {expression}",
+                        quote_ident(&default.column)?
+                    ))
+                    .await
+                }
+                Err(refusal) => Err(format!("it holds {refusal}")),
+            };
+            if let Err(why) = made {
+                tracing::warn!(table = %schema.name, column = %default.column, %why, "column default not set");
+                skipped.push(format!(
+                    "default of {}.{} ({}): {why}",
+                    schema.name, default.column, default.expression
+                ));
+            }
+        }
+        for generated in &extras.generated {
+            if !generated_here.contains(&generated.column) {
+                skipped.push(format!(
+                    "generated column {}.{} ({}) is a plain column here, its values copied",
+                    schema.name, generated.column, generated.expression
+                ));
+            }
+        }
+        for check in &extras.checks {
+            if has_relation_or_constraint(pool, &schema.name, &check.name).await? {
+                continue;
+            }
+            let made = match check_clause(check) {
+                Ok(clause) => {
+                    let added = run(format!("ALTER TABLE {table} ADD{clause} NOT VALID")).await;
+                    match added {
+                        Ok(()) if check.validated => {
+                            run(format!(
+                                "ALTER TABLE {table} VALIDATE CONSTRAINT {}",
+                                quote_ident(&check.name)?
+                            ))
+                            .await
+                        }
+                        other => other,
+                    }
+                }
+                Err(refusal) => Err(format!("it holds {refusal}")),
+            };
+            if let Err(why) = made {
+                tracing::warn!(table = %schema.name, constraint = %check.name, %why, "check constraint not made");
+                skipped.push(format!(
+                    "check constraint {} of {} ({}): {why}",
+                    check.name, schema.name, check.expression
+                ));
+            }
+        }
         for index in &extras.indexes {
             if has_relation_or_constraint(pool, &schema.name, &index.name).await? {
                 continue;
             }
-            let sql = index_sql(&schema.name, index)?;
-            if let Err(err) = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await {
-                tracing::warn!(table = %schema.name, index = %index.name, error = %err, "index not created");
-                skipped.push(format!("index {}: {err}", index.name));
+            let made = match index_sql(&schema.name, index) {
+                Ok(sql) => run(sql).await,
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(why) = made {
+                tracing::warn!(table = %schema.name, index = %index.name, %why, "index not created");
+                skipped.push(format!("index {} of {}: {why}", index.name, schema.name));
+            }
+        }
+        for comment in &extras.comments {
+            let target = match &comment.column {
+                None => format!("TABLE {table}"),
+                Some(column) => format!("COLUMN {table}.{}", quote_ident(column)?),
+            };
+            let made = match literal(&comment.text) {
+                Ok(text) => run(format!("COMMENT ON {target} IS {text}")).await,
+                Err(err) => Err(err.to_string()),
+            };
+            if let Err(why) = made {
+                skipped.push(format!("comment on {target}: {why}"));
             }
         }
         Ok(skipped)
+    }
+
+    /// The generated columns of `table` here (PostgreSQL; none on SQLite, whose catalog does
+    /// not list them as columns).
+    pub async fn generated_columns(&self, table: &str) -> Result<Vec<String>> {
+        let Pool::Postgres(pool) = self.pool() else {
+            return Ok(Vec::new());
+        };
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = {TABLE_OID} \
+             AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '' ORDER BY a.attnum"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?)
     }
 
     /// After every table of a pull is in: the foreign keys of `schema.name`, each unless one of
@@ -783,38 +1082,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_defaults_travel() {
-        for ok in [
-            "0",
-            "(-1)",
-            "1.5",
-            "'active'::character varying",
-            "'{}'::jsonb",
-            "'it''s'::text",
-            "true",
-            "NULL::integer",
-            "now()",
-            "CURRENT_TIMESTAMP",
-            "gen_random_uuid()",
-            "'2020-01-01'::date",
-        ] {
-            assert!(is_plain_default(ok), "{ok:?}");
-        }
-        for bad in [
-            "nextval('t_id_seq'::regclass)",
-            "pg_sleep(10)",
-            "(now() + '1 day'::interval)",
-            "'a'::text || 'b'",
-            "'unterminated",
-            "lower('A'::text)",
-            "1; DROP TABLE t",
-            "'x'::text); DROP TABLE t; --",
-        ] {
-            assert!(!is_plain_default(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
     fn types_are_built_from_checked_parts() {
         let mood = UserType::Enum {
             name: "mood".into(),
@@ -838,8 +1105,31 @@ mod tests {
             name: "year".into(),
             base: "integer CHECK (pg_sleep(1) IS NULL)".into(),
             not_null: false,
+            checks: vec![],
         };
         assert!(create_type_sql(&evil_base).is_err());
+        // A domain's checks: the one that calls what no peer may have run is left out.
+        let year = UserType::Domain {
+            name: "year".into(),
+            base: "integer".into(),
+            not_null: false,
+            checks: vec![
+                CheckDef {
+                    name: "year_check".into(),
+                    expression: "((VALUE >= 1900) AND (VALUE <= 2200))".into(),
+                    validated: true,
+                },
+                CheckDef {
+                    name: "evil".into(),
+                    expression: "(pg_sleep((VALUE)::double precision) IS NULL)".into(),
+                    validated: true,
+                },
+            ],
+        };
+        assert_eq!(
+            create_type_sql(&year).unwrap(),
+            "CREATE DOMAIN year AS integer CONSTRAINT \"year_check\" CHECK (((VALUE >= 1900) AND (VALUE <= 2200)))"
+        );
         let sequence = ColumnSequence {
             column: "id".into(),
             identity: Some("always; DROP".into()),
@@ -862,6 +1152,10 @@ mod tests {
             columns: vec!["email".into()],
             unique: true,
             constraint: false,
+            keys: vec![],
+            include: vec![],
+            predicate: None,
+            exclude: vec![],
         };
         assert_eq!(
             index_sql("users", &index).unwrap(),
@@ -869,9 +1163,76 @@ mod tests {
         );
         let bad = IndexDef {
             method: "btree; DROP TABLE users".into(),
-            ..index
+            ..index.clone()
         };
         assert!(index_sql("users", &bad).is_err());
+        // Keys in full: an expression, a collation, an operator class, an order; INCLUDE
+        // columns and a predicate.
+        let full = IndexDef {
+            name: "recent".into(),
+            columns: vec![],
+            keys: vec![
+                IndexKey {
+                    expression: Some("lower((email)::text)".into()),
+                    opclass: Some("text_pattern_ops".into()),
+                    ..IndexKey::default()
+                },
+                IndexKey {
+                    column: Some("created".into()),
+                    descending: true,
+                    nulls_first: false,
+                    ..IndexKey::default()
+                },
+                IndexKey {
+                    column: Some("name".into()),
+                    collation: Some("C".into()),
+                    ..IndexKey::default()
+                },
+            ],
+            include: vec!["id".into()],
+            predicate: Some("(deleted_at IS NULL)".into()),
+            ..index.clone()
+        };
+        assert_eq!(
+            index_sql("users", &full).unwrap(),
+            "CREATE UNIQUE INDEX \"recent\" ON \"users\" USING btree ((lower((email)::text)) \"text_pattern_ops\", \
+             \"created\" DESC NULLS LAST, \"name\" COLLATE \"C\") INCLUDE (\"id\") WHERE ((deleted_at IS NULL))"
+        );
+        for evil in [
+            IndexDef {
+                predicate: Some("(pg_sleep(1) IS NULL)".into()),
+                ..full.clone()
+            },
+            IndexDef {
+                keys: vec![IndexKey {
+                    expression: Some("x)); DROP TABLE users; --".into()),
+                    ..IndexKey::default()
+                }],
+                ..full.clone()
+            },
+            IndexDef {
+                method: "gist".into(),
+                exclude: vec!["&& ; DROP".into()],
+                ..full.clone()
+            },
+        ] {
+            assert!(index_sql("users", &evil).is_err(), "{evil:?}");
+        }
+        let exclusion = IndexDef {
+            name: "no_overlap".into(),
+            method: "gist".into(),
+            columns: vec!["room".into(), "during".into()],
+            unique: false,
+            constraint: false,
+            keys: vec![],
+            include: vec![],
+            predicate: None,
+            exclude: vec!["=".into(), "&&".into()],
+        };
+        assert_eq!(
+            index_sql("booking", &exclusion).unwrap(),
+            "ALTER TABLE \"booking\" ADD CONSTRAINT \"no_overlap\" EXCLUDE USING gist (\"room\" WITH =, \"during\" WITH &&)"
+        );
         let key = ForeignKeyDef {
             name: "fk".into(),
             columns: vec!["user_id".into()],

@@ -6,3 +6,4 @@ pub mod pull;
 pub mod registration;
 mod rows;
 pub mod schedule;
+mod whole;

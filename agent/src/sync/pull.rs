@@ -94,6 +94,8 @@ pub(super) struct Pass<'a> {
     pub(super) cursor: Option<String>,
     /// Keys only (a mirror reconciliation pass).
     pub(super) keys_only: bool,
+    /// A whole-table pull: the stage the rows go into.
+    pub(super) into: Option<&'a str>,
 }
 
 /// Where a pass is: the key it resumes after and the sender's transfer it runs under.
@@ -233,7 +235,7 @@ pub enum PullEvent {
 }
 
 /// The columns of `schema` a pull asks for: all but those left out.
-fn pulled_columns(schema: &TableSchema, options: &PullOptions) -> Vec<String> {
+pub(super) fn pulled_columns(schema: &TableSchema, options: &PullOptions) -> Vec<String> {
     schema
         .columns
         .iter()
@@ -242,16 +244,41 @@ fn pulled_columns(schema: &TableSchema, options: &PullOptions) -> Vec<String> {
         .collect()
 }
 
+/// How a table pulled whole (no primary key, or `replace`) goes in under `strategy`, which the
+/// operator named (`explicit`) or the connection's default gave: `append` and `replace` as they
+/// are, a keyed default as `replace`; a keyed strategy the operator named leaves the table out.
+fn whole_strategy(
+    table: &str,
+    strategy: ConflictStrategy,
+    explicit: bool,
+) -> std::result::Result<ConflictStrategy, SkippedTable> {
+    match strategy {
+        ConflictStrategy::Append | ConflictStrategy::Replace => Ok(strategy),
+        _ if !explicit => Ok(ConflictStrategy::Replace),
+        other => Err(SkippedTable {
+            table: table.to_owned(),
+            code: "no_primary_key",
+            reason: format!(
+                "{table:?} has no primary key, and the {} strategy matches rows by key: pull \
+                 it with --strategy replace (the table replaced whole) or --strategy append (its \
+                 rows added); the other tables went on",
+                other.as_str()
+            ),
+        }),
+    }
+}
+
 /// Creates the table here when it is missing (or checks, and with `--add-columns` widens, the
 /// one here), and remembers that a created table still needs its indexes and foreign keys.
-/// Returns whether it was created.
-async fn prepare_table(
+/// Returns whether it was created, and the columns to pull: `columns` less those this table
+/// computes itself (generated columns, whose values are not pulled).
+pub(super) async fn prepare_table(
     store: &crate::Store,
     connection_id: Uuid,
     schema: &TableSchema,
     columns: &[String],
     options: &PullOptions,
-) -> Result<bool> {
+) -> Result<(bool, Vec<String>)> {
     let created = store
         .ensure_table(schema, columns, options.add_columns)
         .await?;
@@ -260,7 +287,13 @@ async fn prepare_table(
             .mark_schema_pending(connection_id, &schema.name)
             .await?;
     }
-    Ok(created)
+    let generated = store.generated_columns(&schema.name).await?;
+    let pulled = columns
+        .iter()
+        .filter(|c| !generated.contains(c))
+        .cloned()
+        .collect();
+    Ok((created, pulled))
 }
 
 /// The sender's transfer a receive transfer ran under (a later run resumes under it).
@@ -269,6 +302,31 @@ fn remote_transfer_of(transfer: &crate::transfer::Transfer) -> Option<&str> {
         .metadata
         .get("remote_transfer_id")
         .and_then(|v| v.as_str())
+}
+
+/// The sender's transfer of the latest receive transfer of `table` under `connection_id`, when
+/// that one did not complete (it may wait for the sender's approval: a new pull asks about it
+/// rather than opening another).
+pub(super) async fn unfinished_remote_transfer(
+    store: &crate::Store,
+    connection_id: Uuid,
+    table: &str,
+) -> Result<Option<String>> {
+    let latest = store
+        .list_transfers(&crate::transfer::TransferFilter {
+            connection_id: Some(connection_id),
+            direction: Some(TransferDirection::Receive),
+            table_name: Some(table.to_owned()),
+            per_page: Some(1),
+            ..Default::default()
+        })
+        .await?;
+    Ok(latest
+        .items
+        .first()
+        .filter(|previous| previous.status != TransferStatus::Completed)
+        .and_then(remote_transfer_of)
+        .map(str::to_owned))
 }
 
 /// Records the sender's transfer id `id` on the receive transfer (with `facts`), when it is not
@@ -379,6 +437,14 @@ impl Agent {
                 "an incremental pull moves what changed; it takes no key filter",
             ));
         }
+        if strategy == ConflictStrategy::Replace
+            && (options.where_key.is_some() || options.incremental)
+        {
+            return Err(Error::invalid(
+                "strategy",
+                "replace copies whole tables: leave out --where-key and --incremental",
+            ));
+        }
         if strategy == ConflictStrategy::Mirror && options.where_key.is_some() {
             return Err(Error::invalid(
                 "strategy",
@@ -473,7 +539,7 @@ impl Agent {
                     };
                     if options.schema_only {
                         let columns = pulled_columns(&schema, options);
-                        let created_table =
+                        let (created_table, _) =
                             prepare_table(&self.store, connection.id, &schema, &columns, options)
                                 .await?;
                         let summary = TableSummary {
@@ -482,10 +548,7 @@ impl Agent {
                             transport: client.transport.to_string(),
                             ..TableSummary::default()
                         };
-                        return Ok(Some((summary, schema)));
-                    }
-                    if schema.primary_key.is_empty() {
-                        return Ok(None);
+                        return Ok(Ok((summary, schema)));
                     }
                     let job = TableJob {
                         connection: &connection,
@@ -493,12 +556,24 @@ impl Agent {
                         max_per_request,
                         options,
                     };
-                    let summary = self
-                        .pull_table(&mut client, &job, strategy, &mut on_event)
-                        .await?;
-                    // The copy takes inserts at once: its sequences reach the sender's values.
-                    self.store.follow_sequences(&schema).await?;
-                    Ok(Some((summary, schema)))
+                    // A table without a key, or any under `replace`, comes whole.
+                    let summary =
+                        if schema.primary_key.is_empty() || strategy == ConflictStrategy::Replace {
+                            let strategy = match whole_strategy(
+                                &schema.name,
+                                strategy,
+                                options.strategy.is_some(),
+                            ) {
+                                Ok(strategy) => strategy,
+                                Err(skip) => return Ok(Err(skip)),
+                            };
+                            self.pull_whole(&mut client, &job, strategy, &mut on_event)
+                                .await?
+                        } else {
+                            self.pull_table(&mut client, &job, strategy, &mut on_event)
+                                .await?
+                        };
+                    Ok(Ok((summary, schema)))
                 }
                 .await;
                 match attempt {
@@ -524,26 +599,26 @@ impl Agent {
             };
             failing_since = None;
             attempts = 0;
-            // A keyless table: pages go by key, so it cannot be pulled (nor resumed) here.
-            let Some((summary, schema)) = summary else {
-                let reason = format!(
-                    "{table:?} has no primary key: dbsync pages and resumes tables by key; give \
-                     it a primary key on the sender to pull it (the other tables went on)"
-                );
-                tracing::warn!(table = %table, "skipped: no primary key");
-                on_event(PullEvent::TableSkipped {
-                    table: table.clone(),
-                    reason: reason.clone(),
-                });
-                skipped.push(SkippedTable {
-                    table,
-                    code: "no_primary_key",
-                    reason,
-                });
-                continue;
+            // A keyless table under a strategy that matches rows by key: left out, the others
+            // go on.
+            let (summary, schema) = match summary {
+                Ok(pulled) => pulled,
+                Err(skip) => {
+                    tracing::warn!(table = %table, reason = %skip.reason, "skipped");
+                    on_event(PullEvent::TableSkipped {
+                        table: table.clone(),
+                        reason: skip.reason.clone(),
+                    });
+                    skipped.push(skip);
+                    continue;
+                }
             };
             if reconnects > 0 {
                 store_reconnects(&self.store, summary.transfer_id, reconnects).await;
+            }
+            // The copy takes inserts at once: its sequences reach the sender's values.
+            if !options.schema_only {
+                warnings.extend(self.store.follow_sequences(&schema).await?);
             }
             // A table this pull (or an interrupted one before it) created: its indexes now its
             // rows are in.
@@ -553,7 +628,7 @@ impl Agent {
                     .schema_pending(connection.id, &schema.name)
                     .await?
             {
-                warnings.extend(self.store.add_indexes(&schema).await?);
+                warnings.extend(self.store.complete_schema(&schema).await?);
                 completed.push(schema);
             }
             summaries.push(TableSummary {
@@ -618,7 +693,8 @@ impl Agent {
         } else {
             None
         };
-        let created_table = prepare_table(store, connection.id, schema, &columns, options).await?;
+        let (created_table, columns) =
+            prepare_table(store, connection.id, schema, &columns, options).await?;
         // Resume an interrupted pull of this table, or start from the beginning.
         let mut after: Option<Vec<Value>> = None;
         let mut remote_transfer: Option<String> = None;
@@ -672,22 +748,9 @@ impl Agent {
         if remote_transfer.is_none() {
             // Nothing applied yet, but an earlier pull may have been told to wait for approval:
             // ask about the same sender transfer rather than opening a new one.
-            let latest = store
-                .list_transfers(&crate::transfer::TransferFilter {
-                    connection_id: Some(connection.id),
-                    direction: Some(TransferDirection::Receive),
-                    table_name: Some(schema.name.clone()),
-                    per_page: Some(1),
-                    ..Default::default()
-                })
-                .await?;
-            if let Some(previous) = latest.items.first()
-                && previous.status != TransferStatus::Completed
-                && let Some(id) = remote_transfer_of(previous)
-            {
-                remote_transfer = Some(id.to_owned());
-                resumed = true;
-            }
+            remote_transfer =
+                unfinished_remote_transfer(store, connection.id, &schema.name).await?;
+            resumed = remote_transfer.is_some();
         }
         let transfer = store
             .create_transfer(
@@ -754,6 +817,7 @@ impl Agent {
             key_filter: key_filter.as_ref(),
             cursor: cursor.clone(),
             keys_only: false,
+            into: None,
         };
         let mut position = Position {
             after,
@@ -780,6 +844,7 @@ impl Agent {
                 key_filter: None,
                 cursor: None,
                 keys_only: true,
+                into: None,
             };
             outcome = self
                 .pull_rows(

@@ -127,7 +127,9 @@ impl Agent {
                             } else {
                                 columns.to_vec()
                             },
-                            key_len: schema.primary_key.len() + usize::from(pass.cursor.is_some()),
+                            // A table without a key goes on from a row count.
+                            key_len: schema.primary_key.len().max(1)
+                                + usize::from(pass.cursor.is_some()),
                         };
                         ReceiverCore::check_batch(
                             &expected,
@@ -185,6 +187,7 @@ impl Agent {
                                     .apply_batch_after(
                                         previous,
                                         Batch {
+                                            into: pass.into,
                                             connection_id,
                                             batch_of,
                                             schema,

@@ -176,11 +176,13 @@ mod mirror;
 mod plan;
 mod postgres;
 mod sqlite;
+mod stage;
 mod types;
 
 pub use crate::batch::Rows;
 pub use bind::pg_text;
 pub use mirror::mirror_table;
+pub use stage::{Swapped, stage_table};
 pub use types::target_type;
 
 /// One batch for a table: whose, which transfer's, its rows, and how they go in.
@@ -200,6 +202,9 @@ pub struct Batch<'a> {
     pub strategy: ConflictStrategy,
     /// The key of the batch's last row: where the checkpoint moves.
     pub last_key: Option<&'a [Value]>,
+    /// Where the rows go instead of `schema.name`: a table of the store's own with the same
+    /// columns (the stage of a whole-table pull, [`Store::open_stage`]). Never a peer's name.
+    pub into: Option<&'a str>,
 }
 
 /// The transfer a batch belongs to: the batch's checkpoint names it, and its counters (rows,
@@ -322,55 +327,65 @@ impl Store {
             Err(Error::NotFound { .. }) => {
                 // The extensions and user types its columns use, first (PostgreSQL).
                 self.prepare_postgres_types(schema).await?;
-                let mut definitions = Vec::new();
-                for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
-                    let ty = column_type(self.engine(), schema, column)?;
-                    let not_null = if column.nullable { "" } else { " NOT NULL" };
-                    let (identity, default) = match (self.pool(), &schema.postgres) {
-                        (Pool::Postgres(_), Some(extras)) => {
-                            let sequence =
-                                extras.sequences.iter().find(|s| s.column == column.name);
-                            let identity = sequence
-                                .map(crate::pg_schema::identity_clause)
-                                .transpose()?
-                                .flatten()
-                                .unwrap_or_default();
-                            // A serial column's default comes with its sequence.
-                            let default = extras
-                                .defaults
-                                .iter()
-                                .find(|d| d.column == column.name && sequence.is_none())
-                                .and_then(|d| {
-                                    let plain = crate::pg_schema::is_plain_default(&d.expression);
-                                    if !plain {
-                                        tracing::warn!(table = %schema.name, column = %column.name, "column default is not a constant or a known function; not created");
-                                    }
-                                    plain.then(|| format!(" DEFAULT {}", d.expression))
-                                })
-                                .unwrap_or_default();
-                            (identity, default)
-                        }
-                        _ => (String::new(), String::new()),
-                    };
-                    definitions.push(format!(
-                        "{} {ty}{not_null}{default}{identity}",
-                        quote_ident(&column.name)?
-                    ));
+                let table = quote_ident(&schema.name)?;
+                let create = |generated: bool| -> Result<String> {
+                    let mut definitions = Vec::new();
+                    for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
+                        let ty = column_type(self.engine(), schema, column)?;
+                        let not_null = if column.nullable { "" } else { " NOT NULL" };
+                        // Identity and generated columns are made with the table; defaults
+                        // once its rows are in (`Store::complete_schema`).
+                        let extra = match (self.pool(), &schema.postgres) {
+                            (Pool::Postgres(_), Some(extras)) => {
+                                let identity = extras
+                                    .sequences
+                                    .iter()
+                                    .find(|s| s.column == column.name)
+                                    .map(crate::pg_schema::identity_clause)
+                                    .transpose()?
+                                    .flatten();
+                                let computed = extras
+                                    .generated
+                                    .iter()
+                                    .find(|g| g.column == column.name && generated)
+                                    .and_then(|g| {
+                                        crate::pg_schema::checked_expression(&g.expression)
+                                            .inspect_err(|refusal| tracing::warn!(table = %schema.name, column = %column.name, %refusal, "generated column made as a plain one"))
+                                            .ok()
+                                    })
+                                    .map(|e| format!(" GENERATED ALWAYS AS ({e}) STORED"));
+                                identity.or(computed).unwrap_or_default()
+                            }
+                            _ => String::new(),
+                        };
+                        definitions.push(format!(
+                            "{} {ty}{not_null}{extra}",
+                            quote_ident(&column.name)?
+                        ));
+                    }
+                    if !schema.primary_key.is_empty() {
+                        let key = schema
+                            .primary_key
+                            .iter()
+                            .map(|k| quote_ident(k))
+                            .collect::<Result<Vec<_>>>()?;
+                        definitions.push(format!("PRIMARY KEY ({})", key.join(", ")));
+                    }
+                    Ok(format!("CREATE TABLE {table} ({})", definitions.join(", ")))
+                };
+                let generated = schema
+                    .postgres
+                    .as_ref()
+                    .is_some_and(|extras| !extras.generated.is_empty());
+                if let Err(err) = self.run_ddl(create(true)?).await {
+                    // A generated column's expression this database cannot take (a function
+                    // it lacks): the table is made with plain columns, their values copied.
+                    if !generated {
+                        return Err(err);
+                    }
+                    tracing::warn!(table = %schema.name, error = %err, "generated columns made as plain ones");
+                    self.run_ddl(create(false)?).await?;
                 }
-                if !schema.primary_key.is_empty() {
-                    let key = schema
-                        .primary_key
-                        .iter()
-                        .map(|k| quote_ident(k))
-                        .collect::<Result<Vec<_>>>()?;
-                    definitions.push(format!("PRIMARY KEY ({})", key.join(", ")));
-                }
-                let sql = format!(
-                    "CREATE TABLE {} ({})",
-                    quote_ident(&schema.name)?,
-                    definitions.join(", ")
-                );
-                self.run_ddl(sql).await?;
                 self.add_serial_sequences(schema).await?;
                 tracing::info!(table = %schema.name, "created table from the sender's schema");
                 Ok(true)
@@ -504,6 +519,7 @@ impl Store {
         rows: &[Vec<Value>],
     ) -> Result<()> {
         let batch = Batch {
+            into: None,
             connection_id,
             batch_of: None,
             schema,

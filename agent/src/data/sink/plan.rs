@@ -78,8 +78,9 @@ impl<'a> Plan<'a> {
             rows,
             strategy,
             last_key,
+            into,
         } = *batch;
-        let table = quote_ident(&schema.name)?;
+        let table = quote_ident(into.unwrap_or(&schema.name))?;
         let quoted: Vec<String> = columns
             .iter()
             .map(|c| quote_ident(c))
@@ -191,7 +192,8 @@ fn conflict_clause(
     key_list: &[String],
 ) -> String {
     match strategy {
-        ConflictStrategy::Append => String::new(),
+        // A whole-table pull's rows go into its stage as they come.
+        ConflictStrategy::Append | ConflictStrategy::Replace => String::new(),
         ConflictStrategy::Skip => format!(" ON CONFLICT ({}) DO NOTHING", key_list.join(", ")),
         ConflictStrategy::Overwrite | ConflictStrategy::Mirror | ConflictStrategy::Merge => {
             let updates: Vec<String> = quoted

@@ -5,6 +5,9 @@
 //! values keep their storage class (integer, real, text, blob), so SQLite → SQLite is exact.
 
 pub mod pg_binary;
+mod snapshot;
+
+pub use snapshot::Snapshot;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use dbsync_protocol::Value;
@@ -139,70 +142,83 @@ impl Store {
                 });
             }
         };
-        // Each row is written into its columns as it arrives and dropped: the page is held
-        // once, encoded, not also as rows.
         let decoders = query.decoders();
-        let invalid = |e: String| Error::invalid("rows", e);
-        let mut columns: Vec<Column> = decoders.iter().map(|d| Column::new(d.kind())).collect();
-        let mut numeric = String::new();
-        let mut last = None;
-        let mut read = 0usize;
-        let mut rows = query.postgres(limit)?.fetch(pool);
-        while let Some(row) = rows.try_next().await? {
-            for (i, (decoder, column)) in decoders.iter().zip(&mut columns).enumerate() {
-                let raw = row.try_get_raw(i)?;
-                if raw.is_null() {
-                    column.null();
-                } else {
-                    let bytes = raw
-                        .as_bytes()
-                        .map_err(|e| Error::invalid("value", e.to_string()))?;
-                    decoder.write(bytes, column, &mut numeric)?;
-                }
-            }
-            last = Some(row);
-            read += 1;
-            // Each column sized from the first row for the whole page, with a quarter to spare,
-            // rather than grown (and copied) a dozen times; at most `COLUMN_RESERVE` bytes
-            // each (a huge first value does not reserve a hundred times itself).
-            if read == 1 {
-                let rows = usize::try_from(limit).unwrap_or(0);
-                for column in &mut columns {
-                    let estimate = column
-                        .encoded_len()
-                        .max(1)
-                        .saturating_mul(rows)
-                        .saturating_mul(5)
-                        / 4;
-                    column.reserve(estimate.min(COLUMN_RESERVE));
-                }
-            }
-        }
-        drop(rows);
-        let count = columns.first().map_or(0, Column::len);
-        let size = columns.iter().map(Column::encoded_len).sum::<usize>();
-        let mut out = Vec::with_capacity(room + size + 16 * columns.len());
-        out.resize(room, 0);
-        let mut writer = ColumnsWriter::new(columns.len(), count, out);
-        for column in columns {
-            writer.push(&column).map_err(invalid)?;
-        }
-        let last_key = last
-            .map(|row| {
-                query
-                    .key_positions
-                    .iter()
-                    .map(|i| postgres_value(&row, *i, &decoders[*i]))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()?;
-        Ok(EncodedPage {
-            columns: writer.finish().map_err(invalid)?,
-            room,
-            rows: count,
-            last_key,
-        })
+        let rows = query.postgres(limit)?.fetch(pool);
+        encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await
     }
+}
+
+/// Encodes PostgreSQL rows for the wire as they arrive ([`Store::read_page_encoded`]): each row
+/// is written into its columns and dropped, so the page is held once, encoded, not also as
+/// rows. The last row's values at `key_positions` are its key.
+async fn encode_pg_rows<S>(
+    mut rows: S,
+    decoders: &[pg_binary::Decoder],
+    key_positions: &[usize],
+    limit: i64,
+    room: usize,
+) -> Result<EncodedPage>
+where
+    S: futures_util::Stream<Item = std::result::Result<sqlx::postgres::PgRow, sqlx::Error>> + Unpin,
+{
+    let invalid = |e: String| Error::invalid("rows", e);
+    let mut columns: Vec<Column> = decoders.iter().map(|d| Column::new(d.kind())).collect();
+    let mut numeric = String::new();
+    let mut last = None;
+    let mut read = 0usize;
+    while let Some(row) = rows.try_next().await? {
+        for (i, (decoder, column)) in decoders.iter().zip(&mut columns).enumerate() {
+            let raw = row.try_get_raw(i)?;
+            if raw.is_null() {
+                column.null();
+            } else {
+                let bytes = raw
+                    .as_bytes()
+                    .map_err(|e| Error::invalid("value", e.to_string()))?;
+                decoder.write(bytes, column, &mut numeric)?;
+            }
+        }
+        last = Some(row);
+        read += 1;
+        // Each column sized from the first row for the whole page, with a quarter to spare,
+        // rather than grown (and copied) a dozen times; at most `COLUMN_RESERVE` bytes each (a
+        // huge first value does not reserve a hundred times itself).
+        if read == 1 {
+            let rows = usize::try_from(limit).unwrap_or(0);
+            for column in &mut columns {
+                let estimate = column
+                    .encoded_len()
+                    .max(1)
+                    .saturating_mul(rows)
+                    .saturating_mul(5)
+                    / 4;
+                column.reserve(estimate.min(COLUMN_RESERVE));
+            }
+        }
+    }
+    drop(rows);
+    let count = columns.first().map_or(0, Column::len);
+    let size = columns.iter().map(Column::encoded_len).sum::<usize>();
+    let mut out = Vec::with_capacity(room + size + 16 * columns.len());
+    out.resize(room, 0);
+    let mut writer = ColumnsWriter::new(columns.len(), count, out);
+    for column in columns {
+        writer.push(&column).map_err(invalid)?;
+    }
+    let last_key = last
+        .map(|row| {
+            key_positions
+                .iter()
+                .map(|i| postgres_value(&row, *i, &decoders[*i]))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    Ok(EncodedPage {
+        columns: writer.finish().map_err(invalid)?,
+        room,
+        rows: count,
+        last_key,
+    })
 }
 
 /// Most bytes a page's column is sized for before its values need them (a sender's page aims at

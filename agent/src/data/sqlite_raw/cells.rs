@@ -71,13 +71,19 @@ impl Cells {
     /// [`Cells::to_rows`] would be, behind `room` zero bytes: a column whose values are all of
     /// one storage class (or NULL) goes bare, any other as whole values.
     pub(crate) fn encode(&self, room: usize) -> Result<Vec<u8>, RawError> {
+        self.encode_columns(room, self.width)
+    }
+
+    /// [`Cells::encode`] of the first `count` columns only (those after are read, not sent).
+    pub(crate) fn encode_columns(&self, room: usize, count: usize) -> Result<Vec<u8>, RawError> {
         use dbsync_protocol::message::columnar::{ColumnsWriter, Kind};
         let rows = self.rows();
+        let count = count.min(self.width);
         let invalid = RawError::Invalid;
         let mut out = Vec::with_capacity(room + self.arena.len() + self.cells.len() * 4 + 64);
         out.resize(room, 0);
-        let mut writer = ColumnsWriter::new(self.width, rows, out);
-        for column in 0..self.width {
+        let mut writer = ColumnsWriter::new(count, rows, out);
+        for column in 0..count {
             let cells = || self.cells.iter().skip(column).step_by(self.width);
             let kind_of = |cell: &Cell| match cell {
                 Cell::Null => None,

@@ -82,6 +82,7 @@ pub async fn serve(
         client_ip,
         user_agent,
         transport,
+        snapshot: None,
     };
     tokio::select! {
         outcome = session.run() => {
@@ -101,6 +102,8 @@ struct Session<'a> {
     client_ip: IpAddr,
     user_agent: Option<String>,
     transport: Transport,
+    /// The snapshot a whole-table pull reads from between its requests, with its transfer.
+    snapshot: Option<(uuid::Uuid, crate::source::Snapshot)>,
 }
 
 impl Session<'_> {

@@ -54,13 +54,24 @@ pub(super) struct ProduceJob {
     pub(super) filter: Option<dbsync_protocol::message::KeyFilter>,
     pub(super) limit: i64,
     pub(super) batch_rows: i64,
+    /// A table without a primary key: read from this snapshot (after, the window and the
+    /// filter do not apply).
+    pub(super) snapshot: Option<crate::source::Snapshot>,
 }
 
 /// Reads the pages of one pull in key order: first, on a resume, the rows between the
 /// receiver's key and the furthest key sent (sent before, not counted again), then the rows
 /// past it, reserving records against the connection's total when it has one. Stops when the
 /// session stops listening, giving back the reservation of a page it could not hand over.
-pub(super) async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sender<Produced>) {
+///
+/// A snapshot's pages come from the snapshot; it is handed back when the request's limit ended
+/// the reading with rows left (the next request of the pull goes on from it).
+pub(super) async fn produce(
+    store: Store,
+    mut job: ProduceJob,
+    to_session: mpsc::Sender<Produced>,
+) -> Option<crate::source::Snapshot> {
+    let mut snapshot = job.snapshot.take();
     let mut after = job.after;
     let mut sent: i64 = 0;
     // Re-sending what the transfer sent before, while there is any between the receiver's key
@@ -115,9 +126,14 @@ pub(super) async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sen
             window,
             filter: job.filter.as_ref(),
         };
-        let read = store
-            .read_page_encoded(&job.schema, &job.columns, bounds, granted, room)
-            .await;
+        let read = match &mut snapshot {
+            Some(snapshot) => snapshot.next_page(granted, room).await,
+            None => {
+                store
+                    .read_page_encoded(&job.schema, &job.columns, bounds, granted, room)
+                    .await
+            }
+        };
         let page = match read {
             Ok(page) => page,
             Err(err) => {
@@ -168,7 +184,7 @@ pub(super) async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sen
             {
                 let _ = store.release_records(job.connection_id, reserved).await;
             }
-            return;
+            return None;
         }
         if got < granted {
             if resending {
@@ -189,5 +205,13 @@ pub(super) async fn produce(store: Store, job: ProduceJob, to_session: mpsc::Sen
             };
         }
     };
+    let more = matches!(
+        end,
+        Produced::End {
+            exhausted: false,
+            truncated: false
+        }
+    );
     let _ = to_session.send(end).await;
+    snapshot.filter(|_| more)
 }

@@ -62,6 +62,30 @@ impl Session<'_> {
         if let Err(reason) = check_pull_shape(&pull, &schema, &columns) {
             return self.refuse(Code::InvalidRequest, reason, None).await;
         }
+        // A whole-table pull goes on only from the snapshot this session holds for it, at the
+        // count it reached: anything else is refused before a transfer is touched.
+        if schema.primary_key.is_empty()
+            && let Some([dbsync_protocol::Value::Int(position)]) = pull.after_key.as_deref()
+        {
+            let held = self.snapshot.as_ref().is_some_and(|(id, snapshot)| {
+                pull.transfer_id.as_deref() == Some(id.to_string().as_str())
+                    && snapshot.position() == *position
+            });
+            if !held {
+                return self
+                    .refuse(
+                        Code::SnapshotGone,
+                        format!(
+                            "{:?} has no primary key and is read whole from one snapshot, which \
+                             this session does not hold at row {position}: pull it again from \
+                             the start",
+                            pull.table
+                        ),
+                        None,
+                    )
+                    .await;
+            }
+        }
         let scope = PullScope::of(&pull, &columns);
         let now = self.agent.now();
         // Resume a transfer of this connection, or start a new one (a new download).
@@ -165,13 +189,43 @@ impl Session<'_> {
                 store.start_transfer(created.id, now).await?
             }
         };
+        // A table without a primary key is read whole from one snapshot, held by this session
+        // from one request of the pull to the next.
+        let keyless = schema.primary_key.is_empty();
+        let snapshot = if keyless {
+            let held = self.snapshot.take();
+            match pull.after_key.as_deref() {
+                None => match store.open_snapshot(&schema, &columns).await {
+                    Ok(snapshot) => Some(snapshot),
+                    Err(err) => {
+                        let reason = err.to_string();
+                        let _ = store.fail_transfer(transfer.id, &reason, now).await;
+                        let code = match err {
+                            crate::Error::Invalid { .. } => Code::InvalidRequest,
+                            _ => {
+                                tracing::error!(error = %reason, table = %pull.table, "opening a snapshot failed");
+                                Code::InternalError
+                            }
+                        };
+                        return self.refuse(code, reason, None).await;
+                    }
+                },
+                // Checked above: the session holds it for this transfer at this count.
+                Some(_) => held.map(|(_, snapshot)| snapshot),
+            }
+        } else {
+            None
+        };
+        // A snapshot sends each row once, counted as it leaves: no floor, nothing re-sent.
         let start_key = transfer
             .metadata
             .get("start_key")
+            .filter(|_| !keyless)
             .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
         let sent_up_to = transfer
             .resume_key
             .as_ref()
+            .filter(|_| !keyless)
             .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
         self.core.start_pull(&pull);
@@ -192,6 +246,7 @@ impl Session<'_> {
                 filter: pull.key_filter.clone(),
                 limit,
                 batch_rows: self.agent.config.server.batch_rows,
+                snapshot,
             },
             pages_tx,
         ));
@@ -307,7 +362,7 @@ impl Session<'_> {
                 unsent += reserved;
             }
         }
-        let _ = producer.await;
+        let snapshot = producer.await.ok().flatten();
         if unsent > 0 {
             let _ = store.release_records(connection.id, unsent).await;
         }
@@ -322,6 +377,9 @@ impl Session<'_> {
             }
         }
         let more = !exhausted && !truncated;
+        if more && let Some(snapshot) = snapshot {
+            self.snapshot = Some((transfer.id, snapshot));
+        }
         if !more {
             store
                 .complete_transfer(transfer.id, self.agent.now())
@@ -397,7 +455,22 @@ impl Session<'_> {
 fn check_pull_shape(pull: &Pull, schema: &TableSchema, columns: &[String]) -> Result<(), String> {
     let key_len = schema.primary_key.len();
     if key_len == 0 {
-        return Err(format!("{:?} has no primary key to page by", schema.name));
+        // Read whole from one snapshot: no key to filter by or to be the cursor's tie-break;
+        // the resume key is the number of rows the snapshot has sent.
+        if pull.keys_only || pull.cursor_column.is_some() || pull.key_filter.is_some() {
+            return Err(format!(
+                "{:?} has no primary key: it is pulled whole (no key filter, cursor or \
+                 keys-only pass)",
+                schema.name
+            ));
+        }
+        return match pull.after_key.as_deref() {
+            None | Some([dbsync_protocol::Value::Int(0..)]) => Ok(()),
+            Some(_) => Err(format!(
+                "{:?} has no primary key: a pull goes on from a row count, not a key",
+                schema.name
+            )),
+        };
     }
     for key in &schema.primary_key {
         if !columns.contains(key) {
