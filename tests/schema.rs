@@ -471,3 +471,123 @@ async fn first_has_total(store: &dbsync_agent::Store) -> bool {
     let rows = crate::pull::rows(store, "accounts").await;
     !matches!(rows[0][at], dbsync_protocol::Value::Null)
 }
+
+/// A table of every type, its name, its columns' names and its types' names hostile (mixed
+/// case, spaces, quotes, reserved words, letters beyond ASCII): every row arrives exactly, with
+/// the same types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_arrives_under_hostile_names() {
+    let Some((a, b, receiver)) =
+        pair("schema::hostile_names", true, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    let extensions: Vec<String> = ["citext", "hstore", "ltree", "cube"]
+        .iter()
+        .map(|e| format!("CREATE EXTENSION IF NOT EXISTS {e}"))
+        .collect();
+    exec(&b, &extensions).await;
+    let mut statements = extensions;
+    statements.extend(
+        [
+            "CREATE TYPE \"Mood \"\"quoted\"\"\" AS ENUM ('a''b', 'c d', 'Ünï')",
+            "CREATE DOMAIN \"select\" AS text CONSTRAINT \"not empty\" CHECK (VALUE <> '')",
+            "CREATE TYPE \"Pair-Type\" AS (\"x y\" integer, \"Z\" text)",
+            "CREATE TYPE \"my range\" AS RANGE (SUBTYPE = float8)",
+            "CREATE TABLE \"Order Items \"\"2\"\"\" (\"ID\" bigint PRIMARY KEY, \
+             \"from\" \"Mood \"\"quoted\"\"\", \"user\" \"select\", \"pair\" \"Pair-Type\", \
+             \"r\" \"my range\", tz timetz, m money, ip inet, net cidr, mac macaddr, \
+             mac8 macaddr8, b bit(3), vb varbit, tsv tsvector, tsq tsquery, x xml, lsn pg_lsn, \
+             o oid, pt point, ln line, bx box, circ circle, ci citext, hs hstore, lt ltree, \
+             cu cube, i4r int4range, mr int4multirange, \
+             moods \"Mood \"\"quoted\"\"\"[], ips inet[], js jsonb, u uuid, iv interval, \
+             n numeric(12,3), \"größe\" text, \"a\"\"b\" text)",
+            "INSERT INTO \"Order Items \"\"2\"\"\" VALUES (1, 'a''b', 'x', ROW(1, 'z'), '[1.5,2)', \
+             '10:00:00+02', 12.34, '10.0.0.1', '10.0.0.0/8', '08:00:2b:01:02:03', \
+             '08:00:2b:01:02:03:04:05', B'101', B'11', 'a fat cat', 'fat & cat', '<a>x</a>', \
+             '16/B374D848', 42, '(1,2)', '{1,2,3}', '((0,0),(1,1))', '<(0,0),1>', 'MiXeD', \
+             'k=>v', 'top.mid', '(1,2),(3,4)', '[1,5)', '{[1,2),[5,7)}', \
+             ARRAY['c d', 'Ünï']::\"Mood \"\"quoted\"\"\"[], '{10.0.0.1,::1}', '{\"k\": [1]}', \
+             'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '1 day 2 hours', 123456789.125, 'Größe', 'q\"')",
+            "INSERT INTO \"Order Items \"\"2\"\"\" (\"ID\") VALUES (2)",
+        ]
+        .map(String::from),
+    );
+    exec(&a, &statements).await;
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(summary.tables.len(), 1, "{summary:?}");
+    assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
+    let rows = "SELECT string_agg(t::text, '|' ORDER BY \"ID\") FROM \"Order Items \"\"2\"\"\" t";
+    assert_eq!(
+        scalar(&a.database_url, rows).await,
+        scalar(&b.database_url, rows).await
+    );
+    let types = "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ' \
+                 ORDER BY attnum) FROM pg_attribute WHERE attrelid = '\"Order Items \"\"2\"\"\"'::regclass \
+                 AND attnum > 0";
+    let sent = scalar(&a.database_url, types).await;
+    assert_eq!(sent, scalar(&b.database_url, types).await);
+    assert!(sent.contains("from \"Mood \"\"quoted\"\"\""), "{sent}");
+    let domain = "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'not empty'";
+    assert_eq!(
+        scalar(&b.database_url, domain).await,
+        "CHECK ((VALUE <> ''::text))"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A primary key of a type dbsync does not model (an enum, an address, a case-insensitive text)
+/// pages and resumes like any key: its values go back to the sender in their text form, cast to
+/// the key's own type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_unmodeled_types_page() {
+    let settings = ConnectionSettings {
+        max_records_per_request: 3,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("schema::odd_keys", true, settings).await else {
+        return;
+    };
+    exec(&b, &["CREATE EXTENSION IF NOT EXISTS citext".into()]).await;
+    exec(
+        &a,
+        &[
+            "CREATE EXTENSION IF NOT EXISTS citext",
+            "CREATE TYPE level AS ENUM ('low', 'mid', 'high', 'max', 'over', 'top', 'peak')",
+            "CREATE TABLE by_level (l level PRIMARY KEY, v integer)",
+            "INSERT INTO by_level SELECT l, 1 FROM unnest(enum_range(NULL::level)) l",
+            "CREATE TABLE hosts (ip inet, name citext, up boolean, PRIMARY KEY (ip, name))",
+            "INSERT INTO hosts SELECT ('10.0.0.' || i)::inet, 'Host' || (i % 3), true \
+             FROM generate_series(1, 10) i",
+        ]
+        .map(String::from),
+    )
+    .await;
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let rows: Vec<(&str, i64)> = summary
+        .tables
+        .iter()
+        .map(|t| (t.table.as_str(), t.rows))
+        .collect();
+    assert_eq!(rows, vec![("by_level", 7), ("hosts", 10)]);
+    for sql in [
+        "SELECT string_agg(t::text, '|' ORDER BY l) FROM by_level t",
+        "SELECT string_agg(t::text, '|' ORDER BY ip, name) FROM hosts t",
+    ] {
+        assert_eq!(
+            scalar(&a.database_url, sql).await,
+            scalar(&b.database_url, sql).await
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}

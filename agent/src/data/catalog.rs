@@ -107,18 +107,18 @@ pub fn check_type_name(native: &str) -> Result<()> {
             }
             '"' => {
                 chars.next();
+                // Any character but NUL, `""` being a quote inside: PostgreSQL reads it the
+                // same way, so nothing gets out of the name.
                 let mut empty = true;
                 loop {
                     match chars.next() {
-                        Some('"') => break,
-                        Some(c) if c.is_alphanumeric() || c == '_' || c == ' ' || c == '$' => {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
                             empty = false;
                         }
-                        _ => {
-                            return refuse(
-                                "a quoted name holds only letters, digits, _ and spaces",
-                            );
-                        }
+                        Some('"') => break,
+                        None | Some('\0') => return refuse("an unterminated quoted name"),
+                        Some(_) => empty = false,
                     }
                 }
                 if empty {
@@ -226,6 +226,17 @@ pub fn pg_read_cast(native: &str, neutral: &str) -> &'static str {
     }
 }
 
+/// The cast a key value of a PostgreSQL column read through [`pg_read_cast`] takes when it goes
+/// back into a query (`$1::mood`): the value travels in its text form, compared as the column's
+/// own type. Empty for a type dbsync models.
+pub fn pg_key_cast(native: &str, neutral: &str) -> Result<String> {
+    if pg_read_cast(native, neutral).is_empty() {
+        return Ok(String::new());
+    }
+    check_type_name(native)?;
+    Ok(format!("::{native}"))
+}
+
 /// The engine-neutral type of a SQLite declared column type, by SQLite's affinity rules with
 /// the common date, time, boolean, UUID and JSON spellings recognised first.
 pub fn neutral_sqlite_type(declared: &str) -> String {
@@ -316,6 +327,7 @@ pub fn keyset_query(
             ..KeyBounds::default()
         },
         None,
+        &[],
     )
 }
 
@@ -344,6 +356,7 @@ pub fn keyset_query_filtered(
     key: &[String],
     bounds: KeyBounds,
     filter: Option<&KeyFilter>,
+    key_casts: &[String],
 ) -> Result<String> {
     if key.is_empty() {
         return Err(Error::invalid(
@@ -376,7 +389,10 @@ pub fn keyset_query_filtered(
     };
     let mut next = 1;
     let mut tuple = || {
-        let params: Vec<String> = (next..next + key.len()).map(|i| format!("${i}")).collect();
+        let params: Vec<String> = (next..next + key.len())
+            .zip(0..)
+            .map(|(i, k)| format!("${i}{}", key_casts.get(k).map_or("", String::as_str)))
+            .collect();
         next += key.len();
         if params.len() == 1 {
             params[0].clone()
@@ -428,7 +444,14 @@ pub fn keyset_query_filtered(
         sql.push_str(" WHERE ");
         sql.push_str(&conditions.join(" AND "));
     }
-    sql.push_str(&format!(" ORDER BY {order} LIMIT ${next}"));
+    // Qualified: a bare name in ORDER BY would mean the output column, which a cast read in
+    // its text form (`"ip"::text AS ip`) orders differently from the key.
+    let order_by = key_list
+        .iter()
+        .map(|k| format!("{table}.{k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    sql.push_str(&format!(" ORDER BY {order_by} LIMIT ${next}"));
     Ok(sql)
 }
 
@@ -628,6 +651,9 @@ mod tests {
             "interval year to month",
             "int[][]",
             "text[3]",
+            "\"Mood \"\"quoted\"\"\"",
+            "\"Pair-Type\"[]",
+            "public.\"größe; DROP\"",
         ] {
             assert!(check_type_name(ok).is_ok(), "{ok:?}");
         }
@@ -645,6 +671,10 @@ mod tests {
             "text -- comment",
             "int;",
             "text'",
+            "\"unterminated",
+            "\"a\"\" b\"\"",
+            "\"x\" ; DROP TABLE t",
+            "\"x\0y\"",
         ] {
             assert!(check_type_name(bad).is_err(), "{bad:?}");
         }
@@ -694,16 +724,16 @@ mod tests {
         let columns = vec!["id".to_owned(), "Name".to_owned()];
         assert_eq!(
             keyset_query("users", &columns, &["id".into()], false).unwrap(),
-            "SELECT \"id\", \"Name\" FROM \"users\" ORDER BY \"id\" LIMIT $1"
+            "SELECT \"id\", \"Name\" FROM \"users\" ORDER BY \"users\".\"id\" LIMIT $1"
         );
         assert_eq!(
             keyset_query("users", &columns, &["id".into()], true).unwrap(),
-            "SELECT \"id\", \"Name\" FROM \"users\" WHERE \"id\" > $1 ORDER BY \"id\" LIMIT $2"
+            "SELECT \"id\", \"Name\" FROM \"users\" WHERE \"id\" > $1 ORDER BY \"users\".\"id\" LIMIT $2"
         );
         let composite = keyset_query("order", &columns, &["a".into(), "b".into()], true).unwrap();
         assert_eq!(
             composite,
-            "SELECT \"id\", \"Name\" FROM \"order\" WHERE (\"a\", \"b\") > ($1, $2) ORDER BY \"a\", \"b\" LIMIT $3"
+            "SELECT \"id\", \"Name\" FROM \"order\" WHERE (\"a\", \"b\") > ($1, $2) ORDER BY \"order\".\"a\", \"order\".\"b\" LIMIT $3"
         );
         assert!(!composite.contains("OFFSET"));
         assert!(keyset_query("logs", &columns, &[], false).is_err());

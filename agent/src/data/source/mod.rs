@@ -16,7 +16,7 @@ use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use futures_util::TryStreamExt;
 use sqlx::{Row, ValueRef};
 
-use crate::catalog::{KeyBounds, keyset_query_filtered, pg_read_cast};
+use crate::catalog::{KeyBounds, keyset_query_filtered, pg_key_cast, pg_read_cast};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
 
@@ -352,6 +352,24 @@ impl<'a> PageQuery<'a> {
         } else {
             Vec::new()
         };
+        // Key values of such types come back in their text form: compared as the key's type.
+        let key_casts: Vec<String> = if schema.engine == "postgres" {
+            schema
+                .primary_key
+                .iter()
+                .map(|k| {
+                    schema
+                        .columns
+                        .iter()
+                        .find(|col| &col.name == k)
+                        .map_or(Ok(String::new()), |col| {
+                            pg_key_cast(&col.native_type, &col.neutral_type)
+                        })
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let sql = keyset_query_filtered(
             &schema.name,
             columns,
@@ -363,6 +381,7 @@ impl<'a> PageQuery<'a> {
                 at_most: window.at_most.is_some(),
             },
             filter,
+            &key_casts,
         )?;
         Ok(Self {
             sql,
