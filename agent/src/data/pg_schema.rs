@@ -566,6 +566,27 @@ impl Store {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
             return Ok(());
         };
+        self.check_extensions(schema).await?;
+        for user_type in &extras.types {
+            let sql = create_type_sql(user_type)?;
+            let exists: bool = sqlx::query_scalar("SELECT to_regtype($1) IS NOT NULL")
+                .bind(user_type.name())
+                .fetch_one(pool)
+                .await?;
+            if !exists {
+                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+                tracing::info!(table = %schema.name, r#type = %user_type.name(), "created a type the table uses");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every extension whose types `schema.name` uses is installed here; else an error naming
+    /// the `CREATE EXTENSION` to run (PostgreSQL; nothing to check on SQLite).
+    pub async fn check_extensions(&self, schema: &TableSchema) -> Result<()> {
+        let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
+            return Ok(());
+        };
         for extension in &extras.extensions {
             let installed: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = $1)")
@@ -577,17 +598,6 @@ impl Store {
                     table: schema.name.clone(),
                     extension: extension.clone(),
                 });
-            }
-        }
-        for user_type in &extras.types {
-            let sql = create_type_sql(user_type)?;
-            let exists: bool = sqlx::query_scalar("SELECT to_regtype($1) IS NOT NULL")
-                .bind(user_type.name())
-                .fetch_one(pool)
-                .await?;
-            if !exists {
-                sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
-                tracing::info!(table = %schema.name, r#type = %user_type.name(), "created a type the table uses");
             }
         }
         Ok(())

@@ -296,6 +296,24 @@ pub(super) async fn prepare_table(
     Ok((created, pulled))
 }
 
+/// The sender's description of `table`, checked against what a description may hold.
+async fn describe(client: &mut Client, table: &str) -> Result<TableSchema> {
+    client
+        .send(&Message::DescribeTable(table.to_owned()))
+        .await?;
+    match client.recv().await? {
+        (Message::TableSchema(schema), _) => {
+            ReceiverCore::check_schema(table, &schema)
+                .map_err(|violation| client.protocol_error(violation))?;
+            Ok(schema)
+        }
+        (other, _) => Err(client.protocol_error(format!(
+            "expected TableSchema, got {:?}",
+            other.kind()
+        ))),
+    }
+}
+
 /// The sender's transfer a receive transfer ran under (a later run resumes under it).
 fn remote_transfer_of(transfer: &crate::transfer::Transfer) -> Option<&str> {
     transfer
@@ -506,6 +524,19 @@ impl Agent {
                 "a key filter applies to one table: name it with --tables",
             ));
         }
+        // The tables not here yet are described first: an extension their types need is named
+        // before any row of any table moves.
+        let mut described = std::collections::HashMap::new();
+        for table in &wanted {
+            if self.store.engine() != crate::store::Engine::Postgres
+                || self.store.describe_table(&table.name).await.is_ok()
+            {
+                continue;
+            }
+            let schema = describe(&mut client, &table.name).await?;
+            self.store.check_extensions(&schema).await?;
+            described.insert(table.name.clone(), schema);
+        }
         let mut summaries = Vec::new();
         let mut skipped = Vec::new();
         let mut warnings = Vec::new();
@@ -521,21 +552,12 @@ impl Agent {
                 estimated_rows,
             });
             let mut reconnects = 0;
+            let mut cached = described.remove(&table);
             let summary = loop {
                 let attempt = async {
-                    client.send(&Message::DescribeTable(table.clone())).await?;
-                    let schema = match client.recv().await? {
-                        (Message::TableSchema(schema), _) => {
-                            ReceiverCore::check_schema(&table, &schema)
-                                .map_err(|violation| client.protocol_error(violation))?;
-                            schema
-                        }
-                        (other, _) => {
-                            return Err(client.protocol_error(format!(
-                                "expected TableSchema, got {:?}",
-                                other.kind()
-                            )));
-                        }
+                    let schema = match cached.take() {
+                        Some(schema) => schema,
+                        None => describe(&mut client, &table).await?,
                     };
                     if options.schema_only {
                         let columns = pulled_columns(&schema, options);
