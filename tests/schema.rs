@@ -55,6 +55,13 @@ fn app_schema() -> Vec<String> {
         "INSERT INTO events (account_id) SELECT 1 FROM generate_series(1, 3)",
         "UPDATE accounts SET last_event_id = 110 WHERE id = 1",
         "INSERT INTO notes (body) VALUES ('x'), ('y')",
+        // A schema of its own, with a type of its own, referencing a table of the current one.
+        "CREATE SCHEMA sales",
+        "CREATE TYPE sales.stage AS ENUM ('lead', 'won')",
+        "CREATE TABLE sales.orders (id SERIAL PRIMARY KEY, account_id BIGINT REFERENCES accounts (id), \
+         stage sales.stage NOT NULL DEFAULT 'lead', note TEXT)",
+        "CREATE INDEX orders_stage_idx ON sales.orders (stage)",
+        "INSERT INTO sales.orders (account_id, stage) VALUES (1, 'won'), (2, 'lead')",
         "CREATE FUNCTION is_even(integer) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT $1 % 2 = 0'",
         "CREATE TABLE odd_things (id INTEGER PRIMARY KEY, n INTEGER CONSTRAINT n_even CHECK (is_even(n)))",
         "INSERT INTO odd_things VALUES (1, 2)",
@@ -81,7 +88,7 @@ async fn dump(url: &str) -> String {
         std::process::Command::new("pg_dump")
             .args(["--schema-only", "--no-owner", "--no-privileges"])
             .args(["-t", "accounts", "-t", "events", "-t", "notes"])
-            .args(["-t", "bookings", "-t", "audit_log"])
+            .args(["-t", "bookings", "-t", "audit_log", "-t", "sales.orders"])
             .arg(&url)
             .output()
     })
@@ -128,7 +135,10 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
         "{refused:?}"
     );
     for table in ["accounts", "events", "notes", "audit_log"] {
-        assert!(b.agent.store.describe_table(table).await.is_err(), "{table}");
+        assert!(
+            b.agent.store.describe_table(table).await.is_err(),
+            "{table}"
+        );
     }
     assert!(
         refused
@@ -139,8 +149,9 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
     exec(&b, &["CREATE EXTENSION IF NOT EXISTS hstore".into()]).await;
 
     let summary = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
-    assert_eq!(summary.tables.len(), 6, "{summary:?}");
+    assert_eq!(summary.tables.len(), 7, "{summary:?}");
     assert!(summary.skipped.is_empty(), "{summary:?}");
+    assert!(summary.tables.iter().any(|t| t.table == "sales.orders"));
     // A check that calls a function of the sender's own is not made here, and the pull says so.
     assert_eq!(summary.warnings.len(), 1, "{:?}", summary.warnings);
     assert!(
@@ -199,6 +210,9 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
         "EXCLUDE USING gist",
         "COMMENT ON TABLE public.accounts IS 'Customer accounts'",
         "CREATE TABLE public.audit_log",
+        "CREATE TABLE sales.orders",
+        "stage sales.stage DEFAULT 'lead'::sales.stage NOT NULL",
+        "REFERENCES public.accounts(id)",
     ] {
         assert!(sent.contains(part), "{part} in {sent}");
     }
@@ -222,9 +236,10 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
         ],
     )
     .await;
+    exec(&b, &["INSERT INTO sales.orders (note) VALUES ('n')".into()]).await;
     let ids = "SELECT (SELECT max(id) FROM accounts) || ',' || (SELECT max(id) FROM events) || ',' \
-               || (SELECT max(id) FROM notes)";
-    assert_eq!(scalar(&b.database_url, ids).await, "3,115,3");
+               || (SELECT max(id) FROM notes) || ',' || (SELECT max(id) FROM sales.orders)";
+    assert_eq!(scalar(&b.database_url, ids).await, "3,115,3,3");
     // Defaults that are constants or known functions came along.
     assert_eq!(
         scalar(
@@ -259,7 +274,7 @@ async fn schema_only_creates_the_tables_and_moves_no_row() {
         ..Default::default()
     };
     let summary = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
-    assert_eq!(summary.tables.len(), 6, "{summary:?}");
+    assert_eq!(summary.tables.len(), 7, "{summary:?}");
     assert!(
         summary
             .tables
@@ -439,7 +454,7 @@ async fn the_application_schema_crosses_into_sqlite() {
         .collect();
     assert_eq!(
         pulled.iter().map(|(_, rows)| rows).sum::<i64>(),
-        13,
+        15,
         "{pulled:?}"
     );
     // The generated columns arrive as plain ones, with their values.

@@ -25,6 +25,46 @@ pub fn quote_ident(name: &str) -> Result<String> {
     Ok(format!("\"{}\"", name.replace('"', "\"\"")))
 }
 
+/// A synced table's name as SQL on `engine`. On PostgreSQL a name with a dot is schema-qualified
+/// (`sales.orders`: the table `orders` of schema `sales`, `"sales"."orders"`) and one without is a
+/// table of the current schema; SQLite has no schemas, and the whole name is one identifier.
+pub fn quote_table(engine: Engine, name: &str) -> Result<String> {
+    match (engine, name.split_once('.')) {
+        (Engine::Postgres, Some((schema, table))) => {
+            Ok(format!("{}.{}", quote_ident(schema)?, quote_ident(table)?))
+        }
+        _ => quote_ident(name),
+    }
+}
+
+/// How a statement's columns refer to the table [`quote_table`] names: by its own name, quoted,
+/// without its schema (PostgreSQL does not take `"sales"."orders".id` in every place, and takes
+/// `"orders".id` for a table named `"sales"."orders"` in FROM, INSERT and DELETE).
+pub fn table_ref(engine: Engine, name: &str) -> Result<String> {
+    match (engine, name.split_once('.')) {
+        (Engine::Postgres, Some((_, table))) => quote_ident(table),
+        _ => quote_ident(name),
+    }
+}
+
+/// [`quote_table`] for a table described by an engine named as on the wire (`postgres`,
+/// `sqlite`).
+pub fn quote_table_on(engine: &str, name: &str) -> Result<String> {
+    quote_table(
+        if engine == "postgres" {
+            Engine::Postgres
+        } else {
+            Engine::Sqlite
+        },
+        name,
+    )
+}
+
+/// The schema of a PostgreSQL table name, when it is qualified (`sales` of `sales.orders`).
+pub fn table_schema(name: &str) -> Option<&str> {
+    name.split_once('.').map(|(schema, _)| schema)
+}
+
 /// Name prefixes of tables that belong to dbsync or to an engine, compared without regard to
 /// ASCII case (SQLite resolves `DBSYNC_CONNECTIONS` to `dbsync_connections`; PostgreSQL keeps
 /// them apart, and refusing both there costs nothing).
@@ -36,13 +76,28 @@ const INTERNAL_PREFIXES: &[&str] = &["dbsync_", "sqlite_", "pg_", "_sqlx_"];
 /// described or pulled by a sender, and never created or written by a receiver, whatever a peer
 /// says. A name that is not a valid identifier is internal too: it can be no synced table.
 pub fn is_internal_table(name: &str) -> bool {
-    if quote_ident(name).is_err() {
+    // A qualified name (`sales.orders`): each part is a name, neither part reserved, and the
+    // schema none of the engine's (`information_schema`, `pg_*`).
+    let parts: Vec<&str> = match name.split_once('.') {
+        Some((schema, table)) => {
+            if schema.eq_ignore_ascii_case("information_schema") || table.contains('.') {
+                return true;
+            }
+            vec![schema, table]
+        }
+        None => vec![],
+    };
+    if parts.iter().any(|part| quote_ident(part).is_err())
+        || (parts.is_empty() && quote_ident(name).is_err())
+    {
         return true;
     }
-    let lower = name.to_ascii_lowercase();
-    INTERNAL_PREFIXES
-        .iter()
-        .any(|prefix| lower.starts_with(prefix))
+    std::iter::once(name).chain(parts).any(|part| {
+        let lower = part.to_ascii_lowercase();
+        INTERNAL_PREFIXES
+            .iter()
+            .any(|prefix| lower.starts_with(prefix))
+    })
 }
 
 /// Refuses a name that [`is_internal_table`] reserves (`not_found`: to a peer, such a table does
@@ -320,14 +375,17 @@ pub fn keyset_query(
     keyset_query_filtered(
         table,
         columns,
-        &[],
+        Casts {
+            engine: "sqlite",
+            columns: &[],
+            key: &[],
+        },
         key,
         KeyBounds {
             after,
             ..KeyBounds::default()
         },
         None,
-        &[],
     )
 }
 
@@ -344,27 +402,43 @@ pub struct KeyBounds {
     pub at_most: bool,
 }
 
+/// How a keyset query reads its columns and binds its keys, on which engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Casts<'a> {
+    /// The engine, as on the wire (`postgres`, `sqlite`): how the table's name reads.
+    pub engine: &'a str,
+    /// A cast per column read, or none.
+    pub columns: &'a [&'a str],
+    /// A cast per key value bound, or none.
+    pub key: &'a [String],
+}
+
 /// [`keyset_query`] within `bounds` and restricted by a key filter. Parameters: the bounds'
 /// keys (see [`KeyBounds`]), then the filter's keys (a range's `from` then `to`, or every listed
 /// key), then the limit.
-/// `casts` is empty or holds a cast per column (`""` for none, else as [`pg_read_cast`] says):
-/// the column is selected as `"column"::text`, say.
+/// `casts.columns` is empty or holds a cast per column (`""` for none, else as [`pg_read_cast`]
+/// says): the column is selected as `"column"::text`, say; `casts.key` likewise a cast per key
+/// value bound ([`pg_key_cast`]).
 pub fn keyset_query_filtered(
     table: &str,
     columns: &[String],
-    casts: &[&str],
+    casts: Casts<'_>,
     key: &[String],
     bounds: KeyBounds,
     filter: Option<&KeyFilter>,
-    key_casts: &[String],
 ) -> Result<String> {
+    let Casts {
+        engine,
+        columns: casts,
+        key: key_casts,
+    } = casts;
     if key.is_empty() {
         return Err(Error::invalid(
             "table",
             format!("{table:?} has no primary key to page by"),
         ));
     }
-    let table = quote_ident(table)?;
+    let table = quote_table_on(engine, table)?;
     let columns = columns
         .iter()
         .enumerate()
@@ -471,11 +545,18 @@ impl Store {
         let rows: Vec<(String, i64, i64)> = match self.engine() {
             Engine::Postgres => on_pool!(self, |pool| {
                 sqlx::query_as(
-                    "SELECT c.relname::text, CAST(GREATEST(c.reltuples, 0) AS BIGINT), \
+                    "SELECT CASE WHEN n.nspname = current_schema() THEN c.relname::text \
+                     ELSE n.nspname || '.' || c.relname END, \
+                     CAST(GREATEST(c.reltuples, 0) AS BIGINT), \
                      CAST(pg_total_relation_size(c.oid) AS BIGINT) \
                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = current_schema() \
-                     ORDER BY c.relname",
+                     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+                     AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                     AND n.nspname NOT LIKE 'pg\\_%' \
+                     AND strpos(c.relname, '.') = 0 AND strpos(n.nspname, '.') = 0 \
+                     AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                                     AND d.objid = c.oid AND d.deptype = 'e') \
+                     ORDER BY n.nspname <> current_schema(), 1",
                 )
                 .fetch_all(pool)
                 .await?
@@ -510,7 +591,10 @@ impl Store {
     }
 
     async fn count_rows(&self, table: &str) -> Result<i64> {
-        let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {}", quote_ident(table)?));
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {}",
+            quote_table(self.engine(), table)?
+        ));
         Ok(on_pool!(self, |pool| sqlx::query_scalar(sql)
             .fetch_one(pool)
             .await?))
@@ -521,14 +605,14 @@ impl Store {
         let parents: Vec<String> = match self.engine() {
             Engine::Postgres => on_pool!(self, |pool| {
                 sqlx::query_scalar(
-                    "SELECT DISTINCT parent.relname::text FROM pg_constraint con \
-                     JOIN pg_class child ON child.oid = con.conrelid \
+                    "SELECT DISTINCT CASE WHEN n.nspname = current_schema() THEN parent.relname::text \
+                     ELSE n.nspname || '.' || parent.relname END FROM pg_constraint con \
                      JOIN pg_class parent ON parent.oid = con.confrelid \
-                     JOIN pg_namespace n ON n.oid = child.relnamespace \
-                     WHERE con.contype = 'f' AND n.nspname = current_schema() AND child.relname = $1 \
+                     JOIN pg_namespace n ON n.oid = parent.relnamespace \
+                     WHERE con.contype = 'f' AND con.conrelid = to_regclass($1) \
                      ORDER BY 1",
                 )
-                .bind(table)
+                .bind(quote_table(Engine::Postgres, table)?)
                 .fetch_all(pool)
                 .await?
             }),
@@ -578,12 +662,12 @@ impl Store {
                      JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
                      LEFT JOIN pg_type et ON et.oid = b.typelem \
                      LEFT JOIN pg_constraint pk ON pk.conrelid = c.oid AND pk.contype = 'p' \
-                     WHERE n.nspname = current_schema() AND c.relname = $1 AND c.relkind IN ('r', 'p') \
+                     WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p') \
                      AND NOT c.relispartition \
                      AND a.attnum > 0 AND NOT a.attisdropped \
                      ORDER BY a.attnum",
                 )
-                .bind(table)
+                .bind(quote_table(Engine::Postgres, table)?)
                 .fetch_all(pool)
                 .await?
             }),

@@ -18,9 +18,13 @@ use crate::store::{Pool, Store};
 /// Most user types one table may bring (nested composites included).
 const MAX_TYPES: usize = 200;
 
-/// The table's oid in the current schema.
-const TABLE_OID: &str = "(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE n.nspname = current_schema() AND c.relname = $1)";
+/// The table's oid, from its quoted name (bound as `$1`: [`crate::catalog::quote_table`]).
+const TABLE_OID: &str = "to_regclass($1)";
+
+/// `table` quoted as PostgreSQL reads it (schema-qualified when it has a dot).
+fn pg_table(table: &str) -> Result<String> {
+    crate::catalog::quote_table(crate::store::Engine::Postgres, table)
+}
 
 /// A type as the catalog tells it: what it is and what it uses.
 #[derive(sqlx::FromRow)]
@@ -45,6 +49,7 @@ impl Store {
         let Pool::Postgres(pool) = self.pool() else {
             return Ok(None);
         };
+        let table = &pg_table(table)?;
         let column_types: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT CAST(a.atttypid AS BIGINT) FROM pg_attribute a WHERE a.attrelid = {TABLE_OID} \
              AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
@@ -174,15 +179,15 @@ impl Store {
             "SELECT con.conname::text, \
              ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord) \
                    JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum ORDER BY k.ord), \
-             r.relname::text, \
+             CASE WHEN rn.nspname = current_schema() THEN r.relname::text \
+                  ELSE rn.nspname || '.' || r.relname END, \
              ARRAY(SELECT a.attname::text FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord) \
                    JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum ORDER BY k.ord), \
              con.confupdtype::text, con.confdeltype::text, con.confmatchtype = 'f', \
              con.condeferrable, con.condeferred, con.convalidated \
              FROM pg_constraint con JOIN pg_class r ON r.oid = con.confrelid \
              JOIN pg_namespace rn ON rn.oid = r.relnamespace \
-             WHERE con.conrelid = {TABLE_OID} AND con.contype = 'f' AND rn.nspname = current_schema() \
-             ORDER BY con.conname"
+             WHERE con.conrelid = {TABLE_OID} AND con.contype = 'f' ORDER BY con.conname"
         )))
         .bind(table)
         .fetch_all(pool)
@@ -471,6 +476,21 @@ async fn user_type(
     })
 }
 
+/// The schema a type name (as `format_type` prints it, and checked) is qualified with, as
+/// written: `sales` of `sales.mood`, `"My Schema"` of `"My Schema"."x"`.
+fn type_qualifier(name: &str) -> Option<&str> {
+    let mut quoted = false;
+    let mut last_dot = None;
+    for (i, c) in name.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => last_dot = Some(i),
+            _ => {}
+        }
+    }
+    last_dot.map(|i| &name[..i])
+}
+
 /// A string as an SQL literal.
 fn literal(text: &str) -> Result<String> {
     if text.contains('\0') {
@@ -547,6 +567,24 @@ pub fn identity_clause(sequence: &ColumnSequence) -> Result<Option<String>> {
     )))
 }
 
+/// The name PostgreSQL gives a serial column's sequence (`<table>_<column>_seq`, cut to 63
+/// bytes), in the table's schema.
+fn serial_sequence_name(table: &str, column: &str) -> Result<String> {
+    let (schema, table) = match table.split_once('.') {
+        Some((schema, table)) => (Some(schema), table),
+        None => (None, table),
+    };
+    let mut name = format!("{table}_{column}_seq");
+    while name.len() > crate::catalog::MAX_IDENT_LEN {
+        name.pop();
+    }
+    let name = quote_ident(&name)?;
+    Ok(match schema {
+        Some(schema) => format!("{}.{name}", quote_ident(schema)?),
+        None => name,
+    })
+}
+
 fn sequence_options(sequence: &ColumnSequence) -> String {
     format!(
         "INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} {}",
@@ -574,6 +612,14 @@ impl Store {
                 .fetch_one(pool)
                 .await?;
             if !exists {
+                // A type of another schema (`sales.mood`) is made in that schema.
+                if let Some(namespace) = type_qualifier(user_type.name()) {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "CREATE SCHEMA IF NOT EXISTS {namespace}"
+                    )))
+                    .execute(pool)
+                    .await?;
+                }
                 sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
                 tracing::info!(table = %schema.name, r#type = %user_type.name(), "created a type the table uses");
             }
@@ -609,11 +655,11 @@ impl Store {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
             return Ok(());
         };
-        let table = quote_ident(&schema.name)?;
+        let table = pg_table(&schema.name)?;
         for sequence in extras.sequences.iter().filter(|s| s.identity.is_none()) {
             check_type_name(&sequence.data_type)?;
             let column = quote_ident(&sequence.column)?;
-            let name = quote_ident(&format!("{}_{}_seq", schema.name, sequence.column))?;
+            let name = serial_sequence_name(&schema.name, &sequence.column)?;
             let mut tx = pool.begin().await?;
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE SEQUENCE {name} AS {} {} OWNED BY {table}.{column}",
@@ -641,7 +687,7 @@ impl Store {
         let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
             return Ok(Vec::new());
         };
-        let table = quote_ident(&schema.name)?;
+        let table = pg_table(&schema.name)?;
         let mut skipped = Vec::new();
         for sequence in &extras.sequences {
             let Some(last) = sequence.last_value else {
@@ -813,7 +859,7 @@ pub fn index_sql(table: &str, index: &IndexDef) -> Result<String> {
         None => String::new(),
     };
     let name = quote_ident(&index.name)?;
-    let table = quote_ident(table)?;
+    let table = pg_table(table)?;
     let method = &index.method;
     Ok(if !index.exclude.is_empty() {
         format!(
@@ -846,10 +892,10 @@ pub fn foreign_key_sql(table: &str, key: &ForeignKeyDef) -> Result<String> {
     }
     Ok(format!(
         "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} ON UPDATE {} ON DELETE {}{}{} NOT VALID",
-        quote_ident(table)?,
+        pg_table(table)?,
         quote_ident(&key.name)?,
         name_list(&key.columns)?,
-        quote_ident(&key.references)?,
+        pg_table(&key.references)?,
         name_list(&key.referenced_columns)?,
         if key.match_full { " MATCH FULL" } else { "" },
         fk_action(&key.on_update)?,
@@ -863,16 +909,15 @@ pub fn foreign_key_sql(table: &str, key: &ForeignKeyDef) -> Result<String> {
     ))
 }
 
-/// Whether `table` here has a constraint or index named `name`.
+/// Whether `table` here has a constraint, or its schema a relation (an index), named `name`.
 async fn has_relation_or_constraint(pool: &sqlx::PgPool, table: &str, name: &str) -> Result<bool> {
     Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid \
-           JOIN pg_namespace n ON n.oid = c.relnamespace \
-           WHERE n.nspname = current_schema() AND c.relname = $1 AND con.conname = $2) \
-         OR EXISTS (SELECT 1 FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace \
-           WHERE n.nspname = current_schema() AND i.relname = $2)",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conrelid = to_regclass($1) \
+           AND con.conname = $2) \
+         OR EXISTS (SELECT 1 FROM pg_class i JOIN pg_class t ON t.relnamespace = i.relnamespace \
+           WHERE t.oid = to_regclass($1) AND i.relname = $2)",
     )
-    .bind(table)
+    .bind(pg_table(table)?)
     .bind(name)
     .fetch_one(pool)
     .await?)
@@ -889,7 +934,7 @@ impl Store {
             return Ok(Vec::new());
         };
         let mut skipped = Vec::new();
-        let table = quote_ident(&schema.name)?;
+        let table = pg_table(&schema.name)?;
         let run = |sql: String| async move {
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(pool)
@@ -997,6 +1042,7 @@ impl Store {
         let Pool::Postgres(pool) = self.pool() else {
             return Ok(Vec::new());
         };
+        let table = pg_table(table)?;
         Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = {TABLE_OID} \
              AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '' ORDER BY a.attnum"
@@ -1024,7 +1070,7 @@ impl Store {
                 if key.validated {
                     sqlx::query(sqlx::AssertSqlSafe(format!(
                         "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-                        quote_ident(&schema.name)?,
+                        pg_table(&schema.name)?,
                         quote_ident(&key.name)?
                     )))
                     .execute(pool)
@@ -1090,6 +1136,26 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_type_is_made_in_its_schema() {
+        assert_eq!(type_qualifier("sales.mood"), Some("sales"));
+        assert_eq!(
+            type_qualifier("\"My.Schema\".\"a.b\""),
+            Some("\"My.Schema\"")
+        );
+        assert_eq!(type_qualifier("mood"), None);
+        assert_eq!(type_qualifier("\"a.b\""), None);
+        assert_eq!(
+            serial_sequence_name("sales.orders", "id").unwrap(),
+            "\"sales\".\"orders_id_seq\""
+        );
+        assert_eq!(serial_sequence_name("t", "a.b").unwrap(), "\"t_a.b_seq\"");
+        assert_eq!(
+            serial_sequence_name(&"x".repeat(60), "id").unwrap(),
+            format!("\"{}_id\"", "x".repeat(60))
+        );
+    }
 
     #[test]
     fn types_are_built_from_checked_parts() {

@@ -307,10 +307,9 @@ async fn describe(client: &mut Client, table: &str) -> Result<TableSchema> {
                 .map_err(|violation| client.protocol_error(violation))?;
             Ok(schema)
         }
-        (other, _) => Err(client.protocol_error(format!(
-            "expected TableSchema, got {:?}",
-            other.kind()
-        ))),
+        (other, _) => {
+            Err(client.protocol_error(format!("expected TableSchema, got {:?}", other.kind())))
+        }
     }
 }
 

@@ -9,7 +9,8 @@ impl Store {
     /// send, and drops the staging table of seen keys, in one transaction. Returns the rows
     /// deleted.
     pub async fn finish_mirror(&self, connection_id: Uuid, schema: &TableSchema) -> Result<i64> {
-        let table = quote_ident(&schema.name)?;
+        let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
+        let table_ref = crate::catalog::table_ref(self.engine(), &schema.name)?;
         let stage = quote_ident(&mirror_table(connection_id, &schema.name))?;
         let key_list: Vec<String> = schema
             .primary_key
@@ -24,7 +25,7 @@ impl Store {
         }
         let matches: Vec<String> = key_list
             .iter()
-            .map(|k| format!("s.{k} = {table}.{k}"))
+            .map(|k| format!("s.{k} = {table_ref}.{k}"))
             .collect();
         let delete = format!(
             "DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {})",

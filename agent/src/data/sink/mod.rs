@@ -325,9 +325,19 @@ impl Store {
                 }
             }
             Err(Error::NotFound { .. }) => {
-                // The extensions and user types its columns use, first (PostgreSQL).
+                // Its schema, and the extensions and user types its columns use, first
+                // (PostgreSQL).
+                if self.engine() == crate::store::Engine::Postgres
+                    && let Some(namespace) = crate::catalog::table_schema(&schema.name)
+                {
+                    self.run_ddl(format!(
+                        "CREATE SCHEMA IF NOT EXISTS {}",
+                        quote_ident(namespace)?
+                    ))
+                    .await?;
+                }
                 self.prepare_postgres_types(schema).await?;
-                let table = quote_ident(&schema.name)?;
+                let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
                 let create = |generated: bool| -> Result<String> {
                     let mut definitions = Vec::new();
                     for column in schema.columns.iter().filter(|c| columns.contains(&c.name)) {
@@ -418,7 +428,7 @@ impl Store {
                 }
             }
         }
-        let table = quote_ident(&schema.name)?;
+        let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
         for name in missing {
             let Some(column) = schema.columns.iter().find(|c| c.name == *name) else {
                 continue;

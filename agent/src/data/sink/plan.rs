@@ -80,7 +80,10 @@ impl<'a> Plan<'a> {
             last_key,
             into,
         } = *batch;
-        let table = quote_ident(into.unwrap_or(&schema.name))?;
+        let table = match into {
+            Some(stage) => quote_ident(stage)?,
+            None => crate::catalog::quote_table(engine, &schema.name)?,
+        };
         let quoted: Vec<String> = columns
             .iter()
             .map(|c| quote_ident(c))
@@ -121,7 +124,13 @@ impl<'a> Plan<'a> {
                 vec![String::new(); columns.len()]
             };
         let key_list: Vec<String> = key.iter().map(|k| quote_ident(k)).collect::<Result<_>>()?;
-        let conflict = conflict_clause(engine, strategy, &table, &quoted, columns, key, &key_list);
+        let table_ref = match into {
+            Some(stage) => quote_ident(stage)?,
+            None => crate::catalog::table_ref(engine, &schema.name)?,
+        };
+        let conflict = conflict_clause(
+            engine, strategy, &table_ref, &quoted, columns, key, &key_list,
+        );
         let last_key_json = last_key
             .map(serde_json::to_value)
             .transpose()

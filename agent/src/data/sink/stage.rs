@@ -36,7 +36,7 @@ impl Store {
         refuse_reserved(&schema.name)?;
         let name = stage_table(connection_id, &schema.name);
         let stage = quote_ident(&name)?;
-        let table = quote_ident(&schema.name)?;
+        let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
         let list = column_list(columns)?;
         let (unlogged, empty) = match self.engine() {
             crate::store::Engine::Postgres => ("UNLOGGED ", "WITH NO DATA"),
@@ -78,7 +78,7 @@ impl Store {
     ) -> Result<Swapped> {
         refuse_reserved(&schema.name)?;
         let stage = quote_ident(&stage_table(connection_id, &schema.name))?;
-        let table = quote_ident(&schema.name)?;
+        let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
         let list = column_list(columns)?;
         let overriding = match self.engine() {
             // The sender's values go in as they are, into `GENERATED ALWAYS` identity columns

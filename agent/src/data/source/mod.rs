@@ -16,7 +16,7 @@ use dbsync_protocol::message::{KeyFilter, MAX_FILTER_KEYS, TableSchema};
 use futures_util::TryStreamExt;
 use sqlx::{Row, ValueRef};
 
-use crate::catalog::{KeyBounds, keyset_query_filtered, pg_key_cast, pg_read_cast};
+use crate::catalog::{Casts, KeyBounds, keyset_query_filtered, pg_key_cast, pg_read_cast};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
 
@@ -373,7 +373,11 @@ impl<'a> PageQuery<'a> {
         let sql = keyset_query_filtered(
             &schema.name,
             columns,
-            &casts,
+            Casts {
+                engine: &schema.engine,
+                columns: &casts,
+                key: &key_casts,
+            },
             &schema.primary_key,
             KeyBounds {
                 after: after.is_some(),
@@ -381,7 +385,6 @@ impl<'a> PageQuery<'a> {
                 at_most: window.at_most.is_some(),
             },
             filter,
-            &key_casts,
         )?;
         Ok(Self {
             sql,

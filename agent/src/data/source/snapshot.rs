@@ -61,7 +61,7 @@ impl Store {
         schema: &TableSchema,
         columns: &[String],
     ) -> Result<Snapshot> {
-        let table = quote_ident(&schema.name)?;
+        let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
         let mut neutral = Vec::with_capacity(columns.len());
         let mut select = Vec::with_capacity(columns.len());
         for name in columns {
