@@ -327,6 +327,33 @@ fn receiver_token_handed_over_on_stdin(site: &Site) {
         !refused.stderr.contains(&broken[10..]),
         "the rejected token is not echoed"
     );
+
+    // The sender regenerates the token; the new one is handed over and replaces the old.
+    let fresh = other
+        .run(&["--json", "connections", "regenerate-token", "to-b"], None)
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let set = site
+        .run(
+            &[
+                "--json",
+                "connections",
+                "set-token",
+                "from-a",
+                "--token-stdin",
+            ],
+            Some(&format!("{fresh}\n")),
+        )
+        .json();
+    assert_eq!(set["token_prefix"], fresh[..set["token_prefix"].as_str().unwrap().len()]);
+    assert!(!set.to_string().contains(&fresh[10..]));
+    let bad = site.run(
+        &["connections", "set-token", "from-a", "--token-stdin"],
+        Some(&broken),
+    );
+    assert_eq!(bad.status, 1);
 }
 
 fn settings_and_transfers(site: &Site) {
@@ -336,7 +363,11 @@ fn settings_and_transfers(site: &Site) {
 
     let refused = site.run(&["settings", "incoming", "require_password"], None);
     assert_eq!(refused.status, 1);
-    assert!(refused.stderr.contains("password"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("--password-stdin"),
+        "{}",
+        refused.stderr
+    );
 
     let set = site
         .run(
@@ -400,6 +431,12 @@ fn settings_and_transfers(site: &Site) {
     );
     assert_eq!(missing.status, 1);
     assert!(missing.stderr.contains("transfer not found"));
+    let cancel = site.run(
+        &["transfers", "cancel", "00000000-0000-0000-0000-000000000000"],
+        None,
+    );
+    assert_eq!(cancel.status, 1);
+    assert!(cancel.stderr.contains("transfer not found"), "{}", cancel.stderr);
 }
 
 fn human_output_is_a_table(site: &Site) {
@@ -602,6 +639,19 @@ fn schedules_are_set_listed_and_refused_on_senders(site: &Site) {
         "{}",
         human.stdout
     );
+
+    // An interval under a minute, or not in whole minutes, is refused, not rounded.
+    for bad in ["0m", "30s", "90s"] {
+        let refused = site.run(&["schedule", "set", "from-a", "--interval", bad], None);
+        assert_eq!(refused.status, 1, "{bad}");
+        assert!(refused.stderr.contains("whole minutes"), "{}", refused.stderr);
+    }
+    // Pages of transfers are 1 to 500 long.
+    for bad in ["0", "501"] {
+        let refused = site.run(&["transfers", "list", "--per-page", bad], None);
+        assert_ne!(refused.status, 0, "{bad}");
+        assert!(refused.stderr.contains("per-page"), "{}", refused.stderr);
+    }
 
     // A sender connection has nothing to pull.
     let sender = other.run(&["schedule", "set", "to-b"], None);

@@ -234,6 +234,39 @@ async fn deny_all_refuses_and_stores_nothing() {
     b.stop().await;
 }
 
+/// A connection to this site's own address is refused on both paths, and nothing is stored.
+#[tokio::test]
+async fn a_site_cannot_connect_to_itself() {
+    let Some(a) = start("peer::self", Options::default()).await else {
+        return;
+    };
+    let own = a.agent.site_url().await.unwrap();
+    for url in [own.clone(), format!("{}/", own.to_uppercase().replacen("HTTP", "http", 1))] {
+        let refused = a
+            .agent
+            .create_sender(new_sender("to-me", &url), None, &admin())
+            .await;
+        assert!(
+            matches!(&refused, Err(dbsync_agent::Error::Invalid { field: "site_url", .. })),
+            "{url}: {refused:?}"
+        );
+        let by_hand = a
+            .agent
+            .add_receiver_by_hand("from-me", &url, &Token::generate().expose().to_owned(), &admin())
+            .await;
+        assert!(by_hand.is_err(), "{url}");
+    }
+    assert!(
+        a.agent
+            .store
+            .list_connections(&Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.stop().await;
+}
+
 #[tokio::test]
 async fn a_second_registration_from_the_same_site_is_409() {
     let Some((a, b)) = pair("peer::duplicate", IncomingMode::AutoAccept, None).await else {
@@ -270,6 +303,18 @@ async fn a_second_registration_from_the_same_site_is_409() {
     assert_eq!(
         response.json::<Value>().await.unwrap()["error"]["code"],
         "unsupported_version"
+    );
+    // A registration missing fields is a malformed request: 400, as documented.
+    let response = client
+        .post(format!("{}/db-sync/api/register-connection", b.url))
+        .json(&json!({ "sender_url": "https://d.example.com" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_request"
     );
     a.stop().await;
     b.stop().await;

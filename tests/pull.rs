@@ -139,6 +139,10 @@ async fn copy_is_identical(postgres: bool, test: &str) {
                 && t.bytes_wire > 0
                 && t.bytes_raw > t.bytes_wire)
     );
+    // The connection counts the rows it sent, with no record limit set too.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.max_records_total, None);
+    assert_eq!(on_a.records_downloaded, 5_000);
     let received = b
         .agent
         .store
@@ -364,6 +368,24 @@ async fn approvals_hold_pulls_until_an_admin_decides_over(transport: TransportCh
         matches!(&denied, Err(Error::Remote { code, message, .. }) if code == "approval_denied" && message == "not today"),
         "{denied:?}"
     );
+    // A denial ends that transfer, not the table: the next pull asks again, as a new transfer
+    // waiting for a new approval.
+    let again = b.agent.pull(&receiver, &options, |_| {}).await;
+    assert!(
+        matches!(&again, Err(Error::Remote { code, .. }) if code == "approval_pending"),
+        "{again:?}"
+    );
+    let waiting = a
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            status: Some(TransferStatus::PendingApproval),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(waiting.total, 1);
+    assert_ne!(waiting.items[0].id, pending.items[0].id);
     a.stop().await;
     b.stop().await;
 }

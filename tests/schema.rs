@@ -22,7 +22,7 @@ fn app_schema() -> Vec<String> {
          qty INTEGER NOT NULL DEFAULT 1 CONSTRAINT qty_positive CHECK (qty > 0), \
          total NUMERIC GENERATED ALWAYS AS (price * qty) STORED, \
          search tsvector GENERATED ALWAYS AS (to_tsvector('english', coalesce(name, ''))) STORED, \
-         expires_at TIMESTAMPTZ DEFAULT (now() + interval '30 days'), \
+         expires_at TIMESTAMPTZ DEFAULT (now() + interval '30 days'), sort_key TEXT COLLATE \"C\", \
          CONSTRAINT accounts_status_known CHECK (status IN ('active', 'closed')))",
         "CREATE INDEX accounts_name_idx ON accounts (name, status)",
         "CREATE INDEX accounts_attrs_idx ON accounts USING gin (attrs)",
@@ -207,6 +207,7 @@ async fn types_extensions_and_sequences_arrive_over(transport: TransportChoice) 
         "INCLUDE (name)",
         "text_pattern_ops",
         "COLLATE \"C\"",
+        "sort_key text COLLATE pg_catalog.\"C\"",
         "EXCLUDE USING gist",
         "COMMENT ON TABLE public.accounts IS 'Customer accounts'",
         "CREATE TABLE public.audit_log",

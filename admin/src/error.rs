@@ -123,7 +123,12 @@ impl From<PeerError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
+        // JSON of the wrong shape (a missing field, a wrong type) is a malformed request like
+        // JSON that does not parse: 400, as both APIs document (axum says 422).
+        let status = match rejection.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            other => other,
+        };
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "payload_too_large"
         } else {

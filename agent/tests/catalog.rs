@@ -64,6 +64,23 @@ async fn tables_columns_keys_and_parents(db: TestDb) {
             .is_empty()
     );
     assert!(db.store.describe_table("missing").await.is_err());
+    // A table's row estimate is there before anything analyzed it (a progress bar's total).
+    let mut rows = vec!["CREATE TABLE counted (id BIGINT PRIMARY KEY, pad TEXT)".to_owned()];
+    rows.push(
+        "INSERT INTO counted (id, pad) VALUES ".to_owned()
+            + &(1..=2000)
+                .map(|i| format!("({i}, 'row number {i} with some padding')"))
+                .collect::<Vec<_>>()
+                .join(", "),
+    );
+    exec(&db, &rows).await;
+    let counted = db.store.list_tables().await.unwrap();
+    let estimate = counted
+        .iter()
+        .find(|t| t.name == "counted")
+        .unwrap()
+        .estimated_rows;
+    assert!((500..=10_000).contains(&estimate), "{estimate}");
     assert!(
         db.store.describe_table("dbsync_connections").await.is_err(),
         "internal tables are invisible"

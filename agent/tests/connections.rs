@@ -123,6 +123,10 @@ async fn legal_transitions_write_audit_columns_and_events(db: TestDb) {
         .unwrap();
     assert_eq!(reactivated.status, ConnectionStatus::Active);
     assert_eq!(reactivated.updated_at, db.now());
+    // An active connection carries no old suspension (the audit trail keeps it).
+    assert_eq!(reactivated.suspended_at, None);
+    assert_eq!(reactivated.suspended_by, None);
+    assert_eq!(reactivated.suspended_reason, None);
 
     db.clock.advance(Duration::minutes(1));
     let revoked = db

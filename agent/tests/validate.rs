@@ -235,6 +235,30 @@ async fn ip_whitelist_v4_and_v6(db: TestDb) {
             "{from} is not listed"
         );
     }
+    // The refusal names the address seen, and each one is in the audit trail with it.
+    let refused = v
+        .validate_connection(t, ip("11.0.0.1"), db.now(), None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("11.0.0.1"), "{refused}");
+    let events = db
+        .store
+        .audit_events(Some(listed.connection.id), 100)
+        .await
+        .unwrap();
+    let seen: Vec<String> = events
+        .iter()
+        .filter(|e| e.action == "session.refused")
+        .map(|e| e.detail["client_ip"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.contains(&"2001:db8:abce::1".to_owned()), "{seen:?}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.action == "session.refused")
+            .all(|e| e.detail["code"] == "ip_not_whitelisted")
+    );
 }
 
 async fn allowed_hours_plain_wrapping_and_zoned(db: TestDb) {

@@ -191,6 +191,9 @@ pub struct PostgresSchema {
     /// Comments on the table and its columns.
     #[serde(default)]
     pub comments: Vec<CommentDef>,
+    /// Columns whose collation is not their type's default: column and collation name.
+    #[serde(default)]
+    pub collations: Vec<(String, String)>,
 }
 
 /// A CHECK constraint. Its expression is SQL text of the sender's: a receiver writes it only

@@ -397,6 +397,9 @@ pub struct ReceiverCore {
     version: Option<u16>,
 }
 
+/// Most indexes, constraints, defaults, comments, ... of one kind a described table may bring.
+pub const MAX_SCHEMA_PARTS: usize = 1_000;
+
 impl ReceiverCore {
     /// A receiver that offers `versions` in its Hello.
     pub fn new(versions: &[u16]) -> Self {
@@ -470,6 +473,38 @@ impl ReceiverCore {
                     return fail(format!(
                         "{table:?} is described with a sequence for column {:?}, which it lacks",
                         sequence.column
+                    ));
+                }
+            }
+            // Each part is a statement (or more) on the receiver: bounded, whatever the frame
+            // could hold.
+            let parts = [
+                extras.indexes.len(),
+                extras.checks.len(),
+                extras.comments.len(),
+                extras.defaults.len(),
+                extras.generated.len(),
+                extras.collations.len(),
+                extras.foreign_keys.len(),
+            ];
+            if parts.iter().any(|n| *n > MAX_SCHEMA_PARTS) {
+                return fail(format!(
+                    "{table:?} is described with more than {MAX_SCHEMA_PARTS} indexes, \
+                     constraints, defaults or comments of one kind"
+                ));
+            }
+            let columns_named = extras
+                .defaults
+                .iter()
+                .map(|d| &d.column)
+                .chain(extras.generated.iter().map(|g| &g.column))
+                .chain(extras.collations.iter().map(|(c, _)| c))
+                .chain(extras.comments.iter().filter_map(|c| c.column.as_ref()));
+            for column in columns_named {
+                if !names.contains(column.as_str()) {
+                    return fail(format!(
+                        "{table:?} is described with a default, generated expression, collation \
+                         or comment for column {column:?}, which it lacks"
                     ));
                 }
             }
@@ -763,6 +798,24 @@ mod tests {
             ..Default::default()
         };
         assert!(ReceiverCore::check_schema("t1", &with(many)).is_err());
+        let ghost = crate::message::PostgresSchema {
+            generated: vec![crate::message::GeneratedColumn {
+                column: "ghost".into(),
+                expression: "1".into(),
+            }],
+            ..Default::default()
+        };
+        assert!(ReceiverCore::check_schema("t1", &with(ghost)).is_err());
+        let flood = crate::message::PostgresSchema {
+            comments: (0..=MAX_SCHEMA_PARTS)
+                .map(|_| crate::message::CommentDef {
+                    column: None,
+                    text: "x".into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert!(ReceiverCore::check_schema("t1", &with(flood)).is_err());
         let expected = Expected {
             request_id: 3,
             columns: vec!["id".into(), "name".into()],

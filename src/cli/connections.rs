@@ -73,6 +73,15 @@ pub(crate) enum Command {
     },
     /// Store a receiver connection from a token the sending site handed over
     AddReceiver(AddReceiverArgs),
+    /// Replace the token of a receiver connection (the sender regenerated it and handed the new
+    /// one over), read from stdin
+    SetToken {
+        /// Receiver connection id or name
+        connection: String,
+        /// Read the token from stdin (the only way: it never goes on a command line)
+        #[arg(long, required = true)]
+        token_stdin: bool,
+    },
     /// Expire connections past their expiry date or out of a lifetime limit
     Sweep,
 }
@@ -284,6 +293,27 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 None,
             )
             .await
+        }
+        Command::SetToken { connection, .. } => {
+            let token = super::read_secret_line("token")?;
+            let c = store
+                .set_receiver_token(
+                    &connection,
+                    &token,
+                    &ctx.agent.vault,
+                    &ctx.actor,
+                    ctx.now(),
+                )
+                .await?;
+            if ctx.json {
+                return output::print_json(&c);
+            }
+            println!(
+                "Stored the new token of {:?} ({}...); the next pull uses it.",
+                c.name,
+                c.token_prefix.as_deref().unwrap_or("")
+            );
+            Ok(())
         }
         Command::AddReceiver(args) => {
             let token = match (args.token, args.token_stdin) {

@@ -97,8 +97,10 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     let json = ctx.json;
     // A progress bar on a terminal; plain lines otherwise; nothing with --json.
     let terminal = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // The total is the sender's estimate (grown only if the table holds more); the rate is
+    // whole rows a second.
     let style = ProgressStyle::with_template(
-        "{prefix:>16} [{bar:30}] {pos}/{len} rows  {msg}  {per_sec}  eta {eta}",
+        "{prefix:>16} [{bar:30}] {percent:>3}% {human_pos}/{human_len} rows  {msg}  eta {eta}",
     )?
     .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
@@ -153,7 +155,12 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                             bar.set_length(bar.position() + rows);
                         }
                         bar.inc(rows);
-                        bar.set_message(format!("{} wire", output::bytes(wire)));
+                        let rate = bar.per_sec();
+                        bar.set_message(format!(
+                            "{} wire  {} rows/s",
+                            output::bytes(wire),
+                            rate.round() as u64
+                        ));
                     }
                 }
             }

@@ -54,7 +54,16 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 settings.auto_sync_tables = tables;
             }
             if let Some(interval) = interval {
-                settings.auto_sync_interval_minutes = interval.num_minutes().max(1);
+                // Runs are minutes apart: anything shorter, or not whole minutes, is said,
+                // not rounded silently.
+                if interval.num_minutes() < 1
+                    || interval != chrono::Duration::minutes(interval.num_minutes())
+                {
+                    anyhow::bail!(
+                        "invalid interval: runs are whole minutes apart, at least 1 (e.g. 15m, 1h)"
+                    );
+                }
+                settings.auto_sync_interval_minutes = interval.num_minutes();
             }
             let updated = ctx
                 .store

@@ -33,10 +33,10 @@ pub(crate) enum Command {
         #[arg(long, value_parser = parse_time)]
         until: Option<DateTime<Utc>>,
         /// Page number, from 1
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
         page: i64,
-        /// Transfers per page (at most 500)
-        #[arg(long, default_value_t = 50)]
+        /// Transfers per page (1 to 500)
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=500))]
         per_page: i64,
     },
     /// Show one transfer
@@ -56,6 +56,12 @@ pub(crate) enum Command {
         /// Why (shown to the receiver and kept in the audit trail)
         #[arg(long)]
         reason: String,
+    },
+    /// Cancel a transfer that has not ended: a running pull stops at its next batch (what it
+    /// applied stays, and a later pull resumes after it); a waiting one is not served
+    Cancel {
+        /// Transfer id
+        id: Uuid,
     },
 }
 
@@ -140,6 +146,10 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             &ctx.store
                 .deny_transfer(id, &reason, &ctx.actor, ctx.now())
                 .await?,
+        ),
+        Command::Cancel { id } => print_transfer(
+            ctx,
+            &ctx.store.cancel_transfer(id, &ctx.actor, ctx.now()).await?,
         ),
     }
 }

@@ -39,8 +39,8 @@ pub enum AccessDenied {
     #[error("record limit reached")]
     RecordLimitExceeded,
     /// The client address is outside every whitelisted block.
-    #[error("client address is not whitelisted")]
-    IpNotWhitelisted,
+    #[error("client address {0} is not whitelisted")]
+    IpNotWhitelisted(IpAddr),
     /// Now is outside the connection's allowed hours.
     #[error("outside the allowed hours")]
     OutsideAllowedHours,
@@ -70,7 +70,7 @@ impl AccessDenied {
             Self::ConnectionExpired => Code::ConnectionExpired,
             Self::DownloadLimitExceeded => Code::DownloadLimitExceeded,
             Self::RecordLimitExceeded => Code::RecordLimitExceeded,
-            Self::IpNotWhitelisted => Code::IpNotWhitelisted,
+            Self::IpNotWhitelisted(_) => Code::IpNotWhitelisted,
             Self::OutsideAllowedHours => Code::OutsideAllowedHours,
             Self::PasswordRequired => Code::PasswordRequired,
             Self::InvalidPassword => Code::InvalidPassword,
@@ -208,11 +208,21 @@ impl Validator {
         {
             return Err(AccessDenied::RecordLimitExceeded);
         }
-        if !connection.ip_allowed(client_ip) {
-            return Err(AccessDenied::IpNotWhitelisted);
-        }
-        if !connection.within_allowed_hours(now) {
-            return Err(AccessDenied::OutsideAllowedHours);
+        let refused = if !connection.ip_allowed(client_ip) {
+            Some(AccessDenied::IpNotWhitelisted(client_ip))
+        } else if !connection.within_allowed_hours(now) {
+            Some(AccessDenied::OutsideAllowedHours)
+        } else if connection.download_password_hash.is_some()
+            && password.is_none_or(str::is_empty)
+        {
+            Some(AccessDenied::PasswordRequired)
+        } else {
+            None
+        };
+        if let Some(denied) = refused {
+            self.record_refusal(&connection, &denied, client_ip, now)
+                .await;
+            return Err(denied);
         }
         if let Some(hash) = &connection.download_password_hash {
             let Some(given) = password.filter(|p| !p.is_empty()) else {
@@ -224,6 +234,29 @@ impl Validator {
         self.check_rate(&connection)?;
         self.store.touch_connected(connection.id, now).await?;
         Ok(connection)
+    }
+
+    /// A session the connection's own rules refused (address, hours, password missing): logged
+    /// at the default level and audited, with the address seen.
+    async fn record_refusal(
+        &self,
+        connection: &Connection,
+        denied: &AccessDenied,
+        client_ip: IpAddr,
+        now: DateTime<Utc>,
+    ) {
+        let code = denied.wire_code();
+        tracing::warn!(connection_id = %connection.id, client = %client_ip, code = %code.as_str(), "session refused");
+        let event = crate::audit::NewEvent::connection(
+            &Actor::remote(&connection.site_url),
+            "session.refused",
+            connection.id,
+            now,
+        )
+        .detail(serde_json::json!({ "code": code.as_str(), "client_ip": client_ip.to_string() }));
+        if let Err(err) = self.store.record_event(event).await {
+            tracing::warn!(error = %err, "could not audit a refused session");
+        }
     }
 
     /// Checks a download password guess: refused without hashing while the connection is locked

@@ -513,6 +513,53 @@ impl Store {
         Ok(connection)
     }
 
+    /// Replaces the token a receiver connection holds (the sender regenerated it and handed
+    /// the new one over by hand), encrypted like the first; audited without the token.
+    pub async fn set_receiver_token(
+        &self,
+        id_or_name: &str,
+        token: &str,
+        vault: &Vault,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        let connection = self.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection: its token is made here (regenerate-token)",
+                    connection.name
+                ),
+            ));
+        }
+        let token = Token::parse(token).map_err(|err| Error::invalid("token", err.to_string()))?;
+        let sealed = vault.seal(connection.id, token.expose())?;
+        let now = to_micros(now);
+        let updated = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated: Connection = sqlx::query_as(
+                "UPDATE dbsync_connections SET token_ciphertext = $2, token_prefix = $3, \
+                 updated_at = $4 WHERE id = $1 RETURNING *",
+            )
+            .bind(connection.id)
+            .bind(&sealed)
+            .bind(token.display_prefix())
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.token_set", connection.id, now)
+                    .detail(serde_json::json!({ "token_prefix": token.display_prefix() })),
+            )
+            .await?;
+            tx.commit().await?;
+            updated
+        });
+        Ok(updated)
+    }
+
     /// The token a receiver connection holds, decrypted.
     pub fn receiver_token(&self, connection: &Connection, vault: &Vault) -> Result<Token> {
         let sealed = connection.token_ciphertext.as_deref().ok_or_else(|| {

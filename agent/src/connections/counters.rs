@@ -70,6 +70,24 @@ impl Store {
         }
     }
 
+    /// Counts `rows` sent under a connection without a record limit (one with a limit counts
+    /// them as it reserves them, [`Store::take_records`]).
+    pub async fn count_records(&self, connection_id: Uuid, rows: i64) -> Result<()> {
+        if rows > 0 {
+            on_pool!(self, |pool| {
+                sqlx::query(
+                    "UPDATE dbsync_connections SET records_downloaded = records_downloaded + $2 \
+                     WHERE id = $1",
+                )
+                .bind(connection_id)
+                .bind(rows)
+                .execute(pool)
+                .await?;
+            });
+        }
+        Ok(())
+    }
+
     /// Returns rows reserved with [`Store::take_records`] but never sent (a pull that failed
     /// before sending them), so they do not count against the limit.
     pub async fn release_records(&self, connection_id: Uuid, unused: i64) -> Result<()> {

@@ -278,7 +278,10 @@ impl Transition {
                  WHERE id = $1 AND status IN ('pending', 'active') RETURNING *"
             }
             Self::Reactivate => {
-                "UPDATE dbsync_connections SET status = 'active', updated_at = $3 \
+                // The suspension is over: its time, actor and reason stay in the audit trail,
+                // not on an active connection.
+                "UPDATE dbsync_connections SET status = 'active', suspended_by = NULL, \
+                 suspended_at = NULL, suspended_reason = NULL, updated_at = $3 \
                  WHERE id = $1 AND status = 'suspended' RETURNING *"
             }
             Self::Revoke => {

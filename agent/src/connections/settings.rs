@@ -107,7 +107,8 @@ impl Store {
         {
             return Err(Error::invalid(
                 "password",
-                "require_password mode needs an incoming password",
+                "require_password mode needs an incoming password: give one with \
+                 --password-stdin (the API: \"password\")",
             ));
         }
         let now = to_micros(now);

@@ -547,7 +547,7 @@ impl Store {
                 sqlx::query_as(
                     "SELECT CASE WHEN n.nspname = current_schema() THEN c.relname::text \
                      ELSE n.nspname || '.' || c.relname END, \
-                     CAST(GREATEST(c.reltuples, 0) AS BIGINT), \
+                     CAST(GREATEST(c.reltuples, -1) AS BIGINT), \
                      CAST(pg_total_relation_size(c.oid) AS BIGINT) \
                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                      WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
@@ -575,6 +575,9 @@ impl Store {
                 continue;
             }
             let estimated_rows = match self.engine() {
+                // Never analyzed (`reltuples` is -1 until then): the planner's guess from the
+                // table's size, so a progress bar has a total from the start.
+                Engine::Postgres if estimated_rows < 0 => self.planner_rows(&name).await?,
                 Engine::Postgres => estimated_rows,
                 Engine::Sqlite => self.count_rows(&name).await?,
             };
@@ -588,6 +591,24 @@ impl Store {
             });
         }
         Ok(tables)
+    }
+
+    /// How many rows PostgreSQL's planner expects `table` to hold (from its size on disk).
+    async fn planner_rows(&self, table: &str) -> Result<i64> {
+        let sql = format!(
+            "EXPLAIN (FORMAT JSON) SELECT 1 FROM {}",
+            quote_table(Engine::Postgres, table)?
+        );
+        let plan: serde_json::Value = on_pool!(self, |pool| {
+            sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await?
+                .0
+        });
+        Ok(plan
+            .pointer("/0/Plan/Plan Rows")
+            .and_then(serde_json::Value::as_f64)
+            .map_or(0, |rows| rows as i64))
     }
 
     async fn count_rows(&self, table: &str) -> Result<i64> {

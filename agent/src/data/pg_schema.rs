@@ -148,6 +148,16 @@ impl Store {
         .into_iter()
         .map(|(column, expression)| GeneratedColumn { column, expression })
         .collect();
+        out.collations = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(format!(
+            "SELECT a.attname::text, co.collname::text FROM pg_attribute a \
+             JOIN pg_collation co ON co.oid = a.attcollation \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = {TABLE_OID} AND a.attnum > 0 AND NOT a.attisdropped \
+             AND a.attcollation <> t.typcollation ORDER BY a.attnum"
+        )))
+        .bind(table)
+        .fetch_all(pool)
+        .await?;
         out.comments = sqlx::query_as::<_, (Option<String>, String)>(sqlx::AssertSqlSafe(format!(
             "SELECT NULL::text, d.description FROM pg_description d \
              WHERE d.classoid = 'pg_class'::regclass AND d.objoid = {TABLE_OID} AND d.objsubid = 0 \
@@ -625,6 +635,30 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The collations of `schema`'s columns that exist here (a column whose collation does not
+    /// is made with its type's default, and said so in the log).
+    pub(crate) async fn known_collations(&self, schema: &TableSchema) -> Result<Vec<String>> {
+        let (Pool::Postgres(pool), Some(extras)) = (self.pool(), &schema.postgres) else {
+            return Ok(Vec::new());
+        };
+        if extras.collations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: Vec<String> = extras.collations.iter().map(|(_, c)| c.clone()).collect();
+        let known: Vec<String> = sqlx::query_scalar(
+            "SELECT collname::text FROM pg_collation WHERE collname = ANY($1)",
+        )
+        .bind(&wanted)
+        .fetch_all(pool)
+        .await?;
+        for (column, collation) in &extras.collations {
+            if !known.contains(collation) {
+                tracing::warn!(table = %schema.name, %column, %collation, "collation not here; the column takes its type's default");
+            }
+        }
+        Ok(known)
     }
 
     /// Every extension whose types `schema.name` uses is installed here; else an error naming

@@ -338,10 +338,14 @@ pub(super) async fn unfinished_remote_transfer(
             ..Default::default()
         })
         .await?;
+    // A transfer the sender's admin denied is over: the next pull asks again.
     Ok(latest
         .items
         .first()
-        .filter(|previous| previous.status != TransferStatus::Completed)
+        .filter(|previous| {
+            previous.status != TransferStatus::Completed
+                && previous.metadata.get("remote_denied") != Some(&serde_json::Value::Bool(true))
+        })
         .and_then(remote_transfer_of)
         .map(str::to_owned))
 }
@@ -403,6 +407,22 @@ impl Agent {
         attempts: &mut u32,
     ) -> Result<()> {
         let since = *failing_since.get_or_insert_with(Instant::now);
+        // Over the sender's rate limit (when a session opens, say): wait as it says, when that
+        // fits in the time left to retry.
+        if let Error::Remote {
+            code: Code::RateLimited,
+            retry_after_ms,
+            ..
+        } = &err
+        {
+            let wait = Duration::from_millis(retry_after_ms.unwrap_or(1_000).clamp(100, 60_000));
+            if since.elapsed() + wait > options.retry_for {
+                return Err(err);
+            }
+            tracing::warn!(wait_ms = wait.as_millis() as u64, "over the sender's rate limit; waiting");
+            tokio::time::sleep(wait).await;
+            return Ok(());
+        }
         if !err.is_transient() || since.elapsed() >= options.retry_for {
             return Err(err);
         }
@@ -916,11 +936,26 @@ impl Agent {
                 Ok(summary)
             }
             Err(err) => {
+                mark_if_denied(store, transfer.id, &err).await;
                 let _ = store
                     .fail_transfer(transfer.id, &err.to_string(), self.now())
                     .await;
                 Err(err)
             }
         }
+    }
+}
+
+/// Remembers on the receive transfer `transfer` that the sender denied it, so later pulls of
+/// the table ask for a new transfer rather than resume the denied one.
+pub(super) async fn mark_if_denied(store: &crate::Store, transfer: Uuid, err: &Error) {
+    if let Error::Remote {
+        code: Code::ApprovalDenied,
+        ..
+    } = err
+    {
+        let _ = store
+            .merge_transfer_metadata(transfer, serde_json::json!({ "remote_denied": true }))
+            .await;
     }
 }

@@ -189,6 +189,7 @@ impl Agent {
         remote_password: Option<&str>,
         actor: &Actor,
     ) -> Result<CreatedSender> {
+        self.refuse_own_url(&new.site_url).await?;
         let created = self.store.create_sender(new, actor, self.now()).await?;
         let registration = self
             .register_with_peer(&created.connection, &created.token, remote_password)
@@ -202,6 +203,34 @@ impl Agent {
             token: created.token,
             registration,
         })
+    }
+
+    /// Refuses `site_url` when it is this site's own address (a connection joins two sites;
+    /// one to itself would register with itself). Scheme and host compare without regard to
+    /// case.
+    async fn refuse_own_url(&self, site_url: &str) -> Result<()> {
+        let canonical = |url: &str| {
+            crate::connection::normalize_site_url(url).map(|url| {
+                let (scheme_host, path) = match url.split_once("://") {
+                    Some((scheme, rest)) => match rest.split_once('/') {
+                        Some((host, path)) => (format!("{scheme}://{host}"), path.to_owned()),
+                        None => (url.clone(), String::new()),
+                    },
+                    None => (url.clone(), String::new()),
+                };
+                format!("{}/{path}", scheme_host.to_ascii_lowercase())
+            })
+        };
+        let own = canonical(&self.site_url().await?)?;
+        if canonical(site_url)? == own {
+            return Err(Error::invalid(
+                "site_url",
+                format!(
+                    "{site_url} is this site's own address: a connection joins two sites"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn register_with_peer(
@@ -282,6 +311,13 @@ impl Agent {
                     request.protocol_version,
                     dbsync_protocol::SUPPORTED_VERSIONS
                 ),
+            ));
+        }
+        if self.refuse_own_url(&request.sender_url).await.is_err() {
+            return Err(PeerError::refused(
+                400,
+                "self_connection",
+                "a site cannot register a connection with itself",
             ));
         }
         let settings = self.store.settings().await?;
@@ -494,6 +530,7 @@ impl Agent {
         token: &str,
         actor: &Actor,
     ) -> Result<Connection> {
+        self.refuse_own_url(site_url).await?;
         let peer_token = Token::generate();
         let metadata = json!({ "registration": { "via": "manual", "at": self.now() } });
         let connection = self

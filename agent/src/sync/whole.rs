@@ -131,6 +131,7 @@ impl Agent {
                 Ok(summary)
             }
             Err(err) => {
+                super::pull::mark_if_denied(store, transfer.id, &err).await;
                 let _ = store.drop_stage(connection.id, &schema.name).await;
                 let _ = store
                     .fail_transfer(transfer.id, &err.to_string(), self.now())

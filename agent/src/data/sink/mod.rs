@@ -337,6 +337,7 @@ impl Store {
                     .await?;
                 }
                 self.prepare_postgres_types(schema).await?;
+                let collations = self.known_collations(schema).await?;
                 let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
                 let create = |generated: bool| -> Result<String> {
                     let mut definitions = Vec::new();
@@ -364,7 +365,14 @@ impl Store {
                                             .ok()
                                     })
                                     .map(|e| format!(" GENERATED ALWAYS AS ({e}) STORED"));
-                                identity.or(computed).unwrap_or_default()
+                                let collate = extras
+                                    .collations
+                                    .iter()
+                                    .find(|(c, name)| c == &column.name && collations.contains(name))
+                                    .map(|(_, name)| quote_ident(name).map(|n| format!(" COLLATE {n}")))
+                                    .transpose()?
+                                    .unwrap_or_default();
+                                format!("{collate}{}", identity.or(computed).unwrap_or_default())
                             }
                             _ => String::new(),
                         };

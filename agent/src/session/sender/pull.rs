@@ -346,6 +346,10 @@ impl Session<'_> {
                         },
                     )
                     .await?;
+                // Without a record limit nothing reserved these rows: count them now.
+                if !limited && fresh {
+                    store.count_records(connection.id, got).await?;
+                }
                 self.core.sent();
                 seq += 1;
                 sent += got;
