@@ -72,7 +72,13 @@ fn connection_lifecycle_with_json(site: &Site) {
         .run(&["--json", "connections", "show", "staging"], None)
         .json();
     assert_eq!(shown["connection"]["revoked_reason"], "replaced");
-    assert_eq!(shown["connection"]["suspended_reason"], "quarterly audit");
+    // Reactivation cleared the suspension from the connection; the audit trail keeps it.
+    assert_eq!(shown["connection"]["suspended_reason"], serde_json::Value::Null);
+    assert!(
+        shown["audit_events"].to_string().contains("quarterly audit"),
+        "{}",
+        shown["audit_events"]
+    );
     let actions: Vec<&str> = shown["audit_events"]
         .as_array()
         .unwrap()
@@ -347,7 +353,10 @@ fn receiver_token_handed_over_on_stdin(site: &Site) {
             Some(&format!("{fresh}\n")),
         )
         .json();
-    assert_eq!(set["token_prefix"], fresh[..set["token_prefix"].as_str().unwrap().len()]);
+    assert_eq!(
+        set["token_prefix"],
+        fresh[..set["token_prefix"].as_str().unwrap().len()]
+    );
     assert!(!set.to_string().contains(&fresh[10..]));
     let bad = site.run(
         &["connections", "set-token", "from-a", "--token-stdin"],
@@ -432,11 +441,19 @@ fn settings_and_transfers(site: &Site) {
     assert_eq!(missing.status, 1);
     assert!(missing.stderr.contains("transfer not found"));
     let cancel = site.run(
-        &["transfers", "cancel", "00000000-0000-0000-0000-000000000000"],
+        &[
+            "transfers",
+            "cancel",
+            "00000000-0000-0000-0000-000000000000",
+        ],
         None,
     );
     assert_eq!(cancel.status, 1);
-    assert!(cancel.stderr.contains("transfer not found"), "{}", cancel.stderr);
+    assert!(
+        cancel.stderr.contains("transfer not found"),
+        "{}",
+        cancel.stderr
+    );
 }
 
 fn human_output_is_a_table(site: &Site) {
@@ -644,7 +661,11 @@ fn schedules_are_set_listed_and_refused_on_senders(site: &Site) {
     for bad in ["0m", "30s", "90s"] {
         let refused = site.run(&["schedule", "set", "from-a", "--interval", bad], None);
         assert_eq!(refused.status, 1, "{bad}");
-        assert!(refused.stderr.contains("whole minutes"), "{}", refused.stderr);
+        assert!(
+            refused.stderr.contains("whole minutes"),
+            "{}",
+            refused.stderr
+        );
     }
     // Pages of transfers are 1 to 500 long.
     for bad in ["0", "501"] {

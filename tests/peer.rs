@@ -241,18 +241,27 @@ async fn a_site_cannot_connect_to_itself() {
         return;
     };
     let own = a.agent.site_url().await.unwrap();
-    for url in [own.clone(), format!("{}/", own.to_uppercase().replacen("HTTP", "http", 1))] {
+    for url in [
+        own.clone(),
+        format!("{}/", own.to_uppercase().replacen("HTTP", "http", 1)),
+    ] {
         let refused = a
             .agent
             .create_sender(new_sender("to-me", &url), None, &admin())
             .await;
         assert!(
-            matches!(&refused, Err(dbsync_agent::Error::Invalid { field: "site_url", .. })),
+            matches!(
+                &refused,
+                Err(dbsync_agent::Error::Invalid {
+                    field: "site_url",
+                    ..
+                })
+            ),
             "{url}: {refused:?}"
         );
         let by_hand = a
             .agent
-            .add_receiver_by_hand("from-me", &url, &Token::generate().expose().to_owned(), &admin())
+            .add_receiver_by_hand("from-me", &url, Token::generate().expose(), &admin())
             .await;
         assert!(by_hand.is_err(), "{url}");
     }

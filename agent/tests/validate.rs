@@ -249,7 +249,12 @@ async fn ip_whitelist_v4_and_v6(db: TestDb) {
     let seen: Vec<String> = events
         .iter()
         .filter(|e| e.action == "session.refused")
-        .map(|e| e.detail["client_ip"].as_str().unwrap_or_default().to_owned())
+        .map(|e| {
+            e.detail["client_ip"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     assert_eq!(seen.len(), 5, "{seen:?}");
     assert!(seen.contains(&"2001:db8:abce::1".to_owned()), "{seen:?}");

@@ -297,13 +297,7 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         Command::SetToken { connection, .. } => {
             let token = super::read_secret_line("token")?;
             let c = store
-                .set_receiver_token(
-                    &connection,
-                    &token,
-                    &ctx.agent.vault,
-                    &ctx.actor,
-                    ctx.now(),
-                )
+                .set_receiver_token(&connection, &token, &ctx.agent.vault, &ctx.actor, ctx.now())
                 .await?;
             if ctx.json {
                 return output::print_json(&c);

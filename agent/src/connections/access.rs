@@ -212,8 +212,7 @@ impl Validator {
             Some(AccessDenied::IpNotWhitelisted(client_ip))
         } else if !connection.within_allowed_hours(now) {
             Some(AccessDenied::OutsideAllowedHours)
-        } else if connection.download_password_hash.is_some()
-            && password.is_none_or(str::is_empty)
+        } else if connection.download_password_hash.is_some() && password.is_none_or(str::is_empty)
         {
             Some(AccessDenied::PasswordRequired)
         } else {

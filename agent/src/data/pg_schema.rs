@@ -647,12 +647,11 @@ impl Store {
             return Ok(Vec::new());
         }
         let wanted: Vec<String> = extras.collations.iter().map(|(_, c)| c.clone()).collect();
-        let known: Vec<String> = sqlx::query_scalar(
-            "SELECT collname::text FROM pg_collation WHERE collname = ANY($1)",
-        )
-        .bind(&wanted)
-        .fetch_all(pool)
-        .await?;
+        let known: Vec<String> =
+            sqlx::query_scalar("SELECT collname::text FROM pg_collation WHERE collname = ANY($1)")
+                .bind(&wanted)
+                .fetch_all(pool)
+                .await?;
         for (column, collation) in &extras.collations {
             if !known.contains(collation) {
                 tracing::warn!(table = %schema.name, %column, %collation, "collation not here; the column takes its type's default");

@@ -419,7 +419,10 @@ impl Agent {
             if since.elapsed() + wait > options.retry_for {
                 return Err(err);
             }
-            tracing::warn!(wait_ms = wait.as_millis() as u64, "over the sender's rate limit; waiting");
+            tracing::warn!(
+                wait_ms = wait.as_millis() as u64,
+                "over the sender's rate limit; waiting"
+            );
             tokio::time::sleep(wait).await;
             return Ok(());
         }

@@ -225,9 +225,7 @@ impl Agent {
         if canonical(site_url)? == own {
             return Err(Error::invalid(
                 "site_url",
-                format!(
-                    "{site_url} is this site's own address: a connection joins two sites"
-                ),
+                format!("{site_url} is this site's own address: a connection joins two sites"),
             ));
         }
         Ok(())

@@ -368,8 +368,12 @@ impl Store {
                                 let collate = extras
                                     .collations
                                     .iter()
-                                    .find(|(c, name)| c == &column.name && collations.contains(name))
-                                    .map(|(_, name)| quote_ident(name).map(|n| format!(" COLLATE {n}")))
+                                    .find(|(c, name)| {
+                                        c == &column.name && collations.contains(name)
+                                    })
+                                    .map(|(_, name)| {
+                                        quote_ident(name).map(|n| format!(" COLLATE {n}"))
+                                    })
                                     .transpose()?
                                     .unwrap_or_default();
                                 format!("{collate}{}", identity.or(computed).unwrap_or_default())
