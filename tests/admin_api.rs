@@ -10,6 +10,27 @@ use serde_json::{Value, json};
 
 use crate::support::agents::{Options, start};
 
+/// `/healthz` says the process answers; `/readyz` that its state database does too, and stops
+/// saying so when the database is gone. Neither needs a credential.
+#[tokio::test]
+async fn health_and_readiness() {
+    let Some(a) = start("admin_api::health", Options::default()).await else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("{}{path}", a.url)).send();
+    let health = get("/healthz").await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = get("/readyz").await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(ready.text().await.unwrap(), "ready");
+    a.agent.store.close().await;
+    let gone = get("/readyz").await.unwrap();
+    assert_eq!(gone.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(gone.text().await.unwrap().contains("state database"));
+    assert_eq!(get("/healthz").await.unwrap().status(), StatusCode::OK);
+}
+
 #[tokio::test]
 async fn admin_api_requires_a_live_admin_token() {
     let Some(a) = start("admin_api::auth", Options::default()).await else {

@@ -234,6 +234,16 @@ impl Store {
         Ok(self.applied_migrations().await? - before)
     }
 
+    /// Whether the state database answers (`SELECT 1`): what `/readyz` reports.
+    pub async fn ping(&self) -> Result<()> {
+        on_pool!(self, |pool| {
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(())
+    }
+
     async fn applied_migrations(&self) -> Result<usize> {
         let count: i64 = on_pool!(self, |pool| {
             sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
