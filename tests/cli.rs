@@ -73,9 +73,14 @@ fn connection_lifecycle_with_json(site: &Site) {
         .json();
     assert_eq!(shown["connection"]["revoked_reason"], "replaced");
     // Reactivation cleared the suspension from the connection; the audit trail keeps it.
-    assert_eq!(shown["connection"]["suspended_reason"], serde_json::Value::Null);
+    assert_eq!(
+        shown["connection"]["suspended_reason"],
+        serde_json::Value::Null
+    );
     assert!(
-        shown["audit_events"].to_string().contains("quarterly audit"),
+        shown["audit_events"]
+            .to_string()
+            .contains("quarterly audit"),
         "{}",
         shown["audit_events"]
     );

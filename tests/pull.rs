@@ -620,6 +620,16 @@ async fn a_wrong_token_or_a_suspended_connection_is_refused_over(transport: Tran
         matches!(&refused, Err(Error::Remote { code, .. }) if code == "invalid_token"),
         "{refused:?}"
     );
+    // Both refusals are counted by code in the sender's metrics.
+    let metrics = a.agent.metrics.render(&a.agent.store).await.unwrap();
+    for code in ["connection_not_active", "invalid_token"] {
+        assert!(
+            metrics.contains(&format!(
+                "dbsync_sessions_refused_total{{code=\"{code}\"}} 1"
+            )),
+            "{code} in {metrics}"
+        );
+    }
     a.stop().await;
     b.stop().await;
 }
@@ -790,4 +800,80 @@ async fn pulls_cross_engines_in_both_directions() {
         a.stop().await;
         b.stop().await;
     }
+}
+
+/// `/metrics` on both agents after a pull: the rows and bytes each side moved, the session the
+/// sender opened, transfers by status, pull durations; only with an admin token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_a_pull_moved() {
+    let Some((a, b, receiver)) = pair("pull::metrics", false, ConnectionSettings::default()).await
+    else {
+        return;
+    };
+    exec(&a, &schema_statements(300)).await;
+    let ws = PullOptions {
+        transport: TransportChoice::Ws,
+        ..Default::default()
+    };
+    b.agent.pull(&receiver, &ws, |_| {}).await.unwrap();
+    let client = reqwest::Client::new();
+    let scrape = |agent: &crate::support::agents::RunningAgent| {
+        let (url, store, now) = (
+            agent.url.clone(),
+            agent.agent.store.clone(),
+            agent.agent.now(),
+        );
+        let client = client.clone();
+        async move {
+            let (_, token) = store
+                .create_admin_token(&format!("scrape-{}", uuid::Uuid::new_v4()), &admin(), now)
+                .await
+                .unwrap();
+            let anonymous = client.get(format!("{url}/metrics")).send().await.unwrap();
+            assert_eq!(anonymous.status(), 401);
+            let response = client
+                .get(format!("{url}/metrics"))
+                .bearer_auth(token.expose())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    let on_a = scrape(&a).await;
+    let on_b = scrape(&b).await;
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{text}"))
+    };
+    assert_eq!(
+        value(&on_a, "dbsync_rows_sent_total{transport=\"ws\"}"),
+        600.0
+    );
+    assert!(
+        value(
+            &on_a,
+            "dbsync_bytes_sent_total{transport=\"ws\",kind=\"wire\"}"
+        ) > 0.0
+    );
+    assert!(value(&on_a, "dbsync_sessions_opened_total{transport=\"ws\"}") >= 1.0);
+    assert_eq!(value(&on_a, "dbsync_transfers{status=\"completed\"}"), 2.0);
+    assert_eq!(value(&on_a, "dbsync_approvals_waiting"), 0.0);
+    assert_eq!(
+        value(&on_b, "dbsync_rows_received_total{transport=\"ws\"}"),
+        600.0
+    );
+    assert!(
+        value(
+            &on_b,
+            "dbsync_table_pull_seconds_count{status=\"completed\"}"
+        ) >= 2.0
+    );
+    assert!(on_a.contains("dbsync_state_pool_connections"));
+    a.stop().await;
+    b.stop().await;
 }

@@ -60,6 +60,26 @@ pub(crate) fn routes(state: AppState) -> Router<AppState> {
     Router::new().nest(PREFIX, api)
 }
 
+/// `GET /metrics`: the agent's Prometheus metrics, behind an admin token like the admin API
+/// (scrape with `authorization: { credentials: <token> }`).
+pub(crate) fn metrics_routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state, authenticate))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let text = state.agent.metrics.render(&state.agent.store).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let Some(presented) = bearer(request.headers()) else {
         return ApiError::unauthorized("an admin bearer token is required").into_response();

@@ -119,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .merge(peer_api::routes(state.clone()))
         .route("/db-sync/ws", axum::routing::get(session::upgrade))
         .merge(admin_api::routes(state.clone()))
+        .merge(admin_api::metrics_routes(state.clone()))
         .merge(pages::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

@@ -28,6 +28,8 @@ pub struct Agent {
     pub validator: Validator,
     /// Outbound calls to peers.
     pub peers: PeerClient,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics: crate::metrics::Metrics,
     /// The site's QUIC certificate, loaded (or created) on first use.
     quic_identity: std::sync::OnceLock<Arc<crate::quic::Identity>>,
 }
@@ -52,6 +54,7 @@ impl Agent {
             vault,
             validator,
             peers,
+            metrics: crate::metrics::Metrics::new(),
             quic_identity: std::sync::OnceLock::new(),
         })
     }

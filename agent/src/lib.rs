@@ -79,6 +79,7 @@ pub mod config;
 pub mod connections;
 pub mod data;
 mod error;
+pub mod metrics;
 pub mod secrets;
 pub mod session;
 pub mod store;

@@ -234,6 +234,24 @@ impl Store {
         Ok(self.applied_migrations().await? - before)
     }
 
+    /// Transfers in the history by status (status, count).
+    pub async fn transfer_status_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query_as("SELECT status, COUNT(*) FROM dbsync_transfers GROUP BY status")
+                .fetch_all(pool)
+                .await?
+        }))
+    }
+
+    /// The state database pool's connections: (open, idle).
+    pub fn pool_usage(&self) -> (u32, u32) {
+        let idle = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        match &self.pool {
+            Pool::Postgres(pool) => (pool.size(), idle(pool.num_idle())),
+            Pool::Sqlite(pool) => (pool.size(), idle(pool.num_idle())),
+        }
+    }
+
     /// Whether the state database answers (`SELECT 1`): what `/readyz` reports.
     pub async fn ping(&self) -> Result<()> {
         on_pool!(self, |pool| {

@@ -737,6 +737,7 @@ impl Agent {
         } else {
             None
         };
+        let table_started = Instant::now();
         let (created_table, columns) =
             prepare_table(store, connection.id, schema, &columns, options).await?;
         // Resume an interrupted pull of this table, or start from the beginning.
@@ -933,6 +934,8 @@ impl Agent {
             }
             other => other,
         };
+        self.metrics
+            .table_pulled(outcome.is_ok(), table_started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => {
                 store.complete_transfer(transfer.id, self.now()).await?;

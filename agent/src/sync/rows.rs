@@ -95,6 +95,11 @@ impl Agent {
                                         batches: 1,
                                     }))
                                     .await?;
+                                self.metrics.batch_received(
+                                    client.transport.as_str(),
+                                    u64::try_from(done.rows).unwrap_or(0),
+                                    done.wire as u64,
+                                );
                                 done.record(applied, after, summary, schema, on_event);
                             }
                             received = client.recv_rows(), if in_flight.len() < most_in_flight => {
@@ -275,6 +280,11 @@ impl Agent {
         // again).
         while let Some(finished) = in_flight.next().await {
             if let Ok((done, applied)) = finished {
+                self.metrics.batch_received(
+                    client.transport.as_str(),
+                    u64::try_from(done.rows).unwrap_or(0),
+                    done.wire as u64,
+                );
                 done.record(applied, after, summary, schema, on_event);
             }
         }

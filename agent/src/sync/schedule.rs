@@ -316,6 +316,7 @@ impl Agent {
         self.store
             .finish_schedule(connection.id, owner, &run)
             .await?;
+        self.metrics.scheduler_ran(error.is_none());
         match &error {
             None => tracing::info!(connection = %connection.name, rows, "scheduled sync completed"),
             Some(err) => {

@@ -31,6 +31,7 @@ impl Agent {
             ..
         } = *job;
         let store = &self.store;
+        let started = std::time::Instant::now();
         let columns = pulled_columns(schema, options);
         let (created_table, columns) =
             prepare_table(store, connection.id, schema, &columns, options).await?;
@@ -115,6 +116,8 @@ impl Agent {
         // The batches moved the table's checkpoint as they went into the stage: a whole pull
         // has nothing to resume from.
         let _ = store.clear_checkpoint(connection.id, &schema.name).await;
+        self.metrics
+            .table_pulled(outcome.is_ok(), started.elapsed().as_secs_f64());
         match outcome {
             Ok(swapped) => {
                 summary.created = swapped.inserted;

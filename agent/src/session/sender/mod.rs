@@ -189,7 +189,10 @@ impl Session<'_> {
     /// Answers an access check's refusal with its code.
     async fn denied(&mut self, denied: AccessDenied) -> SessionResult<()> {
         let retry = match &denied {
-            AccessDenied::RateLimited { retry_after } => Some(*retry_after),
+            AccessDenied::RateLimited { retry_after } => {
+                self.agent.metrics.rate_limited();
+                Some(*retry_after)
+            }
             _ => None,
         };
         let message = match &denied {
@@ -231,6 +234,7 @@ impl Session<'_> {
             unreachable!("the core lets only Hello through first");
         };
         let Some(version) = dbsync_protocol::negotiate(&hello.versions) else {
+            self.agent.metrics.session_refused(Code::UnsupportedVersion);
             self.refuse(
                 Code::UnsupportedVersion,
                 format!(
@@ -257,10 +261,12 @@ impl Session<'_> {
             Ok(connection) => connection,
             Err(denied) => {
                 let code = denied.wire_code();
+                self.agent.metrics.session_refused(code);
                 self.denied(denied).await?;
                 return Err(SessionEnd::Ended(code));
             }
         };
+        self.agent.metrics.session_opened(self.transport.as_str());
         if self.user_agent.is_none() {
             self.user_agent = Some(hello.client_name.chars().take(200).collect());
         }

@@ -319,7 +319,15 @@ impl Session<'_> {
                     .send_row_batch_in_place(&batch, &mut page.columns, page.room)
                     .await;
                 let (wire, raw) = match sent_batch {
-                    Ok(sizes) => sizes,
+                    Ok(sizes) => {
+                        self.agent.metrics.batch_sent(
+                            self.transport.as_str(),
+                            page.rows as u64,
+                            sizes.0 as u64,
+                            sizes.1 as u64,
+                        );
+                        sizes
+                    }
                     Err(err) => {
                         // Never handed to the link: these rows did not leave.
                         if reserved > 0 {
