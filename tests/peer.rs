@@ -234,6 +234,63 @@ async fn deny_all_refuses_and_stores_nothing() {
     b.stop().await;
 }
 
+/// Expiry and deletion reach the peer like the other status changes: an expired sender
+/// connection's receiver becomes expired at the next push round; a deleted one's is revoked,
+/// with a reason saying so.
+#[tokio::test]
+async fn expiry_and_deletion_are_told_to_the_peer() {
+    let Some((a, b)) = pair("peer::expiry", IncomingMode::AutoAccept, None).await else {
+        return;
+    };
+    a.agent
+        .create_sender(new_sender("to-b", &b.url), None, &admin())
+        .await
+        .unwrap();
+    assert_eq!(
+        receiver_for(&b, &a).await.unwrap().status,
+        ConnectionStatus::Active
+    );
+    a.agent
+        .store
+        .expire_connection("to-b", &Actor::system(), a.agent.now())
+        .await
+        .unwrap();
+    assert_eq!(a.agent.retry_pending_pushes().await.unwrap(), 1);
+    assert_eq!(
+        receiver_for(&b, &a).await.unwrap().status,
+        ConnectionStatus::Expired
+    );
+    assert_eq!(
+        sender(&a, "to-b").await.metadata["peer_push"]["state"],
+        "delivered"
+    );
+    a.stop().await;
+    b.stop().await;
+
+    let Some((a, b)) = pair("peer::deletion", IncomingMode::AutoAccept, None).await else {
+        return;
+    };
+    a.agent
+        .create_sender(new_sender("to-b", &b.url), None, &admin())
+        .await
+        .unwrap();
+    let (deleted, push) = a.agent.delete_connection("to-b", &admin()).await.unwrap();
+    assert_eq!(deleted.name, "to-b");
+    assert_eq!(push.state, "delivered", "{push:?}");
+    let on_b = receiver_for(&b, &a).await.unwrap();
+    assert_eq!(on_b.status, ConnectionStatus::Revoked);
+    assert!(
+        on_b.revoked_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("deleted")),
+        "{:?}",
+        on_b.revoked_reason
+    );
+    assert!(a.agent.store.get_connection("to-b").await.is_err());
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A connection to this site's own address is refused on both paths, and nothing is stored.
 #[tokio::test]
 async fn a_site_cannot_connect_to_itself() {

@@ -286,13 +286,9 @@ async fn delete_connection(
     Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let deleted = state
-        .agent
-        .store
-        .delete_connection(&id, &actor, state.agent.now())
-        .await?;
+    let (deleted, push) = state.agent.delete_connection(&id, &actor).await?;
     state.agent.validator.forget(deleted.id);
-    Ok(Json(json!({ "deleted": deleted })))
+    Ok(Json(json!({ "deleted": deleted, "peer_push": push })))
 }
 
 #[derive(Debug, Default, Deserialize)]

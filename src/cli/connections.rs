@@ -270,16 +270,21 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 yes,
                 "deleting {connection:?} cannot be undone; pass --yes to confirm"
             );
-            let c = store
-                .delete_connection(&connection, &ctx.actor, ctx.now())
-                .await?;
+            let (c, push) = ctx.agent.delete_connection(&connection, &ctx.actor).await?;
             if ctx.json {
-                return output::print_json(&serde_json::json!({ "deleted": c }));
+                return output::print_json(&serde_json::json!({ "deleted": c, "peer_push": push }));
             }
             println!(
                 "Deleted {} connection {:?} ({}). Its transfers stay in the history.",
                 c.direction, c.name, c.id
             );
+            if push.state != "delivered" {
+                println!(
+                    "The peer was not told ({}): {}",
+                    push.state,
+                    push.error.as_deref().unwrap_or("")
+                );
+            }
             Ok(())
         }
         Command::RegenerateToken { connection } => {

@@ -458,13 +458,8 @@ pub(crate) async fn act(
                     .flash(&viewer, true, "Tick the box to confirm the deletion.");
                 return Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response();
             }
-            return match state
-                .agent
-                .store
-                .delete_connection(&id, &viewer.actor, state.agent.now())
-                .await
-            {
-                Ok(deleted) => {
+            return match state.agent.delete_connection(&id, &viewer.actor).await {
+                Ok((deleted, _)) => {
                     state.agent.validator.forget(deleted.id);
                     flash(
                         &state,

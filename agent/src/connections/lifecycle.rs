@@ -67,8 +67,22 @@ impl Store {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Connection> {
-        self.transition(id_or_name, Transition::Expire, None, actor, now)
-            .await
+        let expired = self
+            .transition(id_or_name, Transition::Expire, None, actor, now)
+            .await?;
+        // The peer is told like any status change: `dbsync serve` delivers the push at its next
+        // round (`Agent::retry_pending_pushes`), wherever the expiry happened (a sweep, or a
+        // session finding the connection past its date).
+        let push = serde_json::json!({ "peer_push": {
+            "state": "pending",
+            "status": "expired",
+            "reason": "expired",
+            "remote_status": null,
+            "error": null,
+            "attempts": 0,
+            "next_attempt_at": crate::clock::to_micros(now).to_rfc3339(),
+        }});
+        self.merge_connection_metadata(expired.id, push).await
     }
 
     async fn transition(

@@ -470,6 +470,10 @@ impl Agent {
                     .revoke_connection(&id, &reason, &actor, now)
                     .await,
             ),
+            (
+                ConnectionStatus::Expired,
+                ConnectionStatus::Pending | ConnectionStatus::Active | ConnectionStatus::Suspended,
+            ) => Some(self.store.expire_connection(&id, &actor, now).await),
             _ => None,
         };
         let status = match step {
@@ -610,6 +614,39 @@ impl Agent {
             .get_connection(&connection.id.to_string())
             .await?;
         Ok((connection, push))
+    }
+
+    /// Deletes a connection (its transfers stay in the history) after telling the peer, once,
+    /// that it is revoked (there is nothing left to retry from once the row is gone). Returns
+    /// the deleted connection and how the telling went.
+    pub async fn delete_connection(
+        &self,
+        id_or_name: &str,
+        actor: &Actor,
+    ) -> Result<(Connection, PushOutcome)> {
+        let connection = self.store.get_connection(id_or_name).await?;
+        let push = if connection.status == ConnectionStatus::Revoked {
+            // Revoked before: the peer was told then.
+            PushOutcome {
+                state: "delivered".into(),
+                status: connection.status.to_string(),
+                reason: None,
+                remote_status: None,
+                error: None,
+                attempts: 0,
+                next_attempt_at: None,
+            }
+        } else {
+            let mut told = connection.clone();
+            told.status = ConnectionStatus::Revoked;
+            let reason = format!("connection deleted on {}", self.site_url().await?);
+            self.push_status(&told, Some(reason), 0).await?
+        };
+        let deleted = self
+            .store
+            .delete_connection(&connection.id.to_string(), actor, self.now())
+            .await?;
+        Ok((deleted, push))
     }
 
     /// Tells the peer this side's current status of `connection`.
