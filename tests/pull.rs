@@ -877,3 +877,64 @@ async fn metrics_count_what_a_pull_moved() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A receiver keeps the sender's download password (encrypted, never shown), so a pull (or a
+/// scheduled run) that gives none still gets in; forgetting it brings back `password_required`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_download_password_opens_pulls_that_give_none() {
+    let settings = ConnectionSettings {
+        download_password: Some(dbsync_agent::config::Secret::new("open-sesame".into())),
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("pull::stored_password", false, settings).await else {
+        return;
+    };
+    exec(&a, &schema_statements(5)).await;
+    let refused = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Remote { code, .. }) if code == "password_required"),
+        "{refused:?}"
+    );
+    let stored = b
+        .agent
+        .store
+        .set_receiver_password(
+            &receiver,
+            Some("open-sesame"),
+            &b.agent.vault,
+            &admin(),
+            b.agent.now(),
+        )
+        .await
+        .unwrap();
+    let shown = serde_json::to_string(&stored).unwrap();
+    assert!(
+        shown.contains("\"download_password_stored\":true"),
+        "{shown}"
+    );
+    assert!(!shown.contains("open-sesame"));
+    let pulled = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(pulled.tables.len(), 2);
+    b.agent
+        .store
+        .set_receiver_password(&receiver, None, &b.agent.vault, &admin(), b.agent.now())
+        .await
+        .unwrap();
+    let again = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await;
+    assert!(
+        matches!(&again, Err(Error::Remote { code, .. }) if code == "password_required"),
+        "{again:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}

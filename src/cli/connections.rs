@@ -73,6 +73,18 @@ pub(crate) enum Command {
     },
     /// Store a receiver connection from a token the sending site handed over
     AddReceiver(AddReceiverArgs),
+    /// Keep (or with --clear forget) the sending site's download password on a receiver
+    /// connection, encrypted like its token, for pulls and schedules that give none
+    SetPassword {
+        /// Receiver connection id or name
+        connection: String,
+        /// Read the password from stdin
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        password_stdin: bool,
+        /// Forget the stored password
+        #[arg(long)]
+        clear: bool,
+    },
     /// Replace the token of a receiver connection (the sender regenerated it and handed the new
     /// one over), read from stdin
     SetToken {
@@ -298,6 +310,36 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                 None,
             )
             .await
+        }
+        Command::SetPassword {
+            connection, clear, ..
+        } => {
+            let password = if clear {
+                None
+            } else {
+                Some(super::read_secret_line("download password")?)
+            };
+            let c = store
+                .set_receiver_password(
+                    &connection,
+                    password.as_deref(),
+                    &ctx.agent.vault,
+                    &ctx.actor,
+                    ctx.now(),
+                )
+                .await?;
+            if ctx.json {
+                return output::print_json(&c);
+            }
+            if clear {
+                println!("Forgot the download password of {:?}.", c.name);
+            } else {
+                println!(
+                    "Stored the download password of {:?} (encrypted); pulls that give none use it.",
+                    c.name
+                );
+            }
+            Ok(())
         }
         Command::SetToken { connection, .. } => {
             let token = super::read_secret_line("token")?;

@@ -104,6 +104,11 @@ pub struct Connection {
     /// The receiver's copy of the token, encrypted. Serialized only as "is it stored".
     #[serde(rename = "token_stored", serialize_with = "is_set")]
     pub token_ciphertext: Option<Vec<u8>>,
+    /// The receiver's copy of the sender's download password, encrypted (pulls without a
+    /// password given use it). Serialized only as "is it stored".
+    #[serde(rename = "download_password_stored", serialize_with = "is_set")]
+    #[sqlx(default)]
+    pub download_password_ciphertext: Option<Vec<u8>>,
     /// Approval mode for table transfers.
     #[sqlx(try_from = "String")]
     pub approval_mode: ApprovalMode,
@@ -188,6 +193,12 @@ pub struct Connection {
     /// Free-form facts (registration outcome, peer notifications).
     #[sqlx(json)]
     pub metadata: serde_json::Value,
+}
+
+/// What a stored download password is bound to: not the connection's id itself (its token's
+/// binding), so neither ciphertext opens in the other's place.
+fn password_binding(connection_id: Uuid) -> Uuid {
+    Uuid::new_v5(&connection_id, b"dbsync download password")
 }
 
 fn is_set<T, S: serde::Serializer>(value: &Option<T>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -558,6 +569,74 @@ impl Store {
             updated
         });
         Ok(updated)
+    }
+
+    /// Stores (or with `None` forgets) the sender's download password on a receiver
+    /// connection, encrypted under a key bound to the connection and to this use; audited
+    /// without the password.
+    pub async fn set_receiver_password(
+        &self,
+        id_or_name: &str,
+        password: Option<&str>,
+        vault: &Vault,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Connection> {
+        let connection = self.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection: its download password is set with `connections \
+                     update --download-password-stdin`",
+                    connection.name
+                ),
+            ));
+        }
+        let sealed = match password {
+            Some("") => return Err(Error::invalid("password", "an empty password")),
+            Some(password) => Some(vault.seal(password_binding(connection.id), password)?),
+            None => None,
+        };
+        let now = to_micros(now);
+        let stored = sealed.is_some();
+        Ok(on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated: Connection = sqlx::query_as(
+                "UPDATE dbsync_connections SET download_password_ciphertext = $2, updated_at = $3 \
+                 WHERE id = $1 RETURNING *",
+            )
+            .bind(connection.id)
+            .bind(&sealed)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            audit::insert!(
+                &mut *tx,
+                audit::NewEvent::connection(actor, "connection.password_set", connection.id, now)
+                    .detail(serde_json::json!({ "stored": stored })),
+            )
+            .await?;
+            tx.commit().await?;
+            updated
+        }))
+    }
+
+    /// The sender's download password a receiver connection keeps, decrypted, if any.
+    pub fn receiver_password(
+        &self,
+        connection: &Connection,
+        vault: &Vault,
+    ) -> Result<Option<dbsync_protocol::Secret>> {
+        connection
+            .download_password_ciphertext
+            .as_deref()
+            .map(|sealed| {
+                vault
+                    .open(password_binding(connection.id), sealed)
+                    .map(dbsync_protocol::Secret::new)
+            })
+            .transpose()
     }
 
     /// The token a receiver connection holds, decrypted.

@@ -386,9 +386,14 @@ impl Agent {
         failing_since: &mut Option<Instant>,
         attempts: &mut u32,
     ) -> Result<(Client, u64)> {
+        // The password given, else the one this site keeps for the connection.
+        let password = match &options.password {
+            Some(given) => Some(given.clone()),
+            None => self.store.receiver_password(connection, &self.vault)?,
+        };
         loop {
             match self
-                .open_session(connection, options.password.as_ref(), options.transport)
+                .open_session(connection, password.as_ref(), options.transport)
                 .await
             {
                 Ok(opened) => return Ok(opened),
