@@ -938,3 +938,75 @@ async fn a_stored_download_password_opens_pulls_that_give_none() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `replace` of a table with a key that other tables reference with `ON DELETE CASCADE`: only the
+/// rows the sender no longer has go (and their dependents with them); the rows it still has are
+/// updated in place, so the rows that reference them stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_keeps_what_references_the_rows_that_stay() {
+    for postgres in [false, true] {
+        let Some((a, b, receiver)) = pair(
+            &format!("pull::replace_cascade_{postgres}"),
+            postgres,
+            ConnectionSettings::default(),
+        )
+        .await
+        else {
+            continue;
+        };
+        let schema = [
+            "CREATE TABLE teams (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+            "CREATE TABLE members (id INTEGER PRIMARY KEY, \
+             team_id INTEGER NOT NULL REFERENCES teams (id) ON DELETE CASCADE)",
+            "INSERT INTO teams VALUES (1, 'one'), (2, 'two')",
+            "INSERT INTO members VALUES (10, 1), (11, 1), (20, 2)",
+        ]
+        .map(String::from);
+        exec(&a, &schema).await;
+        b.agent
+            .pull(&receiver, &PullOptions::default(), |_| {})
+            .await
+            .unwrap();
+        exec(
+            &a,
+            &[
+                "DELETE FROM members WHERE team_id = 2".to_owned(),
+                "DELETE FROM teams WHERE id = 2".to_owned(),
+                "UPDATE teams SET name = 'uno' WHERE id = 1".to_owned(),
+            ],
+        )
+        .await;
+        let replaced = b
+            .agent
+            .pull(
+                &receiver,
+                &PullOptions {
+                    tables: Some(vec!["teams".into()]),
+                    strategy: Some(dbsync_agent::connection::ConflictStrategy::Replace),
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .await
+            .unwrap();
+        assert_eq!(replaced.tables[0].deleted, 1, "{postgres}");
+        assert_eq!(
+            rows(&b.agent.store, "teams").await,
+            rows(&a.agent.store, "teams").await
+        );
+        let members: Vec<i64> = rows(&b.agent.store, "members")
+            .await
+            .iter()
+            .map(|r| match r[0] {
+                Value::Int(id) => id,
+                ref other => panic!("{other:?}"),
+            })
+            .collect();
+        // Team 1's members stay. On PostgreSQL the copy has the sender's foreign key, so team
+        // 2's member went with its team; a SQLite copy is made without foreign keys.
+        let expected: &[i64] = if postgres { &[10, 11] } else { &[10, 11, 20] };
+        assert_eq!(members, expected, "{postgres}");
+        a.stop().await;
+        b.stop().await;
+    }
+}

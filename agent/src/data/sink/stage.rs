@@ -19,7 +19,7 @@ pub fn stage_table(connection_id: Uuid, table: &str) -> String {
 pub struct Swapped {
     /// Rows the table had and no longer has (`replace`).
     pub deleted: i64,
-    /// Rows the stage put in.
+    /// Rows the stage put in (for a table with a key under `replace`: inserted or updated).
     pub inserted: i64,
 }
 
@@ -66,9 +66,11 @@ impl Store {
         Ok(name)
     }
 
-    /// Moves the stage of `schema.name` into it, in one transaction: with `replace`, the rows
-    /// here go first (unless they are the staged rows already: then nothing is written); then
-    /// every staged row goes in, and the stage is dropped.
+    /// Moves the stage of `schema.name` into it, in one transaction, and drops the stage. With
+    /// `replace` the table ends as the stage: unless it already is (then nothing is written), a
+    /// table without a key has its rows replaced, and one with a key loses the rows whose key
+    /// the stage lacks and takes the staged rows over its own. Without (`append`), the staged
+    /// rows are added.
     pub async fn swap_stage(
         &self,
         connection_id: Uuid,
@@ -110,8 +112,51 @@ impl Store {
                 return Ok(Swapped::default());
             }
         }
-        let delete = format!("DELETE FROM {table}");
-        let insert = format!("INSERT INTO {table} ({list}){overriding} SELECT {list} FROM {stage}");
+        // A table with a key is replaced row by row: the rows the sender no longer has go, the
+        // others are updated in place. Deleting them all first would fire `ON DELETE CASCADE`
+        // on other tables' rows that reference rows the sender still has.
+        let keyed = replace && !schema.primary_key.is_empty();
+        let (delete, insert) = if keyed {
+            let table_ref = crate::catalog::table_ref(self.engine(), &schema.name)?;
+            let keys: Vec<String> = schema
+                .primary_key
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Result<_>>()?;
+            let matches: Vec<String> = keys
+                .iter()
+                .map(|k| format!("s.{k} = {table_ref}.{k}"))
+                .collect();
+            let updates: Vec<String> = columns
+                .iter()
+                .filter(|c| !schema.primary_key.contains(c))
+                .map(|c| quote_ident(c).map(|q| format!("{q} = excluded.{q}")))
+                .collect::<Result<_>>()?;
+            let conflict = if updates.is_empty() {
+                format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+            } else {
+                format!(
+                    " ON CONFLICT ({}) DO UPDATE SET {}",
+                    keys.join(", "),
+                    updates.join(", ")
+                )
+            };
+            (
+                format!(
+                    "DELETE FROM {table} WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {})",
+                    matches.join(" AND ")
+                ),
+                // `WHERE true`: SQLite reads `ON CONFLICT` after a bare `FROM` as a join's.
+                format!(
+                    "INSERT INTO {table} ({list}){overriding} SELECT {list} FROM {stage} WHERE true{conflict}"
+                ),
+            )
+        } else {
+            (
+                format!("DELETE FROM {table}"),
+                format!("INSERT INTO {table} ({list}){overriding} SELECT {list} FROM {stage}"),
+            )
+        };
         let drop = format!("DROP TABLE {stage}");
         let mut swapped = Swapped::default();
         crate::store::on_pool!(self, |pool| {
@@ -119,7 +164,8 @@ impl Store {
             if replace {
                 swapped.deleted = sqlx::query(sqlx::AssertSqlSafe(delete))
                     .execute(&mut *tx)
-                    .await?
+                    .await
+                    .map_err(|err| refused_rows(&schema.name, err))?
                     .rows_affected() as i64;
             }
             swapped.inserted = sqlx::query(sqlx::AssertSqlSafe(insert))
