@@ -524,6 +524,18 @@ impl Store {
         Ok(connection)
     }
 
+    /// The receiver connection `id_or_name`; a sender connection is refused, saying `instead`.
+    async fn receiver_connection(&self, id_or_name: &str, instead: &str) -> Result<Connection> {
+        let connection = self.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!("{} is a sender connection: {instead}", connection.name),
+            ));
+        }
+        Ok(connection)
+    }
+
     /// Replaces the token a receiver connection holds (the sender regenerated it and handed
     /// the new one over by hand), encrypted like the first; audited without the token.
     pub async fn set_receiver_token(
@@ -534,16 +546,9 @@ impl Store {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Connection> {
-        let connection = self.get_connection(id_or_name).await?;
-        if connection.direction != Direction::Receiver {
-            return Err(Error::invalid(
-                "connection",
-                format!(
-                    "{} is a sender connection: its token is made here (regenerate-token)",
-                    connection.name
-                ),
-            ));
-        }
+        let connection = self
+            .receiver_connection(id_or_name, "its token is made here (regenerate-token)")
+            .await?;
         let token = Token::parse(token).map_err(|err| Error::invalid("token", err.to_string()))?;
         let sealed = vault.seal(connection.id, token.expose())?;
         let now = to_micros(now);
@@ -582,17 +587,12 @@ impl Store {
         actor: &Actor,
         now: DateTime<Utc>,
     ) -> Result<Connection> {
-        let connection = self.get_connection(id_or_name).await?;
-        if connection.direction != Direction::Receiver {
-            return Err(Error::invalid(
-                "connection",
-                format!(
-                    "{} is a sender connection: its download password is set with `connections \
-                     update --download-password-stdin`",
-                    connection.name
-                ),
-            ));
-        }
+        let connection = self
+            .receiver_connection(
+                id_or_name,
+                "its download password is set with `connections update --download-password-stdin`",
+            )
+            .await?;
         let sealed = match password {
             Some("") => return Err(Error::invalid("password", "an empty password")),
             Some(password) => Some(vault.seal(password_binding(connection.id), password)?),

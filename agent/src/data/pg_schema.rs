@@ -942,6 +942,13 @@ pub fn foreign_key_sql(table: &str, key: &ForeignKeyDef) -> Result<String> {
     ))
 }
 
+/// Reports a part of a table's schema that was not made here: logged, and kept for the pull's
+/// warnings.
+fn not_made(skipped: &mut Vec<String>, what: String, why: &str) {
+    tracing::warn!(part = %what, %why, "schema part not made");
+    skipped.push(format!("{what}: {why}"));
+}
+
 /// Whether `table` here has a constraint, or its schema a relation (an index), named `name`.
 async fn has_relation_or_constraint(pool: &sqlx::PgPool, table: &str, name: &str) -> Result<bool> {
     Ok(sqlx::query_scalar(
@@ -997,11 +1004,14 @@ impl Store {
                 Err(refusal) => Err(format!("it holds {refusal}")),
             };
             if let Err(why) = made {
-                tracing::warn!(table = %schema.name, column = %default.column, %why, "column default not set");
-                skipped.push(format!(
-                    "default of {}.{} ({}): {why}",
-                    schema.name, default.column, default.expression
-                ));
+                not_made(
+                    &mut skipped,
+                    format!(
+                        "default of {}.{} ({})",
+                        schema.name, default.column, default.expression
+                    ),
+                    &why,
+                );
             }
         }
         for generated in &extras.generated {
@@ -1033,11 +1043,14 @@ impl Store {
                 Err(refusal) => Err(format!("it holds {refusal}")),
             };
             if let Err(why) = made {
-                tracing::warn!(table = %schema.name, constraint = %check.name, %why, "check constraint not made");
-                skipped.push(format!(
-                    "check constraint {} of {} ({}): {why}",
-                    check.name, schema.name, check.expression
-                ));
+                not_made(
+                    &mut skipped,
+                    format!(
+                        "check constraint {} of {} ({})",
+                        check.name, schema.name, check.expression
+                    ),
+                    &why,
+                );
             }
         }
         for index in &extras.indexes {
@@ -1049,8 +1062,11 @@ impl Store {
                 Err(err) => Err(err.to_string()),
             };
             if let Err(why) = made {
-                tracing::warn!(table = %schema.name, index = %index.name, %why, "index not created");
-                skipped.push(format!("index {} of {}: {why}", index.name, schema.name));
+                not_made(
+                    &mut skipped,
+                    format!("index {} of {}", index.name, schema.name),
+                    &why,
+                );
             }
         }
         for comment in &extras.comments {

@@ -706,6 +706,37 @@ impl Agent {
         })
     }
 
+    /// A receive transfer of `table` under `strategy`, created and started (the record both a
+    /// keyed and a whole-table pull run under).
+    pub(super) async fn start_receive_transfer(
+        &self,
+        connection: &Connection,
+        table: &str,
+        strategy: ConflictStrategy,
+        transport: crate::transfer::Transport,
+    ) -> Result<crate::transfer::Transfer> {
+        let transfer = self
+            .store
+            .create_transfer(
+                NewTransfer {
+                    connection_id: connection.id,
+                    direction: TransferDirection::Receive,
+                    table_name: table.to_owned(),
+                    requires_approval: false,
+                    records_requested: 0,
+                    conflict_strategy: strategy,
+                    transport: Some(transport),
+                    requester_ip: None,
+                    requester_user_agent: None,
+                },
+                self.config.approval_ttl(),
+                &Actor::system(),
+                self.now(),
+            )
+            .await?;
+        self.store.start_transfer(transfer.id, self.now()).await
+    }
+
     async fn pull_table(
         &self,
         client: &mut Client,
@@ -802,25 +833,9 @@ impl Agent {
                 unfinished_remote_transfer(store, connection.id, &schema.name).await?;
             resumed = remote_transfer.is_some();
         }
-        let transfer = store
-            .create_transfer(
-                NewTransfer {
-                    connection_id: connection.id,
-                    direction: TransferDirection::Receive,
-                    table_name: schema.name.clone(),
-                    requires_approval: false,
-                    records_requested: 0,
-                    conflict_strategy: strategy,
-                    transport: Some(client.transport),
-                    requester_ip: None,
-                    requester_user_agent: None,
-                },
-                self.config.approval_ttl(),
-                &Actor::system(),
-                self.now(),
-            )
+        let transfer = self
+            .start_receive_transfer(connection, &schema.name, strategy, client.transport)
             .await?;
-        store.start_transfer(transfer.id, self.now()).await?;
         // What a later run needs to resume this one: the filter, and the sender's transfer.
         let mut facts = serde_json::Map::new();
         if let Some(text) = &options.where_key {

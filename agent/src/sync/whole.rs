@@ -8,12 +8,10 @@ use super::pull::{
     unfinished_remote_transfer,
 };
 use crate::agent::Agent;
-use crate::audit::Actor;
 use crate::connection::ConflictStrategy;
 use crate::error::{Error, Result};
 use crate::pull::PullEvent;
 use crate::session::receiver::Client;
-use crate::transfer::{NewTransfer, TransferDirection};
 
 impl Agent {
     /// Pulls `job.schema` whole under `strategy` (`append` or `replace`).
@@ -40,25 +38,9 @@ impl Agent {
         let stage = store.open_stage(connection.id, schema, &columns).await?;
         let remote_transfer =
             unfinished_remote_transfer(store, connection.id, &schema.name).await?;
-        let transfer = store
-            .create_transfer(
-                NewTransfer {
-                    connection_id: connection.id,
-                    direction: TransferDirection::Receive,
-                    table_name: schema.name.clone(),
-                    requires_approval: false,
-                    records_requested: 0,
-                    conflict_strategy: strategy,
-                    transport: Some(client.transport),
-                    requester_ip: None,
-                    requester_user_agent: None,
-                },
-                self.config.approval_ttl(),
-                &Actor::system(),
-                self.now(),
-            )
+        let transfer = self
+            .start_receive_transfer(connection, &schema.name, strategy, client.transport)
             .await?;
-        store.start_transfer(transfer.id, self.now()).await?;
         let mut facts = serde_json::json!({ "whole": true });
         if !options.exclude_columns.is_empty() {
             facts["exclude_columns"] = serde_json::json!(options.exclude_columns);
