@@ -856,3 +856,189 @@ async fn redirects_are_not_followed() {
     redirector.abort();
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_regenerated_token_reaches_the_receiver() {
+    let Some(mut b) = start(
+        "peer::rotate",
+        Options {
+            postgres: true,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let Some(a) = start(
+        "peer::rotate",
+        Options {
+            push_retry_secs: 1,
+            ..Options::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    b.agent
+        .store
+        .set_incoming(IncomingMode::AutoAccept, None, &admin(), b.agent.now())
+        .await
+        .unwrap();
+    let first = a
+        .agent
+        .create_sender(new_sender("to-b", &b.url), None, &admin())
+        .await
+        .unwrap()
+        .token;
+    let held = |b: &RunningAgent, a: &RunningAgent| {
+        let (b, a) = (b.agent.clone(), a.url.clone());
+        async move {
+            let receiver = b
+                .store
+                .find_connection_for_site(&a, Direction::Receiver)
+                .await
+                .unwrap()
+                .unwrap();
+            b.store.receiver_token(&receiver, &b.vault).unwrap()
+        }
+    };
+    assert_eq!(held(&b, &a).await, first);
+
+    // Delivered at once: the receiver holds the new token, both sides audited.
+    let (second, push) = a.agent.regenerate_token("to-b", &admin()).await.unwrap();
+    assert_eq!(push.state, "delivered", "{push:?}");
+    assert_eq!(held(&b, &a).await, second.token);
+    let receiver = receiver_for(&b, &a).await.unwrap();
+    let events = b
+        .agent
+        .store
+        .audit_events(Some(receiver.id), 100)
+        .await
+        .unwrap();
+    let set = events
+        .iter()
+        .find(|e| e.action == "connection.token_set")
+        .expect("the receiver audits the new token");
+    assert_eq!(set.actor, format!("remote:{}", a.url));
+    let events = a
+        .agent
+        .store
+        .audit_events(Some(second.connection.id), 100)
+        .await
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "connection.token_pushed" && e.detail["state"] == "delivered")
+    );
+    assert!(!format!("{events:?}").contains(&second.token.expose()[10..]));
+
+    // The receiver is away: kept sealed and retried; a regeneration meanwhile replaces it, and
+    // the receiver, still holding the second token, takes the third.
+    b.pause().await;
+    let (_, push) = a.agent.regenerate_token("to-b", &admin()).await.unwrap();
+    assert_eq!(push.state, "pending", "{push:?}");
+    assert!(
+        push.sealed_token.is_none(),
+        "the sealed token is not handed out"
+    );
+    let (third, push) = a.agent.regenerate_token("to-b", &admin()).await.unwrap();
+    assert_eq!(push.state, "pending");
+    let metadata = sender(&a, "to-b").await.metadata;
+    assert!(metadata["token_push"]["sealed_token"].is_string());
+    assert!(!metadata.to_string().contains(&third.token.expose()[10..]));
+    b.resume().await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(a.agent.retry_pending_pushes().await.unwrap(), 1);
+    let metadata = sender(&a, "to-b").await.metadata;
+    assert_eq!(metadata["token_push"]["state"], "delivered", "{metadata}");
+    assert!(metadata["token_push"].get("sealed_token").is_none());
+    assert_eq!(held(&b, &a).await, third.token);
+    assert_eq!(a.agent.retry_pending_pushes().await.unwrap(), 0);
+
+    // Hostile callers: the right bearer with a wrong previous token, an unknown bearer, a
+    // sender connection's token, a malformed new token. The receiver's token stays.
+    let connection = sender(&a, "to-b").await;
+    let peer_token = a
+        .agent
+        .vault
+        .open(
+            connection.id,
+            connection.token_ciphertext.as_deref().unwrap(),
+        )
+        .unwrap();
+    let client = reqwest::Client::new();
+    let rotate = |bearer: String, previous: String, token: String| {
+        let (client, url) = (client.clone(), b.url.clone());
+        async move {
+            let response = client
+                .post(format!("{url}/db-sync/api/rotate-token"))
+                .bearer_auth(bearer)
+                .json(&json!({
+                    "site_url": "https://a.example.com",
+                    "previous_token_sha256": previous,
+                    "token": token,
+                }))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let stolen = Token::generate();
+    let (status, body) = rotate(
+        peer_token.clone(),
+        hex::encode(first.hash()),
+        stolen.expose().to_owned(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("token_mismatch"))
+    );
+    let (status, _) = rotate(
+        Token::generate().expose().to_owned(),
+        hex::encode(third.token.hash()),
+        stolen.expose().to_owned(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, body) = rotate(
+        peer_token.clone(),
+        hex::encode(third.token.hash()),
+        "dbs_short".into(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_token"))
+    );
+    let (status, body) = a_side_rotate(&a, &third.token).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("wrong_direction"))
+    );
+    assert_eq!(held(&b, &a).await, third.token);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The sender's own connection token sent to the sender's rotate-token.
+async fn a_side_rotate(a: &RunningAgent, token: &Token) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/db-sync/api/rotate-token", a.url))
+        .bearer_auth(token.expose())
+        .json(&json!({
+            "site_url": "https://b.example.com",
+            "previous_token_sha256": hex::encode(token.hash()),
+            "token": Token::generate().expose(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}

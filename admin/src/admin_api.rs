@@ -349,14 +349,11 @@ async fn regenerate_token(
     Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let created = state
-        .agent
-        .store
-        .regenerate_token(&id, &actor, state.agent.now())
-        .await?;
+    let (created, push) = state.agent.regenerate_token(&id, &actor).await?;
     Ok(Json(json!({
         "connection": created.connection,
         "token": created.token.expose(),
+        "token_push": push,
         "notice": "the token is shown only once; the old token no longer works",
     })))
 }

@@ -10,8 +10,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use dbsync_protocol::peer::{
-    ConnectionState, REGISTER_PATH, RegisterRequest, RegisterResponse, STATUS_PATH, StatusResponse,
-    UPDATE_STATUS_PATH, UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
+    ConnectionState, REGISTER_PATH, ROTATE_TOKEN_PATH, RegisterRequest, RegisterResponse,
+    RotateTokenRequest, STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest,
+    VERIFY_PATH, VerifyRequest,
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
@@ -35,6 +36,7 @@ pub(crate) fn routes(state: AppState) -> Router<AppState> {
         .route(REGISTER_PATH, post(register))
         .route(UPDATE_STATUS_PATH, post(update_status))
         .route(VERIFY_PATH, post(verify))
+        .route(ROTATE_TOKEN_PATH, post(rotate_token))
         .route_layer(middleware::from_fn_with_state(state, rate_limit))
 }
 
@@ -115,4 +117,16 @@ async fn verify(
     let token = bearer(&headers)
         .ok_or_else(|| ApiError::unauthorized("a bearer connection token is required"))?;
     Ok(axum::Json(state.agent.handle_verify(token, request).await?))
+}
+
+async fn rotate_token(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    ApiJson(request): ApiJson<RotateTokenRequest>,
+) -> Result<axum::Json<ConnectionState>, ApiError> {
+    let token = bearer(&headers)
+        .ok_or_else(|| ApiError::unauthorized("a bearer connection token is required"))?;
+    Ok(axum::Json(
+        state.agent.handle_rotate_token(token, request).await?,
+    ))
 }

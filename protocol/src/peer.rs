@@ -11,6 +11,8 @@ pub const REGISTER_PATH: &str = "/db-sync/api/register-connection";
 pub const UPDATE_STATUS_PATH: &str = "/db-sync/api/update-status";
 /// `POST /db-sync/api/verify-connection`.
 pub const VERIFY_PATH: &str = "/db-sync/api/verify-connection";
+/// `POST /db-sync/api/rotate-token`.
+pub const ROTATE_TOKEN_PATH: &str = "/db-sync/api/rotate-token";
 
 /// What a site says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +119,27 @@ pub struct VerifyRequest {
 impl std::fmt::Debug for VerifyRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerifyRequest")
+            .field("site_url", &self.site_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sender that regenerated a connection's token hands the new one to the receiver. The bearer
+/// credential (the peer token the receiver issued) says which connection; the SHA-256 of the
+/// token being replaced shows the caller is the site that issued it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateTokenRequest {
+    /// The caller's `site_url`.
+    pub site_url: String,
+    /// Lower-case hex SHA-256 of the token the receiver holds now.
+    pub previous_token_sha256: String,
+    /// The new connection token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for RotateTokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotateTokenRequest")
             .field("site_url", &self.site_url)
             .finish_non_exhaustive()
     }

@@ -300,14 +300,17 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::RegenerateToken { connection } => {
-            let created = store
-                .regenerate_token(&connection, &ctx.actor, ctx.now())
-                .await?;
+            let (created, push) = ctx.agent.regenerate_token(&connection, &ctx.actor).await?;
+            let headline = format!(
+                "New token issued; the old token no longer works. {}",
+                push.describe(&created.connection.site_url)
+                    .replace("NAME", &shell_quote(&created.connection.name))
+            );
             print_token(
                 ctx,
                 &created,
-                "New token issued; the old token no longer works.",
-                None,
+                &headline,
+                Issued::Regenerated(serde_json::to_value(&push)?),
             )
             .await
         }
@@ -454,7 +457,7 @@ async fn create(ctx: &Context, args: CreateArgs) -> anyhow::Result<()> {
             token: created.token,
         },
         &headline,
-        Some(registration),
+        Issued::Registered(registration),
     )
     .await
 }
@@ -481,28 +484,53 @@ async fn status_change(
     Ok(())
 }
 
+/// Why a token was just issued, with what the peer was told.
+enum Issued {
+    /// A new sender connection; how its registration went.
+    Registered(serde_json::Value),
+    /// A regenerated token; how handing it to the receiver went.
+    Regenerated(serde_json::Value),
+}
+
 /// Prints a new token, the only time it is ever shown, with the command to run on the other side.
 async fn print_token(
     ctx: &Context,
     created: &CreatedConnection,
     headline: &str,
-    registration: Option<serde_json::Value>,
+    issued: Issued,
 ) -> anyhow::Result<()> {
     let c = &created.connection;
     let own_url = ctx.agent.site_url().await?;
-    let hand_over = format!(
-        "dbsync connections add-receiver {} --site-url {} --token-stdin",
-        shell_quote(&c.name),
-        shell_quote(&own_url)
-    );
+    let (hand_over, told_key, told, delivered) = match issued {
+        Issued::Registered(outcome) => (
+            format!(
+                "dbsync connections add-receiver {} --site-url {} --token-stdin",
+                shell_quote(&c.name),
+                shell_quote(&own_url)
+            ),
+            "registration",
+            outcome,
+            c.status == ConnectionStatus::Active,
+        ),
+        Issued::Regenerated(push) => (
+            format!(
+                "dbsync connections set-token {} --token-stdin",
+                shell_quote(&c.name)
+            ),
+            "token_push",
+            push.clone(),
+            push["state"] == "delivered",
+        ),
+    };
     if ctx.json {
-        return output::print_json(&serde_json::json!({
+        let mut out = serde_json::json!({
             "connection": c,
             "token": created.token.expose(),
             "notice": "the token is shown only once; store it now",
             "hand_over_command": hand_over,
-            "registration": registration,
-        }));
+        });
+        out[told_key] = told;
+        return output::print_json(&out);
     }
     println!("{headline}");
     println!();
@@ -517,9 +545,9 @@ async fn print_token(
     println!();
     println!("    {}", created.token.expose());
     println!();
-    if c.status != ConnectionStatus::Active {
+    if !delivered {
         println!(
-            "If {} does not hold the connection yet, run this there and paste the token when asked:",
+            "If {} does not hold this token yet, run this there and paste the token when asked:",
             c.site_url
         );
         println!();

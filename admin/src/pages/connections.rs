@@ -433,17 +433,15 @@ pub(crate) async fn act(
         "suspend" => StatusChange::Suspend(reason),
         "revoke" => StatusChange::Revoke(reason),
         "regenerate-token" => {
-            return match state
-                .agent
-                .store
-                .regenerate_token(&id, &viewer.actor, state.agent.now())
-                .await
-            {
-                Ok(created) => token_page(
+            return match state.agent.regenerate_token(&id, &viewer.actor).await {
+                Ok((created, push)) => token_page(
                     &viewer,
                     &created.connection,
                     &created.token,
-                    "New token generated; the old one no longer works. Hand this one to the receiver.",
+                    &format!(
+                        "New token generated; the old one no longer works. {}",
+                        push.describe(&created.connection.site_url)
+                    ),
                 ),
                 Err(err) => {
                     flash(&state, &viewer, Err(layout::user_message(err).1));

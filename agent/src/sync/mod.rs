@@ -6,4 +6,5 @@ pub mod pull;
 pub mod registration;
 mod rows;
 pub mod schedule;
+pub mod token_rotation;
 mod whole;

@@ -44,7 +44,7 @@ pub enum PeerError {
 }
 
 impl PeerError {
-    fn refused(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn refused(status: u16, code: &'static str, message: impl Into<String>) -> Self {
         Self::Refused {
             status,
             code,
@@ -404,7 +404,7 @@ impl Agent {
     }
 
     /// The connection a peer's bearer credential belongs to.
-    async fn authenticate_peer(&self, bearer: &str) -> Result<Connection, PeerError> {
+    pub(super) async fn authenticate_peer(&self, bearer: &str) -> Result<Connection, PeerError> {
         let unknown = || {
             PeerError::refused(
                 401,
@@ -717,7 +717,7 @@ impl Agent {
     }
 
     /// Exponential backoff from `server.push_retry_secs`, capped at an hour.
-    fn retry_delay(&self, attempts: u32) -> Duration {
+    pub(super) fn retry_delay(&self, attempts: u32) -> Duration {
         let base = i64::try_from(self.config.server.push_retry_secs).unwrap_or(30);
         let factor = 1_i64 << attempts.saturating_sub(1).min(16);
         Duration::seconds(base.saturating_mul(factor).min(3600))
@@ -728,6 +728,9 @@ impl Agent {
         let now = self.now();
         let mut attempted = 0;
         for connection in self.store.list_connections(&Default::default()).await? {
+            if self.retry_token_push(&connection).await? {
+                attempted += 1;
+            }
             let Some(push) = connection
                 .metadata
                 .get("peer_push")

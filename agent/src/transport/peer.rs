@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dbsync_protocol::peer::{
-    ConnectionState, ErrorBody, REGISTER_PATH, RegisterRequest, RegisterResponse, STATUS_PATH,
-    StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
+    ConnectionState, ErrorBody, REGISTER_PATH, ROTATE_TOKEN_PATH, RegisterRequest,
+    RegisterResponse, RotateTokenRequest, STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH,
+    UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -221,6 +222,17 @@ impl PeerClient {
         request: &VerifyRequest,
     ) -> Result<ConnectionState, PeerCallError> {
         self.post(site_url, VERIFY_PATH, Some(bearer), request)
+            .await
+    }
+
+    /// `POST /db-sync/api/rotate-token`, authenticated by `bearer`.
+    pub async fn rotate_token(
+        &self,
+        site_url: &str,
+        bearer: &str,
+        request: &RotateTokenRequest,
+    ) -> Result<ConnectionState, PeerCallError> {
+        self.post(site_url, ROTATE_TOKEN_PATH, Some(bearer), request)
             .await
     }
 
