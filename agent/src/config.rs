@@ -24,9 +24,14 @@ pub struct Config {
     /// 32-byte key, 64 hex characters, that encrypts the tokens this site holds as a receiver.
     /// When absent the key is read from (or created in) `key_file`.
     pub token_encryption_key: Option<Secret<String>>,
-    /// Where the generated encryption key lives (mode 0600). Default: `dbsync.key` beside a SQLite
-    /// state database, or in the working directory.
+    /// Where the generated encryption key lives (mode 0600). Default: `dbsync.key` in
+    /// [`Config::data_dir`].
     pub key_file: Option<PathBuf>,
+    /// The directory of the agent's own files (the generated key, the self-signed QUIC
+    /// certificate). Default: beside a SQLite state database; with a PostgreSQL one,
+    /// `$STATE_DIRECTORY` (systemd) or `$XDG_STATE_HOME/dbsync/<database>`
+    /// (`~/.local/state/dbsync/<database>`), one directory per state database.
+    pub data_dir: Option<PathBuf>,
     /// Hours a transfer waiting for approval stays approvable (default 24).
     pub approval_ttl_hours: Option<i64>,
     /// Public base URL of this site, as peers reach it (default: `http://` + the listen
@@ -161,6 +166,9 @@ impl Config {
         if let Some(path) = env("DBSYNC_KEY_FILE") {
             self.key_file = Some(PathBuf::from(path));
         }
+        if let Some(path) = env("DBSYNC_DATA_DIR") {
+            self.data_dir = Some(PathBuf::from(path));
+        }
         if let Some(hours) = env("DBSYNC_APPROVAL_TTL_HOURS").and_then(|h| h.parse().ok()) {
             self.approval_ttl_hours = Some(hours);
         }
@@ -235,20 +243,61 @@ impl Config {
         self.database_url.as_deref().unwrap_or(DEFAULT_DATABASE_URL)
     }
 
-    /// The key file in force: the configured one, or `dbsync.key` beside a SQLite database file,
-    /// or in the working directory.
+    /// The key file in force: the configured one, or `dbsync.key` in [`Config::data_dir`]. An
+    /// agent on PostgreSQL whose key an earlier version made in the working directory keeps
+    /// using it (with a warning) until it is moved.
     pub fn key_file(&self) -> PathBuf {
         if let Some(path) = &self.key_file {
             return path.clone();
         }
-        let url = self.database_url();
-        if let Some(file) = crate::store::sqlite_file(url)
-            && let Some(dir) = file.parent()
-            && !dir.as_os_str().is_empty()
+        let dir = self.data_dir_with(|name| std::env::var_os(name));
+        let file = dir.join(DEFAULT_KEY_FILE);
+        let legacy = Path::new(DEFAULT_KEY_FILE);
+        if self.data_dir.is_none()
+            && crate::store::sqlite_file(self.database_url()).is_none()
+            && !file.exists()
+            && legacy.exists()
         {
-            return dir.join(DEFAULT_KEY_FILE);
+            tracing::warn!(
+                "using ./{DEFAULT_KEY_FILE} from the working directory; move it to {} or set data_dir",
+                dir.display()
+            );
+            return legacy.to_path_buf();
         }
-        PathBuf::from(DEFAULT_KEY_FILE)
+        file
+    }
+
+    /// The directory of the agent's own files in force (see the field).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir_with(|name| std::env::var_os(name))
+    }
+
+    fn data_dir_with(&self, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> PathBuf {
+        if let Some(dir) = &self.data_dir {
+            return dir.clone();
+        }
+        let url = self.database_url();
+        if let Some(file) = crate::store::sqlite_file(url) {
+            return match file.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+        }
+        // systemd's StateDirectory= (several are separated by ':'; the first is ours).
+        if let Some(dirs) = env("STATE_DIRECTORY")
+            && let Some(first) = dirs.to_string_lossy().split(':').next()
+            && !first.is_empty()
+        {
+            return PathBuf::from(first);
+        }
+        let base = env("XDG_STATE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|home| Path::new(&home).join(".local/state")));
+        match base {
+            Some(base) => base.join("dbsync").join(database_label(url)),
+            None => PathBuf::from("."),
+        }
     }
 
     /// The site URL in force when none is stored in the settings: configured, or derived from
@@ -263,6 +312,24 @@ impl Config {
     /// How long a pending approval stays approvable.
     pub fn approval_ttl(&self) -> chrono::Duration {
         chrono::Duration::hours(self.approval_ttl_hours.unwrap_or(24))
+    }
+}
+
+/// A directory name for a server state database: host, port and database of its URL, without
+/// user, password or options.
+fn database_label(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let label: String = rest
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let label = label.trim_matches('-');
+    if label.is_empty() {
+        "default".to_owned()
+    } else {
+        label.to_owned()
     }
 }
 
@@ -289,6 +356,40 @@ mod tests {
             ..Config::default()
         };
         assert!(!format!("{config:?}").contains("abab"));
+    }
+
+    #[test]
+    fn a_postgres_state_database_has_a_directory_of_its_own() {
+        let config = |url: &str| Config {
+            database_url: Some(url.into()),
+            ..Config::default()
+        };
+        let home = |name: &str| (name == "HOME").then(|| "/home/op".into());
+        let a = config("postgres://sync:pw@db.example:5432/site_a?sslmode=require");
+        let b = config("postgres://sync:pw@db.example:5432/site_b");
+        let dir_a = a.data_dir_with(home);
+        assert_eq!(
+            dir_a,
+            PathBuf::from("/home/op/.local/state/dbsync/db-example-5432-site_a".replace('_', "-"))
+        );
+        assert_ne!(
+            dir_a,
+            b.data_dir_with(home),
+            "one directory per state database"
+        );
+        assert!(!dir_a.to_string_lossy().contains("pw"));
+        let systemd = |name: &str| (name == "STATE_DIRECTORY").then(|| "/var/lib/dbsync".into());
+        assert_eq!(a.data_dir_with(systemd), PathBuf::from("/var/lib/dbsync"));
+        let configured = Config {
+            data_dir: Some("/srv/dbsync".into()),
+            ..a.clone()
+        };
+        assert_eq!(
+            configured.key_file(),
+            PathBuf::from("/srv/dbsync/dbsync.key")
+        );
+        let sqlite = config("sqlite://dbsync.db");
+        assert_eq!(sqlite.data_dir_with(home), PathBuf::from("."));
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub(crate) struct GlobalArgs {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// Directory of the agent's own files (generated key, QUIC certificate) [default: beside a
+    /// SQLite state database; per PostgreSQL database under $STATE_DIRECTORY or ~/.local/state/dbsync]
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
     /// Configuration file (TOML); DBSYNC_* variables and flags override it
     #[arg(long, global = true, env = "DBSYNC_CONFIG")]
     config: Option<PathBuf>,
@@ -141,6 +145,9 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = Config::load(cli.global.config.as_deref())?;
     if let Some(url) = cli.global.database_url {
         config.database_url = Some(url);
+    }
+    if let Some(dir) = cli.global.data_dir {
+        config.data_dir = Some(dir);
     }
     if cli.global.allow_private_peers {
         config.allow_private_peers = true;
