@@ -268,6 +268,23 @@ async fn connections_transfers_and_settings_through_the_admin_api() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(denied["transfer"]["denial_reason"], "PII");
+    // The approved one is cancelled; a finished one cannot be.
+    let (status, cancelled) = call(
+        reqwest::Method::POST,
+        &format!("/transfers/{}/cancel", pending[0]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["transfer"]["status"], "cancelled");
+    let (status, again) = call(
+        reqwest::Method::POST,
+        &format!("/transfers/{}/cancel", pending[1]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert_eq!(again["error"]["code"], "illegal_transition");
     let (_, page) = call(reqwest::Method::GET, "/transfers?per_page=1&page=2", None).await;
     assert_eq!(
         (
@@ -318,4 +335,94 @@ async fn connections_transfers_and_settings_through_the_admin_api() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// The OpenAPI document is served without a credential, is OpenAPI 3.1, names every route
+/// docs/api.md lists, and every operation it names is routed (no fallback 404, no 405).
+#[tokio::test]
+async fn the_openapi_document_covers_every_route() {
+    let Some(a) = start("admin_api::openapi", Options::default()).await else {
+        return;
+    };
+    let (_, token) = a
+        .agent
+        .store
+        .create_admin_token("ops", &Actor::cli("t"), a.agent.now())
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("{}/admin/db-sync/api/openapi.json", a.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let document: Value = response.json().await.unwrap();
+    assert!(
+        document["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        document["openapi"]
+    );
+    let paths = document["paths"].as_object().unwrap();
+    let mut operations = Vec::new();
+    for (path, item) in paths {
+        for method in ["get", "post", "put", "patch", "delete"] {
+            if item.get(method).is_some() {
+                operations.push((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+
+    // Every route docs/api.md names is in the document.
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    let mut documented = Vec::new();
+    for piece in docs.split('`') {
+        let Some((method, path)) = piece.split_once(' ') else {
+            continue;
+        };
+        if ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method) && path.starts_with('/') {
+            let path = path.split('?').next().unwrap().to_owned();
+            documented.push((method.to_owned(), path));
+        }
+    }
+    assert!(documented.len() >= 25, "{documented:?}");
+    for (method, path) in &documented {
+        assert!(
+            operations.contains(&(method.clone(), path.clone())),
+            "docs/api.md names {method} {path}, the OpenAPI document does not"
+        );
+    }
+    for expected in [
+        ("POST", "/db-sync/api/rotate-token"),
+        ("POST", "/admin/db-sync/api/transfers/{id}/cancel"),
+        ("GET", "/metrics"),
+        ("GET", "/readyz"),
+    ] {
+        assert!(
+            operations.contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?}"
+        );
+    }
+
+    // Every operation in the document is routed.
+    for (method, path) in &operations {
+        let path = path.replace("{id}", "00000000-0000-0000-0000-000000000000");
+        let request = client
+            .request(method.parse().unwrap(), format!("{}{path}", a.url))
+            .bearer_auth(token.expose());
+        let request = if method == "GET" || method == "DELETE" {
+            request
+        } else {
+            request.json(&json!({}))
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        assert!(
+            !body.contains("no such endpoint"),
+            "{method} {path} is in the document but not routed"
+        );
+    }
 }

@@ -331,9 +331,17 @@ async fn admin_pages_in_a_real_browser() {
         .record_progress(running.id, &progress(500))
         .await
         .unwrap();
+    // The row estimate recorded at the start gives the progress a percentage.
+    a.agent
+        .store
+        .merge_transfer_metadata(running.id, serde_json::json!({ "estimated_rows": 2_000 }))
+        .await
+        .unwrap();
     browser.goto(&format!("{base}{PREFIX}/history")).await;
     let live_rows = format!("#live tr[data-id='{}'] [data-field=rows]", running.id);
+    let live_percent = format!("#live tr[data-id='{}'] [data-field=percent]", running.id);
     assert_eq!(browser.text(&live_rows).await, "500");
+    assert_eq!(browser.text(&live_percent).await, "25 %");
     a.agent
         .store
         .record_progress(running.id, &progress(1_000))
@@ -347,6 +355,7 @@ async fn admin_pages_in_a_real_browser() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(browser.text(&live_percent).await, "75 %");
     a.agent
         .store
         .complete_transfer(running.id, a.agent.now())
@@ -361,6 +370,68 @@ async fn admin_pages_in_a_real_browser() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The finished transfer is a bar of the throughput chart (server-rendered SVG).
+    browser.goto(&format!("{base}{PREFIX}/history")).await;
+    let bar = browser
+        .find("svg.throughput rect.bar[data-table=big_table] title")
+        .await;
+    let title = bar.html(true).await.unwrap();
+    assert!(
+        title.contains("1,500 rows") && title.contains("rows/s"),
+        "{title}"
+    );
+    browser
+        .eval("document.querySelector('svg.throughput').scrollIntoView(); return true;")
+        .await;
+    browser.screenshot(&shots.join("history-chart.png")).await;
+    browser
+        .goto(&format!("{base}{PREFIX}/connections/{}", connection.id))
+        .await;
+    browser
+        .find("svg.throughput rect.bar[data-table=big_table]")
+        .await;
+
+    // A running transfer is cancelled from the page.
+    let doomed = a
+        .agent
+        .store
+        .create_transfer(
+            NewTransfer {
+                connection_id: connection.id,
+                direction: TransferDirection::Send,
+                table_name: "doomed".into(),
+                requires_approval: false,
+                records_requested: 0,
+                conflict_strategy: ConflictStrategy::Overwrite,
+                transport: Some(Transport::Ws),
+                requester_ip: None,
+                requester_user_agent: None,
+            },
+            a.agent.config.approval_ttl(),
+            &system,
+            a.agent.now(),
+        )
+        .await
+        .unwrap();
+    a.agent
+        .store
+        .start_transfer(doomed.id, a.agent.now())
+        .await
+        .unwrap();
+    browser.goto(&format!("{base}{PREFIX}/history")).await;
+    browser
+        .click(&format!(
+            "#live tr[data-id='{}'] form.cancel button",
+            doomed.id
+        ))
+        .await;
+    let flash = browser.text("main .flash").await;
+    assert!(flash.contains("doomed cancelled"), "{flash}");
+    assert_eq!(
+        a.agent.store.get_transfer(doomed.id).await.unwrap().status,
+        TransferStatus::Cancelled
+    );
 
     // Suspend with a reason; b learns it.
     browser

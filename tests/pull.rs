@@ -878,6 +878,115 @@ async fn metrics_count_what_a_pull_moved() {
     b.stop().await;
 }
 
+/// `/metrics` scraped while a pull is between two batches shows it in flight, and both sides
+/// recorded the sender's row estimate that the pages show progress against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scrape_during_a_pull_sees_it_in_flight() {
+    let settings = ConnectionSettings {
+        max_records_per_request: 100,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("pull::metrics_in_flight", true, settings).await else {
+        return;
+    };
+    exec(&a, &schema_statements(300)).await;
+    exec(
+        &a,
+        &["ANALYZE users".to_owned(), "ANALYZE \"Order\"".to_owned()],
+    )
+    .await;
+    let (batch_seen, at_batch) = tokio::sync::oneshot::channel::<()>();
+    let (go_on, wait) = std::sync::mpsc::channel::<()>();
+    let mut batch_seen = Some(batch_seen);
+    let scraper = {
+        let (a_url, b_url) = (a.url.clone(), b.url.clone());
+        let (a_store, b_store) = (a.agent.store.clone(), b.agent.store.clone());
+        let now = a.agent.now();
+        tokio::spawn(async move {
+            at_batch.await.unwrap();
+            let client = reqwest::Client::new();
+            let mut texts = Vec::new();
+            for (url, store) in [(a_url, &a_store), (b_url, &b_store)] {
+                let (_, token) = store
+                    .create_admin_token("scrape", &admin(), now)
+                    .await
+                    .unwrap();
+                let response = client
+                    .get(format!("{url}/metrics"))
+                    .bearer_auth(token.expose())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+                texts.push(response.text().await.unwrap());
+            }
+            let running = b_store
+                .list_transfers(&TransferFilter {
+                    status: Some(TransferStatus::InProgress),
+                    ..TransferFilter::default()
+                })
+                .await
+                .unwrap()
+                .items;
+            let sent = a_store
+                .list_transfers(&TransferFilter {
+                    status: Some(TransferStatus::InProgress),
+                    ..TransferFilter::default()
+                })
+                .await
+                .unwrap()
+                .items;
+            go_on.send(()).unwrap();
+            (texts, running, sent)
+        })
+    };
+    b.agent
+        .pull(&receiver, &PullOptions::default(), |event| {
+            if let dbsync_agent::pull::PullEvent::Batch { .. } = event
+                && let Some(seen) = batch_seen.take()
+            {
+                seen.send(()).unwrap();
+                // Hold the pull between batches until the scrape is done.
+                wait.recv_timeout(Duration::from_secs(30)).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    let (texts, running, sent) = scraper.await.unwrap();
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{text}"))
+    };
+    assert_eq!(
+        value(&texts[0], "dbsync_transfers{status=\"in_progress\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&texts[1], "dbsync_transfers{status=\"in_progress\"}"),
+        1.0
+    );
+    let received = value(&texts[1], "dbsync_rows_received_total{transport=");
+    assert!(received > 0.0 && received < 600.0, "{received}");
+    assert_eq!(running.len(), 1);
+    assert_eq!(running[0].table_name, "users");
+    assert_eq!(
+        running[0].metadata["estimated_rows"], 300,
+        "{:?}",
+        running[0].metadata
+    );
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].metadata["estimated_rows"], 300,
+        "{:?}",
+        sent[0].metadata
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A receiver keeps the sender's download password (encrypted, never shown), so a pull (or a
 /// scheduled run) that gives none still gets in; forgetting it brings back `password_required`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,12 @@ document.addEventListener("DOMContentLoaded", () => {
         const cell = row.querySelector(`[data-field="${field}"]`);
         if (cell) cell.textContent = item[field];
       }
+      if (item.percent !== null && item.percent !== undefined) {
+        const bar = row.querySelector('[data-field="progress"] progress');
+        if (bar) bar.value = item.percent;
+        const text = row.querySelector('[data-field="percent"]');
+        if (text) text.textContent = `${item.percent} %`;
+      }
     }
   };
   setInterval(refresh, 2000);

@@ -1,12 +1,10 @@
 //! The admin JSON API under `/admin/db-sync/api/`, authenticated by admin bearer tokens
 //! (`dbsync admin-tokens create <name>`). Actions are audited as `admin:<token name>`.
 
-use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use dbsync_agent::audit::Actor;
@@ -19,8 +17,12 @@ use dbsync_agent::registration::StatusChange;
 use dbsync_agent::settings::IncomingMode;
 use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_agent::{ConnectionStatus, Direction};
+use dbsync_protocol::peer::ErrorBody;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::error::ApiJson;
@@ -30,44 +32,49 @@ use crate::{ApiError, AppState};
 /// Prefix of every admin API path.
 pub const PREFIX: &str = "/admin/db-sync/api";
 
-/// The admin routes, behind admin-token authentication.
-pub(crate) fn routes(state: AppState) -> Router<AppState> {
-    let api = Router::new()
-        .route(
-            "/connections",
-            get(list_connections).post(create_connection),
-        )
-        .route(
-            "/connections/{id}",
-            get(show_connection)
-                .patch(update_connection)
-                .delete(delete_connection),
-        )
-        .route("/connections/{id}/approve", post(approve_connection))
-        .route("/connections/{id}/suspend", post(suspend_connection))
-        .route("/connections/{id}/reactivate", post(reactivate_connection))
-        .route("/connections/{id}/revoke", post(revoke_connection))
-        .route("/connections/{id}/regenerate-token", post(regenerate_token))
-        .route("/connections/{id}/stats", get(connection_stats))
-        .route("/schedules", get(list_schedules))
-        .route("/schedules/{id}/run", post(run_schedule))
-        .route("/transfers", get(list_transfers))
-        .route("/transfers/{id}", get(show_transfer))
-        .route("/transfers/{id}/approve", post(approve_transfer))
-        .route("/transfers/{id}/deny", post(deny_transfer))
-        .route("/settings/incoming", get(show_incoming).put(set_incoming))
+/// Tag of the admin API in the OpenAPI document.
+const TAG: &str = "admin";
+
+/// The admin routes, behind admin-token authentication, with their OpenAPI description.
+pub(crate) fn routes(state: AppState) -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
+        .routes(routes!(list_connections, create_connection))
+        .routes(routes!(
+            show_connection,
+            update_connection,
+            delete_connection
+        ))
+        .routes(routes!(approve_connection))
+        .routes(routes!(suspend_connection))
+        .routes(routes!(reactivate_connection))
+        .routes(routes!(revoke_connection))
+        .routes(routes!(regenerate_token))
+        .routes(routes!(connection_stats))
+        .routes(routes!(list_schedules))
+        .routes(routes!(run_schedule))
+        .routes(routes!(list_transfers))
+        .routes(routes!(show_transfer))
+        .routes(routes!(approve_transfer))
+        .routes(routes!(deny_transfer))
+        .routes(routes!(cancel_transfer))
+        .routes(routes!(show_incoming, set_incoming))
         .route_layer(middleware::from_fn_with_state(state, authenticate));
-    Router::new().nest(PREFIX, api)
+    OpenApiRouter::new().nest(PREFIX, api)
 }
 
 /// `GET /metrics`: the agent's Prometheus metrics, behind an admin token like the admin API
 /// (scrape with `authorization: { credentials: <token> }`).
-pub(crate) fn metrics_routes(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route("/metrics", get(metrics))
+pub(crate) fn metrics_routes(state: AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
+/// The agent's Prometheus metrics (OpenMetrics text); see docs/operations.md.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text"),
+        (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let text = state.agent.metrics.render(&state.agent.store).await?;
     Ok((
@@ -111,12 +118,39 @@ fn parse<T: std::str::FromStr<Err = dbsync_agent::Error>>(
         .map_err(ApiError::from)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConnectionQuery {
+    /// pending, active, suspended, revoked or expired.
     status: Option<String>,
+    /// sender or receiver.
     direction: Option<String>,
 }
 
+/// A connection named in a path: its id or its name.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct ConnectionPath {
+    /// The connection's id or name.
+    id: String,
+}
+
+/// A transfer named in a path.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct TransferPath {
+    /// The transfer's id.
+    id: Uuid,
+}
+
+/// Every connection, filtered by status and direction.
+#[utoipa::path(get, path = "/connections", tag = TAG, params(ConnectionQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "`{ \"items\": [connection, ...] }`", body = Object),
+        (status = 422, description = "invalid_input: an unknown status or direction", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn list_connections(
     State(state): State<AppState>,
     Query(query): Query<ConnectionQuery>,
@@ -140,27 +174,36 @@ where
 
 /// Sender-side controls in a create or update body; absent fields keep their value (defaults on
 /// create); `null` clears an optional limit.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SettingsBody {
+    /// auto_approve, require_approval or per_table.
+    #[schema(value_type = Option<String>)]
     approval_mode: Option<ApprovalMode>,
     allowed_tables: Option<Vec<String>>,
     excluded_tables: Option<Vec<String>>,
     auto_approve_tables: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     max_downloads: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>)]
     max_records_total: Option<Option<i64>>,
     max_records_per_request: Option<i64>,
     rate_limit_per_minute: Option<i64>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
     download_password: Option<Option<String>>,
     ip_whitelist: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<[u8; 2]>)]
     allowed_hours: Option<Option<[u8; 2]>>,
     time_zone: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
     expires_at: Option<Option<DateTime<Utc>>>,
+    /// skip, overwrite, merge, append or mirror.
+    #[schema(value_type = Option<String>)]
     default_conflict_strategy: Option<ConflictStrategy>,
     auto_sync_enabled: Option<bool>,
     auto_sync_tables: Option<Vec<String>>,
@@ -201,16 +244,24 @@ impl SettingsBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct CreateBody {
     name: String,
     site_url: String,
     /// The remote site's incoming password, when it requires one.
     remote_password: Option<String>,
     #[serde(flatten)]
+    #[schema(value_type = SettingsBody)]
     settings: Value,
 }
 
+/// Creates a sender connection (its token shown once) and registers it with the remote site.
+#[utoipa::path(post, path = "/connections", tag = TAG, request_body = CreateBody,
+    security(("admin_token" = [])),
+    responses((status = 201, description = "`connection`, `token` (shown once), `registration`", body = Object),
+        (status = 422, description = "invalid_input", body = ErrorBody),
+        (status = 409, description = "conflict: the name or site is taken", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn create_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -250,6 +301,9 @@ async fn create_connection(
     ))
 }
 
+/// One connection with its statistics.
+#[utoipa::path(get, path = "/connections/{id}", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`connection`, `stats`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn show_connection(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -259,6 +313,10 @@ async fn show_connection(
     Ok(Json(json!({ "connection": connection, "stats": stats })))
 }
 
+/// Changes a connection's controls; absent fields keep their value, `null` clears a limit.
+#[utoipa::path(patch, path = "/connections/{id}", tag = TAG, params(ConnectionPath), security(("admin_token" = [])), request_body = SettingsBody,
+    responses((status = 200, description = "`connection`", body = Object),
+        (status = 422, description = "invalid_input", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn update_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -281,6 +339,9 @@ async fn update_connection(
     Ok(Json(json!({ "connection": updated })))
 }
 
+/// Deletes a connection after telling the peer; its transfers stay in the history.
+#[utoipa::path(delete, path = "/connections/{id}", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`deleted`, `peer_push`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn delete_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -291,8 +352,9 @@ async fn delete_connection(
     Ok(Json(json!({ "deleted": deleted, "peer_push": push })))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct ReasonBody {
+    /// Why (required to suspend and revoke).
     reason: Option<String>,
 }
 
@@ -310,6 +372,10 @@ fn reason(body: ReasonBody) -> String {
     body.reason.unwrap_or_default()
 }
 
+/// Pending → active, pushed to the peer.
+#[utoipa::path(post, path = "/connections/{id}/approve", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`connection`, `peer_push`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn approve_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -318,6 +384,10 @@ async fn approve_connection(
     status_change(&state, &actor, &id, StatusChange::Approve).await
 }
 
+/// Pending | active → suspended, with a reason, pushed to the peer.
+#[utoipa::path(post, path = "/connections/{id}/suspend", tag = TAG, params(ConnectionPath), security(("admin_token" = [])), request_body = ReasonBody,
+    responses((status = 200, description = "`connection`, `peer_push`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn suspend_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -327,6 +397,10 @@ async fn suspend_connection(
     status_change(&state, &actor, &id, StatusChange::Suspend(reason(body))).await
 }
 
+/// Suspended → active, pushed to the peer.
+#[utoipa::path(post, path = "/connections/{id}/reactivate", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`connection`, `peer_push`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn reactivate_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -335,6 +409,10 @@ async fn reactivate_connection(
     status_change(&state, &actor, &id, StatusChange::Reactivate).await
 }
 
+/// → revoked (terminal), with a reason, pushed to the peer.
+#[utoipa::path(post, path = "/connections/{id}/revoke", tag = TAG, params(ConnectionPath), security(("admin_token" = [])), request_body = ReasonBody,
+    responses((status = 200, description = "`connection`, `peer_push`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn revoke_connection(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -344,6 +422,11 @@ async fn revoke_connection(
     status_change(&state, &actor, &id, StatusChange::Revoke(reason(body))).await
 }
 
+/// A new token for a sender connection (shown once), handed to the receiver.
+#[utoipa::path(post, path = "/connections/{id}/regenerate-token", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`connection`, `token` (shown once), `token_push`", body = Object),
+        (status = 422, description = "invalid_input: a receiver connection", body = ErrorBody),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn regenerate_token(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -358,6 +441,9 @@ async fn regenerate_token(
     })))
 }
 
+/// Totals of a connection's transfers.
+#[utoipa::path(get, path = "/connections/{id}/stats", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`connection_id`, `stats`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn connection_stats(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -369,6 +455,9 @@ async fn connection_stats(
     ))
 }
 
+/// Every auto-sync schedule with its last run and next due time.
+#[utoipa::path(get, path = "/schedules", tag = TAG, security(("admin_token" = [])),
+    responses((status = 200, description = "`{ \"items\": [...] }`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let store = &state.agent.store;
     store.sync_schedules(state.agent.now()).await?;
@@ -389,6 +478,10 @@ async fn list_schedules(State(state): State<AppState>) -> Result<Json<Value>, Ap
 
 /// Starts a connection's scheduled sync now (202); its outcome shows in the schedules and the
 /// transfer history.
+/// Starts a connection's scheduled sync now.
+#[utoipa::path(post, path = "/schedules/{id}/run", tag = TAG, params(ConnectionPath), security(("admin_token" = [])),
+    responses((status = 202, description = "`connection`, `started`", body = Object),
+        (status = 422, description = "invalid_input: no auto-sync", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn run_schedule(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -417,18 +510,32 @@ async fn run_schedule(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TransferQuery {
+    /// A connection's id or name.
     connection: Option<String>,
+    /// incoming or outgoing.
     direction: Option<String>,
+    /// pending_approval, approved, in_progress, completed, failed, denied, cancelled, expired.
     status: Option<String>,
+    /// A table name.
     table: Option<String>,
+    /// Started at or after (RFC 3339).
     since: Option<DateTime<Utc>>,
+    /// Started before (RFC 3339).
     until: Option<DateTime<Utc>>,
+    /// Page number from 1.
     page: Option<i64>,
+    /// Items per page, 1 to 500.
     per_page: Option<i64>,
 }
 
+/// The transfer history, newest first, filtered and paged.
+#[utoipa::path(get, path = "/transfers", tag = TAG, params(TransferQuery),
+    security(("admin_token" = [])),
+    responses((status = 200, description = "`items`, `total`, `page`, `per_page`", body = Object),
+        (status = 422, description = "invalid_input", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn list_transfers(
     State(state): State<AppState>,
     Query(query): Query<TransferQuery>,
@@ -454,6 +561,9 @@ async fn list_transfers(
     Ok(Json(serde_json::to_value(page).unwrap_or_default()))
 }
 
+/// One transfer.
+#[utoipa::path(get, path = "/transfers/{id}", tag = TAG, params(TransferPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`transfer`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn show_transfer(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -462,6 +572,10 @@ async fn show_transfer(
     Ok(Json(json!({ "transfer": transfer })))
 }
 
+/// Approves a transfer waiting for approval.
+#[utoipa::path(post, path = "/transfers/{id}/approve", tag = TAG, params(TransferPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`transfer`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn approve_transfer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -475,6 +589,10 @@ async fn approve_transfer(
     Ok(Json(json!({ "transfer": transfer })))
 }
 
+/// Denies a transfer waiting for approval, with a reason.
+#[utoipa::path(post, path = "/transfers/{id}/deny", tag = TAG, params(TransferPath), security(("admin_token" = [])), request_body = ReasonBody,
+    responses((status = 200, description = "`transfer`", body = Object),
+        (status = 409, description = "illegal_transition", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
 async fn deny_transfer(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
@@ -489,18 +607,46 @@ async fn deny_transfer(
     Ok(Json(json!({ "transfer": transfer })))
 }
 
+/// Cancels a transfer that has not finished; a running pull stops at its next batch and can be
+/// resumed.
+#[utoipa::path(post, path = "/transfers/{id}/cancel", tag = TAG, params(TransferPath), security(("admin_token" = [])),
+    responses((status = 200, description = "`transfer`", body = Object),
+        (status = 409, description = "illegal_transition: already finished", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody), (status = 404, description = "not_found", body = ErrorBody)))]
+async fn cancel_transfer(
+    State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let transfer = state
+        .agent
+        .store
+        .cancel_transfer(id, &actor, state.agent.now())
+        .await?;
+    Ok(Json(json!({ "transfer": transfer })))
+}
+
+/// How this site answers registrations from other sites.
+#[utoipa::path(get, path = "/settings/incoming", tag = TAG, security(("admin_token" = [])),
+    responses((status = 200, description = "`settings`", body = Object), (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn show_incoming(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let settings = state.agent.store.settings().await?;
     Ok(Json(json!({ "settings": settings })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct IncomingBody {
+    /// auto_accept, require_approval, require_password or deny_all.
+    #[schema(value_type = String)]
     mode: IncomingMode,
     password: Option<String>,
 }
 
+/// Sets the incoming mode (and password for require_password).
+#[utoipa::path(put, path = "/settings/incoming", tag = TAG, request_body = IncomingBody,
+    security(("admin_token" = [])),
+    responses((status = 200, description = "`settings`", body = Object),
+        (status = 422, description = "invalid_input", body = ErrorBody), (status = 401, description = "unauthorized", body = ErrorBody)))]
 async fn set_incoming(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,

@@ -4,6 +4,8 @@
 pub mod admin_api;
 mod client_ip;
 mod error;
+mod health;
+mod openapi;
 pub mod pages;
 pub mod peer_api;
 pub mod quic;
@@ -85,41 +87,15 @@ impl AppState {
     }
 }
 
-/// `200 ready` when the state database answers within 5 s, else `503` naming what failed (no
-/// detail of the database: the route needs no credential).
-async fn readyz(
-    axum::extract::State(state): axum::extract::State<AppState>,
-) -> (StatusCode, &'static str) {
-    let ping = tokio::time::timeout(Duration::from_secs(5), state.agent.store.ping()).await;
-    match ping {
-        Ok(Ok(())) => (StatusCode::OK, "ready"),
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "readiness: the state database does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: the state database does not answer",
-            )
-        }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the state database did not answer within 5 s",
-        ),
-    }
-}
-
 /// Every route of the agent, with the body limit and request timeout from the configuration.
 pub fn router(state: AppState) -> Router {
     let server = &state.agent.config.server;
     let body_limit = server.max_body_bytes;
     let timeout = Duration::from_secs(server.request_timeout_secs);
+    let (apis, document) = openapi::routes(state.clone()).split_for_parts();
     Router::new()
-        // Alive: the process answers. Ready: its state database answers too.
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", axum::routing::get(readyz))
-        .merge(peer_api::routes(state.clone()))
+        .merge(apis.layer(axum::Extension(Arc::new(document))))
         .route("/db-sync/ws", axum::routing::get(session::upgrade))
-        .merge(admin_api::routes(state.clone()))
-        .merge(admin_api::metrics_routes(state.clone()))
         .merge(pages::routes(state.clone()))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

@@ -3,18 +3,19 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 
-use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use dbsync_protocol::peer::ErrorBody;
 use dbsync_protocol::peer::{
     ConnectionState, REGISTER_PATH, ROTATE_TOKEN_PATH, RegisterRequest, RegisterResponse,
     RotateTokenRequest, STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest,
     VERIFY_PATH, VerifyRequest,
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::client_ip::ClientIp;
 use crate::error::ApiJson;
@@ -29,14 +30,17 @@ pub(crate) fn limiter(per_minute: u32) -> PeerLimiter {
     ))
 }
 
-/// The peer routes.
-pub(crate) fn routes(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route(STATUS_PATH, get(status))
-        .route(REGISTER_PATH, post(register))
-        .route(UPDATE_STATUS_PATH, post(update_status))
-        .route(VERIFY_PATH, post(verify))
-        .route(ROTATE_TOKEN_PATH, post(rotate_token))
+/// Tag of the peer API in the OpenAPI document.
+pub(crate) const TAG: &str = "peer";
+
+/// The peer routes, with their OpenAPI description.
+pub(crate) fn routes(state: AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(register))
+        .routes(routes!(update_status))
+        .routes(routes!(verify))
+        .routes(routes!(rotate_token))
         .route_layer(middleware::from_fn_with_state(state, rate_limit))
 }
 
@@ -57,6 +61,9 @@ async fn rate_limit(
     }
 }
 
+/// What this site is: identity, incoming mode, protocol versions and transports.
+#[utoipa::path(get, path = STATUS_PATH, tag = TAG,
+    responses((status = 200, body = StatusResponse), (status = 429, body = ErrorBody)))]
 async fn status(State(state): State<AppState>) -> Result<axum::Json<StatusResponse>, ApiError> {
     let settings = state.agent.store.settings().await?;
     Ok(axum::Json(StatusResponse {
@@ -78,6 +85,15 @@ async fn status(State(state): State<AppState>) -> Result<axum::Json<StatusRespon
     }))
 }
 
+/// A sender site asks this site to hold the matching receiver connection.
+#[utoipa::path(post, path = REGISTER_PATH, tag = TAG, request_body = RegisterRequest,
+    responses(
+        (status = 201, body = RegisterResponse),
+        (status = 400, description = "malformed body or token", body = ErrorBody),
+        (status = 401, description = "password_required or invalid_password", body = ErrorBody),
+        (status = 403, description = "registration_disabled, self_connection", body = ErrorBody),
+        (status = 409, description = "duplicate_connection", body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
     client: ClientIp,
@@ -97,6 +113,14 @@ pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The peer's record of a connection changed status.
+#[utoipa::path(post, path = UPDATE_STATUS_PATH, tag = TAG, request_body = UpdateStatusRequest,
+    security(("connection_token" = [])),
+    responses(
+        (status = 200, description = "the status on this side after the change", body = ConnectionState),
+        (status = 400, description = "invalid_status", body = ErrorBody),
+        (status = 401, description = "invalid_token", body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn update_status(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -109,6 +133,13 @@ async fn update_status(
     ))
 }
 
+/// Whether the caller's connection still exists here; hands over a peer token.
+#[utoipa::path(post, path = VERIFY_PATH, tag = TAG, request_body = VerifyRequest,
+    security(("connection_token" = [])),
+    responses(
+        (status = 200, body = ConnectionState),
+        (status = 401, description = "invalid_token", body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn verify(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
@@ -119,6 +150,15 @@ async fn verify(
     Ok(axum::Json(state.agent.handle_verify(token, request).await?))
 }
 
+/// The sender hands over a regenerated connection token.
+#[utoipa::path(post, path = ROTATE_TOKEN_PATH, tag = TAG, request_body = RotateTokenRequest,
+    security(("connection_token" = [])),
+    responses(
+        (status = 200, body = ConnectionState),
+        (status = 400, description = "invalid_token, wrong_direction", body = ErrorBody),
+        (status = 401, description = "invalid_token", body = ErrorBody),
+        (status = 409, description = "token_mismatch, connection_closed", body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
 async fn rotate_token(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,

@@ -16,6 +16,7 @@ pub const ROTATE_TOKEN_PATH: &str = "/db-sync/api/rotate-token";
 
 /// What a site says about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusResponse {
     /// Whether the site takes part in dbsync at all.
     pub enabled: bool,
@@ -37,6 +38,7 @@ pub struct StatusResponse {
 
 /// One data-plane transport a site offers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TransportOffer {
     /// "ws" or "quic".
     pub kind: String,
@@ -48,6 +50,7 @@ pub struct TransportOffer {
 
 /// A sender site asks the receiving site to hold the matching receiver connection.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     /// The sender's `site_url`.
     pub sender_url: String,
@@ -75,6 +78,7 @@ impl std::fmt::Debug for RegisterRequest {
 
 /// The receiving site's answer to a registration.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// Id of the receiver connection on the receiving site.
     pub connection_id: String,
@@ -97,6 +101,7 @@ impl std::fmt::Debug for RegisterResponse {
 /// A peer tells the other side that its record of their connection changed status. The bearer
 /// credential says which connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateStatusRequest {
     /// active, suspended, revoked or expired.
     pub status: String,
@@ -109,6 +114,7 @@ pub struct UpdateStatusRequest {
 /// A peer asks whether its connection still exists on the other side; a receiver that stored a
 /// token by hand also hands over its peer token this way.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerifyRequest {
     /// The caller's `site_url`.
     pub site_url: String,
@@ -128,6 +134,7 @@ impl std::fmt::Debug for VerifyRequest {
 /// credential (the peer token the receiver issued) says which connection; the SHA-256 of the
 /// token being replaced shows the caller is the site that issued it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotateTokenRequest {
     /// The caller's `site_url`.
     pub site_url: String,
@@ -147,6 +154,7 @@ impl std::fmt::Debug for RotateTokenRequest {
 
 /// The state of one connection as the answering side holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConnectionState {
     /// Id on the answering side.
     pub connection_id: String,
@@ -156,6 +164,7 @@ pub struct ConnectionState {
 
 /// Every error body of the peer and admin APIs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -163,6 +172,7 @@ pub struct ErrorBody {
 
 /// A stable code and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Stable machine-readable code, e.g. `password_required`.
     pub code: String,

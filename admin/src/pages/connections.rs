@@ -277,6 +277,14 @@ async fn render_one(state: &AppState, viewer: &Viewer, id: &str) -> dbsync_agent
             ..TransferFilter::default()
         })
         .await?;
+    let finished = store
+        .list_transfers(&TransferFilter {
+            connection_id: Some(c.id),
+            status: Some(dbsync_agent::transfer::TransferStatus::Completed),
+            per_page: Some(history::CHART_TRANSFERS),
+            ..TransferFilter::default()
+        })
+        .await?;
     let action = |name: &str| format!("{}/{name}", connection_href(&c));
     let status = c.status;
     let body = html! {
@@ -362,6 +370,10 @@ async fn render_one(state: &AppState, viewer: &Viewer, id: &str) -> dbsync_agent
                     button type="submit" { "Save controls" }
                 }
             }
+        }
+        section aria-labelledby="throughput" {
+            h2 #throughput { "Throughput" }
+            (super::chart::throughput_chart(&finished.items, &format!("Rows per second of the last {} completed transfers of {}", finished.items.len(), c.name)))
         }
         section aria-labelledby="recent" {
             h2 #recent { "Recent transfers" }

@@ -17,14 +17,16 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::PREFIX;
 use super::forms::Fields;
 use super::layout::{self, Nav};
 use super::viewer::Viewer;
+use super::{PREFIX, chart};
 use crate::AppState;
 
 /// Transfers per page.
 const PER_PAGE: i64 = 25;
+/// Completed transfers in a throughput chart.
+pub(crate) const CHART_TRANSFERS: i64 = 30;
 
 /// Filters and page (from the query string; blank means "any").
 #[derive(Debug, Default, Deserialize)]
@@ -119,12 +121,26 @@ pub(crate) async fn list(
     };
     let ids: HashMap<String, Uuid> = connections.iter().map(|c| (c.name.clone(), c.id)).collect();
     let names: Vec<(Uuid, String)> = connections.iter().map(|c| (c.id, c.name.clone())).collect();
-    let (page, error) = match query.filter(&ids) {
-        Ok(filter) => match store.list_transfers(&filter).await {
-            Ok(page) => (Some(page), None),
-            Err(err) => (None, Some(layout::user_message(err).1)),
-        },
-        Err(error) => (None, Some(error)),
+    let (page, finished, error) = match query.filter(&ids) {
+        Ok(filter) => {
+            // The chart: the latest completed transfers under the same filters.
+            let finished = TransferFilter {
+                status: Some(TransferStatus::Completed),
+                page: Some(1),
+                per_page: Some(CHART_TRANSFERS),
+                ..filter.clone()
+            };
+            match (
+                store.list_transfers(&filter).await,
+                store.list_transfers(&finished).await,
+            ) {
+                (Ok(page), Ok(finished)) => (Some(page), finished.items, None),
+                (Err(err), _) | (_, Err(err)) => {
+                    (None, Vec::new(), Some(layout::user_message(err).1))
+                }
+            }
+        }
+        Err(error) => (None, Vec::new(), Some(error)),
     };
     let in_flight = match store
         .list_transfers(&TransferFilter {
@@ -154,9 +170,11 @@ pub(crate) async fn list(
                             th scope="col" { "direction" }
                             th scope="col" { "table" }
                             th scope="col" { "rows" }
+                            th scope="col" { "progress" }
                             th scope="col" { "bytes" }
                             th scope="col" { "rate" }
                             th scope="col" { "started" }
+                            th scope="col" { span.visually-hidden { "actions" } }
                         } }
                         tbody {
                             @for t in &in_flight {
@@ -165,15 +183,21 @@ pub(crate) async fn list(
                                     td { (t.direction.as_str()) }
                                     td { (t.table_name) }
                                     td data-field="rows" { (layout::number(t.records_transferred)) }
+                                    td data-field="progress" { (progress(t)) }
                                     td data-field="bytes" { (layout::bytes(t.bytes_wire)) }
                                     td data-field="rate" { (rate(t, Utc::now())) }
                                     td { (layout::time(t.started_at)) }
+                                    td { (cancel(&viewer, t, &here)) }
                                 }
                             }
                         }
                     }
                 }
             }
+        }
+        section aria-labelledby="throughput" {
+            h2 #throughput { "Throughput" }
+            (chart::throughput_chart(&finished, &format!("Rows per second of the last {} completed transfers shown by these filters", finished.len())))
         }
         section aria-labelledby="all" {
             h2 #all { "Transfers" }
@@ -246,6 +270,34 @@ fn name_of(names: &[(Uuid, String)], id: Option<Uuid>) -> String {
         .map_or_else(|| "—".to_owned(), |(_, n)| n.clone())
 }
 
+/// How far a running transfer is, from the row estimate recorded when it started (the sender's
+/// for a pull; none for incremental or filtered pulls): a share below 100 % until it finishes.
+fn percent(t: &Transfer) -> Option<i64> {
+    let estimate = t.metadata.get("estimated_rows")?.as_i64()?;
+    (estimate > 0).then(|| (t.records_transferred.saturating_mul(100) / estimate).clamp(0, 99))
+}
+
+fn progress(t: &Transfer) -> Markup {
+    match percent(t) {
+        Some(p) => html! {
+            progress max="100" value=(p) aria-label={ "Progress of " (t.table_name) } {}
+            " " span data-field="percent" { (p) " %" }
+        },
+        None => html! { span data-field="percent" { "—" } },
+    }
+}
+
+/// A button that cancels a transfer not finished yet (a running pull stops at its next batch).
+fn cancel(viewer: &Viewer, t: &Transfer, back: &str) -> Markup {
+    html! {
+        form.cancel method="post" action={ (PREFIX) "/history/" (t.id) "/cancel" } {
+            (layout::csrf(viewer))
+            input type="hidden" name="back" value=(back);
+            button.danger type="submit" aria-label={ "Cancel transfer of " (t.table_name) } { "Cancel" }
+        }
+    }
+}
+
 /// Rows per second since the transfer started.
 fn rate(t: &Transfer, now: DateTime<Utc>) -> String {
     let Some(started) = t.started_at else {
@@ -314,6 +366,8 @@ pub(crate) fn transfer_table(
                                 td {
                                     @if t.status == TransferStatus::PendingApproval {
                                         (decide(viewer, t, back))
+                                    } @else if matches!(t.status, TransferStatus::Approved | TransferStatus::InProgress) {
+                                        (cancel(viewer, t, back))
                                     } @else if let Some(error) = &t.error_message {
                                         span.error { (error) }
                                     } @else if let Some(reason) = &t.denial_reason {
@@ -350,6 +404,7 @@ pub(crate) async fn live(State(state): State<AppState>) -> Response {
                 "rows": layout::number(t.records_transferred),
                 "bytes": layout::bytes(t.bytes_wire),
                 "rate": rate(t, now),
+                "percent": percent(t),
             })).collect::<Vec<_>>(),
         }))
         .into_response(),
@@ -360,7 +415,7 @@ pub(crate) async fn live(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `POST /admin/db-sync/history/{id}/{approve|deny}`; returns to the form's `back` page.
+/// `POST /admin/db-sync/history/{id}/{approve|deny|cancel}`; returns to the form's `back` page.
 pub(crate) async fn act(
     State(state): State<AppState>,
     Extension(viewer): Extension<Viewer>,
@@ -384,6 +439,15 @@ pub(crate) async fn act(
             .deny_transfer(id, fields.text("reason"), &viewer.actor, now)
             .await
             .map(|t| format!("Transfer of {} denied.", t.table_name)),
+        "cancel" => store
+            .cancel_transfer(id, &viewer.actor, now)
+            .await
+            .map(|t| {
+                format!(
+                    "Transfer of {} cancelled; a running pull stops at its next batch.",
+                    t.table_name
+                )
+            }),
         _ => return layout::error_page(StatusCode::NOT_FOUND, "No such action."),
     };
     match outcome {

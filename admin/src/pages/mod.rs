@@ -11,6 +11,7 @@
 //! token on every form, logout.
 
 pub(crate) mod auth;
+mod chart;
 mod connections;
 mod forms;
 mod history;

@@ -593,6 +593,29 @@ impl Store {
         Ok(tables)
     }
 
+    /// About how many rows `table` holds, for progress: PostgreSQL's statistics (or its planner's
+    /// guess before the first ANALYZE); `None` on SQLite, where only a full count would say.
+    pub async fn row_estimate(&self, table: &str) -> Result<Option<u64>> {
+        if self.engine() != Engine::Postgres {
+            return Ok(None);
+        }
+        let quoted = quote_table(Engine::Postgres, table)?;
+        let tuples: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query_scalar(
+                "SELECT CAST(reltuples AS BIGINT) FROM pg_class WHERE oid = to_regclass($1)",
+            )
+            .bind(&quoted)
+            .fetch_optional(pool)
+            .await?
+        });
+        let rows = match tuples {
+            Some(rows) if rows >= 0 => rows,
+            Some(_) => self.planner_rows(table).await?,
+            None => return Ok(None),
+        };
+        Ok(u64::try_from(rows).ok())
+    }
+
     /// How many rows PostgreSQL's planner expects `table` to hold (from its size on disk).
     async fn planner_rows(&self, table: &str) -> Result<i64> {
         let sql = format!(

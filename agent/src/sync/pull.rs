@@ -79,6 +79,8 @@ pub(super) struct TableJob<'a> {
     pub(super) max_per_request: u64,
     /// What the operator asked for.
     pub(super) options: &'a PullOptions,
+    /// The sender's row estimate of the whole table (0 when unknown).
+    pub(super) estimated_rows: u64,
 }
 
 /// What one pass over a table's rows asks the sender for.
@@ -604,6 +606,7 @@ impl Agent {
                         schema: &schema,
                         max_per_request,
                         options,
+                        estimated_rows,
                     };
                     // A table without a key, or any under `replace`, comes whole.
                     let summary =
@@ -856,6 +859,10 @@ impl Agent {
         }
         if options.scheduled {
             facts.insert("scheduled".into(), true.into());
+        }
+        // What the pages show progress against: the whole table, when the whole table comes.
+        if cursor.is_none() && options.where_key.is_none() && job.estimated_rows > 0 {
+            facts.insert("estimated_rows".into(), job.estimated_rows.into());
         }
         if !facts.is_empty() {
             store

@@ -36,6 +36,7 @@ impl Agent {
             schema,
             max_per_request,
             options,
+            ..
         } = *job;
         let (columns, strategy, key_filter) = (pass.columns, pass.strategy, pass.key_filter);
         let Position {

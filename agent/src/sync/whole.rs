@@ -42,6 +42,9 @@ impl Agent {
             .start_receive_transfer(connection, &schema.name, strategy, client.transport)
             .await?;
         let mut facts = serde_json::json!({ "whole": true });
+        if job.estimated_rows > 0 {
+            facts["estimated_rows"] = job.estimated_rows.into();
+        }
         if !options.exclude_columns.is_empty() {
             facts["exclude_columns"] = serde_json::json!(options.exclude_columns);
         }

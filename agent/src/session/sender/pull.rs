@@ -175,6 +175,15 @@ impl Session<'_> {
                 if let Some(start) = &pull.after_key {
                     facts["start_key"] = serde_json::to_value(start).unwrap_or_default();
                 }
+                // What the pages show progress against: the whole table, when all of it goes.
+                if !pull.keys_only
+                    && pull.cursor_column.is_none()
+                    && pull.key_filter.is_none()
+                    && pull.after_key.is_none()
+                    && let Some(rows) = store.row_estimate(&pull.table).await?
+                {
+                    facts["estimated_rows"] = rows.into();
+                }
                 store.merge_transfer_metadata(created.id, facts).await?;
                 if requires_approval {
                     return self.approval_pending(&pull, created.id).await;
