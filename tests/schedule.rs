@@ -79,6 +79,12 @@ async fn a_job_runs_when_due_not_before_and_not_twice_after_a_restart() {
     let first = b.agent.run_due_jobs("b-1").await.unwrap();
     assert_eq!(first.len(), 1, "a new schedule is due at once");
     assert_eq!((first[0].status.as_str(), first[0].rows), ("completed", 3));
+    let metrics = b.agent.metrics.render(&b.agent.store).await.unwrap();
+    assert!(
+        metrics.contains("dbsync_scheduler_lag_seconds_count 1")
+            && metrics.contains("dbsync_scheduler_runs_total{status=\"completed\"} 1"),
+        "{metrics}"
+    );
     assert!(b.agent.run_due_jobs("b-1").await.unwrap().is_empty());
     clock.advance(Duration::minutes(9));
     assert!(

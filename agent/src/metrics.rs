@@ -61,6 +61,7 @@ pub struct Metrics {
     table_pulls: Family<StatusLabel, Histogram, fn() -> Histogram>,
     rate_limited: Counter,
     scheduler_runs: Family<StatusLabel, Counter>,
+    scheduler_lag: Histogram,
     transfers: Family<StatusLabel, Gauge>,
     approvals_waiting: Gauge,
     pool: Family<StatusLabel, Gauge>,
@@ -92,6 +93,8 @@ impl Metrics {
             table_pulls: Family::new_with_constructor(pull_histogram),
             rate_limited: Counter::default(),
             scheduler_runs: Family::default(),
+            // 100 ms to ~1.8 hours.
+            scheduler_lag: Histogram::new(exponential_buckets(0.1, 2.0, 17)),
             transfers: Family::default(),
             approvals_waiting: Gauge::default(),
             pool: Family::default(),
@@ -141,6 +144,11 @@ impl Metrics {
             "scheduler_runs",
             "Scheduled syncs run by this site, by outcome (completed, failed)",
             metrics.scheduler_runs.clone(),
+        );
+        registry.register(
+            "scheduler_lag_seconds",
+            "How long after its due time a scheduled sync started",
+            metrics.scheduler_lag.clone(),
         );
         registry.register(
             "transfers",
@@ -217,6 +225,11 @@ impl Metrics {
                 status: if completed { "completed" } else { "failed" }.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// A scheduled sync started `seconds` after it was due.
+    pub fn scheduler_started(&self, seconds: f64) {
+        self.scheduler_lag.observe(seconds.max(0.0));
     }
 
     /// A scheduled sync ran.

@@ -265,7 +265,10 @@ impl Agent {
             scheduled: true,
             ..PullOptions::default()
         };
-        tracing::info!(connection = %connection.name, "scheduled sync starts");
+        let lag = (self.now() - schedule.next_run_at).num_milliseconds();
+        #[allow(clippy::cast_precision_loss)]
+        self.metrics.scheduler_started(lag as f64 / 1000.0);
+        tracing::info!(connection = %connection.name, lag_ms = lag.max(0), "scheduled sync starts");
         let result = self.pull(&connection.name, &options, |_| {}).await;
         let now = self.now();
         let interval = chrono::Duration::minutes(connection.auto_sync_interval_minutes.max(1));
