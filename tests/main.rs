@@ -14,4 +14,5 @@ mod quic;
 mod schedule;
 mod schema;
 mod serve;
+mod share;
 mod strategies;

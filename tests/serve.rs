@@ -238,3 +238,76 @@ fn two_agents_driven_through_the_cli() {
         assert!(!text.contains("dbs_"), "no token prefix either: {name}");
     }
 }
+
+/// `dbsync share` on one site, `dbsync pull --code --from` on another: the tables arrive once,
+/// the second use of the code is refused, and no log line of the sender carries the code.
+#[test]
+fn a_share_code_through_the_cli() {
+    let a = Site::sqlite();
+    let b = Site::sqlite();
+    let mut server_a = serve(&a);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&a.url).await.unwrap();
+        for sql in [
+            "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)",
+            "INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three')",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        pool.close().await;
+    });
+    let shared = a
+        .run_with_env(
+            &[
+                "--json",
+                "share",
+                "--tables",
+                "items",
+                "--expires-in",
+                "10m",
+            ],
+            None,
+            &[("DBSYNC_SITE_URL", server_a.url.as_str())],
+        )
+        .json();
+    let code = shared["code"].as_str().unwrap().to_owned();
+    assert_eq!(shared["tables"], serde_json::json!(["items"]));
+    assert!(
+        shared["pull_command"]
+            .as_str()
+            .unwrap()
+            .contains(&server_a.url)
+    );
+    let pull = |code: &str| {
+        b.run(
+            &[
+                "--allow-private-peers",
+                "--json",
+                "pull",
+                "--code",
+                code,
+                "--from",
+                &server_a.url,
+            ],
+            None,
+        )
+    };
+    let pulled = pull(&code);
+    assert_eq!(pulled.status, 0, "{}", pulled.stderr);
+    assert_eq!(pulled.json()["tables"][0]["rows"], 3);
+    let held = b.run(&["--json", "connections", "list"], None).json();
+    assert_eq!(held[0]["status"], "revoked", "{held}");
+    let again = pull(&code);
+    assert_eq!(again.status, 1);
+    assert!(again.stderr.contains("refused"), "{}", again.stderr);
+    let listed = a.run(&["--json", "transfers", "list"], None).json();
+    assert_eq!(listed["total"], 1, "{listed}");
+    assert_eq!(terminate(&mut server_a), 0);
+    let log = std::fs::read_to_string(&server_a.log).unwrap();
+    assert!(log.contains("share redeemed"));
+    assert!(!log.contains(&code) && !log.contains(&code.replace('-', "")[4..]));
+}

@@ -9,9 +9,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use dbsync_protocol::peer::ErrorBody;
 use dbsync_protocol::peer::{
-    ConnectionState, REGISTER_PATH, ROTATE_TOKEN_PATH, RegisterRequest, RegisterResponse,
-    RotateTokenRequest, STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest,
-    VERIFY_PATH, VerifyRequest,
+    ConnectionState, REDEEM_SHARE_PATH, REGISTER_PATH, ROTATE_TOKEN_PATH, RedeemShareRequest,
+    RedeemShareResponse, RegisterRequest, RegisterResponse, RotateTokenRequest, STATUS_PATH,
+    StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use utoipa_axum::router::OpenApiRouter;
@@ -41,6 +41,7 @@ pub(crate) fn routes(state: AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(update_status))
         .routes(routes!(verify))
         .routes(routes!(rotate_token))
+        .routes(routes!(redeem_share))
         .route_layer(middleware::from_fn_with_state(state, rate_limit))
 }
 
@@ -168,5 +169,22 @@ async fn rotate_token(
         .ok_or_else(|| ApiError::unauthorized("a bearer connection token is required"))?;
     Ok(axum::Json(
         state.agent.handle_rotate_token(token, request).await?,
+    ))
+}
+
+/// Trades a one-time share code for a connection token good for the shared tables.
+#[utoipa::path(post, path = REDEEM_SHARE_PATH, tag = TAG, request_body = RedeemShareRequest,
+    responses(
+        (status = 200, body = RedeemShareResponse),
+        (status = 400, description = "invalid_request", body = ErrorBody),
+        (status = 401, description = "invalid_share_code: unknown, used, expired or revoked", body = ErrorBody),
+        (status = 429, body = ErrorBody)))]
+async fn redeem_share(
+    State(state): State<AppState>,
+    client: ClientIp,
+    ApiJson(request): ApiJson<RedeemShareRequest>,
+) -> Result<axum::Json<RedeemShareResponse>, ApiError> {
+    Ok(axum::Json(
+        state.agent.handle_redeem_share(request, client.0).await?,
     ))
 }

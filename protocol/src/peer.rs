@@ -11,6 +11,8 @@ pub const REGISTER_PATH: &str = "/db-sync/api/register-connection";
 pub const UPDATE_STATUS_PATH: &str = "/db-sync/api/update-status";
 /// `POST /db-sync/api/verify-connection`.
 pub const VERIFY_PATH: &str = "/db-sync/api/verify-connection";
+/// `POST /db-sync/api/redeem-share`.
+pub const REDEEM_SHARE_PATH: &str = "/db-sync/api/redeem-share";
 /// `POST /db-sync/api/rotate-token`.
 pub const ROTATE_TOKEN_PATH: &str = "/db-sync/api/rotate-token";
 
@@ -148,6 +150,49 @@ impl std::fmt::Debug for RotateTokenRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RotateTokenRequest")
             .field("site_url", &self.site_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A receiving site exchanges a one-time share code for the token of the share's connection.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RedeemShareRequest {
+    /// The code `dbsync share` printed, e.g. `K7QM-8H2D-X9PA-4RTB` (dashes, spaces and case do
+    /// not matter).
+    pub code: String,
+    /// The caller's `site_url`, recorded with the share.
+    pub site_url: String,
+}
+
+impl std::fmt::Debug for RedeemShareRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedeemShareRequest")
+            .field("site_url", &self.site_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a redeemed share gives: a connection token good for the shared tables, once each, until
+/// the share expires.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RedeemShareResponse {
+    /// Name of the share's connection on the sending site.
+    pub connection_name: String,
+    /// The connection token for the data plane.
+    pub token: String,
+    /// The tables shared.
+    pub tables: Vec<String>,
+    /// When the share dies (RFC 3339).
+    pub expires_at: Option<String>,
+}
+
+impl std::fmt::Debug for RedeemShareResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedeemShareResponse")
+            .field("connection_name", &self.connection_name)
+            .field("tables", &self.tables)
             .finish_non_exhaustive()
     }
 }

@@ -8,6 +8,7 @@ mod pull;
 mod schedule;
 mod serve;
 mod settings;
+mod share;
 mod transfers;
 
 use std::path::PathBuf;
@@ -78,8 +79,11 @@ enum Command {
     /// Create, inspect and change connections to other sites
     #[command(subcommand)]
     Connections(connections::Command),
-    /// Pull tables from the sending site of a receiver connection (QUIC or WebSocket)
+    /// Pull tables from the sending site of a receiver connection (QUIC or WebSocket), or once
+    /// with a share code (--code CODE --from URL)
     Pull(pull::PullArgs),
+    /// A one-time code another site pulls some tables with once, with no permanent connection
+    Share(share::ShareArgs),
     /// Transfer history
     #[command(subcommand)]
     Transfers(transfers::Command),
@@ -183,6 +187,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::AdminTokens(command) => admin_tokens::run(&ctx, command).await,
         Command::Connections(command) => connections::run(&ctx, command).await,
         Command::Pull(args) => pull::run(&ctx, args).await,
+        Command::Share(args) => share::run(&ctx, args).await,
         Command::Transfers(command) => transfers::run(&ctx, command).await,
         Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
         Command::Settings(command) => settings::run(&ctx, command).await,

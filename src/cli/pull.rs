@@ -11,7 +11,15 @@ use super::output;
 #[derive(Debug, Args)]
 pub(crate) struct PullArgs {
     /// Receiver connection id or name
-    connection: String,
+    #[arg(required_unless_present = "code")]
+    connection: Option<String>,
+    /// A one-time share code from `dbsync share` on the sending site (with --from): pulls the
+    /// shared tables once, with no permanent connection
+    #[arg(long, requires = "from", conflicts_with = "connection")]
+    code: Option<String>,
+    /// The sending site of --code (its site URL)
+    #[arg(long, value_name = "URL", requires = "code")]
+    from: Option<String>,
     /// Tables to pull (comma-separated)
     #[arg(long, value_delimiter = ',', conflicts_with = "all")]
     tables: Vec<String>,
@@ -78,6 +86,23 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    // A share code becomes a receiver connection holding the share's token (so a broken pull
+    // resumes with `dbsync pull <name>`), revoked here once the pull is done.
+    let (connection, share) = match (args.connection, args.code, args.from) {
+        (Some(connection), None, None) => (connection, None),
+        (None, Some(code), Some(from)) => {
+            let (held, tables) = ctx.agent.redeem_share(&from, &code, &ctx.actor).await?;
+            if !ctx.json {
+                eprintln!(
+                    "share code accepted: {} ({}) from {from}",
+                    held.name,
+                    tables.join(", ")
+                );
+            }
+            (held.name.clone(), Some(held))
+        }
+        _ => anyhow::bail!("name a connection, or give --code and --from"),
+    };
     let options = PullOptions {
         tables: (!args.tables.is_empty()).then_some(args.tables),
         strategy: args.strategy,
@@ -107,7 +132,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
     let mut wire: i64 = 0;
     let summary = ctx
         .agent
-        .pull(&args.connection, &options, |event| {
+        .pull(&connection, &options, |event| {
             if json {
                 return;
             }
@@ -173,7 +198,21 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
             bar.abandon();
         }
     }
-    let summary = summary?;
+    let summary = match (summary, &share) {
+        (Ok(summary), _) => summary,
+        (Err(err), Some(held)) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "the share's pull stopped; run `dbsync pull {}` to resume it before the share expires",
+                held.name
+            )));
+        }
+        (Err(err), None) => return Err(err.into()),
+    };
+    // A share's connection (this run's, or one a broken run left to resume) is done with.
+    let pulled = ctx.store.get_connection(&connection).await?;
+    if pulled.metadata.pointer("/share/code_id").is_some() && summary.skipped.is_empty() {
+        ctx.agent.finish_share(&pulled, &ctx.actor).await?;
+    }
     if json {
         return output::print_json(&summary);
     }

@@ -6,5 +6,6 @@ pub mod pull;
 pub mod registration;
 mod rows;
 pub mod schedule;
+pub mod share;
 pub mod token_rotation;
 mod whole;

@@ -208,7 +208,7 @@ impl Agent {
     /// Refuses `site_url` when it is this site's own address (a connection joins two sites;
     /// one to itself would register with itself). Scheme and host compare without regard to
     /// case.
-    async fn refuse_own_url(&self, site_url: &str) -> Result<()> {
+    pub(super) async fn refuse_own_url(&self, site_url: &str) -> Result<()> {
         let canonical = |url: &str| {
             crate::connection::normalize_site_url(url).map(|url| {
                 let (scheme_host, path) = match url.split_once("://") {

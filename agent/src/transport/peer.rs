@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dbsync_protocol::peer::{
-    ConnectionState, ErrorBody, REGISTER_PATH, ROTATE_TOKEN_PATH, RegisterRequest,
-    RegisterResponse, RotateTokenRequest, STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH,
-    UpdateStatusRequest, VERIFY_PATH, VerifyRequest,
+    ConnectionState, ErrorBody, REDEEM_SHARE_PATH, REGISTER_PATH, ROTATE_TOKEN_PATH,
+    RedeemShareRequest, RedeemShareResponse, RegisterRequest, RegisterResponse, RotateTokenRequest,
+    STATUS_PATH, StatusResponse, UPDATE_STATUS_PATH, UpdateStatusRequest, VERIFY_PATH,
+    VerifyRequest,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -223,6 +224,15 @@ impl PeerClient {
     ) -> Result<ConnectionState, PeerCallError> {
         self.post(site_url, VERIFY_PATH, Some(bearer), request)
             .await
+    }
+
+    /// `POST /db-sync/api/redeem-share`.
+    pub async fn redeem_share(
+        &self,
+        site_url: &str,
+        request: &RedeemShareRequest,
+    ) -> Result<RedeemShareResponse, PeerCallError> {
+        self.post(site_url, REDEEM_SHARE_PATH, None, request).await
     }
 
     /// `POST /db-sync/api/rotate-token`, authenticated by `bearer`.
