@@ -60,11 +60,15 @@ impl AppState {
             server.session_cap(),
             server.max_sessions_per_ip,
         );
+        let web_sessions = Arc::new(pages::auth::Sessions::new(
+            agent.store.clone(),
+            Arc::clone(&agent.clock),
+        ));
         Self {
             agent,
             proxies,
             peer_limiter,
-            web_sessions: Arc::default(),
+            web_sessions,
             login_limiter: Arc::new(peer_api::limiter(pages::LOGIN_ATTEMPTS_PER_MINUTE)),
             sessions_stop: Arc::new(tokio::sync::watch::channel(false).0),
             connections,

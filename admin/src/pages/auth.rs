@@ -1,20 +1,21 @@
 //! Who may see the admin pages: login with an admin token, then a session cookie; a CSRF token on
 //! every form; logout.
 //!
-//! Sessions live in memory (a restart logs everyone out). The cookie carries 32 random bytes; the
-//! store keeps only their SHA-256, so a memory dump does not hand out live cookies. Each request
-//! re-checks that the admin token behind the session is still unrevoked.
+//! Sessions live in the state database, shared by every agent of a site (sign in on one, act on
+//! another) and kept across restarts. The cookie carries 32 random bytes; the store keeps only
+//! their SHA-256, so a copy of the database does not hand out live cookies. Each request re-checks
+//! that the admin token behind the session is still unrevoked.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
+use dbsync_agent::Store;
 use dbsync_agent::audit::Actor;
+use dbsync_agent::store::web_session::SessionLife;
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
@@ -33,7 +34,7 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// A session ends this long after login, however busy.
 pub(crate) const ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(12 * 60 * 60);
 /// Most sessions kept at once; the oldest goes first beyond it.
-const MAX_SESSIONS: usize = 1_000;
+const MAX_SESSIONS: i64 = 1_000;
 /// Largest form body read for the CSRF check (the new-connection form is well under it).
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
@@ -48,15 +49,20 @@ pub(crate) struct WebSession {
     pub(crate) csrf: String,
     /// One message for the next page (after a redirect).
     pub(crate) flash: Option<Flash>,
-    created: Instant,
-    last_seen: Instant,
 }
 
-/// The in-memory session store.
-#[derive(Debug, Default)]
+/// The sessions, kept in the state database (shared by every agent of the site).
+#[derive(Debug, Clone)]
 pub(crate) struct Sessions {
-    inner: Mutex<HashMap<[u8; 32], WebSession>>,
+    store: Store,
+    clock: dbsync_agent::clock::SharedClock,
 }
+
+const LIFE: SessionLife = SessionLife {
+    idle: chrono::Duration::seconds(IDLE_TIMEOUT.as_secs() as i64),
+    absolute: chrono::Duration::seconds(ABSOLUTE_TIMEOUT.as_secs() as i64),
+    max_sessions: MAX_SESSIONS,
+};
 
 fn random_hex() -> String {
     let mut bytes = [0_u8; 32];
@@ -69,74 +75,66 @@ fn key_of(cookie: &str) -> [u8; 32] {
 }
 
 impl Sessions {
+    /// Sessions in `store`, timed by `clock`.
+    pub(crate) fn new(store: Store, clock: dbsync_agent::clock::SharedClock) -> Self {
+        Self { store, clock }
+    }
+
     /// Opens a session for `token_id`/`token_name`; returns the cookie value.
-    fn open(&self, token_id: Uuid, token_name: &str) -> String {
+    async fn open(&self, token_id: Uuid, token_name: &str) -> dbsync_agent::Result<String> {
         let cookie = random_hex();
-        let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.retain(|_, s| s.alive(now));
-        if inner.len() >= MAX_SESSIONS
-            && let Some(oldest) = inner.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| *k)
-        {
-            inner.remove(&oldest);
-        }
-        inner.insert(
-            key_of(&cookie),
-            WebSession {
+        self.store
+            .open_web_session(
+                &key_of(&cookie),
                 token_id,
-                token_name: token_name.to_owned(),
-                csrf: random_hex(),
-                flash: None,
-                created: now,
-                last_seen: now,
-            },
-        );
-        cookie
+                token_name,
+                &random_hex(),
+                self.clock.now(),
+                LIFE,
+            )
+            .await?;
+        Ok(cookie)
     }
 
     /// The live session behind `cookie`, touched; takes its flash message.
-    fn find(&self, cookie: &str) -> Option<([u8; 32], WebSession)> {
+    async fn find(&self, cookie: &str) -> dbsync_agent::Result<Option<([u8; 32], WebSession)>> {
         let key = key_of(cookie);
-        let now = Instant::now();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let session = inner.get_mut(&key)?;
-        if !session.alive(now) {
-            inner.remove(&key);
-            return None;
-        }
-        session.last_seen = now;
-        let found = session.clone();
-        session.flash = None;
-        Some((key, found))
+        let Some(stored) = self
+            .store
+            .find_web_session(&key, self.clock.now(), LIFE)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let flash = stored.flash.and_then(|f| {
+            Some(Flash {
+                error: f.get("error")?.as_bool()?,
+                text: f.get("text")?.as_str()?.to_owned(),
+            })
+        });
+        Ok(Some((
+            key,
+            WebSession {
+                token_id: stored.token_id,
+                token_name: stored.token_name,
+                csrf: stored.csrf,
+                flash,
+            },
+        )))
     }
 
-    fn close(&self, key: &[u8; 32]) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+    async fn close(&self, key: &[u8; 32]) {
+        if let Err(err) = self.store.close_web_session(key).await {
+            tracing::warn!(error = %err, "could not end an admin page session");
+        }
     }
 
     /// Leaves `flash` for the next page of the session.
-    pub(crate) fn flash(&self, viewer: &Viewer, error: bool, text: impl Into<String>) {
-        if let Some(session) = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&viewer.key)
-        {
-            session.flash = Some(Flash {
-                error,
-                text: text.into(),
-            });
+    pub(crate) async fn flash(&self, viewer: &Viewer, error: bool, text: impl Into<String>) {
+        let flash = serde_json::json!({ "error": error, "text": text.into() });
+        if let Err(err) = self.store.flash_web_session(&viewer.key, flash).await {
+            tracing::warn!(error = %err, "could not leave a message for the next page");
         }
-    }
-}
-
-impl WebSession {
-    fn alive(&self, now: Instant) -> bool {
-        now.duration_since(self.last_seen) < IDLE_TIMEOUT
-            && now.duration_since(self.created) < ABSOLUTE_TIMEOUT
     }
 }
 
@@ -216,7 +214,13 @@ pub(crate) async fn require_session(
     request: Request,
     next: Next,
 ) -> Response {
-    let found = cookie(request.headers(), SESSION_COOKIE).and_then(|c| state.web_sessions.find(c));
+    let found = match cookie(request.headers(), SESSION_COOKIE) {
+        Some(c) => match state.web_sessions.find(c).await {
+            Ok(found) => found,
+            Err(err) => return layout::agent_error(err),
+        },
+        None => None,
+    };
     let Some((key, session)) = found else {
         return if request.method() == Method::GET {
             Redirect::to(&format!("{PREFIX}/login")).into_response()
@@ -230,7 +234,7 @@ pub(crate) async fn require_session(
     match state.agent.store.admin_token_active(session.token_id).await {
         Ok(true) => {}
         Ok(false) => {
-            state.web_sessions.close(&key);
+            state.web_sessions.close(&key).await;
             return Redirect::to(&format!("{PREFIX}/login")).into_response();
         }
         Err(err) => return layout::agent_error(err),
@@ -337,7 +341,10 @@ pub(crate) async fn login(
     {
         Ok(Some(token)) => {
             tracing::info!(admin = %token.name, ip = %client.0, "admin pages: signed in");
-            let session = state.web_sessions.open(token.id, &token.name);
+            let session = match state.web_sessions.open(token.id, &token.name).await {
+                Ok(session) => session,
+                Err(err) => return layout::agent_error(err),
+            };
             let mut response = Redirect::to(PREFIX).into_response();
             let headers = response.headers_mut();
             for value in [
@@ -367,7 +374,7 @@ pub(crate) async fn logout(
     State(state): State<AppState>,
     axum::Extension(viewer): axum::Extension<Viewer>,
 ) -> Response {
-    state.web_sessions.close(&viewer.key);
+    state.web_sessions.close(&viewer.key).await;
     let mut response = Redirect::to(&format!("{PREFIX}/login")).into_response();
     if let Ok(value) = set_cookie(&state, SESSION_COOKIE, "", Some(Duration::ZERO)).parse() {
         response.headers_mut().append(header::SET_COOKIE, value);
@@ -406,17 +413,5 @@ mod tests {
         assert!(!cross_origin(&headers));
         headers.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
         assert!(cross_origin(&headers));
-    }
-
-    #[test]
-    fn sessions_expire_and_close() {
-        let sessions = Sessions::default();
-        let id = Uuid::new_v4();
-        let cookie = sessions.open(id, "ops");
-        let (key, found) = sessions.find(&cookie).expect("live session");
-        assert_eq!(found.token_id, id);
-        assert!(sessions.find("not-a-session").is_none());
-        sessions.close(&key);
-        assert!(sessions.find(&cookie).is_none());
     }
 }

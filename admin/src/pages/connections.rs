@@ -410,14 +410,14 @@ pub(crate) async fn update(
             .map_err(|err| layout::user_message(err).1),
         Err(error) => Err(error),
     };
-    flash(&state, &viewer, outcome);
+    flash(&state, &viewer, outcome).await;
     Redirect::to(&back).into_response()
 }
 
-fn flash(state: &AppState, viewer: &Viewer, outcome: Result<String, String>) {
+async fn flash(state: &AppState, viewer: &Viewer, outcome: Result<String, String>) {
     match outcome {
-        Ok(text) => state.web_sessions.flash(viewer, false, text),
-        Err(text) => state.web_sessions.flash(viewer, true, text),
+        Ok(text) => state.web_sessions.flash(viewer, false, text).await,
+        Err(text) => state.web_sessions.flash(viewer, true, text).await,
     }
 }
 
@@ -435,11 +435,14 @@ pub(crate) async fn act(
         "approve" => StatusChange::Approve,
         "reactivate" => StatusChange::Reactivate,
         "suspend" | "revoke" if reason.is_empty() => {
-            state.web_sessions.flash(
-                &viewer,
-                true,
-                format!("To {action} a connection, give a reason."),
-            );
+            state
+                .web_sessions
+                .flash(
+                    &viewer,
+                    true,
+                    format!("To {action} a connection, give a reason."),
+                )
+                .await;
             return Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response();
         }
         "suspend" => StatusChange::Suspend(reason),
@@ -456,7 +459,7 @@ pub(crate) async fn act(
                     ),
                 ),
                 Err(err) => {
-                    flash(&state, &viewer, Err(layout::user_message(err).1));
+                    flash(&state, &viewer, Err(layout::user_message(err).1)).await;
                     Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response()
                 }
             };
@@ -465,7 +468,8 @@ pub(crate) async fn act(
             if !fields.checked("confirm") {
                 state
                     .web_sessions
-                    .flash(&viewer, true, "Tick the box to confirm the deletion.");
+                    .flash(&viewer, true, "Tick the box to confirm the deletion.")
+                    .await;
                 return Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response();
             }
             return match state.agent.delete_connection(&id, &viewer.actor).await {
@@ -475,11 +479,12 @@ pub(crate) async fn act(
                         &state,
                         &viewer,
                         Ok(format!("Connection {} deleted.", deleted.name)),
-                    );
+                    )
+                    .await;
                     Redirect::to(&format!("{PREFIX}/connections")).into_response()
                 }
                 Err(err) => {
-                    flash(&state, &viewer, Err(layout::user_message(err).1));
+                    flash(&state, &viewer, Err(layout::user_message(err).1)).await;
                     Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response()
                 }
             };
@@ -499,6 +504,6 @@ pub(crate) async fn act(
             )
         })
         .map_err(|err| layout::user_message(err).1);
-    flash(&state, &viewer, outcome);
+    flash(&state, &viewer, outcome).await;
     Redirect::to(&format!("{PREFIX}/connections/{id}")).into_response()
 }

@@ -451,10 +451,13 @@ pub(crate) async fn act(
         _ => return layout::error_page(StatusCode::NOT_FOUND, "No such action."),
     };
     match outcome {
-        Ok(text) => state.web_sessions.flash(&viewer, false, text),
-        Err(err) => state
-            .web_sessions
-            .flash(&viewer, true, layout::user_message(err).1),
+        Ok(text) => state.web_sessions.flash(&viewer, false, text).await,
+        Err(err) => {
+            state
+                .web_sessions
+                .flash(&viewer, true, layout::user_message(err).1)
+                .await
+        }
     }
     Redirect::to(&back).into_response()
 }

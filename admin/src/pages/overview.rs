@@ -229,8 +229,8 @@ pub(crate) async fn set_incoming(
         Err(err) => Err(err),
     };
     match outcome {
-        Ok(text) => state.web_sessions.flash(&viewer, false, text),
-        Err(text) => state.web_sessions.flash(&viewer, true, text),
+        Ok(text) => state.web_sessions.flash(&viewer, false, text).await,
+        Err(text) => state.web_sessions.flash(&viewer, true, text).await,
     }
     Redirect::to(PREFIX).into_response()
 }

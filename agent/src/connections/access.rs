@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::rate_limit::RateLimits;
 use crate::store::Store;
 use crate::token::Token;
+use uuid::Uuid;
 
 /// Why a session was refused. [`AccessDenied::code`] is the stable wire code.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,7 @@ impl PasswordFailures {
 #[derive(Debug, Clone)]
 pub struct Validator {
     store: Store,
+    clock: SharedClock,
     rate_limits: Arc<RateLimits>,
     /// Download-password guesses, a limiter per connection (its own, not the request limit).
     password_guesses: Arc<RateLimits>,
@@ -158,6 +160,7 @@ impl Validator {
     pub fn new(store: Store, clock: SharedClock) -> Self {
         Self {
             store,
+            clock: Arc::clone(&clock),
             rate_limits: Arc::new(RateLimits::new(Arc::clone(&clock))),
             password_guesses: Arc::new(RateLimits::new(clock)),
             password_failures: Arc::default(),
@@ -230,7 +233,7 @@ impl Validator {
             self.check_password(&connection, given, hash, client_ip, now)
                 .await?;
         }
-        self.check_rate(&connection)?;
+        self.check_rate(&connection).await?;
         self.store.touch_connected(connection.id, now).await?;
         Ok(connection)
     }
@@ -274,9 +277,9 @@ impl Validator {
             let retry_after = (until - now).to_std().unwrap_or(PASSWORD_LOCKOUT);
             return Err(AccessDenied::RateLimited { retry_after });
         }
-        self.password_guesses
-            .check(connection.id, PASSWORD_GUESSES_PER_MINUTE)
-            .map_err(|retry_after| AccessDenied::RateLimited { retry_after })?;
+        let guesses = uuid::Uuid::new_v5(&connection.id, b"dbsync password guesses");
+        self.take(&self.password_guesses, guesses, PASSWORD_GUESSES_PER_MINUTE)
+            .await?;
         // argon2 takes tens of milliseconds of CPU: off the async workers.
         let (given, hash) = (given.to_owned(), hash.to_owned());
         let right = tokio::task::spawn_blocking(move || crate::password::verify(&given, &hash))
@@ -318,9 +321,31 @@ impl Validator {
     }
 
     /// Counts one request (list, describe, pull) against the connection's rate limit.
-    pub fn check_rate(&self, connection: &Connection) -> Result<(), AccessDenied> {
-        self.rate_limits
-            .check(connection.id, connection.rate_limit_per_minute)
-            .map_err(|retry_after| AccessDenied::RateLimited { retry_after })
+    pub async fn check_rate(&self, connection: &Connection) -> Result<(), AccessDenied> {
+        self.take(
+            &self.rate_limits,
+            connection.id,
+            connection.rate_limit_per_minute,
+        )
+        .await
+    }
+
+    /// One request for `key`: in the state database on PostgreSQL (shared by every agent of
+    /// the site), in `local` on SQLite.
+    async fn take(
+        &self,
+        local: &RateLimits,
+        key: Uuid,
+        per_minute: i64,
+    ) -> Result<(), AccessDenied> {
+        let outcome = match self.store.engine() {
+            crate::store::Engine::Postgres => {
+                self.store
+                    .take_rate(key, per_minute, self.clock.now())
+                    .await?
+            }
+            crate::store::Engine::Sqlite => local.check(key, per_minute),
+        };
+        outcome.map_err(|retry_after| AccessDenied::RateLimited { retry_after })
     }
 }

@@ -1,7 +1,10 @@
-//! Per-connection request rate limits (governor's GCRA), driven by the agent's [`Clock`](crate::Clock).
+//! Per-connection request rate limits (GCRA), driven by the agent's [`Clock`](crate::Clock).
 //!
-//! Each connection gets a limiter with a burst of `rate_limit_per_minute` that refills evenly
-//! over the minute. A changed limit replaces the connection's limiter.
+//! Each connection has a burst of `rate_limit_per_minute` that refills evenly over the minute.
+//! On SQLite (one agent) the limiter is governor's, in memory; on PostgreSQL, where several agents
+//! may share the state database, the same algorithm runs in the database ([`Store::take_rate`]):
+//! one atomic statement per request moves the key's theoretical arrival time, so N agents admit
+//! N per minute in all, not N each.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -15,7 +18,11 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use uuid::Uuid;
 
+use chrono::{DateTime, Utc};
+
 use crate::clock::SharedClock;
+use crate::error::Result;
+use crate::store::{Store, on_pool};
 
 /// Adapts the agent clock to governor: nanoseconds since the Unix epoch.
 #[derive(Debug, Clone)]
@@ -80,6 +87,56 @@ impl RateLimits {
     fn limiter(&self, per_minute: u32) -> Limiter {
         let quota = Quota::per_minute(NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN));
         RateLimiter::direct_with_clock(quota, GovernorClock(Arc::clone(&self.clock)))
+    }
+}
+
+impl Store {
+    /// Takes one request for `key` under a limit of `per_minute` (burst `per_minute`), in the
+    /// state database; on refusal, says how long until the next request would pass.
+    pub async fn take_rate(
+        &self,
+        key: Uuid,
+        per_minute: i64,
+        now: DateTime<Utc>,
+    ) -> Result<std::result::Result<(), Duration>> {
+        let per_minute = per_minute.max(1);
+        let interval = (60_000_000 / per_minute).max(1);
+        let window = interval.saturating_mul(per_minute);
+        let now = now.timestamp_micros();
+        let greatest = match self.engine() {
+            crate::store::Engine::Postgres => "GREATEST",
+            crate::store::Engine::Sqlite => "MAX",
+        };
+        let sql = format!(
+            "INSERT INTO dbsync_rate_limits (key, tat_micros) VALUES ($1, $2 + $3) \
+             ON CONFLICT (key) DO UPDATE \
+             SET tat_micros = {greatest}(dbsync_rate_limits.tat_micros, $2) + $3 \
+             WHERE {greatest}(dbsync_rate_limits.tat_micros, $2) + $3 - $4 <= $2 \
+             RETURNING tat_micros"
+        );
+        let taken: Option<i64> = on_pool!(self, |pool| {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(key)
+                .bind(now)
+                .bind(interval)
+                .bind(window)
+                .fetch_optional(pool)
+                .await?
+        });
+        if taken.is_some() {
+            return Ok(Ok(()));
+        }
+        let tat: i64 = on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT tat_micros FROM dbsync_rate_limits WHERE key = $1")
+                .bind(key)
+                .fetch_optional(pool)
+                .await?
+                .unwrap_or(now)
+        });
+        let wait = tat.max(now) + interval - window - now;
+        Ok(Err(Duration::from_micros(
+            u64::try_from(wait).unwrap_or(0).max(1),
+        )))
     }
 }
 

@@ -303,7 +303,7 @@ impl Session<'_> {
                 }
             };
             // Every request counts against the rate limit, pings included.
-            if let Err(denied) = self.agent.validator.check_rate(&connection) {
+            if let Err(denied) = self.agent.validator.check_rate(&connection).await {
                 self.denied(denied).await?;
                 continue;
             }

@@ -450,7 +450,7 @@ impl Session<'_> {
                     return Ok(false);
                 }
                 (SenderEvent::Ping, Message::Ping(ping)) => {
-                    if let Err(denied) = self.agent.validator.check_rate(connection) {
+                    if let Err(denied) = self.agent.validator.check_rate(connection).await {
                         self.denied(denied).await?;
                         return Err(SessionEnd::Ended(Code::RateLimited));
                     }
