@@ -154,7 +154,13 @@ impl Hand {
 }
 
 async fn quic_connect(agent: &RunningAgent) -> (Link, dbsync_agent::quic::QuicConnection) {
-    let fingerprint = agent.agent.quic_identity().unwrap().fingerprint.clone();
+    let fingerprint = agent
+        .agent
+        .quic_identity()
+        .await
+        .unwrap()
+        .fingerprint
+        .clone();
     dbsync_agent::quic::connect(
         agent.addr,
         "dbsync",

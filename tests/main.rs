@@ -15,4 +15,5 @@ mod schedule;
 mod schema;
 mod serve;
 mod share;
+mod site;
 mod strategies;

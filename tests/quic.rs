@@ -79,7 +79,7 @@ async fn a_certificate_that_is_not_the_pinned_one_is_refused() {
     let offer = &connection.metadata["registration"]["quic"];
     assert_eq!(
         offer["cert_fingerprint"].as_str().unwrap(),
-        a.agent.quic_identity().unwrap().fingerprint,
+        a.agent.quic_identity().await.unwrap().fingerprint,
         "the fingerprint travelled with the registration"
     );
     b.agent
@@ -121,7 +121,7 @@ async fn auto_falls_back_to_websocket_when_udp_gets_no_answer() {
     let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = black_hole.local_addr().unwrap().port();
     let connection = b.agent.store.get_connection(&receiver).await.unwrap();
-    let fingerprint = a.agent.quic_identity().unwrap().fingerprint.clone();
+    let fingerprint = a.agent.quic_identity().await.unwrap().fingerprint.clone();
     b.agent
         .store
         .merge_connection_metadata(
@@ -155,7 +155,7 @@ async fn a_peer_cannot_open_more_streams_than_allowed() {
     let Some(a) = crate::support::agents::start("quic::streams", Default::default()).await else {
         return;
     };
-    let identity = a.agent.quic_identity().unwrap();
+    let identity = a.agent.quic_identity().await.unwrap();
     let config = a.agent.config.quic.clone();
     let (link, connection) = quic::connect(
         a.addr,

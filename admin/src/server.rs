@@ -181,12 +181,12 @@ impl AsyncWrite for Watched {
 }
 
 /// Binds the site's QUIC endpoint when `quic.enabled` (the certificate is loaded or created).
-pub fn bind_quic(state: &crate::AppState) -> dbsync_agent::Result<Option<quinn::Endpoint>> {
+pub async fn bind_quic(state: &crate::AppState) -> dbsync_agent::Result<Option<quinn::Endpoint>> {
     let agent = &state.agent;
     if !agent.config.quic.enabled {
         return Ok(None);
     }
-    let identity = agent.quic_identity()?;
+    let identity = agent.quic_identity().await?;
     dbsync_agent::quic::server_endpoint(agent.quic_listen(), &identity, &agent.config.quic)
         .map(Some)
 }

@@ -59,17 +59,61 @@ impl Agent {
         })
     }
 
-    /// The site's QUIC certificate: the configured one, or the self-signed one kept beside the
-    /// key file (created on first use).
-    pub fn quic_identity(&self) -> Result<Arc<crate::quic::Identity>> {
+    /// The site's QUIC certificate: the configured one; on a PostgreSQL state database the
+    /// site's, kept in it (every agent of the site presents the same); on SQLite the self-signed
+    /// one beside the key file. Made on first use.
+    pub async fn quic_identity(&self) -> Result<Arc<crate::quic::Identity>> {
+        use crate::quic::Identity;
         if let Some(identity) = self.quic_identity.get() {
             return Ok(Arc::clone(identity));
         }
-        let identity = Arc::new(crate::quic::Identity::load_or_create(
-            &self.config.quic,
-            &self.config.key_file(),
-        )?);
+        let identity = match Identity::configured(&self.config.quic)? {
+            Some(configured) => configured,
+            None if self.store.engine() == crate::store::Engine::Postgres => {
+                self.site_identity().await?
+            }
+            None => Identity::load_or_create(&self.config.quic, &self.config.key_file())?,
+        };
+        let identity = Arc::new(identity);
         Ok(Arc::clone(self.quic_identity.get_or_init(|| identity)))
+    }
+
+    /// The site certificate in the state database: stored by the first agent (from the files an
+    /// earlier version left beside the key file, so a pinned fingerprint stays good, else new),
+    /// read by every other.
+    async fn site_identity(&self) -> Result<crate::quic::Identity> {
+        use crate::quic::Identity;
+        use crate::store::site_identity::key_binding;
+        if self.store.site_identity().await?.is_none() {
+            let (cert_path, key_path) = Identity::files_beside(&self.config.key_file());
+            let (cert, key) = match (std::fs::read(&cert_path), std::fs::read(&key_path)) {
+                (Ok(cert), Ok(key)) => {
+                    tracing::info!(path = %cert_path.display(), "keeping the site's QUIC certificate in the state database");
+                    (cert, key)
+                }
+                _ => Identity::generate()?,
+            };
+            let sealed = self.vault.seal(key_binding(), &hex::encode(&key))?;
+            self.store
+                .insert_site_identity(&cert, &sealed, self.now())
+                .await?;
+        }
+        let (cert, sealed) = self.store.site_identity().await?.ok_or_else(|| {
+            crate::Error::Config("the site certificate vanished from the state database".into())
+        })?;
+        let key = self
+            .vault
+            .open(key_binding(), &sealed)
+            .ok()
+            .and_then(|hex_key| hex::decode(hex_key).ok())
+            .ok_or_else(|| {
+                crate::Error::Config(
+                    "cannot open the site's QUIC key in the state database: every agent on one \
+                     state database needs the same token_encryption_key (or key file)"
+                        .into(),
+                )
+            })?;
+        Ok(Identity::from_der(cert, key))
     }
 
     /// The UDP address QUIC sessions are served on.
@@ -94,7 +138,7 @@ impl Agent {
                 Err(_) => self.quic_listen().port(),
             },
         };
-        match self.quic_identity() {
+        match self.quic_identity().await {
             Ok(identity) => Some(dbsync_protocol::peer::TransportOffer {
                 kind: "quic".into(),
                 port: Some(port),

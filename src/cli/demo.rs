@@ -164,7 +164,7 @@ async fn start_site_once(
     let agent = Arc::new(Agent::with_store(store, config, Arc::new(SystemClock))?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let state = AppState::new(Arc::clone(&agent));
-    let quic = server::bind_quic(&state).context(BIND_QUIC)?;
+    let quic = server::bind_quic(&state).await.context(BIND_QUIC)?;
     tokio::spawn(async move {
         let _ = server::serve_site(listener, state, quic, async {
             let _ = stopped.await;

@@ -55,7 +55,7 @@ pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<(
     let site_url = agent.site_url().await?;
     tracing::info!(%address, %site_url, engine = agent.store.engine_name(), "dbsync serving");
     let state = AppState::new(Arc::clone(&agent));
-    let quic = server::bind_quic(&state)?;
+    let quic = server::bind_quic(&state).await?;
     let quic_port = match &quic {
         Some(endpoint) => Some(endpoint.local_addr()?.port()),
         None => None,
@@ -66,7 +66,7 @@ pub(crate) async fn run(ctx: Context, listener: TcpListener) -> anyhow::Result<(
         Some(endpoint) => println!(
             "dbsync listening on http://{address} (site url {site_url}) and quic udp://{} (certificate sha256 {})",
             endpoint.local_addr()?,
-            agent.quic_identity()?.fingerprint
+            agent.quic_identity().await?.fingerprint
         ),
         None => println!("dbsync listening on http://{address} (site url {site_url})"),
     }

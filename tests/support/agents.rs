@@ -120,7 +120,7 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
         .clone()
         .unwrap_or_else(|| Arc::new(SystemClock));
     let agent = Arc::new(Agent::with_store(store, config, clock).unwrap());
-    let (stop, task) = spawn_server(Arc::clone(&agent), listener);
+    let (stop, task) = spawn_server(Arc::clone(&agent), listener).await;
     Some(RunningAgent {
         agent,
         url: format!("http://{addr}"),
@@ -134,13 +134,13 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
     })
 }
 
-fn spawn_server(
+async fn spawn_server(
     agent: Arc<Agent>,
     listener: TcpListener,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     let state = AppState::new(agent);
-    let quic = server::bind_quic(&state).unwrap();
+    let quic = server::bind_quic(&state).await.unwrap();
     let task = tokio::spawn(async move {
         server::serve_site(listener, state, quic, async {
             let _ = stopped.await;
@@ -165,7 +165,7 @@ impl RunningAgent {
     /// Serves HTTP again on the same address.
     pub async fn resume(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        let (stop, task) = spawn_server(Arc::clone(&self.agent), listener);
+        let (stop, task) = spawn_server(Arc::clone(&self.agent), listener).await;
         self.stop = Some(stop);
         self.task = Some(task);
     }

@@ -6,6 +6,7 @@
 
 pub mod admin_token;
 pub mod audit;
+pub mod site_identity;
 pub mod web_session;
 
 use std::path::PathBuf;

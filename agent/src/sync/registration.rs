@@ -7,7 +7,7 @@
 
 use std::net::IpAddr;
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use dbsync_protocol::peer::{
     ConnectionState, RegisterRequest, RegisterResponse, UpdateStatusRequest, VerifyRequest,
 };
@@ -727,32 +727,101 @@ impl Agent {
     pub async fn retry_pending_pushes(&self) -> Result<usize> {
         let now = self.now();
         let mut attempted = 0;
-        for connection in self.store.list_connections(&Default::default()).await? {
-            if self.retry_token_push(&connection).await? {
-                attempted += 1;
+        for listed in self.store.list_connections(&Default::default()).await? {
+            if !pending_push(&listed, "peer_push", now) && !pending_push(&listed, "token_push", now)
+            {
+                continue;
             }
-            let Some(push) = connection
+            // One agent of the site at a time: claimed, then read again (another agent may have
+            // delivered it meanwhile), pushed, released.
+            if !self
+                .store
+                .claim_push(listed.id, now, now + PUSH_CLAIM)
+                .await?
+            {
+                continue;
+            }
+            let outcome = self.retry_claimed_push(listed.id, now).await;
+            self.store.release_push(listed.id).await?;
+            attempted += outcome?;
+        }
+        Ok(attempted)
+    }
+
+    async fn retry_claimed_push(&self, id: uuid::Uuid, now: DateTime<Utc>) -> Result<usize> {
+        let Some(connection) = self.store.find_connection(id).await? else {
+            return Ok(0);
+        };
+        let mut attempted = 0;
+        if self.retry_token_push(&connection).await? {
+            attempted += 1;
+        }
+        if pending_push(&connection, "peer_push", now)
+            && let Some(push) = connection
                 .metadata
                 .get("peer_push")
                 .and_then(|p| serde_json::from_value::<PushOutcome>(p.clone()).ok())
-            else {
-                continue;
+        {
+            let reason = if push.status == connection.status.as_str() {
+                push.reason
+            } else {
+                None
             };
-            let due = push
-                .next_attempt_at
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .is_some_and(|t| t <= now);
-            if push.state == "pending" && due {
-                let reason = if push.status == connection.status.as_str() {
-                    push.reason
-                } else {
-                    None
-                };
-                self.push_status(&connection, reason, push.attempts).await?;
-                attempted += 1;
-            }
+            self.push_status(&connection, reason, push.attempts).await?;
+            attempted += 1;
         }
         Ok(attempted)
+    }
+}
+
+/// How long an agent holds a connection's push while it tries it.
+const PUSH_CLAIM: Duration = Duration::minutes(2);
+
+/// Whether the push under metadata `key` (`peer_push`, `token_push`) is pending and due.
+fn pending_push(connection: &Connection, key: &str, now: DateTime<Utc>) -> bool {
+    let Some(push) = connection.metadata.get(key) else {
+        return false;
+    };
+    push.get("state").and_then(serde_json::Value::as_str) == Some("pending")
+        && push
+            .get("next_attempt_at")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t <= now)
+}
+
+impl crate::Store {
+    /// Claims a connection's pending push for this agent until `until`; false when another
+    /// agent holds it.
+    pub async fn claim_push(
+        &self,
+        id: uuid::Uuid,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        let claimed = crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE dbsync_connections SET push_claimed_until = $3 \
+                 WHERE id = $1 AND (push_claimed_until IS NULL OR push_claimed_until < $2)",
+            )
+            .bind(id)
+            .bind(crate::clock::to_micros(now))
+            .bind(crate::clock::to_micros(until))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(claimed == 1)
+    }
+
+    /// Releases a push claim.
+    pub async fn release_push(&self, id: uuid::Uuid) -> Result<()> {
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query("UPDATE dbsync_connections SET push_claimed_until = NULL WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
     }
 }

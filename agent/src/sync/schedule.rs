@@ -20,6 +20,8 @@ use crate::store::{Engine, Store, on_pool};
 
 /// How long a claim holds at least (a run that outlives its lease may be claimed again).
 pub const MIN_LEASE: chrono::Duration = chrono::Duration::hours(1);
+/// How often a running scheduled sync renews its claim (well inside [`MIN_LEASE`]).
+pub const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(300);
 /// First wait after a failure (doubles with each failure in a row, up to the interval).
 pub const FAILURE_BACKOFF: chrono::Duration = chrono::Duration::minutes(1);
 
@@ -162,6 +164,29 @@ impl Store {
         }))
     }
 
+    /// Extends `owner`'s claim on a running schedule to `until`; false when the claim is no
+    /// longer `owner`'s (it ran out and another scheduler took the schedule).
+    pub async fn renew_schedule_claim(
+        &self,
+        connection_id: Uuid,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        let renewed = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE dbsync_schedules SET claimed_until = $3 \
+                 WHERE connection_id = $1 AND claimed_by = $2",
+            )
+            .bind(connection_id)
+            .bind(owner)
+            .bind(to_micros(until))
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(renewed == 1)
+    }
+
     /// Records the end of a claimed run and when the next one is due; releases the claim.
     pub async fn finish_schedule(
         &self,
@@ -269,7 +294,27 @@ impl Agent {
         #[allow(clippy::cast_precision_loss)]
         self.metrics.scheduler_started(lag as f64 / 1000.0);
         tracing::info!(connection = %connection.name, lag_ms = lag.max(0), "scheduled sync starts");
-        let result = self.pull(&connection.name, &options, |_| {}).await;
+        // The claim is renewed while the run lasts, so a run longer than the lease is not
+        // claimed again by another scheduler.
+        let result = {
+            let pull = self.pull(&connection.name, &options, |_| {});
+            tokio::pin!(pull);
+            let mut renew = tokio::time::interval(LEASE_RENEWAL);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    result = &mut pull => break result,
+                    _ = renew.tick() => {
+                        let until = self.now() + MIN_LEASE;
+                        match self.store.renew_schedule_claim(connection.id, owner, until).await {
+                            Ok(true) => {}
+                            Ok(false) => tracing::warn!(connection = %connection.name, "the schedule's claim was lost during the run"),
+                            Err(err) => tracing::warn!(connection = %connection.name, error = %err, "could not renew the schedule's claim"),
+                        }
+                    }
+                }
+            }
+        };
         let now = self.now();
         let interval = chrono::Duration::minutes(connection.auto_sync_interval_minutes.max(1));
         let (status, error, rows, tables, next_run_at) = match &result {

@@ -99,13 +99,17 @@ fn tls_error(what: impl std::fmt::Display) -> Error {
 }
 
 impl Identity {
-    /// The configured certificate, or the site's self-signed one beside its key file
-    /// (`<stem>-quic-cert.der` and `<stem>-quic-key.der`, created on first use, the key with
-    /// mode 0600).
-    pub fn load_or_create(config: &QuicConfig, site_key_file: &Path) -> Result<Self> {
-        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
-            return Self::from_pem_files(cert, key);
+    /// The configured certificate, if both files are set.
+    pub fn configured(config: &QuicConfig) -> Result<Option<Self>> {
+        match (&config.cert_file, &config.key_file) {
+            (Some(cert), Some(key)) => Self::from_pem_files(cert, key).map(Some),
+            _ => Ok(None),
         }
+    }
+
+    /// The files of the site's self-signed certificate beside its key file
+    /// (`<stem>-quic-cert.der`, `<stem>-quic-key.der`).
+    pub fn files_beside(site_key_file: &Path) -> (PathBuf, PathBuf) {
         let dir = site_key_file
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -114,24 +118,50 @@ impl Identity {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("dbsync");
-        let cert_path = dir.join(format!("{stem}-quic-cert.der"));
-        let key_path = dir.join(format!("{stem}-quic-key.der"));
+        (
+            dir.join(format!("{stem}-quic-cert.der")),
+            dir.join(format!("{stem}-quic-key.der")),
+        )
+    }
+
+    /// A new self-signed certificate and its PKCS#8 key, DER.
+    pub fn generate() -> Result<(Vec<u8>, Vec<u8>)> {
+        let generated =
+            rcgen::generate_simple_self_signed(vec!["dbsync".to_owned()]).map_err(tls_error)?;
+        Ok((
+            generated.cert.der().to_vec(),
+            generated.signing_key.serialize_der(),
+        ))
+    }
+
+    /// An identity from a DER certificate and PKCS#8 key.
+    pub fn from_der(cert: Vec<u8>, key: Vec<u8>) -> Self {
+        Self {
+            fingerprint: fingerprint(&cert),
+            chain: vec![CertificateDer::from(cert)],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        }
+    }
+
+    /// The configured certificate, or the site's self-signed one beside its key file (created
+    /// on first use, the key with mode 0600).
+    pub fn load_or_create(config: &QuicConfig, site_key_file: &Path) -> Result<Self> {
+        if let Some(configured) = Self::configured(config)? {
+            return Ok(configured);
+        }
+        let (cert_path, key_path) = Self::files_beside(site_key_file);
         if !cert_path.exists() || !key_path.exists() {
-            let generated =
-                rcgen::generate_simple_self_signed(vec!["dbsync".to_owned()]).map_err(tls_error)?;
-            std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-            write_private(&key_path, &generated.signing_key.serialize_der())?;
-            std::fs::write(&cert_path, generated.cert.der().as_ref())
-                .map_err(Error::io(&cert_path))?;
+            let (cert, key) = Self::generate()?;
+            if let Some(dir) = cert_path.parent() {
+                std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+            }
+            write_private(&key_path, &key)?;
+            std::fs::write(&cert_path, &cert).map_err(Error::io(&cert_path))?;
             tracing::info!(path = %cert_path.display(), "generated the site's QUIC certificate");
         }
         let cert = std::fs::read(&cert_path).map_err(Error::io(&cert_path))?;
         let key = std::fs::read(&key_path).map_err(Error::io(&key_path))?;
-        Ok(Self {
-            fingerprint: fingerprint(&cert),
-            chain: vec![CertificateDer::from(cert)],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        })
+        Ok(Self::from_der(cert, key))
     }
 
     fn from_pem_files(cert: &Path, key: &Path) -> Result<Self> {
