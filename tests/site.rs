@@ -190,6 +190,48 @@ async fn two_agents_on_one_state_database_act_as_one_site() {
     }
     assert_eq!(admitted, 3);
 
+    // Download and record limits hold under requests racing through both agents.
+    let counted = one
+        .agent
+        .store
+        .create_sender(
+            NewConnection {
+                name: "counted".into(),
+                site_url: "https://d.example.com".into(),
+                settings: ConnectionSettings {
+                    max_downloads: Some(3),
+                    max_records_total: Some(1_000),
+                    ..ConnectionSettings::default()
+                },
+            },
+            &admin(),
+            one.agent.now(),
+        )
+        .await
+        .unwrap()
+        .connection;
+    let mut races = Vec::new();
+    for i in 0..10 {
+        let store = if i % 2 == 0 {
+            one.agent.store.clone()
+        } else {
+            two.agent.store.clone()
+        };
+        races.push(tokio::spawn(async move {
+            let download = store.take_download(counted.id).await.unwrap();
+            let records = store.take_records(counted.id, 300).await.unwrap();
+            (download, records)
+        }));
+    }
+    let mut downloads = 0;
+    let mut records = 0;
+    for race in races {
+        let (download, taken) = race.await.unwrap();
+        downloads += i64::from(download);
+        records += taken;
+    }
+    assert_eq!((downloads, records), (3, 1_000));
+
     // Sign in on one agent, act on the other; the message left by the action shows on the first.
     let (_, admin_token) = one
         .agent
