@@ -101,6 +101,11 @@ async fn killed_again_and_again(transport: &str) {
         child.wait().unwrap();
         last = count(&copy, "events").await;
         kills.push(last);
+        // Past half way, stop killing: the last run must still have rows to resume, however
+        // fast this machine moves them.
+        if last >= ROWS / 2 {
+            break;
+        }
     }
     assert!(
         kills.iter().any(|n| (1..ROWS).contains(n)),
