@@ -1119,3 +1119,47 @@ async fn replace_keeps_what_references_the_rows_that_stay() {
         b.stop().await;
     }
 }
+
+/// A rate limit met when the session opens is waited out (within `--retry-for`), not the end of
+/// the pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_at_session_open_is_waited_out() {
+    let settings = ConnectionSettings {
+        rate_limit_per_minute: 120,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) = pair("pull::rate_open", false, settings).await else {
+        return;
+    };
+    exec(&a, &schema_statements(10)).await;
+    let sender = a.agent.store.get_connection("to-b").await.unwrap();
+    // Spend the whole burst: the next session open is refused for about half a second.
+    let mut spent = 0;
+    while a.agent.validator.check_rate(&sender).await.is_ok() {
+        spent += 1;
+        assert!(spent <= 120, "the limit never bit");
+    }
+    let started = std::time::Instant::now();
+    let summary = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["users".into()]),
+                transport: TransportChoice::Ws,
+                retry_for: Duration::from_secs(30),
+                ..PullOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.tables[0].rows, 10);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the pull waited for the limit: {:?}",
+        started.elapsed()
+    );
+    a.stop().await;
+    b.stop().await;
+}

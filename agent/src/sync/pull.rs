@@ -299,17 +299,47 @@ pub(super) async fn prepare_table(
 }
 
 /// The sender's description of `table`, checked against what a description may hold.
-async fn describe(client: &mut Client, table: &str) -> Result<TableSchema> {
-    client
-        .send(&Message::DescribeTable(table.to_owned()))
-        .await?;
-    match client.recv().await? {
-        (Message::TableSchema(schema), _) => {
+/// Sends `message` and reads the answer. A refusal over the sender's rate limit is waited out
+/// as the sender says, while `retry_for` allows, and the request sent again on the same session.
+async fn ask(client: &mut Client, message: &Message, retry_for: Duration) -> Result<Message> {
+    let started = Instant::now();
+    loop {
+        client.send(message).await?;
+        match client.recv().await {
+            Ok((answer, _)) => return Ok(answer),
+            Err(err) => {
+                let Error::Remote {
+                    code: Code::RateLimited,
+                    retry_after_ms,
+                    ..
+                } = &err
+                else {
+                    return Err(err);
+                };
+                let wait =
+                    Duration::from_millis(retry_after_ms.unwrap_or(1_000).clamp(100, 60_000));
+                if started.elapsed() + wait > retry_for {
+                    return Err(err);
+                }
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "over the sender's rate limit; waiting"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn describe(client: &mut Client, table: &str, retry_for: Duration) -> Result<TableSchema> {
+    let answer = ask(client, &Message::DescribeTable(table.to_owned()), retry_for).await?;
+    match answer {
+        Message::TableSchema(schema) => {
             ReceiverCore::check_schema(table, &schema)
                 .map_err(|violation| client.protocol_error(violation))?;
             Ok(schema)
         }
-        (other, _) => {
+        other => {
             Err(client.protocol_error(format!("expected TableSchema, got {:?}", other.kind())))
         }
     }
@@ -504,10 +534,9 @@ impl Agent {
         let (mut client, mut max_per_request) = self
             .open_session_retrying(&connection, options, &mut failing_since, &mut attempts)
             .await?;
-        client.send(&Message::ListTables).await?;
-        let offered = match client.recv().await? {
-            (Message::TableList(tables), _) => tables,
-            (other, _) => {
+        let offered = match ask(&mut client, &Message::ListTables, options.retry_for).await? {
+            Message::TableList(tables) => tables,
+            other => {
                 return Err(
                     client.protocol_error(format!("expected TableList, got {:?}", other.kind()))
                 );
@@ -562,7 +591,7 @@ impl Agent {
             {
                 continue;
             }
-            let schema = describe(&mut client, &table.name).await?;
+            let schema = describe(&mut client, &table.name, options.retry_for).await?;
             self.store.check_extensions(&schema).await?;
             described.insert(table.name.clone(), schema);
         }
@@ -586,7 +615,7 @@ impl Agent {
                 let attempt = async {
                     let schema = match cached.take() {
                         Some(schema) => schema,
-                        None => describe(&mut client, &table).await?,
+                        None => describe(&mut client, &table, options.retry_for).await?,
                     };
                     if options.schema_only {
                         let columns = pulled_columns(&schema, options);
