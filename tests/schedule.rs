@@ -260,3 +260,45 @@ async fn two_schedulers_on_one_postgres_database_never_run_the_same_job() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A running schedule's claim is renewed by its owner only.
+#[tokio::test]
+async fn a_claim_is_renewed_by_its_owner_only() {
+    let Some((a, b, clock, _)) =
+        scheduled_pair("schedule::renew", false, ConflictStrategy::Overwrite).await
+    else {
+        return;
+    };
+    let store = &b.agent.store;
+    store.sync_schedules(clock_now(&clock)).await.unwrap();
+    let now = clock_now(&clock);
+    let claimed = store
+        .claim_schedule("runner", now, now + Duration::minutes(60), None)
+        .await
+        .unwrap()
+        .expect("a new schedule is due");
+    let later = now + Duration::minutes(90);
+    assert!(
+        store
+            .renew_schedule_claim(claimed.connection_id, "runner", later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .renew_schedule_claim(claimed.connection_id, "intruder", later)
+            .await
+            .unwrap()
+    );
+    // Past the first lease but inside the renewed one, nobody else can claim it.
+    let inside = now + Duration::minutes(75);
+    assert!(
+        store
+            .claim_schedule("other", inside, inside + Duration::minutes(60), None)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    a.stop().await;
+    b.stop().await;
+}
