@@ -73,6 +73,8 @@ fn main() -> ExitCode {
     let json = args.global.json;
     match runtime.block_on(cli::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The report said it already.
+        Err(err) if err.is::<cli::Differs>() => ExitCode::FAILURE,
         Err(err) => {
             cli::output::print_error(&err, json);
             ExitCode::FAILURE

@@ -17,3 +17,4 @@ mod serve;
 mod share;
 mod site;
 mod strategies;
+mod verify;

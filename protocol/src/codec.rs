@@ -225,6 +225,8 @@ fn decode_payload(
         Kind::ApprovalPending => Message::ApprovalPending(parse(&body, limits)?),
         Kind::ApprovalStatus => Message::ApprovalStatus(parse(&body, limits)?),
         Kind::Cancel => Message::Cancel(parse(&body, limits)?),
+        Kind::Verify => Message::Verify(parse(&body, limits)?),
+        Kind::VerifyPage => Message::VerifyPage(parse(&body, limits)?),
         Kind::Ping => Message::Ping(parse(&body, limits)?),
         Kind::Pong => Message::Pong(parse(&body, limits)?),
     };
@@ -329,6 +331,8 @@ pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usiz
         Message::ApprovalPending(m) => to_msgpack(m)?,
         Message::ApprovalStatus(m) => to_msgpack(m)?,
         Message::Cancel(m) => to_msgpack(m)?,
+        Message::Verify(m) => to_msgpack(m)?,
+        Message::VerifyPage(m) => to_msgpack(m)?,
         Message::Ping(m) | Message::Pong(m) => to_msgpack(m)?,
     };
     let raw_len = payload.len();

@@ -30,11 +30,15 @@ pub use value::Value;
 /// Protocol versions this build speaks, oldest first. Version 2 sends a row batch's rows
 /// column-major (`message::columnar`); version 1 sent them row by row and is no longer spoken.
 /// Version 3 adds `TableSchema::postgres` (types, extensions, sequences); a version 2 session
-/// never carries it.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3];
+/// never carries it. Version 4 adds `Verify`/`VerifyPage` (row hashes); a sender refuses them
+/// on an older session.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 3;
+pub const CURRENT_VERSION: u16 = 4;
+
+/// The first version with `Verify`.
+pub const VERIFY_VERSION: u16 = 4;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -54,7 +58,8 @@ mod tests {
         assert_eq!(negotiate(&[2]), Some(2));
         assert_eq!(negotiate(&[1, 2, 99]), Some(2));
         assert_eq!(negotiate(&[2, 3]), Some(3));
-        assert_eq!(negotiate(&[1, 4]), None);
+        assert_eq!(negotiate(&[2, 3, 4]), Some(4));
+        assert_eq!(negotiate(&[1, 5]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

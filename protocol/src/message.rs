@@ -39,6 +39,10 @@ pub enum Kind {
     ApprovalStatus = 25,
     /// Receiver stops a pull.
     Cancel = 26,
+    /// Receiver asks for the row hashes of a page (protocol 4).
+    Verify = 27,
+    /// Sender answers with a page's hash, and each row's with `detail`.
+    VerifyPage = 28,
     /// Liveness probe.
     Ping = 30,
     /// Answer to a ping.
@@ -62,6 +66,8 @@ impl Kind {
         Kind::ApprovalPending,
         Kind::ApprovalStatus,
         Kind::Cancel,
+        Kind::Verify,
+        Kind::VerifyPage,
         Kind::Ping,
         Kind::Pong,
     ];
@@ -497,6 +503,44 @@ pub struct Cancel {
     pub request_id: u64,
 }
 
+/// The receiver asks for one page of a table's rows as hashes, in key order after `after`
+/// (protocol 4). Moves no row value; counts against no download or record limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verify {
+    /// Matches the answer.
+    pub request_id: u64,
+    /// The table.
+    pub table: String,
+    /// Only keys after this one (a previous page's last key).
+    pub after: Option<Vec<Value>>,
+    /// Rows in the page (the sender may send fewer: its own per-request limit).
+    pub limit: u64,
+    /// Also send each row's key and hash.
+    pub detail: bool,
+}
+
+/// One page of row hashes. `hash` is SHA-256 over the page's row hashes in key order; a row's
+/// hash is the first 16 bytes of SHA-256 over its values in their neutral stored form (see
+/// docs/protocol.md, "Verification").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyPage {
+    /// The request answered.
+    pub request_id: u64,
+    /// Rows in the page.
+    pub rows: u64,
+    /// Hash of the page.
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
+    /// Key of the page's last row (the next page starts after it).
+    pub last_key: Option<Vec<Value>>,
+    /// Whether rows follow.
+    pub more: bool,
+    /// With `detail`: each row's key, in key order.
+    pub keys: Vec<Vec<Value>>,
+    /// With `detail`: each row's hash (16 bytes), in the same order.
+    pub hashes: Vec<serde_bytes::ByteBuf>,
+}
+
 /// Liveness probe and its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -535,6 +579,10 @@ pub enum Message {
     ApprovalStatus(ApprovalStatus),
     /// See [`Cancel`].
     Cancel(Cancel),
+    /// See [`Verify`].
+    Verify(Verify),
+    /// See [`VerifyPage`].
+    VerifyPage(VerifyPage),
     /// See [`Ping`].
     Ping(Ping),
     /// Answer to [`Ping`].
@@ -559,6 +607,8 @@ impl Message {
             Self::ApprovalPending(_) => Kind::ApprovalPending,
             Self::ApprovalStatus(_) => Kind::ApprovalStatus,
             Self::Cancel(_) => Kind::Cancel,
+            Self::Verify(_) => Kind::Verify,
+            Self::VerifyPage(_) => Kind::VerifyPage,
             Self::Ping(_) => Kind::Ping,
             Self::Pong(_) => Kind::Pong,
         }

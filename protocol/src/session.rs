@@ -270,7 +270,10 @@ impl SenderCore {
             (_, Message::Ping(_)) => Ok(SenderEvent::Ping),
             (
                 SenderState::Ready,
-                Message::ListTables | Message::DescribeTable(_) | Message::Pull(_),
+                Message::ListTables
+                | Message::DescribeTable(_)
+                | Message::Pull(_)
+                | Message::Verify(_),
             ) => {
                 self.deadline = now + self.idle;
                 Ok(SenderEvent::Request)

@@ -4,12 +4,14 @@ mod admin_tokens;
 pub(crate) mod connections;
 mod demo;
 pub(crate) mod output;
+pub(crate) use verify::Differs;
 mod pull;
 mod schedule;
 mod serve;
 mod settings;
 mod share;
 mod transfers;
+mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,6 +86,9 @@ enum Command {
     Pull(pull::PullArgs),
     /// A one-time code another site pulls some tables with once, with no permanent connection
     Share(share::ShareArgs),
+    /// Whether this site holds the sender's rows (hashes compared page by page, no row moved);
+    /// --repair moves only the rows that differ. Exit code 0 only when identical
+    Verify(verify::VerifyArgs),
     /// Transfer history
     #[command(subcommand)]
     Transfers(transfers::Command),
@@ -188,6 +193,7 @@ pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connections(command) => connections::run(&ctx, command).await,
         Command::Pull(args) => pull::run(&ctx, args).await,
         Command::Share(args) => share::run(&ctx, args).await,
+        Command::Verify(args) => verify::run(&ctx, args).await,
         Command::Transfers(command) => transfers::run(&ctx, command).await,
         Command::Stats { connection } => transfers::stats(&ctx, &connection).await,
         Command::Settings(command) => settings::run(&ctx, command).await,

@@ -110,6 +110,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         password,
         approval_wait: args.approval_wait.and_then(|d| d.to_std().ok()),
         where_key: args.where_key,
+        key_list: None,
         transport: args.transport,
         incremental: args.incremental,
         cursor_column: args.cursor_column,

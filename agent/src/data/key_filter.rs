@@ -87,7 +87,7 @@ fn parse_key(text: &str, schema: &TableSchema) -> Result<Vec<Value>> {
         .collect()
 }
 
-fn parse_value(text: &str, neutral: &str) -> std::result::Result<Value, String> {
+pub(crate) fn parse_value(text: &str, neutral: &str) -> std::result::Result<Value, String> {
     let bad = |what: &str| format!("not {what}");
     Ok(match neutral {
         "int" => Value::Int(text.parse().map_err(|_| bad("an integer"))?),
@@ -122,6 +122,7 @@ fn parse_value(text: &str, neutral: &str) -> std::result::Result<Value, String> 
         }
         "timestamptz" => Value::TimestampTz(
             DateTime::parse_from_rfc3339(text)
+                .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z"))
                 .map_err(|_| bad("an RFC 3339 timestamp"))?
                 .timestamp_micros(),
         ),

@@ -9,6 +9,7 @@ pub mod key_filter;
 pub(crate) mod pg_copy;
 pub mod pg_expr;
 pub mod pg_schema;
+pub mod row_hash;
 pub mod sink;
 pub mod source;
 pub(crate) mod sqlite_raw;

@@ -104,6 +104,8 @@ pub(crate) struct Client {
     site: String,
     pub(crate) transport: Transport,
     quic: Option<crate::quic::QuicConnection>,
+    /// The protocol version the sender chose (0 until welcomed).
+    pub(crate) version: u16,
 }
 
 impl Client {
@@ -257,6 +259,7 @@ impl Agent {
             site,
             transport: Transport::Ws,
             quic: None,
+            version: 0,
         })
     }
 
@@ -324,6 +327,7 @@ impl Agent {
                 site,
                 transport: Transport::Quic,
                 quic: Some(quic),
+                version: 0,
             }),
             Err(crate::quic::ConnectError::Unreachable(reason)) => {
                 Err((true, Error::Unreachable { site, reason }))
@@ -386,11 +390,11 @@ impl Agent {
             .await?;
         let mut core = ReceiverCore::new(dbsync_protocol::SUPPORTED_VERSIONS);
         let (answer, _) = client.recv().await?;
-        let max_per_request = core
+        let welcome = core
             .on_welcome(&answer)
-            .map_err(|violation| client.protocol_error(violation))?
-            .max_records_per_request
-            .max(1);
+            .map_err(|violation| client.protocol_error(violation))?;
+        let max_per_request = welcome.max_records_per_request.max(1);
+        client.version = welcome.version;
         Ok((client, max_per_request))
     }
 }

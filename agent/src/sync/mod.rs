@@ -8,4 +8,5 @@ mod rows;
 pub mod schedule;
 pub mod share;
 pub mod token_rotation;
+pub mod verify;
 mod whole;

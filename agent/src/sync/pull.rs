@@ -47,6 +47,9 @@ pub struct PullOptions {
     pub approval_wait: Option<Duration>,
     /// Only rows whose key passes this filter (see [`crate::key_filter`]); one table only.
     pub where_key: Option<String>,
+    /// Only these keys (at most [`dbsync_protocol::message::MAX_FILTER_KEYS`]), as values: what
+    /// `verify --repair` moves. One table only; takes the place of `where_key`.
+    pub key_list: Option<Vec<Vec<Value>>>,
     /// Transport (default: auto).
     pub transport: TransportChoice,
     /// Keep reconnecting after a session breaks off for this long (zero: give up at once).
@@ -301,7 +304,11 @@ pub(super) async fn prepare_table(
 /// The sender's description of `table`, checked against what a description may hold.
 /// Sends `message` and reads the answer. A refusal over the sender's rate limit is waited out
 /// as the sender says, while `retry_for` allows, and the request sent again on the same session.
-async fn ask(client: &mut Client, message: &Message, retry_for: Duration) -> Result<Message> {
+pub(super) async fn ask(
+    client: &mut Client,
+    message: &Message,
+    retry_for: Duration,
+) -> Result<Message> {
     let started = Instant::now();
     loop {
         client.send(message).await?;
@@ -331,7 +338,11 @@ async fn ask(client: &mut Client, message: &Message, retry_for: Duration) -> Res
     }
 }
 
-async fn describe(client: &mut Client, table: &str, retry_for: Duration) -> Result<TableSchema> {
+pub(super) async fn describe(
+    client: &mut Client,
+    table: &str,
+    retry_for: Duration,
+) -> Result<TableSchema> {
     let answer = ask(client, &Message::DescribeTable(table.to_owned()), retry_for).await?;
     match answer {
         Message::TableSchema(schema) => {
@@ -411,7 +422,7 @@ async fn store_reconnects(store: &crate::Store, transfer: Uuid, reconnects: u32)
 impl Agent {
     /// Opens a session, retrying a transient failure with exponential backoff and jitter until
     /// `retry_for` has passed since `failing_since`.
-    async fn open_session_retrying(
+    pub(super) async fn open_session_retrying(
         &self,
         connection: &Connection,
         options: &PullOptions,
@@ -576,7 +587,7 @@ impl Agent {
             }
             None => offered.clone(),
         };
-        if options.where_key.is_some() && wanted.len() != 1 {
+        if (options.where_key.is_some() || options.key_list.is_some()) && wanted.len() != 1 {
             return Err(Error::invalid(
                 "where-key",
                 "a key filter applies to one table: name it with --tables",
@@ -784,11 +795,25 @@ impl Agent {
         } = *job;
         let store = &self.store;
         let columns = pulled_columns(schema, options);
-        let key_filter = options
-            .where_key
-            .as_deref()
-            .map(|text| crate::key_filter::parse(text, schema))
-            .transpose()?;
+        let key_filter = match &options.key_list {
+            Some(keys) => Some(KeyFilter::Keys(keys.clone())),
+            None => options
+                .where_key
+                .as_deref()
+                .map(|text| crate::key_filter::parse(text, schema))
+                .transpose()?,
+        };
+        // What a resume must match: the filter as written, or a digest of the key list.
+        let filter_identity = match &options.key_list {
+            Some(keys) => Some(format!(
+                "keys:{}",
+                hex::encode(crate::data::row_hash::row_hash(
+                    &keys.iter().cloned().map(Value::Array).collect::<Vec<_>>(),
+                    &[],
+                )?)
+            )),
+            None => options.where_key.clone(),
+        };
         let cursor = if options.incremental {
             let column = match cursor_column(schema, options.cursor_column.as_deref()) {
                 Ok(column) => column,
@@ -821,8 +846,7 @@ impl Agent {
             // pull (its staging table must hold every key seen).
             let excluded = serde_json::json!(options.exclude_columns);
             let same_pull = |t: &crate::transfer::Transfer| {
-                t.metadata.get("key_filter").and_then(|v| v.as_str())
-                    == options.where_key.as_deref()
+                t.metadata.get("key_filter").and_then(|v| v.as_str()) == filter_identity.as_deref()
                     && t.metadata
                         .get("exclude_columns")
                         .unwrap_or(&serde_json::json!([]))
@@ -870,7 +894,7 @@ impl Agent {
             .await?;
         // What a later run needs to resume this one: the filter, and the sender's transfer.
         let mut facts = serde_json::Map::new();
-        if let Some(text) = &options.where_key {
+        if let Some(text) = &filter_identity {
             facts.insert("key_filter".into(), text.clone().into());
         }
         if let Some(remote) = &remote_transfer {

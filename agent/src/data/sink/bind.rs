@@ -185,7 +185,7 @@ pub(super) fn sqlite_scalar(
 }
 
 /// On SQLite integers, reals and blobs keep their storage class; everything else is text.
-pub(super) fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
+pub(crate) fn sqlite_arg(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
     use crate::sqlite_raw::Arg;
     Ok(match value {
         Value::Null => Arg::Null,

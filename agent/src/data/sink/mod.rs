@@ -181,6 +181,7 @@ mod types;
 
 pub use crate::batch::Rows;
 pub use bind::pg_text;
+pub(crate) use bind::sqlite_arg as stored_form;
 pub use mirror::mirror_table;
 pub use stage::{Swapped, stage_table};
 pub use types::target_type;
@@ -596,6 +597,70 @@ trait EngineSink {
 fn locked<T>(memo: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     memo.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Store {
+    /// Deletes the rows of `schema.name` (a table here) with these keys, in one transaction;
+    /// returns how many went. For `verify --repair`: rows this site has and the sender does not.
+    pub async fn delete_keys(&self, schema: &TableSchema, keys: &[Vec<Value>]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let engine = self.engine();
+        let table = crate::catalog::quote_table(engine, &schema.name)?;
+        let key_list: Vec<String> = schema
+            .primary_key
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Result<_>>()?;
+        let casts: Vec<String> = schema
+            .primary_key
+            .iter()
+            .map(|k| {
+                schema
+                    .columns
+                    .iter()
+                    .find(|c| &c.name == k)
+                    .filter(|_| engine == crate::store::Engine::Postgres)
+                    .map(|c| c.native_type.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let positions: Vec<usize> = (0..key_list.len()).collect();
+        let per_statement = (plan::MAX_PARAMS / key_list.len().max(1)).max(1);
+        let statements: Vec<(String, Vec<&Value>)> = keys
+            .chunks(per_statement)
+            .map(|chunk| {
+                let (sql, params) =
+                    bind::existing_query(engine, &table, &key_list, &positions, &casts, chunk);
+                let sql = sql.replacen(
+                    &format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table}"),
+                    &format!("DELETE FROM {table}"),
+                    1,
+                );
+                (sql, params)
+            })
+            .collect();
+        macro_rules! run {
+            ($pool:expr, $bind:path) => {{
+                let mut deleted = 0;
+                let mut tx = $pool.begin().await?;
+                for (sql, params) in statements {
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for value in params {
+                        query = $bind(query, value, engine)?;
+                    }
+                    deleted += query.execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                deleted
+            }};
+        }
+        Ok(match self.pool() {
+            crate::store::Pool::Postgres(pool) => run!(pool, bind::bind_pg),
+            crate::store::Pool::Sqlite(pool) => run!(pool, bind::bind_sqlite),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,49 @@ impl Store {
         Ok(Page { rows, last_key })
     }
 
+    /// Reads up to `limit` rows after `after` and up to `at_most` (both keys, either open), in
+    /// key order: a range of this site's rows to set beside the sender's (verification).
+    pub async fn read_page_between(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        at_most: Option<&[Value]>,
+        limit: i64,
+    ) -> Result<Page> {
+        let window = Window {
+            above: None,
+            at_most,
+        };
+        let query = PageQuery::new(schema, columns, after, window, None)?;
+        let rows = match self.pool() {
+            Pool::Postgres(pool) => {
+                let fetched = query.postgres(limit)?.fetch_all(pool).await?;
+                let decoders = query.decoders();
+                fetched
+                    .iter()
+                    .map(|row| {
+                        (0..columns.len())
+                            .map(|i| postgres_value(row, i, &decoders[i]))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Pool::Sqlite(pool) => {
+                let cells = query.select_sqlite(pool, schema, limit).await?;
+                cells.to_rows().map_err(|err| sqlite_error(schema, err))?
+            }
+        };
+        let last_key = rows.last().map(|row| {
+            query
+                .key_positions
+                .iter()
+                .map(|i| row[*i].clone())
+                .collect()
+        });
+        Ok(Page { rows, last_key })
+    }
+
     /// [`Store::read_page_filtered`] with the rows encoded for the wire as they are read, column
     /// by column, with no [`Value`] per cell (only the last row's key is decoded), behind `room`
     /// bytes left free for the fields a frame puts before them

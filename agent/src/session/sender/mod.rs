@@ -8,6 +8,7 @@
 
 mod pages;
 mod pull;
+mod verify;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -83,6 +84,7 @@ pub async fn serve(
         user_agent,
         transport,
         snapshot: None,
+        verifying: Vec::new(),
     };
     tokio::select! {
         outcome = session.run() => {
@@ -104,6 +106,8 @@ struct Session<'a> {
     transport: Transport,
     /// The snapshot a whole-table pull reads from between its requests, with its transfer.
     snapshot: Option<(uuid::Uuid, crate::source::Snapshot)>,
+    /// The tables being verified in this session, each with its verification transfer.
+    verifying: Vec<(String, uuid::Uuid)>,
 }
 
 impl Session<'_> {
@@ -333,6 +337,9 @@ impl Session<'_> {
                         }
                         self.send(&Message::TableSchema(schema)).await?;
                     }
+                }
+                Message::Verify(request) => {
+                    self.verify(&connection, request, version).await?;
                 }
                 Message::Pull(pull) => {
                     let served = self.pull(&connection, pull).await;

@@ -1,0 +1,172 @@
+//! Serving `Verify` (protocol 4): a page of a table's rows as hashes, never their values.
+//!
+//! The same access checks as any request hold (the session's, the offered tables, the rate
+//! limit); a verification counts against no download or record limit. Each table verified in a
+//! session is a transfer of its own (`metadata.kind = "verify"`) that counts the rows hashed.
+
+use dbsync_protocol::Message;
+use dbsync_protocol::message::{Verify, VerifyPage};
+use dbsync_protocol::session::Code;
+use serde_bytes::ByteBuf;
+
+use super::{Session, SessionResult};
+use crate::audit::Actor;
+use crate::connection::Connection;
+use crate::data::row_hash::{PageHasher, row_hash};
+use crate::transfer::{NewTransfer, Progress, TransferDirection};
+
+/// Most rows in one page of hashes.
+pub(crate) const MAX_VERIFY_PAGE: u64 = 10_000;
+
+impl Session<'_> {
+    pub(super) async fn verify(
+        &mut self,
+        connection: &Connection,
+        request: Verify,
+        version: u16,
+    ) -> SessionResult<()> {
+        if version < dbsync_protocol::VERIFY_VERSION {
+            return self
+                .refuse(
+                    Code::ProtocolError,
+                    "Verify needs protocol 4; this session speaks an older one",
+                    None,
+                )
+                .await;
+        }
+        let Some(schema) = self.offered_schema(connection, &request.table).await? else {
+            return Ok(());
+        };
+        if schema.primary_key.is_empty() {
+            return self
+                .refuse(
+                    Code::InvalidRequest,
+                    format!("{:?} has no primary key to verify by", request.table),
+                    None,
+                )
+                .await;
+        }
+        if request
+            .after
+            .as_ref()
+            .is_some_and(|k| k.len() != schema.primary_key.len())
+        {
+            return self
+                .refuse(
+                    Code::InvalidRequest,
+                    "`after` does not have the key's columns",
+                    None,
+                )
+                .await;
+        }
+        let store = &self.agent.store;
+        let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let per_request = u64::try_from(connection.max_records_per_request).unwrap_or(1);
+        let limit = request
+            .limit
+            .clamp(1, per_request.clamp(1, MAX_VERIFY_PAGE));
+        let page = store
+            .read_page(&schema, &columns, request.after.as_deref(), limit as i64)
+            .await?;
+        let key_positions: Vec<usize> = schema
+            .primary_key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        let types: Vec<&str> = schema
+            .columns
+            .iter()
+            .map(|c| c.neutral_type.as_str())
+            .collect();
+        let mut hasher = PageHasher::default();
+        let mut keys = Vec::new();
+        let mut hashes = Vec::new();
+        for row in &page.rows {
+            let hash = row_hash(row, &types)?;
+            hasher.add(&hash);
+            if request.detail {
+                keys.push(key_positions.iter().map(|i| row[*i].clone()).collect());
+                hashes.push(ByteBuf::from(hash.to_vec()));
+            }
+        }
+        let (rows, hash) = hasher.finish();
+        let more = rows == limit;
+        if !request.detail {
+            self.record_verification(connection, &request, rows, more)
+                .await?;
+        }
+        self.send(&Message::VerifyPage(VerifyPage {
+            request_id: request.request_id,
+            rows,
+            hash,
+            last_key: page.last_key,
+            more,
+            keys,
+            hashes,
+        }))
+        .await
+        .map(|_| ())
+    }
+
+    /// Counts a page in the table's verification transfer (made at its first page, completed
+    /// at its last).
+    async fn record_verification(
+        &mut self,
+        connection: &Connection,
+        request: &Verify,
+        rows: u64,
+        more: bool,
+    ) -> SessionResult<()> {
+        let store = &self.agent.store;
+        let now = self.agent.now();
+        let known = self
+            .verifying
+            .iter()
+            .find(|(table, _)| *table == request.table)
+            .map(|(_, id)| *id);
+        let id = match (known, &request.after) {
+            (Some(id), Some(_)) => id,
+            _ => {
+                let created = store
+                    .create_transfer(
+                        NewTransfer {
+                            connection_id: connection.id,
+                            direction: TransferDirection::Send,
+                            table_name: request.table.clone(),
+                            requires_approval: false,
+                            records_requested: 0,
+                            conflict_strategy: connection.default_conflict_strategy,
+                            transport: Some(self.transport),
+                            requester_ip: Some(self.client_ip.to_string()),
+                            requester_user_agent: self.user_agent.clone(),
+                        },
+                        self.agent.config.approval_ttl(),
+                        &Actor::remote(&connection.site_url),
+                        now,
+                    )
+                    .await?;
+                store
+                    .merge_transfer_metadata(created.id, serde_json::json!({ "kind": "verify" }))
+                    .await?;
+                store.start_transfer(created.id, now).await?;
+                self.verifying.retain(|(table, _)| *table != request.table);
+                self.verifying.push((request.table.clone(), created.id));
+                created.id
+            }
+        };
+        store
+            .record_progress(
+                id,
+                &Progress {
+                    records_transferred: i64::try_from(rows).unwrap_or(i64::MAX),
+                    ..Progress::default()
+                },
+            )
+            .await?;
+        if !more {
+            store.complete_transfer(id, now).await?;
+            self.verifying.retain(|(table, _)| *table != request.table);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,621 @@
+//! `dbsync verify`: whether this site holds the same rows as the sender, page by page, moving
+//! hashes instead of rows; with `repair`, moving only the rows that differ.
+//!
+//! For each table the sender hashes a page of rows in key order (`Verify`, protocol 4) and this
+//! side hashes its own rows of the same key range (after the previous page's last key, up to this
+//! page's; the last page is open-ended, so rows here beyond the sender's last key count as
+//! extra). Equal pages are done. For a page that differs the sender sends each row's key and
+//! hash, and the rows here of that range are set beside them: keys only there are missing here,
+//! keys only here are extra, keys on both sides with different hashes differ. Memory holds one
+//! page (at most [`PAGE_ROWS`] rows) whatever the table size.
+//!
+//! `repair` pulls the missing and differing rows by key (`overwrite`, under the same checkpoints
+//! as any pull) and deletes the extra ones.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use dbsync_protocol::Message;
+use dbsync_protocol::Value;
+use dbsync_protocol::message::{MAX_FILTER_KEYS, TableSchema, Verify, VerifyPage};
+use serde::Serialize;
+
+use super::pull::{PullOptions, TransportChoice};
+use crate::agent::Agent;
+use crate::connection::{ConflictStrategy, ConnectionStatus, Direction};
+use crate::data::row_hash::{PageHasher, key_bytes, row_hash};
+use crate::error::{Error, Result};
+use crate::session::receiver::Client;
+use crate::transfer::Progress;
+
+/// Rows in one page of hashes (the sender may send fewer).
+pub const PAGE_ROWS: u64 = 10_000;
+/// Keys of each kind named in a verdict.
+const FIRST_KEYS: usize = 5;
+
+/// What to verify, and how.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Tables (none: every offered table with a primary key).
+    pub tables: Option<Vec<String>>,
+    /// Move the rows that differ, delete the extra ones.
+    pub repair: bool,
+    /// The sender's download password, when it has one.
+    pub password: Option<dbsync_protocol::Secret>,
+    /// Transport.
+    pub transport: TransportChoice,
+    /// Keep reconnecting for this long.
+    pub retry_for: Duration,
+    /// Rows per page (0: [`PAGE_ROWS`]); smaller pages find a few differences with fewer
+    /// rows set side by side.
+    pub page_rows: u64,
+}
+
+/// What verifying one table found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TableVerdict {
+    /// The table.
+    pub table: String,
+    /// Every row here and there alike.
+    pub identical: bool,
+    /// Rows the sender has.
+    pub rows_there: u64,
+    /// Rows this site has.
+    pub rows_here: u64,
+    /// Keys the sender has and this site does not.
+    pub missing_here: u64,
+    /// Keys this site has and the sender does not.
+    pub extra_here: u64,
+    /// Keys on both sides whose rows differ.
+    pub different: u64,
+    /// The first few keys of each kind.
+    pub first_missing: Vec<Vec<Value>>,
+    /// See `first_missing`.
+    pub first_extra: Vec<Vec<Value>>,
+    /// See `first_missing`.
+    pub first_different: Vec<Vec<Value>>,
+    /// Why the table could not be compared, when it could not.
+    pub error: Option<String>,
+    /// With repair: rows pulled again.
+    pub repaired_rows: i64,
+    /// With repair: extra rows deleted here.
+    pub deleted_rows: u64,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifySummary {
+    /// One verdict per table.
+    pub tables: Vec<TableVerdict>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl VerifySummary {
+    /// Whether every table is identical (after repair, when repairing).
+    pub fn identical(&self) -> bool {
+        self.tables.iter().all(|t| t.identical)
+    }
+}
+
+/// Progress while verifying (for progress bars).
+#[derive(Debug, Clone)]
+pub enum VerifyEvent {
+    /// A table starts; `estimated_rows` is the sender's estimate.
+    TableStarted {
+        /// Table.
+        table: String,
+        /// Estimate.
+        estimated_rows: u64,
+    },
+    /// A page was compared.
+    Page {
+        /// Rows in it (the sender's).
+        rows: u64,
+    },
+}
+
+fn page_rows(options: &VerifyOptions) -> u64 {
+    match options.page_rows {
+        0 => PAGE_ROWS,
+        rows => rows.min(PAGE_ROWS),
+    }
+}
+
+/// Differences found in one page, waiting to be repaired.
+#[derive(Default)]
+struct Pending {
+    pull: Vec<Vec<Value>>,
+    delete: Vec<Vec<Value>>,
+}
+
+impl Agent {
+    /// Verifies the tables of receiver connection `id_or_name` against its sender.
+    pub async fn verify(
+        &self,
+        id_or_name: &str,
+        options: &VerifyOptions,
+        mut on_event: impl FnMut(VerifyEvent),
+    ) -> Result<VerifySummary> {
+        let started = Instant::now();
+        let connection = self.store.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection; verify from a receiver connection",
+                    connection.name
+                ),
+            ));
+        }
+        if connection.status != ConnectionStatus::Active {
+            return Err(Error::illegal_connection(
+                &connection.name,
+                "verify through",
+                connection.status,
+            ));
+        }
+        let pull_options = PullOptions {
+            password: options.password.clone(),
+            transport: options.transport,
+            retry_for: options.retry_for,
+            ..PullOptions::default()
+        };
+        let (mut failing_since, mut attempts) = (None, 0);
+        let (mut client, _) = self
+            .open_session_retrying(
+                &connection,
+                &pull_options,
+                &mut failing_since,
+                &mut attempts,
+            )
+            .await?;
+        if client.version < dbsync_protocol::VERIFY_VERSION {
+            return Err(Error::Session {
+                site: connection.site_url.clone(),
+                fault: crate::SessionFault::Protocol,
+                reason: format!(
+                    "the sender speaks protocol {}; verification needs {} (upgrade the sender)",
+                    client.version,
+                    dbsync_protocol::VERIFY_VERSION
+                ),
+            });
+        }
+        let offered =
+            match super::pull::ask(&mut client, &Message::ListTables, options.retry_for).await? {
+                Message::TableList(tables) => tables,
+                other => {
+                    return Err(client
+                        .protocol_error(format!("expected TableList, got {:?}", other.kind())));
+                }
+            };
+        let wanted: Vec<_> = match &options.tables {
+            Some(names) => {
+                let mut wanted = Vec::new();
+                for name in names {
+                    let Some(table) = offered.iter().find(|t| &t.name == name) else {
+                        return Err(Error::Remote {
+                            site: connection.site_url.clone(),
+                            code: dbsync_protocol::session::Code::TableNotAllowed,
+                            message: format!("{name:?} is not offered"),
+                            retry_after_ms: None,
+                        });
+                    };
+                    wanted.push(table.clone());
+                }
+                wanted
+            }
+            None => offered
+                .iter()
+                .filter(|t| !t.primary_key.is_empty())
+                .filter(|t| !crate::catalog::is_internal_table(&t.name))
+                .cloned()
+                .collect(),
+        };
+        let mut summary = VerifySummary::default();
+        for table in wanted {
+            on_event(VerifyEvent::TableStarted {
+                table: table.name.clone(),
+                estimated_rows: table.estimated_rows,
+            });
+            let verdict = self
+                .verify_table(
+                    &mut client,
+                    &connection,
+                    &table.name,
+                    options,
+                    &mut on_event,
+                )
+                .await?;
+            summary.tables.push(verdict);
+        }
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    async fn verify_table(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        table: &str,
+        options: &VerifyOptions,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<TableVerdict> {
+        let mut verdict = TableVerdict {
+            table: table.to_owned(),
+            ..TableVerdict::default()
+        };
+        let there = super::pull::describe(client, table, options.retry_for).await?;
+        if there.primary_key.is_empty() {
+            verdict.error = Some("no primary key to compare by".into());
+            return Ok(verdict);
+        }
+        let here = match self.store.describe_table(table).await {
+            Ok(here) => here,
+            Err(Error::NotFound { .. }) => {
+                verdict.error = Some("the table is not here".into());
+                return Ok(verdict);
+            }
+            Err(err) => return Err(err),
+        };
+        let columns: Vec<String> = there.columns.iter().map(|c| c.name.clone()).collect();
+        if let Some(absent) = columns
+            .iter()
+            .find(|c| !here.columns.iter().any(|h| &h.name == *c))
+        {
+            verdict.error = Some(format!("column {absent:?} is not here"));
+            return Ok(verdict);
+        }
+        if here.primary_key != there.primary_key {
+            verdict.error = Some(format!(
+                "the key here ({}) is not the sender's ({})",
+                here.primary_key.join(", "),
+                there.primary_key.join(", ")
+            ));
+            return Ok(verdict);
+        }
+        let transfer = self
+            .start_receive_transfer(
+                connection,
+                table,
+                ConflictStrategy::Overwrite,
+                client.transport,
+            )
+            .await?;
+        self.store
+            .merge_transfer_metadata(transfer.id, serde_json::json!({ "kind": "verify" }))
+            .await?;
+        let types: Vec<String> = there
+            .columns
+            .iter()
+            .map(|c| c.neutral_type.clone())
+            .collect();
+        let mut outcome = self
+            .compare_pages(
+                client,
+                connection,
+                &here,
+                &columns,
+                &types,
+                options,
+                &mut verdict,
+                on_event,
+            )
+            .await;
+        // Repaired: compare again (hashes only) to say whether the copy is identical now.
+        if outcome.is_ok() && options.repair && !verdict.identical {
+            let mut again = TableVerdict {
+                table: table.to_owned(),
+                ..TableVerdict::default()
+            };
+            let check = VerifyOptions {
+                repair: false,
+                ..options.clone()
+            };
+            outcome = self
+                .compare_pages(
+                    client, connection, &here, &columns, &types, &check, &mut again, on_event,
+                )
+                .await;
+            verdict.identical = again.identical;
+            verdict.rows_here = again.rows_here;
+        }
+        match &outcome {
+            Ok(()) => {
+                self.store
+                    .record_progress(
+                        transfer.id,
+                        &Progress {
+                            records_transferred: i64::try_from(verdict.rows_there)
+                                .unwrap_or(i64::MAX),
+                            ..Progress::default()
+                        },
+                    )
+                    .await?;
+                self.store
+                    .merge_transfer_metadata(
+                        transfer.id,
+                        serde_json::json!({ "verdict": {
+                            "identical": verdict.identical, "missing_here": verdict.missing_here,
+                            "extra_here": verdict.extra_here, "different": verdict.different,
+                            "repaired_rows": verdict.repaired_rows, "deleted_rows": verdict.deleted_rows,
+                        }}),
+                    )
+                    .await?;
+                self.store
+                    .complete_transfer(transfer.id, self.now())
+                    .await?;
+            }
+            Err(err) => {
+                let _ = self
+                    .store
+                    .fail_transfer(transfer.id, &err.to_string(), self.now())
+                    .await;
+            }
+        }
+        outcome.map(|()| verdict)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn compare_pages(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        columns: &[String],
+        types: &[String],
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<()> {
+        let types: Vec<&str> = types.iter().map(String::as_str).collect();
+        let key_positions: Vec<usize> = here
+            .primary_key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| c == k))
+            .collect();
+        let mut request_id = 0;
+        let mut after: Option<Vec<Value>> = None;
+        let mut pending = Pending::default();
+        loop {
+            request_id += 1;
+            let page = self
+                .ask_page(
+                    client,
+                    &verdict.table,
+                    after.clone(),
+                    false,
+                    request_id,
+                    options,
+                )
+                .await?;
+            // The last page reaches to the end here too: rows past the sender's last key are
+            // extra.
+            let upto = if page.more {
+                page.last_key.clone()
+            } else {
+                None
+            };
+            let (rows_here, hash_here) = self
+                .local_page_hash(here, columns, &types, after.as_deref(), upto.as_deref())
+                .await?;
+            verdict.rows_there += page.rows;
+            verdict.rows_here += rows_here;
+            if rows_here != page.rows || hash_here != page.hash {
+                request_id += 1;
+                let detail = self
+                    .ask_page(
+                        client,
+                        &verdict.table,
+                        after.clone(),
+                        true,
+                        request_id,
+                        options,
+                    )
+                    .await?;
+                if detail.keys.len() != detail.hashes.len()
+                    || detail.keys.len() as u64 != detail.rows
+                    || detail
+                        .keys
+                        .iter()
+                        .any(|k| k.len() != here.primary_key.len())
+                    || detail
+                        .hashes
+                        .iter()
+                        .any(|h| h.len() != crate::data::row_hash::ROW_HASH_LEN)
+                {
+                    return Err(client.protocol_error("a page's keys and hashes do not match"));
+                }
+                self.diff_page(
+                    here,
+                    columns,
+                    &types,
+                    &key_positions,
+                    after.as_deref(),
+                    upto.as_deref(),
+                    detail,
+                    verdict,
+                    &mut pending,
+                )
+                .await?;
+                if options.repair
+                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
+                {
+                    self.repair(connection, here, options, &mut pending, verdict)
+                        .await?;
+                }
+            }
+            on_event(VerifyEvent::Page { rows: page.rows });
+            if !page.more {
+                break;
+            }
+            match page.last_key {
+                Some(key) if key.len() == here.primary_key.len() => after = Some(key),
+                _ => return Err(client.protocol_error("a page with more rows but no last key")),
+            }
+        }
+        if options.repair {
+            self.repair(connection, here, options, &mut pending, verdict)
+                .await?;
+        }
+        verdict.identical = verdict.missing_here == 0
+            && verdict.extra_here == 0
+            && verdict.different == 0
+            && verdict.rows_here == verdict.rows_there;
+        Ok(())
+    }
+
+    async fn ask_page(
+        &self,
+        client: &mut Client,
+        table: &str,
+        after: Option<Vec<Value>>,
+        detail: bool,
+        request_id: u64,
+        options: &VerifyOptions,
+    ) -> Result<VerifyPage> {
+        let request = Message::Verify(Verify {
+            request_id,
+            table: table.to_owned(),
+            after,
+            limit: page_rows(options),
+            detail,
+        });
+        match super::pull::ask(client, &request, options.retry_for).await? {
+            Message::VerifyPage(page) if page.request_id == request_id => {
+                if page.rows > page_rows(options) {
+                    return Err(client.protocol_error("a page larger than asked for"));
+                }
+                Ok(page)
+            }
+            other => {
+                Err(client.protocol_error(format!("expected VerifyPage, got {:?}", other.kind())))
+            }
+        }
+    }
+
+    /// The rows here after `after` and up to `upto`, hashed like the sender's page.
+    async fn local_page_hash(
+        &self,
+        here: &TableSchema,
+        columns: &[String],
+        types: &[&str],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+    ) -> Result<(u64, Vec<u8>)> {
+        let mut hasher = PageHasher::default();
+        let mut from: Option<Vec<Value>> = after.map(<[Value]>::to_vec);
+        loop {
+            let page = self
+                .store
+                .read_page_between(here, columns, from.as_deref(), upto, PAGE_ROWS as i64)
+                .await?;
+            for row in &page.rows {
+                hasher.add(&row_hash(row, types)?);
+            }
+            if (page.rows.len() as u64) < PAGE_ROWS {
+                break;
+            }
+            from = page.last_key;
+        }
+        Ok(hasher.finish())
+    }
+
+    /// Sets the sender's rows of a page beside the rows here of the same range.
+    #[allow(clippy::too_many_arguments)]
+    async fn diff_page(
+        &self,
+        here: &TableSchema,
+        columns: &[String],
+        types: &[&str],
+        key_positions: &[usize],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+        detail: VerifyPage,
+        verdict: &mut TableVerdict,
+        pending: &mut Pending,
+    ) -> Result<()> {
+        let key_types: Vec<&str> = key_positions.iter().map(|i| types[*i]).collect();
+        let mut there: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)> =
+            HashMap::with_capacity(detail.keys.len());
+        for (key, hash) in detail.keys.into_iter().zip(detail.hashes) {
+            there.insert(key_bytes(&key, &key_types)?, (hash.into_vec(), key));
+        }
+        let note = |list: &mut Vec<Vec<Value>>, key: &Vec<Value>| {
+            if list.len() < FIRST_KEYS {
+                list.push(key.clone());
+            }
+        };
+        let mut from: Option<Vec<Value>> = after.map(<[Value]>::to_vec);
+        loop {
+            let page = self
+                .store
+                .read_page_between(here, columns, from.as_deref(), upto, PAGE_ROWS as i64)
+                .await?;
+            for row in &page.rows {
+                let key: Vec<Value> = key_positions.iter().map(|i| row[*i].clone()).collect();
+                match there.remove(&key_bytes(&key, &key_types)?) {
+                    Some((hash, key_there)) => {
+                        if hash.as_slice() != row_hash(row, types)?.as_slice() {
+                            verdict.different += 1;
+                            note(&mut verdict.first_different, &key_there);
+                            pending.pull.push(key_there);
+                        }
+                    }
+                    None => {
+                        verdict.extra_here += 1;
+                        note(&mut verdict.first_extra, &key);
+                        pending.delete.push(key);
+                    }
+                }
+            }
+            if (page.rows.len() as u64) < PAGE_ROWS {
+                break;
+            }
+            from = page.last_key;
+        }
+        let mut missing: Vec<Vec<Value>> = there.into_values().map(|(_, key)| key).collect();
+        missing.sort_by_key(|key| format!("{key:?}"));
+        for key in missing {
+            verdict.missing_here += 1;
+            note(&mut verdict.first_missing, &key);
+            pending.pull.push(key);
+        }
+        Ok(())
+    }
+
+    /// Pulls the keys waiting (overwrite, by key) and deletes the extra ones.
+    async fn repair(
+        &self,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        options: &VerifyOptions,
+        pending: &mut Pending,
+        verdict: &mut TableVerdict,
+    ) -> Result<()> {
+        if !pending.delete.is_empty() {
+            verdict.deleted_rows += self.store.delete_keys(here, &pending.delete).await?;
+            pending.delete.clear();
+        }
+        for keys in pending.pull.chunks(MAX_FILTER_KEYS) {
+            let pulled = self
+                .pull(
+                    &connection.name,
+                    &PullOptions {
+                        tables: Some(vec![here.name.clone()]),
+                        strategy: Some(ConflictStrategy::Overwrite),
+                        key_list: Some(keys.to_vec()),
+                        password: options.password.clone(),
+                        transport: options.transport,
+                        retry_for: options.retry_for,
+                        ..PullOptions::default()
+                    },
+                    |_| {},
+                )
+                .await?;
+            verdict.repaired_rows += pulled.tables.iter().map(|t| t.rows).sum::<i64>();
+        }
+        pending.pull.clear();
+        Ok(())
+    }
+}
