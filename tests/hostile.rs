@@ -130,8 +130,17 @@ impl Hand {
     }
 
     async fn hello(&mut self, token: &str, password: Option<&str>) -> Message {
+        self.hello_speaking(token, password, vec![2]).await
+    }
+
+    async fn hello_speaking(
+        &mut self,
+        token: &str,
+        password: Option<&str>,
+        versions: Vec<u16>,
+    ) -> Message {
         self.send(&Message::Hello(dbsync_protocol::message::Hello {
-            versions: vec![2],
+            versions,
             token: Secret::new(token),
             password: password.map(Secret::new),
             client_name: "hostile/1".into(),
@@ -670,6 +679,8 @@ enum Lie {
     Names,
     /// Welcomes with a protocol version nobody offered.
     Version,
+    /// Speaks protocol 4 and answers `Verify` with pages whose keys and hashes do not add up.
+    Hashes,
 }
 
 /// A sender that speaks the protocol by hand over WebSocket; returns its URL.
@@ -716,7 +727,11 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
         };
         let reply = match message {
             Message::Hello(_) => Message::Welcome(Welcome {
-                version: if lie == Lie::Version { 99 } else { 2 },
+                version: match lie {
+                    Lie::Version => 99,
+                    Lie::Hashes => 4,
+                    Lie::Names => 2,
+                },
                 session_id: "fake".into(),
                 max_records_per_request: 1_000,
                 max_frame_bytes: 16 << 20,
@@ -739,7 +754,26 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 .collect(),
             ),
             // Whatever is asked for, dbsync's admin tokens are described.
+            Message::DescribeTable(name) if lie == Lie::Hashes => {
+                let mut schema = admin_schema(&name);
+                schema.columns.truncate(2);
+                Message::TableSchema(schema)
+            }
             Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
+            // Claims five rows, then details none (or keys without hashes).
+            Message::Verify(verify) => Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                request_id: verify.request_id,
+                rows: 5,
+                hash: vec![7; 32],
+                last_key: None,
+                more: false,
+                keys: if verify.detail {
+                    vec![vec![Value::Text("k".into())]; 5]
+                } else {
+                    vec![]
+                },
+                hashes: vec![],
+            }),
             Message::Pull(pull) => Message::RowBatch(RowBatch {
                 request_id: pull.request_id,
                 seq: 0,
@@ -1293,4 +1327,125 @@ async fn counts_stay_exact_when_the_receiver_dies_again_and_again() {
         a.stop().await;
         b.stop().await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification: the sender's checks hold, a lying sender changes nothing here.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_requests_are_checked_and_cost_no_limit() {
+    let Some(a) = agent("hostile::verify", false, None).await else {
+        return;
+    };
+    items(&a, 30).await;
+    let token = sender_token(
+        &a,
+        ConnectionSettings {
+            excluded_tables: vec!["users".into()],
+            max_records_total: Some(5),
+            max_records_per_request: 10,
+            rate_limit_per_minute: 10_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await;
+    let verify = |table: &str, after: Option<Vec<Value>>, limit: u64, detail: bool| {
+        Message::Verify(dbsync_protocol::message::Verify {
+            request_id: 1,
+            table: table.into(),
+            after,
+            limit,
+            detail,
+        })
+    };
+    // A session of protocol 2 may not verify.
+    let mut old = Hand::open(&a, Via::Ws).await;
+    assert!(matches!(old.hello(&token, None).await, Message::Welcome(_)));
+    old.send(&verify("items", None, 10, false)).await;
+    assert_eq!(old.error_code().await, "protocol_error");
+    old.close().await;
+
+    let mut hand = Hand::open(&a, Via::Ws).await;
+    match hand.hello_speaking(&token, None, vec![2, 3, 4]).await {
+        Message::Welcome(welcome) => assert_eq!(welcome.version, 4),
+        other => panic!("{other:?}"),
+    }
+    for table in ["users", "dbsync_connections", "_sqlx_migrations", "nope"] {
+        hand.send(&verify(table, None, 10, false)).await;
+        assert_eq!(hand.error_code().await, "table_not_allowed", "{table}");
+    }
+    hand.send(&verify(
+        "items",
+        Some(vec![Value::Int(1), Value::Int(2)]),
+        10,
+        false,
+    ))
+    .await;
+    assert_eq!(hand.error_code().await, "invalid_request");
+    // A page asked for a billion rows holds the connection's rows per request; details line
+    // up; the whole table is hashed past the record limit, and nothing is counted.
+    let mut after = None;
+    let mut seen = 0;
+    loop {
+        hand.send(&verify("items", after.clone(), 1_000_000_000, true))
+            .await;
+        let Message::VerifyPage(page) = hand.message().await else {
+            panic!("a page");
+        };
+        assert!(page.rows <= 10);
+        assert_eq!(page.keys.len() as u64, page.rows);
+        assert_eq!(page.hashes.len() as u64, page.rows);
+        assert!(page.hashes.iter().all(|h| h.len() == 16));
+        seen += page.rows;
+        if !page.more {
+            break;
+        }
+        after = page.last_key;
+    }
+    assert_eq!(seen, 30);
+    hand.close().await;
+    let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+    assert_eq!(
+        (connection.downloads_used, connection.records_downloaded),
+        (0, 0)
+    );
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_lying_about_hashes_changes_nothing_here() {
+    let Some(b) = agent("hostile::hashes", false, None).await else {
+        return;
+    };
+    b.agent
+        .store
+        .execute_batch(&[
+            "CREATE TABLE t1 (id TEXT PRIMARY KEY, name TEXT)".into(),
+            "INSERT INTO t1 VALUES ('a', 'x'), ('b', 'y')".into(),
+        ])
+        .await
+        .unwrap();
+    let url = fake_sender(Lie::Hashes).await;
+    b.agent
+        .add_receiver_by_hand(
+            "evil",
+            &url,
+            dbsync_agent::token::Token::generate().expose(),
+            &admin(),
+        )
+        .await
+        .unwrap();
+    let options = dbsync_agent::sync::verify::VerifyOptions {
+        tables: Some(vec!["t1".into()]),
+        repair: true,
+        ..Default::default()
+    };
+    let err = b.agent.verify("evil", &options, |_| {}).await.unwrap_err();
+    assert!(err.to_string().contains("do not match"), "{err}");
+    assert_eq!(
+        crate::pull::rows(&b.agent.store, "t1").await.len(),
+        2,
+        "nothing deleted"
+    );
+    b.stop().await;
 }
