@@ -230,3 +230,81 @@ async fn postgres_to_sqlite_differences_are_found_and_repaired() {
 async fn sqlite_to_postgres_differences_are_found_and_repaired() {
     finds_and_repairs("verify::sqlite_pg", false, true).await;
 }
+
+/// `dbsync` run on the receiving site: its output and exit codes.
+fn dbsync(agent: &RunningAgent, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbsync"))
+        .args(args)
+        .env("DBSYNC_DATABASE_URL", &agent.database_url)
+        .env("DBSYNC_KEY_FILE", &agent.key_file)
+        .env("DBSYNC_LOG", "warn")
+        .env("DBSYNC_ALLOW_PRIVATE_PEERS", "true")
+        .env_remove("DBSYNC_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_verifies_diffs_and_schedules_diff_pulls() {
+    let Some((a, b, receiver)) = pulled_pair("verify::cli", false, false).await else {
+        return;
+    };
+    let (code, out, err) = dbsync(&b, &["--json", "verify", &receiver, "--transport", "ws"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["identical"], true);
+
+    exec(&b, &["DELETE FROM users WHERE id = 7".into()]).await;
+    let (code, out, _) = dbsync(&b, &["verify", &receiver, "--tables", "users"]);
+    assert_eq!(code, 1, "a difference is exit code 1");
+    assert!(
+        out.contains("differs") && out.contains("missing here: Int(7)"),
+        "{out}"
+    );
+
+    let (code, out, err) = dbsync(&b, &["--json", "pull", &receiver, "--diff"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["identical"], true, "{report}");
+    assert_eq!(
+        rows(&a.agent.store, "users").await,
+        rows(&b.agent.store, "users").await
+    );
+
+    let (code, out, err) = dbsync(
+        &b,
+        &[
+            "--json",
+            "schedule",
+            "set",
+            &receiver,
+            "--tables",
+            "users",
+            "--interval",
+            "15m",
+            "--diff",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["auto_sync_mode"],
+        "diff"
+    );
+    exec(&b, &["UPDATE users SET email = 'x' WHERE id = 9".into()]).await;
+    let (code, out, err) = dbsync(&b, &["--json", "schedule", "run", &receiver]);
+    assert_eq!(code, 0, "{err}");
+    let outcome: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert_eq!(outcome["rows"], 1, "{outcome}");
+    assert_eq!(
+        rows(&a.agent.store, "users").await,
+        rows(&b.agent.store, "users").await
+    );
+    a.stop().await;
+    b.stop().await;
+}

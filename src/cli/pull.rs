@@ -66,6 +66,10 @@ pub(crate) struct PullArgs {
     /// type is refused)
     #[arg(long)]
     add_columns: bool,
+    /// Move only the rows that differ: compare row hashes page by page (protocol 4), pull the
+    /// missing and changed rows by key, delete the extra ones, verify again
+    #[arg(long, conflicts_with_all = ["incremental", "where_key", "schema_only", "strategy", "exclude_columns", "code"])]
+    diff: bool,
 }
 
 fn parse_transport(text: &str) -> Result<TransportChoice, String> {
@@ -103,6 +107,23 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("name a connection, or give --code and --from"),
     };
+    if args.diff {
+        let options = dbsync_agent::sync::verify::VerifyOptions {
+            tables: (!args.tables.is_empty()).then_some(args.tables),
+            repair: true,
+            password,
+            transport: args.transport,
+            retry_for: args.retry_for.to_std().unwrap_or_default(),
+            page_rows: 0,
+        };
+        let summary = super::verify::run_with_progress(ctx, &connection, &options).await?;
+        super::verify::report(ctx, &summary)?;
+        return if summary.identical() {
+            Ok(())
+        } else {
+            Err(super::Differs.into())
+        };
+    }
     let options = PullOptions {
         tables: (!args.tables.is_empty()).then_some(args.tables),
         strategy: args.strategy,

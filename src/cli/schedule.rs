@@ -24,6 +24,13 @@ pub(crate) enum Command {
         /// Turn auto-sync off
         #[arg(long)]
         disable: bool,
+        /// Run each time as a diff pull (verify, then move only the rows that differ and
+        /// delete the extra ones) instead of an incremental pull
+        #[arg(long, conflicts_with = "incremental")]
+        diff: bool,
+        /// Back to incremental pulls (the default)
+        #[arg(long)]
+        incremental: bool,
     },
     /// Run a connection's scheduled sync now, here
     Run {
@@ -40,6 +47,8 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             tables,
             interval,
             disable,
+            diff,
+            incremental,
         } => {
             let current = ctx.store.get_connection(&connection).await?;
             if current.direction != dbsync_agent::Direction::Receiver {
@@ -75,10 +84,22 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
                     ctx.now(),
                 )
                 .await?;
+            let updated = if diff || incremental {
+                ctx.store
+                    .merge_connection_metadata(
+                        updated.id,
+                        serde_json::json!({ "auto_sync_mode": if diff { "diff" } else { "incremental" } }),
+                    )
+                    .await?
+            } else {
+                updated
+            };
+            let mode = dbsync_agent::sync::schedule::mode_of(&updated);
             ctx.store.sync_schedules(ctx.now()).await?;
             if ctx.json {
                 return output::print_json(&serde_json::json!({
                     "connection": updated.name,
+                    "auto_sync_mode": mode,
                     "auto_sync_enabled": updated.auto_sync_enabled,
                     "auto_sync_tables": updated.auto_sync_tables,
                     "auto_sync_interval_minutes": updated.auto_sync_interval_minutes,
@@ -86,7 +107,7 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             }
             if updated.auto_sync_enabled {
                 println!(
-                    "Auto-sync of {} is on: {} every {} min (dbsync serve runs it).",
+                    "Auto-sync of {} is on: {} every {} min as {mode} pulls (dbsync serve runs it).",
                     updated.name,
                     output::list(&updated.auto_sync_tables, "every offered table"),
                     updated.auto_sync_interval_minutes

@@ -191,7 +191,7 @@ pub struct SkippedTable {
 }
 
 /// Outcome of a pull.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PullSummary {
     /// Per table, in the order pulled.
     pub tables: Vec<TableSummary>,

@@ -20,6 +20,19 @@ use crate::store::{Engine, Store, on_pool};
 
 /// How long a claim holds at least (a run that outlives its lease may be claimed again).
 pub const MIN_LEASE: chrono::Duration = chrono::Duration::hours(1);
+/// How a connection's scheduled runs pull: `incremental` (the default) or `diff`
+/// (`schedule set --diff`: verify, then move only the rows that differ).
+pub fn mode_of(connection: &crate::Connection) -> &'static str {
+    match connection
+        .metadata
+        .get("auto_sync_mode")
+        .and_then(|m| m.as_str())
+    {
+        Some("diff") => "diff",
+        _ => "incremental",
+    }
+}
+
 /// How often a running scheduled sync renews its claim (well inside [`MIN_LEASE`]).
 pub const LEASE_RENEWAL: std::time::Duration = std::time::Duration::from_secs(300);
 /// First wait after a failure (doubles with each failure in a row, up to the interval).
@@ -296,8 +309,46 @@ impl Agent {
         tracing::info!(connection = %connection.name, lag_ms = lag.max(0), "scheduled sync starts");
         // The claim is renewed while the run lasts, so a run longer than the lease is not
         // claimed again by another scheduler.
+        let diff = mode_of(&connection) == "diff";
         let result = {
-            let pull = self.pull(&connection.name, &options, |_| {});
+            let pull = async {
+                if !diff {
+                    return self.pull(&connection.name, &options, |_| {}).await;
+                }
+                // A diff run: verify, move only what differs; reported like a pull.
+                let verify = crate::sync::verify::VerifyOptions {
+                    tables: options.tables.clone(),
+                    repair: true,
+                    transport: options.transport,
+                    retry_for: options.retry_for,
+                    ..Default::default()
+                };
+                let summary = self.verify(&connection.name, &verify, |_| {}).await?;
+                if let Some(bad) = summary.tables.iter().find(|t| !t.identical) {
+                    return Err(crate::Error::Conflict(format!(
+                        "{} still differs after the repair{}",
+                        bad.table,
+                        bad.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )));
+                }
+                Ok(crate::pull::PullSummary {
+                    tables: summary
+                        .tables
+                        .iter()
+                        .map(|t| crate::pull::TableSummary {
+                            table: t.table.clone(),
+                            rows: t.repaired_rows,
+                            deleted: i64::try_from(t.deleted_rows).unwrap_or(i64::MAX),
+                            ..crate::pull::TableSummary::default()
+                        })
+                        .collect(),
+                    seconds: summary.seconds,
+                    ..crate::pull::PullSummary::default()
+                })
+            };
             tokio::pin!(pull);
             let mut renew = tokio::time::interval(LEASE_RENEWAL);
             renew.tick().await;
