@@ -144,13 +144,18 @@ impl Agent {
     /// mark only rises, and a pull's memory falls as it ends). Not `wait4`'s `ru_maxrss`: for a
     /// child started by `vfork`, as `Command` can do, Linux folds this process's peak into it.
     fn pull(&self, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
+        self.timed("pull", args, sender)
+    }
+
+    /// [`Agent::pull`] for any command (`verify`).
+    fn timed(&self, command: &str, args: &[&str], sender: &Agent) -> (Value, Duration, u64, u64) {
         let sender_pid = sender.child.id();
         std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
             .expect("reset the sender's peak RSS (/proc/<pid>/clear_refs)");
         let started = Instant::now();
         let mut child = Command::new(DBSYNC)
             .arg("--json")
-            .arg("pull")
+            .arg(command)
             .args(args)
             .envs(self.env.iter().cloned())
             .stdout(Stdio::piped())
@@ -183,7 +188,7 @@ impl Agent {
         let errors = errors.join().unwrap();
         assert!(
             status.success(),
-            "dbsync pull {args:?} failed: {text} {errors}"
+            "dbsync {command} {args:?} failed: {text} {errors}"
         );
         (
             serde_json::from_str(&text).unwrap(),
@@ -546,6 +551,75 @@ async fn postgres_steps(
         wire_ratio: None,
         rss_receiver_mib: Some(mib(rss_b)),
         rss_sender_mib: Some(mib(rss_a)),
+    });
+    // Verify of the identical copy: row hashes page by page, no row moved.
+    let verify_args = [
+        setup.connection.as_str(),
+        "--tables",
+        "users",
+        "--transport",
+        transport,
+    ];
+    let mut times = Vec::new();
+    let mut first = None;
+    for _ in 0..knobs.repeat {
+        settle(Some(pg)).await;
+        let (report, elapsed, rss_b, rss_a) =
+            setup.receiver.timed("verify", &verify_args, &setup.sender);
+        assert_eq!(report["identical"], true, "{report}");
+        times.push(elapsed);
+        first.get_or_insert((rss_b, rss_a));
+    }
+    let (elapsed, samples) = median(&times);
+    let (rss_b, rss_a) = first.expect("at least one run");
+    eprintln!("verify (identical): {elapsed:.2} s");
+    table.push(Row {
+        measure: format!("verify, identical ({transport})"),
+        seconds: elapsed,
+        samples,
+        rows: knobs.rows,
+        ratio: Some(elapsed / baseline),
+        wire_ratio: None,
+        rss_receiver_mib: Some(mib(rss_b)),
+        rss_sender_mib: Some(mib(rss_a)),
+    });
+    // Diff pull after 1 % of the rows changed at the source (another 1 % each run).
+    let mut times = Vec::new();
+    let mut moved = 0;
+    for run in 0..knobs.repeat {
+        let changed = format!("id % 100 = {}", 50 + run % 50);
+        let expected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM users WHERE {changed}"
+        )))
+        .fetch_one(&a)
+        .await
+        .unwrap();
+        exec(
+            &a,
+            &format!("UPDATE users SET name = name || '~' WHERE {changed}"),
+        )
+        .await;
+        settle(Some(pg)).await;
+        let (report, elapsed, _, _) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--diff"]),
+            &setup.sender,
+        );
+        assert_eq!(report["identical"], true, "{report}");
+        moved = report["tables"][0]["repaired_rows"].as_i64().unwrap_or(-1);
+        assert_eq!(moved, expected, "a diff pull moves the changed rows");
+        times.push(elapsed);
+    }
+    let (elapsed, samples) = median(&times);
+    eprintln!("diff pull (1%): {elapsed:.2} s");
+    table.push(Row {
+        measure: format!("pull --diff, 1% changed ({transport})"),
+        seconds: elapsed,
+        samples,
+        rows: moved,
+        ratio: Some(elapsed / baseline),
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
     });
     // Incremental: a first pass sets the cursor, then 1% of the rows change. The source has the
     // index an operator adds for incremental pulls (docs/operations.md): on the cursor column

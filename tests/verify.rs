@@ -41,6 +41,7 @@ fn options(repair: bool) -> VerifyOptions {
         repair,
         transport: TransportChoice::Ws,
         page_rows: 50,
+        recheck: true,
         retry_for: std::time::Duration::from_secs(30),
         ..VerifyOptions::default()
     }

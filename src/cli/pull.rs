@@ -115,6 +115,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
             transport: args.transport,
             retry_for: args.retry_for.to_std().unwrap_or_default(),
             page_rows: 0,
+            recheck: false,
         };
         let summary = super::verify::run_with_progress(ctx, &connection, &options).await?;
         super::verify::report(ctx, &summary)?;

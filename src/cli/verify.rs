@@ -62,6 +62,7 @@ pub(crate) async fn run(ctx: &Context, args: VerifyArgs) -> anyhow::Result<()> {
         transport: args.transport,
         retry_for: args.retry_for.to_std().unwrap_or_default(),
         page_rows: 0,
+        recheck: true,
     };
     let summary = run_with_progress(ctx, &args.connection, &options).await?;
     report(ctx, &summary)?;

@@ -49,6 +49,9 @@ pub struct VerifyOptions {
     /// Rows per page (0: [`PAGE_ROWS`]); smaller pages find a few differences with fewer
     /// rows set side by side.
     pub page_rows: u64,
+    /// After a repair, verify again before saying `identical` (`verify --repair`); without
+    /// it a repair that moved and deleted exactly the rows found says so (`pull --diff`).
+    pub recheck: bool,
 }
 
 /// What verifying one table found.
@@ -302,8 +305,13 @@ impl Agent {
                 on_event,
             )
             .await;
-        // Repaired: compare again (hashes only) to say whether the copy is identical now.
-        if outcome.is_ok() && options.repair && !verdict.identical {
+        // Repaired: compare again (hashes only) to say whether the copy is identical now, or
+        // count on the repair having moved and deleted exactly the rows found.
+        if outcome.is_ok() && options.repair && !verdict.identical && !options.recheck {
+            verdict.identical = verdict.repaired_rows
+                == i64::try_from(verdict.missing_here + verdict.different).unwrap_or(i64::MAX)
+                && verdict.deleted_rows == verdict.extra_here;
+        } else if outcome.is_ok() && options.repair && !verdict.identical {
             let mut again = TableVerdict {
                 table: table.to_owned(),
                 ..TableVerdict::default()
@@ -374,45 +382,67 @@ impl Agent {
             .iter()
             .filter_map(|k| columns.iter().position(|c| c == k))
             .collect();
-        let mut request_id = 0;
+        let table = verdict.table.clone();
+        let mut request_id = 1;
         let mut after: Option<Vec<Value>> = None;
         let mut pending = Pending::default();
+        // Each page's summary is asked for while this side hashes the page before it; after a
+        // page that differed the next is asked for with its details at once (changes spread
+        // over a table make neighbouring pages differ too).
+        let mut page = self
+            .ask_page(client, &table, None, false, request_id, options)
+            .await?;
+        let mut page_detail = false;
+        let mut last_differs = false;
         loop {
-            request_id += 1;
-            let page = self
-                .ask_page(
-                    client,
-                    &verdict.table,
-                    after.clone(),
-                    false,
-                    request_id,
-                    options,
-                )
-                .await?;
+            let more = page.more;
+            if more
+                && !page
+                    .last_key
+                    .as_ref()
+                    .is_some_and(|k| k.len() == here.primary_key.len())
+            {
+                return Err(client.protocol_error("a page with more rows but no last key"));
+            }
             // The last page reaches to the end here too: rows past the sender's last key are
             // extra.
-            let upto = if page.more {
-                page.last_key.clone()
-            } else {
-                None
-            };
-            let (rows_here, hash_here) = self
-                .local_page_hash(here, columns, &types, after.as_deref(), upto.as_deref())
-                .await?;
-            verdict.rows_there += page.rows;
+            let upto = if more { page.last_key.clone() } else { None };
+            request_id += 1;
+            let next_id = request_id;
+            let detail_next = last_differs;
+            let (local, next) = tokio::join!(
+                self.local_page_hash(here, columns, &types, after.as_deref(), upto.as_deref()),
+                async {
+                    if more {
+                        Some(
+                            self.ask_page(
+                                client,
+                                &table,
+                                upto.clone(),
+                                detail_next,
+                                next_id,
+                                options,
+                            )
+                            .await,
+                        )
+                    } else {
+                        None
+                    }
+                }
+            );
+            let (rows_here, hash_here) = local?;
+            let rows = page.rows;
+            verdict.rows_there += rows;
             verdict.rows_here += rows_here;
-            if rows_here != page.rows || hash_here != page.hash {
-                request_id += 1;
-                let detail = self
-                    .ask_page(
-                        client,
-                        &verdict.table,
-                        after.clone(),
-                        true,
-                        request_id,
-                        options,
-                    )
-                    .await?;
+            let differs = rows_here != rows || hash_here != page.hash;
+            if differs {
+                let detail = if page_detail {
+                    page
+                } else {
+                    request_id += 1;
+                    self.ask_page(client, &table, after.clone(), true, request_id, options)
+                        .await?
+                };
                 if detail.keys.len() != detail.hashes.len()
                     || detail.keys.len() as u64 != detail.rows
                     || detail
@@ -445,13 +475,15 @@ impl Agent {
                         .await?;
                 }
             }
-            on_event(VerifyEvent::Page { rows: page.rows });
-            if !page.more {
-                break;
-            }
-            match page.last_key {
-                Some(key) if key.len() == here.primary_key.len() => after = Some(key),
-                _ => return Err(client.protocol_error("a page with more rows but no last key")),
+            last_differs = differs;
+            on_event(VerifyEvent::Page { rows });
+            match next {
+                None => break,
+                Some(next) => {
+                    page = next?;
+                    page_detail = detail_next;
+                    after = upto;
+                }
             }
         }
         if options.repair {
