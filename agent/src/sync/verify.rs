@@ -397,10 +397,10 @@ impl Agent {
         loop {
             let more = page.more;
             if more
-                && !page
+                && page
                     .last_key
                     .as_ref()
-                    .is_some_and(|k| k.len() == here.primary_key.len())
+                    .is_none_or(|k| k.len() != here.primary_key.len())
             {
                 return Err(client.protocol_error("a page with more rows but no last key"));
             }
