@@ -491,6 +491,37 @@ impl Agent {
         Ok(())
     }
 
+    /// The active receiver connection `id_or_name`, to `verb` (pull, verify) through.
+    pub(super) async fn active_receiver(
+        &self,
+        id_or_name: &str,
+        verb: &'static str,
+    ) -> Result<Connection> {
+        let connection = self.store.get_connection(id_or_name).await?;
+        if connection.direction != Direction::Receiver {
+            return Err(Error::invalid(
+                "connection",
+                format!(
+                    "{} is a sender connection; {verb} from a receiver connection",
+                    connection.name
+                ),
+            ));
+        }
+        if connection.status != ConnectionStatus::Active {
+            let through = if verb == "verify" {
+                "verify through"
+            } else {
+                "pull through"
+            };
+            return Err(Error::illegal_connection(
+                &connection.name,
+                through,
+                connection.status,
+            ));
+        }
+        Ok(connection)
+    }
+
     /// Pulls tables from the sending site of a receiver connection.
     pub async fn pull(
         &self,
@@ -499,23 +530,7 @@ impl Agent {
         mut on_event: impl FnMut(PullEvent),
     ) -> Result<PullSummary> {
         let started = Instant::now();
-        let connection = self.store.get_connection(id_or_name).await?;
-        if connection.direction != Direction::Receiver {
-            return Err(Error::invalid(
-                "connection",
-                format!(
-                    "{} is a sender connection; pull from a receiver connection",
-                    connection.name
-                ),
-            ));
-        }
-        if connection.status != ConnectionStatus::Active {
-            return Err(Error::illegal_connection(
-                &connection.name,
-                "pull through",
-                connection.status,
-            ));
-        }
+        let connection = self.active_receiver(id_or_name, "pull").await?;
         let strategy = options
             .strategy
             .unwrap_or(connection.default_conflict_strategy);

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::pull::{PullOptions, TransportChoice};
 use crate::agent::Agent;
-use crate::connection::{ConflictStrategy, ConnectionStatus, Direction};
+use crate::connection::ConflictStrategy;
 use crate::data::row_hash::{PageHasher, key_bytes, row_hash};
 use crate::error::{Error, Result};
 use crate::session::receiver::Client;
@@ -141,23 +141,7 @@ impl Agent {
         mut on_event: impl FnMut(VerifyEvent),
     ) -> Result<VerifySummary> {
         let started = Instant::now();
-        let connection = self.store.get_connection(id_or_name).await?;
-        if connection.direction != Direction::Receiver {
-            return Err(Error::invalid(
-                "connection",
-                format!(
-                    "{} is a sender connection; verify from a receiver connection",
-                    connection.name
-                ),
-            ));
-        }
-        if connection.status != ConnectionStatus::Active {
-            return Err(Error::illegal_connection(
-                &connection.name,
-                "verify through",
-                connection.status,
-            ));
-        }
+        let connection = self.active_receiver(id_or_name, "verify").await?;
         let pull_options = PullOptions {
             password: options.password.clone(),
             transport: options.transport,

@@ -75,33 +75,8 @@ impl Store {
         filter: Option<&KeyFilter>,
         limit: i64,
     ) -> Result<Page> {
-        let query = PageQuery::new(schema, columns, after, Window::default(), filter)?;
-        let rows = match self.pool() {
-            Pool::Postgres(pool) => {
-                let fetched = query.postgres(limit)?.fetch_all(pool).await?;
-                let decoders = query.decoders();
-                fetched
-                    .iter()
-                    .map(|row| {
-                        (0..columns.len())
-                            .map(|i| postgres_value(row, i, &decoders[i]))
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-            Pool::Sqlite(pool) => {
-                let cells = query.select_sqlite(pool, schema, limit).await?;
-                cells.to_rows().map_err(|err| sqlite_error(schema, err))?
-            }
-        };
-        let last_key = rows.last().map(|row| {
-            query
-                .key_positions
-                .iter()
-                .map(|i| row[*i].clone())
-                .collect()
-        });
-        Ok(Page { rows, last_key })
+        self.read_page_window(schema, columns, after, Window::default(), filter, limit)
+            .await
     }
 
     /// Reads up to `limit` rows after `after` and up to `at_most` (both keys, either open), in
@@ -118,7 +93,20 @@ impl Store {
             above: None,
             at_most,
         };
-        let query = PageQuery::new(schema, columns, after, window, None)?;
+        self.read_page_window(schema, columns, after, window, None, limit)
+            .await
+    }
+
+    async fn read_page_window(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        window: Window<'_>,
+        filter: Option<&KeyFilter>,
+        limit: i64,
+    ) -> Result<Page> {
+        let query = PageQuery::new(schema, columns, after, window, filter)?;
         let rows = match self.pool() {
             Pool::Postgres(pool) => {
                 let fetched = query.postgres(limit)?.fetch_all(pool).await?;
