@@ -681,6 +681,22 @@ enum Lie {
     Version,
     /// Speaks protocol 4 and answers `Verify` with pages whose keys and hashes do not add up.
     Hashes,
+    /// Speaks protocol 4 and answers every `Verify` with the same one-row page that says more.
+    Stuck,
+}
+
+/// Gives `b` a receiver connection `evil` to a fake sender telling `lie`.
+async fn evil_receiver(b: &RunningAgent, lie: Lie) {
+    let url = fake_sender(lie).await;
+    b.agent
+        .add_receiver_by_hand(
+            "evil",
+            &url,
+            dbsync_agent::token::Token::generate().expose(),
+            &admin(),
+        )
+        .await
+        .unwrap();
 }
 
 /// A sender that speaks the protocol by hand over WebSocket; returns its URL.
@@ -729,7 +745,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
             Message::Hello(_) => Message::Welcome(Welcome {
                 version: match lie {
                     Lie::Version => 99,
-                    Lie::Hashes => 4,
+                    Lie::Hashes | Lie::Stuck => 4,
                     Lie::Names => 2,
                 },
                 session_id: "fake".into(),
@@ -754,12 +770,32 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 .collect(),
             ),
             // Whatever is asked for, dbsync's admin tokens are described.
-            Message::DescribeTable(name) if lie == Lie::Hashes => {
+            Message::DescribeTable(name) if matches!(lie, Lie::Hashes | Lie::Stuck) => {
                 let mut schema = admin_schema(&name);
                 schema.columns.truncate(2);
                 Message::TableSchema(schema)
             }
             Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
+            // The same page, again and again.
+            Message::Verify(verify) if lie == Lie::Stuck => {
+                Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                    request_id: verify.request_id,
+                    rows: 1,
+                    hash: vec![7; 32],
+                    last_key: Some(vec![Value::Text("k".into())]),
+                    more: true,
+                    keys: if verify.detail {
+                        vec![vec![Value::Text("k".into())]]
+                    } else {
+                        vec![]
+                    },
+                    hashes: if verify.detail {
+                        vec![serde_bytes::ByteBuf::from(vec![1; 16])]
+                    } else {
+                        vec![]
+                    },
+                })
+            }
             // Claims five rows, then details none (or keys without hashes).
             Message::Verify(verify) => Message::VerifyPage(dbsync_protocol::message::VerifyPage {
                 request_id: verify.request_id,
@@ -822,16 +858,7 @@ async fn a_hostile_sender_writes_no_table_the_receiver_did_not_ask_for() {
         let Some(b) = agent("hostile::sender", postgres, None).await else {
             continue;
         };
-        let url = fake_sender(Lie::Names).await;
-        b.agent
-            .add_receiver_by_hand(
-                "evil",
-                &url,
-                dbsync_agent::token::Token::generate().expose(),
-                &admin(),
-            )
-            .await
-            .unwrap();
+        evil_receiver(&b, Lie::Names).await;
         let tokens_before = b.agent.store.list_admin_tokens().await.unwrap().len();
         let tables_before = tables_of(&b).await;
         // Every table offered, and then one named table.
@@ -865,16 +892,7 @@ async fn a_welcome_of_a_version_never_offered_is_refused() {
     let Some(b) = agent("hostile::version", false, None).await else {
         return;
     };
-    let url = fake_sender(Lie::Version).await;
-    b.agent
-        .add_receiver_by_hand(
-            "evil",
-            &url,
-            dbsync_agent::token::Token::generate().expose(),
-            &admin(),
-        )
-        .await
-        .unwrap();
+    evil_receiver(&b, Lie::Version).await;
     let err = b
         .agent
         .pull("evil", &PullOptions::default(), |_| {})
@@ -1414,38 +1432,41 @@ async fn verify_requests_are_checked_and_cost_no_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_lying_about_hashes_changes_nothing_here() {
-    let Some(b) = agent("hostile::hashes", false, None).await else {
-        return;
-    };
-    b.agent
-        .store
-        .execute_batch(&[
-            "CREATE TABLE t1 (id TEXT PRIMARY KEY, name TEXT)".into(),
-            "INSERT INTO t1 VALUES ('a', 'x'), ('b', 'y')".into(),
-        ])
-        .await
-        .unwrap();
-    let url = fake_sender(Lie::Hashes).await;
-    b.agent
-        .add_receiver_by_hand(
-            "evil",
-            &url,
-            dbsync_agent::token::Token::generate().expose(),
-            &admin(),
+    for lie in [Lie::Hashes, Lie::Stuck] {
+        let Some(b) = agent("hostile::hashes", false, None).await else {
+            return;
+        };
+        b.agent
+            .store
+            .execute_batch(&[
+                "CREATE TABLE t1 (id TEXT PRIMARY KEY, name TEXT)".into(),
+                "INSERT INTO t1 VALUES ('a', 'x'), ('b', 'y')".into(),
+            ])
+            .await
+            .unwrap();
+        evil_receiver(&b, lie).await;
+        let options = dbsync_agent::sync::verify::VerifyOptions {
+            tables: Some(vec!["t1".into()]),
+            repair: lie == Lie::Hashes,
+            ..Default::default()
+        };
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            b.agent.verify("evil", &options, |_| {}),
         )
         .await
-        .unwrap();
-    let options = dbsync_agent::sync::verify::VerifyOptions {
-        tables: Some(vec!["t1".into()]),
-        repair: true,
-        ..Default::default()
-    };
-    let err = b.agent.verify("evil", &options, |_| {}).await.unwrap_err();
-    assert!(err.to_string().contains("do not match"), "{err}");
-    assert_eq!(
-        crate::pull::rows(&b.agent.store, "t1").await.len(),
-        2,
-        "nothing deleted"
-    );
-    b.stop().await;
+        .expect("a lying sender cannot keep a verification going")
+        .unwrap_err();
+        let expected = match lie {
+            Lie::Stuck => "does not move on",
+            _ => "do not match",
+        };
+        assert!(err.to_string().contains(expected), "{lie:?}: {err}");
+        assert_eq!(
+            crate::pull::rows(&b.agent.store, "t1").await.len(),
+            2,
+            "nothing deleted"
+        );
+        b.stop().await;
+    }
 }

@@ -17,6 +17,15 @@ fn admin() -> Actor {
     Actor::admin("tester")
 }
 
+/// The value of the first series starting with `series` in a `/metrics` text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{series} in\n{text}"))
+}
+
 pub(crate) async fn exec(agent: &RunningAgent, statements: &[String]) {
     agent.agent.store.execute_batch(statements).await.unwrap();
 }
@@ -843,32 +852,25 @@ async fn metrics_count_what_a_pull_moved() {
     };
     let on_a = scrape(&a).await;
     let on_b = scrape(&b).await;
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{series} in\n{text}"))
-    };
     assert_eq!(
-        value(&on_a, "dbsync_rows_sent_total{transport=\"ws\"}"),
+        metric(&on_a, "dbsync_rows_sent_total{transport=\"ws\"}"),
         600.0
     );
     assert!(
-        value(
+        metric(
             &on_a,
             "dbsync_bytes_sent_total{transport=\"ws\",kind=\"wire\"}"
         ) > 0.0
     );
-    assert!(value(&on_a, "dbsync_sessions_opened_total{transport=\"ws\"}") >= 1.0);
-    assert_eq!(value(&on_a, "dbsync_transfers{status=\"completed\"}"), 2.0);
-    assert_eq!(value(&on_a, "dbsync_approvals_waiting"), 0.0);
+    assert!(metric(&on_a, "dbsync_sessions_opened_total{transport=\"ws\"}") >= 1.0);
+    assert_eq!(metric(&on_a, "dbsync_transfers{status=\"completed\"}"), 2.0);
+    assert_eq!(metric(&on_a, "dbsync_approvals_waiting"), 0.0);
     assert_eq!(
-        value(&on_b, "dbsync_rows_received_total{transport=\"ws\"}"),
+        metric(&on_b, "dbsync_rows_received_total{transport=\"ws\"}"),
         600.0
     );
     assert!(
-        value(
+        metric(
             &on_b,
             "dbsync_table_pull_seconds_count{status=\"completed\"}"
         ) >= 2.0
@@ -953,22 +955,15 @@ async fn a_scrape_during_a_pull_sees_it_in_flight() {
         .await
         .unwrap();
     let (texts, running, sent) = scraper.await.unwrap();
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{series} in\n{text}"))
-    };
     assert_eq!(
-        value(&texts[0], "dbsync_transfers{status=\"in_progress\"}"),
+        metric(&texts[0], "dbsync_transfers{status=\"in_progress\"}"),
         1.0
     );
     assert_eq!(
-        value(&texts[1], "dbsync_transfers{status=\"in_progress\"}"),
+        metric(&texts[1], "dbsync_transfers{status=\"in_progress\"}"),
         1.0
     );
-    let received = value(&texts[1], "dbsync_rows_received_total{transport=");
+    let received = metric(&texts[1], "dbsync_rows_received_total{transport=");
     assert!(received > 0.0 && received < 600.0, "{received}");
     assert_eq!(running.len(), 1);
     assert_eq!(running[0].table_name, "users");

@@ -778,7 +778,7 @@ impl Agent {
 const PUSH_CLAIM: Duration = Duration::minutes(2);
 
 /// Whether the push under metadata `key` (`peer_push`, `token_push`) is pending and due.
-fn pending_push(connection: &Connection, key: &str, now: DateTime<Utc>) -> bool {
+pub(super) fn pending_push(connection: &Connection, key: &str, now: DateTime<Utc>) -> bool {
     let Some(push) = connection.metadata.get(key) else {
         return false;
     };

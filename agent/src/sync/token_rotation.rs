@@ -192,17 +192,11 @@ impl Agent {
 
     /// Retries a token push that is due on `connection`; true when one was attempted.
     pub(super) async fn retry_token_push(&self, connection: &Connection) -> Result<bool> {
-        let Some(push) = token_push_of(connection) else {
+        let Some(push) = token_push_of(connection)
+            .filter(|_| super::registration::pending_push(connection, "token_push", self.now()))
+        else {
             return Ok(false);
         };
-        let due = push
-            .next_attempt_at
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .is_some_and(|t| t <= self.now());
-        if push.state != "pending" || !due {
-            return Ok(false);
-        }
         let token = push
             .sealed_token
             .as_deref()

@@ -125,6 +125,48 @@ fn page_rows(options: &VerifyOptions) -> u64 {
     }
 }
 
+/// This site's rows after one key and up to another, read a chunk of [`PAGE_ROWS`] at a time.
+struct LocalRange<'a> {
+    from: Option<Vec<Value>>,
+    upto: Option<&'a [Value]>,
+    done: bool,
+}
+
+impl<'a> LocalRange<'a> {
+    fn new(after: Option<&[Value]>, upto: Option<&'a [Value]>) -> Self {
+        Self {
+            from: after.map(<[Value]>::to_vec),
+            upto,
+            done: false,
+        }
+    }
+
+    /// The next chunk, or `None` once the range is read.
+    async fn next(
+        &mut self,
+        agent: &Agent,
+        here: &TableSchema,
+        columns: &[String],
+    ) -> Result<Option<Vec<Vec<Value>>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = agent
+            .store
+            .read_page_between(
+                here,
+                columns,
+                self.from.as_deref(),
+                self.upto,
+                PAGE_ROWS as i64,
+            )
+            .await?;
+        self.done = (page.rows.len() as u64) < PAGE_ROWS;
+        self.from = page.last_key;
+        Ok(Some(page.rows))
+    }
+}
+
 /// Differences found in one page, waiting to be repaired.
 #[derive(Default)]
 struct Pending {
@@ -388,6 +430,10 @@ impl Agent {
             {
                 return Err(client.protocol_error("a page with more rows but no last key"));
             }
+            // A page that says more must move on: rows in it, and a last key past `after`.
+            if more && (page.rows == 0 || page.last_key == after) {
+                return Err(client.protocol_error("a page that says more but does not move on"));
+            }
             // The last page reaches to the end here too: rows past the sender's last key are
             // extra.
             let upto = if more { page.last_key.clone() } else { None };
@@ -440,18 +486,22 @@ impl Agent {
                 {
                     return Err(client.protocol_error("a page's keys and hashes do not match"));
                 }
-                self.diff_page(
-                    here,
-                    columns,
-                    &types,
-                    &key_positions,
-                    after.as_deref(),
-                    upto.as_deref(),
-                    detail,
-                    verdict,
-                    &mut pending,
-                )
-                .await?;
+                let listed_once = self
+                    .diff_page(
+                        here,
+                        columns,
+                        &types,
+                        &key_positions,
+                        after.as_deref(),
+                        upto.as_deref(),
+                        detail,
+                        verdict,
+                        &mut pending,
+                    )
+                    .await?;
+                if !listed_once {
+                    return Err(client.protocol_error("a page lists one key twice"));
+                }
                 if options.repair
                     && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
                 {
@@ -520,24 +570,17 @@ impl Agent {
         upto: Option<&[Value]>,
     ) -> Result<(u64, Vec<u8>)> {
         let mut hasher = PageHasher::default();
-        let mut from: Option<Vec<Value>> = after.map(<[Value]>::to_vec);
-        loop {
-            let page = self
-                .store
-                .read_page_between(here, columns, from.as_deref(), upto, PAGE_ROWS as i64)
-                .await?;
-            for row in &page.rows {
+        let mut range = LocalRange::new(after, upto);
+        while let Some(rows) = range.next(self, here, columns).await? {
+            for row in &rows {
                 hasher.add(&row_hash(row, types)?);
             }
-            if (page.rows.len() as u64) < PAGE_ROWS {
-                break;
-            }
-            from = page.last_key;
         }
         Ok(hasher.finish())
     }
 
-    /// Sets the sender's rows of a page beside the rows here of the same range.
+    /// Sets the sender's rows of a page beside the rows here of the same range; false when the
+    /// sender listed a key twice.
     #[allow(clippy::too_many_arguments)]
     async fn diff_page(
         &self,
@@ -550,25 +593,26 @@ impl Agent {
         detail: VerifyPage,
         verdict: &mut TableVerdict,
         pending: &mut Pending,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let key_types: Vec<&str> = key_positions.iter().map(|i| types[*i]).collect();
         let mut there: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)> =
             HashMap::with_capacity(detail.keys.len());
         for (key, hash) in detail.keys.into_iter().zip(detail.hashes) {
-            there.insert(key_bytes(&key, &key_types)?, (hash.into_vec(), key));
+            if there
+                .insert(key_bytes(&key, &key_types)?, (hash.into_vec(), key))
+                .is_some()
+            {
+                return Ok(false);
+            }
         }
         let note = |list: &mut Vec<Vec<Value>>, key: &Vec<Value>| {
             if list.len() < FIRST_KEYS {
                 list.push(key.clone());
             }
         };
-        let mut from: Option<Vec<Value>> = after.map(<[Value]>::to_vec);
-        loop {
-            let page = self
-                .store
-                .read_page_between(here, columns, from.as_deref(), upto, PAGE_ROWS as i64)
-                .await?;
-            for row in &page.rows {
+        let mut range = LocalRange::new(after, upto);
+        while let Some(rows) = range.next(self, here, columns).await? {
+            for row in &rows {
                 let key: Vec<Value> = key_positions.iter().map(|i| row[*i].clone()).collect();
                 match there.remove(&key_bytes(&key, &key_types)?) {
                     Some((hash, key_there)) => {
@@ -585,10 +629,6 @@ impl Agent {
                     }
                 }
             }
-            if (page.rows.len() as u64) < PAGE_ROWS {
-                break;
-            }
-            from = page.last_key;
         }
         let mut missing: Vec<Vec<Value>> = there.into_values().map(|(_, key)| key).collect();
         missing.sort_by_key(|key| format!("{key:?}"));
@@ -597,7 +637,7 @@ impl Agent {
             note(&mut verdict.first_missing, &key);
             pending.pull.push(key);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Pulls the keys waiting (overwrite, by key) and deletes the extra ones.
