@@ -409,6 +409,7 @@ impl Agent {
             .filter_map(|k| columns.iter().position(|c| c == k))
             .collect();
         let table = verdict.table.clone();
+        let key_types: Vec<&str> = key_positions.iter().map(|i| types[*i]).collect();
         let mut request_id = 1;
         let mut after: Option<Vec<Value>> = None;
         let mut pending = Pending::default();
@@ -420,6 +421,8 @@ impl Agent {
             .await?;
         let mut page_detail = false;
         let mut last_differs = false;
+        // Every last key a page ended on: a sender that names one again is going round.
+        let mut ends_seen = std::collections::HashSet::new();
         loop {
             let more = page.more;
             if more
@@ -430,8 +433,12 @@ impl Agent {
             {
                 return Err(client.protocol_error("a page with more rows but no last key"));
             }
-            // A page that says more must move on: rows in it, and a last key past `after`.
-            if more && (page.rows == 0 || page.last_key == after) {
+            // A page that says more must move on: rows in it, and a last key never seen before.
+            let fresh_end = match &page.last_key {
+                Some(key) => ends_seen.insert(key_bytes(key, &key_types)?),
+                None => true,
+            };
+            if more && (page.rows == 0 || !fresh_end) {
                 return Err(client.protocol_error("a page that says more but does not move on"));
             }
             // The last page reaches to the end here too: rows past the sender's last key are
