@@ -1374,6 +1374,7 @@ async fn verify_requests_are_checked_and_cost_no_limit() {
             after,
             limit,
             detail,
+            range: None,
         })
     };
     // A session of protocol 2 may not verify.

@@ -31,14 +31,18 @@ pub use value::Value;
 /// column-major (`message::columnar`); version 1 sent them row by row and is no longer spoken.
 /// Version 3 adds `TableSchema::postgres` (types, extensions, sequences); a version 2 session
 /// never carries it. Version 4 adds `Verify`/`VerifyPage` (row hashes); a sender refuses them
-/// on an older session.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4];
+/// on an older session. Version 5 adds `Verify::range`: a key range hashed inside a PostgreSQL
+/// sender's database.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 4;
+pub const CURRENT_VERSION: u16 = 5;
 
 /// The first version with `Verify`.
 pub const VERIFY_VERSION: u16 = 4;
+
+/// The first version with `Verify::range` (key ranges hashed in the database).
+pub const RANGE_HASH_VERSION: u16 = 5;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {

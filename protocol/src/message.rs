@@ -517,6 +517,32 @@ pub struct Verify {
     pub limit: u64,
     /// Also send each row's key and hash.
     pub detail: bool,
+    /// Protocol 5: hash the rows after `after` and up to `range.upto` inside the sender's
+    /// PostgreSQL database instead (see [`RangeHash`]). Absent in protocol 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<VerifyRange>,
+}
+
+/// A key range hashed in the database (protocol 5, both sides PostgreSQL with the same column
+/// types). Without `detail` the answer is the whole range's row count and hash, however many
+/// rows it holds (`limit` does not apply, `more` is false); with `detail` it is up to `limit`
+/// rows' keys and hashes, and `more` says whether the range goes on after `last_key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyRange {
+    /// The range's last key (inclusive); `None`: to the end of the table.
+    pub upto: Option<Vec<Value>>,
+    /// How rows are hashed.
+    pub hash: RangeHash,
+}
+
+/// How a [`VerifyRange`] hashes rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RangeHash {
+    /// A row's hash is PostgreSQL's `hash_record_extended(ROW(...), 0)` over its columns in the
+    /// sender's order (a column of a type without an exact hash read as `::text` under fixed
+    /// settings), as 8 big-endian bytes; a range's hash is the XOR of its rows' hashes.
+    PgRecord,
 }
 
 /// One page of row hashes. `hash` is SHA-256 over the page's row hashes in key order; a row's

@@ -451,6 +451,164 @@ pub fn keyset_query_filtered(
         })
         .collect::<Result<Vec<_>>>()?
         .join(", ");
+    let KeyConditions {
+        conditions,
+        order_by,
+        next,
+    } = key_conditions(&table, key, key_casts, bounds, filter)?;
+    let mut sql = format!("SELECT {columns} FROM {table}");
+    if !conditions.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conditions.join(" AND "));
+    }
+    sql.push_str(&format!(" ORDER BY {order_by} LIMIT ${next}"));
+    Ok(sql)
+}
+
+/// PostgreSQL types whose hash function tells apart exactly the values a copy must keep apart
+/// (and equal values alike): a column of one of these (or an array of one) is hashed as it is in
+/// a range hash; any other is hashed in its text form.
+const HASHED_AS_IS: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "oid",
+    "boolean",
+    "real",
+    "double precision",
+    "numeric",
+    "text",
+    "character varying",
+    "character",
+    "bytea",
+    "uuid",
+    "date",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "jsonb",
+];
+
+/// A PostgreSQL type name without its modifiers: `timestamp(3) with time zone` →
+/// `timestamp with time zone`.
+fn without_modifiers(native: &str) -> String {
+    let mut out = String::with_capacity(native.len());
+    let mut depth = 0usize;
+    for c in native.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            c if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// How column `name` of PostgreSQL type `native` goes into a row hash: as it is, text under the
+/// `C` collation (byte for byte whatever the column's collation), or in its text form.
+fn pg_hash_operand(name: &str, native: &str) -> Result<String> {
+    let column = quote_ident(name)?;
+    let base = without_modifiers(native);
+    let element = base.trim_end_matches("[]");
+    Ok(if !HASHED_AS_IS.contains(&element) {
+        format!("{column}::text COLLATE \"C\"")
+    } else if matches!(element, "text" | "character varying" | "character") {
+        format!("{column} COLLATE \"C\"")
+    } else {
+        column
+    })
+}
+
+/// What a range hash query returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashShape {
+    /// One row: the range's row count and the XOR of its rows' hashes. No limit parameter.
+    Summary,
+    /// Each row's key columns (read as [`keyset_query_filtered`] reads them) then its hash, in
+    /// key order, up to the limit parameter.
+    Rows,
+    /// The key of the row the last parameter's number of rows into the range (an `OFFSET`
+    /// parameter), if the range holds that many: where a range of that many rows ends.
+    End,
+}
+
+/// A key range of a PostgreSQL table hashed in the database (protocol 5, see
+/// `dbsync_protocol::message::RangeHash::PgRecord`). `columns` are `(name, native type)` in the
+/// order hashed; `key_reads` a read cast per key column ([`pg_read_cast`]), `key_casts` a cast
+/// per key value bound ([`pg_key_cast`]). Parameters: the bounds' keys, then the limit or
+/// offset (not for a summary).
+pub fn pg_range_hash_query(
+    table: &str,
+    columns: &[(&str, &str)],
+    key: &[String],
+    key_reads: &[&str],
+    key_casts: &[String],
+    bounds: KeyBounds,
+    shape: HashShape,
+) -> Result<String> {
+    if key.is_empty() {
+        return Err(Error::invalid(
+            "table",
+            format!("{table:?} has no primary key to hash by"),
+        ));
+    }
+    let table = quote_table_on("postgres", table)?;
+    let operands = columns
+        .iter()
+        .map(|(name, native)| pg_hash_operand(name, native))
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
+    let hash = format!("hash_record_extended(ROW({operands}), 0)");
+    let keys = key
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            Ok(format!(
+                "{}{}",
+                quote_ident(k)?,
+                key_reads.get(i).unwrap_or(&"")
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
+    let KeyConditions {
+        conditions,
+        order_by,
+        next,
+    } = key_conditions(&table, key, key_casts, bounds, None)?;
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    Ok(match shape {
+        HashShape::Summary => {
+            format!("SELECT count(*)::int8, coalesce(bit_xor({hash}), 0) FROM {table}{filter}")
+        }
+        HashShape::Rows => {
+            format!("SELECT {keys}, {hash} FROM {table}{filter} ORDER BY {order_by} LIMIT ${next}")
+        }
+        HashShape::End => {
+            format!("SELECT {keys} FROM {table}{filter} ORDER BY {order_by} OFFSET ${next} LIMIT 1")
+        }
+    })
+}
+
+/// A keyset query's `WHERE` conditions, its `ORDER BY` list and its next parameter number.
+struct KeyConditions {
+    conditions: Vec<String>,
+    order_by: String,
+    next: usize,
+}
+
+/// The conditions of [`keyset_query_filtered`] on `table` (already quoted).
+fn key_conditions(
+    table: &str,
+    key: &[String],
+    key_casts: &[String],
+    bounds: KeyBounds,
+    filter: Option<&KeyFilter>,
+) -> Result<KeyConditions> {
     let key_list = key
         .iter()
         .map(|c| quote_ident(c))
@@ -513,11 +671,6 @@ pub fn keyset_query_filtered(
             }
         }
     }
-    let mut sql = format!("SELECT {columns} FROM {table}");
-    if !conditions.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conditions.join(" AND "));
-    }
     // Qualified: a bare name in ORDER BY would mean the output column, which a cast read in
     // its text form (`"ip"::text AS ip`) orders differently from the key.
     let order_by = key_list
@@ -525,8 +678,11 @@ pub fn keyset_query_filtered(
         .map(|k| format!("{table}.{k}"))
         .collect::<Vec<_>>()
         .join(", ");
-    sql.push_str(&format!(" ORDER BY {order_by} LIMIT ${next}"));
-    Ok(sql)
+    Ok(KeyConditions {
+        conditions,
+        order_by,
+        next,
+    })
 }
 
 #[derive(sqlx::FromRow)]

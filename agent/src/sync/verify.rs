@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
-use dbsync_protocol::message::{MAX_FILTER_KEYS, TableSchema, Verify, VerifyPage};
+use dbsync_protocol::message::{
+    MAX_FILTER_KEYS, RangeHash, TableSchema, Verify, VerifyPage, VerifyRange,
+};
 use serde::Serialize;
 
 use super::pull::{PullOptions, TransportChoice};
@@ -77,6 +79,9 @@ pub struct TableVerdict {
     pub first_extra: Vec<Vec<Value>>,
     /// See `first_missing`.
     pub first_different: Vec<Vec<Value>>,
+    /// How rows were hashed: `database` (each side hashed key ranges inside its own
+    /// PostgreSQL database) or `rows` (the sender's rows hashed in their neutral form).
+    pub hashed_in: &'static str,
     /// Why the table could not be compared, when it could not.
     pub error: Option<String>,
     /// With repair: rows pulled again.
@@ -165,6 +170,117 @@ impl<'a> LocalRange<'a> {
         self.from = page.last_key;
         Ok(Some(page.rows))
     }
+}
+
+/// This site's rows of a range as keys and hashes, a chunk at a time: read whole and hashed
+/// here, or hashed in the database.
+enum LocalHashes<'a> {
+    Neutral {
+        range: LocalRange<'a>,
+        types: &'a [&'a str],
+        key_positions: &'a [usize],
+    },
+    InDb {
+        from: Option<Vec<Value>>,
+        upto: Option<&'a [Value]>,
+        done: bool,
+    },
+}
+
+impl LocalHashes<'_> {
+    async fn next(
+        &mut self,
+        agent: &Agent,
+        here: &TableSchema,
+        columns: &[String],
+    ) -> Result<Option<Vec<(Vec<Value>, Vec<u8>)>>> {
+        match self {
+            Self::Neutral {
+                range,
+                types,
+                key_positions,
+            } => {
+                let Some(rows) = range.next(agent, here, columns).await? else {
+                    return Ok(None);
+                };
+                rows.iter()
+                    .map(|row| {
+                        let key = key_positions.iter().map(|i| row[*i].clone()).collect();
+                        Ok((key, row_hash(row, types)?.to_vec()))
+                    })
+                    .collect::<Result<_>>()
+                    .map(Some)
+            }
+            Self::InDb { from, upto, done } => {
+                if *done {
+                    return Ok(None);
+                }
+                let rows = agent
+                    .store
+                    .range_row_hashes(here, columns, from.as_deref(), *upto, PAGE_ROWS as i64)
+                    .await?;
+                *done = (rows.keys.len() as u64) < PAGE_ROWS;
+                *from = rows.keys.last().cloned();
+                Ok(Some(
+                    rows.keys
+                        .into_iter()
+                        .zip(rows.hashes.iter().map(|h| h.to_vec()))
+                        .collect(),
+                ))
+            }
+        }
+    }
+}
+
+/// Whether a page of keys and hashes is well formed: a key and a hash of `hash_len` bytes per
+/// row, each key of `key_len` values.
+fn check_detail(client: &Client, page: &VerifyPage, key_len: usize, hash_len: usize) -> Result<()> {
+    if page.keys.len() != page.hashes.len()
+        || page.keys.len() as u64 != page.rows
+        || page.keys.iter().any(|k| k.len() != key_len)
+        || page.hashes.iter().any(|h| h.len() != hash_len)
+    {
+        return Err(client.protocol_error("a page's keys and hashes do not match"));
+    }
+    Ok(())
+}
+
+/// A page's rows by key (its stored form); `None` when it lists a key twice.
+fn index_detail(
+    page: VerifyPage,
+    key_types: &[&str],
+) -> Result<Option<HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>>> {
+    let mut there = HashMap::with_capacity(page.keys.len());
+    for (key, hash) in page.keys.into_iter().zip(page.hashes) {
+        if there
+            .insert(key_bytes(&key, key_types)?, (hash.into_vec(), key))
+            .is_some()
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(there))
+}
+
+/// The engine-neutral types of the key columns, as the sender gives them.
+fn key_types<'a>(here: &TableSchema, columns: &[String], types: &'a [String]) -> Vec<&'a str> {
+    here.primary_key
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| c == k))
+        .map(|i| types[i].as_str())
+        .collect()
+}
+
+/// Whether both tables are in PostgreSQL with the same type for every column the sender
+/// offers, so each side can hash a key range inside its own database and get the same hash.
+fn hashed_alike_in_db(there: &TableSchema, here: &TableSchema) -> bool {
+    there.engine == "postgres"
+        && here.engine == "postgres"
+        && there.columns.iter().all(|column| {
+            here.columns
+                .iter()
+                .any(|h| h.name == column.name && h.native_type == column.native_type)
+        })
 }
 
 /// Differences found in one page, waiting to be repaired.
@@ -319,13 +435,17 @@ impl Agent {
             .iter()
             .map(|c| c.neutral_type.clone())
             .collect();
+        let in_db = client.version >= dbsync_protocol::RANGE_HASH_VERSION
+            && hashed_alike_in_db(&there, &here);
+        verdict.hashed_in = if in_db { "database" } else { "rows" };
         let mut outcome = self
-            .compare_pages(
+            .compare(
                 client,
                 connection,
                 &here,
                 &columns,
                 &types,
+                in_db,
                 options,
                 &mut verdict,
                 on_event,
@@ -347,8 +467,9 @@ impl Agent {
                 ..options.clone()
             };
             outcome = self
-                .compare_pages(
-                    client, connection, &here, &columns, &types, &check, &mut again, on_event,
+                .compare(
+                    client, connection, &here, &columns, &types, in_db, &check, &mut again,
+                    on_event,
                 )
                 .await;
             verdict.identical = again.identical;
@@ -391,6 +512,234 @@ impl Agent {
     }
 
     #[allow(clippy::too_many_arguments)]
+    async fn compare(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        columns: &[String],
+        types: &[String],
+        in_db: bool,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<()> {
+        if in_db {
+            self.compare_ranges(
+                client, connection, here, columns, types, options, verdict, on_event,
+            )
+            .await
+        } else {
+            self.compare_pages(
+                client, connection, here, columns, types, options, verdict, on_event,
+            )
+            .await
+        }
+    }
+
+    /// Both sides PostgreSQL with the same column types: this side cuts its table into ranges
+    /// of a page's rows, and each range is hashed inside both databases at once (protocol 5);
+    /// a range that differs is set beside the sender's row by row, as keys and hashes only.
+    #[allow(clippy::too_many_arguments)]
+    async fn compare_ranges(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        columns: &[String],
+        types: &[String],
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<()> {
+        let table = verdict.table.clone();
+        let key_types = key_types(here, columns, types);
+        let rows = page_rows(options);
+        let range = |upto: &Option<Vec<Value>>| VerifyRange {
+            upto: upto.clone(),
+            hash: RangeHash::PgRecord,
+        };
+        let mut request_id = 0;
+        let mut pending = Pending::default();
+        let mut start: Option<Vec<Value>> = None;
+        let mut end = self.store.range_end(here, None, rows).await?;
+        // After a range that differed the next is asked for row by row at once (changes spread
+        // over a table make neighbouring ranges differ too).
+        let mut last_differs = false;
+        loop {
+            request_id += 1;
+            let detail = last_differs;
+            // The sender hashes the range while this side hashes its own and finds where the
+            // next range ends.
+            let (local, answer) = tokio::join!(
+                async {
+                    let summary = if detail {
+                        None
+                    } else {
+                        Some(
+                            self.store
+                                .range_hash(here, columns, start.as_deref(), end.as_deref())
+                                .await?,
+                        )
+                    };
+                    let next_end = match &end {
+                        Some(end) => self.store.range_end(here, Some(end), rows).await?,
+                        None => None,
+                    };
+                    Ok::<_, Error>((summary, next_end))
+                },
+                self.ask_page(
+                    client,
+                    &table,
+                    start.clone(),
+                    detail,
+                    request_id,
+                    options,
+                    Some(range(&end)),
+                )
+            );
+            let (summary, next_end) = local?;
+            let answer = answer?;
+            let differs = match summary {
+                Some((rows_here, hash_here)) => {
+                    if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
+                        return Err(
+                            client.protocol_error("a range's answer is not one 8-byte hash")
+                        );
+                    }
+                    let differs = rows_here != answer.rows || hash_here[..] != answer.hash[..];
+                    if !differs {
+                        verdict.rows_there += answer.rows;
+                        verdict.rows_here += rows_here;
+                    }
+                    differs
+                }
+                None => true,
+            };
+            on_event(VerifyEvent::Page { rows: answer.rows });
+            last_differs = if differs {
+                let first = detail.then_some(answer);
+                let found = self
+                    .diff_range(
+                        client,
+                        &table,
+                        here,
+                        columns,
+                        &key_types,
+                        (start.as_deref(), end.as_deref()),
+                        first,
+                        &mut request_id,
+                        options,
+                        verdict,
+                        &mut pending,
+                    )
+                    .await?;
+                if options.repair
+                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
+                {
+                    self.repair(connection, here, options, &mut pending, verdict)
+                        .await?;
+                }
+                found
+            } else {
+                false
+            };
+            match end {
+                None => break,
+                Some(_) => start = std::mem::replace(&mut end, next_end),
+            }
+        }
+        if options.repair {
+            self.repair(connection, here, options, &mut pending, verdict)
+                .await?;
+        }
+        verdict.identical = verdict.missing_here == 0
+            && verdict.extra_here == 0
+            && verdict.different == 0
+            && verdict.rows_here == verdict.rows_there;
+        Ok(())
+    }
+
+    /// Sets the sender's rows of range `(after, upto]` beside the rows here, page by page of
+    /// keys and hashes (`first`: the first page, when already asked for); whether any differ.
+    #[allow(clippy::too_many_arguments)]
+    async fn diff_range(
+        &self,
+        client: &mut Client,
+        table: &str,
+        here: &TableSchema,
+        columns: &[String],
+        key_types: &[&str],
+        (start, upto): (Option<&[Value]>, Option<&[Value]>),
+        first: Option<VerifyPage>,
+        request_id: &mut u64,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        pending: &mut Pending,
+    ) -> Result<bool> {
+        let before = verdict.missing_here + verdict.extra_here + verdict.different;
+        let mut after = start.map(<[Value]>::to_vec);
+        let mut page = first;
+        let mut ends_seen = std::collections::HashSet::new();
+        loop {
+            let detail = match page.take() {
+                Some(page) => page,
+                None => {
+                    *request_id += 1;
+                    self.ask_page(
+                        client,
+                        table,
+                        after.clone(),
+                        true,
+                        *request_id,
+                        options,
+                        Some(VerifyRange {
+                            upto: upto.map(<[Value]>::to_vec),
+                            hash: RangeHash::PgRecord,
+                        }),
+                    )
+                    .await?
+                }
+            };
+            check_detail(client, &detail, here.primary_key.len(), 8)?;
+            let more = detail.more;
+            if more {
+                let moved_on = detail.rows > 0
+                    && match &detail.last_key {
+                        Some(key) => ends_seen.insert(key_bytes(key, key_types)?),
+                        None => false,
+                    };
+                if !moved_on {
+                    return Err(client.protocol_error("a page that says more but does not move on"));
+                }
+            }
+            verdict.rows_there += detail.rows;
+            let page_upto = if more {
+                detail.last_key.clone()
+            } else {
+                upto.map(<[Value]>::to_vec)
+            };
+            let there = index_detail(detail, key_types)?
+                .ok_or_else(|| client.protocol_error("a page lists one key twice"))?;
+            let mut local = LocalHashes::InDb {
+                from: after.clone(),
+                upto: page_upto.as_deref(),
+                done: false,
+            };
+            verdict.rows_here += self
+                .set_beside(
+                    here, columns, key_types, &mut local, there, verdict, pending,
+                )
+                .await?;
+            if !more {
+                break;
+            }
+            after = page_upto;
+        }
+        Ok(verdict.missing_here + verdict.extra_here + verdict.different > before)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn compare_pages(
         &self,
         client: &mut Client,
@@ -417,7 +766,7 @@ impl Agent {
         // page that differed the next is asked for with its details at once (changes spread
         // over a table make neighbouring pages differ too).
         let mut page = self
-            .ask_page(client, &table, None, false, request_id, options)
+            .ask_page(client, &table, None, false, request_id, options, None)
             .await?;
         let mut page_detail = false;
         let mut last_differs = false;
@@ -459,6 +808,7 @@ impl Agent {
                                 detail_next,
                                 next_id,
                                 options,
+                                None,
                             )
                             .await,
                         )
@@ -477,38 +827,40 @@ impl Agent {
                     page
                 } else {
                     request_id += 1;
-                    self.ask_page(client, &table, after.clone(), true, request_id, options)
-                        .await?
-                };
-                if detail.keys.len() != detail.hashes.len()
-                    || detail.keys.len() as u64 != detail.rows
-                    || detail
-                        .keys
-                        .iter()
-                        .any(|k| k.len() != here.primary_key.len())
-                    || detail
-                        .hashes
-                        .iter()
-                        .any(|h| h.len() != crate::data::row_hash::ROW_HASH_LEN)
-                {
-                    return Err(client.protocol_error("a page's keys and hashes do not match"));
-                }
-                let listed_once = self
-                    .diff_page(
-                        here,
-                        columns,
-                        &types,
-                        &key_positions,
-                        after.as_deref(),
-                        upto.as_deref(),
-                        detail,
-                        verdict,
-                        &mut pending,
+                    self.ask_page(
+                        client,
+                        &table,
+                        after.clone(),
+                        true,
+                        request_id,
+                        options,
+                        None,
                     )
-                    .await?;
-                if !listed_once {
-                    return Err(client.protocol_error("a page lists one key twice"));
-                }
+                    .await?
+                };
+                check_detail(
+                    client,
+                    &detail,
+                    here.primary_key.len(),
+                    crate::data::row_hash::ROW_HASH_LEN,
+                )?;
+                let there = index_detail(detail, &key_types)?
+                    .ok_or_else(|| client.protocol_error("a page lists one key twice"))?;
+                let mut local = LocalHashes::Neutral {
+                    range: LocalRange::new(after.as_deref(), upto.as_deref()),
+                    types: &types,
+                    key_positions: &key_positions,
+                };
+                self.set_beside(
+                    here,
+                    columns,
+                    &key_types,
+                    &mut local,
+                    there,
+                    verdict,
+                    &mut pending,
+                )
+                .await?;
                 if options.repair
                     && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
                 {
@@ -538,6 +890,7 @@ impl Agent {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn ask_page(
         &self,
         client: &mut Client,
@@ -546,17 +899,21 @@ impl Agent {
         detail: bool,
         request_id: u64,
         options: &VerifyOptions,
+        range: Option<VerifyRange>,
     ) -> Result<VerifyPage> {
+        // A range's summary covers the whole range, however many rows.
+        let bounded = detail || range.is_none();
         let request = Message::Verify(Verify {
             request_id,
             table: table.to_owned(),
             after,
             limit: page_rows(options),
             detail,
+            range,
         });
         match super::pull::ask(client, &request, options.retry_for).await? {
             Message::VerifyPage(page) if page.request_id == request_id => {
-                if page.rows > page_rows(options) {
+                if bounded && page.rows > page_rows(options) {
                     return Err(client.protocol_error("a page larger than asked for"));
                 }
                 Ok(page)
@@ -586,44 +943,31 @@ impl Agent {
         Ok(hasher.finish())
     }
 
-    /// Sets the sender's rows of a page beside the rows here of the same range; false when the
-    /// sender listed a key twice.
+    /// Sets the sender's rows of a range (`there`, by key) beside this site's rows of it; how
+    /// many rows this site has in it.
     #[allow(clippy::too_many_arguments)]
-    async fn diff_page(
+    async fn set_beside(
         &self,
         here: &TableSchema,
         columns: &[String],
-        types: &[&str],
-        key_positions: &[usize],
-        after: Option<&[Value]>,
-        upto: Option<&[Value]>,
-        detail: VerifyPage,
+        key_types: &[&str],
+        local: &mut LocalHashes<'_>,
+        mut there: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>,
         verdict: &mut TableVerdict,
         pending: &mut Pending,
-    ) -> Result<bool> {
-        let key_types: Vec<&str> = key_positions.iter().map(|i| types[*i]).collect();
-        let mut there: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)> =
-            HashMap::with_capacity(detail.keys.len());
-        for (key, hash) in detail.keys.into_iter().zip(detail.hashes) {
-            if there
-                .insert(key_bytes(&key, &key_types)?, (hash.into_vec(), key))
-                .is_some()
-            {
-                return Ok(false);
-            }
-        }
+    ) -> Result<u64> {
         let note = |list: &mut Vec<Vec<Value>>, key: &Vec<Value>| {
             if list.len() < FIRST_KEYS {
                 list.push(key.clone());
             }
         };
-        let mut range = LocalRange::new(after, upto);
-        while let Some(rows) = range.next(self, here, columns).await? {
-            for row in &rows {
-                let key: Vec<Value> = key_positions.iter().map(|i| row[*i].clone()).collect();
-                match there.remove(&key_bytes(&key, &key_types)?) {
-                    Some((hash, key_there)) => {
-                        if hash.as_slice() != row_hash(row, types)?.as_slice() {
+        let mut seen = 0;
+        while let Some(rows) = local.next(self, here, columns).await? {
+            seen += rows.len() as u64;
+            for (key, hash) in rows {
+                match there.remove(&key_bytes(&key, key_types)?) {
+                    Some((hash_there, key_there)) => {
+                        if hash_there != hash {
                             verdict.different += 1;
                             note(&mut verdict.first_different, &key_there);
                             pending.pull.push(key_there);
@@ -644,7 +988,7 @@ impl Agent {
             note(&mut verdict.first_missing, &key);
             pending.pull.push(key);
         }
-        Ok(true)
+        Ok(seen)
     }
 
     /// Pulls the keys waiting (overwrite, by key) and deletes the extra ones.

@@ -5,8 +5,10 @@
 //! values keep their storage class (integer, real, text, blob), so SQLite → SQLite is exact.
 
 pub mod pg_binary;
+mod range_hash;
 mod snapshot;
 
+pub use range_hash::RowHashes;
 pub use snapshot::Snapshot;
 
 use chrono::{DateTime, NaiveDate, Utc};

@@ -5,7 +5,7 @@
 //! session is a transfer of its own (`metadata.kind = "verify"`) that counts the rows hashed.
 
 use dbsync_protocol::Message;
-use dbsync_protocol::message::{Verify, VerifyPage};
+use dbsync_protocol::message::{TableSchema, Verify, VerifyPage, VerifyRange};
 use dbsync_protocol::session::Code;
 use serde_bytes::ByteBuf;
 
@@ -65,6 +65,13 @@ impl Session<'_> {
         let limit = request
             .limit
             .clamp(1, per_request.clamp(1, MAX_VERIFY_PAGE));
+        if let Some(range) = &request.range {
+            return self
+                .verify_range(
+                    connection, &request, range, &schema, &columns, limit, version,
+                )
+                .await;
+        }
         let page = store
             .read_page(&schema, &columns, request.after.as_deref(), limit as i64)
             .await?;
@@ -106,6 +113,93 @@ impl Session<'_> {
         }))
         .await
         .map(|_| ())
+    }
+
+    /// A key range hashed in the database (protocol 5): the whole range's count and hash, or
+    /// with `detail` a page of its rows' keys and hashes.
+    #[allow(clippy::too_many_arguments)]
+    async fn verify_range(
+        &mut self,
+        connection: &Connection,
+        request: &Verify,
+        range: &VerifyRange,
+        schema: &TableSchema,
+        columns: &[String],
+        limit: u64,
+        version: u16,
+    ) -> SessionResult<()> {
+        if version < dbsync_protocol::RANGE_HASH_VERSION {
+            return self
+                .refuse(
+                    Code::ProtocolError,
+                    "a range hash needs protocol 5; this session speaks an older one",
+                    None,
+                )
+                .await;
+        }
+        if schema.engine != "postgres" {
+            return self
+                .refuse(
+                    Code::InvalidRequest,
+                    "this sender's tables are not in PostgreSQL: ask for pages of row hashes",
+                    None,
+                )
+                .await;
+        }
+        if range
+            .upto
+            .as_ref()
+            .is_some_and(|k| k.len() != schema.primary_key.len())
+        {
+            return self
+                .refuse(
+                    Code::InvalidRequest,
+                    "`upto` does not have the key's columns",
+                    None,
+                )
+                .await;
+        }
+        let store = &self.agent.store;
+        let (after, upto) = (request.after.as_deref(), range.upto.as_deref());
+        let answer = if request.detail {
+            let rows = store
+                .range_row_hashes(schema, columns, after, upto, limit as i64)
+                .await?;
+            let count = rows.keys.len() as u64;
+            let mut hash = [0u8; 8];
+            for row in &rows.hashes {
+                for (h, r) in hash.iter_mut().zip(row) {
+                    *h ^= r;
+                }
+            }
+            VerifyPage {
+                request_id: request.request_id,
+                rows: count,
+                hash: hash.to_vec(),
+                last_key: rows.keys.last().cloned(),
+                more: count == limit,
+                keys: rows.keys,
+                hashes: rows
+                    .hashes
+                    .iter()
+                    .map(|h| ByteBuf::from(h.to_vec()))
+                    .collect(),
+            }
+        } else {
+            let (rows, hash) = store.range_hash(schema, columns, after, upto).await?;
+            self.record_verification(connection, request, rows, upto.is_some())
+                .await?;
+            VerifyPage {
+                request_id: request.request_id,
+                rows,
+                hash: hash.to_vec(),
+                last_key: None,
+                more: false,
+                keys: Vec::new(),
+                hashes: Vec::new(),
+            }
+        };
+        self.send(&Message::VerifyPage(answer)).await.map(|_| ())
     }
 
     /// Counts a page in the table's verification transfer (made at its first page, completed

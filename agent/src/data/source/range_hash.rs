@@ -1,0 +1,226 @@
+//! Key ranges of a PostgreSQL table hashed inside the database (protocol 5): a range's row
+//! count and hash in one statement, no row shipped; each row's key and hash when a range differs;
+//! and where a range of so many rows ends. Both sides run the same statements over tables of
+//! the same column types, so equal rows hash alike (see `catalog::pg_range_hash_query`).
+
+use dbsync_protocol::Value;
+use dbsync_protocol::message::TableSchema;
+use sqlx::Row;
+
+use super::{bind_postgres, pg_binary, postgres_value};
+use crate::catalog::{HashShape, KeyBounds, pg_key_cast, pg_range_hash_query, pg_read_cast};
+use crate::error::{Error, Result};
+use crate::store::{Pool, Store};
+
+/// Session settings every range hash runs under, so a column hashed in its text form reads the
+/// same on both sides whatever each server's defaults.
+const FIXED_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+     SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
+
+/// A range's rows as keys and hashes, in key order.
+#[derive(Debug, Default)]
+pub struct RowHashes {
+    /// Each row's key.
+    pub keys: Vec<Vec<Value>>,
+    /// Each row's hash, in the same order.
+    pub hashes: Vec<[u8; 8]>,
+}
+
+/// The statement for one range of `schema`'s rows (after `after`, up to `upto`), hashing
+/// `columns` in that order, and the key values to bind.
+struct RangeQuery<'a> {
+    sql: String,
+    keys: Vec<&'a [Value]>,
+    key_neutral: Vec<&'a str>,
+}
+
+impl<'a> RangeQuery<'a> {
+    fn new(
+        schema: &'a TableSchema,
+        columns: &[String],
+        after: Option<&'a [Value]>,
+        upto: Option<&'a [Value]>,
+        shape: HashShape,
+    ) -> Result<Self> {
+        if schema.engine != "postgres" {
+            return Err(Error::invalid(
+                "verification",
+                "key ranges are hashed in the database only on PostgreSQL",
+            ));
+        }
+        let column = |name: &str| {
+            schema
+                .columns
+                .iter()
+                .find(|c| c.name == name)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "columns",
+                        format!("{:?} has no column {name:?}", schema.name),
+                    )
+                })
+        };
+        let hashed = columns
+            .iter()
+            .map(|name| column(name).map(|c| (c.name.as_str(), c.native_type.as_str())))
+            .collect::<Result<Vec<_>>>()?;
+        let key_columns = schema
+            .primary_key
+            .iter()
+            .map(|k| column(k))
+            .collect::<Result<Vec<_>>>()?;
+        let key_reads: Vec<&str> = key_columns
+            .iter()
+            .map(|c| pg_read_cast(&c.native_type, &c.neutral_type))
+            .collect();
+        let key_casts = key_columns
+            .iter()
+            .map(|c| pg_key_cast(&c.native_type, &c.neutral_type))
+            .collect::<Result<Vec<_>>>()?;
+        let keys: Vec<&[Value]> = after.into_iter().chain(upto).collect();
+        if keys.iter().any(|k| k.len() != key_columns.len()) {
+            return Err(Error::invalid(
+                "key",
+                format!(
+                    "{:?} has a key of {} column(s)",
+                    schema.name,
+                    key_columns.len()
+                ),
+            ));
+        }
+        let sql = pg_range_hash_query(
+            &schema.name,
+            &hashed,
+            &schema.primary_key,
+            &key_reads,
+            &key_casts,
+            KeyBounds {
+                after: after.is_some(),
+                above: false,
+                at_most: upto.is_some(),
+            },
+            shape,
+        )?;
+        Ok(Self {
+            sql,
+            keys,
+            key_neutral: key_columns
+                .iter()
+                .map(|c| c.neutral_type.as_str())
+                .collect(),
+        })
+    }
+
+    fn bound(
+        &self,
+        last: Option<i64>,
+    ) -> Result<sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
+        for key in &self.keys {
+            for (value, neutral) in key.iter().zip(&self.key_neutral) {
+                query = bind_postgres(query, value, neutral)?;
+            }
+        }
+        Ok(match last {
+            Some(n) => query.bind(n),
+            None => query,
+        })
+    }
+
+    fn key_decoders(&self) -> Vec<pg_binary::Decoder> {
+        self.key_neutral
+            .iter()
+            .map(|n| pg_binary::Decoder::of(n))
+            .collect()
+    }
+}
+
+impl Store {
+    fn postgres_pool(&self) -> Result<&sqlx::PgPool> {
+        match self.pool() {
+            Pool::Postgres(pool) => Ok(pool),
+            Pool::Sqlite(_) => Err(Error::invalid(
+                "verification",
+                "key ranges are hashed in the database only on PostgreSQL",
+            )),
+        }
+    }
+
+    /// The row count and hash of `schema`'s rows after `after` and up to `upto` (either open),
+    /// `columns` hashed in that order.
+    pub async fn range_hash(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+    ) -> Result<(u64, [u8; 8])> {
+        let query = RangeQuery::new(schema, columns, after, upto, HashShape::Summary)?;
+        let mut tx = self.postgres_pool()?.begin().await?;
+        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
+        let row = query.bound(None)?.fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        let rows: i64 = row.try_get(0)?;
+        let hash: i64 = row.try_get(1)?;
+        Ok((u64::try_from(rows).unwrap_or(0), hash.to_be_bytes()))
+    }
+
+    /// Up to `limit` rows' keys and hashes after `after` and up to `upto`, in key order.
+    pub async fn range_row_hashes(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+        limit: i64,
+    ) -> Result<RowHashes> {
+        let query = RangeQuery::new(schema, columns, after, upto, HashShape::Rows)?;
+        let decoders = query.key_decoders();
+        let mut tx = self.postgres_pool()?.begin().await?;
+        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
+        let fetched = query.bound(Some(limit))?.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        let mut out = RowHashes {
+            keys: Vec::with_capacity(fetched.len()),
+            hashes: Vec::with_capacity(fetched.len()),
+        };
+        for row in &fetched {
+            out.keys.push(
+                decoders
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| postgres_value(row, i, d))
+                    .collect::<Result<_>>()?,
+            );
+            let hash: i64 = row.try_get(decoders.len())?;
+            out.hashes.push(hash.to_be_bytes());
+        }
+        Ok(out)
+    }
+
+    /// The key `rows` rows after `after` (the `rows`-th key past it), if the table holds that
+    /// many: where a range of `rows` rows starting after `after` ends.
+    pub async fn range_end(
+        &self,
+        schema: &TableSchema,
+        after: Option<&[Value]>,
+        rows: u64,
+    ) -> Result<Option<Vec<Value>>> {
+        let columns: Vec<String> = schema.primary_key.clone();
+        let query = RangeQuery::new(schema, &columns, after, None, HashShape::End)?;
+        let decoders = query.key_decoders();
+        let offset = i64::try_from(rows.saturating_sub(1)).unwrap_or(i64::MAX);
+        let row = query
+            .bound(Some(offset))?
+            .fetch_optional(self.postgres_pool()?)
+            .await?;
+        row.map(|row| {
+            decoders
+                .iter()
+                .enumerate()
+                .map(|(i, d)| postgres_value(&row, i, d))
+                .collect()
+        })
+        .transpose()
+    }
+}
