@@ -245,11 +245,11 @@ fn check_detail(client: &Client, page: &VerifyPage, key_len: usize, hash_len: us
     Ok(())
 }
 
-/// A page's rows by key (its stored form); `None` when it lists a key twice.
-fn index_detail(
-    page: VerifyPage,
-    key_types: &[&str],
-) -> Result<Option<HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>>> {
+/// The sender's rows of a range: by key (its stored form), each row's hash and key.
+type RowsThere = HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>;
+
+/// A page's rows by key; `None` when it lists a key twice.
+fn index_detail(page: VerifyPage, key_types: &[&str]) -> Result<Option<RowsThere>> {
     let mut there = HashMap::with_capacity(page.keys.len());
     for (key, hash) in page.keys.into_iter().zip(page.hashes) {
         if there
@@ -952,7 +952,7 @@ impl Agent {
         columns: &[String],
         key_types: &[&str],
         local: &mut LocalHashes<'_>,
-        mut there: HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>,
+        mut there: RowsThere,
         verdict: &mut TableVerdict,
         pending: &mut Pending,
     ) -> Result<u64> {
