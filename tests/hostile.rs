@@ -683,6 +683,12 @@ enum Lie {
     Hashes,
     /// Speaks protocol 4 and answers every `Verify` with the same one-row page that says more.
     Stuck,
+    /// Speaks protocol 5 as a PostgreSQL sender: a range's hash differs, and its rows' keys
+    /// and hashes do not add up.
+    RangeHashes,
+    /// Speaks protocol 5 as a PostgreSQL sender: a range's rows come as the same one-row page
+    /// that says more.
+    RangeStuck,
 }
 
 /// Gives `b` a receiver connection `evil` to a fake sender telling `lie`.
@@ -746,6 +752,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 version: match lie {
                     Lie::Version => 99,
                     Lie::Hashes | Lie::Stuck => 4,
+                    Lie::RangeHashes | Lie::RangeStuck => 5,
                     Lie::Names => 2,
                 },
                 session_id: "fake".into(),
@@ -775,7 +782,42 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 schema.columns.truncate(2);
                 Message::TableSchema(schema)
             }
+            // A PostgreSQL table of the receiver's types.
+            Message::DescribeTable(name) if matches!(lie, Lie::RangeHashes | Lie::RangeStuck) => {
+                let mut schema = admin_schema(&name);
+                schema.columns.truncate(2);
+                schema.engine = "postgres".into();
+                for column in &mut schema.columns {
+                    column.native_type = "text".into();
+                }
+                Message::TableSchema(schema)
+            }
             Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
+            // A range's summary that differs from any table's.
+            Message::Verify(verify)
+                if matches!(lie, Lie::RangeHashes | Lie::RangeStuck) && !verify.detail =>
+            {
+                Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                    request_id: verify.request_id,
+                    rows: 5,
+                    hash: vec![7; 8],
+                    last_key: None,
+                    more: false,
+                    keys: vec![],
+                    hashes: vec![],
+                })
+            }
+            Message::Verify(verify) if lie == Lie::RangeStuck => {
+                Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                    request_id: verify.request_id,
+                    rows: 1,
+                    hash: vec![1; 8],
+                    last_key: Some(vec![Value::Text("k".into())]),
+                    more: true,
+                    keys: vec![vec![Value::Text("k".into())]],
+                    hashes: vec![serde_bytes::ByteBuf::from(vec![1; 8])],
+                })
+            }
             // The same page, again and again.
             Message::Verify(verify) if lie == Lie::Stuck => {
                 Message::VerifyPage(dbsync_protocol::message::VerifyPage {
@@ -1432,9 +1474,130 @@ async fn verify_requests_are_checked_and_cost_no_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_hashes_are_checked_and_cost_no_limit() {
+    for postgres in [true, false] {
+        let Some(a) = agent("hostile::range_hashes", postgres, None).await else {
+            return;
+        };
+        items(&a, 30).await;
+        let token = sender_token(
+            &a,
+            ConnectionSettings {
+                excluded_tables: vec!["users".into()],
+                max_records_total: Some(5),
+                max_records_per_request: 10,
+                rate_limit_per_minute: 10_000,
+                ..ConnectionSettings::default()
+            },
+        )
+        .await;
+        let range = |table: &str, after: Option<i64>, upto: Option<Vec<Value>>, detail: bool| {
+            Message::Verify(dbsync_protocol::message::Verify {
+                request_id: 1,
+                table: table.into(),
+                after: after.map(|k| vec![Value::Int(k)]),
+                limit: 1_000_000_000,
+                detail,
+                range: Some(dbsync_protocol::message::VerifyRange {
+                    upto,
+                    hash: dbsync_protocol::message::RangeHash::PgRecord,
+                }),
+            })
+        };
+        // Protocol 4 has no ranges.
+        let mut old = Hand::open(&a, Via::Ws).await;
+        assert!(matches!(
+            old.hello_speaking(&token, None, vec![2, 3, 4]).await,
+            Message::Welcome(_)
+        ));
+        old.send(&range("items", None, None, false)).await;
+        assert_eq!(old.error_code().await, "protocol_error");
+        old.close().await;
+
+        let mut hand = Hand::open(&a, Via::Ws).await;
+        match hand.hello_speaking(&token, None, vec![2, 3, 4, 5]).await {
+            Message::Welcome(welcome) => assert_eq!(welcome.version, 5),
+            other => panic!("{other:?}"),
+        }
+        for table in ["users", "dbsync_connections", "nope"] {
+            hand.send(&range(table, None, None, false)).await;
+            assert_eq!(hand.error_code().await, "table_not_allowed", "{table}");
+        }
+        if !postgres {
+            // A SQLite sender hashes pages of rows, not ranges in its database.
+            hand.send(&range("items", None, None, false)).await;
+            assert_eq!(hand.error_code().await, "invalid_request");
+            hand.close().await;
+            a.stop().await;
+            continue;
+        }
+        hand.send(&range(
+            "items",
+            None,
+            Some(vec![Value::Int(1), Value::Int(2)]),
+            false,
+        ))
+        .await;
+        assert_eq!(hand.error_code().await, "invalid_request");
+        // A summary covers its whole range whatever the limits: 30 rows, past a record limit
+        // of 5; rows 11 to 20 only when asked for.
+        hand.send(&range("items", None, None, false)).await;
+        let Message::VerifyPage(whole) = hand.message().await else {
+            panic!("a summary");
+        };
+        assert_eq!((whole.rows, whole.hash.len(), whole.more), (30, 8, false));
+        hand.send(&range("items", Some(10), Some(vec![Value::Int(20)]), false))
+            .await;
+        let Message::VerifyPage(part) = hand.message().await else {
+            panic!("a summary");
+        };
+        assert_eq!(part.rows, 10);
+        // Row by row: pages of at most the rows per request, whose hashes XOR to the summary's.
+        let mut after = None;
+        let (mut seen, mut xor) = (0, [0u8; 8]);
+        loop {
+            hand.send(&range("items", after, None, true)).await;
+            let Message::VerifyPage(page) = hand.message().await else {
+                panic!("a page");
+            };
+            assert!(page.rows <= 10);
+            assert_eq!(page.keys.len() as u64, page.rows);
+            for hash in &page.hashes {
+                assert_eq!(hash.len(), 8);
+                for (x, h) in xor.iter_mut().zip(hash.iter()) {
+                    *x ^= h;
+                }
+            }
+            seen += page.rows;
+            if !page.more {
+                break;
+            }
+            after = match page.last_key.as_deref() {
+                Some([Value::Int(k)]) => Some(*k),
+                other => panic!("{other:?}"),
+            };
+        }
+        assert_eq!(seen, 30);
+        assert_eq!(xor.to_vec(), whole.hash);
+        hand.close().await;
+        let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
+        assert_eq!(
+            (connection.downloads_used, connection.records_downloaded),
+            (0, 0)
+        );
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_lying_about_hashes_changes_nothing_here() {
-    for lie in [Lie::Hashes, Lie::Stuck] {
-        let Some(b) = agent("hostile::hashes", false, None).await else {
+    for (lie, postgres) in [
+        (Lie::Hashes, false),
+        (Lie::Stuck, false),
+        (Lie::RangeHashes, true),
+        (Lie::RangeStuck, true),
+    ] {
+        let Some(b) = agent("hostile::hashes", postgres, None).await else {
             return;
         };
         b.agent
@@ -1448,7 +1611,7 @@ async fn a_sender_lying_about_hashes_changes_nothing_here() {
         evil_receiver(&b, lie).await;
         let options = dbsync_agent::sync::verify::VerifyOptions {
             tables: Some(vec!["t1".into()]),
-            repair: lie == Lie::Hashes,
+            repair: matches!(lie, Lie::Hashes | Lie::RangeHashes),
             ..Default::default()
         };
         let err = tokio::time::timeout(
@@ -1459,7 +1622,7 @@ async fn a_sender_lying_about_hashes_changes_nothing_here() {
         .expect("a lying sender cannot keep a verification going")
         .unwrap_err();
         let expected = match lie {
-            Lie::Stuck => "does not move on",
+            Lie::Stuck | Lie::RangeStuck => "does not move on",
             _ => "do not match",
         };
         assert!(err.to_string().contains(expected), "{lie:?}: {err}");
