@@ -63,7 +63,8 @@ mod tests {
         assert_eq!(negotiate(&[1, 2, 99]), Some(2));
         assert_eq!(negotiate(&[2, 3]), Some(3));
         assert_eq!(negotiate(&[2, 3, 4]), Some(4));
-        assert_eq!(negotiate(&[1, 5]), None);
+        assert_eq!(negotiate(&[2, 3, 4, 5]), Some(5));
+        assert_eq!(negotiate(&[1, 6]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }
