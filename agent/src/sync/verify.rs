@@ -28,6 +28,7 @@ use crate::connection::ConflictStrategy;
 use crate::data::row_hash::{PageHasher, key_bytes, row_hash};
 use crate::error::{Error, Result};
 use crate::session::receiver::Client;
+use crate::source::RowHashes;
 use crate::transfer::Progress;
 
 /// Rows in one page of hashes (the sender may send fewer).
@@ -185,6 +186,8 @@ enum LocalHashes<'a> {
         upto: Option<&'a [Value]>,
         done: bool,
     },
+    /// Read already, in one chunk.
+    Ready(Option<RowHashes>),
 }
 
 impl LocalHashes<'_> {
@@ -211,6 +214,12 @@ impl LocalHashes<'_> {
                     .collect::<Result<_>>()
                     .map(Some)
             }
+            Self::Ready(rows) => Ok(rows.take().map(|rows| {
+                rows.keys
+                    .into_iter()
+                    .zip(rows.hashes.iter().map(|h| h.to_vec()))
+                    .collect()
+            })),
             Self::InDb { from, upto, done } => {
                 if *done {
                     return Ok(None);
@@ -245,30 +254,54 @@ fn check_detail(client: &Client, page: &VerifyPage, key_len: usize, hash_len: us
     Ok(())
 }
 
-/// The sender's rows of a range: by key (its stored form), each row's hash and key.
+/// How keys are told apart when the two sides' rows are set side by side.
+enum KeyId<'a> {
+    /// By their neutral stored form, read as the sender's key types (any two engines).
+    Stored(&'a [&'a str]),
+    /// As they are: both sides read them from columns of the same PostgreSQL types.
+    Exact,
+}
+
+impl KeyId<'_> {
+    fn id(&self, key: &[Value]) -> Result<Vec<u8>> {
+        match self {
+            Self::Stored(types) => key_bytes(key, types),
+            Self::Exact => {
+                let mut out = Vec::with_capacity(16 * key.len());
+                for value in key {
+                    // Tagged and length-prefixed, so no two keys share bytes.
+                    let (tag, bytes): (u8, std::borrow::Cow<'_, [u8]>) = match value {
+                        Value::Int(i) => (1, i.to_be_bytes().to_vec().into()),
+                        Value::Text(t) => (2, t.as_bytes().into()),
+                        Value::Bytes(b) => (3, b.as_slice().into()),
+                        Value::Uuid(u) => (4, u.as_slice().into()),
+                        other => (5, format!("{other:?}").into_bytes().into()),
+                    };
+                    out.push(tag);
+                    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+                    out.extend_from_slice(&bytes);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The sender's rows of a range: by key, each row's hash and key.
 type RowsThere = HashMap<Vec<u8>, (Vec<u8>, Vec<Value>)>;
 
 /// A page's rows by key; `None` when it lists a key twice.
-fn index_detail(page: VerifyPage, key_types: &[&str]) -> Result<Option<RowsThere>> {
+fn index_detail(page: VerifyPage, keys: &KeyId<'_>) -> Result<Option<RowsThere>> {
     let mut there = HashMap::with_capacity(page.keys.len());
     for (key, hash) in page.keys.into_iter().zip(page.hashes) {
         if there
-            .insert(key_bytes(&key, key_types)?, (hash.into_vec(), key))
+            .insert(keys.id(&key)?, (hash.into_vec(), key))
             .is_some()
         {
             return Ok(None);
         }
     }
     Ok(Some(there))
-}
-
-/// The engine-neutral types of the key columns, as the sender gives them.
-fn key_types<'a>(here: &TableSchema, columns: &[String], types: &'a [String]) -> Vec<&'a str> {
-    here.primary_key
-        .iter()
-        .filter_map(|k| columns.iter().position(|c| c == k))
-        .map(|i| types[i].as_str())
-        .collect()
 }
 
 /// Whether both tables are in PostgreSQL with the same type for every column the sender
@@ -526,7 +559,7 @@ impl Agent {
     ) -> Result<()> {
         if in_db {
             self.compare_ranges(
-                client, connection, here, columns, types, options, verdict, on_event,
+                client, connection, here, columns, options, verdict, on_event,
             )
             .await
         } else {
@@ -547,107 +580,79 @@ impl Agent {
         connection: &crate::Connection,
         here: &TableSchema,
         columns: &[String],
-        types: &[String],
         options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
         let table = verdict.table.clone();
-        let key_types = key_types(here, columns, types);
         let rows = page_rows(options);
-        let range = |upto: &Option<Vec<Value>>| VerifyRange {
-            upto: upto.clone(),
-            hash: RangeHash::PgRecord,
-        };
         let mut request_id = 0;
         let mut pending = Pending::default();
+        let mut ends_seen = std::collections::HashSet::new();
         let mut start: Option<Vec<Value>> = None;
         let mut end = self.store.range_end(here, None, rows).await?;
         // After a range that differed the next is asked for row by row at once (changes spread
         // over a table make neighbouring ranges differ too).
         let mut last_differs = false;
         loop {
-            request_id += 1;
-            let detail = last_differs;
-            // The sender hashes the range while this side hashes its own and finds where the
-            // next range ends.
-            let (local, answer) = tokio::join!(
-                async {
-                    let summary = if detail {
-                        None
-                    } else {
-                        Some(
-                            self.store
-                                .range_hash(here, columns, start.as_deref(), end.as_deref())
-                                .await?,
-                        )
-                    };
-                    let next_end = match &end {
-                        Some(end) => self.store.range_end(here, Some(end), rows).await?,
-                        None => None,
-                    };
-                    Ok::<_, Error>((summary, next_end))
-                },
-                self.ask_page(
-                    client,
-                    &table,
-                    start.clone(),
-                    detail,
-                    request_id,
-                    options,
-                    Some(range(&end)),
-                )
-            );
-            let (summary, next_end) = local?;
-            let answer = answer?;
-            let differs = match summary {
-                Some((rows_here, hash_here)) => {
-                    if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
-                        return Err(
-                            client.protocol_error("a range's answer is not one 8-byte hash")
-                        );
-                    }
-                    let differs = rows_here != answer.rows || hash_here[..] != answer.hash[..];
-                    if !differs {
-                        verdict.rows_there += answer.rows;
-                        verdict.rows_here += rows_here;
-                    }
-                    differs
+            let range = (start.as_deref(), end.as_deref());
+            let differs = if last_differs {
+                true
+            } else {
+                request_id += 1;
+                // The sender hashes the range while this side hashes its own.
+                let (local, answer) = tokio::join!(
+                    self.store.range_hash(here, columns, range.0, range.1),
+                    self.ask_page(
+                        client,
+                        &table,
+                        start.clone(),
+                        false,
+                        request_id,
+                        options,
+                        Some(VerifyRange {
+                            upto: end.clone(),
+                            hash: RangeHash::PgRecord,
+                        }),
+                    )
+                );
+                let ((rows_here, hash_here), answer) = (local?, answer?);
+                if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
+                    return Err(client.protocol_error("a range's answer is not one 8-byte hash"));
                 }
-                None => true,
+                on_event(VerifyEvent::Page { rows: answer.rows });
+                let differs = rows_here != answer.rows || hash_here[..] != answer.hash[..];
+                if !differs {
+                    verdict.rows_there += answer.rows;
+                    verdict.rows_here += rows_here;
+                }
+                differs
             };
-            on_event(VerifyEvent::Page { rows: answer.rows });
-            last_differs = if differs {
-                let first = detail.then_some(answer);
-                let found = self
+            last_differs = differs
+                && self
                     .diff_range(
                         client,
                         &table,
                         here,
                         columns,
-                        &key_types,
-                        (start.as_deref(), end.as_deref()),
-                        first,
+                        range,
                         &mut request_id,
+                        &mut ends_seen,
                         options,
                         verdict,
                         &mut pending,
+                        on_event,
                     )
                     .await?;
-                if options.repair
-                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
-                {
-                    self.repair(connection, here, options, &mut pending, verdict)
-                        .await?;
-                }
-                found
-            } else {
-                false
-            };
-            match end {
-                None => break,
-                Some(_) => start = std::mem::replace(&mut end, next_end),
+            if options.repair && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2 {
+                self.repair(connection, here, options, &mut pending, verdict)
+                    .await?;
             }
+            let Some(done) = end.take() else {
+                break;
+            };
+            end = self.store.range_end(here, Some(&done), rows).await?;
+            start = Some(done);
         }
         if options.repair {
             self.repair(connection, here, options, &mut pending, verdict)
@@ -661,7 +666,9 @@ impl Agent {
     }
 
     /// Sets the sender's rows of range `(after, upto]` beside the rows here, page by page of
-    /// keys and hashes (`first`: the first page, when already asked for); whether any differ.
+    /// keys and hashes; whether any differ. Each page is asked for while this side reads its
+    /// own rows of the range; when the sender's page stops short of the range's end, this
+    /// side's rows are read again up to where it stopped.
     #[allow(clippy::too_many_arguments)]
     async fn diff_range(
         &self,
@@ -669,44 +676,49 @@ impl Agent {
         table: &str,
         here: &TableSchema,
         columns: &[String],
-        key_types: &[&str],
         (start, upto): (Option<&[Value]>, Option<&[Value]>),
-        first: Option<VerifyPage>,
         request_id: &mut u64,
+        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
         options: &VerifyOptions,
         verdict: &mut TableVerdict,
         pending: &mut Pending,
+        on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<bool> {
         let before = verdict.missing_here + verdict.extra_here + verdict.different;
+        let keys = KeyId::Exact;
         let mut after = start.map(<[Value]>::to_vec);
-        let mut page = first;
-        let mut ends_seen = std::collections::HashSet::new();
         loop {
-            let detail = match page.take() {
-                Some(page) => page,
-                None => {
-                    *request_id += 1;
-                    self.ask_page(
-                        client,
-                        table,
-                        after.clone(),
-                        true,
-                        *request_id,
-                        options,
-                        Some(VerifyRange {
-                            upto: upto.map(<[Value]>::to_vec),
-                            hash: RangeHash::PgRecord,
-                        }),
-                    )
-                    .await?
-                }
-            };
+            *request_id += 1;
+            let (local, detail) = tokio::join!(
+                // One row past a page: whether this side has more of the range than a page.
+                self.store.range_row_hashes(
+                    here,
+                    columns,
+                    after.as_deref(),
+                    upto,
+                    PAGE_ROWS as i64 + 1
+                ),
+                self.ask_page(
+                    client,
+                    table,
+                    after.clone(),
+                    true,
+                    *request_id,
+                    options,
+                    Some(VerifyRange {
+                        upto: upto.map(<[Value]>::to_vec),
+                        hash: RangeHash::PgRecord,
+                    }),
+                )
+            );
+            let (local, detail) = (local?, detail?);
             check_detail(client, &detail, here.primary_key.len(), 8)?;
+            on_event(VerifyEvent::Page { rows: detail.rows });
             let more = detail.more;
             if more {
                 let moved_on = detail.rows > 0
                     && match &detail.last_key {
-                        Some(key) => ends_seen.insert(key_bytes(key, key_types)?),
+                        Some(key) => ends_seen.insert(keys.id(key)?),
                         None => false,
                     };
                 if !moved_on {
@@ -719,17 +731,20 @@ impl Agent {
             } else {
                 upto.map(<[Value]>::to_vec)
             };
-            let there = index_detail(detail, key_types)?
+            let there = index_detail(detail, &keys)?
                 .ok_or_else(|| client.protocol_error("a page lists one key twice"))?;
-            let mut local = LocalHashes::InDb {
-                from: after.clone(),
-                upto: page_upto.as_deref(),
-                done: false,
+            // The rows read alongside are the page's unless either side had more of the range.
+            let mut local = if !more && (local.keys.len() as u64) <= PAGE_ROWS {
+                LocalHashes::Ready(Some(local))
+            } else {
+                LocalHashes::InDb {
+                    from: after.clone(),
+                    upto: page_upto.as_deref(),
+                    done: false,
+                }
             };
             verdict.rows_here += self
-                .set_beside(
-                    here, columns, key_types, &mut local, there, verdict, pending,
-                )
+                .set_beside(here, columns, &keys, &mut local, there, verdict, pending)
                 .await?;
             if !more {
                 break;
@@ -844,7 +859,8 @@ impl Agent {
                     here.primary_key.len(),
                     crate::data::row_hash::ROW_HASH_LEN,
                 )?;
-                let there = index_detail(detail, &key_types)?
+                let keys = KeyId::Stored(&key_types);
+                let there = index_detail(detail, &keys)?
                     .ok_or_else(|| client.protocol_error("a page lists one key twice"))?;
                 let mut local = LocalHashes::Neutral {
                     range: LocalRange::new(after.as_deref(), upto.as_deref()),
@@ -854,7 +870,7 @@ impl Agent {
                 self.set_beside(
                     here,
                     columns,
-                    &key_types,
+                    &keys,
                     &mut local,
                     there,
                     verdict,
@@ -950,7 +966,7 @@ impl Agent {
         &self,
         here: &TableSchema,
         columns: &[String],
-        key_types: &[&str],
+        keys: &KeyId<'_>,
         local: &mut LocalHashes<'_>,
         mut there: RowsThere,
         verdict: &mut TableVerdict,
@@ -965,7 +981,7 @@ impl Agent {
         while let Some(rows) = local.next(self, here, columns).await? {
             seen += rows.len() as u64;
             for (key, hash) in rows {
-                match there.remove(&key_bytes(&key, key_types)?) {
+                match there.remove(&keys.id(&key)?) {
                     Some((hash_there, key_there)) => {
                         if hash_there != hash {
                             verdict.different += 1;
