@@ -241,6 +241,26 @@ impl LocalHashes<'_> {
     }
 }
 
+/// Asks for the rows of range `(after, upto]` of `table` as keys and hashes (protocol 5).
+fn detail_request(
+    table: &str,
+    (after, upto): (Option<&[Value]>, Option<&[Value]>),
+    request_id: u64,
+    options: &VerifyOptions,
+) -> Message {
+    Message::Verify(Verify {
+        request_id,
+        table: table.to_owned(),
+        after: after.map(<[Value]>::to_vec),
+        limit: page_rows(options),
+        detail: true,
+        range: Some(VerifyRange {
+            upto: upto.map(<[Value]>::to_vec),
+            hash: RangeHash::PgRecord,
+        }),
+    })
+}
+
 /// Whether a page of keys and hashes is well formed: a key and a hash of `hash_len` bytes per
 /// row, each key of `key_len` values.
 fn check_detail(client: &Client, page: &VerifyPage, key_len: usize, hash_len: usize) -> Result<()> {
@@ -592,11 +612,13 @@ impl Agent {
         let mut start: Option<Vec<Value>> = None;
         let mut end = self.store.range_end(here, None, rows).await?;
         // After a range that differed the next is asked for row by row at once (changes spread
-        // over a table make neighbouring ranges differ too).
+        // over a table make neighbouring ranges differ too), before this one is set side by
+        // side: the sender reads it meanwhile.
         let mut last_differs = false;
+        let mut asked: Option<Message> = None;
         loop {
             let range = (start.as_deref(), end.as_deref());
-            let differs = if last_differs {
+            let differs = if last_differs || asked.is_some() {
                 true
             } else {
                 request_id += 1;
@@ -628,14 +650,49 @@ impl Agent {
                 }
                 differs
             };
-            last_differs = differs
-                && self
+            let mut next_end = None;
+            if differs {
+                let request = match asked.take() {
+                    Some(request) => request,
+                    None => {
+                        request_id += 1;
+                        let request = detail_request(&table, range, request_id, options);
+                        client.send(&request).await?;
+                        request
+                    }
+                };
+                let (local, answer) = tokio::join!(
+                    // One row past a page: whether this side has more of the range.
+                    self.store.range_row_hashes(
+                        here,
+                        columns,
+                        range.0,
+                        range.1,
+                        PAGE_ROWS as i64 + 1
+                    ),
+                    self.answer_to(client, &request, options)
+                );
+                let (local, answer) = (local?, answer?);
+                // The range ends with this page: the next range is asked for now.
+                if let (Some(done), false) = (&end, answer.more) {
+                    next_end = Some(self.store.range_end(here, Some(done), rows).await?);
+                    request_id += 1;
+                    let next = (
+                        Some(done.as_slice()),
+                        next_end.as_ref().and_then(Option::as_deref),
+                    );
+                    let request = detail_request(&table, next, request_id, options);
+                    client.send(&request).await?;
+                    asked = Some(request);
+                }
+                last_differs = self
                     .diff_range(
                         client,
                         &table,
                         here,
                         columns,
                         range,
+                        (answer, local),
                         &mut request_id,
                         &mut ends_seen,
                         options,
@@ -644,6 +701,9 @@ impl Agent {
                         on_event,
                     )
                     .await?;
+            } else {
+                last_differs = false;
+            }
             if options.repair && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2 {
                 self.repair(connection, here, options, &mut pending, verdict)
                     .await?;
@@ -651,7 +711,10 @@ impl Agent {
             let Some(done) = end.take() else {
                 break;
             };
-            end = self.store.range_end(here, Some(&done), rows).await?;
+            end = match next_end {
+                Some(next) => next,
+                None => self.store.range_end(here, Some(&done), rows).await?,
+            };
             start = Some(done);
         }
         if options.repair {
@@ -665,10 +728,50 @@ impl Agent {
         Ok(())
     }
 
+    /// The answer to `request`, sent already: over the sender's rate limit, asked again once
+    /// the limit allows (for as long as `retry_for`).
+    async fn answer_to(
+        &self,
+        client: &mut Client,
+        request: &Message,
+        options: &VerifyOptions,
+    ) -> Result<VerifyPage> {
+        let Message::Verify(verify) = request else {
+            return Err(Error::invalid("request", "not a verification"));
+        };
+        let started = Instant::now();
+        loop {
+            match client.recv().await {
+                Ok((Message::VerifyPage(page), _)) if page.request_id == verify.request_id => {
+                    if page.rows > page_rows(options) {
+                        return Err(client.protocol_error("a page larger than asked for"));
+                    }
+                    return Ok(page);
+                }
+                Ok((other, _)) => {
+                    return Err(client
+                        .protocol_error(format!("expected VerifyPage, got {:?}", other.kind())));
+                }
+                Err(Error::Remote {
+                    code: dbsync_protocol::session::Code::RateLimited,
+                    retry_after_ms,
+                    ..
+                }) if started.elapsed() < options.retry_for => {
+                    let wait =
+                        Duration::from_millis(retry_after_ms.unwrap_or(1_000).clamp(100, 60_000));
+                    tokio::time::sleep(wait).await;
+                    client.send(request).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Sets the sender's rows of range `(after, upto]` beside the rows here, page by page of
-    /// keys and hashes; whether any differ. Each page is asked for while this side reads its
-    /// own rows of the range; when the sender's page stops short of the range's end, this
-    /// side's rows are read again up to where it stopped.
+    /// keys and hashes (`first`: the first page and this side's rows read alongside it);
+    /// whether any differ. Each later page is asked for while this side reads its own rows of
+    /// the range; when the sender's page stops short of the range's end, this side's rows are
+    /// read again up to where it stopped.
     #[allow(clippy::too_many_arguments)]
     async fn diff_range(
         &self,
@@ -677,6 +780,7 @@ impl Agent {
         here: &TableSchema,
         columns: &[String],
         (start, upto): (Option<&[Value]>, Option<&[Value]>),
+        first: (VerifyPage, RowHashes),
         request_id: &mut u64,
         ends_seen: &mut std::collections::HashSet<Vec<u8>>,
         options: &VerifyOptions,
@@ -687,31 +791,28 @@ impl Agent {
         let before = verdict.missing_here + verdict.extra_here + verdict.different;
         let keys = KeyId::Exact;
         let mut after = start.map(<[Value]>::to_vec);
+        let mut first = Some(first);
         loop {
-            *request_id += 1;
-            let (local, detail) = tokio::join!(
-                // One row past a page: whether this side has more of the range than a page.
-                self.store.range_row_hashes(
-                    here,
-                    columns,
-                    after.as_deref(),
-                    upto,
-                    PAGE_ROWS as i64 + 1
-                ),
-                self.ask_page(
-                    client,
-                    table,
-                    after.clone(),
-                    true,
-                    *request_id,
-                    options,
-                    Some(VerifyRange {
-                        upto: upto.map(<[Value]>::to_vec),
-                        hash: RangeHash::PgRecord,
-                    }),
-                )
-            );
-            let (local, detail) = (local?, detail?);
+            let (detail, local) = match first.take() {
+                Some(first) => first,
+                None => {
+                    *request_id += 1;
+                    let request =
+                        detail_request(table, (after.as_deref(), upto), *request_id, options);
+                    client.send(&request).await?;
+                    let (local, detail) = tokio::join!(
+                        self.store.range_row_hashes(
+                            here,
+                            columns,
+                            after.as_deref(),
+                            upto,
+                            PAGE_ROWS as i64 + 1
+                        ),
+                        self.answer_to(client, &request, options)
+                    );
+                    (detail?, local?)
+                }
+            };
             check_detail(client, &detail, here.primary_key.len(), 8)?;
             on_event(VerifyEvent::Page { rows: detail.rows });
             let more = detail.more;

@@ -162,9 +162,13 @@ impl Session<'_> {
         let store = &self.agent.store;
         let (after, upto) = (request.after.as_deref(), range.upto.as_deref());
         let answer = if request.detail {
-            let rows = store
-                .range_row_hashes(schema, columns, after, upto, limit as i64)
+            // One row past the page says whether the range goes on.
+            let mut rows = store
+                .range_row_hashes(schema, columns, after, upto, limit as i64 + 1)
                 .await?;
+            let more = rows.keys.len() as u64 > limit;
+            rows.keys.truncate(limit as usize);
+            rows.hashes.truncate(limit as usize);
             let count = rows.keys.len() as u64;
             let mut hash = [0u8; 8];
             for row in &rows.hashes {
@@ -177,7 +181,7 @@ impl Session<'_> {
                 rows: count,
                 hash: hash.to_vec(),
                 last_key: rows.keys.last().cloned(),
-                more: count == limit,
+                more,
                 keys: rows.keys,
                 hashes: rows
                     .hashes
