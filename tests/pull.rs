@@ -1158,3 +1158,113 @@ async fn a_rate_limit_at_session_open_is_waited_out() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The ids of `table` (its first column) above `floor`.
+async fn ids_above(store: &Store, table: &str, floor: i64) -> Vec<i64> {
+    rows(store, table)
+        .await
+        .iter()
+        .filter_map(|row| match row.first() {
+            Some(Value::Int(id)) if *id > floor => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_table_of_a_pull_comes_from_one_moment() {
+    for postgres in [true, false] {
+        every_table_of_a_pull_comes_from_one_moment_on(postgres).await;
+    }
+}
+
+async fn every_table_of_a_pull_comes_from_one_moment_on(postgres: bool) {
+    // Small batches: the pull takes long enough for the writer below to go on meanwhile.
+    let options = Options {
+        postgres,
+        batch_rows: Some(100),
+        ..Options::default()
+    };
+    let Some((a, b, receiver)) = pair_with(
+        "pull::one_snapshot",
+        options.clone(),
+        options,
+        ConnectionSettings {
+            max_records_per_request: 1_000_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE parent (id BIGINT PRIMARY KEY, name TEXT NOT NULL)".into(),
+            "CREATE TABLE child (id BIGINT PRIMARY KEY, parent_id BIGINT NOT NULL REFERENCES parent (id))"
+                .into(),
+            "WITH RECURSIVE n(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM n WHERE g < 20000) \
+             INSERT INTO parent SELECT g, 'p' || g FROM n"
+                .into(),
+            "INSERT INTO child SELECT id, id FROM parent".into(),
+        ],
+    )
+    .await;
+    // Another session writes a parent and its child, in one statement, again and again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (a.agent.store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut id = 100_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                store
+                    .execute_batch(&[
+                        format!("INSERT INTO parent VALUES ({id}, 'new')"),
+                        format!("INSERT INTO child VALUES ({id}, {id})"),
+                    ])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            id - 100_000
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let written_before = ids_above(&a.agent.store, "child", 100_000).await.len();
+    let summary = b
+        .agent
+        .pull(&receiver, &PullOptions::default(), |_| {})
+        .await
+        .unwrap();
+    let written_after = ids_above(&a.agent.store, "child", 100_000).await.len();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(
+        written_after > written_before,
+        "the writer went on during the pull ({written_before} then {written_after})"
+    );
+    let order: Vec<&str> = summary.tables.iter().map(|t| t.table.as_str()).collect();
+    assert_eq!(order, ["parent", "child"]);
+    // Every child here has its parent, and the pairs written meanwhile came whole or not at
+    // all: both tables as they were at one moment.
+    let store = &b.agent.store;
+    let parents: std::collections::HashSet<i64> =
+        ids_above(store, "parent", 0).await.into_iter().collect();
+    let orphans = rows(store, "child")
+        .await
+        .iter()
+        .filter(|row| !matches!(row.get(1), Some(Value::Int(p)) if parents.contains(p)))
+        .count();
+    assert_eq!(orphans, 0, "{postgres}: children whose parent did not come");
+    let parents = ids_above(store, "parent", 100_000).await.len();
+    let children = ids_above(store, "child", 100_000).await.len();
+    assert_eq!(
+        parents, children,
+        "{postgres}: new parents and new children"
+    );
+    assert!(parents >= written_before, "{parents} < {written_before}");
+    a.stop().await;
+    b.stop().await;
+}

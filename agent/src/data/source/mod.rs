@@ -42,6 +42,9 @@ pub struct Bounds<'a> {
     pub window: Window<'a>,
     /// Only these keys.
     pub filter: Option<&'a KeyFilter>,
+    /// Read from the pull's snapshot ([`Store::export_snapshot`]), not from the database as it
+    /// is now.
+    pub snapshot: Option<&'a PullSnapshot>,
 }
 
 /// One page of rows and where the next page starts.
@@ -153,12 +156,19 @@ impl Store {
             after,
             window,
             filter,
+            snapshot,
         } = bounds;
         let query = PageQuery::new(schema, columns, after, window, filter)?;
         let pool = match self.pool() {
             Pool::Postgres(pool) => pool,
             Pool::Sqlite(pool) => {
-                let cells = query.select_sqlite(pool, schema, limit).await?;
+                let cells = match snapshot {
+                    Some(PullSnapshot::Sqlite(held)) => {
+                        let mut conn = held.lock().await;
+                        query.select_sqlite_on(&mut conn, schema, limit).await?
+                    }
+                    _ => query.select_sqlite(pool, schema, limit).await?,
+                };
                 let last_key = match cells.rows() {
                     0 => None,
                     rows => Some(cells.values_at(rows - 1, &query.key_positions)),
@@ -176,9 +186,112 @@ impl Store {
             }
         };
         let decoders = query.decoders();
-        let rows = query.postgres(limit)?.fetch(pool);
-        encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await
+        let Some(PullSnapshot::Postgres(snapshot)) = snapshot else {
+            let rows = query.postgres(limit)?.fetch(pool);
+            return encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await;
+        };
+        let mut tx = pool.begin().await?;
+        import_snapshot(&mut tx, snapshot).await?;
+        let rows = query.postgres(limit)?.fetch(&mut *tx);
+        let page = encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await?;
+        tx.commit().await?;
+        Ok(page)
     }
+
+    /// Exports a snapshot of the database as it is now, for every table of one pull to be read
+    /// from (`Bounds::snapshot`), held until the returned value is dropped. `None` on SQLite.
+    pub async fn export_snapshot(&self) -> Result<Option<ExportedSnapshot>> {
+        let pool = match self.pool() {
+            Pool::Postgres(pool) => pool,
+            Pool::Sqlite(pool) => {
+                // One read transaction on a connection taken out of the pool (closed, not
+                // handed back, when the pull ends), begun by its first read.
+                let mut conn = pool.acquire().await?.detach();
+                sqlx::raw_sql("BEGIN").execute(&mut conn).await?;
+                sqlx::query("SELECT count(*) FROM sqlite_master")
+                    .execute(&mut conn)
+                    .await?;
+                return Ok(Some(ExportedSnapshot {
+                    held: PullSnapshot::Sqlite(std::sync::Arc::new(tokio::sync::Mutex::new(conn))),
+                    _connection: None,
+                }));
+            }
+        };
+        // A connection of its own, outside the pool: sessions holding snapshots never leave
+        // the pool without connections to read their pages with.
+        let mut connection =
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&pool.connect_options()).await?;
+        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut connection)
+            .await?;
+        let id: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+            .fetch_one(&mut connection)
+            .await?;
+        Ok(Some(ExportedSnapshot {
+            held: PullSnapshot::Postgres(id),
+            _connection: Some(connection),
+        }))
+    }
+}
+
+/// The snapshot every table of one pull is read from ([`Store::export_snapshot`]), held until
+/// dropped: on PostgreSQL an exported snapshot, whose exporting transaction this value holds
+/// open on a connection of its own; on SQLite a read transaction on a connection of its own,
+/// every page read through it.
+pub struct ExportedSnapshot {
+    held: PullSnapshot,
+    _connection: Option<sqlx::PgConnection>,
+}
+
+impl ExportedSnapshot {
+    /// What a page read needs to read from it (`Bounds::snapshot`).
+    pub fn handle(&self) -> PullSnapshot {
+        self.held.clone()
+    }
+}
+
+impl std::fmt::Debug for ExportedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportedSnapshot")
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pull's snapshot as page reads use it.
+#[derive(Clone)]
+pub enum PullSnapshot {
+    /// `SET TRANSACTION SNAPSHOT` this identifier.
+    Postgres(String),
+    /// Read on this connection, inside its read transaction.
+    Sqlite(std::sync::Arc<tokio::sync::Mutex<sqlx::SqliteConnection>>),
+}
+
+impl std::fmt::Debug for PullSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Postgres(id) => write!(f, "Postgres({id})"),
+            Self::Sqlite(_) => f.write_str("Sqlite(read transaction)"),
+        }
+    }
+}
+
+/// Makes the transaction `tx` (before its first query) read from the exported snapshot `id`.
+async fn import_snapshot(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    id: &str,
+) -> Result<()> {
+    // An identifier PostgreSQL printed (`00000003-0000001B-1`); checked before it goes into
+    // the statement, which takes no parameter.
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Error::invalid("snapshot", "not a snapshot identifier"));
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{id}'"
+    )))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Encodes PostgreSQL rows for the wire as they arrive ([`Store::read_page_encoded`]): each row
@@ -293,13 +406,23 @@ impl<'a> PageQuery<'a> {
         schema: &TableSchema,
         limit: i64,
     ) -> Result<crate::sqlite_raw::Cells> {
+        let mut conn = pool.acquire().await?;
+        self.select_sqlite_on(&mut conn, schema, limit).await
+    }
+
+    /// [`PageQuery::select_sqlite`] on connection `conn`.
+    async fn select_sqlite_on(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        schema: &TableSchema,
+        limit: i64,
+    ) -> Result<crate::sqlite_raw::Cells> {
         let mut params = Vec::new();
         for value in self.keys.iter().copied().flatten() {
             params.push(sqlite_key(value)?);
         }
         params.push(crate::sqlite_raw::Arg::Int(limit));
-        let mut conn = pool.acquire().await?;
-        crate::sqlite_raw::select_cells(&mut conn, &self.sql, &params, self.neutral.len())
+        crate::sqlite_raw::select_cells(conn, &self.sql, &params, self.neutral.len())
             .await
             .map_err(|err| match err {
                 crate::sqlite_raw::RawError::Sqlx(err) => err.into(),

@@ -56,10 +56,13 @@ enum Reader {
 impl Store {
     /// Opens a snapshot of `schema.name` and reads its `columns` from it, in no particular
     /// order; nothing is read until [`Snapshot::next_page`].
+    /// `exported`: a snapshot of the whole pull ([`Store::export_snapshot`]) to read from (on
+    /// PostgreSQL; a SQLite table read whole is read in a read transaction of its own).
     pub async fn open_snapshot(
         &self,
         schema: &TableSchema,
         columns: &[String],
+        exported: Option<&super::PullSnapshot>,
     ) -> Result<Snapshot> {
         let table = crate::catalog::quote_table(self.engine(), &schema.name)?;
         let mut neutral = Vec::with_capacity(columns.len());
@@ -87,9 +90,16 @@ impl Store {
         let reader = match self.pool() {
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .execute(&mut *tx)
-                    .await?;
+                match exported {
+                    Some(super::PullSnapshot::Postgres(id)) => {
+                        super::import_snapshot(&mut tx, id).await?;
+                    }
+                    _ => {
+                        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DECLARE {CURSOR} NO SCROLL CURSOR FOR SELECT {select} FROM {table}"
                 )))

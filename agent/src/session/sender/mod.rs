@@ -84,6 +84,7 @@ pub async fn serve(
         user_agent,
         transport,
         snapshot: None,
+        exported: None,
         verifying: Vec::new(),
     };
     tokio::select! {
@@ -106,6 +107,9 @@ struct Session<'a> {
     transport: Transport,
     /// The snapshot a whole-table pull reads from between its requests, with its transfer.
     snapshot: Option<(uuid::Uuid, crate::source::Snapshot)>,
+    /// The snapshot every table of this session's pulls is read from (PostgreSQL), exported at
+    /// its first pull and held until the session ends.
+    exported: Option<crate::source::ExportedSnapshot>,
     /// The tables being verified in this session, each with its verification transfer.
     verifying: Vec<(String, uuid::Uuid)>,
 }

@@ -57,6 +57,8 @@ pub(super) struct ProduceJob {
     /// A table without a primary key: read from this snapshot (after, the window and the
     /// filter do not apply).
     pub(super) snapshot: Option<crate::source::Snapshot>,
+    /// The pull's exported snapshot (PostgreSQL): every page is read from it.
+    pub(super) exported: Option<crate::source::PullSnapshot>,
 }
 
 /// Reads the pages of one pull in key order: first, on a resume, the rows between the
@@ -125,6 +127,7 @@ pub(super) async fn produce(
             after: after.as_deref(),
             window,
             filter: job.filter.as_ref(),
+            snapshot: job.exported.as_ref(),
         };
         let read = match &mut snapshot {
             Some(snapshot) => snapshot.next_page(granted, room).await,

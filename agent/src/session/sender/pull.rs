@@ -198,13 +198,32 @@ impl Session<'_> {
                 store.start_transfer(created.id, now).await?
             }
         };
+        // Every table of the pull (its keys-only pass too) is read from one snapshot of the
+        // database, exported at the session's first pull: a child's rows never reference a
+        // parent row that came from a later moment than they did.
+        if self.exported.is_none() {
+            match store.export_snapshot().await {
+                Ok(exported) => self.exported = exported,
+                // Each page is then read as the database is when it is read.
+                Err(err) => {
+                    tracing::warn!(error = %err, "exporting a snapshot for the pull failed")
+                }
+            }
+        }
+        let exported = self
+            .exported
+            .as_ref()
+            .map(crate::source::ExportedSnapshot::handle);
         // A table without a primary key is read whole from one snapshot, held by this session
         // from one request of the pull to the next.
         let keyless = schema.primary_key.is_empty();
         let snapshot = if keyless {
             let held = self.snapshot.take();
             match pull.after_key.as_deref() {
-                None => match store.open_snapshot(&schema, &columns).await {
+                None => match store
+                    .open_snapshot(&schema, &columns, exported.as_ref())
+                    .await
+                {
                     Ok(snapshot) => Some(snapshot),
                     Err(err) => {
                         let reason = err.to_string();
@@ -256,6 +275,7 @@ impl Session<'_> {
                 limit,
                 batch_rows: self.agent.config.server.batch_rows,
                 snapshot,
+                exported,
             },
             pages_tx,
         ));
