@@ -2,7 +2,11 @@
 //!
 //! `cargo bench --bench e2e -- [--rows N] [--transports ws,quic] [--zstd-level L]
 //! [--batch-rows N] [--pipeline-depth N] [--no-memory] [--no-sqlite] [--no-postgres]
-//! [--json FILE]`
+//! [--json FILE] [--repeat N] [--link RATE]`
+//!
+//! `--link 100mbit` (any `tc` rate) measures instead over a shaped link: the receiving side in a
+//! network namespace of its own behind a veth pair shaped with `tc ... tbf` (root only), see
+//! [`link_steps`].
 //!
 //! Two `dbsync serve` processes (sender on database A, receiver on database B) on loopback; the
 //! receiver pulls with the `dbsync pull` binary. Peak RSS is the kernel's high-water mark
@@ -32,13 +36,16 @@ struct Knobs {
     sqlite: bool,
     json: String,
     repeat: usize,
+    /// `--link RATE`: only the steps over a link shaped to this rate (`tc` syntax: `100mbit`).
+    link: Option<String>,
 }
 
 fn knobs() -> Knobs {
     let mut knobs = Knobs {
         rows: 1_000_000,
         transports: vec!["ws".into(), "quic".into()],
-        zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
+        // The product's default: chosen batch by batch.
+        zstd_level: 0,
         batch_rows: 20_000,
         pipeline_depth: 8,
         memory: true,
@@ -46,6 +53,7 @@ fn knobs() -> Knobs {
         sqlite: true,
         json: "target/bench-e2e.json".into(),
         repeat: 3,
+        link: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -53,7 +61,14 @@ fn knobs() -> Knobs {
         match arg.as_str() {
             "--rows" => knobs.rows = value().parse().expect("--rows N"),
             "--transports" => knobs.transports = value().split(',').map(str::to_owned).collect(),
-            "--zstd-level" => knobs.zstd_level = value().parse().expect("--zstd-level L"),
+            "--zstd-level" => {
+                let level = value();
+                knobs.zstd_level = if level == "auto" {
+                    0
+                } else {
+                    level.parse().expect("--zstd-level L (1-19, or auto)")
+                }
+            }
             "--batch-rows" => knobs.batch_rows = value().parse().expect("--batch-rows N"),
             "--pipeline-depth" => {
                 knobs.pipeline_depth = value().parse().expect("--pipeline-depth N")
@@ -69,6 +84,7 @@ fn knobs() -> Knobs {
                     .filter(|n| *n > 0)
                     .expect("--repeat N (1 or more)")
             }
+            "--link" => knobs.link = Some(value()),
             "--bench" => {}
             other => eprintln!("ignoring {other}"),
         }
@@ -81,10 +97,36 @@ struct Agent {
     child: Child,
     url: String,
     env: Vec<(String, String)>,
+    /// The network namespace it runs in (its commands too), if not this one.
+    netns: Option<String>,
+}
+
+/// `dbsync`, run in network namespace `netns` when given.
+fn dbsync_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, DBSYNC]);
+            command
+        }
+        None => Command::new(DBSYNC),
+    }
 }
 
 impl Agent {
     fn start(database_url: &str, dir: &std::path::Path, name: &str, knobs: &Knobs) -> Self {
+        Self::start_on(database_url, dir, name, knobs, "127.0.0.1", None)
+    }
+
+    /// [`Agent::start`] listening on `ip`, in network namespace `netns` when given.
+    fn start_on(
+        database_url: &str,
+        dir: &std::path::Path,
+        name: &str,
+        knobs: &Knobs,
+        ip: &str,
+        netns: Option<&str>,
+    ) -> Self {
         let env = vec![
             ("DBSYNC_DATABASE_URL".to_owned(), database_url.to_owned()),
             (
@@ -101,9 +143,9 @@ impl Agent {
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
-        let listen = format!("127.0.0.1:{port}");
+        let listen = format!("{ip}:{port}");
         let site_url = format!("http://{listen}");
-        let mut child = Command::new(DBSYNC)
+        let mut child = dbsync_command(netns)
             .args(["serve", "--listen", &listen, "--site-url", &site_url])
             .envs(env.iter().cloned())
             .stdout(Stdio::piped())
@@ -119,11 +161,16 @@ impl Agent {
             .find(|w| w.starts_with("http://"))
             .expect("the listening line")
             .to_owned();
-        Self { child, url, env }
+        Self {
+            child,
+            url,
+            env,
+            netns: netns.map(str::to_owned),
+        }
     }
 
     fn run(&self, args: &[&str]) -> Value {
-        let out = Command::new(DBSYNC)
+        let out = dbsync_command(self.netns.as_deref())
             .arg("--json")
             .args(args)
             .envs(self.env.iter().cloned())
@@ -153,7 +200,7 @@ impl Agent {
         std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
             .expect("reset the sender's peak RSS (/proc/<pid>/clear_refs)");
         let started = Instant::now();
-        let mut child = Command::new(DBSYNC)
+        let mut child = dbsync_command(self.netns.as_deref())
             .arg("--json")
             .arg(command)
             .args(args)
@@ -377,6 +424,11 @@ struct Setup {
 fn register(a_url: &str, b_url: &str, dir: &std::path::Path, knobs: &Knobs, tag: &str) -> Setup {
     let receiver = Agent::start(b_url, dir, &format!("b-{tag}"), knobs);
     let sender = Agent::start(a_url, dir, &format!("a-{tag}"), knobs);
+    connect(sender, receiver)
+}
+
+/// Makes a sender connection from `sender` to `receiver` (which accepts it at once).
+fn connect(sender: Agent, receiver: Agent) -> Setup {
     receiver.run(&["settings", "incoming", "auto_accept"]);
     sender.run(&[
         "connections",
@@ -428,6 +480,13 @@ async fn run(knobs: Knobs) {
     let mut table: Vec<Row> = Vec::new();
     let mut pg = None;
     let mut text_bytes = None;
+    if let Some(rate) = &knobs.link {
+        let mut server = Pg::connect().await;
+        text_bytes = link_steps(&mut server, rate, &knobs, dir.path(), &mut table).await;
+        server.drop_all().await;
+        report(&knobs, text_bytes, &table);
+        return;
+    }
     if knobs.postgres {
         let mut server = Pg::connect().await;
         text_bytes = Some(postgres_steps(&mut server, &knobs, dir.path(), &mut table).await);
@@ -883,4 +942,342 @@ fn report(knobs: &Knobs, text_bytes: Option<u64>, table: &[Row]) {
     }
     std::fs::write(&knobs.json, serde_json::to_string_pretty(&report).unwrap()).unwrap();
     println!("\nwritten to {}", knobs.json);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Over a shaped link (`--link RATE`).
+
+/// The receiving side's network namespace and the veth pair to it.
+const NETNS: &str = "dbsync-bench";
+const VETH: &str = "dbsb0";
+const VETH_PEER: &str = "dbsb1";
+const HOST_IP: &str = "10.231.0.1";
+const NETNS_IP: &str = "10.231.0.2";
+
+/// Runs a command; its error output when it fails.
+fn sh(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Bits per second of a `tc` rate (`10mbit`, `1gbit`, `500kbit`).
+fn rate_bits(rate: &str) -> Option<f64> {
+    let rate = rate.to_ascii_lowercase();
+    let digits = rate.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let number: f64 = digits.parse().ok()?;
+    let scale = match &rate[digits.len()..] {
+        "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => return None,
+    };
+    Some(number * scale)
+}
+
+/// A network namespace behind a veth pair whose both ends send at most `rate` (token bucket,
+/// `tc ... tbf`); removed when dropped.
+struct ShapedLink;
+
+impl ShapedLink {
+    fn up(rate: &str) -> Result<Self, String> {
+        let bits = rate_bits(rate).ok_or_else(|| format!("{rate:?} is not a rate like 100mbit"))?;
+        // A bucket of 10 ms of the rate (at least 64 KiB), so a fast link is not held back by
+        // the timer; queueing bounded at 50 ms.
+        let burst = format!("{}b", ((bits / 8.0 / 100.0) as u64).max(64 * 1024));
+        let _ = sh("ip", &["netns", "del", NETNS]);
+        let _ = sh("ip", &["link", "del", VETH]);
+        let link = ShapedLink;
+        let host = format!("{HOST_IP}/24");
+        let peer = format!("{NETNS_IP}/24");
+        for (program, args) in [
+            ("ip", vec!["netns", "add", NETNS]),
+            (
+                "ip",
+                vec![
+                    "link", "add", VETH, "type", "veth", "peer", "name", VETH_PEER,
+                ],
+            ),
+            ("ip", vec!["link", "set", VETH_PEER, "netns", NETNS]),
+            ("ip", vec!["addr", "add", &host, "dev", VETH]),
+            ("ip", vec!["link", "set", VETH, "up"]),
+            (
+                "ip",
+                vec!["-n", NETNS, "addr", "add", &peer, "dev", VETH_PEER],
+            ),
+            ("ip", vec!["-n", NETNS, "link", "set", VETH_PEER, "up"]),
+            ("ip", vec!["-n", NETNS, "link", "set", "lo", "up"]),
+            (
+                "tc",
+                vec![
+                    "qdisc", "add", "dev", VETH, "root", "tbf", "rate", rate, "burst", &burst,
+                    "latency", "50ms",
+                ],
+            ),
+            (
+                "ip",
+                vec![
+                    "netns", "exec", NETNS, "tc", "qdisc", "add", "dev", VETH_PEER, "root", "tbf",
+                    "rate", rate, "burst", &burst, "latency", "50ms",
+                ],
+            ),
+        ] {
+            sh(program, &args)?;
+        }
+        Ok(link)
+    }
+}
+
+impl Drop for ShapedLink {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the pair.
+        let _ = sh("ip", &["netns", "del", NETNS]);
+    }
+}
+
+/// `url` (a database on the local server) as reached through the server's Unix socket: from
+/// inside the namespace, without crossing the shaped link.
+fn socket_url(url: &str, socket_dir: &str) -> String {
+    let name = url.rsplit('/').next().unwrap_or_default();
+    format!("postgres://postgres@localhost/{name}?host={socket_dir}")
+}
+
+/// The database name of `url`.
+fn database_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or_default()
+}
+
+/// Bytes of the table as binary COPY (what the baseline pipe moves).
+async fn copy_binary_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
+    let mut out = from
+        .copy_out_raw(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
+        .await
+        .unwrap();
+    let mut bytes = 0;
+    while let Some(chunk) = out.next().await {
+        bytes += chunk.unwrap().len() as u64;
+    }
+    bytes
+}
+
+/// Runs `script` with `sh -c`, inside the namespace when `netns`; waits for it.
+fn shell(script: &str, netns: bool) -> std::process::ExitStatus {
+    let mut command = if netns {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", NETNS, "sh", "-c", script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    };
+    command.status().expect("sh")
+}
+
+/// Starts `script` with `sh -c` inside the namespace.
+fn spawn_in_netns(script: &str) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", NETNS, "sh", "-c", script])
+        .spawn()
+        .expect("sh")
+}
+
+/// Over a link shaped to `rate`, the same run measures: the raw COPY pipe across it (`psql` COPY
+/// TO STDOUT at A, through the link, into `psql` COPY FROM STDIN at B); `pg_dump -Fc` at A, the
+/// file across the link, `pg_restore` at B; and full pulls over each transport, the receiver
+/// (its `serve` and its `pull`) inside the namespace. B's database is reached through the
+/// server's Unix socket from inside the namespace, so only the measured traffic crosses the
+/// link. Needs root, `ip`, `tc`, `socat`, `psql`, `pg_dump` and `pg_restore`; without them the
+/// step says why and is skipped. Returns the table's size as COPY text.
+async fn link_steps(
+    pg: &mut Pg,
+    rate: &str,
+    knobs: &Knobs,
+    dir: &std::path::Path,
+    table: &mut Vec<Row>,
+) -> Option<u64> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let socket_dir = "/var/run/postgresql";
+    let missing: Vec<&str> = ["ip", "tc", "socat", "psql", "pg_dump", "pg_restore"]
+        .into_iter()
+        .filter(|tool| sh("sh", &["-c", &format!("command -v {tool}")]).is_err())
+        .collect();
+    if !root || !missing.is_empty() || !std::path::Path::new(socket_dir).exists() {
+        eprintln!(
+            "SKIPPED --link {rate}: needs root (network namespaces), {socket_dir} (the server's \
+             socket) and ip, tc, socat, psql, pg_dump, pg_restore (missing: {missing:?})"
+        );
+        return None;
+    }
+    let link = match ShapedLink::up(rate) {
+        Ok(link) => link,
+        Err(err) => {
+            eprintln!("SKIPPED --link {rate}: setting up the link failed: {err}");
+            return None;
+        }
+    };
+    eprintln!("building {} rows on A ...", knobs.rows);
+    let (a_url, a) = pg.database("a").await;
+    let (b_url, b) = pg.database("b").await;
+    exec(&a, &users_ddl("users")).await;
+    exec(&a, &users_fill("users", knobs.rows)).await;
+    exec(&a, "VACUUM ANALYZE users").await;
+    let text_bytes = copy_text_bytes(&a, "users").await;
+    let binary_bytes = copy_binary_bytes(&a, "users").await;
+    let (a_name, b_name) = (database_name(&a_url), database_name(&b_url));
+    let port = 15_000 + std::process::id() % 20_000;
+
+    // The raw COPY pipe across the link.
+    let mut times = Vec::new();
+    for _ in 0..knobs.repeat {
+        exec(&b, "DROP TABLE IF EXISTS users").await;
+        exec(&b, &users_ddl("users")).await;
+        settle(Some(pg)).await;
+        let started = Instant::now();
+        let mut sink = spawn_in_netns(&format!(
+            "socat -u TCP-LISTEN:{port},reuseaddr STDOUT | psql -X -q -v ON_ERROR_STOP=1 \
+             -h {socket_dir} -U postgres -d {b_name} -c 'COPY users FROM STDIN (FORMAT binary)'"
+        ));
+        let source = shell(
+            &format!(
+                "psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d {a_name} \
+                 -c 'COPY users TO STDOUT (FORMAT binary)' \
+                 | socat -u STDIN TCP:{NETNS_IP}:{port},retry=100,interval=0.05"
+            ),
+            false,
+        );
+        let received = sink.wait().expect("the pipe's far end");
+        assert!(
+            source.success() && received.success(),
+            "the COPY pipe failed"
+        );
+        times.push(started.elapsed());
+    }
+    let (baseline, samples) = median(&times);
+    eprintln!("COPY pipe over {rate}: {baseline:.2} s");
+    table.push(Row {
+        measure: format!("COPY binary | link {rate} | COPY"),
+        seconds: baseline,
+        samples,
+        rows: knobs.rows,
+        ratio: Some(1.0),
+        wire_ratio: Some(binary_bytes as f64 / text_bytes as f64),
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
+
+    // pg_dump -Fc, the file across the link, pg_restore.
+    let dump = dir.join("users.dump");
+    let landed = dir.join("landed.dump");
+    let mut times = Vec::new();
+    let mut dump_bytes = 0;
+    for _ in 0..knobs.repeat {
+        exec(&b, "DROP TABLE IF EXISTS users").await;
+        settle(Some(pg)).await;
+        let started = Instant::now();
+        let dumped = shell(
+            &format!(
+                "pg_dump -Fc -t users -h 127.0.0.1 -U postgres -d {a_name} -f {}",
+                dump.display()
+            ),
+            false,
+        );
+        let mut sink = spawn_in_netns(&format!(
+            "socat -u TCP-LISTEN:{port},reuseaddr OPEN:{},creat,trunc",
+            landed.display()
+        ));
+        let sent = shell(
+            &format!(
+                "socat -u FILE:{} TCP:{NETNS_IP}:{port},retry=100,interval=0.05",
+                dump.display()
+            ),
+            false,
+        );
+        let received = sink.wait().expect("the file's far end");
+        let restored = shell(
+            &format!(
+                "pg_restore --no-owner -h {socket_dir} -U postgres -d {b_name} {}",
+                landed.display()
+            ),
+            true,
+        );
+        assert!(
+            dumped.success() && sent.success() && received.success() && restored.success(),
+            "pg_dump, the copy across or pg_restore failed"
+        );
+        times.push(started.elapsed());
+        dump_bytes = std::fs::metadata(&dump).map_or(0, |m| m.len());
+    }
+    let (elapsed, samples) = median(&times);
+    eprintln!("pg_dump + file + pg_restore over {rate}: {elapsed:.2} s");
+    table.push(Row {
+        measure: format!("pg_dump -Fc, file over link {rate}, pg_restore"),
+        seconds: elapsed,
+        samples,
+        rows: knobs.rows,
+        ratio: Some(elapsed / baseline),
+        wire_ratio: Some(dump_bytes as f64 / text_bytes as f64),
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
+
+    // dbsync: the sender here, the receiver inside the namespace.
+    let sender = Agent::start_on(&a_url, dir, "a-link", knobs, HOST_IP, None);
+    let receiver = Agent::start_on(
+        &socket_url(&b_url, socket_dir),
+        dir,
+        "b-link",
+        knobs,
+        NETNS_IP,
+        Some(NETNS),
+    );
+    let setup = connect(sender, receiver);
+    let depth = knobs.pipeline_depth.to_string();
+    for transport in &knobs.transports {
+        let mut times = Vec::new();
+        let mut first = None;
+        for _ in 0..knobs.repeat {
+            exec(&b, "DROP TABLE IF EXISTS users").await;
+            exec(&b, "DELETE FROM dbsync_checkpoints").await;
+            settle(Some(pg)).await;
+            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
+                &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
+                &setup.sender,
+            );
+            assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
+            let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
+            times.push(elapsed);
+            first.get_or_insert((wire, rss_b, rss_a));
+        }
+        let (elapsed, samples) = median(&times);
+        let (wire, rss_b, rss_a) = first.expect("at least one run");
+        eprintln!("full pull over {transport}, link {rate}: {elapsed:.2} s");
+        table.push(Row {
+            measure: format!("full pull over {transport}, link {rate}"),
+            seconds: elapsed,
+            samples,
+            rows: knobs.rows,
+            ratio: Some(elapsed / baseline),
+            wire_ratio: Some(wire as f64 / text_bytes as f64),
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+    }
+    drop(setup);
+    drop(link);
+    Some(text_bytes)
 }

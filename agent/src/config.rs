@@ -64,7 +64,9 @@ pub struct ServerConfig {
     /// Seconds between retries of status changes a peer has not acknowledged yet (first retry;
     /// later ones back off exponentially up to an hour).
     pub push_retry_secs: u64,
-    /// zstd level of the row batches this site sends (1 fastest .. 19 smallest).
+    /// zstd level of the row batches this site sends (1 fastest .. 19 smallest); 0 (the
+    /// default, `auto`): chosen batch by batch from the link's drain rate against compression
+    /// speed (`link::AdaptiveLevel`).
     pub zstd_level: i32,
     /// Most rows per batch this site sends (a batch also stops near 4 MiB of values). 20,000:
     /// on a users-like table, pulls took ~20 % less time than at 5,000, for ~30 MiB more peak
@@ -121,7 +123,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 30,
             peer_rate_limit_per_minute: 120,
             push_retry_secs: 30,
-            zstd_level: dbsync_protocol::codec::DEFAULT_ZSTD_LEVEL,
+            zstd_level: 0,
             batch_rows: 20_000,
             max_connections: 0,
             max_connections_per_ip: 64,
@@ -178,7 +180,9 @@ impl Config {
         if let Some(listen) = env("DBSYNC_LISTEN").and_then(|l| l.parse().ok()) {
             self.server.listen = listen;
         }
-        if let Some(level) = env("DBSYNC_ZSTD_LEVEL").and_then(|l| l.parse().ok()) {
+        if let Some(level) = env("DBSYNC_ZSTD_LEVEL")
+            .and_then(|l| if l == "auto" { Some(0) } else { l.parse().ok() })
+        {
             self.server.zstd_level = level;
         }
         if let Some(rows) = env("DBSYNC_BATCH_ROWS").and_then(|r| r.parse().ok()) {
@@ -191,9 +195,10 @@ impl Config {
 
     /// Refuses values that cannot work, with the field named.
     pub fn validate(&self) -> Result<()> {
-        if !(1..=19).contains(&self.server.zstd_level) {
+        if !(0..=19).contains(&self.server.zstd_level) {
             return Err(Error::Config(
-                "server.zstd_level must be between 1 and 19".into(),
+                "server.zstd_level must be between 1 and 19, or 0 (chosen as the link allows)"
+                    .into(),
             ));
         }
         if !(1..=100_000).contains(&self.server.batch_rows) {

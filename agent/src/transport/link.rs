@@ -71,6 +71,73 @@ pub struct Link {
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
     zstd_level: i32,
+    /// Choosing the level of row batches from what sending them costs (`None`: fixed).
+    adaptive: Option<AdaptiveLevel>,
+}
+
+/// Most zstd level the adaptive choice goes up to: past it each level costs several times the
+/// CPU for a percent or two of bytes.
+pub const ADAPTIVE_MAX_LEVEL: i32 = 12;
+
+/// The zstd level of row batches chosen from two times measured per batch: compressing it, and
+/// waiting for the link to take it (the writer's queue is full while the link drains what went
+/// before). A link that keeps the sender waiting longer than compressing takes has time for a
+/// stronger level (fewer bytes to drain); a link that takes each batch at once waits on
+/// compression, which gets cheaper. Both times are smoothed over the last few batches.
+#[derive(Debug, Clone)]
+pub struct AdaptiveLevel {
+    level: i32,
+    compress_secs: f64,
+    wait_secs: f64,
+    batches: u32,
+}
+
+impl AdaptiveLevel {
+    /// Starting at `level`.
+    pub fn new(level: i32) -> Self {
+        Self {
+            level: level.clamp(1, ADAPTIVE_MAX_LEVEL),
+            compress_secs: 0.0,
+            wait_secs: 0.0,
+            batches: 0,
+        }
+    }
+
+    /// The level of the next batch.
+    pub fn level(&self) -> i32 {
+        self.level
+    }
+
+    /// Takes one batch's times into account and moves the level by at most one.
+    pub fn observe(&mut self, compress: std::time::Duration, wait: std::time::Duration) {
+        const SMOOTHING: f64 = 0.5;
+        let (compress, wait) = (compress.as_secs_f64(), wait.as_secs_f64());
+        if self.batches == 0 {
+            (self.compress_secs, self.wait_secs) = (compress, wait);
+        } else {
+            self.compress_secs += SMOOTHING * (compress - self.compress_secs);
+            self.wait_secs += SMOOTHING * (wait - self.wait_secs);
+        }
+        self.batches += 1;
+        // A few batches first: the first are small (slow start) and the queue still empty.
+        if self.batches < 3 {
+            return;
+        }
+        let before = self.level;
+        if self.wait_secs > 1.5 * self.compress_secs {
+            self.level = (self.level + 1).min(ADAPTIVE_MAX_LEVEL);
+        } else if self.wait_secs < 0.25 * self.compress_secs {
+            self.level = (self.level - 1).max(1);
+        }
+        if self.level != before {
+            tracing::debug!(
+                level = self.level,
+                compress_ms = self.compress_secs * 1e3,
+                wait_ms = self.wait_secs * 1e3,
+                "zstd level of row batches changed"
+            );
+        }
+    }
 }
 
 impl Link {
@@ -86,12 +153,27 @@ impl Link {
             reader,
             writer,
             zstd_level: codec::DEFAULT_ZSTD_LEVEL,
+            adaptive: None,
         }
     }
 
-    /// Sets the zstd level of row batches sent from now on.
+    /// Sets the zstd level of row batches sent from now on; 0: chosen batch by batch
+    /// ([`AdaptiveLevel`], starting at the fastest).
     pub fn set_zstd_level(&mut self, level: i32) {
-        self.zstd_level = level;
+        if level == 0 {
+            self.adaptive = Some(AdaptiveLevel::new(codec::DEFAULT_ZSTD_LEVEL));
+            self.zstd_level = codec::DEFAULT_ZSTD_LEVEL;
+        } else {
+            self.adaptive = None;
+            self.zstd_level = level;
+        }
+    }
+
+    /// The zstd level the next row batch gets.
+    pub fn zstd_level(&self) -> i32 {
+        self.adaptive
+            .as_ref()
+            .map_or(self.zstd_level, AdaptiveLevel::level)
     }
 
     /// Encodes and queues a message; returns (bytes on the wire, payload bytes before
@@ -110,13 +192,17 @@ impl Link {
         page: &mut Vec<u8>,
         room: usize,
     ) -> Result<(usize, usize), String> {
-        self.send_sized(codec::encode_row_batch_in_place(
-            batch,
-            page,
-            room,
-            self.zstd_level,
-        ))
-        .await
+        let started = std::time::Instant::now();
+        let encoded = codec::encode_row_batch_in_place(batch, page, room, self.zstd_level());
+        let compressed = started.elapsed();
+        let (frame, raw) = encoded.map_err(|e| e.to_string())?;
+        let wire = frame.len();
+        let queued = std::time::Instant::now();
+        self.send_frame(frame).await?;
+        if let Some(adaptive) = &mut self.adaptive {
+            adaptive.observe(compressed, queued.elapsed());
+        }
+        Ok((wire, raw))
     }
 
     /// Queues a frame just encoded (with its payload size before compression); returns (bytes
@@ -294,5 +380,27 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, LinkFailure::NotProtocol(_)), "{err:?}");
+    }
+
+    #[test]
+    fn the_level_follows_the_link() {
+        let ms = std::time::Duration::from_millis;
+        // A slow link: each batch waits far longer than it took to compress.
+        let mut level = AdaptiveLevel::new(1);
+        for _ in 0..30 {
+            level.observe(ms(5), ms(200));
+        }
+        assert_eq!(level.level(), ADAPTIVE_MAX_LEVEL);
+        // The link speeds up: batches go at once, compression is what waits.
+        for _ in 0..30 {
+            level.observe(ms(40), ms(0));
+        }
+        assert_eq!(level.level(), 1);
+        // Balanced: the level holds.
+        let mut level = AdaptiveLevel::new(4);
+        for _ in 0..30 {
+            level.observe(ms(10), ms(10));
+        }
+        assert_eq!(level.level(), 4);
     }
 }
