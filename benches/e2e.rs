@@ -345,15 +345,20 @@ const COPY_WRITE: usize = 64 * 1024;
 
 /// The baseline: binary COPY out of A streamed straight into COPY in on B (`psql | psql`).
 async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Duration {
+    copy_rows(
+        from,
+        &format!("COPY {table} TO STDOUT (FORMAT binary)"),
+        to,
+        &format!("COPY {table} FROM STDIN (FORMAT binary)"),
+    )
+    .await
+}
+
+/// Binary COPY out of `from` by `out` (`COPY ... TO STDOUT`) into `to` by `into`.
+async fn copy_rows(from: &sqlx::PgPool, out: &str, to: &sqlx::PgPool, into: &str) -> Duration {
     let started = Instant::now();
-    let mut out = from
-        .copy_out_raw(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
-        .await
-        .unwrap();
-    let mut sink = to
-        .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
-        .await
-        .unwrap();
+    let mut out = from.copy_out_raw(out).await.unwrap();
+    let mut sink = to.copy_in_raw(into).await.unwrap();
     // COPY OUT yields one message per row; handing each to `send` would write (and flush) each
     // on its own. Gathered into 64 KiB writes, as libpq's buffering does for `psql | psql`.
     let mut buffer = Vec::with_capacity(COPY_WRITE + 4096);
@@ -371,10 +376,12 @@ async fn copy_pipe(from: &sqlx::PgPool, to: &sqlx::PgPool, table: &str) -> Durat
 
 /// Bytes of the table as COPY text (what `psql | psql` would put on a wire).
 async fn copy_text_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
-    let mut out = from
-        .copy_out_raw(&format!("COPY {table} TO STDOUT"))
-        .await
-        .unwrap();
+    copy_out_bytes(from, &format!("COPY {table} TO STDOUT")).await
+}
+
+/// Bytes a `COPY ... TO STDOUT` statement puts out.
+async fn copy_out_bytes(from: &sqlx::PgPool, statement: &str) -> u64 {
+    let mut out = from.copy_out_raw(statement).await.unwrap();
     let mut bytes = 0;
     while let Some(chunk) = out.next().await {
         bytes += chunk.unwrap().len() as u64;
@@ -715,6 +722,7 @@ async fn postgres_steps(
     // Each run changes another 1 % (every hundredth key, from another offset), so every run
     // changes rows spread over the whole table that no run before it touched.
     let mut times = Vec::new();
+    let mut upserts = Vec::new();
     let mut moved = 0;
     for run in 0..knobs.repeat {
         let changed = format!("id % 100 = {}", run % 100);
@@ -740,9 +748,54 @@ async fn postgres_steps(
             "an incremental pull moves the changed rows"
         );
         times.push(elapsed);
+        // What the receiving server itself needs to write those rows: the same rows, already
+        // on B in a table of their own, upserted into its copy in one statement.
+        exec(&b, "DROP TABLE IF EXISTS changed_rows").await;
+        exec(&b, &users_ddl("changed_rows")).await;
+        copy_rows(
+            &a,
+            &format!("COPY (SELECT * FROM users WHERE {changed}) TO STDOUT (FORMAT binary)"),
+            &b,
+            "COPY changed_rows FROM STDIN (FORMAT binary)",
+        )
+        .await;
+        settle(Some(pg)).await;
+        let started = Instant::now();
+        exec(
+            &b,
+            "INSERT INTO users SELECT * FROM changed_rows ON CONFLICT (id) DO UPDATE SET \
+             uuid = EXCLUDED.uuid, email = EXCLUDED.email, name = EXCLUDED.name, \
+             active = EXCLUDED.active, score = EXCLUDED.score, balance = EXCLUDED.balance, \
+             profile = EXCLUDED.profile, created_at = EXCLUDED.created_at, \
+             updated_at = EXCLUDED.updated_at",
+        )
+        .await;
+        upserts.push(started.elapsed());
+        exec(&b, "DROP TABLE changed_rows").await;
     }
+    let (upsert, upsert_samples) = median(&upserts);
+    table.push(Row {
+        measure: "the receiving server's own upsert of those rows".into(),
+        seconds: upsert,
+        samples: upsert_samples,
+        rows: moved,
+        ratio: None,
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
     let (elapsed, samples) = median(&times);
-    eprintln!("incremental (1%): {elapsed:.2} s");
+    eprintln!("incremental (1%): {elapsed:.2} s; the server's own upsert: {upsert:.2} s");
+    table.push(Row {
+        measure: "incremental pull, 1% changed (ratio: to that upsert)".into(),
+        seconds: elapsed,
+        samples: samples.clone(),
+        rows: moved,
+        ratio: Some(elapsed / upsert),
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
     table.push(Row {
         measure: "incremental pull, 1% changed (ratio: to the full pull)".into(),
         seconds: elapsed,
@@ -1058,19 +1111,6 @@ fn database_name(url: &str) -> &str {
     url.rsplit('/').next().unwrap_or_default()
 }
 
-/// Bytes of the table as binary COPY (what the baseline pipe moves).
-async fn copy_binary_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
-    let mut out = from
-        .copy_out_raw(&format!("COPY {table} TO STDOUT (FORMAT binary)"))
-        .await
-        .unwrap();
-    let mut bytes = 0;
-    while let Some(chunk) = out.next().await {
-        bytes += chunk.unwrap().len() as u64;
-    }
-    bytes
-}
-
 /// Runs `script` with `sh -c`, inside the namespace when `netns`; waits for it.
 fn shell(script: &str, netns: bool) -> std::process::ExitStatus {
     let mut command = if netns {
@@ -1137,7 +1177,7 @@ async fn link_steps(
     exec(&a, &users_fill("users", knobs.rows)).await;
     exec(&a, "VACUUM ANALYZE users").await;
     let text_bytes = copy_text_bytes(&a, "users").await;
-    let binary_bytes = copy_binary_bytes(&a, "users").await;
+    let binary_bytes = copy_out_bytes(&a, "COPY users TO STDOUT (FORMAT binary)").await;
     let (a_name, b_name) = (database_name(&a_url), database_name(&b_url));
     let port = 15_000 + std::process::id() % 20_000;
 

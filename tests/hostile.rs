@@ -1392,14 +1392,12 @@ async fn counts_stay_exact_when_the_receiver_dies_again_and_again() {
 // ---------------------------------------------------------------------------------------------
 // Verification: the sender's checks hold, a lying sender changes nothing here.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_requests_are_checked_and_cost_no_limit() {
-    let Some(a) = agent("hostile::verify", false, None).await else {
-        return;
-    };
-    items(&a, 30).await;
-    let token = sender_token(
-        &a,
+/// 30 items on `a`, and a token of a connection that may not read `users`, may download 5
+/// records in all and 10 a request.
+async fn verifier_token(a: &RunningAgent) -> String {
+    items(a, 30).await;
+    sender_token(
+        a,
         ConnectionSettings {
             excluded_tables: vec!["users".into()],
             max_records_total: Some(5),
@@ -1408,7 +1406,15 @@ async fn verify_requests_are_checked_and_cost_no_limit() {
             ..ConnectionSettings::default()
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_requests_are_checked_and_cost_no_limit() {
+    let Some(a) = agent("hostile::verify", false, None).await else {
+        return;
+    };
+    let token = verifier_token(&a).await;
     let verify = |table: &str, after: Option<Vec<Value>>, limit: u64, detail: bool| {
         Message::Verify(dbsync_protocol::message::Verify {
             request_id: 1,
@@ -1479,18 +1485,7 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
         let Some(a) = agent("hostile::range_hashes", postgres, None).await else {
             return;
         };
-        items(&a, 30).await;
-        let token = sender_token(
-            &a,
-            ConnectionSettings {
-                excluded_tables: vec!["users".into()],
-                max_records_total: Some(5),
-                max_records_per_request: 10,
-                rate_limit_per_minute: 10_000,
-                ..ConnectionSettings::default()
-            },
-        )
-        .await;
+        let token = verifier_token(&a).await;
         let range = |table: &str, after: Option<i64>, upto: Option<Vec<Value>>, detail: bool| {
             Message::Verify(dbsync_protocol::message::Verify {
                 request_id: 1,

@@ -375,7 +375,7 @@ fn a_payload_of_the_wrong_shape_is_malformed() {
 
 #[test]
 fn an_unsupported_version_has_no_negotiated_version() {
-    assert_eq!(dbsync_protocol::negotiate(&[1, 5]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 6]), None);
     assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(2));
 }
 

@@ -439,18 +439,7 @@ pub fn keyset_query_filtered(
         ));
     }
     let table = quote_table_on(engine, table)?;
-    let columns = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            Ok(format!(
-                "{}{}",
-                quote_ident(c)?,
-                casts.get(i).unwrap_or(&"")
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?
-        .join(", ");
+    let columns = select_list(columns, casts)?;
     let KeyConditions {
         conditions,
         order_by,
@@ -559,18 +548,7 @@ pub fn pg_range_hash_query(
         .collect::<Result<Vec<_>>>()?
         .join(", ");
     let hash = format!("hash_record_extended(ROW({operands}), 0)");
-    let keys = key
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            Ok(format!(
-                "{}{}",
-                quote_ident(k)?,
-                key_reads.get(i).unwrap_or(&"")
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?
-        .join(", ");
+    let keys = select_list(key, key_reads)?;
     let KeyConditions {
         conditions,
         order_by,
@@ -592,6 +570,22 @@ pub fn pg_range_hash_query(
             format!("SELECT {keys} FROM {table}{filter} ORDER BY {order_by} OFFSET ${next} LIMIT 1")
         }
     })
+}
+
+/// `columns`, quoted, each with its cast (`casts[i]`, none when absent), comma-separated.
+fn select_list(columns: &[String], casts: &[&str]) -> Result<String> {
+    Ok(columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            Ok(format!(
+                "{}{}",
+                quote_ident(c)?,
+                casts.get(i).unwrap_or(&"")
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?
+        .join(", "))
 }
 
 /// A keyset query's `WHERE` conditions, its `ORDER BY` list and its next parameter number.

@@ -717,15 +717,8 @@ impl Agent {
             };
             start = Some(done);
         }
-        if options.repair {
-            self.repair(connection, here, options, &mut pending, verdict)
-                .await?;
-        }
-        verdict.identical = verdict.missing_here == 0
-            && verdict.extra_here == 0
-            && verdict.different == 0
-            && verdict.rows_here == verdict.rows_there;
-        Ok(())
+        self.finish_table(connection, here, options, &mut pending, verdict)
+            .await
     }
 
     /// The answer to `request`, sent already: over the sender's rate limit, asked again once
@@ -996,15 +989,8 @@ impl Agent {
                 }
             }
         }
-        if options.repair {
-            self.repair(connection, here, options, &mut pending, verdict)
-                .await?;
-        }
-        verdict.identical = verdict.missing_here == 0
-            && verdict.extra_here == 0
-            && verdict.different == 0
-            && verdict.rows_here == verdict.rows_there;
-        Ok(())
+        self.finish_table(connection, here, options, &mut pending, verdict)
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1106,6 +1092,26 @@ impl Agent {
             pending.pull.push(key);
         }
         Ok(seen)
+    }
+
+    /// The last repair of a table compared to its end, and its verdict.
+    async fn finish_table(
+        &self,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        options: &VerifyOptions,
+        pending: &mut Pending,
+        verdict: &mut TableVerdict,
+    ) -> Result<()> {
+        if options.repair {
+            self.repair(connection, here, options, pending, verdict)
+                .await?;
+        }
+        verdict.identical = verdict.missing_here == 0
+            && verdict.extra_here == 0
+            && verdict.different == 0
+            && verdict.rows_here == verdict.rows_there;
+        Ok(())
     }
 
     /// Pulls the keys waiting (overwrite, by key) and deletes the extra ones.
