@@ -200,6 +200,38 @@ async fn a_share_code_pulls_its_tables_once() {
             .is_err()
     );
 
+    // Wrong guesses at once each count (none lost to another's write).
+    let raced = a
+        .agent
+        .create_share(&["users".into()], Duration::minutes(15), &admin())
+        .await
+        .unwrap();
+    let raced_code = wrong(&raced.code.display());
+    let guesses = (0..8).map(|_| {
+        a.agent.handle_redeem_share(
+            dbsync_protocol::peer::RedeemShareRequest {
+                code: raced_code.clone(),
+                site_url: b.url.clone(),
+            },
+            "127.0.0.1".parse().unwrap(),
+        )
+    });
+    for refused in futures_util::future::join_all(guesses).await {
+        assert!(refused.is_err());
+    }
+    let counted = a
+        .agent
+        .store
+        .get_connection(&raced.connection.name)
+        .await
+        .unwrap();
+    assert_eq!(
+        counted.metadata["share"]["tries"], 8,
+        "{:?}",
+        counted.metadata
+    );
+    assert_eq!(counted.status, ConnectionStatus::Revoked);
+
     // A code past its time is refused.
     let late = a
         .agent

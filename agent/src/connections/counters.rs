@@ -124,17 +124,43 @@ impl Store {
         connection_id: Uuid,
         patch: serde_json::Value,
     ) -> Result<Connection> {
-        let current = self
-            .find_connection(connection_id)
-            .await?
-            .ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
-        let metadata = crate::store::merge_json_object(current.metadata, patch);
-        Ok(on_pool!(self, |pool| {
-            sqlx::query_as("UPDATE dbsync_connections SET metadata = $2 WHERE id = $1 RETURNING *")
-                .bind(connection_id)
-                .bind(Json(metadata))
-                .fetch_one(pool)
+        self.update_connection_metadata(connection_id, |current| {
+            crate::store::merge_json_object(current.clone(), patch.clone())
+        })
+        .await
+    }
+
+    /// Replaces a connection's metadata with `change` of it, atomically: written only if no
+    /// one else wrote it since it was read (else read again and changed again), so two writers
+    /// at once lose neither's change (a counter in it counts every increment).
+    pub async fn update_connection_metadata(
+        &self,
+        connection_id: Uuid,
+        change: impl Fn(&serde_json::Value) -> serde_json::Value,
+    ) -> Result<Connection> {
+        for _ in 0..100 {
+            let current = self
+                .find_connection(connection_id)
                 .await?
-        }))
+                .ok_or_else(|| Error::not_found("connection", connection_id.to_string()))?;
+            let metadata = change(&current.metadata);
+            let updated: Option<Connection> = on_pool!(self, |pool| {
+                sqlx::query_as(
+                    "UPDATE dbsync_connections SET metadata = $2 WHERE id = $1 AND metadata = $3 \
+                     RETURNING *",
+                )
+                .bind(connection_id)
+                .bind(Json(&metadata))
+                .bind(Json(&current.metadata))
+                .fetch_optional(pool)
+                .await?
+            });
+            if let Some(updated) = updated {
+                return Ok(updated);
+            }
+        }
+        Err(Error::Config(format!(
+            "the metadata of connection {connection_id} kept changing while it was updated"
+        )))
     }
 }

@@ -324,12 +324,17 @@ impl Agent {
         };
         let stored = share.metadata["share"]["code_hash"].as_str().unwrap_or("");
         if !crate::password::verify(code.secret(), stored) {
-            let tries = share.metadata["share"]["tries"].as_i64().unwrap_or(0) + 1;
-            let mut fields = share_fields(&share);
-            fields.insert("tries".into(), tries.into());
-            self.store
-                .merge_connection_metadata(share.id, json!({ "share": fields }))
+            // Counted atomically: guesses at once each count.
+            let counted = self
+                .store
+                .update_connection_metadata(share.id, |metadata| {
+                    let mut metadata = metadata.clone();
+                    let tries = metadata["share"]["tries"].as_i64().unwrap_or(0) + 1;
+                    metadata["share"]["tries"] = tries.into();
+                    metadata
+                })
                 .await?;
+            let tries = counted.metadata["share"]["tries"].as_i64().unwrap_or(0);
             self.store
                 .record_event(
                     audit::NewEvent::connection(
@@ -489,14 +494,6 @@ impl Agent {
             closed
         }))
     }
-}
-
-/// The share's recorded fields (all kept when one changes).
-fn share_fields(share: &Connection) -> serde_json::Map<String, serde_json::Value> {
-    share.metadata["share"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
