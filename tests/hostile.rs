@@ -1534,6 +1534,13 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
         ))
         .await;
         assert_eq!(hand.error_code().await, "invalid_request");
+        // A key of another type than the table's.
+        let Message::Verify(mut texts) = range("items", None, None, false) else {
+            unreachable!()
+        };
+        texts.after = Some(vec![Value::Text("not a number".into())]);
+        hand.send(&Message::Verify(texts)).await;
+        assert_eq!(hand.error_code().await, "invalid_request");
         // A summary covers its whole range whatever the limits: 30 rows, past a record limit
         // of 5; rows 11 to 20 only when asked for.
         hand.send(&range("items", None, None, false)).await;

@@ -343,7 +343,14 @@ impl Session<'_> {
                     }
                 }
                 Message::Verify(request) => {
-                    self.verify(&connection, request, version).await?;
+                    // A key the table's key cannot be compared with is the receiver's error.
+                    match self.verify(&connection, request, version).await {
+                        Err(SessionEnd::Store(err @ crate::Error::Invalid { .. })) => {
+                            self.refuse(Code::InvalidRequest, err.to_string(), None)
+                                .await?;
+                        }
+                        other => other?,
+                    }
                 }
                 Message::Pull(pull) => {
                     let served = self.pull(&connection, pull).await;
