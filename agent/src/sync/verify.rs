@@ -33,6 +33,8 @@ use crate::transfer::Progress;
 
 /// Rows in one page of hashes (the sender may send fewer).
 pub const PAGE_ROWS: u64 = 10_000;
+/// Parts a range is cut into when it differs after identical ranges.
+const SPLIT: u64 = 16;
 /// Keys of each kind named in a verdict.
 const FIRST_KEYS: usize = 5;
 
@@ -618,38 +620,53 @@ impl Agent {
         let mut asked: Option<Message> = None;
         loop {
             let range = (start.as_deref(), end.as_deref());
-            let differs = if last_differs || asked.is_some() {
-                true
-            } else {
-                request_id += 1;
-                // The sender hashes the range while this side hashes its own.
-                let (local, answer) = tokio::join!(
-                    self.store.range_hash(here, columns, range.0, range.1),
-                    self.ask_page(
+            let differs = last_differs
+                || asked.is_some()
+                || self
+                    .ranges_differ(
                         client,
                         &table,
-                        start.clone(),
-                        false,
-                        request_id,
+                        here,
+                        columns,
+                        range,
+                        &mut request_id,
                         options,
-                        Some(VerifyRange {
-                            upto: end.clone(),
-                            hash: RangeHash::PgRecord,
-                        }),
+                        verdict,
+                        on_event,
                     )
-                );
-                let ((rows_here, hash_here), answer) = (local?, answer?);
-                if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
-                    return Err(client.protocol_error("a range's answer is not one 8-byte hash"));
+                    .await?;
+            // A difference after identical ranges is likely alone: the range is cut in parts,
+            // and only the parts that differ are compared row by row.
+            if differs && !last_differs && asked.is_none() && rows >= 2 * SPLIT {
+                let parts_differing = self
+                    .compare_parts(
+                        client,
+                        &table,
+                        here,
+                        columns,
+                        range,
+                        &mut request_id,
+                        &mut ends_seen,
+                        options,
+                        verdict,
+                        &mut pending,
+                        on_event,
+                    )
+                    .await?;
+                last_differs = parts_differing > SPLIT / 2;
+                if options.repair
+                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
+                {
+                    self.repair(connection, here, options, &mut pending, verdict)
+                        .await?;
                 }
-                on_event(VerifyEvent::Page { rows: answer.rows });
-                let differs = rows_here != answer.rows || hash_here[..] != answer.hash[..];
-                if !differs {
-                    verdict.rows_there += answer.rows;
-                    verdict.rows_here += rows_here;
-                }
-                differs
-            };
+                let Some(done) = end.take() else {
+                    break;
+                };
+                end = self.store.range_end(here, Some(&done), rows).await?;
+                start = Some(done);
+                continue;
+            }
             let mut next_end = None;
             if differs {
                 let request = match asked.take() {
@@ -692,7 +709,7 @@ impl Agent {
                         here,
                         columns,
                         range,
-                        (answer, local),
+                        Some((answer, local)),
                         &mut request_id,
                         &mut ends_seen,
                         options,
@@ -719,6 +736,106 @@ impl Agent {
         }
         self.finish_table(connection, here, options, &mut pending, verdict)
             .await
+    }
+
+    /// Whether range `(after, upto]` differs, by its row count and hash on both sides (each
+    /// side hashing at the same time); an equal range's rows are counted.
+    #[allow(clippy::too_many_arguments)]
+    async fn ranges_differ(
+        &self,
+        client: &mut Client,
+        table: &str,
+        here: &TableSchema,
+        columns: &[String],
+        (after, upto): (Option<&[Value]>, Option<&[Value]>),
+        request_id: &mut u64,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<bool> {
+        *request_id += 1;
+        let (local, answer) = tokio::join!(
+            self.store.range_hash(here, columns, after, upto),
+            self.ask_page(
+                client,
+                table,
+                after.map(<[Value]>::to_vec),
+                false,
+                *request_id,
+                options,
+                Some(VerifyRange {
+                    upto: upto.map(<[Value]>::to_vec),
+                    hash: RangeHash::PgRecord,
+                }),
+            )
+        );
+        let ((rows_here, hash_here), answer) = (local?, answer?);
+        if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
+            return Err(client.protocol_error("a range's answer is not one 8-byte hash"));
+        }
+        on_event(VerifyEvent::Page { rows: answer.rows });
+        let differs = rows_here != answer.rows || hash_here[..] != answer.hash[..];
+        if !differs {
+            verdict.rows_there += answer.rows;
+            verdict.rows_here += rows_here;
+        }
+        Ok(differs)
+    }
+
+    /// Compares range `(after, upto]` in [`SPLIT`] parts (cut by this side's rows), row by row
+    /// only the parts that differ; how many parts differed.
+    #[allow(clippy::too_many_arguments)]
+    async fn compare_parts(
+        &self,
+        client: &mut Client,
+        table: &str,
+        here: &TableSchema,
+        columns: &[String],
+        (after, upto): (Option<&[Value]>, Option<&[Value]>),
+        request_id: &mut u64,
+        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        pending: &mut Pending,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<u64> {
+        let part_rows = page_rows(options) / SPLIT;
+        let mut start = after.map(<[Value]>::to_vec);
+        let mut differing = 0;
+        for part in 0..SPLIT {
+            // The last part ends where the range does; so does one that runs out of rows here.
+            let end = if part + 1 == SPLIT {
+                upto.map(<[Value]>::to_vec)
+            } else {
+                match self
+                    .store
+                    .range_end(here, start.as_deref(), part_rows)
+                    .await?
+                {
+                    Some(end) => Some(end),
+                    None => upto.map(<[Value]>::to_vec),
+                }
+            };
+            let range = (start.as_deref(), end.as_deref());
+            let differs = self
+                .ranges_differ(
+                    client, table, here, columns, range, request_id, options, verdict, on_event,
+                )
+                .await?;
+            if differs {
+                differing += 1;
+                self.diff_range(
+                    client, table, here, columns, range, None, request_id, ends_seen, options,
+                    verdict, pending, on_event,
+                )
+                .await?;
+            }
+            if end.as_deref() == upto || end.is_none() {
+                break;
+            }
+            start = end;
+        }
+        Ok(differing)
     }
 
     /// The answer to `request`, sent already: over the sender's rate limit, asked again once
@@ -773,7 +890,7 @@ impl Agent {
         here: &TableSchema,
         columns: &[String],
         (start, upto): (Option<&[Value]>, Option<&[Value]>),
-        first: (VerifyPage, RowHashes),
+        first: Option<(VerifyPage, RowHashes)>,
         request_id: &mut u64,
         ends_seen: &mut std::collections::HashSet<Vec<u8>>,
         options: &VerifyOptions,
@@ -784,7 +901,7 @@ impl Agent {
         let before = verdict.missing_here + verdict.extra_here + verdict.different;
         let keys = KeyId::Exact;
         let mut after = start.map(<[Value]>::to_vec);
-        let mut first = Some(first);
+        let mut first = first;
         loop {
             let (detail, local) = match first.take() {
                 Some(first) => first,
