@@ -5,7 +5,7 @@
 use dbsync_agent::connection::ConnectionSettings;
 use dbsync_agent::pull::{PullOptions, TransportChoice};
 use dbsync_agent::sync::verify::{TableVerdict, VerifyOptions};
-use dbsync_agent::transfer::{TransferDirection, TransferFilter};
+use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_protocol::Value;
 
 use crate::pull::{exec, pair_with, rows};
@@ -311,4 +311,79 @@ async fn the_cli_verifies_diffs_and_schedules_diff_pulls() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+/// A verification with repair killed after its `pages`-th page (its task dies there, as a
+/// process killed there would), then run again: the copy ends identical to the sender's.
+async fn killed_and_run_again(test: &str, postgres: bool) {
+    let Some((a, b, receiver)) = pulled_pair(test, postgres, postgres).await else {
+        return;
+    };
+    exec(
+        &b,
+        &[
+            "UPDATE users SET email = 'changed' WHERE id IN (3, 120, 290)".into(),
+            "DELETE FROM users WHERE id IN (60, 200)".into(),
+            "INSERT INTO users VALUES (7000, 'extra', 1.0, NULL, NULL)".into(),
+        ],
+    )
+    .await;
+    let agent = std::sync::Arc::clone(&b.agent);
+    let name = receiver.clone();
+    let killed = tokio::spawn(async move {
+        let mut pages = 0;
+        agent
+            .verify(&name, &options(true), move |event| {
+                if matches!(event, dbsync_agent::sync::verify::VerifyEvent::Page { .. }) {
+                    pages += 1;
+                    if pages == 3 {
+                        std::panic::resume_unwind(Box::new("killed by the test"));
+                    }
+                }
+            })
+            .await
+    })
+    .await;
+    assert!(
+        killed.is_err_and(|err| err.is_panic()),
+        "{postgres}: killed"
+    );
+    let again = b
+        .agent
+        .verify(&receiver, &options(true), |_| {})
+        .await
+        .unwrap();
+    assert!(again.identical(), "{postgres}: {again:?}");
+    let stuck: Vec<_> = b
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            per_page: Some(500),
+            ..TransferFilter::default()
+        })
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|t| t.metadata["kind"] == "verify" && t.status == TransferStatus::InProgress)
+        .collect();
+    assert!(
+        stuck.is_empty(),
+        "{postgres}: the cut-off verification is over: {stuck:?}"
+    );
+    for table in ["users", "stock"] {
+        assert_eq!(
+            rows(&a.agent.store, table).await,
+            rows(&b.agent.store, table).await,
+            "{postgres}: {table}"
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_killed_mid_way_runs_again_to_the_end() {
+    killed_and_run_again("verify::killed_pg", true).await;
+    killed_and_run_again("verify::killed_sqlite", false).await;
 }

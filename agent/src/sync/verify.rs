@@ -474,6 +474,32 @@ impl Agent {
             ));
             return Ok(verdict);
         }
+        // A verification of the table that was cut off (its process killed) is over: this one
+        // takes its place.
+        let cut_off = self
+            .store
+            .list_transfers(&crate::transfer::TransferFilter {
+                connection_id: Some(connection.id),
+                direction: Some(crate::transfer::TransferDirection::Receive),
+                status: Some(crate::transfer::TransferStatus::InProgress),
+                table_name: Some(table.to_owned()),
+                per_page: Some(100),
+                ..Default::default()
+            })
+            .await?;
+        for earlier in cut_off
+            .items
+            .iter()
+            .filter(|t| t.metadata["kind"] == "verify")
+        {
+            self.store
+                .fail_transfer(
+                    earlier.id,
+                    "cut off before it ended; a later verification of the table took its place",
+                    self.now(),
+                )
+                .await?;
+        }
         let transfer = self
             .start_receive_transfer(
                 connection,

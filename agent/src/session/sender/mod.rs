@@ -95,6 +95,17 @@ pub async fn serve(
         }
         () = stop => tracing::debug!(%transport, "session ended by shutdown"),
     }
+    // Verifications the receiver did not finish end with the session.
+    for (_, transfer) in std::mem::take(&mut session.verifying) {
+        let _ = agent
+            .store
+            .fail_transfer(
+                transfer,
+                "the session ended before the verification did",
+                agent.now(),
+            )
+            .await;
+    }
     session.link.close().await;
 }
 
