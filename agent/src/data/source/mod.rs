@@ -221,9 +221,14 @@ impl Store {
         // the pool without connections to read their pages with.
         let mut connection =
             <sqlx::PgConnection as sqlx::Connection>::connect_with(&pool.connect_options()).await?;
-        sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .execute(&mut connection)
-            .await?;
+        // Idle in its transaction for as long as the pull lasts: a server-wide idle timeout
+        // would end it, and the snapshot with it.
+        sqlx::raw_sql(
+            "SET idle_in_transaction_session_timeout = 0; \
+             BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        )
+        .execute(&mut connection)
+        .await?;
         let id: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
             .fetch_one(&mut connection)
             .await?;
