@@ -163,6 +163,7 @@ fn apply_benches(c: &mut Criterion) {
                     runtime
                         .block_on(store.apply_batch(Batch {
                             into: None,
+                            checkpoint: None,
                             connection_id: connection,
                             batch_of: None,
                             schema: &schema,

@@ -202,6 +202,7 @@ fn pull_of(table: &str) -> Pull {
         key_filter: None,
         cursor_column: None,
         keys_only: false,
+        split: None,
     }
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod hostile;
 mod incremental;
 mod kill;
+mod parallel;
 mod peer;
 mod pull;
 mod quic;

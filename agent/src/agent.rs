@@ -30,6 +30,8 @@ pub struct Agent {
     pub peers: PeerClient,
     /// Prometheus metrics (`/metrics`).
     pub metrics: crate::metrics::Metrics,
+    /// The tables cut for parallel pulls, by grant token (sender side).
+    pub(crate) splits: crate::session::sender::Splits,
     /// The site's QUIC certificate, loaded (or created) on first use.
     quic_identity: std::sync::OnceLock<Arc<crate::quic::Identity>>,
 }
@@ -55,6 +57,7 @@ impl Agent {
             validator,
             peers,
             metrics: crate::metrics::Metrics::new(),
+            splits: Default::default(),
             quic_identity: std::sync::OnceLock::new(),
         })
     }

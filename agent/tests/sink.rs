@@ -78,6 +78,7 @@ async fn copy(
         let applied = to
             .apply_batch(Batch {
                 into: None,
+                checkpoint: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -278,6 +279,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
             store
                 .apply_batch(Batch {
                     into: None,
+                    checkpoint: None,
                     connection_id: connection,
                     batch_of: None,
                     schema: &schema,
@@ -380,6 +382,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         .store
         .apply_batch(Batch {
             into: None,
+            checkpoint: None,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -395,6 +398,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         .store
         .apply_batch(Batch {
             into: None,
+            checkpoint: None,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -498,6 +502,7 @@ async fn sqlite_stores_encoded_rows_as_it_stores_values(db: TestDb) {
             .store
             .apply_batch(Batch {
                 into: None,
+                checkpoint: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -548,6 +553,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
         db.store
             .apply_batch(Batch {
                 into: None,
+                checkpoint: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -622,6 +628,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
             .store
             .apply_batch(Batch {
                 into: None,
+                checkpoint: None,
                 connection_id: connection,
                 batch_of: None,
                 schema: &readings,
@@ -661,6 +668,7 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
                     Some(gate),
                     Batch {
                         into: None,
+                        checkpoint: None,
                         connection_id: connection,
                         batch_of: None,
                         schema: &schema,
@@ -716,6 +724,7 @@ async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
     let apply = || {
         db.store.apply_batch(Batch {
             into: None,
+            checkpoint: None,
             connection_id: connection,
             batch_of: None,
             schema: &schema,

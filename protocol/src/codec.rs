@@ -227,6 +227,8 @@ fn decode_payload(
         Kind::Cancel => Message::Cancel(parse(&body, limits)?),
         Kind::Verify => Message::Verify(parse(&body, limits)?),
         Kind::VerifyPage => Message::VerifyPage(parse(&body, limits)?),
+        Kind::Split => Message::Split(parse(&body, limits)?),
+        Kind::SplitDone => Message::SplitDone(parse(&body, limits)?),
         Kind::Ping => Message::Ping(parse(&body, limits)?),
         Kind::Pong => Message::Pong(parse(&body, limits)?),
     };
@@ -333,6 +335,8 @@ pub fn encode_sized(message: &Message, zstd_level: i32) -> Result<(Vec<u8>, usiz
         Message::Cancel(m) => to_msgpack(m)?,
         Message::Verify(m) => to_msgpack(m)?,
         Message::VerifyPage(m) => to_msgpack(m)?,
+        Message::Split(m) => to_msgpack(m)?,
+        Message::SplitDone(m) => to_msgpack(m)?,
         Message::Ping(m) | Message::Pong(m) => to_msgpack(m)?,
     };
     let raw_len = payload.len();

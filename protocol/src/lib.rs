@@ -32,17 +32,21 @@ pub use value::Value;
 /// Version 3 adds `TableSchema::postgres` (types, extensions, sequences); a version 2 session
 /// never carries it. Version 4 adds `Verify`/`VerifyPage` (row hashes); a sender refuses them
 /// on an older session. Version 5 adds `Verify::range`: a key range hashed inside a PostgreSQL
-/// sender's database.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5];
+/// sender's database. Version 6 adds `Split`/`SplitDone` and `Pull::split`: a table pulled as
+/// key ranges side by side.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 5;
+pub const CURRENT_VERSION: u16 = 6;
 
 /// The first version with `Verify`.
 pub const VERIFY_VERSION: u16 = 4;
 
 /// The first version with `Verify::range` (key ranges hashed in the database).
 pub const RANGE_HASH_VERSION: u16 = 5;
+
+/// The first version with `Split` (parallel pulls).
+pub const SPLIT_VERSION: u16 = 6;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -64,7 +68,8 @@ mod tests {
         assert_eq!(negotiate(&[2, 3]), Some(3));
         assert_eq!(negotiate(&[2, 3, 4]), Some(4));
         assert_eq!(negotiate(&[2, 3, 4, 5]), Some(5));
-        assert_eq!(negotiate(&[1, 6]), None);
+        assert_eq!(negotiate(&[2, 3, 4, 5, 6]), Some(6));
+        assert_eq!(negotiate(&[1, 7]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

@@ -43,6 +43,10 @@ pub enum Kind {
     Verify = 27,
     /// Sender answers with a page's hash, and each row's with `detail`.
     VerifyPage = 28,
+    /// Receiver asks how to cut a table into key ranges for a parallel pull (protocol 6).
+    Split = 40,
+    /// Sender answers with the ranges' bounds.
+    SplitDone = 41,
     /// Liveness probe.
     Ping = 30,
     /// Answer to a ping.
@@ -68,6 +72,8 @@ impl Kind {
         Kind::Cancel,
         Kind::Verify,
         Kind::VerifyPage,
+        Kind::Split,
+        Kind::SplitDone,
         Kind::Ping,
         Kind::Pong,
     ];
@@ -412,6 +418,42 @@ pub struct Pull {
     /// counted as a record against the record limit; not a download of its own (the row pass it
     /// reconciles was).
     pub keys_only: bool,
+    /// Protocol 6: one part of a parallel pull, under the grant a [`SplitDone`] named. A part
+    /// asks for exactly one of the grant's ranges (`after_key` its lower bound, `key_filter` a
+    /// range up to its upper bound); it reads from the grant's snapshot, and only the first part
+    /// to start counts as a download. A token the sender does not know, or a request that is
+    /// not one of its ranges, is served as a pull of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+}
+
+/// Most ranges a table is cut into for a parallel pull.
+pub const MAX_PARTS: u32 = 16;
+
+/// The receiver asks how to cut `table` into at most `parts` key ranges, to pull them side by
+/// side (protocol 6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// Matches the answer.
+    pub request_id: u64,
+    /// The table.
+    pub table: String,
+    /// Ranges wanted (the sender clamps it to `1..=MAX_PARTS`, and cuts fewer when the table is
+    /// small).
+    pub parts: u32,
+}
+
+/// The sender's cut: `bounds` are the ranges' upper keys in key order, so part 0 is every key up
+/// to `bounds[0]` (inclusive), part i the keys after `bounds[i-1]` up to `bounds[i]`, and the
+/// last part the keys after the last bound. No bound: pull the table in one piece.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitDone {
+    /// The request answered.
+    pub request_id: u64,
+    /// At most `parts - 1` keys, strictly increasing.
+    pub bounds: Vec<Vec<Value>>,
+    /// The grant each part names in [`Pull::split`] (none when `bounds` is empty).
+    pub token: Option<String>,
 }
 
 /// Most batches a receiver may let a sender have in flight in one pull; a sender clamps what it
@@ -609,6 +651,10 @@ pub enum Message {
     Verify(Verify),
     /// See [`VerifyPage`].
     VerifyPage(VerifyPage),
+    /// See [`Split`].
+    Split(Split),
+    /// See [`SplitDone`].
+    SplitDone(SplitDone),
     /// See [`Ping`].
     Ping(Ping),
     /// Answer to [`Ping`].
@@ -635,6 +681,8 @@ impl Message {
             Self::Cancel(_) => Kind::Cancel,
             Self::Verify(_) => Kind::Verify,
             Self::VerifyPage(_) => Kind::VerifyPage,
+            Self::Split(_) => Kind::Split,
+            Self::SplitDone(_) => Kind::SplitDone,
             Self::Ping(_) => Kind::Ping,
             Self::Pong(_) => Kind::Pong,
         }

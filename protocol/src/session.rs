@@ -273,7 +273,8 @@ impl SenderCore {
                 Message::ListTables
                 | Message::DescribeTable(_)
                 | Message::Pull(_)
-                | Message::Verify(_),
+                | Message::Verify(_)
+                | Message::Split(_),
             ) => {
                 self.deadline = now + self.idle;
                 Ok(SenderEvent::Request)
@@ -573,6 +574,7 @@ mod tests {
             key_filter: None,
             cursor_column: None,
             keys_only: false,
+            split: None,
         }
     }
 

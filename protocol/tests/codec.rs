@@ -148,7 +148,7 @@ proptest! {
             request_id: 1, table: "users".into(), after_key: Some(vec![Value::Int(42)]), limit: 10_000,
             exclude_columns: vec![], credits: 4, transfer_id: None,
             key_filter: Some(KeyFilter::Range { from: Some(vec![Value::Int(1)]), to: None }),
-            cursor_column: Some("updated_at".into()), keys_only: false,
+            cursor_column: Some("updated_at".into()), keys_only: false, split: None,
         }), 3).unwrap();
         let cut = cut.min(encoded.len() - 1);
         prop_assert!(codec::decode(&encoded[..cut], &limits()).unwrap().is_none());
@@ -375,7 +375,7 @@ fn a_payload_of_the_wrong_shape_is_malformed() {
 
 #[test]
 fn an_unsupported_version_has_no_negotiated_version() {
-    assert_eq!(dbsync_protocol::negotiate(&[1, 6]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 7]), None);
     assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(2));
 }
 

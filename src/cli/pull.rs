@@ -66,6 +66,10 @@ pub(crate) struct PullArgs {
     /// type is refused)
     #[arg(long)]
     add_columns: bool,
+    /// Pull each large table over up to N sessions side by side, each a key range the sender
+    /// cuts (PostgreSQL on both sides, protocol 6; a kill resumes every range where it stopped)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(dbsync_protocol::message::MAX_PARTS)))]
+    parallel: u32,
     /// Move only the rows that differ: compare row hashes page by page (protocol 4), pull the
     /// missing and changed rows by key, delete the extra ones, verify again
     #[arg(long, conflicts_with_all = ["incremental", "where_key", "schema_only", "strategy", "exclude_columns", "code"])]
@@ -139,6 +143,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         scheduled: false,
         schema_only: args.schema_only,
         add_columns: args.add_columns,
+        parallel: args.parallel as usize,
         credits: Some(args.pipeline_depth),
         retry_for: args.retry_for.to_std().unwrap_or_default(),
     };
@@ -251,7 +256,9 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                 t.skipped.to_string(),
                 t.deleted.to_string(),
                 output::bytes(t.bytes_wire),
-                if t.reconnects > 0 {
+                if t.parts > 0 {
+                    format!("{}, {} ranges", t.transport, t.parts)
+                } else if t.reconnects > 0 {
                     format!("{}, {} reconnects", t.transport, t.reconnects)
                 } else if t.resumed {
                     format!("{}, resumed", t.transport)

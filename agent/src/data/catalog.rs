@@ -74,7 +74,8 @@ const INTERNAL_PREFIXES: &[&str] = &["dbsync_", "sqlite_", "pg_", "_sqlx_"];
 /// dbsync's own tables (`dbsync_*`), the migration ledger (`_sqlx_migrations`) and the engines'
 /// system tables (`sqlite_*`, `pg_*`), whatever their spelling. Such a table is never listed,
 /// described or pulled by a sender, and never created or written by a receiver, whatever a peer
-/// says. A name that is not a valid identifier is internal too: it can be no synced table.
+/// says. A name that is not a valid identifier (or holds U+0001) is internal too: it can be no
+/// synced table.
 pub fn is_internal_table(name: &str) -> bool {
     // A qualified name (`sales.orders`): each part is a name, neither part reserved, and the
     // schema none of the engine's (`information_schema`, `pg_*`).
@@ -87,8 +88,10 @@ pub fn is_internal_table(name: &str) -> bool {
         }
         None => vec![],
     };
+    // U+0001 marks the receiver's checkpoints of a parallel pull's parts (`part_checkpoint`).
     if parts.iter().any(|part| quote_ident(part).is_err())
         || (parts.is_empty() && quote_ident(name).is_err())
+        || name.contains('\u{1}')
     {
         return true;
     }

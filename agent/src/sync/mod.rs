@@ -2,6 +2,7 @@
 //! the auto-sync scheduler ([`schedule`]), and registration with other sites and the status
 //! changes pushed between them ([`registration`]).
 
+pub mod parallel;
 pub mod pull;
 pub mod registration;
 mod rows;

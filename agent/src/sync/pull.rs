@@ -69,6 +69,9 @@ pub struct PullOptions {
     /// Add to an existing table the columns it lacks, as the sender declares them (nullable);
     /// a column whose type differs from the sender's is named and refused.
     pub add_columns: bool,
+    /// Sessions a large table is pulled over side by side, each a key range the sender cut
+    /// (1: one piece; see `sync::parallel`).
+    pub parallel: usize,
 }
 
 /// The table a pull works on, and under what.
@@ -101,6 +104,10 @@ pub(super) struct Pass<'a> {
     pub(super) keys_only: bool,
     /// A whole-table pull: the stage the rows go into.
     pub(super) into: Option<&'a str>,
+    /// A part of a parallel pull: the sender's grant it runs under.
+    pub(super) split: Option<&'a str>,
+    /// A part of a parallel pull: the checkpoint it moves (none: the table's own).
+    pub(super) checkpoint: Option<&'a str>,
 }
 
 /// Where a pass is: the key it resumes after and the sender's transfer it runs under.
@@ -177,6 +184,8 @@ pub struct TableSummary {
     pub transport: String,
     /// Sessions that broke off and were re-opened while pulling this table.
     pub reconnects: u32,
+    /// Key ranges pulled side by side (`--parallel`); 0 when the table came in one piece.
+    pub parts: u32,
 }
 
 /// A table a pull left out, and why.
@@ -388,6 +397,8 @@ pub(super) async fn unfinished_remote_transfer(
         .filter(|previous| {
             previous.status != TransferStatus::Completed
                 && previous.metadata.get("remote_denied") != Some(&serde_json::Value::Bool(true))
+                // A part of a parallel pull resumes as a part (`sync::parallel`).
+                && previous.metadata.get("part").is_none()
         })
         .and_then(remote_transfer_of)
         .map(str::to_owned))
@@ -676,6 +687,11 @@ impl Agent {
                             };
                             self.pull_whole(&mut client, &job, strategy, &mut on_event)
                                 .await?
+                        } else if let Some(summary) = self
+                            .pull_parallel(&mut client, &job, strategy, &mut on_event)
+                            .await?
+                        {
+                            summary
                         } else {
                             self.pull_table(&mut client, &job, strategy, &mut on_event)
                                 .await?
@@ -958,6 +974,8 @@ impl Agent {
             cursor: cursor.clone(),
             keys_only: false,
             into: None,
+            split: None,
+            checkpoint: None,
         };
         let mut position = Position {
             after,
@@ -985,6 +1003,8 @@ impl Agent {
                 cursor: None,
                 keys_only: true,
                 into: None,
+                split: None,
+                checkpoint: None,
             };
             outcome = self
                 .pull_rows(

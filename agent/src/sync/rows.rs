@@ -80,6 +80,7 @@ impl Agent {
                         key_filter: key_filter.cloned(),
                         cursor_column: pass.cursor.clone(),
                         keys_only: pass.keys_only,
+                        split: pass.split.map(str::to_owned),
                     }))
                     .await?;
                 loop {
@@ -201,6 +202,7 @@ impl Agent {
                                             rows: Rows::Encoded(&batch.rows),
                                             strategy,
                                             last_key: done.last_key.as_deref(),
+                                            checkpoint: pass.checkpoint,
                                         },
                                     )
                                     .await;

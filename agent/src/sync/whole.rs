@@ -67,6 +67,8 @@ impl Agent {
             cursor: None,
             keys_only: false,
             into: Some(&stage),
+            split: None,
+            checkpoint: None,
         };
         let mut position = Position {
             after: None,

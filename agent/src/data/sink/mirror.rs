@@ -122,6 +122,73 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The checkpoints of the parts of a parallel pull of `table` (see
+    /// [`super::part_checkpoint`]), by name, in no order.
+    pub async fn part_checkpoints(
+        &self,
+        connection_id: Uuid,
+        table: &str,
+    ) -> Result<Vec<(String, Checkpoint)>> {
+        let prefix = super::part_checkpoint_prefix(table);
+        let names: Vec<String> = crate::store::on_pool!(self, |pool| {
+            sqlx::query_scalar("SELECT table_name FROM dbsync_checkpoints WHERE connection_id = $1")
+                .bind(connection_id)
+                .fetch_all(pool)
+                .await?
+        });
+        let mut parts = Vec::new();
+        for name in names.into_iter().filter(|n| n.starts_with(&prefix)) {
+            if let Some(checkpoint) = self.checkpoint(connection_id, &name).await? {
+                parts.push((name, checkpoint));
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Forgets every part checkpoint of `table` (a parallel pull that finished, or one that
+    /// starts over).
+    pub async fn clear_part_checkpoints(&self, connection_id: Uuid, table: &str) -> Result<()> {
+        for (name, _) in self.part_checkpoints(connection_id, table).await? {
+            crate::store::on_pool!(self, |pool| {
+                sqlx::query(
+                    "DELETE FROM dbsync_checkpoints WHERE connection_id = $1 AND table_name = $2",
+                )
+                .bind(connection_id)
+                .bind(&name)
+                .execute(pool)
+                .await?;
+            });
+        }
+        Ok(())
+    }
+
+    /// Points the checkpoint `name` at the receive transfer `transfer` (made when missing,
+    /// its key kept when there).
+    pub async fn set_checkpoint_transfer(
+        &self,
+        connection_id: Uuid,
+        name: &str,
+        transfer: Uuid,
+    ) -> Result<()> {
+        let now = to_micros(chrono::Utc::now());
+        crate::store::on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO dbsync_checkpoints (connection_id, table_name, transfer_id, rows_applied, updated_at) \
+                 VALUES ($1, $2, $3, 0, $4) ON CONFLICT (connection_id, table_name) DO UPDATE SET \
+                 transfer_id = excluded.transfer_id, updated_at = excluded.updated_at",
+            )
+            .bind(connection_id)
+            .bind(name)
+            .bind(transfer)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+}
+
 /// The staging table of keys seen by a mirror pull of `table` under a connection. Its name
 /// starts with `dbsync_`, so it is never offered to peers.
 pub fn mirror_table(connection_id: Uuid, table: &str) -> String {

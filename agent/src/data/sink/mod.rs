@@ -47,7 +47,7 @@ macro_rules! checkpoint {
         super::committed($previous.take()).await?;
         sqlx::query(super::CHECKPOINT_UPSERT)
             .bind($plan.connection_id)
-            .bind(&$plan.schema.name)
+            .bind($plan.checkpoint)
             .bind($plan.batch_of.map(|b| b.transfer_id))
             .bind(&$plan.last_key_json)
             .bind($plan.count)
@@ -206,6 +206,21 @@ pub struct Batch<'a> {
     /// Where the rows go instead of `schema.name`: a table of the store's own with the same
     /// columns (the stage of a whole-table pull, [`Store::open_stage`]). Never a peer's name.
     pub into: Option<&'a str>,
+    /// The checkpoint the batch moves when not the table's own: a part of a parallel pull
+    /// ([`part_checkpoint`]).
+    pub checkpoint: Option<&'a str>,
+}
+
+/// The name of the checkpoint of part `index` (from 0) of `parts` of a parallel pull of
+/// `table`. It holds a control character no table name this site pulls has (see
+/// `catalog::is_internal_table`), so it never meets a table's own checkpoint.
+pub fn part_checkpoint(table: &str, index: usize, parts: usize) -> String {
+    format!("{table}\u{1}part {}/{parts}", index + 1)
+}
+
+/// The prefix every part checkpoint of `table` starts with.
+pub(crate) fn part_checkpoint_prefix(table: &str) -> String {
+    format!("{table}\u{1}part ")
 }
 
 /// The transfer a batch belongs to: the batch's checkpoint names it, and its counters (rows,
@@ -543,6 +558,7 @@ impl Store {
     ) -> Result<()> {
         let batch = Batch {
             into: None,
+            checkpoint: None,
             connection_id,
             batch_of: None,
             schema,

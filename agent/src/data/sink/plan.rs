@@ -29,6 +29,8 @@ pub(super) struct Plan<'a> {
     pub connection_id: Uuid,
     pub batch_of: Option<BatchOf>,
     pub schema: &'a TableSchema,
+    /// The checkpoint the batch moves (the table's own, or a part's).
+    pub checkpoint: &'a str,
     pub columns: &'a [String],
     pub strategy: ConflictStrategy,
     /// Stage the keys only (a mirror's reconciliation pass); no row changes, no checkpoint.
@@ -79,6 +81,7 @@ impl<'a> Plan<'a> {
             strategy,
             last_key,
             into,
+            checkpoint,
         } = *batch;
         let table = match into {
             Some(stage) => quote_ident(stage)?,
@@ -164,6 +167,7 @@ impl<'a> Plan<'a> {
             connection_id,
             batch_of,
             schema,
+            checkpoint: checkpoint.unwrap_or(&schema.name),
             columns,
             strategy,
             keys_only,

@@ -112,7 +112,7 @@ impl SqliteSink<'_> {
             sql: CHECKPOINT_UPSERT,
             params: vec![
                 Arg::Blob(plan.connection_id.as_bytes().as_slice().into()),
-                Arg::Text(plan.schema.name.as_str().into()),
+                Arg::Text(plan.checkpoint.into()),
                 transfer_arg(),
                 last_key_arg(),
                 Arg::Int(count),

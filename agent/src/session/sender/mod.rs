@@ -8,7 +8,10 @@
 
 mod pages;
 mod pull;
+mod split;
 mod verify;
+
+pub use split::{MIN_PART_ROWS, Splits};
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -85,6 +88,7 @@ pub async fn serve(
         transport,
         snapshot: None,
         exported: None,
+        splits_made: Vec::new(),
         verifying: Vec::new(),
     };
     tokio::select! {
@@ -94,6 +98,10 @@ pub async fn serve(
             }
         }
         () = stop => tracing::debug!(%transport, "session ended by shutdown"),
+    }
+    // The cuts this session made end with it (their parts already reading keep the snapshot).
+    for token in &session.splits_made {
+        agent.splits.remove(token);
     }
     // Verifications the receiver did not finish end with the session.
     for (_, transfer) in std::mem::take(&mut session.verifying) {
@@ -119,8 +127,11 @@ struct Session<'a> {
     /// The snapshot a whole-table pull reads from between its requests, with its transfer.
     snapshot: Option<(uuid::Uuid, crate::source::Snapshot)>,
     /// The snapshot every table of this session's pulls is read from (PostgreSQL), exported at
-    /// its first pull and held until the session ends.
-    exported: Option<crate::source::ExportedSnapshot>,
+    /// its first pull (or cut) and held until the session ends, and by the parts of its cuts
+    /// that other sessions serve.
+    exported: Option<std::sync::Arc<crate::source::ExportedSnapshot>>,
+    /// The grants of the cuts this session made ([`Splits`]), forgotten when it ends.
+    splits_made: Vec<String>,
     /// The tables being verified in this session, each with its verification transfer.
     verifying: Vec<(String, uuid::Uuid)>,
 }
@@ -363,6 +374,13 @@ impl Session<'_> {
                         other => other?,
                     }
                 }
+                Message::Split(request) => match self.split(&connection, request, version).await {
+                    Err(SessionEnd::Store(err @ crate::Error::Invalid { .. })) => {
+                        self.refuse(Code::InvalidRequest, err.to_string(), None)
+                            .await?;
+                    }
+                    other => other?,
+                },
                 Message::Pull(pull) => {
                     let served = self.pull(&connection, pull).await;
                     self.core.end_pull();

@@ -145,6 +145,12 @@ impl Session<'_> {
                 store.start_transfer(t.id, now).await?
             }
             _ => {
+                // One of the ranges of a cut (whose download was counted by the cut), once.
+                let part = self
+                    .agent
+                    .splits
+                    .part(connection.id, &pull, true)
+                    .and_then(|part| part.new_part);
                 // Keys are data: a keys-only pass waits for approval and counts its keys against
                 // the record limit, like any pull.
                 let requires_approval = connection.table_requires_approval(&pull.table);
@@ -172,6 +178,9 @@ impl Session<'_> {
                 } else if let Some(cursor) = &pull.cursor_column {
                     facts["incremental"] = serde_json::json!({ "cursor": cursor });
                 }
+                if let Some((index, parts)) = part {
+                    facts["part"] = format!("{}/{parts}", index + 1).into();
+                }
                 if let Some(start) = &pull.after_key {
                     facts["start_key"] = serde_json::to_value(start).unwrap_or_default();
                 }
@@ -188,8 +197,9 @@ impl Session<'_> {
                 if requires_approval {
                     return self.approval_pending(&pull, created.id).await;
                 }
-                // A keys-only pass reconciles the row pass before it, which was the download.
-                if !pull.keys_only && !store.take_download(connection.id).await? {
+                // A keys-only pass reconciles the row pass before it, which was the download;
+                // a part's was the cut.
+                if !pull.keys_only && part.is_none() && !store.take_download(connection.id).await? {
                     let _ = store
                         .fail_transfer(created.id, "download limit reached", now)
                         .await;
@@ -200,20 +210,26 @@ impl Session<'_> {
         };
         // Every table of the pull (its keys-only pass too) is read from one snapshot of the
         // database, exported at the session's first pull: a child's rows never reference a
-        // parent row that came from a later moment than they did.
-        if self.exported.is_none() {
+        // parent row that came from a later moment than they did. A part of a cut reads from
+        // the cut's, whichever session serves it.
+        let shared = self
+            .agent
+            .splits
+            .part(connection.id, &pull, false)
+            .and_then(|part| part.snapshot);
+        if shared.is_none() && self.exported.is_none() {
             match store.export_snapshot().await {
-                Ok(exported) => self.exported = exported,
+                Ok(exported) => self.exported = exported.map(std::sync::Arc::new),
                 // Each page is then read as the database is when it is read.
                 Err(err) => {
                     tracing::warn!(error = %err, "exporting a snapshot for the pull failed")
                 }
             }
         }
-        let exported = self
-            .exported
+        let exported = shared
             .as_ref()
-            .map(crate::source::ExportedSnapshot::handle);
+            .or(self.exported.as_ref())
+            .map(|exported| exported.handle());
         // A table without a primary key is read whole from one snapshot, held by this session
         // from one request of the pull to the next.
         let keyless = schema.primary_key.is_empty();

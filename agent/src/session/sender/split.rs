@@ -1,0 +1,231 @@
+//! A parallel pull's cut (protocol 6): the sender cuts a table into key ranges, counts one
+//! download for all of them, and keeps a grant the parts name from any session of the same
+//! connection. Each part reads from the snapshot of the session that cut the table, so the
+//! parts of a table (and the other tables of the pull) show one moment.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use dbsync_protocol::Message;
+use dbsync_protocol::Value;
+use dbsync_protocol::message::{KeyFilter, MAX_PARTS, Pull, Split, SplitDone};
+use dbsync_protocol::session::Code;
+use uuid::Uuid;
+
+use super::{Session, SessionResult};
+use crate::access::AccessDenied;
+use crate::connection::Connection;
+use crate::source::ExportedSnapshot;
+use crate::store::Engine;
+
+/// Fewest rows worth a part of their own: a smaller table is pulled in one piece.
+pub const MIN_PART_ROWS: u64 = 10_000;
+/// Most grants kept per connection (the oldest goes first); a grant also goes when the session
+/// that made it ends.
+const GRANTS_PER_CONNECTION: usize = 8;
+
+/// The grants of every session of this sender, by token.
+#[derive(Default)]
+pub struct Splits(Mutex<HashMap<String, Grant>>);
+
+/// One table's cut, as a [`SplitDone`] gave it.
+struct Grant {
+    connection_id: Uuid,
+    table: String,
+    /// Each part's bounds.
+    ranges: Vec<Range>,
+    /// Whether a part already started a transfer of its own under the grant.
+    started: Vec<bool>,
+    snapshot: Option<Arc<ExportedSnapshot>>,
+    made: Instant,
+}
+
+/// A part's lower bound (exclusive) and upper bound (inclusive); `None` is open.
+type Range = (Option<Vec<Value>>, Option<Vec<Value>>);
+
+/// What a pull gets from the grant it names.
+pub(super) struct PartOf {
+    /// The cut's snapshot, to read from.
+    pub(super) snapshot: Option<Arc<ExportedSnapshot>>,
+    /// Which part of how many, when the pull is a new part (its download was the cut's).
+    pub(super) new_part: Option<(usize, usize)>,
+}
+
+impl Splits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Grant>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, token: String, grant: Grant) {
+        let mut grants = self.lock();
+        let connection = grant.connection_id;
+        while grants
+            .values()
+            .filter(|g| g.connection_id == connection)
+            .count()
+            >= GRANTS_PER_CONNECTION
+        {
+            let oldest = grants
+                .iter()
+                .filter(|(_, g)| g.connection_id == connection)
+                .min_by_key(|(_, g)| g.made)
+                .map(|(t, _)| t.clone());
+            match oldest {
+                Some(token) => grants.remove(&token),
+                None => break,
+            };
+        }
+        grants.insert(token, grant);
+    }
+
+    /// Forgets a grant (its session ended). Parts already reading keep its snapshot.
+    pub(super) fn remove(&self, token: &str) {
+        self.lock().remove(token);
+    }
+
+    /// The grant `pull` names, when it is one of `connection`'s for the same table. `new`: the
+    /// pull starts a transfer of its own, which it may do once per range, and only for exactly
+    /// one of the grant's ranges (anything else is a pull of its own, and a download).
+    pub(super) fn part(&self, connection: Uuid, pull: &Pull, new: bool) -> Option<PartOf> {
+        let token = pull.split.as_deref()?;
+        let mut grants = self.lock();
+        let grant = grants.get_mut(token)?;
+        if grant.connection_id != connection || grant.table != pull.table {
+            return None;
+        }
+        let mut part = PartOf {
+            snapshot: grant.snapshot.clone(),
+            new_part: None,
+        };
+        if new && !pull.keys_only && pull.cursor_column.is_none() {
+            let parts = grant.ranges.len();
+            let index = grant.ranges.iter().position(|(after, upto)| {
+                pull.after_key == *after
+                    && pull.key_filter
+                        == Some(KeyFilter::Range {
+                            from: None,
+                            to: upto.clone(),
+                        })
+            });
+            if let Some(index) = index
+                && !grant.started[index]
+            {
+                grant.started[index] = true;
+                part.new_part = Some((index, parts));
+            }
+        }
+        Some(part)
+    }
+}
+
+impl Session<'_> {
+    /// Answers a [`Split`]: the table's cut into at most `parts` key ranges of about the same
+    /// number of rows, and the grant its parts name. One piece (no bound) when the table is
+    /// small, has no key, waits for approval (keys are data, and the bounds are keys), or lives
+    /// in SQLite (whose reads go one at a time anyway). A cut counts as the download of every
+    /// part; a connection past its download limit is refused as a pull would be.
+    pub(super) async fn split(
+        &mut self,
+        connection: &Connection,
+        request: Split,
+        version: u16,
+    ) -> SessionResult<()> {
+        if version < dbsync_protocol::SPLIT_VERSION {
+            return self
+                .refuse(
+                    Code::ProtocolError,
+                    format!(
+                        "Split needs protocol {}; this session speaks {version}",
+                        dbsync_protocol::SPLIT_VERSION
+                    ),
+                    None,
+                )
+                .await;
+        }
+        let Some(schema) = self.offered_schema(connection, &request.table).await? else {
+            return Ok(());
+        };
+        let store = &self.agent.store;
+        let mut bounds: Vec<Vec<Value>> = Vec::new();
+        if !schema.primary_key.is_empty()
+            && !connection.table_requires_approval(&request.table)
+            && store.engine() == Engine::Postgres
+        {
+            let rows = store.row_estimate(&request.table).await?.unwrap_or(0);
+            let parts = u64::from(request.parts.clamp(1, MAX_PARTS)).min(rows / MIN_PART_ROWS);
+            if parts >= 2 {
+                let step = rows / parts;
+                let mut after: Option<Vec<Value>> = None;
+                for _ in 1..parts {
+                    match store.range_end(&schema, after.as_deref(), step).await? {
+                        Some(key) => {
+                            after = Some(key.clone());
+                            bounds.push(key);
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+        if bounds.is_empty() {
+            return self
+                .send(&Message::SplitDone(SplitDone {
+                    request_id: request.request_id,
+                    bounds,
+                    token: None,
+                }))
+                .await
+                .map(drop);
+        }
+        if !store.take_download(connection.id).await? {
+            return self.denied(AccessDenied::DownloadLimitExceeded).await;
+        }
+        if self.exported.is_none() {
+            match store.export_snapshot().await {
+                Ok(exported) => self.exported = exported.map(Arc::new),
+                Err(err) => {
+                    tracing::warn!(error = %err, "exporting a snapshot for the pull failed")
+                }
+            }
+        }
+        let mut ranges = Vec::with_capacity(bounds.len() + 1);
+        let mut after = None;
+        for bound in &bounds {
+            ranges.push((after, Some(bound.clone())));
+            after = Some(bound.clone());
+        }
+        ranges.push((after, None));
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        self.agent.splits.insert(
+            token.clone(),
+            Grant {
+                connection_id: connection.id,
+                table: request.table.clone(),
+                started: vec![false; ranges.len()],
+                ranges,
+                snapshot: self.exported.clone(),
+                made: Instant::now(),
+            },
+        );
+        self.splits_made.push(token.clone());
+        tracing::info!(connection_id = %connection.id, table = %request.table, parts = bounds.len() + 1, "table cut for a parallel pull");
+        self.send(&Message::SplitDone(SplitDone {
+            request_id: request.request_id,
+            bounds,
+            token: Some(token),
+        }))
+        .await
+        .map(drop)
+    }
+}
+
+impl std::fmt::Debug for Splits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splits")
+            .field("grants", &self.lock().len())
+            .finish()
+    }
+}

@@ -1,0 +1,393 @@
+//! `dbsync pull --parallel N`: a large table cut by the sender into key ranges, pulled over
+//! several sessions side by side. The copy is exact, every range comes from the snapshot of
+//! the session that cut the table, the sender counts one download and every row once, limits
+//! hold, and a receiver killed with SIGKILL resumes every range where it stopped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dbsync_agent::connection::ConnectionSettings;
+use dbsync_agent::pull::PullOptions;
+use dbsync_agent::transfer::{Transfer, TransferDirection, TransferFilter, TransferStatus};
+
+use crate::pull::{exec, pair};
+use crate::support::agents::RunningAgent;
+
+/// Every row of a PostgreSQL table as PostgreSQL prints it, in key order.
+async fn as_text(agent: &RunningAgent, table: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(&agent.database_url).await.unwrap();
+    let sql = format!("SELECT CAST(t AS TEXT) FROM {table} t ORDER BY 1");
+    let rows = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows
+}
+
+async fn count(agent: &RunningAgent, table: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(&agent.database_url).await.unwrap();
+    let sql = format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {table}");
+    let n = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0);
+    pool.close().await;
+    n
+}
+
+/// A table of `rows` rows with a text column and a JSON one, its statistics up to date (the
+/// sender cuts by its row estimate).
+async fn events(agent: &RunningAgent, rows: i64) {
+    exec(
+        agent,
+        &[
+            "CREATE TABLE events (id BIGINT PRIMARY KEY, kind TEXT NOT NULL, payload JSONB)".into(),
+            format!(
+                "INSERT INTO events SELECT g, 'kind-' || (g % 7), \
+                 jsonb_build_object('n', g, 'tag', md5(g::text)) FROM generate_series(1, {rows}) g"
+            ),
+            "ANALYZE events".into(),
+        ],
+    )
+    .await;
+}
+
+async fn sent(agent: &RunningAgent) -> Vec<Transfer> {
+    agent
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            direction: Some(TransferDirection::Send),
+            per_page: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items
+}
+
+fn parallel(n: usize) -> PullOptions {
+    PullOptions {
+        parallel: n,
+        ..PullOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_pulled_over_four_sessions_arrives_exactly_for_one_download() {
+    const ROWS: i64 = 80_000;
+    let Some((a, b, receiver)) = pair(
+        "parallel::four",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 5_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    events(&a, ROWS).await;
+    let summary = b.agent.pull(&receiver, &parallel(4), |_| {}).await.unwrap();
+    let table = &summary.tables[0];
+    assert_eq!(table.parts, 4, "{table:?}");
+    assert_eq!(table.rows, ROWS);
+    assert_eq!(table.created, ROWS);
+    assert_eq!(as_text(&a, "events").await, as_text(&b, "events").await);
+
+    // On the sender: one download, four transfers (one per range), each row sent once.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 1);
+    assert_eq!(on_a.total_records, ROWS);
+    let parts = sent(&a).await;
+    assert_eq!(parts.len(), 4);
+    assert!(parts.iter().all(|t| t.status == TransferStatus::Completed));
+    assert_eq!(
+        parts.iter().map(|t| t.records_transferred).sum::<i64>(),
+        ROWS
+    );
+    let mut named: Vec<String> = parts
+        .iter()
+        .map(|t| t.metadata["part"].as_str().unwrap().to_owned())
+        .collect();
+    named.sort();
+    assert_eq!(named, ["1/4", "2/4", "3/4", "4/4"]);
+    // On the receiver: a transfer per range, no checkpoint of a range left behind.
+    let received = b
+        .agent
+        .store
+        .list_transfers(&TransferFilter {
+            direction: Some(TransferDirection::Receive),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(received.total, 4);
+    assert_eq!(
+        received
+            .items
+            .iter()
+            .map(|t| t.records_transferred)
+            .sum::<i64>(),
+        ROWS
+    );
+    let connection = b.agent.store.get_connection(&receiver).await.unwrap();
+    assert!(
+        b.agent
+            .store
+            .part_checkpoints(connection.id, "events")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A table too small to cut comes in one piece; so does a pull with --parallel 1.
+    exec(
+        &a,
+        &[
+            "CREATE TABLE small (id INT PRIMARY KEY)".into(),
+            "INSERT INTO small SELECT generate_series(1, 500)".into(),
+            "ANALYZE small".into(),
+        ],
+    )
+    .await;
+    let summary = b
+        .agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec!["small".into()]),
+                ..parallel(4)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(summary.tables[0].parts, 0);
+    assert_eq!(summary.tables[0].rows, 500);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_limit_holds_exactly_under_parallel_streams() {
+    const ROWS: i64 = 60_000;
+    const LIMIT: i64 = 25_000;
+    let Some((a, b, receiver)) = pair(
+        "parallel::limit",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 2_000,
+            max_records_total: Some(LIMIT),
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    events(&a, ROWS).await;
+    let summary = b.agent.pull(&receiver, &parallel(4), |_| {}).await.unwrap();
+    let table = &summary.tables[0];
+    assert_eq!(table.parts, 4);
+    assert!(table.truncated);
+    assert_eq!(table.rows, LIMIT);
+    assert_eq!(count(&b, "events").await, LIMIT);
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.total_records, LIMIT);
+    assert_eq!(
+        sent(&a)
+            .await
+            .iter()
+            .map(|t| t.records_transferred)
+            .sum::<i64>(),
+        LIMIT
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_parts_of_parents_and_children_come_from_one_moment() {
+    let Some((a, b, receiver)) = pair(
+        "parallel::one_moment",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 1_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE parent (id BIGINT PRIMARY KEY, name TEXT NOT NULL)".into(),
+            "CREATE TABLE child (id BIGINT PRIMARY KEY, parent_id BIGINT NOT NULL REFERENCES parent (id))"
+                .into(),
+            "INSERT INTO parent SELECT g, 'p' || g FROM generate_series(1, 40000) g".into(),
+            "INSERT INTO child SELECT id, id FROM parent".into(),
+            "ANALYZE parent".into(),
+            "ANALYZE child".into(),
+        ],
+    )
+    .await;
+    // Another session writes a parent and its child, in one transaction, again and again;
+    // and moves children from one parent to another.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (a.agent.store.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut id = 100_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                store
+                    .execute_batch(&[
+                        format!("INSERT INTO parent VALUES ({id}, 'new')"),
+                        format!("INSERT INTO child VALUES ({id}, {id})"),
+                        format!(
+                            "UPDATE child SET parent_id = {id} WHERE id = {}",
+                            id - 99_000
+                        ),
+                    ])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let summary = b.agent.pull(&receiver, &parallel(4), |_| {}).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(summary.tables.iter().all(|t| t.parts >= 2), "{summary:?}");
+    let pool = sqlx::PgPool::connect(&b.database_url).await.unwrap();
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM child c WHERE NOT EXISTS (SELECT 1 FROM parent p WHERE p.id = c.parent_id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0, "children whose parent did not come");
+    let (parents, children): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM parent WHERE id > 100000), (SELECT count(*) FROM child WHERE id > 100000)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(parents, children, "new parents and new children");
+    pool.close().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+fn spawn_pull(agent: &RunningAgent, connection: &str, transport: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dbsync"))
+        .args([
+            "--json",
+            "pull",
+            connection,
+            "--tables",
+            "events",
+            "--parallel",
+            "4",
+            "--transport",
+            transport,
+        ])
+        .env("DBSYNC_DATABASE_URL", &agent.database_url)
+        .env("DBSYNC_KEY_FILE", &agent.key_file)
+        .env("DBSYNC_LOG", "warn")
+        .env("DBSYNC_ALLOW_PRIVATE_PEERS", "true")
+        .env_remove("DBSYNC_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_pull_killed_again_and_again_converges_to_an_exact_copy() {
+    for transport in ["ws", "quic"] {
+        killed_again_and_again(transport).await;
+    }
+}
+
+async fn killed_again_and_again(transport: &str) {
+    const ROWS: i64 = 160_000;
+    let Some((a, b, receiver)) = pair(
+        &format!("parallel::kill_{transport}"),
+        true,
+        ConnectionSettings {
+            max_records_per_request: 5_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    events(&a, ROWS).await;
+    let mut kills = Vec::new();
+    let mut last = 0;
+    for _ in 0..3 {
+        let mut child = spawn_pull(&b, &receiver, transport);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = count(&b, "events").await;
+            if now > last || child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        last = count(&b, "events").await;
+        kills.push(last);
+        if last >= ROWS / 2 {
+            break;
+        }
+    }
+    assert!(
+        kills.iter().any(|n| (1..ROWS).contains(n)),
+        "at least one kill landed mid-pull: {kills:?}"
+    );
+    let out = spawn_pull(&b, &receiver, transport)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = &summary["tables"][0];
+    assert_eq!(table["resumed"], true, "{summary}");
+    assert_eq!(table["parts"], 4, "{summary}");
+    assert_eq!(
+        table["rows"].as_i64().unwrap() + kills.last().copied().unwrap_or(0),
+        ROWS,
+        "the last run moved exactly the rows still missing (kills at {kills:?})"
+    );
+    assert_eq!(as_text(&a, "events").await, as_text(&b, "events").await);
+    // The sender counted one download and every row once, over one transfer per range.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 1);
+    assert_eq!(on_a.total_records, ROWS);
+    let parts = sent(&a).await;
+    assert_eq!(parts.len(), 4, "one transfer per range, resumed each time");
+    assert!(parts.iter().all(|t| t.status == TransferStatus::Completed));
+    assert_eq!(
+        parts.iter().map(|t| t.records_transferred).sum::<i64>(),
+        ROWS
+    );
+    a.stop().await;
+    b.stop().await;
+}
