@@ -690,6 +690,10 @@ enum Lie {
     /// Speaks protocol 5 as a PostgreSQL sender: a range's rows come as the same one-row page
     /// that says more.
     RangeStuck,
+    /// Speaks protocol 6 and cuts a table into far more ranges than asked for.
+    CutTooMany,
+    /// Speaks protocol 6 and cuts a table at bounds that are no keys of it.
+    CutNotKeys,
 }
 
 /// Gives `b` a receiver connection `evil` to a fake sender telling `lie`.
@@ -754,6 +758,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     Lie::Version => 99,
                     Lie::Hashes | Lie::Stuck => 4,
                     Lie::RangeHashes | Lie::RangeStuck => 5,
+                    Lie::CutTooMany | Lie::CutNotKeys => 6,
                     Lie::Names => 2,
                 },
                 session_id: "fake".into(),
@@ -784,7 +789,12 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 Message::TableSchema(schema)
             }
             // A PostgreSQL table of the receiver's types.
-            Message::DescribeTable(name) if matches!(lie, Lie::RangeHashes | Lie::RangeStuck) => {
+            Message::DescribeTable(name)
+                if matches!(
+                    lie,
+                    Lie::RangeHashes | Lie::RangeStuck | Lie::CutTooMany | Lie::CutNotKeys
+                ) =>
+            {
                 let mut schema = admin_schema(&name);
                 schema.columns.truncate(2);
                 schema.engine = "postgres".into();
@@ -794,6 +804,15 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 Message::TableSchema(schema)
             }
             Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
+            Message::Split(split) => Message::SplitDone(dbsync_protocol::message::SplitDone {
+                request_id: split.request_id,
+                bounds: if lie == Lie::CutTooMany {
+                    (0..5_000).map(|i| vec![Value::Int(i)]).collect()
+                } else {
+                    vec![vec![Value::Int(1), Value::Int(2)]; 2]
+                },
+                token: Some("t".into()),
+            }),
             // A range's summary that differs from any table's.
             Message::Verify(verify)
                 if matches!(lie, Lie::RangeHashes | Lie::RangeStuck) && !verify.detail =>
@@ -1636,4 +1655,191 @@ async fn a_sender_lying_about_hashes_changes_nothing_here() {
         );
         b.stop().await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 3 again: a parallel pull's cut (protocol 6) grants its own ranges, once each, to its own
+// connection; anything else under its token is a pull of its own, and a download.
+
+/// Opens a protocol 6 session as `token`.
+async fn welcomed_v6(a: &RunningAgent, token: &str) -> Hand {
+    let mut hand = Hand::open(a, Via::Ws).await;
+    match hand.hello_speaking(token, None, vec![6]).await {
+        Message::Welcome(welcome) => assert_eq!(welcome.version, 6),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    hand
+}
+
+/// Starts `pull` on a session of its own and waits for its first batch: the rows it covers
+/// are being served, and counted.
+async fn first_batch(a: &RunningAgent, token: &str, pull: Pull) -> Vec<Vec<Value>> {
+    let mut hand = welcomed_v6(a, token).await;
+    hand.send(&Message::Pull(pull)).await;
+    let rows = match hand.recv().await {
+        Some(Incoming::Batch(batch, _)) => batch.rows.to_rows().unwrap(),
+        other => panic!("expected a batch, got {other:?}"),
+    };
+    hand.close().await;
+    rows
+}
+
+async fn downloads(a: &RunningAgent, name: &str) -> i64 {
+    a.agent
+        .store
+        .get_connection(name)
+        .await
+        .unwrap()
+        .downloads_used
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_grants_its_own_ranges_once_each_and_nothing_else() {
+    let Some(a) = agent("hostile::split", true, None).await else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE items (id BIGINT PRIMARY KEY, name TEXT NOT NULL)".into(),
+            "CREATE TABLE users (id BIGINT PRIMARY KEY, secret TEXT NOT NULL)".into(),
+            "INSERT INTO users VALUES (1, 'not for you')".into(),
+            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 40000) g".into(),
+            "ANALYZE items".into(),
+        ],
+    )
+    .await;
+    let settings = ConnectionSettings {
+        excluded_tables: vec!["users".into()],
+        rate_limit_per_minute: 10_000,
+        ..ConnectionSettings::default()
+    };
+    let token = sender_token(&a, settings.clone()).await;
+    let other = named_sender_token(&a, "other", settings).await;
+    let split = |table: &str, parts| {
+        Message::Split(dbsync_protocol::message::Split {
+            request_id: 7,
+            table: table.into(),
+            parts,
+        })
+    };
+
+    // A table it is not offered: refused as any request for it is, no bound, nothing counted.
+    let mut cutter = welcomed_v6(&a, &token).await;
+    cutter.send(&split("users", 4)).await;
+    assert_eq!(cutter.error_code().await, "table_not_allowed");
+    // A thousand parts asked: 40,000 rows make four of at least 10,000, one download for all.
+    cutter.send(&split("items", 1_000)).await;
+    let done = match cutter.message().await {
+        Message::SplitDone(done) => done,
+        other => panic!("expected SplitDone, got {other:?}"),
+    };
+    assert_eq!(done.request_id, 7);
+    assert_eq!(done.bounds.len(), 3, "{done:?}");
+    let bounds: Vec<i64> = done.bounds.iter().map(|b| key_of(b)).collect();
+    assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+    let grant = done.token.clone().unwrap();
+    assert_eq!(downloads(&a, "to-hostile").await, 1);
+    let part = |index: usize| Pull {
+        after_key: index.checked_sub(1).map(|i| done.bounds[i].clone()),
+        key_filter: Some(KeyFilter::Range {
+            from: None,
+            to: done.bounds.get(index).cloned(),
+        }),
+        split: Some(grant.clone()),
+        ..pull_of("items")
+    };
+
+    // Part 2 of the cut, from another session: its rows only, no download of its own.
+    let rows = first_batch(&a, &token, part(1)).await;
+    assert_eq!(key_of(&rows[0]), bounds[0] + 1);
+    assert_eq!(downloads(&a, "to-hostile").await, 1);
+    // The same part again, as a new transfer: a pull of its own, a download.
+    first_batch(&a, &token, part(1)).await;
+    assert_eq!(downloads(&a, "to-hostile").await, 2);
+    // A range the cut did not make (parts 1 and 2 together), under its token: a download.
+    let wider = Pull {
+        key_filter: Some(KeyFilter::Range {
+            from: None,
+            to: Some(done.bounds[1].clone()),
+        }),
+        ..part(0)
+    };
+    first_batch(&a, &token, wider).await;
+    assert_eq!(downloads(&a, "to-hostile").await, 3);
+    // Another connection naming the token: its own pull, its own download.
+    first_batch(&a, &other, part(2)).await;
+    assert_eq!(downloads(&a, "other").await, 1);
+    assert_eq!(downloads(&a, "to-hostile").await, 3);
+    // A token it made up: a pull of its own.
+    first_batch(
+        &a,
+        &token,
+        Pull {
+            split: Some("00".repeat(16)),
+            ..part(3)
+        },
+    )
+    .await;
+    assert_eq!(downloads(&a, "to-hostile").await, 4);
+    // The cutting session ends: its grant goes with it, and its ranges are no longer free.
+    cutter.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    first_batch(&a, &token, part(3)).await;
+    assert_eq!(downloads(&a, "to-hostile").await, 5);
+
+    // A protocol 5 session cannot ask for a cut.
+    let mut old = Hand::open(&a, Via::Ws).await;
+    assert!(matches!(
+        old.hello_speaking(&token, None, vec![5]).await,
+        Message::Welcome(_)
+    ));
+    old.send(&split("items", 4)).await;
+    assert_eq!(old.error_code().await, "protocol_error");
+    old.close().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_cut_is_refused_before_any_table_is_made() {
+    let Some(b) = agent("hostile::cut", true, None).await else {
+        return;
+    };
+    for lie in [Lie::CutTooMany, Lie::CutNotKeys] {
+        evil_receiver(&b, lie).await;
+        let tables_before = tables_of(&b).await;
+        let options = PullOptions {
+            tables: Some(vec!["t1".to_owned()]),
+            parallel: 4,
+            ..PullOptions::default()
+        };
+        let err = b.agent.pull("evil", &options, |_| {}).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                dbsync_agent::Error::Session {
+                    fault: dbsync_agent::SessionFault::Protocol,
+                    ..
+                }
+            ),
+            "{lie:?}: {err}"
+        );
+        assert_eq!(tables_of(&b).await, tables_before, "{lie:?}: no table made");
+        let connection = b.agent.store.get_connection("evil").await.unwrap();
+        assert!(
+            b.agent
+                .store
+                .part_checkpoints(connection.id, "t1")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{lie:?}: no range recorded"
+        );
+        b.agent
+            .store
+            .delete_connection("evil", &admin(), b.agent.now())
+            .await
+            .unwrap();
+    }
+    b.stop().await;
 }

@@ -170,10 +170,11 @@ impl Agent {
             {
                 return Ok(None);
             }
+            let asked = options.parallel.min(MAX_PARALLEL);
             let request = Message::Split(Split {
                 request_id: 0,
                 table: schema.name.clone(),
-                parts: u32::try_from(options.parallel.min(MAX_PARALLEL)).unwrap_or(1),
+                parts: u32::try_from(asked).unwrap_or(1),
             });
             let done = match ask(client, &request, options.retry_for).await? {
                 Message::SplitDone(done) if done.request_id == 0 => done,
@@ -183,13 +184,22 @@ impl Agent {
                 }
             };
             let count = done.bounds.len() + 1;
-            if done.bounds.is_empty() || count > MAX_PARALLEL {
+            if done.bounds.is_empty() {
                 return Ok(None);
             }
-            let key_len = schema.primary_key.len();
-            if done.bounds.iter().any(|b| b.len() != key_len) {
+            // The sender's word decides which keys go in which range, never how much this side
+            // holds: more ranges than asked for, or a bound that is no key, is refused.
+            if count > asked {
                 return Err(client.protocol_error(format!(
-                    "a bound of the cut of {:?} is not a key of {key_len} value(s)",
+                    "{count} ranges of {:?} for {asked} asked",
+                    schema.name
+                )));
+            }
+            let key_len = schema.primary_key.len();
+            if done.bounds.iter().any(|b| b.len() != key_len) || done.token.is_none() {
+                return Err(client.protocol_error(format!(
+                    "a bound of the cut of {:?} is not a key of {key_len} value(s), or the cut \
+                     has no token",
                     schema.name
                 )));
             }
