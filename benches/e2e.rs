@@ -2,7 +2,7 @@
 //!
 //! `cargo bench --bench e2e -- [--rows N] [--transports ws,quic] [--zstd-level L]
 //! [--batch-rows N] [--pipeline-depth N] [--no-memory] [--no-sqlite] [--no-postgres]
-//! [--json FILE] [--repeat N] [--link RATE]`
+//! [--json FILE] [--repeat N] [--link RATE] [--parallel N,M]`
 //!
 //! `--link 100mbit` (any `tc` rate) measures instead over a shaped link: the receiving side in a
 //! network namespace of its own behind a veth pair shaped with `tc ... tbf` (root only), see
@@ -38,6 +38,9 @@ struct Knobs {
     repeat: usize,
     /// `--link RATE`: only the steps over a link shaped to this rate (`tc` syntax: `100mbit`).
     link: Option<String>,
+    /// `--parallel N,M`: besides the full pulls in one piece, full pulls over N (then M)
+    /// streams (`dbsync pull --parallel`), over the first transport; 1 alone: none.
+    parallel: Vec<usize>,
 }
 
 fn knobs() -> Knobs {
@@ -54,6 +57,7 @@ fn knobs() -> Knobs {
         json: "target/bench-e2e.json".into(),
         repeat: 3,
         link: None,
+        parallel: vec![2, 4],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -85,6 +89,13 @@ fn knobs() -> Knobs {
                     .expect("--repeat N (1 or more)")
             }
             "--link" => knobs.link = Some(value()),
+            "--parallel" => {
+                knobs.parallel = value()
+                    .split(',')
+                    .map(|n| n.parse().expect("--parallel N,M (1-16 each)"))
+                    .filter(|n| *n > 1)
+                    .collect()
+            }
             "--bench" => {}
             other => eprintln!("ignoring {other}"),
         }
@@ -457,6 +468,99 @@ fn connect(sender: Agent, receiver: Agent) -> Setup {
     }
 }
 
+/// The full pulls a run measures: each transport in one piece, then the first over each
+/// `--parallel` count.
+fn full_pull_steps(knobs: &Knobs) -> Vec<(&str, usize)> {
+    let mut steps: Vec<(&str, usize)> = knobs.transports.iter().map(|t| (t.as_str(), 1)).collect();
+    steps.extend(
+        knobs
+            .parallel
+            .iter()
+            .map(|n| (knobs.transports[0].as_str(), *n)),
+    );
+    steps
+}
+
+fn full_pull_measure(transport: &str, parallel: usize, link: &str) -> String {
+    match parallel {
+        1 => format!("full pull over {transport}{link}"),
+        n => format!("full pull over {transport}{link}, --parallel {n}"),
+    }
+}
+
+/// What the runs of one full-pull step measured.
+struct FullPull {
+    seconds: f64,
+    samples: Vec<f64>,
+    rows: i64,
+    wire: i64,
+    rss_receiver_kib: u64,
+    rss_sender_kib: u64,
+}
+
+impl FullPull {
+    fn row(self, measure: String, baseline: f64, text_bytes: u64) -> Row {
+        eprintln!("{measure}: {:.2} s", self.seconds);
+        Row {
+            measure,
+            seconds: self.seconds,
+            samples: self.samples,
+            rows: self.rows,
+            ratio: Some(self.seconds / baseline),
+            wire_ratio: Some(self.wire as f64 / text_bytes as f64),
+            rss_receiver_mib: Some(mib(self.rss_receiver_kib)),
+            rss_sender_mib: Some(mib(self.rss_sender_kib)),
+        }
+    }
+}
+
+/// `knobs.repeat` full pulls of `users` into an empty target on `b` over `parallel` streams;
+/// the wire bytes and peaks are the first run's (a sender's first pull).
+async fn full_pulls(
+    pg: &Pg,
+    b: &sqlx::PgPool,
+    setup: &Setup,
+    knobs: &Knobs,
+    transport: &str,
+    parallel: usize,
+) -> FullPull {
+    let depth = knobs.pipeline_depth.to_string();
+    let streams = parallel.to_string();
+    let mut times = Vec::new();
+    let mut first = None;
+    for _ in 0..knobs.repeat {
+        exec(b, "DROP TABLE IF EXISTS users").await;
+        exec(b, "DELETE FROM dbsync_checkpoints").await;
+        settle(Some(pg)).await;
+        let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(
+                setup,
+                transport,
+                &depth,
+                &["--strategy", "overwrite", "--parallel", &streams],
+            ),
+            &setup.sender,
+        );
+        let pulled = &summary["tables"][0];
+        assert_eq!(pulled["rows"].as_i64(), Some(knobs.rows));
+        if parallel > 1 {
+            assert!(pulled["parts"].as_u64() > Some(1), "not cut: {summary}");
+        }
+        times.push(elapsed);
+        first.get_or_insert((pulled["bytes_wire"].as_i64().unwrap_or(0), rss_b, rss_a));
+    }
+    let (seconds, samples) = median(&times);
+    let (wire, rss_receiver_kib, rss_sender_kib) = first.expect("at least one run");
+    FullPull {
+        seconds,
+        samples,
+        rows: knobs.rows,
+        wire,
+        rss_receiver_kib,
+        rss_sender_kib,
+    }
+}
+
 fn pull_args<'a>(
     setup: &'a Setup,
     transport: &'a str,
@@ -559,40 +663,18 @@ async fn postgres_steps(
 
     let setup = register(&a_url, &b_url, dir, knobs, "pg");
     let mut full_ws = None;
-    for transport in &knobs.transports {
-        // Each run into an empty target; the wire bytes and peaks are the first run's (a
-        // sender's first pull).
-        let mut times = Vec::new();
-        let mut first = None;
-        for _ in 0..knobs.repeat {
-            exec(&b, "DROP TABLE IF EXISTS users").await;
-            exec(&b, "DELETE FROM dbsync_checkpoints").await;
-            settle(Some(pg)).await;
-            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
-                &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
-                &setup.sender,
+    for (transport, parallel) in full_pull_steps(knobs) {
+        let row = full_pulls(pg, &b, &setup, knobs, transport, parallel)
+            .await
+            .row(
+                full_pull_measure(transport, parallel, ""),
+                baseline,
+                text_bytes,
             );
-            let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
-            assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
-            times.push(elapsed);
-            first.get_or_insert((wire, rss_b, rss_a));
+        if transport == "ws" && parallel == 1 {
+            full_ws = Some(row.seconds);
         }
-        let (elapsed, samples) = median(&times);
-        let (wire, rss_b, rss_a) = first.expect("at least one run");
-        if transport == "ws" {
-            full_ws = Some(elapsed);
-        }
-        eprintln!("full pull over {transport}: {elapsed:.2} s");
-        table.push(Row {
-            measure: format!("full pull over {transport}"),
-            seconds: elapsed,
-            samples,
-            rows: knobs.rows,
-            ratio: Some(elapsed / baseline),
-            wire_ratio: Some(wire as f64 / text_bytes as f64),
-            rss_receiver_mib: Some(mib(rss_b)),
-            rss_sender_mib: Some(mib(rss_a)),
-        });
+        table.push(row);
     }
     let transport = knobs.transports[0].as_str();
     // Re-pull with overwrite onto the full target (the same rows each run).
@@ -1286,36 +1368,15 @@ async fn link_steps(
         Some(NETNS),
     );
     let setup = connect(sender, receiver);
-    let depth = knobs.pipeline_depth.to_string();
-    for transport in &knobs.transports {
-        let mut times = Vec::new();
-        let mut first = None;
-        for _ in 0..knobs.repeat {
-            exec(&b, "DROP TABLE IF EXISTS users").await;
-            exec(&b, "DELETE FROM dbsync_checkpoints").await;
-            settle(Some(pg)).await;
-            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(
-                &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
-                &setup.sender,
+    for (transport, parallel) in full_pull_steps(knobs) {
+        let row = full_pulls(pg, &b, &setup, knobs, transport, parallel)
+            .await
+            .row(
+                full_pull_measure(transport, parallel, &format!(", link {rate}")),
+                baseline,
+                text_bytes,
             );
-            assert_eq!(summary["tables"][0]["rows"].as_i64(), Some(knobs.rows));
-            let wire = summary["tables"][0]["bytes_wire"].as_i64().unwrap_or(0);
-            times.push(elapsed);
-            first.get_or_insert((wire, rss_b, rss_a));
-        }
-        let (elapsed, samples) = median(&times);
-        let (wire, rss_b, rss_a) = first.expect("at least one run");
-        eprintln!("full pull over {transport}, link {rate}: {elapsed:.2} s");
-        table.push(Row {
-            measure: format!("full pull over {transport}, link {rate}"),
-            seconds: elapsed,
-            samples,
-            rows: knobs.rows,
-            ratio: Some(elapsed / baseline),
-            wire_ratio: Some(wire as f64 / text_bytes as f64),
-            rss_receiver_mib: Some(mib(rss_b)),
-            rss_sender_mib: Some(mib(rss_a)),
-        });
+        table.push(row);
     }
     drop(setup);
     drop(link);

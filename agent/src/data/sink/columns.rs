@@ -102,6 +102,21 @@ impl ColumnArray {
         }
     }
 
+    /// Cuts the array in two: this keeps its first `at` values, the result holds the rest.
+    pub(super) fn split_off(&mut self, at: usize) -> Self {
+        match self {
+            Self::Int(values) => Self::Int(values.split_off(at)),
+            Self::Float(values) => Self::Float(values.split_off(at)),
+            Self::Bool(values) => Self::Bool(values.split_off(at)),
+            Self::Uuid(values) => Self::Uuid(values.split_off(at)),
+            Self::TimestampTz(values) => Self::TimestampTz(values.split_off(at)),
+            Self::Timestamp(values) => Self::Timestamp(values.split_off(at)),
+            Self::Date(values) => Self::Date(values.split_off(at)),
+            Self::Bytes(values) => Self::Bytes(values.split_off(at)),
+            Self::Text(values) => Self::Text(values.split_off(at)),
+        }
+    }
+
     /// The parameter's array type.
     pub(super) fn sql_type(&self) -> &'static str {
         match self {
@@ -281,11 +296,52 @@ pub(super) async fn insert_columns(
             }
         }
     }
+    let n = rows.len();
+    let arrays = column_arrays(rows, target.casts)?;
+    upsert_arrays(tx, target, &arrays, n, strategy, conflict, optimistic).await
+}
+
+/// One array parameter per column of `rows`, for the target's column types. Read a column at a
+/// time from the batch as received where every column is of one kind (only that column's
+/// values exist besides the arrays), else from the rows' values.
+pub(super) fn column_arrays(rows: Rows<'_>, casts: &[String]) -> Result<Vec<ColumnArray>> {
+    if let Some(cursors) = rows.cursors() {
+        let n = rows.len();
+        return cursors
+            .into_iter()
+            .zip(casts)
+            .map(|(mut cursor, cast)| {
+                let kind = cursor.kind();
+                let values = (0..n)
+                    .map(|_| cursor.next_scalar().and_then(|s| s.value(kind)))
+                    .collect::<std::result::Result<Vec<Value>, _>>()
+                    .map_err(|err| crate::Error::invalid("row batch", err.to_string()))?;
+                ColumnArray::build(values.iter(), cast)
+            })
+            .collect();
+    }
     let rows = rows.values()?;
+    casts
+        .iter()
+        .enumerate()
+        .map(|(i, cast)| ColumnArray::build(rows.iter().map(|row| &row[i]), cast))
+        .collect()
+}
+
+/// `n` rows, as one array per column ([`column_arrays`]), into the target by one
+/// `INSERT ... SELECT FROM unnest(...)` with the strategy's `ON CONFLICT` (`optimistic`: tried
+/// first without it, in a savepoint, while the table's batches meet no existing key).
+pub(super) async fn upsert_arrays(
+    tx: &mut sqlx::PgConnection,
+    target: &ColumnTarget<'_>,
+    arrays: &[ColumnArray],
+    n: usize,
+    strategy: ConflictStrategy,
+    conflict: &str,
+    optimistic: bool,
+) -> Result<Applied> {
+    let conflicting = || locked(target.conflicting);
     let width = target.columns.len();
-    let arrays: Vec<ColumnArray> = (0..width)
-        .map(|i| ColumnArray::build(rows.iter().map(|row| &row[i]), &target.casts[i]))
-        .collect::<Result<_>>()?;
     let mut projections = Vec::with_capacity(width);
     let mut parameters = Vec::with_capacity(width);
     let mut aliases = Vec::with_capacity(width);
@@ -293,7 +349,7 @@ pub(super) async fn insert_columns(
         .columns
         .iter()
         .zip(target.casts)
-        .zip(&arrays)
+        .zip(arrays)
         .enumerate()
     {
         projections.push(if cast.is_empty() {
@@ -359,7 +415,7 @@ pub(super) async fn insert_columns(
     };
     let run = |sql: String| {
         let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
-        for array in &arrays {
+        for array in arrays {
             query = match array {
                 ColumnArray::Int(values) => query.bind(values),
                 ColumnArray::Float(values) => query.bind(values),
@@ -383,7 +439,7 @@ pub(super) async fn insert_columns(
         run(statement("")).fetch_one(&mut *tx).await?
     } else if !optimistic {
         let created = run(statement(conflict)).fetch_one(&mut *tx).await?;
-        if created == rows.len() as i64 {
+        if created == n as i64 {
             conflicting().remove(target.table);
         }
         created
@@ -408,7 +464,7 @@ pub(super) async fn insert_columns(
             Err(err) => return Err(err.into()),
         }
     };
-    let n = rows.len() as i64;
+    let n = n as i64;
     let mut applied = Applied {
         created,
         ..Applied::default()

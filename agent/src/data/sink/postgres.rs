@@ -4,9 +4,9 @@
 //! mirror's keys-only pass takes the statement path.
 
 use super::bind::bind_pg;
-use super::columns::{BatchConnection, ColumnTarget, insert_columns};
+use super::columns::{BatchConnection, ColumnTarget, column_arrays, insert_columns, upsert_arrays};
 use super::plan::Plan;
-use super::{Applied, Batch, EngineSink, Gate, PARALLEL_MIN_ROWS, Rows, committed, locked};
+use super::{Applied, Batch, EngineSink, Gate, PARALLEL_MIN_ROWS, committed, locked};
 use crate::connection::ConflictStrategy;
 use crate::error::Result;
 use crate::store::{Engine, Store};
@@ -60,31 +60,36 @@ impl EngineSink for PgSink<'_> {
         let mut halves = None;
         let mut parallel = None;
         if split {
-            let values = rows.values()?;
-            let (first, second) = values.split_at(values.len() / 2);
-            let (first, second) = (Rows::Values(first), Rows::Values(second));
+            // The halves' arrays are built from the batch as received, a column at a time.
+            let mut first = column_arrays(rows, &plan.casts)?;
+            let at = rows.len() / 2;
+            let second: Vec<_> = first.iter_mut().map(|array| array.split_off(at)).collect();
             let (a, b) = halves.insert((
                 BatchConnection::acquire(pool).await?,
                 BatchConnection::acquire(pool).await?,
             ));
-            let (mut tx_first, copying_first) = a.begin().await?;
-            let (mut tx_second, copying_second) = b.begin().await?;
+            // The table holds keys of the pull already (`split`): no `COPY` is tried on
+            // either connection.
+            let (mut tx_first, _) = a.begin().await?;
+            let (mut tx_second, _) = b.begin().await?;
             let both = tokio::join!(
-                insert_columns(
+                upsert_arrays(
                     &mut tx_first,
-                    copying_first,
                     &target,
-                    first,
+                    &first,
+                    at,
                     strategy,
-                    &plan.conflict
+                    &plan.conflict,
+                    false
                 ),
-                insert_columns(
+                upsert_arrays(
                     &mut tx_second,
-                    copying_second,
                     &target,
-                    second,
+                    &second,
+                    rows.len() - at,
                     strategy,
-                    &plan.conflict
+                    &plan.conflict,
+                    false
                 )
             );
             // Anything odd (a deadlock through a trigger, say) rolls both back, and the batch
