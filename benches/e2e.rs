@@ -210,6 +210,7 @@ impl Agent {
         let sender_pid = sender.child.id();
         std::fs::write(format!("/proc/{sender_pid}/clear_refs"), "5")
             .expect("reset the sender's peak RSS (/proc/<pid>/clear_refs)");
+        let cpu_before = cpu_jiffies();
         let started = Instant::now();
         let mut child = dbsync_command(self.netns.as_deref())
             .arg("--json")
@@ -241,6 +242,15 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(10));
         };
         let elapsed = started.elapsed();
+        // How busy the machine's cores were (every process: agents, servers, this bench): a
+        // step near 100 % is bound by CPU, however its work is split.
+        let (busy, total) = cpu_jiffies();
+        if total > cpu_before.1 {
+            eprintln!(
+                "  {command}: cores busy {:.0} % of the run",
+                100.0 * (busy - cpu_before.0) as f64 / (total - cpu_before.1) as f64
+            );
+        }
         let sender_peak = peak_kib(sender_pid);
         let text = reader.join().unwrap();
         let errors = errors.join().unwrap();
@@ -264,6 +274,23 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The machine's CPU time so far, in jiffies: (busy, total) over every core (`/proc/stat`).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle and iowait
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 /// A process's peak RSS so far (`VmHWM` of `/proc/<pid>/status`), in KiB; 0 once it is gone.

@@ -61,7 +61,13 @@ impl Agent {
                 strategy,
                 ConflictStrategy::Overwrite | ConflictStrategy::Skip | ConflictStrategy::Merge
             );
-        let most_in_flight = if overlap { 2 } else { 1 };
+        // A range of a parallel pull overlaps with the other ranges instead: one batch at a
+        // time each keeps the memory of N streams near N batches, not 2N.
+        let most_in_flight = if overlap && pass.checkpoint.is_none() {
+            2
+        } else {
+            1
+        };
         let mut in_flight = futures_util::stream::FuturesOrdered::<InFlight<'_>>::new();
         // What the next batch waits for: the last one pushed committed.
         let mut next_gate: Option<crate::sink::Gate> = None;

@@ -102,21 +102,6 @@ impl ColumnArray {
         }
     }
 
-    /// Cuts the array in two: this keeps its first `at` values, the result holds the rest.
-    pub(super) fn split_off(&mut self, at: usize) -> Self {
-        match self {
-            Self::Int(values) => Self::Int(values.split_off(at)),
-            Self::Float(values) => Self::Float(values.split_off(at)),
-            Self::Bool(values) => Self::Bool(values.split_off(at)),
-            Self::Uuid(values) => Self::Uuid(values.split_off(at)),
-            Self::TimestampTz(values) => Self::TimestampTz(values.split_off(at)),
-            Self::Timestamp(values) => Self::Timestamp(values.split_off(at)),
-            Self::Date(values) => Self::Date(values.split_off(at)),
-            Self::Bytes(values) => Self::Bytes(values.split_off(at)),
-            Self::Text(values) => Self::Text(values.split_off(at)),
-        }
-    }
-
     /// The parameter's array type.
     pub(super) fn sql_type(&self) -> &'static str {
         match self {
@@ -301,31 +286,60 @@ pub(super) async fn insert_columns(
     upsert_arrays(tx, target, &arrays, n, strategy, conflict, optimistic).await
 }
 
-/// One array parameter per column of `rows`, for the target's column types. Read a column at a
-/// time from the batch as received where every column is of one kind (only that column's
-/// values exist besides the arrays), else from the rows' values.
+/// One array parameter per column of `rows`, for the target's column types ([`Arrays`]).
 pub(super) fn column_arrays(rows: Rows<'_>, casts: &[String]) -> Result<Vec<ColumnArray>> {
-    if let Some(cursors) = rows.cursors() {
-        let n = rows.len();
-        return cursors
-            .into_iter()
-            .zip(casts)
-            .map(|(mut cursor, cast)| {
-                let kind = cursor.kind();
-                let values = (0..n)
-                    .map(|_| cursor.next_scalar().and_then(|s| s.value(kind)))
-                    .collect::<std::result::Result<Vec<Value>, _>>()
-                    .map_err(|err| crate::Error::invalid("row batch", err.to_string()))?;
-                ColumnArray::build(values.iter(), cast)
-            })
-            .collect();
+    Arrays::of(rows)?.take(rows.len(), casts)
+}
+
+/// Where a batch's array parameters come from, taken a run of rows at a time: read a column at a
+/// time from the batch as received where every column is of one kind (only one column's values
+/// of one run exist besides the arrays), else from the rows' values.
+pub(super) enum Arrays<'a> {
+    Cursors(Vec<dbsync_protocol::columns::Cursor<'a>>),
+    Values {
+        rows: std::borrow::Cow<'a, [Vec<Value>]>,
+        next: usize,
+    },
+}
+
+impl<'a> Arrays<'a> {
+    pub(super) fn of(rows: Rows<'a>) -> Result<Self> {
+        Ok(match rows.cursors() {
+            Some(cursors) => Self::Cursors(cursors),
+            None => Self::Values {
+                rows: rows.values()?,
+                next: 0,
+            },
+        })
     }
-    let rows = rows.values()?;
-    casts
-        .iter()
-        .enumerate()
-        .map(|(i, cast)| ColumnArray::build(rows.iter().map(|row| &row[i]), cast))
-        .collect()
+
+    /// The arrays of the next `count` rows.
+    pub(super) fn take(&mut self, count: usize, casts: &[String]) -> Result<Vec<ColumnArray>> {
+        match self {
+            Self::Cursors(cursors) => cursors
+                .iter_mut()
+                .zip(casts)
+                .map(|(cursor, cast)| {
+                    let kind = cursor.kind();
+                    let values = (0..count)
+                        .map(|_| cursor.next_scalar().and_then(|s| s.value(kind)))
+                        .collect::<std::result::Result<Vec<Value>, _>>()
+                        .map_err(|err| crate::Error::invalid("row batch", err.to_string()))?;
+                    ColumnArray::build(values.iter(), cast)
+                })
+                .collect(),
+            Self::Values { rows, next } => {
+                let end = (*next + count).min(rows.len());
+                let run = &rows[*next..end];
+                *next = end;
+                casts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, cast)| ColumnArray::build(run.iter().map(|row| &row[i]), cast))
+                    .collect()
+            }
+        }
+    }
 }
 
 /// `n` rows, as one array per column ([`column_arrays`]), into the target by one

@@ -4,7 +4,7 @@
 //! mirror's keys-only pass takes the statement path.
 
 use super::bind::bind_pg;
-use super::columns::{BatchConnection, ColumnTarget, column_arrays, insert_columns, upsert_arrays};
+use super::columns::{Arrays, BatchConnection, ColumnTarget, insert_columns, upsert_arrays};
 use super::plan::Plan;
 use super::{Applied, Batch, EngineSink, Gate, PARALLEL_MIN_ROWS, committed, locked};
 use crate::connection::ConflictStrategy;
@@ -60,10 +60,6 @@ impl EngineSink for PgSink<'_> {
         let mut halves = None;
         let mut parallel = None;
         if split {
-            // The halves' arrays are built from the batch as received, a column at a time.
-            let mut first = column_arrays(rows, &plan.casts)?;
-            let at = rows.len() / 2;
-            let second: Vec<_> = first.iter_mut().map(|array| array.split_off(at)).collect();
             let (a, b) = halves.insert((
                 BatchConnection::acquire(pool).await?,
                 BatchConnection::acquire(pool).await?,
@@ -72,6 +68,11 @@ impl EngineSink for PgSink<'_> {
             // either connection.
             let (mut tx_first, _) = a.begin().await?;
             let (mut tx_second, _) = b.begin().await?;
+            // Each half's arrays are built from the batch as received, a column at a time; the
+            // second half's while the server works on the first.
+            let at = rows.len() / 2;
+            let mut arrays = Arrays::of(rows)?;
+            let first = arrays.take(at, &plan.casts)?;
             let both = tokio::join!(
                 upsert_arrays(
                     &mut tx_first,
@@ -82,15 +83,19 @@ impl EngineSink for PgSink<'_> {
                     &plan.conflict,
                     false
                 ),
-                upsert_arrays(
-                    &mut tx_second,
-                    &target,
-                    &second,
-                    rows.len() - at,
-                    strategy,
-                    &plan.conflict,
-                    false
-                )
+                async {
+                    let second = arrays.take(rows.len() - at, &plan.casts)?;
+                    upsert_arrays(
+                        &mut tx_second,
+                        &target,
+                        &second,
+                        rows.len() - at,
+                        strategy,
+                        &plan.conflict,
+                        false,
+                    )
+                    .await
+                }
             );
             // Anything odd (a deadlock through a trigger, say) rolls both back, and the batch
             // goes again the plain way below.
