@@ -164,6 +164,7 @@ fn apply_benches(c: &mut Criterion) {
                         .block_on(store.apply_batch(Batch {
                             into: None,
                             checkpoint: None,
+                            changed: false,
                             connection_id: connection,
                             batch_of: None,
                             schema: &schema,

@@ -135,7 +135,10 @@ async fn unknown_paths_and_the_status_answer_as_documented() {
     assert_eq!(body["error"]["code"], "not_found");
     let (status, body) = call(&site, get("/db-sync/api/status")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["protocol_versions"], serde_json::json!([2, 3, 4, 5, 6]));
+    assert_eq!(
+        body["protocol_versions"],
+        serde_json::json!([2, 3, 4, 5, 6])
+    );
 }
 
 #[tokio::test]

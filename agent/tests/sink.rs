@@ -79,6 +79,7 @@ async fn copy(
             .apply_batch(Batch {
                 into: None,
                 checkpoint: None,
+                changed: false,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -280,6 +281,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
                 .apply_batch(Batch {
                     into: None,
                     checkpoint: None,
+                    changed: false,
                     connection_id: connection,
                     batch_of: None,
                     schema: &schema,
@@ -383,6 +385,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         .apply_batch(Batch {
             into: None,
             checkpoint: None,
+            changed: false,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -399,6 +402,7 @@ async fn conflict_strategies_and_checkpoints(db: TestDb) {
         .apply_batch(Batch {
             into: None,
             checkpoint: None,
+            changed: false,
             connection_id: connection,
             batch_of: None,
             schema: &events,
@@ -503,6 +507,7 @@ async fn sqlite_stores_encoded_rows_as_it_stores_values(db: TestDb) {
             .apply_batch(Batch {
                 into: None,
                 checkpoint: None,
+                changed: false,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -554,6 +559,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
             .apply_batch(Batch {
                 into: None,
                 checkpoint: None,
+                changed: false,
                 connection_id: connection,
                 batch_of: None,
                 schema: &schema,
@@ -629,6 +635,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
             .apply_batch(Batch {
                 into: None,
                 checkpoint: None,
+                changed: false,
                 connection_id: connection,
                 batch_of: None,
                 schema: &readings,
@@ -669,6 +676,7 @@ async fn a_batch_commits_only_after_the_one_before(db: TestDb) {
                     Batch {
                         into: None,
                         checkpoint: None,
+                        changed: false,
                         connection_id: connection,
                         batch_of: None,
                         schema: &schema,
@@ -725,6 +733,7 @@ async fn a_batch_dropped_mid_copy_leaves_the_pool_usable(db: TestDb) {
         db.store.apply_batch(Batch {
             into: None,
             checkpoint: None,
+            changed: false,
             connection_id: connection,
             batch_of: None,
             schema: &schema,

@@ -209,6 +209,9 @@ impl Agent {
                                             strategy,
                                             last_key: done.last_key.as_deref(),
                                             checkpoint: pass.checkpoint,
+                                            // An incremental pass moves rows whose cursor
+                                            // moved since the last pull.
+                                            changed: pass.cursor.is_some(),
                                         },
                                     )
                                     .await;

@@ -127,6 +127,8 @@ pub(super) struct ColumnTarget<'a> {
     pub(super) casts: &'a [String],
     pub(super) key: &'a [String],
     pub(super) key_stage: Option<&'a str>,
+    /// Every row changed since it was last pulled: no lookup for unchanged rows first.
+    pub(super) changed: bool,
 }
 
 /// A pooled PostgreSQL connection for one batch's transaction, closed instead of going back to
@@ -394,7 +396,8 @@ pub(super) async fn upsert_arrays(
     let unchanged_first = matches!(
         strategy,
         ConflictStrategy::Overwrite | ConflictStrategy::Mirror
-    ) && target.columns.len() > target.key.len();
+    ) && target.columns.len() > target.key.len()
+        && !target.changed;
     let unchanged = if unchanged_first {
         let others = || target.columns.iter().filter(|c| !target.key.contains(c));
         let old: Vec<String> = others().map(|c| format!("dbsync_old.{c}")).collect();

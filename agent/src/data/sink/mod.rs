@@ -209,6 +209,9 @@ pub struct Batch<'a> {
     /// The checkpoint the batch moves when not the table's own: a part of a parallel pull
     /// ([`part_checkpoint`]).
     pub checkpoint: Option<&'a str>,
+    /// Every row is known to have changed since it was last pulled (an incremental pass: its
+    /// cursor moved), so no lookup first for rows stored exactly as sent.
+    pub changed: bool,
 }
 
 /// The name of the checkpoint of part `index` (from 0) of `parts` of a parallel pull of
@@ -559,6 +562,7 @@ impl Store {
         let batch = Batch {
             into: None,
             checkpoint: None,
+            changed: false,
             connection_id,
             batch_of: None,
             schema,

@@ -31,6 +31,8 @@ pub(super) struct Plan<'a> {
     pub schema: &'a TableSchema,
     /// The checkpoint the batch moves (the table's own, or a part's).
     pub checkpoint: &'a str,
+    /// Every row changed since it was last pulled ([`Batch::changed`]).
+    pub changed: bool,
     pub columns: &'a [String],
     pub strategy: ConflictStrategy,
     /// Stage the keys only (a mirror's reconciliation pass); no row changes, no checkpoint.
@@ -82,6 +84,7 @@ impl<'a> Plan<'a> {
             last_key,
             into,
             checkpoint,
+            changed,
         } = *batch;
         let table = match into {
             Some(stage) => quote_ident(stage)?,
@@ -168,6 +171,7 @@ impl<'a> Plan<'a> {
             batch_of,
             schema,
             checkpoint: checkpoint.unwrap_or(&schema.name),
+            changed,
             columns,
             strategy,
             keys_only,

@@ -45,6 +45,7 @@ impl EngineSink for PgSink<'_> {
             casts: &plan.casts,
             key: &plan.key_list,
             key_stage: plan.mirror.as_ref().map(|m| m.stage.as_str()),
+            changed: plan.changed,
         };
         // Upserts into a table that already holds the keys (a re-pull, an incremental pull)
         // keep one server process busy per statement, so a large batch goes in as two halves
