@@ -12,16 +12,17 @@ use crate::pull::{exec, pair};
 use crate::support::agents::RunningAgent;
 
 fn spawn_pull(agent: &RunningAgent, connection: &str, table: &str, transport: &str) -> Child {
+    spawn_pull_with(
+        agent,
+        &[connection, "--tables", table, "--transport", transport],
+    )
+}
+
+/// `dbsync --json pull ARGS` against `agent`'s state database.
+pub(crate) fn spawn_pull_with(agent: &RunningAgent, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dbsync"))
-        .args([
-            "--json",
-            "pull",
-            connection,
-            "--tables",
-            table,
-            "--transport",
-            transport,
-        ])
+        .args(["--json", "pull"])
+        .args(args)
         .env("DBSYNC_DATABASE_URL", &agent.database_url)
         .env("DBSYNC_KEY_FILE", &agent.key_file)
         .env("DBSYNC_LOG", "warn")
@@ -79,38 +80,14 @@ async fn killed_again_and_again(transport: &str) {
     )
     .await;
 
-    let copy = sqlx::PgPool::connect(&b.database_url).await.unwrap();
-    let mut kills = Vec::new();
-    let mut last = 0;
-    for _ in 0..4 {
-        let mut child = spawn_pull(&b, &receiver, "events", transport);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        // Kill once this run has applied something new.
-        loop {
-            let now = count(&copy, "events").await;
-            if now > last || child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        last = count(&copy, "events").await;
-        kills.push(last);
-        // Past half way, stop killing: the last run must still have rows to resume, however
-        // fast this machine moves them.
-        if last >= ROWS / 2 {
-            break;
-        }
-    }
-    assert!(
-        kills.iter().any(|n| (1..ROWS).contains(n)),
-        "at least one kill landed mid-pull: {kills:?}"
-    );
+    let kills = kill_again_and_again(
+        &b,
+        &[&receiver, "--tables", "events", "--transport", transport],
+        "events",
+        ROWS,
+        4,
+    )
+    .await;
     let out = spawn_pull(&b, &receiver, "events", transport)
         .wait_with_output()
         .unwrap();
@@ -149,9 +126,53 @@ async fn killed_again_and_again(transport: &str) {
     assert_eq!(sent.items[0].records_transferred, ROWS);
     let on_a = a.agent.store.get_connection("to-b").await.unwrap();
     assert_eq!(on_a.total_records, ROWS);
-    copy.close().await;
     a.stop().await;
     b.stop().await;
+}
+
+/// Runs `dbsync pull ARGS` on `agent` again and again (at most `runs` times), each run killed
+/// with SIGKILL once it has applied rows of `table` beyond the last kill; stops past half of the
+/// table's `rows`, so the run after still has rows to resume however fast this machine moves
+/// them. Returns the rows here at each kill, at least one of them mid-pull.
+pub(crate) async fn kill_again_and_again(
+    agent: &RunningAgent,
+    args: &[&str],
+    table: &str,
+    rows: i64,
+    runs: usize,
+) -> Vec<i64> {
+    let copy = sqlx::PgPool::connect(&agent.database_url).await.unwrap();
+    let mut kills = Vec::new();
+    let mut last = 0;
+    for _ in 0..runs {
+        let mut child = spawn_pull_with(agent, args);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        // Kill once this run has applied something new.
+        loop {
+            let now = count(&copy, table).await;
+            if now > last || child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        last = count(&copy, table).await;
+        kills.push(last);
+        if last >= rows / 2 {
+            break;
+        }
+    }
+    copy.close().await;
+    assert!(
+        kills.iter().any(|n| (1..rows).contains(n)),
+        "at least one kill landed mid-pull: {kills:?}"
+    );
+    kills
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

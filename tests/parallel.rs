@@ -3,14 +3,14 @@
 //! the session that cut the table, the sender counts one download and every row once, limits
 //! hold, and a receiver killed with SIGKILL resumes every range where it stopped.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dbsync_agent::connection::ConnectionSettings;
 use dbsync_agent::pull::PullOptions;
 use dbsync_agent::transfer::{Transfer, TransferDirection, TransferFilter, TransferStatus};
 
-use crate::pull::{exec, pair};
+use crate::kill::{kill_again_and_again, spawn_pull_with};
+use crate::pull::{exec, pair, parents_and_children};
 use crate::support::agents::RunningAgent;
 
 /// Every row of a PostgreSQL table as PostgreSQL prints it, in key order.
@@ -236,30 +236,10 @@ async fn parallel_parts_of_parents_and_children_come_from_one_moment() {
         ],
     )
     .await;
-    // Another session writes a parent and its child, in one transaction, again and again;
-    // and moves children from one parent to another.
+    // Another session writes a parent and its child, in one transaction, again and again,
+    // and moves an older child to the new parent.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (store, stop) = (a.agent.store.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut id = 100_000;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                id += 1;
-                store
-                    .execute_batch(&[
-                        format!("INSERT INTO parent VALUES ({id}, 'new')"),
-                        format!("INSERT INTO child VALUES ({id}, {id})"),
-                        format!(
-                            "UPDATE child SET parent_id = {id} WHERE id = {}",
-                            id - 99_000
-                        ),
-                    ])
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let writer = parents_and_children(&a.agent.store, &stop, true);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let summary = b.agent.pull(&receiver, &parallel(4), |_| {}).await.unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -285,28 +265,16 @@ async fn parallel_parts_of_parents_and_children_come_from_one_moment() {
     b.stop().await;
 }
 
-fn spawn_pull(agent: &RunningAgent, connection: &str, transport: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dbsync"))
-        .args([
-            "--json",
-            "pull",
-            connection,
-            "--tables",
-            "events",
-            "--parallel",
-            "4",
-            "--transport",
-            transport,
-        ])
-        .env("DBSYNC_DATABASE_URL", &agent.database_url)
-        .env("DBSYNC_KEY_FILE", &agent.key_file)
-        .env("DBSYNC_LOG", "warn")
-        .env("DBSYNC_ALLOW_PRIVATE_PEERS", "true")
-        .env_remove("DBSYNC_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn parallel_pull_args<'a>(connection: &'a str, transport: &'a str) -> [&'a str; 7] {
+    [
+        connection,
+        "--tables",
+        "events",
+        "--parallel",
+        "4",
+        "--transport",
+        transport,
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,37 +299,9 @@ async fn killed_again_and_again(transport: &str) {
         return;
     };
     events(&a, ROWS).await;
-    let mut kills = Vec::new();
-    let mut last = 0;
-    for _ in 0..3 {
-        let mut child = spawn_pull(&b, &receiver, transport);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let now = count(&b, "events").await;
-            if now > last || child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        last = count(&b, "events").await;
-        kills.push(last);
-        if last >= ROWS / 2 {
-            break;
-        }
-    }
-    assert!(
-        kills.iter().any(|n| (1..ROWS).contains(n)),
-        "at least one kill landed mid-pull: {kills:?}"
-    );
-    let out = spawn_pull(&b, &receiver, transport)
-        .wait_with_output()
-        .unwrap();
+    let args = parallel_pull_args(&receiver, transport);
+    let kills = kill_again_and_again(&b, &args, "events", ROWS, 3).await;
+    let out = spawn_pull_with(&b, &args).wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -1171,6 +1171,37 @@ async fn ids_above(store: &Store, table: &str, floor: i64) -> Vec<i64> {
         .collect()
 }
 
+/// Another session writing into `parent (id, name)` and `child (id, parent_id)` until `stop`:
+/// a parent and its child in one transaction, ids from 100,001, again and again; with `moves`,
+/// the same transaction moves an older child (id 99,000 lower) to the new parent. Returns the
+/// pairs written.
+pub(crate) fn parents_and_children(
+    store: &Store,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    moves: bool,
+) -> tokio::task::JoinHandle<i64> {
+    let (store, stop) = (store.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut id = 100_000;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            id += 1;
+            let mut statements = vec![
+                format!("INSERT INTO parent VALUES ({id}, 'new')"),
+                format!("INSERT INTO child VALUES ({id}, {id})"),
+            ];
+            if moves {
+                statements.push(format!(
+                    "UPDATE child SET parent_id = {id} WHERE id = {}",
+                    id - 99_000
+                ));
+            }
+            store.execute_batch(&statements).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        id - 100_000
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_table_of_a_pull_comes_from_one_moment() {
     for postgres in [true, false] {
@@ -1213,24 +1244,7 @@ async fn every_table_of_a_pull_comes_from_one_moment_on(postgres: bool) {
     .await;
     // Another session writes a parent and its child, in one statement, again and again.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (store, stop) = (a.agent.store.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut id = 100_000;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                id += 1;
-                store
-                    .execute_batch(&[
-                        format!("INSERT INTO parent VALUES ({id}, 'new')"),
-                        format!("INSERT INTO child VALUES ({id}, {id})"),
-                    ])
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            id - 100_000
-        })
-    };
+    let writer = parents_and_children(&a.agent.store, &stop, false);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let written_before = ids_above(&a.agent.store, "child", 100_000).await.len();
     let summary = b
