@@ -69,29 +69,39 @@ pub(super) fn may_split(options: &PullOptions, strategy: ConflictStrategy, engin
 impl Agent {
     /// The unfinished parts of an interrupted parallel pull of `table` (empty when there is
     /// none). The parts that finished are left out; the others go on after their last key,
-    /// under the sender's transfer they ran under.
+    /// under the sender's transfer they ran under. A part whose record cannot be read back
+    /// whole (its transfer gone, its range unreadable) makes the pull start over: every range
+    /// is cut again and pulled from its start, rather than one range be left out.
     async fn unfinished_parts(&self, connection_id: Uuid, table: &str) -> Result<Vec<Part>> {
         let mut parts = Vec::new();
         let mut any_unfinished = false;
-        for (_, checkpoint) in self.store.part_checkpoints(connection_id, table).await? {
-            let Some(transfer) = checkpoint.transfer_id else {
-                continue;
+        let mut unreadable = false;
+        for (name, checkpoint) in self.store.part_checkpoints(connection_id, table).await? {
+            let transfer = match checkpoint.transfer_id {
+                Some(id) => self.store.get_transfer(id).await.ok(),
+                None => None,
             };
-            let Ok(transfer) = self.store.get_transfer(transfer).await else {
+            let Some(transfer) = transfer else {
+                tracing::warn!(checkpoint = %name.escape_debug(), "a range's transfer is gone");
+                unreadable = true;
                 continue;
             };
             let meta = &transfer.metadata;
-            let (Some(index), Some(count), Some(range)) = (
+            let bound = |name: &str| -> Option<Option<Vec<Value>>> {
+                match meta.get("range")?.get(name)? {
+                    serde_json::Value::Null => Some(None),
+                    key => serde_json::from_value(key.clone()).ok().map(Some),
+                }
+            };
+            let (Some(index), Some(count), Some(after), Some(upto)) = (
                 meta.get("part_index").and_then(|v| v.as_u64()),
                 meta.get("parts").and_then(|v| v.as_u64()),
-                meta.get("range"),
+                bound("after"),
+                bound("upto"),
             ) else {
+                tracing::warn!(transfer = %transfer.id, "a range's record cannot be read back");
+                unreadable = true;
                 continue;
-            };
-            let bound = |name: &str| -> Option<Vec<Value>> {
-                range
-                    .get(name)
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
             };
             if transfer.status == TransferStatus::Completed {
                 continue;
@@ -111,18 +121,18 @@ impl Agent {
                 index: index as usize,
                 parts: count as usize,
                 position: Position {
-                    after: checkpoint.last_key.clone().or_else(|| bound("after")),
+                    after: checkpoint.last_key.clone().or_else(|| after.clone()),
                     remote_transfer: meta
                         .get("remote_transfer_id")
                         .and_then(|v| v.as_str())
                         .map(str::to_owned),
                 },
-                after: bound("after"),
-                upto: bound("upto"),
+                after,
+                upto,
                 resumed: true,
             });
         }
-        if !any_unfinished {
+        if unreadable || !any_unfinished {
             parts.clear();
         }
         parts.sort_by_key(|p| p.index);
