@@ -376,3 +376,46 @@ async fn a_range_whose_record_cannot_be_read_back_makes_the_pull_start_over() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_pull_is_one_download_under_the_download_limit() {
+    let Some((a, b, receiver)) = pair(
+        "parallel::downloads",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 5_000,
+            max_downloads: Some(1),
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    events(&a, 40_000).await;
+    // Four ranges over four sessions: the one download the connection has.
+    let summary = b.agent.pull(&receiver, &parallel(4), |_| {}).await.unwrap();
+    assert_eq!(summary.tables[0].parts, 4);
+    assert_eq!(summary.tables[0].rows, 40_000);
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 1);
+    // None left: the next cut is refused as a pull would be, and nothing more is counted.
+    let err = b
+        .agent
+        .pull(&receiver, &parallel(4), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            dbsync_agent::Error::Remote { code, .. }
+                if *code == dbsync_protocol::session::Code::DownloadLimitExceeded
+        ),
+        "{err}"
+    );
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 1);
+    assert_eq!(on_a.total_records, 40_000);
+    a.stop().await;
+    b.stop().await;
+}
