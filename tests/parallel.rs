@@ -419,3 +419,210 @@ async fn a_parallel_pull_is_one_download_under_the_download_limit() {
     a.stop().await;
     b.stop().await;
 }
+
+/// `tables` small tables `s1`, `s2`, ... of `rows` rows each, and two more, `left_side` and
+/// `right_side`, that another session writes in one transaction (see [`both_sides`]).
+async fn small_tables(agent: &RunningAgent, tables: usize, rows: i64) {
+    let mut statements = vec![
+        "CREATE TABLE left_side (id BIGINT PRIMARY KEY, note TEXT NOT NULL)".to_owned(),
+        "CREATE TABLE right_side (id BIGINT PRIMARY KEY, note TEXT NOT NULL)".to_owned(),
+        format!("INSERT INTO left_side SELECT g, 'l' || g FROM generate_series(1, {rows}) g"),
+        format!("INSERT INTO right_side SELECT g, 'r' || g FROM generate_series(1, {rows}) g"),
+    ];
+    for i in 1..=tables {
+        statements.push(format!(
+            "CREATE TABLE s{i} (id BIGINT PRIMARY KEY, kind TEXT NOT NULL, payload JSONB)"
+        ));
+        statements.push(format!(
+            "INSERT INTO s{i} SELECT g, 'kind-' || (g % 7), jsonb_build_object('n', g, 't', {i}) \
+             FROM generate_series(1, {rows}) g"
+        ));
+    }
+    statements.push("ANALYZE".into());
+    exec(agent, &statements).await;
+}
+
+/// Writes a row into `left_side` and the same key into `right_side`, in one transaction, again
+/// and again until `stop`: a copy of the two read at one moment holds the same keys in both.
+fn both_sides(
+    store: &dbsync_agent::store::Store,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<i64> {
+    let (store, stop) = (store.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut id = 1_000_000;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            id += 1;
+            store
+                .execute_batch(&[
+                    format!("INSERT INTO left_side VALUES ({id}, 'new')"),
+                    format!("INSERT INTO right_side VALUES ({id}, 'new')"),
+                ])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        id - 1_000_000
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_tables_go_side_by_side_from_one_moment_for_a_download_each() {
+    const ROWS: i64 = 6_000;
+    let Some((a, b, receiver)) = pair(
+        "parallel::side_by_side",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 500,
+            rate_limit_per_minute: 6_000,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    small_tables(&a, 4, ROWS).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = both_sides(&a.agent.store, &stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Which table each batch belonged to, in the order applied.
+    let mut order: Vec<String> = Vec::new();
+    let summary = b
+        .agent
+        .pull(&receiver, &parallel(4), |event| {
+            if let dbsync_agent::pull::PullEvent::Batch { table, .. } = event {
+                order.push(table);
+            }
+        })
+        .await
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_eq!(summary.tables.len(), 6, "{summary:?}");
+    // Side by side: batches of different tables interleave (one at a time, each table's
+    // batches would come in one run, five changes of table in all).
+    let changes = order.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(changes > 5, "batches by table: {order:?}");
+    for i in 1..=4 {
+        let table = format!("s{i}");
+        assert_eq!(
+            as_text(&a, &table).await,
+            as_text(&b, &table).await,
+            "{table}"
+        );
+    }
+    // The two tables the writer kept changing were read at one moment.
+    let pool = sqlx::PgPool::connect(&b.database_url).await.unwrap();
+    let unmatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM left_side l FULL JOIN right_side r USING (id) \
+         WHERE l.id IS NULL OR r.id IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert_eq!(unmatched, 0, "a key in one side and not the other");
+    // On the sender: one download per table, one transfer per table named its one part, and
+    // every row counted once.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 6);
+    let parts = sent(&a).await;
+    assert_eq!(parts.len(), 6);
+    assert!(
+        parts
+            .iter()
+            .all(|t| t.status == TransferStatus::Completed && t.metadata["part"] == "1/1"),
+        "{parts:?}"
+    );
+    let moved: i64 = summary.tables.iter().map(|t| t.rows).sum();
+    assert_eq!(on_a.total_records, moved);
+    assert_eq!(
+        parts.iter().map(|t| t.records_transferred).sum::<i64>(),
+        moved
+    );
+    let connection = b.agent.store.get_connection(&receiver).await.unwrap();
+    for table in &summary.tables {
+        assert!(
+            b.agent
+                .store
+                .part_checkpoints(connection.id, &table.table)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_tables_side_by_side_killed_again_and_again_converge_to_exact_copies() {
+    const ROWS: i64 = 15_000;
+    let Some((a, b, receiver)) = pair(
+        "parallel::side_by_side_kill",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 1_000,
+            rate_limit_per_minute: 600,
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    small_tables(&a, 4, ROWS).await;
+    const TABLES: [&str; 6] = ["left_side", "right_side", "s1", "s2", "s3", "s4"];
+    let args = [receiver.as_str(), "--parallel", "4"];
+    // `s4` is among the last taken off the queue: a kill when it has rows lands mid-pull.
+    let kills = kill_again_and_again(&b, &args, "s4", ROWS, 3).await;
+    let out = spawn_pull_with(&b, &args).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tables = summary["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 6, "{summary}");
+    // A table the kill interrupted goes on after its last applied key; one that had finished
+    // is pulled again whole, as any pull would.
+    assert!(
+        tables.iter().any(|t| t["resumed"] == true),
+        "{summary} (kills at {kills:?})"
+    );
+    for table in tables.iter().filter(|t| t["resumed"] != true) {
+        assert_eq!(table["rows"], ROWS, "{summary}");
+    }
+    for table in TABLES {
+        assert_eq!(
+            as_text(&a, table).await,
+            as_text(&b, table).await,
+            "{table}"
+        );
+    }
+    // On the sender: every transfer finished; a resumed one carried its table's rows once
+    // across the runs (a row sent twice would be counted twice); the counter says what the
+    // history says.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    let sent = sent(&a).await;
+    assert!(
+        sent.iter().all(|t| t.status == TransferStatus::Completed),
+        "{sent:?}"
+    );
+    for table in TABLES {
+        let last = sent
+            .iter()
+            .filter(|t| t.table_name == table)
+            .max_by_key(|t| t.created_at)
+            .unwrap();
+        assert_eq!(last.records_transferred, ROWS, "{table}: {last:?}");
+    }
+    assert_eq!(
+        sent.iter().map(|t| t.records_transferred).sum::<i64>(),
+        on_a.total_records
+    );
+    a.stop().await;
+    b.stop().await;
+}

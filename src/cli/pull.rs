@@ -1,9 +1,11 @@
 //! `dbsync pull`: pull tables from the sending site of a receiver connection.
 
+use std::collections::HashMap;
+
 use clap::Args;
 use dbsync_agent::connection::ConflictStrategy;
 use dbsync_agent::pull::{PullEvent, PullOptions, TransportChoice};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use super::Context;
 use super::output;
@@ -156,8 +158,10 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
         "{prefix:>16} [{bar:30}] {percent:>3}% {human_pos}/{human_len} rows  {msg}  eta {eta}",
     )?
     .progress_chars("=> ");
-    let mut bar: Option<ProgressBar> = None;
-    let mut wire: i64 = 0;
+    // One bar per table in flight (several when small tables go side by side), with the wire
+    // bytes it took.
+    let bars = MultiProgress::new();
+    let mut in_flight: HashMap<String, (ProgressBar, i64)> = HashMap::new();
     let summary = ctx
         .agent
         .pull(&connection, &options, |event| {
@@ -169,40 +173,49 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                     table,
                     estimated_rows,
                 } => {
-                    if let Some(done) = bar.take() {
-                        done.finish();
-                    }
-                    wire = 0;
                     if terminal {
-                        let next = ProgressBar::new(estimated_rows.max(1));
-                        next.set_style(style.clone());
-                        next.set_prefix(table);
-                        bar = Some(next);
+                        in_flight.entry(table.clone()).or_insert_with(|| {
+                            let bar = bars.add(ProgressBar::new(estimated_rows.max(1)));
+                            bar.set_style(style.clone());
+                            bar.set_prefix(table);
+                            (bar, 0)
+                        });
                     } else {
                         eprintln!("pulling {table} (about {estimated_rows} rows)");
                     }
                 }
+                PullEvent::TableDone { table } => {
+                    if let Some((bar, _)) = in_flight.remove(&table) {
+                        bar.finish();
+                    }
+                }
                 PullEvent::TableSkipped { table, reason } => {
+                    if let Some((bar, _)) = in_flight.remove(&table) {
+                        bar.finish_and_clear();
+                    }
                     let line = format!("skipped {table}: {reason}");
-                    match &bar {
-                        Some(bar) => bar.println(line),
-                        None => eprintln!("{line}"),
+                    if terminal {
+                        let _ = bars.println(line);
+                    } else {
+                        eprintln!("{line}");
                     }
                 }
                 PullEvent::WaitingForApproval { table, transfer_id } => {
                     let line = format!(
                         "{table}: waiting for the sender's admin to approve transfer {transfer_id}"
                     );
-                    match &bar {
-                        Some(bar) => bar.set_message(line),
+                    match in_flight.get(&table) {
+                        Some((bar, _)) => bar.set_message(line),
                         None => eprintln!("{line}"),
                     }
                 }
                 PullEvent::Batch {
-                    rows, bytes_wire, ..
+                    table,
+                    rows,
+                    bytes_wire,
                 } => {
-                    wire += bytes_wire;
-                    if let Some(bar) = &bar {
+                    if let Some((bar, wire)) = in_flight.get_mut(&table) {
+                        *wire += bytes_wire;
                         let rows = u64::try_from(rows).unwrap_or(0);
                         if bar.position() + rows > bar.length().unwrap_or(0) {
                             bar.set_length(bar.position() + rows);
@@ -211,7 +224,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
                         let rate = bar.per_sec();
                         bar.set_message(format!(
                             "{} wire  {} rows/s",
-                            output::bytes(wire),
+                            output::bytes(*wire),
                             rate.round() as u64
                         ));
                     }
@@ -219,7 +232,7 @@ pub(crate) async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<()> {
             }
         })
         .await;
-    if let Some(bar) = bar.take() {
+    for (_, (bar, _)) in in_flight.drain() {
         if summary.is_ok() {
             bar.finish();
         } else {

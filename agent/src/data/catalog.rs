@@ -331,6 +331,14 @@ pub fn neutral_sqlite_type(declared: &str) -> String {
 /// Table names ordered parents first, so rows referencing a parent arrive after it. Self
 /// references are ignored; tables in a reference cycle keep name order after the rest.
 pub fn fk_order(tables: &[TableInfo]) -> Vec<String> {
+    fk_levels(tables).into_iter().flatten().collect()
+}
+
+/// Table names in levels, parents first: no table of a level references another of the same
+/// level or a later one, so the tables of one level may be pulled side by side once the levels
+/// before it are in. Self references are ignored; each table in a reference cycle is a level
+/// of its own after the rest, in name order.
+pub fn fk_levels(tables: &[TableInfo]) -> Vec<Vec<String>> {
     let names: BTreeSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let mut parents: BTreeMap<&str, BTreeSet<&str>> = tables
         .iter()
@@ -344,7 +352,7 @@ pub fn fk_order(tables: &[TableInfo]) -> Vec<String> {
             (t.name.as_str(), deps)
         })
         .collect();
-    let mut ordered = Vec::with_capacity(tables.len());
+    let mut levels = Vec::new();
     loop {
         let ready: Vec<&str> = parents
             .iter()
@@ -354,16 +362,16 @@ pub fn fk_order(tables: &[TableInfo]) -> Vec<String> {
         if ready.is_empty() {
             break;
         }
-        for name in ready {
+        for name in &ready {
             parents.remove(name);
             for deps in parents.values_mut() {
                 deps.remove(name);
             }
-            ordered.push(name.to_owned());
         }
+        levels.push(ready.into_iter().map(str::to_owned).collect());
     }
-    ordered.extend(parents.keys().map(|name| (*name).to_owned()));
-    ordered
+    levels.extend(parents.keys().map(|name| vec![(*name).to_owned()]));
+    levels
 }
 
 /// `SELECT <columns> FROM <table> [WHERE (<key>) > (<params>)] ORDER BY <key> LIMIT <param>`:
@@ -1042,6 +1050,24 @@ mod tests {
         assert!(position("orders") < position("order_items"));
         assert!(position("products") < position("order_items"));
         assert_eq!(&order[order.len() - 2..], ["a_cycle", "b_cycle"]);
+        let levels = fk_levels(&[
+            table("order_items", &["orders", "products"]),
+            table("orders", &["users"]),
+            table("users", &["users"]),
+            table("products", &[]),
+            table("a_cycle", &["b_cycle"]),
+            table("b_cycle", &["a_cycle"]),
+        ]);
+        assert_eq!(
+            levels,
+            [
+                vec!["products", "users"],
+                vec!["orders"],
+                vec!["order_items"],
+                vec!["a_cycle"],
+                vec!["b_cycle"],
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
-use dbsync_protocol::message::{KeyFilter, Split};
+use dbsync_protocol::message::{KeyFilter, Split, TableSchema};
 use uuid::Uuid;
 
 use super::pull::{
@@ -19,7 +19,7 @@ use super::pull::{
     pulled_columns,
 };
 use crate::agent::Agent;
-use crate::connection::ConflictStrategy;
+use crate::connection::{ConflictStrategy, Connection};
 use crate::error::Result;
 use crate::session::receiver::Client;
 use crate::sink::part_checkpoint;
@@ -239,12 +239,178 @@ impl Agent {
         let columns = pulled_columns(schema, options);
         let (created_table, columns) =
             prepare_table(store, connection.id, schema, &columns, options).await?;
-        // Each part's record, pointed at by its checkpoint before any row moves: a pull killed
-        // at any moment leaves every part findable.
-        let mut jobs = VecDeque::new();
+        let cut = parts.first().map_or(0, |part| part.parts);
+        let resumed = parts.iter().any(|part| part.resumed);
+        let work = TableWork {
+            job: *job,
+            strategy,
+            columns,
+            token,
+            remaining: Mutex::new(parts.len()),
+            totals: Mutex::new(TableSummary {
+                table: schema.name.clone(),
+                created_table,
+                resumed,
+                transport: client.transport.to_string(),
+                parts: u32::try_from(cut).unwrap_or(u32::MAX),
+                ..TableSummary::default()
+            }),
+        };
+        let mut queue = VecDeque::new();
+        self.register_parts(client, &work, parts, &mut queue)
+            .await?;
+        let streams = options.parallel.clamp(1, MAX_PARALLEL).min(queue.len());
+        tracing::info!(table = %schema.name, parts = queue.len(), streams, "pulling a table as parts");
+        self.run_streams(client, connection, options, streams, queue, on_event)
+            .await?;
+        store
+            .clear_part_checkpoints(connection.id, &schema.name)
+            .await?;
+        Ok(Some(work.into_summary()))
+    }
+
+    /// Pulls `tables` (keyed, small, none of them references another) side by side, each whole
+    /// under a grant of the sender (a `Split` of one part): up to `--parallel` sessions take
+    /// tables off one queue, and all of them read from the snapshot of the session that asked
+    /// for the grants. A table the sender grants nothing for, or one not finished when a stream
+    /// failed, is left for the pull to take in one piece (a table started here then resumes
+    /// after its last applied key).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn pull_side_by_side(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        tables: &[(TableSchema, u64)],
+        max_per_request: u64,
+        strategy: ConflictStrategy,
+        options: &PullOptions,
+        on_event: &mut impl FnMut(PullEvent),
+    ) -> SideBySide {
+        let mut outcome = SideBySide::default();
+        let mut works = Vec::with_capacity(tables.len());
+        let mut asked = 0;
+        for (schema, estimated_rows) in tables {
+            let granted = async {
+                let request = Message::Split(Split {
+                    request_id: 0,
+                    table: schema.name.clone(),
+                    parts: 1,
+                });
+                let done = match ask(client, &request, options.retry_for).await? {
+                    Message::SplitDone(done) if done.request_id == 0 => done,
+                    other => {
+                        return Err(client.protocol_error(format!(
+                            "expected SplitDone, got {:?}",
+                            other.kind()
+                        )));
+                    }
+                };
+                if !done.bounds.is_empty() {
+                    return Err(client.protocol_error(format!(
+                        "one part of {:?} asked for, {} ranges given",
+                        schema.name,
+                        done.bounds.len() + 1
+                    )));
+                }
+                let Some(token) = done.token else {
+                    return Ok(None);
+                };
+                let columns = pulled_columns(schema, options);
+                let (created_table, columns) =
+                    prepare_table(&self.store, connection.id, schema, &columns, options).await?;
+                Ok(Some(TableWork {
+                    job: TableJob {
+                        connection,
+                        schema,
+                        max_per_request,
+                        options,
+                        estimated_rows: *estimated_rows,
+                    },
+                    strategy,
+                    columns,
+                    token: Some(token),
+                    remaining: Mutex::new(1),
+                    totals: Mutex::new(TableSummary {
+                        table: schema.name.clone(),
+                        created_table,
+                        transport: client.transport.to_string(),
+                        ..TableSummary::default()
+                    }),
+                }))
+            }
+            .await;
+            asked += 1;
+            match granted {
+                Ok(Some(work)) => works.push(work),
+                Ok(None) => outcome.left.push(schema.name.clone()),
+                Err(err) => {
+                    outcome.error = Some(err);
+                    break;
+                }
+            }
+        }
+        outcome
+            .left
+            .extend(tables[asked..].iter().map(|(s, _)| s.name.clone()));
+        if outcome.error.is_none() && !works.is_empty() {
+            let mut queue = VecDeque::new();
+            let mut registered = Ok(());
+            for work in &works {
+                on_event(PullEvent::TableStarted {
+                    table: work.job.schema.name.clone(),
+                    estimated_rows: work.job.estimated_rows,
+                });
+                let whole = Part {
+                    index: 0,
+                    parts: 1,
+                    after: None,
+                    upto: None,
+                    position: Position::default(),
+                    resumed: false,
+                };
+                registered = self
+                    .register_parts(client, work, vec![whole], &mut queue)
+                    .await;
+                if registered.is_err() {
+                    break;
+                }
+            }
+            let streams = options.parallel.clamp(1, MAX_PARALLEL).min(queue.len());
+            tracing::info!(tables = queue.len(), streams, "pulling tables side by side");
+            let ran = match registered {
+                Ok(()) => {
+                    self.run_streams(client, connection, options, streams, queue, on_event)
+                        .await
+                }
+                Err(err) => Err(err),
+            };
+            outcome.error = ran.err();
+        }
+        for work in works {
+            if work.done() {
+                let schema = work.job.schema.clone();
+                outcome.done.push((work.into_summary(), schema));
+            } else {
+                outcome.left.push(work.job.schema.name.clone());
+            }
+        }
+        outcome
+    }
+
+    /// Records each of `parts` of `work`'s table before any row moves (a receive transfer, and
+    /// its checkpoint pointing at it: a pull killed at any moment leaves every part findable),
+    /// and queues it.
+    async fn register_parts<'a>(
+        &self,
+        client: &Client,
+        work: &'a TableWork<'a>,
+        parts: Vec<Part>,
+        queue: &mut VecDeque<Item<'a>>,
+    ) -> Result<()> {
+        let (connection, table) = (work.job.connection, &work.job.schema.name);
         for part in parts {
             let transfer = self
-                .start_receive_transfer(connection, &schema.name, strategy, client.transport)
+                .start_receive_transfer(connection, table, work.strategy, client.transport)
                 .await?;
             let mut facts = serde_json::json!({
                 "part": format!("{}/{}", part.index + 1, part.parts),
@@ -255,69 +421,66 @@ impl Agent {
             if let Some(remote) = &part.position.remote_transfer {
                 facts["remote_transfer_id"] = remote.clone().into();
             }
-            store.merge_transfer_metadata(transfer.id, facts).await?;
-            store
-                .set_checkpoint_transfer(connection.id, &part.checkpoint(&schema.name), transfer.id)
+            self.store
+                .merge_transfer_metadata(transfer.id, facts)
                 .await?;
-            jobs.push_back((part, transfer.id));
+            self.store
+                .set_checkpoint_transfer(connection.id, &part.checkpoint(table), transfer.id)
+                .await?;
+            let mut totals = work.totals.lock().unwrap_or_else(|e| e.into_inner());
+            if totals.transfer_id.is_nil() {
+                totals.transfer_id = transfer.id;
+            }
+            drop(totals);
+            queue.push_back((part, transfer.id, work));
         }
-        let streams = options.parallel.clamp(1, MAX_PARALLEL).min(jobs.len());
-        let first_transfer = jobs.front().map(|(_, id)| *id).unwrap_or_default();
-        let cut = jobs.front().map_or(0, |(part, _)| part.parts);
-        let resumed = jobs.iter().any(|(part, _)| part.resumed);
-        tracing::info!(table = %schema.name, parts = jobs.len(), streams, "pulling a table as parts");
-        let queue = Mutex::new(jobs);
+        Ok(())
+    }
+
+    /// Drains `queue` over `streams` sessions: `client`, and as many more opened for the
+    /// purpose (closed when the queue is empty).
+    async fn run_streams<'a>(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        options: &PullOptions,
+        streams: usize,
+        queue: VecDeque<Item<'a>>,
+        on_event: &mut impl FnMut(PullEvent),
+    ) -> Result<()> {
+        let queue = Mutex::new(queue);
         let events = Mutex::new(on_event);
-        let totals = Mutex::new(TableSummary {
-            table: schema.name.clone(),
-            created_table,
-            resumed,
-            transfer_id: first_transfer,
-            transport: client.transport.to_string(),
-            parts: u32::try_from(cut).unwrap_or(u32::MAX),
-            ..TableSummary::default()
-        });
         let shared = Shared {
-            job,
-            strategy,
-            columns: &columns,
-            token: token.as_deref(),
             queue: &queue,
             events: &events,
-            totals: &totals,
         };
         let mut workers = Vec::with_capacity(streams);
         workers.push(futures_util::future::Either::Left(
             self.run_parts(client, &shared),
         ));
-        for _ in 1..streams {
+        for _ in 1..streams.max(1) {
             workers.push(futures_util::future::Either::Right(
-                self.run_parts_own_session(&shared),
+                self.run_parts_own_session(connection, options, &shared),
             ));
         }
         futures_util::future::try_join_all(workers).await?;
-        store
-            .clear_part_checkpoints(connection.id, &schema.name)
-            .await?;
-        let summary = totals.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok(Some(summary))
+        Ok(())
     }
 
     /// A stream of its own: a session opened for it takes parts until none is left. A session
     /// the sender will not open (too many, say) leaves its parts to the others.
     async fn run_parts_own_session<F: FnMut(PullEvent)>(
         &self,
+        connection: &Connection,
+        options: &PullOptions,
         shared: &Shared<'_, '_, F>,
     ) -> Result<()> {
-        let options = shared.job.options;
         let password = match &options.password {
             Some(given) => Some(given.clone()),
-            None => self
-                .store
-                .receiver_password(shared.job.connection, &self.vault)?,
+            None => self.store.receiver_password(connection, &self.vault)?,
         };
         let (mut client, _) = match self
-            .open_session(shared.job.connection, password.as_ref(), options.transport)
+            .open_session(connection, password.as_ref(), options.transport)
             .await
         {
             Ok(opened) => opened,
@@ -337,29 +500,29 @@ impl Agent {
         client: &mut Client,
         shared: &Shared<'_, '_, F>,
     ) -> Result<()> {
-        let schema = shared.job.schema;
         loop {
             let next = shared
                 .queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front();
-            let Some((mut part, transfer)) = next else {
+            let Some((mut part, transfer, work)) = next else {
                 return Ok(());
             };
+            let schema = work.job.schema;
             let checkpoint = part.checkpoint(&schema.name);
             let filter = KeyFilter::Range {
                 from: None,
                 to: part.upto.clone(),
             };
             let pass = Pass {
-                columns: shared.columns,
-                strategy: shared.strategy,
+                columns: &work.columns,
+                strategy: work.strategy,
                 key_filter: Some(&filter),
                 cursor: None,
                 keys_only: false,
                 into: None,
-                split: shared.token,
+                split: work.token.as_deref(),
                 checkpoint: Some(&checkpoint),
             };
             let mut summary = TableSummary {
@@ -373,7 +536,7 @@ impl Agent {
             let outcome = self
                 .pull_rows(
                     client,
-                    shared.job,
+                    &work.job,
                     &pass,
                     &mut on_event,
                     &mut part.position,
@@ -389,25 +552,72 @@ impl Agent {
                 return Err(err);
             }
             self.store.complete_transfer(transfer, self.now()).await?;
-            let mut totals = shared.totals.lock().unwrap_or_else(|e| e.into_inner());
-            totals.rows += summary.rows;
-            totals.created += summary.created;
-            totals.updated += summary.updated;
-            totals.skipped += summary.skipped;
-            totals.bytes_wire += summary.bytes_wire;
-            totals.bytes_raw += summary.bytes_raw;
-            totals.truncated |= summary.truncated;
+            work.add(&summary);
+            let last = {
+                let mut remaining = work.remaining.lock().unwrap_or_else(|e| e.into_inner());
+                *remaining = remaining.saturating_sub(1);
+                *remaining == 0
+            };
+            // The table is in: its ranges are forgotten at once, so a pull that breaks off
+            // later does not take it for unfinished.
+            if last {
+                self.store
+                    .clear_part_checkpoints(work.job.connection.id, &schema.name)
+                    .await?;
+            }
         }
     }
 }
 
+/// One table pulled as parts: what its parts share.
+pub(super) struct TableWork<'a> {
+    job: TableJob<'a>,
+    strategy: ConflictStrategy,
+    columns: Vec<String>,
+    /// The sender's grant the parts name (none: parts resumed, each an ordinary pull).
+    token: Option<String>,
+    /// Parts not finished yet.
+    remaining: Mutex<usize>,
+    totals: Mutex<TableSummary>,
+}
+
+impl TableWork<'_> {
+    fn add(&self, part: &TableSummary) {
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        totals.rows += part.rows;
+        totals.created += part.created;
+        totals.updated += part.updated;
+        totals.skipped += part.skipped;
+        totals.bytes_wire += part.bytes_wire;
+        totals.bytes_raw += part.bytes_raw;
+        totals.truncated |= part.truncated;
+    }
+
+    fn done(&self) -> bool {
+        *self.remaining.lock().unwrap_or_else(|e| e.into_inner()) == 0
+    }
+
+    fn into_summary(self) -> TableSummary {
+        self.totals.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What [`Agent::pull_side_by_side`] did.
+#[derive(Default)]
+pub(super) struct SideBySide {
+    /// The tables pulled, with their descriptions.
+    pub(super) done: Vec<(TableSummary, TableSchema)>,
+    /// The tables left for the pull to take one at a time.
+    pub(super) left: Vec<String>,
+    /// Why it stopped early, if it did.
+    pub(super) error: Option<crate::error::Error>,
+}
+
+/// A queued part: the range, its receive transfer, and its table.
+type Item<'a> = (Part, Uuid, &'a TableWork<'a>);
+
 /// What every stream of one parallel pull shares.
 struct Shared<'a, 'e, F> {
-    job: &'a TableJob<'a>,
-    strategy: ConflictStrategy,
-    columns: &'a [String],
-    token: Option<&'a str>,
-    queue: &'a Mutex<VecDeque<(Part, Uuid)>>,
+    queue: &'a Mutex<VecDeque<Item<'a>>>,
     events: &'a Mutex<&'e mut F>,
-    totals: &'a Mutex<TableSummary>,
 }

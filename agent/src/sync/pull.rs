@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::agent::Agent;
 use crate::audit::Actor;
-use crate::catalog::fk_order;
+use crate::catalog::fk_levels;
 use crate::connection::{ConflictStrategy, Connection, ConnectionStatus, Direction};
 use crate::error::{Error, Result};
 use crate::session::receiver::Client;
@@ -24,6 +24,9 @@ use crate::transfer::{NewTransfer, TransferDirection, TransferStatus};
 
 /// Batches the sender may have in flight before it waits for credit.
 pub const CREDITS: u32 = 8;
+/// Most tables granted at once for pulling side by side (the sender keeps 16 grants per
+/// connection).
+const SIDE_BY_SIDE_BATCH: usize = 8;
 /// How often a pull waiting for approval asks again.
 pub const APPROVAL_POLL: Duration = Duration::from_secs(5);
 /// How long a QUIC handshake may take before `auto` falls back to WebSocket.
@@ -222,6 +225,11 @@ pub enum PullEvent {
         table: String,
         /// Estimate.
         estimated_rows: u64,
+    },
+    /// A table's rows are all in.
+    TableDone {
+        /// Table.
+        table: String,
     },
     /// A batch was applied.
     Batch {
@@ -637,46 +645,125 @@ impl Agent {
         let mut warnings = Vec::new();
         // Tables whose foreign keys are made once every table of the pull is in.
         let mut completed = Vec::new();
-        for table in fk_order(&wanted) {
-            let estimated_rows = wanted
-                .iter()
-                .find(|t| t.name == table)
-                .map_or(0, |t| t.estimated_rows);
-            on_event(PullEvent::TableStarted {
-                table: table.clone(),
-                estimated_rows,
-            });
-            let mut reconnects = 0;
-            let mut cached = described.remove(&table);
-            let summary = loop {
-                let attempt = async {
-                    let schema = match cached.take() {
-                        Some(schema) => schema,
-                        None => describe(&mut client, &table, options.retry_for).await?,
-                    };
-                    if options.schema_only {
-                        let columns = pulled_columns(&schema, options);
-                        let (created_table, _) =
-                            prepare_table(&self.store, connection.id, &schema, &columns, options)
-                                .await?;
-                        let summary = TableSummary {
-                            table: schema.name.clone(),
-                            created_table,
-                            transport: client.transport.to_string(),
-                            ..TableSummary::default()
+        // Small keyed tables of one foreign-key level go side by side under `--parallel`.
+        let side_by_side = super::parallel::may_split(options, strategy, self.store.engine())
+            && client.version >= dbsync_protocol::SPLIT_VERSION;
+        for level in fk_levels(&wanted) {
+            let mut one_at_a_time = level;
+            if side_by_side {
+                let (together, alone) = self
+                    .side_by_side_candidates(&connection, &wanted, one_at_a_time)
+                    .await?;
+                one_at_a_time = alone;
+                for batch in together.chunks(SIDE_BY_SIDE_BATCH) {
+                    let mut schemas = Vec::with_capacity(batch.len());
+                    let mut failed = None;
+                    for (name, estimated_rows) in batch {
+                        let schema = match described.remove(name) {
+                            Some(schema) => schema,
+                            None => match describe(&mut client, name, options.retry_for).await {
+                                Ok(schema) => schema,
+                                Err(err) => {
+                                    failed = Some(err);
+                                    break;
+                                }
+                            },
                         };
-                        return Ok(Ok((summary, schema)));
+                        schemas.push((schema, *estimated_rows));
                     }
-                    let job = TableJob {
-                        connection: &connection,
-                        schema: &schema,
-                        max_per_request,
-                        options,
-                        estimated_rows,
+                    let outcome = match failed {
+                        Some(err) => super::parallel::SideBySide {
+                            left: batch.iter().map(|(name, _)| name.clone()).collect(),
+                            error: Some(err),
+                            ..Default::default()
+                        },
+                        None => {
+                            self.pull_side_by_side(
+                                &mut client,
+                                &connection,
+                                &schemas,
+                                max_per_request,
+                                strategy,
+                                options,
+                                &mut on_event,
+                            )
+                            .await
+                        }
                     };
-                    // A table without a key, or any under `replace`, comes whole.
-                    let summary =
-                        if schema.primary_key.is_empty() || strategy == ConflictStrategy::Replace {
+                    for (summary, schema) in outcome.done {
+                        let (more, created) =
+                            self.table_pulled(connection.id, &schema, options).await?;
+                        warnings.extend(more);
+                        completed.extend(created);
+                        on_event(PullEvent::TableDone {
+                            table: summary.table.clone(),
+                        });
+                        summaries.push(summary);
+                    }
+                    // What is left goes one table at a time, each resuming where it stopped.
+                    one_at_a_time.extend(outcome.left);
+                    if let Some(err) = outcome.error {
+                        self.backoff(err, options, &mut failing_since, &mut attempts)
+                            .await?;
+                        let (reopened, max) = self
+                            .open_session_retrying(
+                                &connection,
+                                options,
+                                &mut failing_since,
+                                &mut attempts,
+                            )
+                            .await?;
+                        std::mem::replace(&mut client, reopened).close().await;
+                        max_per_request = max;
+                    }
+                }
+            }
+            for table in one_at_a_time {
+                let estimated_rows = wanted
+                    .iter()
+                    .find(|t| t.name == table)
+                    .map_or(0, |t| t.estimated_rows);
+                on_event(PullEvent::TableStarted {
+                    table: table.clone(),
+                    estimated_rows,
+                });
+                let mut reconnects = 0;
+                let mut cached = described.remove(&table);
+                let summary = loop {
+                    let attempt = async {
+                        let schema = match cached.take() {
+                            Some(schema) => schema,
+                            None => describe(&mut client, &table, options.retry_for).await?,
+                        };
+                        if options.schema_only {
+                            let columns = pulled_columns(&schema, options);
+                            let (created_table, _) = prepare_table(
+                                &self.store,
+                                connection.id,
+                                &schema,
+                                &columns,
+                                options,
+                            )
+                            .await?;
+                            let summary = TableSummary {
+                                table: schema.name.clone(),
+                                created_table,
+                                transport: client.transport.to_string(),
+                                ..TableSummary::default()
+                            };
+                            return Ok(Ok((summary, schema)));
+                        }
+                        let job = TableJob {
+                            connection: &connection,
+                            schema: &schema,
+                            max_per_request,
+                            options,
+                            estimated_rows,
+                        };
+                        // A table without a key, or any under `replace`, comes whole.
+                        let summary = if schema.primary_key.is_empty()
+                            || strategy == ConflictStrategy::Replace
+                        {
                             let strategy = match whole_strategy(
                                 &schema.name,
                                 strategy,
@@ -696,68 +783,60 @@ impl Agent {
                             self.pull_table(&mut client, &job, strategy, &mut on_event)
                                 .await?
                         };
-                    Ok(Ok((summary, schema)))
-                }
-                .await;
-                match attempt {
-                    Ok(summary) => break summary,
-                    Err(err) => {
-                        // A session that broke off is re-opened; the table resumes after its
-                        // checkpoint.
-                        self.backoff(err, options, &mut failing_since, &mut attempts)
-                            .await?;
-                        reconnects += 1;
-                        let (reopened, max) = self
-                            .open_session_retrying(
-                                &connection,
-                                options,
-                                &mut failing_since,
-                                &mut attempts,
-                            )
-                            .await?;
-                        std::mem::replace(&mut client, reopened).close().await;
-                        max_per_request = max;
+                        Ok(Ok((summary, schema)))
                     }
+                    .await;
+                    match attempt {
+                        Ok(summary) => break summary,
+                        Err(err) => {
+                            // A session that broke off is re-opened; the table resumes after its
+                            // checkpoint.
+                            self.backoff(err, options, &mut failing_since, &mut attempts)
+                                .await?;
+                            reconnects += 1;
+                            let (reopened, max) = self
+                                .open_session_retrying(
+                                    &connection,
+                                    options,
+                                    &mut failing_since,
+                                    &mut attempts,
+                                )
+                                .await?;
+                            std::mem::replace(&mut client, reopened).close().await;
+                            max_per_request = max;
+                        }
+                    }
+                };
+                failing_since = None;
+                attempts = 0;
+                // A keyless table under a strategy that matches rows by key: left out, the others
+                // go on.
+                let (summary, schema) = match summary {
+                    Ok(pulled) => pulled,
+                    Err(skip) => {
+                        tracing::warn!(table = %table, reason = %skip.reason, "skipped");
+                        on_event(PullEvent::TableSkipped {
+                            table: table.clone(),
+                            reason: skip.reason.clone(),
+                        });
+                        skipped.push(skip);
+                        continue;
+                    }
+                };
+                if reconnects > 0 {
+                    store_reconnects(&self.store, summary.transfer_id, reconnects).await;
                 }
-            };
-            failing_since = None;
-            attempts = 0;
-            // A keyless table under a strategy that matches rows by key: left out, the others
-            // go on.
-            let (summary, schema) = match summary {
-                Ok(pulled) => pulled,
-                Err(skip) => {
-                    tracing::warn!(table = %table, reason = %skip.reason, "skipped");
-                    on_event(PullEvent::TableSkipped {
-                        table: table.clone(),
-                        reason: skip.reason.clone(),
-                    });
-                    skipped.push(skip);
-                    continue;
-                }
-            };
-            if reconnects > 0 {
-                store_reconnects(&self.store, summary.transfer_id, reconnects).await;
+                let (more, created) = self.table_pulled(connection.id, &schema, options).await?;
+                warnings.extend(more);
+                completed.extend(created);
+                on_event(PullEvent::TableDone {
+                    table: summary.table.clone(),
+                });
+                summaries.push(TableSummary {
+                    reconnects,
+                    ..summary
+                });
             }
-            // The copy takes inserts at once: its sequences reach the sender's values.
-            if !options.schema_only {
-                warnings.extend(self.store.follow_sequences(&schema).await?);
-            }
-            // A table this pull (or an interrupted one before it) created: its indexes now its
-            // rows are in.
-            if schema.postgres.is_some()
-                && self
-                    .store
-                    .schema_pending(connection.id, &schema.name)
-                    .await?
-            {
-                warnings.extend(self.store.complete_schema(&schema).await?);
-                completed.push(schema);
-            }
-            summaries.push(TableSummary {
-                reconnects,
-                ..summary
-            });
         }
         client.close().await;
         for schema in &completed {
@@ -778,6 +857,77 @@ impl Agent {
             warnings,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// What follows a table's rows: the copy's sequences reach the sender's values (it takes
+    /// inserts at once), and a table this pull (or an interrupted one before it) created gets
+    /// its indexes now its rows are in. The warnings, and the schema when its foreign keys are
+    /// still to be made (once every table of the pull is in).
+    async fn table_pulled(
+        &self,
+        connection_id: Uuid,
+        schema: &TableSchema,
+        options: &PullOptions,
+    ) -> Result<(Vec<String>, Option<TableSchema>)> {
+        let mut warnings = Vec::new();
+        if !options.schema_only {
+            warnings.extend(self.store.follow_sequences(schema).await?);
+        }
+        if schema.postgres.is_some()
+            && self
+                .store
+                .schema_pending(connection_id, &schema.name)
+                .await?
+        {
+            warnings.extend(self.store.complete_schema(schema).await?);
+            return Ok((warnings, Some(schema.clone())));
+        }
+        Ok((warnings, None))
+    }
+
+    /// Which of `level`'s tables go side by side (with their row estimates): keyed ones the
+    /// sender would not cut (fewer rows than two ranges' worth) with nothing interrupted to
+    /// resume. None when fewer than two qualify; the others go one at a time.
+    async fn side_by_side_candidates(
+        &self,
+        connection: &Connection,
+        wanted: &[dbsync_protocol::message::TableInfo],
+        level: Vec<String>,
+    ) -> Result<(Vec<(String, u64)>, Vec<String>)> {
+        let mut together = Vec::new();
+        let mut alone = Vec::new();
+        for name in level {
+            let Some(info) = wanted.iter().find(|t| t.name == name) else {
+                alone.push(name);
+                continue;
+            };
+            let small = !info.primary_key.is_empty()
+                && info.estimated_rows < 2 * crate::session::sender::MIN_PART_ROWS;
+            let mut interrupted = !self
+                .store
+                .part_checkpoints(connection.id, &name)
+                .await?
+                .is_empty();
+            if let Some(checkpoint) = self.store.checkpoint(connection.id, &name).await?
+                && checkpoint.last_key.is_some()
+                && let Some(transfer) = checkpoint.transfer_id
+            {
+                interrupted |= self
+                    .store
+                    .get_transfer(transfer)
+                    .await
+                    .is_ok_and(|t| t.status != TransferStatus::Completed);
+            }
+            if small && !interrupted {
+                together.push((name, info.estimated_rows));
+            } else {
+                alone.push(name);
+            }
+        }
+        if together.len() < 2 {
+            alone.extend(together.drain(..).map(|(name, _)| name));
+        }
+        Ok((together, alone))
     }
 
     /// A receive transfer of `table` under `strategy`, created and started (the record both a

@@ -23,7 +23,7 @@ use crate::store::Engine;
 pub const MIN_PART_ROWS: u64 = 10_000;
 /// Most grants kept per connection (the oldest goes first); a grant also goes when the session
 /// that made it ends.
-const GRANTS_PER_CONNECTION: usize = 8;
+const GRANTS_PER_CONNECTION: usize = 16;
 
 /// The grants of every session of this sender, by token.
 #[derive(Default)]
@@ -123,10 +123,12 @@ impl Splits {
 
 impl Session<'_> {
     /// Answers a [`Split`]: the table's cut into at most `parts` key ranges of about the same
-    /// number of rows, and the grant its parts name. One piece (no bound) when the table is
-    /// small, has no key, waits for approval (keys are data, and the bounds are keys), or lives
-    /// in SQLite (whose reads go one at a time anyway). A cut counts as the download of every
-    /// part; a connection past its download limit is refused as a pull would be.
+    /// number of rows, and the grant its parts name. One piece (no bound, no grant) when the
+    /// table is small, has no key, waits for approval (keys are data, and the bounds are keys),
+    /// or lives in SQLite (whose reads go one at a time anyway). One part asked: no bound and a
+    /// grant of the whole table, which another session of the same pull then reads from this
+    /// session's snapshot. A cut counts as the download of every part; a connection past its
+    /// download limit is refused as a pull would be.
     pub(super) async fn split(
         &mut self,
         connection: &Connection,
@@ -150,10 +152,13 @@ impl Session<'_> {
         };
         let store = &self.agent.store;
         let mut bounds: Vec<Vec<Value>> = Vec::new();
-        if !schema.primary_key.is_empty()
+        let grantable = !schema.primary_key.is_empty()
             && !connection.table_requires_approval(&request.table)
-            && store.engine() == Engine::Postgres
-        {
+            && store.engine() == Engine::Postgres;
+        // One part asked: the whole table under a grant, so another session of the pull can
+        // read it from this session's snapshot (small tables side by side).
+        let whole = grantable && request.parts == 1;
+        if grantable && !whole {
             let rows = store.row_estimate(&request.table).await?.unwrap_or(0);
             let parts = u64::from(request.parts.clamp(1, MAX_PARTS)).min(rows / MIN_PART_ROWS);
             if parts >= 2 {
@@ -170,7 +175,7 @@ impl Session<'_> {
                 }
             }
         }
-        if bounds.is_empty() {
+        if bounds.is_empty() && !whole {
             return self
                 .send(&Message::SplitDone(SplitDone {
                     request_id: request.request_id,
@@ -199,6 +204,7 @@ impl Session<'_> {
         }
         ranges.push((after, None));
         let token = hex::encode(rand::random::<[u8; 16]>());
+        let parts = ranges.len();
         self.agent.splits.insert(
             token.clone(),
             Grant {
@@ -211,7 +217,7 @@ impl Session<'_> {
             },
         );
         self.splits_made.push(token.clone());
-        tracing::info!(connection_id = %connection.id, table = %request.table, parts = bounds.len() + 1, "table cut for a parallel pull");
+        tracing::info!(connection_id = %connection.id, table = %request.table, parts, "table cut for a parallel pull");
         self.send(&Message::SplitDone(SplitDone {
             request_id: request.request_id,
             bounds,
