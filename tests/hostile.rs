@@ -771,8 +771,11 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     "_SQLX_MIGRATIONS",
                     "dbsync_settings",
                     "t1",
+                    "t2",
                 ]
                 .iter()
+                // A second small table for the lies about cuts: the two go side by side.
+                .filter(|name| **name != "t2" || matches!(lie, Lie::CutTooMany | Lie::CutNotKeys))
                 .map(|name| TableInfo {
                     name: (*name).into(),
                     estimated_rows: 1,
@@ -1805,11 +1808,20 @@ async fn a_hostile_cut_is_refused_before_any_table_is_made() {
     let Some(b) = agent("hostile::cut", true, None).await else {
         return;
     };
-    for lie in [Lie::CutTooMany, Lie::CutNotKeys] {
+    // One table asked to be cut, and two small ones asked for whole (side by side), each
+    // answered with bounds.
+    let asks = [
+        vec!["t1".to_owned()],
+        vec!["t1".to_owned(), "t2".to_owned()],
+    ];
+    for (lie, tables) in [Lie::CutTooMany, Lie::CutNotKeys]
+        .into_iter()
+        .flat_map(|lie| asks.iter().map(move |tables| (lie, tables)))
+    {
         evil_receiver(&b, lie).await;
         let tables_before = tables_of(&b).await;
         let options = PullOptions {
-            tables: Some(vec!["t1".to_owned()]),
+            tables: Some(tables.clone()),
             parallel: 4,
             ..PullOptions::default()
         };
@@ -1824,17 +1836,22 @@ async fn a_hostile_cut_is_refused_before_any_table_is_made() {
             ),
             "{lie:?}: {err}"
         );
+        if tables.len() == 2 {
+            assert!(err.to_string().contains("one part"), "{lie:?}: {err}");
+        }
         assert_eq!(tables_of(&b).await, tables_before, "{lie:?}: no table made");
         let connection = b.agent.store.get_connection("evil").await.unwrap();
-        assert!(
-            b.agent
-                .store
-                .part_checkpoints(connection.id, "t1")
-                .await
-                .unwrap()
-                .is_empty(),
-            "{lie:?}: no range recorded"
-        );
+        for table in tables {
+            assert!(
+                b.agent
+                    .store
+                    .part_checkpoints(connection.id, table)
+                    .await
+                    .unwrap()
+                    .is_empty(),
+                "{lie:?}: no range recorded"
+            );
+        }
         b.agent
             .store
             .delete_connection("evil", &admin(), b.agent.now())
