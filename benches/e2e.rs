@@ -412,6 +412,113 @@ async fn copy_rows(from: &sqlx::PgPool, out: &str, to: &sqlx::PgPool, into: &str
     started.elapsed()
 }
 
+/// Small tables pulled in one pull: how many, and rows in each (too few for the sender to cut,
+/// so `--parallel` pulls them side by side).
+const SMALL_TABLES: usize = 24;
+const SMALL_TABLE_ROWS: i64 = 10_000;
+
+/// Many small tables in one pull, one at a time (`--parallel 1`) and side by side (each
+/// `--parallel` count), against their COPY pipes one after another in the same run.
+async fn small_tables_steps(
+    pg: &Pg,
+    a: &sqlx::PgPool,
+    b: &sqlx::PgPool,
+    setup: &Setup,
+    knobs: &Knobs,
+    table: &mut Vec<Row>,
+) {
+    let names: Vec<String> = (1..=SMALL_TABLES)
+        .map(|i| format!("small_{i:02}"))
+        .collect();
+    for name in &names {
+        exec(a, &users_ddl(name)).await;
+        exec(a, &users_fill(name, SMALL_TABLE_ROWS)).await;
+        exec(a, &format!("VACUUM ANALYZE {name}")).await;
+    }
+    let rows = SMALL_TABLE_ROWS * SMALL_TABLES as i64;
+    let mut times = Vec::new();
+    for _ in 0..knobs.repeat {
+        for name in &names {
+            exec(b, &users_ddl(name)).await;
+        }
+        settle(Some(pg)).await;
+        let mut took = Duration::ZERO;
+        for name in &names {
+            took += copy_pipe(a, b, name).await;
+        }
+        times.push(took);
+        for name in &names {
+            exec(b, &format!("DROP TABLE {name}")).await;
+        }
+    }
+    let (baseline, samples) = median(&times);
+    eprintln!("{SMALL_TABLES} small tables, COPY pipes: {baseline:.2} s");
+    table.push(Row {
+        measure: format!("{SMALL_TABLES} small tables: COPY binary | COPY, one after another"),
+        seconds: baseline,
+        samples,
+        rows,
+        ratio: Some(1.0),
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
+    let list = names.join(",");
+    let depth = knobs.pipeline_depth.to_string();
+    let transport = knobs.transports[0].as_str();
+    let mut counts = vec![1];
+    counts.extend(knobs.parallel.iter().copied().filter(|n| *n > 1));
+    for parallel in counts {
+        let streams = parallel.to_string();
+        let args = [
+            setup.connection.as_str(),
+            "--tables",
+            &list,
+            "--transport",
+            transport,
+            "--pipeline-depth",
+            &depth,
+            "--strategy",
+            "overwrite",
+            "--parallel",
+            &streams,
+        ];
+        let mut times = Vec::new();
+        let mut first = None;
+        for _ in 0..knobs.repeat {
+            for name in &names {
+                exec(b, &format!("DROP TABLE IF EXISTS {name}")).await;
+            }
+            exec(b, "DELETE FROM dbsync_checkpoints").await;
+            settle(Some(pg)).await;
+            let (summary, elapsed, rss_b, rss_a) = setup.receiver.pull(&args, &setup.sender);
+            let moved: i64 = summary["tables"]
+                .as_array()
+                .map_or(0, |t| t.iter().filter_map(|t| t["rows"].as_i64()).sum());
+            assert_eq!(moved, rows, "{summary}");
+            times.push(elapsed);
+            first.get_or_insert((rss_b, rss_a));
+        }
+        let (seconds, samples) = median(&times);
+        let (rss_b, rss_a) = first.expect("at least one run");
+        eprintln!("{SMALL_TABLES} small tables, --parallel {parallel}: {seconds:.2} s");
+        table.push(Row {
+            measure: format!("{SMALL_TABLES} small tables over {transport}, --parallel {parallel}"),
+            seconds,
+            samples,
+            rows,
+            ratio: Some(seconds / baseline),
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+    }
+    for name in &names {
+        exec(a, &format!("DROP TABLE {name}")).await;
+        exec(b, &format!("DROP TABLE IF EXISTS {name}")).await;
+    }
+}
+
 /// Bytes of the table as COPY text (what `psql | psql` would put on a wire).
 async fn copy_text_bytes(from: &sqlx::PgPool, table: &str) -> u64 {
     copy_out_bytes(from, &format!("COPY {table} TO STDOUT")).await
@@ -704,6 +811,7 @@ async fn postgres_steps(
         table.push(row);
     }
     let transport = knobs.transports[0].as_str();
+    small_tables_steps(pg, &a, &b, &setup, knobs, table).await;
     // Re-pull with overwrite onto the full target (the same rows each run).
     let mut times = Vec::new();
     let mut first = None;

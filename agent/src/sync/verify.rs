@@ -644,12 +644,16 @@ impl Agent {
         // side: the sender reads it meanwhile.
         let mut last_differs = false;
         let mut asked: Option<Message> = None;
+        // Where the range after this one ends, found while this one is hashed.
+        let mut ahead: Option<Option<Vec<Value>>>;
         loop {
+            ahead = None;
             let range = (start.as_deref(), end.as_deref());
-            let differs = last_differs
-                || asked.is_some()
-                || self
-                    .ranges_differ(
+            let differs = if last_differs || asked.is_some() {
+                true
+            } else {
+                let (differs, next) = tokio::join!(
+                    self.ranges_differ(
                         client,
                         &table,
                         here,
@@ -659,8 +663,19 @@ impl Agent {
                         options,
                         verdict,
                         on_event,
-                    )
-                    .await?;
+                    ),
+                    async {
+                        match range.1 {
+                            Some(done) => {
+                                self.store.range_end(here, Some(done), rows).await.map(Some)
+                            }
+                            None => Ok(None),
+                        }
+                    }
+                );
+                ahead = next?;
+                differs?
+            };
             // A difference after identical ranges is likely alone: the range is cut in parts,
             // and only the parts that differ are compared row by row.
             if differs && !last_differs && asked.is_none() && rows >= 2 * SPLIT {
@@ -689,7 +704,10 @@ impl Agent {
                 let Some(done) = end.take() else {
                     break;
                 };
-                end = self.store.range_end(here, Some(&done), rows).await?;
+                end = match ahead.take() {
+                    Some(next) => next,
+                    None => self.store.range_end(here, Some(&done), rows).await?,
+                };
                 start = Some(done);
                 continue;
             }
@@ -718,7 +736,10 @@ impl Agent {
                 let (local, answer) = (local?, answer?);
                 // The range ends with this page: the next range is asked for now.
                 if let (Some(done), false) = (&end, answer.more) {
-                    next_end = Some(self.store.range_end(here, Some(done), rows).await?);
+                    next_end = Some(match ahead.take() {
+                        Some(next) => next,
+                        None => self.store.range_end(here, Some(done), rows).await?,
+                    });
                     request_id += 1;
                     let next = (
                         Some(done.as_slice()),
@@ -754,7 +775,7 @@ impl Agent {
             let Some(done) = end.take() else {
                 break;
             };
-            end = match next_end {
+            end = match next_end.or_else(|| ahead.take()) {
                 Some(next) => next,
                 None => self.store.range_end(here, Some(&done), rows).await?,
             };
