@@ -69,7 +69,8 @@ pub(crate) struct PullArgs {
     #[arg(long)]
     add_columns: bool,
     /// Pull each large table over up to N sessions side by side, each a key range the sender
-    /// cuts (PostgreSQL on both sides, protocol 6; a kill resumes every range where it stopped)
+    /// cuts, and small tables up to N at a time (PostgreSQL on both sides, protocol 6; a kill
+    /// resumes every range and table where it stopped)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(dbsync_protocol::message::MAX_PARTS)))]
     parallel: u32,
     /// Move only the rows that differ: compare row hashes page by page (protocol 4), pull the
