@@ -557,7 +557,7 @@ async fn small_tables_go_side_by_side_from_one_moment_for_a_download_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_tables_side_by_side_killed_again_and_again_converge_to_exact_copies() {
+async fn small_tables_side_by_side_killed_with_sigkill_converge_to_exact_copies() {
     const ROWS: i64 = 15_000;
     let Some((a, b, receiver)) = pair(
         "parallel::side_by_side_kill",
@@ -575,8 +575,9 @@ async fn small_tables_side_by_side_killed_again_and_again_converge_to_exact_copi
     small_tables(&a, 4, ROWS).await;
     const TABLES: [&str; 6] = ["left_side", "right_side", "s1", "s2", "s3", "s4"];
     let args = [receiver.as_str(), "--parallel", "4"];
-    // `s4` is among the last taken off the queue: a kill when it has rows lands mid-pull.
-    let kills = kill_again_and_again(&b, &args, "s4", ROWS, 3).await;
+    // `s4` is among the last taken off the queue: a kill when it has rows lands mid-pull (a
+    // second run would pull again whole what the first finished).
+    let kills = kill_again_and_again(&b, &args, "s4", ROWS, 1).await;
     let out = spawn_pull_with(&b, &args).wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -589,7 +590,9 @@ async fn small_tables_side_by_side_killed_again_and_again_converge_to_exact_copi
     // A table the kill interrupted goes on after its last applied key; one that had finished
     // is pulled again whole, as any pull would.
     assert!(
-        tables.iter().any(|t| t["resumed"] == true),
+        tables
+            .iter()
+            .any(|t| t["table"] == "s4" && t["resumed"] == true),
         "{summary} (kills at {kills:?})"
     );
     for table in tables.iter().filter(|t| t["resumed"] != true) {
@@ -623,6 +626,61 @@ async fn small_tables_side_by_side_killed_again_and_again_converge_to_exact_copi
         sent.iter().map(|t| t.records_transferred).sum::<i64>(),
         on_a.total_records
     );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_tables_side_by_side_stop_at_the_download_limit_with_every_granted_table_in() {
+    const ROWS: i64 = 2_000;
+    let Some((a, b, receiver)) = pair(
+        "parallel::side_by_side_downloads",
+        true,
+        ConnectionSettings {
+            max_records_per_request: 500,
+            rate_limit_per_minute: 6_000,
+            max_downloads: Some(3),
+            ..ConnectionSettings::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    small_tables(&a, 4, ROWS).await;
+    // Six small tables, three downloads: the fourth grant is refused as a pull would be.
+    let err = b
+        .agent
+        .pull(&receiver, &parallel(4), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            dbsync_agent::Error::Remote { code, .. }
+                if *code == dbsync_protocol::session::Code::DownloadLimitExceeded
+        ),
+        "{err}"
+    );
+    // The three tables granted came whole, and nothing more was counted.
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 3);
+    assert_eq!(on_a.total_records, 3 * ROWS);
+    let mut whole = 0;
+    for table in ["left_side", "right_side", "s1", "s2", "s3", "s4"] {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(table)
+            .fetch_one(&sqlx::PgPool::connect(&b.database_url).await.unwrap())
+            .await
+            .unwrap();
+        if exists && count(&b, table).await == ROWS {
+            whole += 1;
+        }
+    }
+    assert_eq!(whole, 3);
+    let sent = sent(&a).await;
+    assert_eq!(sent.len(), 3);
+    assert!(sent.iter().all(|t| t.status == TransferStatus::Completed));
     a.stop().await;
     b.stop().await;
 }

@@ -352,7 +352,9 @@ impl Agent {
         outcome
             .left
             .extend(tables[asked..].iter().map(|(s, _)| s.name.clone()));
-        if outcome.error.is_none() && !works.is_empty() {
+        // The tables granted before a refusal (the download limit reached, say) still go: each
+        // took its download.
+        if !works.is_empty() {
             let mut queue = VecDeque::new();
             let mut registered = Ok(());
             for work in &works {
@@ -384,7 +386,9 @@ impl Agent {
                 }
                 Err(err) => Err(err),
             };
-            outcome.error = ran.err();
+            if outcome.error.is_none() {
+                outcome.error = ran.err();
+            }
         }
         for work in works {
             if work.done() {
