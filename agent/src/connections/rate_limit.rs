@@ -103,12 +103,18 @@ impl Store {
         let interval = (60_000_000 / per_minute).max(1);
         let window = interval.saturating_mul(per_minute);
         let now = now.timestamp_micros();
-        let greatest = match self.engine() {
-            crate::store::Engine::Postgres => "GREATEST",
-            crate::store::Engine::Sqlite => "MAX",
+        // On PostgreSQL the statement's own transaction commits without waiting for its WAL
+        // to reach the disk (a request is taken at every step of a session): a crash can lose
+        // the last moments of the limits' state, never make it wrong for anyone else.
+        let (greatest, values) = match self.engine() {
+            crate::store::Engine::Postgres => (
+                "GREATEST",
+                "SELECT $1, $2 + $3 FROM (SELECT set_config('synchronous_commit', 'off', true)) s",
+            ),
+            crate::store::Engine::Sqlite => ("MAX", "VALUES ($1, $2 + $3)"),
         };
         let sql = format!(
-            "INSERT INTO dbsync_rate_limits (key, tat_micros) VALUES ($1, $2 + $3) \
+            "INSERT INTO dbsync_rate_limits (key, tat_micros) {values} \
              ON CONFLICT (key) DO UPDATE \
              SET tat_micros = {greatest}(dbsync_rate_limits.tat_micros, $2) + $3 \
              WHERE {greatest}(dbsync_rate_limits.tat_micros, $2) + $3 - $4 <= $2 \

@@ -90,6 +90,7 @@ pub async fn serve(
         exported: None,
         splits_made: Vec::new(),
         verifying: Vec::new(),
+        described: Vec::new(),
     };
     tokio::select! {
         outcome = session.run() => {
@@ -134,7 +135,15 @@ struct Session<'a> {
     splits_made: Vec<String>,
     /// The tables being verified in this session, each with its verification transfer.
     verifying: Vec<(String, uuid::Uuid)>,
+    /// Tables described lately, each with when: a verification asks about the same table a
+    /// hundred times in a second, and describing it is a catalog query each time.
+    described: Vec<(String, std::time::Instant, TableSchema)>,
 }
+
+/// How long a session reuses a table's description.
+const DESCRIBED_FOR: Duration = Duration::from_secs(2);
+/// Most descriptions a session keeps.
+const DESCRIBED_MOST: usize = 16;
 
 impl Session<'_> {
     /// Sends a message; returns (bytes on the wire, payload bytes before compression).
@@ -238,13 +247,31 @@ impl Session<'_> {
 
     /// The schema of `table` when the connection offers it; otherwise `table_not_allowed` is
     /// sent (a table not offered and one that does not exist look the same) and `None` returned.
+    /// `table` as the database describes it now, or as it did under [`DESCRIBED_FOR`] ago in
+    /// this session; none when it is not there.
+    async fn describe(&mut self, table: &str) -> Option<TableSchema> {
+        if let Some((_, at, schema)) = self.described.iter().find(|(name, ..)| name == table)
+            && at.elapsed() < DESCRIBED_FOR
+        {
+            return Some(schema.clone());
+        }
+        self.described.retain(|(name, ..)| name != table);
+        let schema = self.agent.store.describe_table(table).await.ok()?;
+        if self.described.len() >= DESCRIBED_MOST {
+            self.described.remove(0);
+        }
+        self.described
+            .push((table.to_owned(), std::time::Instant::now(), schema.clone()));
+        Some(schema)
+    }
+
     async fn offered_schema(
         &mut self,
         connection: &crate::Connection,
         table: &str,
     ) -> SessionResult<Option<TableSchema>> {
         let described = if connection.offers_table(table) {
-            self.agent.store.describe_table(table).await.ok()
+            self.describe(table).await
         } else {
             None
         };
