@@ -1037,27 +1037,21 @@ mod tests {
             primary_key: vec![],
             depends_on: deps.iter().map(|d| (*d).to_owned()).collect(),
         };
-        let order = fk_order(&[
+        let tables = [
             table("order_items", &["orders", "products"]),
             table("orders", &["users"]),
             table("users", &["users"]),
             table("products", &[]),
             table("a_cycle", &["b_cycle"]),
             table("b_cycle", &["a_cycle"]),
-        ]);
+        ];
+        let order = fk_order(&tables);
         let position = |name: &str| order.iter().position(|n| n == name).unwrap();
         assert!(position("users") < position("orders"));
         assert!(position("orders") < position("order_items"));
         assert!(position("products") < position("order_items"));
         assert_eq!(&order[order.len() - 2..], ["a_cycle", "b_cycle"]);
-        let levels = fk_levels(&[
-            table("order_items", &["orders", "products"]),
-            table("orders", &["users"]),
-            table("users", &["users"]),
-            table("products", &[]),
-            table("a_cycle", &["b_cycle"]),
-            table("b_cycle", &["a_cycle"]),
-        ]);
+        let levels = fk_levels(&tables);
         assert_eq!(
             levels,
             [

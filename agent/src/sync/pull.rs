@@ -705,16 +705,15 @@ impl Agent {
                     if let Some(err) = outcome.error {
                         self.backoff(err, options, &mut failing_since, &mut attempts)
                             .await?;
-                        let (reopened, max) = self
-                            .open_session_retrying(
+                        max_per_request = self
+                            .reopen(
+                                &mut client,
                                 &connection,
                                 options,
                                 &mut failing_since,
                                 &mut attempts,
                             )
                             .await?;
-                        std::mem::replace(&mut client, reopened).close().await;
-                        max_per_request = max;
                     }
                 }
             }
@@ -794,16 +793,15 @@ impl Agent {
                             self.backoff(err, options, &mut failing_since, &mut attempts)
                                 .await?;
                             reconnects += 1;
-                            let (reopened, max) = self
-                                .open_session_retrying(
+                            max_per_request = self
+                                .reopen(
+                                    &mut client,
                                     &connection,
                                     options,
                                     &mut failing_since,
                                     &mut attempts,
                                 )
                                 .await?;
-                            std::mem::replace(&mut client, reopened).close().await;
-                            max_per_request = max;
                         }
                     }
                 };
@@ -857,6 +855,23 @@ impl Agent {
             warnings,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Opens a new session in place of `client` (closed), retrying as
+    /// [`Agent::open_session_retrying`] does; the new session's rows per request.
+    async fn reopen(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        options: &PullOptions,
+        failing_since: &mut Option<Instant>,
+        attempts: &mut u32,
+    ) -> Result<u64> {
+        let (reopened, max) = self
+            .open_session_retrying(connection, options, failing_since, attempts)
+            .await?;
+        std::mem::replace(client, reopened).close().await;
+        Ok(max)
     }
 
     /// What follows a table's rows: the copy's sequences reach the sender's values (it takes
