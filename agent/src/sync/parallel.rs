@@ -6,7 +6,7 @@
 //! session that cut the table. Each range is applied by its own connection to this site's
 //! database; ranges never overlap, so their transactions never wait on each other's rows.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use dbsync_protocol::Message;
@@ -15,7 +15,7 @@ use dbsync_protocol::message::{KeyFilter, Split, TableSchema};
 use uuid::Uuid;
 
 use super::pull::{
-    Pass, Position, PullEvent, PullOptions, TableJob, TableSummary, ask, prepare_table,
+    Pass, Position, PullEvent, PullOptions, TableJob, TableSummary, ask, describe, prepare_table,
     pulled_columns,
 };
 use crate::agent::Agent;
@@ -280,13 +280,31 @@ impl Agent {
         &self,
         client: &mut Client,
         connection: &Connection,
-        tables: &[(TableSchema, u64)],
-        max_per_request: u64,
-        strategy: ConflictStrategy,
+        names: &[(String, u64)],
+        described: &mut HashMap<String, TableSchema>,
+        (max_per_request, strategy): (u64, ConflictStrategy),
         options: &PullOptions,
         on_event: &mut impl FnMut(PullEvent),
     ) -> SideBySide {
         let mut outcome = SideBySide::default();
+        // Each table as the sender describes it (those described before the pull began are
+        // not asked again).
+        let mut tables = Vec::with_capacity(names.len());
+        for (name, estimated_rows) in names {
+            let schema = match described.remove(name) {
+                Some(schema) => schema,
+                None => match describe(client, name, options.retry_for).await {
+                    Ok(schema) => schema,
+                    Err(err) => {
+                        outcome.left = names.iter().map(|(name, _)| name.clone()).collect();
+                        outcome.error = Some(err);
+                        return outcome;
+                    }
+                },
+            };
+            tables.push((schema, *estimated_rows));
+        }
+        let tables = tables.as_slice();
         let mut works = Vec::with_capacity(tables.len());
         let mut asked = 0;
         for (schema, estimated_rows) in tables {

@@ -656,40 +656,17 @@ impl Agent {
                     .await?;
                 one_at_a_time = alone;
                 for batch in together.chunks(SIDE_BY_SIDE_BATCH) {
-                    let mut schemas = Vec::with_capacity(batch.len());
-                    let mut failed = None;
-                    for (name, estimated_rows) in batch {
-                        let schema = match described.remove(name) {
-                            Some(schema) => schema,
-                            None => match describe(&mut client, name, options.retry_for).await {
-                                Ok(schema) => schema,
-                                Err(err) => {
-                                    failed = Some(err);
-                                    break;
-                                }
-                            },
-                        };
-                        schemas.push((schema, *estimated_rows));
-                    }
-                    let outcome = match failed {
-                        Some(err) => super::parallel::SideBySide {
-                            left: batch.iter().map(|(name, _)| name.clone()).collect(),
-                            error: Some(err),
-                            ..Default::default()
-                        },
-                        None => {
-                            self.pull_side_by_side(
-                                &mut client,
-                                &connection,
-                                &schemas,
-                                max_per_request,
-                                strategy,
-                                options,
-                                &mut on_event,
-                            )
-                            .await
-                        }
-                    };
+                    let outcome = self
+                        .pull_side_by_side(
+                            &mut client,
+                            &connection,
+                            batch,
+                            &mut described,
+                            (max_per_request, strategy),
+                            options,
+                            &mut on_event,
+                        )
+                        .await;
                     for (summary, schema) in outcome.done {
                         let (more, created) =
                             self.table_pulled(connection.id, &schema, options).await?;
@@ -703,10 +680,9 @@ impl Agent {
                     // What is left goes one table at a time, each resuming where it stopped.
                     one_at_a_time.extend(outcome.left);
                     if let Some(err) = outcome.error {
-                        self.backoff(err, options, &mut failing_since, &mut attempts)
-                            .await?;
                         max_per_request = self
                             .reopen(
+                                err,
                                 &mut client,
                                 &connection,
                                 options,
@@ -790,11 +766,9 @@ impl Agent {
                         Err(err) => {
                             // A session that broke off is re-opened; the table resumes after its
                             // checkpoint.
-                            self.backoff(err, options, &mut failing_since, &mut attempts)
-                                .await?;
-                            reconnects += 1;
                             max_per_request = self
                                 .reopen(
+                                    err,
                                     &mut client,
                                     &connection,
                                     options,
@@ -802,6 +776,7 @@ impl Agent {
                                     &mut attempts,
                                 )
                                 .await?;
+                            reconnects += 1;
                         }
                     }
                 };
@@ -857,16 +832,19 @@ impl Agent {
         })
     }
 
-    /// Opens a new session in place of `client` (closed), retrying as
+    /// After `err` broke a session off: waits as [`Agent::backoff`] says (or gives up with
+    /// `err`), then opens a new session in place of `client` (closed), retrying as
     /// [`Agent::open_session_retrying`] does; the new session's rows per request.
     async fn reopen(
         &self,
+        err: Error,
         client: &mut Client,
         connection: &Connection,
         options: &PullOptions,
         failing_since: &mut Option<Instant>,
         attempts: &mut u32,
     ) -> Result<u64> {
+        self.backoff(err, options, failing_since, attempts).await?;
         let (reopened, max) = self
             .open_session_retrying(connection, options, failing_since, attempts)
             .await?;
