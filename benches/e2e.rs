@@ -24,6 +24,12 @@ use sqlx::postgres::PgPoolCopyExt;
 
 const DBSYNC: &str = env!("CARGO_BIN_EXE_dbsync");
 
+/// The `dbsync` binary the bench runs: `DBSYNC_BENCH_BIN` when set (another build, to compare
+/// two builds with one bench), else the one `cargo bench` built.
+fn dbsync_bin() -> String {
+    std::env::var("DBSYNC_BENCH_BIN").unwrap_or_else(|_| DBSYNC.to_string())
+}
+
 #[derive(Debug, Clone)]
 struct Knobs {
     rows: i64,
@@ -117,10 +123,10 @@ fn dbsync_command(netns: Option<&str>) -> Command {
     match netns {
         Some(ns) => {
             let mut command = Command::new("ip");
-            command.args(["netns", "exec", ns, DBSYNC]);
+            command.args(["netns", "exec", ns]).arg(dbsync_bin());
             command
         }
-        None => Command::new(DBSYNC),
+        None => Command::new(dbsync_bin()),
     }
 }
 

@@ -32,6 +32,8 @@ pub struct Agent {
     pub metrics: crate::metrics::Metrics,
     /// The tables cut for parallel pulls, by grant token (sender side).
     pub(crate) splits: crate::session::sender::Splits,
+    /// The pulls reading pages now (sender side), which size the pages.
+    pub(crate) readers: Arc<crate::session::sender::Readers>,
     /// The site's QUIC certificate, loaded (or created) on first use.
     quic_identity: std::sync::OnceLock<Arc<crate::quic::Identity>>,
 }
@@ -58,6 +60,7 @@ impl Agent {
             peers,
             metrics: crate::metrics::Metrics::new(),
             splits: Default::default(),
+            readers: Default::default(),
             quic_identity: std::sync::OnceLock::new(),
         })
     }

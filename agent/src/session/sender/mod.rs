@@ -11,6 +11,7 @@ mod pull;
 mod split;
 mod verify;
 
+pub use pages::Readers;
 pub use split::{MIN_PART_ROWS, Splits};
 
 use std::future::Future;

@@ -19,6 +19,38 @@ const TARGET_BATCH_BYTES: usize = 4 * 1024 * 1024;
 const TARGET_SQLITE_BATCH_BYTES: usize = 640 * 1024;
 /// Rows of a pull's first page, before the width of a row is known.
 const FIRST_PAGE_ROWS: i64 = 100;
+/// The least a page aims at however many pulls read at once.
+const MIN_BATCH_BYTES: usize = 512 * 1024;
+
+/// How many pulls of this sender are reading pages now, over all sessions and streams. Each
+/// holds up to three pages (one being read, one waiting, one being sent), so a page aims at
+/// the target batch size divided by the pulls reading: the sender's memory for pages stays
+/// about one pull's however many streams a parallel pull opens.
+#[derive(Debug, Default)]
+pub struct Readers(std::sync::atomic::AtomicUsize);
+
+impl Readers {
+    /// Counts a reader for as long as the returned guard lives.
+    fn enter(&self) -> Reading<'_> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Reading(self)
+    }
+
+    /// Bytes a page aims at now, for a source whose one-reader target is `target`.
+    fn page_bytes(&self, target: usize) -> usize {
+        let readers = self.0.load(std::sync::atomic::Ordering::Relaxed).max(1);
+        (target / readers).max(MIN_BATCH_BYTES.min(target))
+    }
+}
+
+/// A reader counted in [`Readers`].
+struct Reading<'a>(&'a Readers);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 /// About how many bytes a row of `page` takes encoded (to size the next page).
 fn bytes_per_row(page: &EncodedPage) -> usize {
     (page.columns.len() - page.room) / page.rows.max(1)
@@ -70,9 +102,11 @@ pub(super) struct ProduceJob {
 /// the reading with rows left (the next request of the pull goes on from it).
 pub(super) async fn produce(
     store: Store,
+    readers: std::sync::Arc<Readers>,
     mut job: ProduceJob,
     to_session: mpsc::Sender<Produced>,
 ) -> Option<crate::source::Snapshot> {
+    let reading = readers.enter();
     let mut snapshot = job.snapshot.take();
     let mut after = job.after;
     let mut sent: i64 = 0;
@@ -169,7 +203,7 @@ pub(super) async fn produce(
         after = page.last_key.clone();
         sent += got;
         let per_row = bytes_per_row(&page).max(1);
-        page_rows = i64::try_from(target / per_row)
+        page_rows = i64::try_from(reading.0.page_bytes(target) / per_row)
             .unwrap_or(i64::MAX)
             .clamp(1, job.batch_rows);
         let reserved = if charged { got } else { 0 };

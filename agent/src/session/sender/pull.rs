@@ -279,6 +279,7 @@ impl Session<'_> {
         let (pages_tx, mut pages) = mpsc::channel::<Produced>(PAGES_AHEAD);
         let producer = tokio::spawn(produce(
             self.agent.store.clone(),
+            std::sync::Arc::clone(&self.agent.readers),
             ProduceJob {
                 connection_id: connection.id,
                 limited,
