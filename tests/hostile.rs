@@ -694,6 +694,8 @@ enum Lie {
     CutTooMany,
     /// Speaks protocol 6 and cuts a table at bounds that are no keys of it.
     CutNotKeys,
+    /// Speaks protocol 6, cuts a large table in two when asked, and never answers a pull.
+    Silent,
 }
 
 /// Gives `b` a receiver connection `evil` to a fake sender telling `lie`.
@@ -758,7 +760,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     Lie::Version => 99,
                     Lie::Hashes | Lie::Stuck => 4,
                     Lie::RangeHashes | Lie::RangeStuck => 5,
-                    Lie::CutTooMany | Lie::CutNotKeys => 6,
+                    Lie::CutTooMany | Lie::CutNotKeys | Lie::Silent => 6,
                     Lie::Names => 2,
                 },
                 session_id: "fake".into(),
@@ -778,7 +780,8 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 .filter(|name| **name != "t2" || matches!(lie, Lie::CutTooMany | Lie::CutNotKeys))
                 .map(|name| TableInfo {
                     name: (*name).into(),
-                    estimated_rows: 1,
+                    // Large enough to be cut for a parallel pull.
+                    estimated_rows: if lie == Lie::Silent { 1_000_000 } else { 1 },
                     bytes: 1,
                     primary_key: vec!["id".into()],
                     depends_on: vec![],
@@ -795,7 +798,11 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
             Message::DescribeTable(name)
                 if matches!(
                     lie,
-                    Lie::RangeHashes | Lie::RangeStuck | Lie::CutTooMany | Lie::CutNotKeys
+                    Lie::RangeHashes
+                        | Lie::RangeStuck
+                        | Lie::CutTooMany
+                        | Lie::CutNotKeys
+                        | Lie::Silent
                 ) =>
             {
                 let mut schema = admin_schema(&name);
@@ -809,7 +816,12 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
             Message::DescribeTable(_) => Message::TableSchema(admin_schema("DBSYNC_ADMIN_TOKENS")),
             Message::Split(split) => Message::SplitDone(dbsync_protocol::message::SplitDone {
                 request_id: split.request_id,
-                bounds: if lie == Lie::CutTooMany {
+                bounds: if lie == Lie::Silent {
+                    // Two well-formed ranges (one when one part is asked for).
+                    (1..split.parts.min(2))
+                        .map(|_| vec![Value::Text("m".into())])
+                        .collect()
+                } else if lie == Lie::CutTooMany {
                     (0..5_000).map(|i| vec![Value::Int(i)]).collect()
                 } else {
                     vec![vec![Value::Int(1), Value::Int(2)]; 2]
@@ -875,6 +887,8 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 },
                 hashes: vec![],
             }),
+            // Not a word in answer, for as long as the session stays open.
+            Message::Pull(_) if lie == Lie::Silent => continue,
             Message::Pull(pull) => Message::RowBatch(RowBatch {
                 request_id: pull.request_id,
                 seq: 0,
@@ -1859,4 +1873,71 @@ async fn a_hostile_cut_is_refused_before_any_table_is_made() {
             .unwrap();
     }
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_stops_answering_ends_the_pull_in_time() {
+    fn quick(config: &mut dbsync_agent::Config) {
+        config.answer_timeout_secs = Some(1);
+    }
+    for postgres in [false, true] {
+        let Some(b) = agent("hostile::silent_sender", postgres, Some(quick)).await else {
+            continue;
+        };
+        evil_receiver(&b, Lie::Silent).await;
+        // In one piece, and cut in two ranges over two sessions (a PostgreSQL receiver); once
+        // giving up at the first silence, once retrying for a few seconds.
+        let parallel: &[usize] = if postgres { &[1, 2] } else { &[1] };
+        for (&parallel, retry) in parallel.iter().flat_map(|p| [(p, 0), (p, 3)]) {
+            let options = PullOptions {
+                tables: Some(vec!["t1".to_owned()]),
+                parallel,
+                retry_for: Duration::from_secs(retry),
+                ..PullOptions::default()
+            };
+            let started = Instant::now();
+            let err = tokio::time::timeout(
+                Duration::from_secs(60),
+                b.agent.pull("evil", &options, |_| {}),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{postgres} {parallel}: the pull hung"))
+            .unwrap_err();
+            let took = started.elapsed();
+            assert!(
+                matches!(&err, dbsync_agent::Error::Unreachable { .. }),
+                "{postgres} {parallel}: {err}"
+            );
+            assert!(
+                err.to_string().contains("no answer for 1 s"),
+                "{postgres} {parallel}: {err}"
+            );
+            // One silence, or as many as fit the time left to retry (each a second, between
+            // backoffs of at most a few seconds).
+            assert!(
+                took < Duration::from_secs(retry + 15),
+                "{postgres} {parallel}: {took:?}"
+            );
+            assert!(
+                took >= Duration::from_secs(retry.max(1)),
+                "{postgres} {parallel}: {took:?}"
+            );
+        }
+        // The receiving transfers it started are ended, none left running.
+        let page = b
+            .agent
+            .store
+            .list_transfers(&Default::default())
+            .await
+            .unwrap();
+        assert!(!page.items.is_empty(), "{postgres}: transfers recorded");
+        for transfer in &page.items {
+            assert_ne!(
+                transfer.status,
+                dbsync_agent::transfer::TransferStatus::InProgress,
+                "{postgres}: {transfer:?}"
+            );
+        }
+        b.stop().await;
+    }
 }

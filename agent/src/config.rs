@@ -39,6 +39,10 @@ pub struct Config {
     pub site_url: Option<String>,
     /// Allow peers on loopback, private and link-local addresses (tests, demos, private networks).
     pub allow_private_peers: bool,
+    /// Seconds this site, pulling or verifying, waits for a sender's next message before it
+    /// counts the session as broken off (default 300): a sender that stops answering ends the
+    /// pull with `unreachable` (retried within `--retry-for`), never a hang.
+    pub answer_timeout_secs: Option<u64>,
     /// The HTTP server of `dbsync serve`.
     pub server: ServerConfig,
     /// The QUIC transport.
@@ -136,6 +140,11 @@ impl Default for ServerConfig {
 }
 
 impl Config {
+    /// [`Config::answer_timeout_secs`], or its default.
+    pub fn answer_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.answer_timeout_secs.unwrap_or(300))
+    }
+
     /// Reads `path` when given (a missing explicit file is an error), then applies `DBSYNC_*`
     /// environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self> {
@@ -188,6 +197,9 @@ impl Config {
         if let Some(rows) = env("DBSYNC_BATCH_ROWS").and_then(|r| r.parse().ok()) {
             self.server.batch_rows = rows;
         }
+        if let Some(secs) = env("DBSYNC_ANSWER_TIMEOUT_SECS").and_then(|s| s.parse().ok()) {
+            self.answer_timeout_secs = Some(secs);
+        }
         if let Some(allow) = env("DBSYNC_ALLOW_PRIVATE_PEERS") {
             self.allow_private_peers = matches!(allow.as_str(), "1" | "true" | "yes");
         }
@@ -216,6 +228,9 @@ impl Config {
             && hours <= 0
         {
             return Err(Error::Config("approval_ttl_hours must be > 0".into()));
+        }
+        if self.answer_timeout_secs == Some(0) {
+            return Err(Error::Config("answer_timeout_secs must be > 0".into()));
         }
         if let Some(url) = &self.site_url {
             crate::connection::normalize_site_url(url)

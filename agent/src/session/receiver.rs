@@ -106,6 +106,8 @@ pub(crate) struct Client {
     quic: Option<crate::quic::QuicConnection>,
     /// The protocol version the sender chose (0 until welcomed).
     pub(crate) version: u16,
+    /// How long an answer may take before the session counts as broken off.
+    answer_timeout: Duration,
 }
 
 impl Client {
@@ -151,9 +153,14 @@ impl Client {
     /// The next message or row batch and its size on the wire; a remote `Error` becomes
     /// [`Error::Remote`].
     pub(crate) async fn recv_rows(&mut self) -> Result<(Reply, usize)> {
-        let next = tokio::time::timeout(Duration::from_secs(300), self.link.recv())
+        let next = tokio::time::timeout(self.answer_timeout, self.link.recv())
             .await
-            .map_err(|_| self.broke_off("no answer for 300 s"))?;
+            .map_err(|_| {
+                self.broke_off(format!(
+                    "no answer for {} s (answer_timeout_secs)",
+                    self.answer_timeout.as_secs()
+                ))
+            })?;
         match next {
             Some(Incoming::Message(Message::Error(error), _)) => {
                 // The codes are part of the protocol version both sides agreed on.
@@ -260,6 +267,7 @@ impl Agent {
             transport: Transport::Ws,
             quic: None,
             version: 0,
+            answer_timeout: self.config.answer_timeout(),
         })
     }
 
@@ -328,6 +336,7 @@ impl Agent {
                 transport: Transport::Quic,
                 quic: Some(quic),
                 version: 0,
+                answer_timeout: self.config.answer_timeout(),
             }),
             Err(crate::quic::ConnectError::Unreachable(reason)) => {
                 Err((true, Error::Unreachable { site, reason }))

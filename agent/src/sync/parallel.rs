@@ -470,6 +470,7 @@ impl Agent {
         queue: VecDeque<Item<'a>>,
         on_event: &mut impl FnMut(PullEvent),
     ) -> Result<()> {
+        let transfers: Vec<Uuid> = queue.iter().map(|(_, transfer, _)| *transfer).collect();
         let queue = Mutex::new(queue);
         let events = Mutex::new(on_event);
         let shared = Shared {
@@ -485,7 +486,19 @@ impl Agent {
                 self.run_parts_own_session(connection, options, &shared),
             ));
         }
-        futures_util::future::try_join_all(workers).await?;
+        if let Err(err) = futures_util::future::try_join_all(workers).await {
+            // The other streams stopped where they were, and the parts not begun never will:
+            // their transfers end as failed (a finished one stays completed; the checkpoints
+            // keep where each range got to, for the next pull).
+            let reason = format!("the parallel pull stopped: {err}");
+            for transfer in transfers {
+                let _ = self
+                    .store
+                    .fail_transfer(transfer, &reason, self.now())
+                    .await;
+            }
+            return Err(err);
+        }
         Ok(())
     }
 

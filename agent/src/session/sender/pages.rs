@@ -252,3 +252,28 @@ pub(super) async fn produce(
     let _ = to_session.send(end).await;
     snapshot.filter(|_| more)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_shrink_with_the_pulls_reading_down_to_a_floor() {
+        let readers = Readers::default();
+        let target = TARGET_BATCH_BYTES;
+        assert_eq!(readers.page_bytes(target), target, "nobody reading yet");
+        let first = readers.enter();
+        assert_eq!(readers.page_bytes(target), target);
+        let others: Vec<_> = (0..3).map(|_| readers.enter()).collect();
+        assert_eq!(readers.page_bytes(target), target / 4);
+        let many: Vec<_> = (0..60).map(|_| readers.enter()).collect();
+        assert_eq!(readers.page_bytes(target), MIN_BATCH_BYTES);
+        // A target under the floor is kept as it is.
+        assert_eq!(readers.page_bytes(64 * 1024), 64 * 1024);
+        drop(many);
+        drop(others);
+        assert_eq!(readers.page_bytes(target), target);
+        drop(first);
+        assert_eq!(readers.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+}
