@@ -42,6 +42,9 @@ struct Part {
     position: Position,
     /// Whether it goes on from an earlier run.
     resumed: bool,
+    /// The sender's grant a resumed part names when it never heard back from the sender (its
+    /// first batch never came): the part goes on under the cut that counted its download.
+    grant: Option<String>,
 }
 
 impl Part {
@@ -117,19 +120,28 @@ impl Agent {
                     )
                     .await;
             }
+            let remote_transfer = meta
+                .get("remote_transfer_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
+            let grant = match remote_transfer {
+                Some(_) => None,
+                None => meta
+                    .get("grant")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned),
+            };
             parts.push(Part {
                 index: index as usize,
                 parts: count as usize,
                 position: Position {
                     after: checkpoint.last_key.clone().or_else(|| after.clone()),
-                    remote_transfer: meta
-                        .get("remote_transfer_id")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned),
+                    remote_transfer,
                 },
                 after,
                 upto,
                 resumed: true,
+                grant,
             });
         }
         if unreadable || !any_unfinished {
@@ -232,6 +244,7 @@ impl Agent {
                     after: after.clone(),
                     upto: upto.clone(),
                     resumed: false,
+                    grant: None,
                 });
                 after = upto;
             }
@@ -387,6 +400,7 @@ impl Agent {
                     upto: None,
                     position: Position::default(),
                     resumed: false,
+                    grant: None,
                 };
                 registered = self
                     .register_parts(client, work, vec![whole], &mut queue)
@@ -442,6 +456,11 @@ impl Agent {
             });
             if let Some(remote) = &part.position.remote_transfer {
                 facts["remote_transfer_id"] = remote.clone().into();
+            }
+            // The cut's grant, for a run after this one dies to name (a grant is good only
+            // for this connection, and for an hour after its session ends).
+            if let Some(grant) = part.grant.as_ref().or(work.token.as_ref()) {
+                facts["grant"] = grant.clone().into();
             }
             self.store
                 .merge_transfer_metadata(transfer.id, facts)
@@ -557,7 +576,7 @@ impl Agent {
                 cursor: None,
                 keys_only: false,
                 into: None,
-                split: work.token.as_deref(),
+                split: part.grant.as_deref().or(work.token.as_deref()),
                 checkpoint: Some(&checkpoint),
             };
             let mut summary = TableSummary {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
-use dbsync_protocol::message::{KeyFilter, TableSchema};
+use dbsync_protocol::message::{KeyFilter, TableInfo, TableSchema};
 use dbsync_protocol::session::{Code, ReceiverCore};
 use serde::Serialize;
 use uuid::Uuid;
@@ -264,6 +264,63 @@ pub(super) fn pulled_columns(schema: &TableSchema, options: &PullOptions) -> Vec
         .map(|c| c.name.clone())
         .filter(|c| !options.exclude_columns.contains(c))
         .collect()
+}
+
+/// The tables a pull takes: the sender's list without reserved names and repeats, narrowed to
+/// `--tables` (a name not offered is refused); a key filter needs exactly one.
+async fn wanted_tables(
+    client: &mut Client,
+    connection: &Connection,
+    options: &PullOptions,
+) -> Result<Vec<TableInfo>> {
+    let offered = match ask(client, &Message::ListTables, options.retry_for).await? {
+        Message::TableList(tables) => tables,
+        other => {
+            return Err(
+                client.protocol_error(format!("expected TableList, got {:?}", other.kind()))
+            );
+        }
+    };
+    // The sender's list is the sender's word: a name this site reserves (its own state, the
+    // engine's tables, in any spelling) is never pulled, whoever offers it.
+    let mut offered: Vec<_> = offered
+            .into_iter()
+            .filter(|t| {
+                let reserved = crate::catalog::is_internal_table(&t.name);
+                if reserved {
+                    tracing::warn!(table = %t.name, site = %connection.site_url, "the sender offered a reserved table name; it is not pulled");
+                }
+                !reserved
+            })
+            .collect();
+    let mut seen = std::collections::HashSet::new();
+    offered.retain(|t| seen.insert(t.name.clone()));
+    let wanted: Vec<TableInfo> = match &options.tables {
+        Some(names) => {
+            for name in names {
+                if !offered.iter().any(|t| &t.name == name) {
+                    return Err(Error::Remote {
+                        site: connection.site_url.clone(),
+                        code: Code::TableNotAllowed,
+                        message: format!("{name:?} is not offered"),
+                        retry_after_ms: None,
+                    });
+                }
+            }
+            offered
+                .into_iter()
+                .filter(|t| names.contains(&t.name))
+                .collect()
+        }
+        None => offered,
+    };
+    if (options.where_key.is_some() || options.key_list.is_some()) && wanted.len() != 1 {
+        return Err(Error::invalid(
+            "where-key",
+            "a key filter applies to one table: name it with --tables",
+        ));
+    }
+    Ok(wanted)
 }
 
 /// How a table pulled whole (no primary key, or `replace`) goes in under `strategy`, which the
@@ -579,54 +636,7 @@ impl Agent {
         let (mut client, mut max_per_request) = self
             .open_session_retrying(&connection, options, &mut failing_since, &mut attempts)
             .await?;
-        let offered = match ask(&mut client, &Message::ListTables, options.retry_for).await? {
-            Message::TableList(tables) => tables,
-            other => {
-                return Err(
-                    client.protocol_error(format!("expected TableList, got {:?}", other.kind()))
-                );
-            }
-        };
-        // The sender's list is the sender's word: a name this site reserves (its own state, the
-        // engine's tables, in any spelling) is never pulled, whoever offers it.
-        let mut offered: Vec<_> = offered
-            .into_iter()
-            .filter(|t| {
-                let reserved = crate::catalog::is_internal_table(&t.name);
-                if reserved {
-                    tracing::warn!(table = %t.name, site = %connection.site_url, "the sender offered a reserved table name; it is not pulled");
-                }
-                !reserved
-            })
-            .collect();
-        let mut seen = std::collections::HashSet::new();
-        offered.retain(|t| seen.insert(t.name.clone()));
-        let wanted: Vec<_> = match &options.tables {
-            Some(names) => {
-                for name in names {
-                    if !offered.iter().any(|t| &t.name == name) {
-                        return Err(Error::Remote {
-                            site: connection.site_url.clone(),
-                            code: Code::TableNotAllowed,
-                            message: format!("{name:?} is not offered"),
-                            retry_after_ms: None,
-                        });
-                    }
-                }
-                offered
-                    .iter()
-                    .filter(|t| names.contains(&t.name))
-                    .cloned()
-                    .collect()
-            }
-            None => offered.clone(),
-        };
-        if (options.where_key.is_some() || options.key_list.is_some()) && wanted.len() != 1 {
-            return Err(Error::invalid(
-                "where-key",
-                "a key filter applies to one table: name it with --tables",
-            ));
-        }
+        let wanted = wanted_tables(&mut client, &connection, options).await?;
         // The tables not here yet are described first: an extension their types need is named
         // before any row of any table moves.
         let mut described = std::collections::HashMap::new();
@@ -705,62 +715,16 @@ impl Agent {
                 let mut reconnects = 0;
                 let mut cached = described.remove(&table);
                 let summary = loop {
-                    let attempt = async {
-                        let schema = match cached.take() {
-                            Some(schema) => schema,
-                            None => describe(&mut client, &table, options.retry_for).await?,
-                        };
-                        if options.schema_only {
-                            let columns = pulled_columns(&schema, options);
-                            let (created_table, _) = prepare_table(
-                                &self.store,
-                                connection.id,
-                                &schema,
-                                &columns,
-                                options,
-                            )
-                            .await?;
-                            let summary = TableSummary {
-                                table: schema.name.clone(),
-                                created_table,
-                                transport: client.transport.to_string(),
-                                ..TableSummary::default()
-                            };
-                            return Ok(Ok((summary, schema)));
-                        }
-                        let job = TableJob {
-                            connection: &connection,
-                            schema: &schema,
-                            max_per_request,
+                    let attempt = self
+                        .pull_one(
+                            &mut client,
+                            &connection,
+                            (&table, cached.take()),
+                            (max_per_request, strategy, estimated_rows),
                             options,
-                            estimated_rows,
-                        };
-                        // A table without a key, or any under `replace`, comes whole.
-                        let summary = if schema.primary_key.is_empty()
-                            || strategy == ConflictStrategy::Replace
-                        {
-                            let strategy = match whole_strategy(
-                                &schema.name,
-                                strategy,
-                                options.strategy.is_some(),
-                            ) {
-                                Ok(strategy) => strategy,
-                                Err(skip) => return Ok(Err(skip)),
-                            };
-                            self.pull_whole(&mut client, &job, strategy, &mut on_event)
-                                .await?
-                        } else if let Some(summary) = self
-                            .pull_parallel(&mut client, &job, strategy, &mut on_event)
-                            .await?
-                        {
-                            summary
-                        } else {
-                            self.pull_table(&mut client, &job, strategy, &mut on_event)
-                                .await?
-                        };
-                        Ok(Ok((summary, schema)))
-                    }
-                    .await;
+                            &mut on_event,
+                        )
+                        .await;
                     match attempt {
                         Ok(summary) => break summary,
                         Err(err) => {
@@ -832,6 +796,58 @@ impl Agent {
         })
     }
 
+    /// One attempt at one table on `client`: described (unless `cached`), then pulled whole, in
+    /// ranges or in one piece, as its key and the strategy say; a table left out (no key
+    /// under a strategy that needs one) is the inner `Err`.
+    #[allow(clippy::type_complexity)]
+    async fn pull_one(
+        &self,
+        client: &mut Client,
+        connection: &Connection,
+        (table, cached): (&str, Option<TableSchema>),
+        (max_per_request, strategy, estimated_rows): (u64, ConflictStrategy, u64),
+        options: &PullOptions,
+        on_event: &mut impl FnMut(PullEvent),
+    ) -> Result<std::result::Result<(TableSummary, TableSchema), SkippedTable>> {
+        let schema = match cached {
+            Some(schema) => schema,
+            None => describe(client, table, options.retry_for).await?,
+        };
+        if options.schema_only {
+            let columns = pulled_columns(&schema, options);
+            let (created_table, _) =
+                prepare_table(&self.store, connection.id, &schema, &columns, options).await?;
+            let summary = TableSummary {
+                table: schema.name.clone(),
+                created_table,
+                transport: client.transport.to_string(),
+                ..TableSummary::default()
+            };
+            return Ok(Ok((summary, schema)));
+        }
+        let job = TableJob {
+            connection,
+            schema: &schema,
+            max_per_request,
+            options,
+            estimated_rows,
+        };
+        // A table without a key, or any under `replace`, comes whole.
+        let summary = if schema.primary_key.is_empty() || strategy == ConflictStrategy::Replace {
+            let strategy = match whole_strategy(&schema.name, strategy, options.strategy.is_some())
+            {
+                Ok(strategy) => strategy,
+                Err(skip) => return Ok(Err(skip)),
+            };
+            self.pull_whole(client, &job, strategy, on_event).await?
+        } else if let Some(summary) = self.pull_parallel(client, &job, strategy, on_event).await? {
+            summary
+        } else {
+            self.pull_table(client, &job, strategy, on_event).await?
+        };
+        Ok(Ok((summary, schema)))
+    }
+
     /// After `err` broke a session off: waits as [`Agent::backoff`] says (or gives up with
     /// `err`), then opens a new session in place of `client` (closed), retrying as
     /// [`Agent::open_session_retrying`] does; the new session's rows per request.
@@ -884,7 +900,7 @@ impl Agent {
     async fn side_by_side_candidates(
         &self,
         connection: &Connection,
-        wanted: &[dbsync_protocol::message::TableInfo],
+        wanted: &[TableInfo],
         level: Vec<String>,
     ) -> Result<(Vec<(String, u64)>, Vec<String>)> {
         let mut together = Vec::new();

@@ -101,9 +101,9 @@ pub async fn serve(
         }
         () = stop => tracing::debug!(%transport, "session ended by shutdown"),
     }
-    // The cuts this session made end with it (their parts already reading keep the snapshot).
+    // The cuts this session made lose its snapshot (their parts already reading keep it).
     for token in &session.splits_made {
-        agent.splits.remove(token);
+        agent.splits.session_ended(token);
     }
     // Verifications the receiver did not finish end with the session.
     for (_, transfer) in std::mem::take(&mut session.verifying) {

@@ -88,12 +88,19 @@ impl Session<'_> {
         }
         let scope = PullScope::of(&pull, &columns);
         let now = self.agent.now();
+        // A part of a cut that names no transfer: a new part, or one that started before for a
+        // receiver that never heard of it (killed before its first batch came), resumed here.
+        let mut granted = match pull.transfer_id {
+            None => self.agent.splits.part(connection.id, &pull, true),
+            Some(_) => None,
+        };
         // Resume a transfer of this connection, or start a new one (a new download).
-        let resumed = match pull
+        let named = pull
             .transfer_id
             .as_deref()
             .and_then(|id| Uuid::parse_str(id).ok())
-        {
+            .or_else(|| granted.as_ref().and_then(|part| part.started_as));
+        let resumed = match named {
             Some(id) => match store.get_transfer(id).await {
                 Ok(t)
                     if t.connection_id == Some(connection.id)
@@ -146,11 +153,11 @@ impl Session<'_> {
             }
             _ => {
                 // One of the ranges of a cut (whose download was counted by the cut), once.
-                let part = self
-                    .agent
-                    .splits
-                    .part(connection.id, &pull, true)
-                    .and_then(|part| part.new_part);
+                let part = match pull.transfer_id {
+                    None => granted.take(),
+                    Some(_) => self.agent.splits.part(connection.id, &pull, true),
+                }
+                .and_then(|part| part.new_part);
                 // Keys are data: a keys-only pass waits for approval and counts its keys against
                 // the record limit, like any pull.
                 let requires_approval = connection.table_requires_approval(&pull.table);
@@ -172,6 +179,9 @@ impl Session<'_> {
                         now,
                     )
                     .await?;
+                if let Some((index, _)) = part {
+                    self.agent.splits.part_started(&pull, index, created.id);
+                }
                 let mut facts = serde_json::json!({ "scope": scope.0 });
                 if pull.keys_only {
                     facts["keys_only"] = true.into();

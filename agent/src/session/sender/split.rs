@@ -21,9 +21,12 @@ use crate::store::Engine;
 
 /// Fewest rows worth a part of their own: a smaller table is pulled in one piece.
 pub const MIN_PART_ROWS: u64 = 10_000;
-/// Most grants kept per connection (the oldest goes first); a grant also goes when the session
-/// that made it ends.
+/// Most grants kept per connection (the oldest goes first).
 const GRANTS_PER_CONNECTION: usize = 16;
+/// How long a grant outlives the session that made it (without its snapshot): a receiver killed
+/// mid-pull and run again resumes the parts that had not started under the cut that counted
+/// their download, instead of counting another.
+const GRANT_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The grants of every session of this sender, by token.
 #[derive(Default)]
@@ -35,10 +38,19 @@ struct Grant {
     table: String,
     /// Each part's bounds.
     ranges: Vec<Range>,
-    /// Whether a part already started a transfer of its own under the grant.
-    started: Vec<bool>,
+    /// Each part's transfer here, once it started one under the grant (nil while it is being
+    /// made).
+    started: Vec<Option<Uuid>>,
     snapshot: Option<Arc<ExportedSnapshot>>,
     made: Instant,
+    /// When the session that made it ended.
+    ended: Option<Instant>,
+}
+
+impl Grant {
+    fn expired(&self) -> bool {
+        self.ended.is_some_and(|ended| ended.elapsed() > GRANT_KEPT)
+    }
 }
 
 /// A part's lower bound (exclusive) and upper bound (inclusive); `None` is open.
@@ -50,6 +62,9 @@ pub(super) struct PartOf {
     pub(super) snapshot: Option<Arc<ExportedSnapshot>>,
     /// Which part of how many, when the pull is a new part (its download was the cut's).
     pub(super) new_part: Option<(usize, usize)>,
+    /// The transfer this exact part started before, when it did: a receiver that never heard
+    /// of it (killed before the part's first batch came) goes on under it.
+    pub(super) started_as: Option<Uuid>,
 }
 
 impl Splits {
@@ -61,6 +76,7 @@ impl Splits {
 
     fn insert(&self, token: String, grant: Grant) {
         let mut grants = self.lock();
+        grants.retain(|_, g| !g.expired());
         let connection = grant.connection_id;
         while grants
             .values()
@@ -81,9 +97,27 @@ impl Splits {
         grants.insert(token, grant);
     }
 
-    /// Forgets a grant (its session ended). Parts already reading keep its snapshot.
-    pub(super) fn remove(&self, token: &str) {
-        self.lock().remove(token);
+    /// The session that made a grant ended: its snapshot goes (parts already reading keep
+    /// it), its ranges stay for [`GRANT_KEPT`], for the parts a resumed pull takes up.
+    pub(super) fn session_ended(&self, token: &str) {
+        if let Some(grant) = self.lock().get_mut(token) {
+            grant.snapshot = None;
+            grant.ended = Some(Instant::now());
+        }
+    }
+
+    /// Records the transfer a new part started (see [`Splits::part`]).
+    pub(super) fn part_started(&self, pull: &Pull, index: usize, transfer: Uuid) {
+        let Some(token) = pull.split.as_deref() else {
+            return;
+        };
+        if let Some(slot) = self
+            .lock()
+            .get_mut(token)
+            .and_then(|grant| grant.started.get_mut(index))
+        {
+            *slot = Some(transfer);
+        }
     }
 
     /// The grant `pull` names, when it is one of `connection`'s for the same table. `new`: the
@@ -93,12 +127,13 @@ impl Splits {
         let token = pull.split.as_deref()?;
         let mut grants = self.lock();
         let grant = grants.get_mut(token)?;
-        if grant.connection_id != connection || grant.table != pull.table {
+        if grant.connection_id != connection || grant.table != pull.table || grant.expired() {
             return None;
         }
         let mut part = PartOf {
             snapshot: grant.snapshot.clone(),
             new_part: None,
+            started_as: None,
         };
         if new && !pull.keys_only && pull.cursor_column.is_none() {
             let parts = grant.ranges.len();
@@ -110,11 +145,15 @@ impl Splits {
                             to: upto.clone(),
                         })
             });
-            if let Some(index) = index
-                && !grant.started[index]
-            {
-                grant.started[index] = true;
-                part.new_part = Some((index, parts));
+            if let Some(index) = index {
+                match grant.started[index] {
+                    None => {
+                        grant.started[index] = Some(Uuid::nil());
+                        part.new_part = Some((index, parts));
+                    }
+                    Some(id) if !id.is_nil() => part.started_as = Some(id),
+                    Some(_) => {}
+                }
             }
         }
         Some(part)
@@ -210,10 +249,11 @@ impl Session<'_> {
             Grant {
                 connection_id: connection.id,
                 table: request.table.clone(),
-                started: vec![false; ranges.len()],
+                started: vec![None; ranges.len()],
                 ranges,
                 snapshot: self.exported.clone(),
                 made: Instant::now(),
+                ended: None,
             },
         );
         self.splits_made.push(token.clone());
