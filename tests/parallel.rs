@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use dbsync_agent::connection::ConnectionSettings;
-use dbsync_agent::pull::PullOptions;
+use dbsync_agent::pull::{PullEvent, PullOptions};
 use dbsync_agent::transfer::{Transfer, TransferDirection, TransferFilter, TransferStatus};
 
 use crate::kill::{kill_again_and_again, spawn_pull_with};
-use crate::pull::{exec, pair, parents_and_children};
-use crate::support::agents::{RunningAgent, pull_killed_after};
+use crate::pull::{exec, pair, pair_with, parents_and_children};
+use crate::support::agents::{Options, RunningAgent, pull_killed_after};
 
 /// Every row of a PostgreSQL table as PostgreSQL prints it, in key order.
 async fn as_text(agent: &RunningAgent, table: &str) -> Vec<String> {
@@ -681,6 +681,84 @@ async fn small_tables_side_by_side_stop_at_the_download_limit_with_every_granted
     let sent = sent(&a).await;
     assert_eq!(sent.len(), 3);
     assert!(sent.iter().all(|t| t.status == TransferStatus::Completed));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A parallel pull stopped dead at its first batch, while one session (all the sender allows
+/// here) had started only the first range: the next run takes the other three up under the cut
+/// that counted their download, and the sender counts one download and every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_that_never_reached_the_sender_resume_under_their_cut() {
+    const ROWS: i64 = 80_000;
+    fn one_session(config: &mut dbsync_agent::Config) {
+        config.server.max_sessions_per_ip = 1;
+    }
+    let a_options = Options {
+        postgres: true,
+        tweak: Some(one_session),
+        ..Options::default()
+    };
+    let b_options = Options {
+        postgres: true,
+        ..Options::default()
+    };
+    let settings = ConnectionSettings {
+        max_records_per_request: 5_000,
+        rate_limit_per_minute: 10_000,
+        ..ConnectionSettings::default()
+    };
+    let Some((a, b, receiver)) =
+        pair_with("parallel::never_started", a_options, b_options, settings).await
+    else {
+        return;
+    };
+    events(&a, ROWS).await;
+    let options = PullOptions {
+        tables: Some(vec!["events".into()]),
+        parallel: 4,
+        retry_for: Duration::from_secs(20),
+        ..PullOptions::default()
+    };
+    // The first run's future is dropped at its first applied batch, as a kill would leave it.
+    let first_batch = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = std::sync::Arc::clone(&first_batch);
+    tokio::select! {
+        outcome = b.agent.pull(&receiver, &options, move |event| {
+            if matches!(event, PullEvent::Batch { .. }) {
+                notify.notify_one();
+            }
+        }) => panic!("the pull ended before it was stopped: {outcome:?}"),
+        () = first_batch.notified() => {}
+    }
+    let started = sent(&a).await;
+    assert_eq!(
+        started.len(),
+        1,
+        "one range reached the sender: {started:?}"
+    );
+    assert_eq!(
+        a.agent
+            .store
+            .get_connection("to-b")
+            .await
+            .unwrap()
+            .downloads_used,
+        1
+    );
+
+    let summary = b.agent.pull(&receiver, &options, |_| {}).await.unwrap();
+    let table = &summary.tables[0];
+    assert!(table.resumed, "{table:?}");
+    assert_eq!(table.parts, 4, "{table:?}");
+    assert_eq!(count(&b, "events").await, ROWS);
+    assert_eq!(as_text(&a, "events").await, as_text(&b, "events").await);
+    let on_a = a.agent.store.get_connection("to-b").await.unwrap();
+    assert_eq!(on_a.downloads_used, 1, "the cut's download, once");
+    assert_eq!(on_a.total_records, ROWS);
+    let parts = sent(&a).await;
+    assert_eq!(parts.len(), 4, "one transfer per range: {parts:?}");
+    assert!(parts.iter().all(|t| t.status == TransferStatus::Completed));
     a.stop().await;
     b.stop().await;
 }
