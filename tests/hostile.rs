@@ -13,7 +13,7 @@ use dbsync_agent::link::{FrameReader, FrameWriter, Incoming, Link, LinkFailure};
 use dbsync_agent::pull::PullOptions;
 use dbsync_protocol::codec::{self, FLAG_ZSTD, Limits, MAGIC};
 use dbsync_protocol::message::{
-    ColumnInfo, Credit, KeyFilter, Ping, Pull, RowBatch, TableInfo, TableSchema, Welcome,
+    ColumnInfo, Credit, KeyFilter, Ping, Pull, PullDone, RowBatch, TableInfo, TableSchema, Welcome,
 };
 use dbsync_protocol::{Kind, Message, Secret, Value};
 use futures_util::{SinkExt, StreamExt};
@@ -1961,4 +1961,99 @@ async fn a_sender_that_stops_answering_ends_the_pull_in_time() {
         }
         b.stop().await;
     }
+}
+
+/// Every batch of `pull` on `hand`, credited at once, until its `PullDone`.
+async fn pull_to_the_end(hand: &mut Hand, pull: Pull) -> (Vec<i64>, PullDone) {
+    let request_id = pull.request_id;
+    hand.send(&Message::Pull(pull)).await;
+    let mut keys = Vec::new();
+    loop {
+        match hand.recv().await {
+            Some(Incoming::Batch(batch, _)) => {
+                keys.extend(batch.rows.to_rows().unwrap().iter().map(|r| key_of(r)));
+                hand.send(&Message::Credit(Credit {
+                    request_id,
+                    batches: 1,
+                }))
+                .await;
+            }
+            Some(Incoming::Message(Message::PullDone(done), _)) => return (keys, done),
+            other => panic!("expected a batch or PullDone, got {other:?}"),
+        }
+    }
+}
+
+/// A receiver killed after the sender finished its transfer, but before it heard the end, asks
+/// again from its last key: nothing is left, so no transfer starts and no download is counted.
+/// Asked from an earlier key, the rows go again as before (a pull of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_the_end_moves_and_counts_nothing() {
+    let Some(a) = agent("hostile::resume_end", true, None).await else {
+        return;
+    };
+    items(&a, 300).await;
+    let settings = ConnectionSettings {
+        rate_limit_per_minute: 10_000,
+        ..ConnectionSettings::default()
+    };
+    let token = sender_token(&a, settings).await;
+    let mut hand = welcomed_v6(&a, &token).await;
+    let (keys, done) = pull_to_the_end(&mut hand, pull_of("items")).await;
+    hand.close().await;
+    assert_eq!(keys.len(), 300);
+    assert!(!done.more);
+    let transfers = || async {
+        a.agent
+            .store
+            .list_transfers(&Default::default())
+            .await
+            .unwrap()
+            .total
+    };
+    assert_eq!(
+        (downloads(&a, "to-hostile").await, transfers().await),
+        (1, 1)
+    );
+    let resume = |after: i64| Pull {
+        request_id: 2,
+        transfer_id: Some(done.transfer_id.clone()),
+        after_key: Some(vec![Value::Int(after)]),
+        ..pull_of("items")
+    };
+
+    let mut hand = welcomed_v6(&a, &token).await;
+    let (keys, again) = pull_to_the_end(&mut hand, resume(300)).await;
+    assert!(keys.is_empty());
+    assert!(!again.more && !again.truncated);
+    assert_eq!(again.transfer_id, done.transfer_id);
+    assert_eq!(again.last_key, Some(vec![Value::Int(300)]));
+    assert_eq!(
+        (downloads(&a, "to-hostile").await, transfers().await),
+        (1, 1)
+    );
+    // Other columns than the transfer's: not its resume.
+    let (_, other) = pull_to_the_end(
+        &mut hand,
+        Pull {
+            exclude_columns: vec!["name".into()],
+            ..resume(300)
+        },
+    )
+    .await;
+    assert_ne!(other.transfer_id, done.transfer_id);
+    assert_eq!(
+        (downloads(&a, "to-hostile").await, transfers().await),
+        (2, 2)
+    );
+    // From an earlier key: the rows after it go again, as a pull of its own.
+    let (keys, earlier) = pull_to_the_end(&mut hand, resume(250)).await;
+    assert_eq!(keys, (251..=300).collect::<Vec<_>>());
+    assert_ne!(earlier.transfer_id, done.transfer_id);
+    assert_eq!(
+        (downloads(&a, "to-hostile").await, transfers().await),
+        (3, 3)
+    );
+    hand.close().await;
+    a.stop().await;
 }

@@ -134,6 +134,35 @@ impl Session<'_> {
                 )
                 .await;
         }
+        // The transfer sent every row it had to, and the receiver, killed before it heard the
+        // end, asks again from the last of them: nothing is left, so nothing new starts and
+        // nothing is counted. (A transfer the record limit may have cut goes on as before.)
+        if let Some(t) = &resumed
+            && t.status == TransferStatus::Completed
+            && !pull.keys_only
+            && pull.cursor_column.is_none()
+            && pull.after_key.is_some()
+            && scope.matches(t)
+            && connection
+                .max_records_total
+                .is_none_or(|max| connection.total_records < max)
+            && t.resume_key
+                .as_ref()
+                .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok())
+                == pull.after_key
+        {
+            return self
+                .send(&Message::PullDone(PullDone {
+                    request_id: pull.request_id,
+                    rows: 0,
+                    more: false,
+                    truncated: false,
+                    last_key: pull.after_key.clone(),
+                    transfer_id: t.id.to_string(),
+                }))
+                .await
+                .map(drop);
+        }
         let transfer = match resumed {
             Some(t) if t.status == TransferStatus::InProgress => t,
             Some(t) if t.status == TransferStatus::PendingApproval => {
