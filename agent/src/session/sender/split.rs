@@ -2,6 +2,8 @@
 //! download for all of them, and keeps a grant the parts name from any session of the same
 //! connection. Each part reads from the snapshot of the session that cut the table, so the
 //! parts of a table (and the other tables of the pull) show one moment.
+//! When that session ends the grant keeps its ranges (not its snapshot) for an hour, so a pull
+//! resumed after a kill takes up the ranges that never reached the sender under the same cut.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -122,7 +124,8 @@ impl Splits {
 
     /// The grant `pull` names, when it is one of `connection`'s for the same table. `new`: the
     /// pull starts a transfer of its own, which it may do once per range, and only for exactly
-    /// one of the grant's ranges (anything else is a pull of its own, and a download).
+    /// one of the grant's ranges (anything else is a pull of its own, and a download); a range
+    /// that started already names the transfer it started (`started_as`).
     pub(super) fn part(&self, connection: Uuid, pull: &Pull, new: bool) -> Option<PartOf> {
         let token = pull.split.as_deref()?;
         let mut grants = self.lock();
