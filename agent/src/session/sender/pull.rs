@@ -146,10 +146,7 @@ impl Session<'_> {
             && connection
                 .max_records_total
                 .is_none_or(|max| connection.total_records < max)
-            && t.resume_key
-                .as_ref()
-                .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok())
-                == pull.after_key
+            && t.resume_key.as_ref().and_then(stored_key) == pull.after_key
         {
             return self
                 .send(&Message::PullDone(PullDone {
@@ -304,12 +301,12 @@ impl Session<'_> {
             .metadata
             .get("start_key")
             .filter(|_| !keyless)
-            .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
+            .and_then(stored_key);
         let sent_up_to = transfer
             .resume_key
             .as_ref()
             .filter(|_| !keyless)
-            .and_then(|k| serde_json::from_value::<Vec<dbsync_protocol::Value>>(k.clone()).ok());
+            .and_then(stored_key);
         let limit = (pull.limit as i64).clamp(1, connection.max_records_per_request);
         self.core.start_pull(&pull);
         let limited = connection.max_records_total.is_some();
@@ -633,4 +630,9 @@ impl PullScope {
             .get("scope")
             .is_none_or(|scope| *scope == self.0)
     }
+}
+
+/// A key stored in a transfer's record (`resume_key`, `metadata.start_key`).
+fn stored_key(stored: &serde_json::Value) -> Option<Vec<dbsync_protocol::Value>> {
+    serde_json::from_value(stored.clone()).ok()
 }
