@@ -2057,3 +2057,92 @@ async fn a_resume_after_the_end_moves_and_counts_nothing() {
     hand.close().await;
     a.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Compact columns (protocol 7) go only to a receiver that speaks them.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_columns_go_only_to_a_peer_of_protocol_7() {
+    use dbsync_protocol::message::columnar::{DELTAS, Kind as ColumnKind, PACKED};
+    for postgres in [true, false] {
+        let Some(a) = agent("hostile::compact_columns", postgres, None).await else {
+            return;
+        };
+        let (uuid, random) = if postgres {
+            ("UUID", "gen_random_uuid()")
+        } else {
+            ("BLOB", "randomblob(16)")
+        };
+        // `id` and `at` step evenly (differences pay: 1 byte a value against 5 and 9); `n` swings
+        // between far-apart values with a NULL among them (differences would take more bytes).
+        let mut statements = vec![format!(
+            "CREATE TABLE stamps (id BIGINT PRIMARY KEY, u {uuid} NOT NULL, at BIGINT NOT NULL, \
+             n BIGINT, name TEXT NOT NULL)"
+        )];
+        for i in 1..=120i64 {
+            let n = match i {
+                7 => "NULL".to_owned(),
+                _ if i % 2 == 0 => "0".to_owned(),
+                _ => "4000000000".to_owned(),
+            };
+            let at = 1_700_000_000_000_000 + i * 1_000_000;
+            let id = 100_000 + i;
+            statements.push(format!(
+                "INSERT INTO stamps VALUES ({id}, {random}, {at}, {n}, 'row {i}')"
+            ));
+        }
+        exec(&a, &statements).await;
+        let token = sender_token(&a, ConnectionSettings::default()).await;
+        let mut pulled = Vec::new();
+        for (versions, speaks) in [(vec![2, 3, 4, 5, 6], 6), (vec![2, 3, 4, 5, 6, 7], 7)] {
+            let mut hand = Hand::open(&a, Via::Ws).await;
+            match hand.hello_speaking(&token, None, versions).await {
+                Message::Welcome(welcome) => assert_eq!(welcome.version, speaks),
+                other => panic!("{other:?}"),
+            }
+            hand.send(&Message::Pull(pull_of("stamps"))).await;
+            let mut rows = Vec::new();
+            let mut tags = BTreeSet::new();
+            loop {
+                match hand.recv().await {
+                    Some(Incoming::Batch(batch, _)) => {
+                        rows.extend(batch.rows.to_rows().unwrap());
+                        tags.insert(batch.rows.column_tags());
+                        hand.send(&Message::Credit(Credit {
+                            request_id: 1,
+                            batches: 1,
+                        }))
+                        .await;
+                    }
+                    Some(Incoming::Message(Message::PullDone(_), _)) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            hand.close().await;
+            let uuid = if postgres {
+                ColumnKind::Uuid
+            } else {
+                ColumnKind::Bytes
+            } as u8;
+            let (int, text) = (ColumnKind::Int as u8, ColumnKind::Text as u8);
+            // A UUID column goes packed from PostgreSQL only: SQLite has no UUID type.
+            let expected = if speaks == 6 {
+                vec![int, uuid, int, int, text]
+            } else if postgres {
+                vec![int | DELTAS, uuid | PACKED, int | DELTAS, int, text]
+            } else {
+                vec![int | DELTAS, uuid, int | DELTAS, int, text]
+            };
+            assert_eq!(
+                tags,
+                BTreeSet::from([expected]),
+                "postgres {postgres}, protocol {speaks}"
+            );
+            assert_eq!(rows.len(), 120);
+            pulled.push(rows);
+        }
+        // The same rows either way.
+        assert_eq!(pulled[0], pulled[1], "postgres {postgres}");
+        a.stop().await;
+    }
+}

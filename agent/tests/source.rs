@@ -171,36 +171,42 @@ async fn every_postgres_type_is_decoded_exactly() {
             );
 
             // The same page encoded for the wire as it is read (no values on the way) arrives
-            // as the same rows, NULLs, intervals and arrays included.
-            // (Behind room for the frame's fields before the rows, as a sender reads it.)
+            // as the same rows, NULLs, intervals and arrays included, in plain and compact
+            // forms. (Behind room for the frame's fields before the rows, as a sender reads it.)
             let room = codec::row_batch_room(&columns);
-            let mut encoded = db
-                .store
-                .read_page_encoded(&schema, &columns, Default::default(), 10, room)
-                .await
-                .unwrap();
-            assert_eq!(encoded.room, room);
-            assert_eq!(encoded.rows, page.rows.len());
-            assert_eq!(encoded.last_key, page.last_key);
-            let batch = RowBatch {
-                request_id: 1,
-                seq: 0,
-                columns: columns.clone(),
-                rows: Vec::new(),
-                last_key: encoded.last_key.clone().unwrap(),
-                transfer_id: "t".into(),
-            };
-            let (frame, _) =
-                codec::encode_row_batch_in_place(&batch, &mut encoded.columns, room, 1).unwrap();
-            let Message::RowBatch(arrived) =
-                codec::decode_exact(&frame, &Limits::default()).unwrap()
-            else {
-                panic!("not a row batch");
-            };
-            assert_eq!(arrived.rows.len(), page.rows.len());
-            for (got_row, want_row) in arrived.rows.iter().zip(&page.rows) {
-                for ((column, got), want) in columns.iter().zip(got_row).zip(want_row) {
-                    assert!(same(got, want), "{column}: got {got:?}, want {want:?}");
+            for compact in [false, true] {
+                let mut encoded = db
+                    .store
+                    .read_page_encoded(&schema, &columns, Default::default(), 10, room, compact)
+                    .await
+                    .unwrap();
+                assert_eq!(encoded.room, room);
+                assert_eq!(encoded.rows, page.rows.len());
+                assert_eq!(encoded.last_key, page.last_key);
+                let batch = RowBatch {
+                    request_id: 1,
+                    seq: 0,
+                    columns: columns.clone(),
+                    rows: Vec::new(),
+                    last_key: encoded.last_key.clone().unwrap(),
+                    transfer_id: "t".into(),
+                };
+                let (frame, _) =
+                    codec::encode_row_batch_in_place(&batch, &mut encoded.columns, room, 1)
+                        .unwrap();
+                let Message::RowBatch(arrived) =
+                    codec::decode_exact(&frame, &Limits::default()).unwrap()
+                else {
+                    panic!("not a row batch");
+                };
+                assert_eq!(arrived.rows.len(), page.rows.len());
+                for (got_row, want_row) in arrived.rows.iter().zip(&page.rows) {
+                    for ((column, got), want) in columns.iter().zip(got_row).zip(want_row) {
+                        assert!(
+                            same(got, want),
+                            "{column} ({compact}): got {got:?}, want {want:?}"
+                        );
+                    }
                 }
             }
             // A page after the last row is empty, with no key.
@@ -215,10 +221,19 @@ async fn every_postgres_type_is_decoded_exactly() {
                     },
                     10,
                     0,
+                    true,
                 )
                 .await
                 .unwrap();
             assert_eq!((past.rows, past.last_key), (0, None));
+            let batch = RowBatch {
+                request_id: 1,
+                seq: 0,
+                columns: columns.clone(),
+                rows: Vec::new(),
+                last_key: Vec::new(),
+                transfer_id: "t".into(),
+            };
             let Message::RowBatch(empty) = codec::decode_exact(
                 &codec::encode_row_batch_columns(&batch, &past.columns, 1)
                     .unwrap()

@@ -13,7 +13,7 @@
 
 use crate::error::ProtocolError;
 use crate::message::RowBatch;
-use crate::message::columnar::{Kind, MIXED};
+use crate::message::columnar::{DELTAS, Kind, MIXED, PACKED, UUID_BYTES};
 use crate::value::Value;
 
 /// One value of a column whose values are all of one kind (its [`Kind`] says which [`Value`]
@@ -127,6 +127,24 @@ impl<'a> Reader<'a> {
                 "an unsigned integer expected, found {other:?}"
             ))),
         }
+    }
+
+    /// A binary's header: its length, which must fit in what is left.
+    fn bin_len(&mut self) -> Result<usize, ProtocolError> {
+        let marker = self.byte()?;
+        let len = match marker {
+            0xc4 => self.be(1)?,
+            0xc5 => self.be(2)?,
+            0xc6 => self.be(4)?,
+            _ => return Err(bad(format!("a binary expected, marker {marker:#04x}"))),
+        };
+        if len > self.rest.len() as u64 {
+            return Err(ProtocolError::LengthOutOfBounds {
+                declared: len,
+                available: self.rest.len() as u64,
+            });
+        }
+        Ok(len as usize)
     }
 
     fn str(&mut self) -> Result<&'a str, ProtocolError> {
@@ -250,7 +268,12 @@ impl<'a> Reader<'a> {
 #[derive(Debug, Clone)]
 pub struct Cursor<'a> {
     kind: Kind,
+    /// The column's values, and nothing after them.
     reader: Reader<'a>,
+    /// A column of differences ([`DELTAS`]): the last value read.
+    last: Option<i64>,
+    /// A column of packed UUIDs ([`PACKED`]).
+    packed: bool,
 }
 
 impl<'a> Cursor<'a> {
@@ -262,16 +285,74 @@ impl<'a> Cursor<'a> {
     /// The next value. Past the column's last value this is an error, never a panic; a value
     /// of another kind than the column's is returned as it is (the reader refuses it).
     pub fn next_scalar(&mut self) -> Result<Scalar<'a>, ProtocolError> {
-        self.reader.scalar()
+        if self.packed {
+            return self.reader.take(UUID_BYTES).map(Scalar::Bin);
+        }
+        let scalar = self.reader.scalar()?;
+        Ok(match (&mut self.last, scalar) {
+            (Some(last), Scalar::Int(difference)) => {
+                *last = last.wrapping_add(difference);
+                Scalar::Int(*last)
+            }
+            _ => scalar,
+        })
     }
 }
 
-/// Where one column's values start in the payload, and whether they are bare scalars of one
-/// kind or whole values.
+/// The first `count` values of a column written as differences ([`DELTAS`]), `nil` or
+/// integers, written as the values they stand for.
+pub(crate) fn summed(bytes: &[u8], count: usize) -> Result<Vec<u8>, ProtocolError> {
+    let mut cursor = Cursor {
+        kind: Kind::Int,
+        reader: Reader { rest: bytes },
+        last: Some(0),
+        packed: false,
+    };
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for _ in 0..count {
+        // Writes into a `Vec` cannot fail.
+        match cursor.next_scalar()? {
+            Scalar::Null => out.push(0xc0),
+            Scalar::Int(value) => drop(rmp::encode::write_sint(&mut out, value)),
+            other => return Err(bad(format!("an integer expected, found {other:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// How a column's values are written.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Form {
+    /// An array of values.
+    Values,
+    /// An array of integers as differences ([`DELTAS`]).
+    Deltas,
+    /// One binary of 16 bytes a value ([`PACKED`]).
+    Packed,
+}
+
+/// Where one column's values lie in the payload, whether they are bare scalars of one kind or
+/// whole values, and in what form.
 #[derive(Debug, Clone, PartialEq)]
 struct ColumnAt {
     kind: Option<Kind>,
-    start: usize,
+    form: Form,
+    /// The tag as sent.
+    tag: u8,
+    values: std::ops::Range<usize>,
+}
+
+impl ColumnAt {
+    fn cursor<'a>(&self, payload: &'a [u8]) -> Cursor<'a> {
+        Cursor {
+            kind: self.kind.unwrap_or(Kind::Int),
+            reader: Reader {
+                rest: &payload[self.values.clone()],
+            },
+            last: (self.form == Form::Deltas).then_some(0),
+            packed: self.form == Form::Packed,
+        }
+    }
 }
 
 /// A batch's rows as they arrived: the decompressed payload and where each column starts in it.
@@ -307,15 +388,14 @@ impl EncodedRows {
     pub fn cursors(&self) -> Option<Vec<Cursor<'_>>> {
         self.columns
             .iter()
-            .map(|column| {
-                Some(Cursor {
-                    kind: column.kind?,
-                    reader: Reader {
-                        rest: &self.payload[column.start..self.span.end],
-                    },
-                })
-            })
+            .map(|column| column.kind.map(|_| column.cursor(&self.payload)))
             .collect()
+    }
+
+    /// Each column's tag as it was sent: its kind, plus [`DELTAS`] or [`PACKED`] for a compact
+    /// form, or 255 for whole values (what a peer chose to send, for diagnostics and tests).
+    pub fn column_tags(&self) -> Vec<u8> {
+        self.columns.iter().map(|column| column.tag).collect()
     }
 
     /// The rows as values.
@@ -324,13 +404,11 @@ impl EncodedRows {
             .map(|_| Vec::with_capacity(self.columns.len()))
             .collect();
         for column in &self.columns {
-            let mut reader = Reader {
-                rest: &self.payload[column.start..self.span.end],
-            };
+            let mut cursor = column.cursor(&self.payload);
             for row in &mut rows {
                 row.push(match column.kind {
-                    Some(kind) => reader.scalar()?.value(kind)?,
-                    None => reader.value(self.max_depth)?,
+                    Some(kind) => cursor.next_scalar()?.value(kind)?,
+                    None => cursor.reader.value(self.max_depth)?,
                 });
             }
         }
@@ -395,24 +473,48 @@ pub fn decode_batch(payload: Vec<u8>, max_depth: usize) -> Result<ReceivedBatch,
             return Err(bad("a column is [kind, values]"));
         }
         let tag = reader.uint()?;
-        let kind = match u8::try_from(tag) {
-            Ok(MIXED) => None,
+        let unknown = || bad(format!("unknown column kind {tag}"));
+        let (kind, form) = match u8::try_from(tag) {
+            Ok(MIXED) => (None, Form::Values),
             Ok(tag) => {
-                Some(Kind::from_tag(tag).ok_or_else(|| bad(format!("unknown column kind {tag}")))?)
+                let kind = Kind::from_tag(tag & !(DELTAS | PACKED)).ok_or_else(unknown)?;
+                let form = match tag & (DELTAS | PACKED) {
+                    0 => Form::Values,
+                    DELTAS if kind.takes_deltas() => Form::Deltas,
+                    PACKED if kind == Kind::Uuid => Form::Packed,
+                    _ => return Err(bad(format!("a {kind:?} column in a form it has not"))),
+                };
+                (Some(kind), form)
             }
-            Err(_) => return Err(bad(format!("unknown column kind {tag}"))),
+            Err(_) => return Err(unknown()),
         };
-        let count = reader.array_len()?;
+        let count = match form {
+            Form::Packed => {
+                let bytes = reader.bin_len()?;
+                if bytes % UUID_BYTES != 0 {
+                    return Err(bad(format!("{bytes} bytes of packed UUIDs")));
+                }
+                bytes / UUID_BYTES
+            }
+            Form::Values | Form::Deltas => reader.array_len()?,
+        };
         if *rows.get_or_insert(count) != count {
             return Err(bad("columns of a batch differ in length"));
         }
+        let start = at(&reader);
+        if form == Form::Packed {
+            reader.take(count * UUID_BYTES)?;
+        } else {
+            for _ in 0..count {
+                reader.skip()?;
+            }
+        }
         located.push(ColumnAt {
             kind,
-            start: at(&reader),
+            form,
+            tag: tag as u8,
+            values: start..at(&reader),
         });
-        for _ in 0..count {
-            reader.skip()?;
-        }
     }
     let rows = rows.unwrap_or(0);
     if width != 0 && width != columns.len() {
@@ -595,6 +697,74 @@ mod tests {
                 }),
             ),
             (
+                "a text column sent as differences",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    column(
+                        out,
+                        Kind::Text as u8 | DELTAS,
+                        &[&|o| drop(rmp::encode::write_str(o, "1"))],
+                    );
+                }),
+            ),
+            (
+                "dates whose differences sum past 32 bits",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    column(
+                        out,
+                        Kind::Date as u8 | DELTAS,
+                        &[&int(i64::from(i32::MAX)), &int(1)],
+                    );
+                }),
+            ),
+            (
+                "a text among differences",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    column(
+                        out,
+                        Kind::Int as u8 | DELTAS,
+                        &[&int(1), &|o| drop(rmp::encode::write_str(o, "1"))],
+                    );
+                }),
+            ),
+            (
+                "packed UUIDs of 17 bytes",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    rmp::encode::write_array_len(out, 2).unwrap();
+                    rmp::encode::write_uint(out, u64::from(Kind::Uuid as u8 | PACKED)).unwrap();
+                    rmp::encode::write_bin(out, &[7; 17]).unwrap();
+                }),
+            ),
+            (
+                "packed text",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    rmp::encode::write_array_len(out, 2).unwrap();
+                    rmp::encode::write_uint(out, u64::from(Kind::Text as u8 | PACKED)).unwrap();
+                    rmp::encode::write_bin(out, &[7; 16]).unwrap();
+                }),
+            ),
+            (
+                "packed UUIDs that claim more bytes than the batch holds",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    rmp::encode::write_array_len(out, 2).unwrap();
+                    rmp::encode::write_uint(out, u64::from(Kind::Uuid as u8 | PACKED)).unwrap();
+                    rmp::encode::write_bin_len(out, 1 << 30).unwrap();
+                    out.extend_from_slice(&[7; 32]);
+                }),
+            ),
+            (
+                "packed differences",
+                payload(&["a"], |out| {
+                    rmp::encode::write_array_len(out, 1).unwrap();
+                    column(out, Kind::Int as u8 | DELTAS | PACKED, &[&int(1)]);
+                }),
+            ),
+            (
                 "a column of three parts",
                 payload(&["a"], |out| {
                     rmp::encode::write_array_len(out, 1).unwrap();
@@ -612,6 +782,11 @@ mod tests {
                 "columns differ in length"
                     | "more columns than names"
                     | "an unknown kind"
+                    | "a text column sent as differences"
+                    | "packed UUIDs of 17 bytes"
+                    | "packed text"
+                    | "packed UUIDs that claim more bytes than the batch holds"
+                    | "packed differences"
                     | "a column of three parts"
             );
             match decoded(payload) {

@@ -33,11 +33,13 @@ pub use value::Value;
 /// never carries it. Version 4 adds `Verify`/`VerifyPage` (row hashes); a sender refuses them
 /// on an older session. Version 5 adds `Verify::range`: a key range hashed inside a PostgreSQL
 /// sender's database. Version 6 adds `Split`/`SplitDone` and `Pull::split`: a table pulled as
-/// key ranges side by side.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6];
+/// key ranges side by side. Version 7 lets a batch carry columns in compact forms: integers as
+/// differences (`message::columnar::DELTAS`), UUIDs packed (`message::columnar::PACKED`); a
+/// sender writes them only on a version 7 session.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6, 7];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 6;
+pub const CURRENT_VERSION: u16 = 7;
 
 /// The first version with `Verify`.
 pub const VERIFY_VERSION: u16 = 4;
@@ -47,6 +49,9 @@ pub const RANGE_HASH_VERSION: u16 = 5;
 
 /// The first version with `Split` (parallel pulls).
 pub const SPLIT_VERSION: u16 = 6;
+
+/// The first version whose batches may hold columns in compact forms.
+pub const COMPACT_VERSION: u16 = 7;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -69,7 +74,8 @@ mod tests {
         assert_eq!(negotiate(&[2, 3, 4]), Some(4));
         assert_eq!(negotiate(&[2, 3, 4, 5]), Some(5));
         assert_eq!(negotiate(&[2, 3, 4, 5, 6]), Some(6));
-        assert_eq!(negotiate(&[1, 7]), None);
+        assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7]), Some(7));
+        assert_eq!(negotiate(&[1, 8]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

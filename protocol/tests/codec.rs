@@ -1,7 +1,10 @@
 //! Frame round-trips (property tests) and one test per kind of malformed input.
 
 use dbsync_protocol::codec::{self, FLAG_ZSTD, HEADER_LEN, Limits, MAGIC};
-use dbsync_protocol::message::columnar::{Column, ColumnsWriter, Kind as ColumnKind};
+use dbsync_protocol::columns::Scalar;
+use dbsync_protocol::message::columnar::{
+    Column, ColumnsWriter, DELTAS, Kind as ColumnKind, PACKED,
+};
 use dbsync_protocol::message::{
     Credit, ErrorMessage, Hello, KeyFilter, Kind, Ping, Pull, PullDone, RowBatch, TableInfo,
 };
@@ -140,6 +143,62 @@ proptest! {
             prop_assert_eq!(raw, in_place_raw);
             prop_assert!(frame == in_place, "the frame sent in place differs (room {})", room);
         }
+    }
+
+    #[test]
+    fn columns_of_differences_read_back_as_their_values(
+        ints in proptest::collection::vec(proptest::option::of(any::<i64>()), 1..40),
+        start in any::<i64>(),
+        step in any::<i64>(),
+    ) {
+        // Any integers (differences that wrap past either end) and a sequence of any step.
+        let sequence: Vec<Option<i64>> = (0..ints.len() as i64)
+            .map(|i| Some(start.wrapping_add(i.wrapping_mul(step))))
+            .collect();
+        for values in [ints, sequence] {
+            let frame = one_int_column(&values, Column::compact(Some(ColumnKind::Int)));
+            let arrived = codec::decode_batch_exact(&frame, &limits()).unwrap();
+            let expected: Vec<Vec<Value>> =
+                values.iter().map(|v| vec![v.map_or(Value::Null, Value::Int), Value::Text(String::new())]).collect();
+            prop_assert_eq!(arrived.rows.to_rows().unwrap(), expected);
+            let mut cursors = arrived.rows.cursors().unwrap();
+            for value in &values {
+                prop_assert_eq!(
+                    cursors[0].next_scalar().unwrap(),
+                    value.map_or(Scalar::Null, Scalar::Int)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn uuids_packed_or_not_read_back_as_themselves(
+        uuids in proptest::collection::vec(proptest::option::of(any::<[u8; 16]>()), 0..40),
+    ) {
+        // Packed when none is NULL (and there is one at least), as binaries otherwise.
+        let mut column = Column::compact(Some(ColumnKind::Uuid));
+        for uuid in &uuids {
+            match uuid {
+                Some(u) => column.bin(u),
+                None => column.null(),
+            }
+        }
+        let frame = one_column(uuids.len(), &column);
+        let arrived = codec::decode_batch_exact(&frame, &limits()).unwrap();
+        let packed = !uuids.is_empty() && uuids.iter().all(Option::is_some);
+        prop_assert_eq!(arrived.rows.as_bytes()[2], ColumnKind::Uuid as u8 | if packed { PACKED } else { 0 });
+        let expected: Vec<Vec<Value>> =
+            uuids.iter().map(|u| vec![u.map_or(Value::Null, Value::Uuid), Value::Text(String::new())]).collect();
+        prop_assert_eq!(arrived.rows.to_rows().unwrap(), expected);
+        let mut cursors = arrived.rows.cursors().unwrap();
+        for uuid in &uuids {
+            prop_assert_eq!(
+                cursors[0].next_scalar().unwrap(),
+                uuid.as_ref().map_or(Scalar::Null, |u| Scalar::Bin(u))
+            );
+        }
+        // Past the column's last value: an error, not the next column's bytes.
+        prop_assert!(cursors[0].next_scalar().is_err());
     }
 
     #[test]
@@ -375,7 +434,7 @@ fn a_payload_of_the_wrong_shape_is_malformed() {
 
 #[test]
 fn an_unsupported_version_has_no_negotiated_version() {
-    assert_eq!(dbsync_protocol::negotiate(&[1, 7]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 8]), None);
     assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(2));
 }
 
@@ -416,6 +475,73 @@ fn columns_of_the_wrong_length_and_pages_without_their_room_are_refused() {
     let room = codec::row_batch_room(&batch.columns);
     let mut page = vec![0; room - 1];
     assert!(codec::encode_row_batch_in_place(&batch, &mut page, room, 1).is_err());
+}
+
+/// A row batch frame of one column `c` of `values`, written into `column`.
+fn one_int_column(values: &[Option<i64>], mut column: Column) -> Vec<u8> {
+    for value in values {
+        match value {
+            Some(i) => column.int(*i),
+            None => column.null(),
+        }
+    }
+    one_column(values.len(), &column)
+}
+
+/// A row batch frame of one column `c` of `rows` values, `column`, then an empty text column.
+fn one_column(rows: usize, column: &Column) -> Vec<u8> {
+    let mut writer = ColumnsWriter::new(2, rows, Vec::new());
+    writer.push(column).unwrap();
+    let text = writer.column(Some(ColumnKind::Text)).unwrap();
+    for _ in 0..rows {
+        text.str("");
+    }
+    let batch = RowBatch {
+        request_id: 1,
+        seq: 0,
+        columns: vec!["c".into(), "d".into()],
+        rows: Vec::new(),
+        last_key: Vec::new(),
+        transfer_id: "t".into(),
+    };
+    codec::encode_row_batch_columns(&batch, &writer.finish().unwrap(), 1)
+        .unwrap()
+        .0
+}
+
+#[test]
+fn integers_go_as_differences_only_where_that_is_smaller() {
+    let tag = |frame: &[u8]| {
+        let batch = codec::decode_batch_exact(frame, &limits()).unwrap();
+        let columns = batch.rows.as_bytes().to_vec();
+        // [ [tag, [values...]] ]: the tag is the third byte (a positive fixint).
+        columns[2]
+    };
+    // Time stamps a second apart, with a NULL among them: differences, and far smaller.
+    let stamps: Vec<Option<i64>> = (0..1000)
+        .map(|i| (i != 500).then_some(757_382_400_000_000 + i * 1_000_000))
+        .collect();
+    let as_differences = one_int_column(&stamps, Column::compact(Some(ColumnKind::Int)));
+    let as_values = one_int_column(&stamps, Column::new(Some(ColumnKind::Int)));
+    assert_eq!(tag(&as_differences), ColumnKind::Int as u8 | DELTAS);
+    assert_eq!(tag(&as_values), ColumnKind::Int as u8);
+    assert!(as_differences.len() * 10 < as_values.len());
+    // Values that swing back and forth take more bytes as differences: sent as values.
+    let swings: Vec<Option<i64>> = (0..100)
+        .map(|i| Some(if i % 2 == 0 { 0 } else { 4_000_000_000 }))
+        .collect();
+    let frame = one_int_column(&swings, Column::compact(Some(ColumnKind::Int)));
+    assert_eq!(tag(&frame), ColumnKind::Int as u8);
+    assert_eq!(
+        frame,
+        one_int_column(&swings, Column::new(Some(ColumnKind::Int)))
+    );
+    // A column of another kind is written as by `Column::new`.
+    let mut text = Column::compact(Some(ColumnKind::Text));
+    text.str("a");
+    let mut writer = ColumnsWriter::new(1, 1, Vec::new());
+    writer.push(&text).unwrap();
+    assert_eq!(writer.finish().unwrap()[2], ColumnKind::Text as u8);
 }
 
 #[test]

@@ -143,7 +143,9 @@ impl Store {
     /// [`Store::read_page_filtered`] with the rows encoded for the wire as they are read, column
     /// by column, with no [`Value`] per cell (only the last row's key is decoded), behind `room`
     /// bytes left free for the fields a frame puts before them
-    /// ([`dbsync_protocol::codec::row_batch_room`]).
+    /// ([`dbsync_protocol::codec::row_batch_room`]); with `compact`, in the compact forms of a
+    /// peer of [`dbsync_protocol::COMPACT_VERSION`] (integers as differences where that is
+    /// smaller, UUIDs packed: [`Column::compact`]).
     pub async fn read_page_encoded(
         &self,
         schema: &TableSchema,
@@ -151,6 +153,7 @@ impl Store {
         bounds: Bounds<'_>,
         limit: i64,
         room: usize,
+        compact: bool,
     ) -> Result<EncodedPage> {
         let Bounds {
             after,
@@ -175,7 +178,7 @@ impl Store {
                 };
                 return Ok(EncodedPage {
                     columns: cells
-                        .encode(room)
+                        .encode(room, compact)
                         .map_err(|err| sqlite_error(schema, err))?,
                     room,
                     rows: cells.rows(),
@@ -188,12 +191,14 @@ impl Store {
         let decoders = query.decoders();
         let Some(PullSnapshot::Postgres(snapshot)) = snapshot else {
             let rows = query.postgres(limit)?.fetch(pool);
-            return encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await;
+            return encode_pg_rows(rows, &decoders, &query.key_positions, limit, room, compact)
+                .await;
         };
         let mut tx = pool.begin().await?;
         import_snapshot(&mut tx, snapshot).await?;
         let rows = query.postgres(limit)?.fetch(&mut *tx);
-        let page = encode_pg_rows(rows, &decoders, &query.key_positions, limit, room).await?;
+        let page =
+            encode_pg_rows(rows, &decoders, &query.key_positions, limit, room, compact).await?;
         tx.commit().await?;
         Ok(page)
     }
@@ -301,19 +306,26 @@ async fn import_snapshot(
 
 /// Encodes PostgreSQL rows for the wire as they arrive ([`Store::read_page_encoded`]): each row
 /// is written into its columns and dropped, so the page is held once, encoded, not also as
-/// rows. The last row's values at `key_positions` are its key.
+/// rows. The last row's values at `key_positions` are its key; with `compact`, each column is
+/// kept for its compact form ([`Column::compact`]).
 async fn encode_pg_rows<S>(
     mut rows: S,
     decoders: &[pg_binary::Decoder],
     key_positions: &[usize],
     limit: i64,
     room: usize,
+    compact: bool,
 ) -> Result<EncodedPage>
 where
     S: futures_util::Stream<Item = std::result::Result<sqlx::postgres::PgRow, sqlx::Error>> + Unpin,
 {
     let invalid = |e: String| Error::invalid("rows", e);
-    let mut columns: Vec<Column> = decoders.iter().map(|d| Column::new(d.kind())).collect();
+    let column = if compact {
+        Column::compact
+    } else {
+        Column::new
+    };
+    let mut columns: Vec<Column> = decoders.iter().map(|d| column(d.kind())).collect();
     let mut numeric = String::new();
     let mut last = None;
     let mut read = 0usize;

@@ -156,8 +156,14 @@ impl Snapshot {
     }
 
     /// The next `limit` rows at most, encoded behind `room` free bytes; the page's last key is
-    /// the snapshot's position after it (rows read so far), the key a receiver goes on from.
-    pub async fn next_page(&mut self, limit: i64, room: usize) -> Result<EncodedPage> {
+    /// the snapshot's position after it (rows read so far), the key a receiver goes on from;
+    /// `compact` as for [`super::Store::read_page_encoded`].
+    pub async fn next_page(
+        &mut self,
+        limit: i64,
+        room: usize,
+        compact: bool,
+    ) -> Result<EncodedPage> {
         let limit = limit.max(1);
         let mut page = match &mut self.reader {
             Reader::Postgres { tx, decoders } => {
@@ -166,7 +172,7 @@ impl Snapshot {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .persistent(false)
                     .fetch(&mut **tx);
-                encode_pg_rows(rows, decoders, &[], limit, room).await?
+                encode_pg_rows(rows, decoders, &[], limit, room, compact).await?
             }
             Reader::Sqlite {
                 tx,
@@ -202,7 +208,7 @@ impl Snapshot {
                 }
                 EncodedPage {
                     columns: cells
-                        .encode_columns(room, *width)
+                        .encode_columns(room, *width, compact)
                         .map_err(|err| sqlite_error(&self.table, err))?,
                     room,
                     rows,

@@ -69,14 +69,21 @@ impl Cells {
 
     /// The rows encoded for the wire column by column (a row batch's `rows`), as
     /// [`Cells::to_rows`] would be, behind `room` zero bytes: a column whose values are all of
-    /// one storage class (or NULL) goes bare, any other as whole values.
-    pub(crate) fn encode(&self, room: usize) -> Result<Vec<u8>, RawError> {
-        self.encode_columns(room, self.width)
+    /// one storage class (or NULL) goes bare, any other as whole values. With `compact`, a column
+    /// of integers goes as differences where that is smaller
+    /// ([`dbsync_protocol::message::columnar::Column::compact`]).
+    pub(crate) fn encode(&self, room: usize, compact: bool) -> Result<Vec<u8>, RawError> {
+        self.encode_columns(room, self.width, compact)
     }
 
     /// [`Cells::encode`] of the first `count` columns only (those after are read, not sent).
-    pub(crate) fn encode_columns(&self, room: usize, count: usize) -> Result<Vec<u8>, RawError> {
-        use dbsync_protocol::message::columnar::{ColumnsWriter, Kind};
+    pub(crate) fn encode_columns(
+        &self,
+        room: usize,
+        count: usize,
+        compact: bool,
+    ) -> Result<Vec<u8>, RawError> {
+        use dbsync_protocol::message::columnar::{Column, ColumnsWriter, Kind};
         let rows = self.rows();
         let count = count.min(self.width);
         let invalid = RawError::Invalid;
@@ -99,6 +106,18 @@ impl Cells {
             } else {
                 None
             };
+            if compact && kind == Some(Kind::Int) {
+                // Written apart: the writer picks differences or values once it has both sizes.
+                let mut ints = Column::compact(kind);
+                for cell in cells() {
+                    match *cell {
+                        Cell::Int(i) => ints.int(i),
+                        _ => ints.null(),
+                    }
+                }
+                writer.push(&ints).map_err(invalid)?;
+                continue;
+            }
             let out = writer.column(kind).map_err(invalid)?;
             for cell in cells() {
                 match (kind, *cell) {

@@ -434,20 +434,24 @@ mod tests {
             transfer_id: String::new(),
         };
         let room = dbsync_protocol::codec::row_batch_room(&batch.columns);
-        let mut page = cells.encode(room).unwrap();
-        let (frame, _) =
-            dbsync_protocol::codec::encode_row_batch_in_place(&batch, &mut page, room, 1).unwrap();
-        let arrived =
-            dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default()).unwrap();
-        assert_eq!(arrived.rows.to_rows().unwrap(), read);
-        assert_eq!(arrived.last_key, vec![Value::Int(4)]);
+        // Both as values and with the keys as differences (the same rows either way).
+        for compact in [false, true] {
+            let mut page = cells.encode(room, compact).unwrap();
+            let (frame, _) =
+                dbsync_protocol::codec::encode_row_batch_in_place(&batch, &mut page, room, 1)
+                    .unwrap();
+            let arrived =
+                dbsync_protocol::codec::decode_batch_exact(&frame, &Default::default()).unwrap();
+            assert_eq!(arrived.rows.to_rows().unwrap(), read, "compact: {compact}");
+            assert_eq!(arrived.last_key, vec![Value::Int(4)]);
+        }
         // Past the last row: an empty page of three columns.
         let none = select_cells(&mut conn, "SELECT id, x, y FROM t WHERE id > 99", &[], 3)
             .await
             .unwrap();
         assert_eq!(none.rows(), 0);
         assert!(none.to_rows().unwrap().is_empty());
-        assert!(!none.encode(0).unwrap().is_empty());
+        assert!(!none.encode(0, false).unwrap().is_empty());
         assert_eq!(
             read,
             vec![
@@ -494,7 +498,7 @@ mod tests {
         let bad = select_cells(&mut conn, "SELECT id, x FROM t WHERE id = 20", &[], 2)
             .await
             .unwrap();
-        for err in [bad.to_rows().unwrap_err(), bad.encode(0).unwrap_err()] {
+        for err in [bad.to_rows().unwrap_err(), bad.encode(0, true).unwrap_err()] {
             assert!(err.to_string().contains("UTF-8"), "{err}");
         }
         // Bookkeeping runs in the rows' transaction; one that must change a row and does not

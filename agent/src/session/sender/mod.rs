@@ -410,7 +410,7 @@ impl Session<'_> {
                     other => other?,
                 },
                 Message::Pull(pull) => {
-                    let served = self.pull(&connection, pull).await;
+                    let served = self.pull(&connection, pull, version).await;
                     self.core.end_pull();
                     served?;
                 }

@@ -91,6 +91,9 @@ pub(super) struct ProduceJob {
     pub(super) snapshot: Option<crate::source::Snapshot>,
     /// The pull's exported snapshot (PostgreSQL): every page is read from it.
     pub(super) exported: Option<crate::source::PullSnapshot>,
+    /// Columns of integers may go as differences (the session speaks
+    /// [`dbsync_protocol::COMPACT_VERSION`]).
+    pub(super) compact: bool,
 }
 
 /// Reads the pages of one pull in key order: first, on a resume, the rows between the
@@ -164,10 +167,17 @@ pub(super) async fn produce(
             snapshot: job.exported.as_ref(),
         };
         let read = match &mut snapshot {
-            Some(snapshot) => snapshot.next_page(granted, room).await,
+            Some(snapshot) => snapshot.next_page(granted, room, job.compact).await,
             None => {
                 store
-                    .read_page_encoded(&job.schema, &job.columns, bounds, granted, room)
+                    .read_page_encoded(
+                        &job.schema,
+                        &job.columns,
+                        bounds,
+                        granted,
+                        room,
+                        job.compact,
+                    )
                     .await
             }
         };

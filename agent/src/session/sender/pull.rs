@@ -25,8 +25,14 @@ impl Session<'_> {
     /// metadata); a resume re-sends what lies between the receiver's key and the furthest key
     /// sent without counting it again, never reads at or below the start key, and must ask for
     /// what the transfer started with (columns, key filter, cursor, keys-only): a resume cannot
-    /// widen what its transfer covers.
-    pub(super) async fn pull(&mut self, connection: &Connection, pull: Pull) -> SessionResult<()> {
+    /// widen what its transfer covers. Its batches carry columns of differences on a session
+    /// of `version` 7 or later.
+    pub(super) async fn pull(
+        &mut self,
+        connection: &Connection,
+        pull: Pull,
+        version: u16,
+    ) -> SessionResult<()> {
         let store = &self.agent.store;
         let Some(schema) = self.offered_schema(connection, &pull.table).await? else {
             return Ok(());
@@ -329,6 +335,7 @@ impl Session<'_> {
                 batch_rows: self.agent.config.server.batch_rows,
                 snapshot,
                 exported,
+                compact: version >= dbsync_protocol::COMPACT_VERSION,
             },
             pages_tx,
         ));
