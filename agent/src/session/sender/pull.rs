@@ -193,7 +193,7 @@ impl Session<'_> {
                 // Keys are data: a keys-only pass waits for approval and counts its keys against
                 // the record limit, like any pull.
                 let requires_approval = connection.table_requires_approval(&pull.table);
-                let created = store
+                let created = match store
                     .create_transfer(
                         NewTransfer {
                             connection_id: connection.id,
@@ -210,9 +210,20 @@ impl Session<'_> {
                         &Actor::remote(&connection.site_url),
                         now,
                     )
-                    .await?;
+                    .await
+                {
+                    Ok(created) => created,
+                    Err(err) => {
+                        if let Some((index, _)) = part {
+                            self.agent.splits.part_started(&pull, index, None);
+                        }
+                        return Err(err.into());
+                    }
+                };
                 if let Some((index, _)) = part {
-                    self.agent.splits.part_started(&pull, index, created.id);
+                    self.agent
+                        .splits
+                        .part_started(&pull, index, Some(created.id));
                 }
                 let mut facts = serde_json::json!({ "scope": scope.0 });
                 if pull.keys_only {

@@ -108,8 +108,10 @@ impl Splits {
         }
     }
 
-    /// Records the transfer a new part started (see [`Splits::part`]).
-    pub(super) fn part_started(&self, pull: &Pull, index: usize, transfer: Uuid) {
+    /// Records the transfer a new part started (see [`Splits::part`]), or with `None` that it
+    /// could not start one: the range is new again for the next pull that asks for it (instead
+    /// of a pull of its own, and a download).
+    pub(super) fn part_started(&self, pull: &Pull, index: usize, transfer: Option<Uuid>) {
         let Some(token) = pull.split.as_deref() else {
             return;
         };
@@ -118,7 +120,7 @@ impl Splits {
             .get_mut(token)
             .and_then(|grant| grant.started.get_mut(index))
         {
-            *slot = Some(transfer);
+            *slot = transfer;
         }
     }
 
@@ -276,5 +278,67 @@ impl std::fmt::Debug for Splits {
         f.debug_struct("Splits")
             .field("grants", &self.lock().len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_new_once_and_new_again_when_its_transfer_could_not_start() {
+        let splits = Splits::default();
+        let connection = Uuid::new_v4();
+        let bound = vec![Value::Int(100)];
+        splits.insert(
+            "grant".into(),
+            Grant {
+                connection_id: connection,
+                table: "t".into(),
+                ranges: vec![(None, Some(bound.clone())), (Some(bound.clone()), None)],
+                started: vec![None, None],
+                snapshot: None,
+                made: Instant::now(),
+                ended: None,
+            },
+        );
+        let second = Pull {
+            request_id: 1,
+            table: "t".into(),
+            after_key: Some(bound),
+            limit: 1_000,
+            exclude_columns: Vec::new(),
+            credits: 8,
+            transfer_id: None,
+            key_filter: Some(KeyFilter::Range {
+                from: None,
+                to: None,
+            }),
+            cursor_column: None,
+            keys_only: false,
+            split: Some("grant".into()),
+        };
+        let new_part = |pull: &Pull| splits.part(connection, pull, true).unwrap().new_part;
+        assert_eq!(new_part(&second), Some((1, 2)));
+        // While its transfer is being made, the range is no one else's new part.
+        assert_eq!(new_part(&second), None);
+        splits.part_started(&second, 1, None);
+        assert_eq!(new_part(&second), Some((1, 2)));
+        let transfer = Uuid::new_v4();
+        splits.part_started(&second, 1, Some(transfer));
+        let again = splits.part(connection, &second, true).unwrap();
+        assert_eq!((again.new_part, again.started_as), (None, Some(transfer)));
+        // Another connection, another table, or a range that is none of the cut's: no part.
+        assert!(splits.part(Uuid::new_v4(), &second, true).is_none());
+        let other_table = Pull {
+            table: "u".into(),
+            ..second.clone()
+        };
+        assert!(splits.part(connection, &other_table, true).is_none());
+        let elsewhere = Pull {
+            after_key: Some(vec![Value::Int(5)]),
+            ..second
+        };
+        assert_eq!(new_part(&elsewhere), None);
     }
 }
