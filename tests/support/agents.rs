@@ -83,13 +83,10 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
             None,
         )
     };
-    let listener = TcpListener::bind(
-        options
-            .addr
-            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
-    )
-    .await
-    .unwrap();
+    let listener = match options.addr {
+        Some(addr) => TcpListener::bind(addr).await.unwrap(),
+        None => free_tcp_and_udp_port().await,
+    };
     let addr = listener.local_addr().unwrap();
     let mut config = Config {
         database_url: Some(url.clone()),
@@ -132,6 +129,19 @@ pub async fn start(test: &str, options: Options) -> Option<RunningAgent> {
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+/// A listener on a port of loopback whose UDP twin is free too (QUIC binds it next): the
+/// system picks a free TCP port, and another test's QUIC endpoint may hold the same number.
+async fn free_tcp_and_udp_port() -> TcpListener {
+    for _ in 0..50 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return listener;
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP in 50 tries");
 }
 
 async fn spawn_server(
