@@ -1965,20 +1965,34 @@ async fn a_sender_that_stops_answering_ends_the_pull_in_time() {
 
 /// Every batch of `pull` on `hand`, credited at once, until its `PullDone`.
 async fn pull_to_the_end(hand: &mut Hand, pull: Pull) -> (Vec<i64>, PullDone) {
+    let (batches, done) = batches_to_the_end(hand, pull).await;
+    let keys = batches
+        .iter()
+        .flat_map(|batch| batch.rows.to_rows().unwrap())
+        .map(|row| key_of(&row))
+        .collect();
+    (keys, done)
+}
+
+/// Sends `pull` and every batch's credit back; the batches as they came, and the end.
+async fn batches_to_the_end(
+    hand: &mut Hand,
+    pull: Pull,
+) -> (Vec<dbsync_protocol::columns::ReceivedBatch>, PullDone) {
     let request_id = pull.request_id;
     hand.send(&Message::Pull(pull)).await;
-    let mut keys = Vec::new();
+    let mut batches = Vec::new();
     loop {
         match hand.recv().await {
             Some(Incoming::Batch(batch, _)) => {
-                keys.extend(batch.rows.to_rows().unwrap().iter().map(|r| key_of(r)));
+                batches.push(batch);
                 hand.send(&Message::Credit(Credit {
                     request_id,
                     batches: 1,
                 }))
                 .await;
             }
-            Some(Incoming::Message(Message::PullDone(done), _)) => return (keys, done),
+            Some(Incoming::Message(Message::PullDone(done), _)) => return (batches, done),
             other => panic!("expected a batch or PullDone, got {other:?}"),
         }
     }
@@ -2100,25 +2114,16 @@ async fn compact_columns_go_only_to_a_peer_of_protocol_7() {
                 Message::Welcome(welcome) => assert_eq!(welcome.version, speaks),
                 other => panic!("{other:?}"),
             }
-            hand.send(&Message::Pull(pull_of("stamps"))).await;
-            let mut rows = Vec::new();
-            let mut tags = BTreeSet::new();
-            loop {
-                match hand.recv().await {
-                    Some(Incoming::Batch(batch, _)) => {
-                        rows.extend(batch.rows.to_rows().unwrap());
-                        tags.insert(batch.rows.column_tags());
-                        hand.send(&Message::Credit(Credit {
-                            request_id: 1,
-                            batches: 1,
-                        }))
-                        .await;
-                    }
-                    Some(Incoming::Message(Message::PullDone(_), _)) => break,
-                    other => panic!("{other:?}"),
-                }
-            }
+            let (batches, _) = batches_to_the_end(&mut hand, pull_of("stamps")).await;
             hand.close().await;
+            let rows: Vec<Vec<Value>> = batches
+                .iter()
+                .flat_map(|batch| batch.rows.to_rows().unwrap())
+                .collect();
+            let tags: BTreeSet<Vec<u8>> = batches
+                .iter()
+                .map(|batch| batch.rows.column_tags())
+                .collect();
             let uuid = if postgres {
                 ColumnKind::Uuid
             } else {

@@ -337,8 +337,6 @@ enum Form {
 struct ColumnAt {
     kind: Option<Kind>,
     form: Form,
-    /// The tag as sent.
-    tag: u8,
     values: std::ops::Range<usize>,
 }
 
@@ -395,7 +393,15 @@ impl EncodedRows {
     /// Each column's tag as it was sent: its kind, plus [`DELTAS`] or [`PACKED`] for a compact
     /// form, or 255 for whole values (what a peer chose to send, for diagnostics and tests).
     pub fn column_tags(&self) -> Vec<u8> {
-        self.columns.iter().map(|column| column.tag).collect()
+        self.columns
+            .iter()
+            .map(|column| match (column.kind, column.form) {
+                (None, _) => MIXED,
+                (Some(kind), Form::Values) => kind as u8,
+                (Some(kind), Form::Deltas) => kind as u8 | DELTAS,
+                (Some(kind), Form::Packed) => kind as u8 | PACKED,
+            })
+            .collect()
     }
 
     /// The rows as values.
@@ -512,7 +518,6 @@ pub fn decode_batch(payload: Vec<u8>, max_depth: usize) -> Result<ReceivedBatch,
         located.push(ColumnAt {
             kind,
             form,
-            tag: tag as u8,
             values: start..at(&reader),
         });
     }
