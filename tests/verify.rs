@@ -98,6 +98,24 @@ async fn rows_sent_in_pulls(a: &RunningAgent) -> i64 {
         .sum()
 }
 
+/// The status of each verification the sender recorded.
+async fn verifications_sent(a: &RunningAgent) -> Vec<TransferStatus> {
+    a.agent
+        .store
+        .list_transfers(&TransferFilter {
+            direction: Some(TransferDirection::Send),
+            per_page: Some(500),
+            ..TransferFilter::default()
+        })
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|t| t.metadata["kind"] == "verify")
+        .map(|t| t.status)
+        .collect()
+}
+
 async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     let Some((a, b, receiver)) = pulled_pair(test, a_pg, b_pg).await else {
         return;
@@ -113,6 +131,36 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     assert!(identical.tables.iter().all(|t| t.hashed_in == expected));
     assert_eq!(verdict(&identical.tables, "users").rows_there, 300);
     assert_eq!(verdict(&identical.tables, "stock").rows_here, 120);
+    // One verification transfer a table on the sender, completed, however it was asked for.
+    let verifications = verifications_sent(&a).await;
+    assert_eq!(verifications.len(), 2, "{verifications:?}");
+    assert!(
+        verifications
+            .iter()
+            .all(|s| *s == TransferStatus::Completed)
+    );
+
+    // A row the sender has past this side's last key (the rest alike) is found.
+    exec(
+        &a,
+        &["INSERT INTO users VALUES (301, 'new', 1.0, NULL, NULL)".into()],
+    )
+    .await;
+    let newer = b
+        .agent
+        .verify(&receiver, &options(false), |_| {})
+        .await
+        .unwrap();
+    let users = verdict(&newer.tables, "users");
+    assert_eq!(
+        (users.missing_here, users.extra_here, users.different),
+        (1, 0, 0),
+        "{users:?}"
+    );
+    assert_eq!(users.first_missing, vec![vec![Value::Int(301)]]);
+    assert!(verdict(&newer.tables, "stock").identical);
+    assert_eq!(verifications_sent(&a).await.len(), 4);
+    exec(&a, &["DELETE FROM users WHERE id = 301".into()]).await;
 
     // Here: a changed value in the first page, a deleted row in the middle, an extra row past
     // the last key, a changed key (row 250 now 1000), and a changed row of the composite key.
@@ -211,6 +259,12 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
             .count();
         assert!(kinds >= 8, "{kinds} verification transfers");
     }
+    // Each ended with the receiver's last question about its table.
+    let sent = verifications_sent(&a).await;
+    assert!(
+        sent.iter().all(|s| *s == TransferStatus::Completed),
+        "{sent:?}"
+    );
     a.stop().await;
     b.stop().await;
 }

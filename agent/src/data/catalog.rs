@@ -530,6 +530,8 @@ pub enum HashShape {
     /// The key of the row the last parameter's number of rows into the range (an `OFFSET`
     /// parameter), if the range holds that many: where a range of that many rows ends.
     End,
+    /// The key of the range's last row, if it has one. No limit parameter.
+    Last,
 }
 
 /// A key range of a PostgreSQL table hashed in the database (protocol 5, see
@@ -579,6 +581,14 @@ pub fn pg_range_hash_query(
         }
         HashShape::End => {
             format!("SELECT {keys} FROM {table}{filter} ORDER BY {order_by} OFFSET ${next} LIMIT 1")
+        }
+        HashShape::Last => {
+            let descending = key
+                .iter()
+                .map(|c| Ok(format!("{} DESC", quote_ident(c)?)))
+                .collect::<Result<Vec<_>>>()?
+                .join(", ");
+            format!("SELECT {keys} FROM {table}{filter} ORDER BY {descending} LIMIT 1")
         }
     })
 }

@@ -638,7 +638,40 @@ impl Agent {
         let mut pending = Pending::default();
         let mut ends_seen = std::collections::HashSet::new();
         let mut start: Option<Vec<Value>> = None;
-        let mut end = self.store.range_end(here, None, rows).await?;
+        // A verification expects the tables alike: the whole table up to this side's last key
+        // is hashed first, one scan on each side, and only when it differs is it cut in ranges.
+        // Past that key only the sender can have rows, and the loop below asks for those.
+        if !options.repair || options.recheck {
+            if let Some(last) = self.store.range_last(here, None).await? {
+                let whole = (None, Some(last.as_slice()));
+                // Its rows count towards progress only when alike; else its ranges count them.
+                let mut rows_alike = 0;
+                if !self
+                    .ranges_differ(
+                        client,
+                        &table,
+                        here,
+                        columns,
+                        whole,
+                        &mut request_id,
+                        options,
+                        verdict,
+                        &mut |event| {
+                            if let VerifyEvent::Page { rows } = event {
+                                rows_alike = rows;
+                            }
+                        },
+                    )
+                    .await?
+                {
+                    on_event(VerifyEvent::Page { rows: rows_alike });
+                    start = Some(last);
+                }
+            }
+        }
+        // Each range ends at a key this side has; the last, past this side's last key, is
+        // asked for as a summary, and that ends the sender's verification of the table.
+        let mut end = self.next_end(here, start.as_deref(), rows).await?;
         // After a range that differed the next is asked for row by row at once (changes spread
         // over a table make neighbouring ranges differ too), before this one is set side by
         // side: the sender reads it meanwhile.
@@ -649,7 +682,7 @@ impl Agent {
         loop {
             ahead = None;
             let range = (start.as_deref(), end.as_deref());
-            let differs = if last_differs || asked.is_some() {
+            let differs = if asked.is_some() || (last_differs && end.is_some()) {
                 true
             } else {
                 let (differs, next) = tokio::join!(
@@ -666,9 +699,7 @@ impl Agent {
                     ),
                     async {
                         match range.1 {
-                            Some(done) => {
-                                self.store.range_end(here, Some(done), rows).await.map(Some)
-                            }
+                            Some(done) => self.next_end(here, Some(done), rows).await.map(Some),
                             None => Ok(None),
                         }
                     }
@@ -706,7 +737,7 @@ impl Agent {
                 };
                 end = match ahead.take() {
                     Some(next) => next,
-                    None => self.store.range_end(here, Some(&done), rows).await?,
+                    None => self.next_end(here, Some(&done), rows).await?,
                 };
                 start = Some(done);
                 continue;
@@ -736,18 +767,20 @@ impl Agent {
                 let (local, answer) = (local?, answer?);
                 // The range ends with this page: the next range is asked for now.
                 if let (Some(done), false) = (&end, answer.more) {
-                    next_end = Some(match ahead.take() {
+                    let next = match ahead.take() {
                         Some(next) => next,
-                        None => self.store.range_end(here, Some(done), rows).await?,
-                    });
-                    request_id += 1;
-                    let next = (
-                        Some(done.as_slice()),
-                        next_end.as_ref().and_then(Option::as_deref),
-                    );
-                    let request = detail_request(&table, next, request_id, options);
-                    client.send(&request).await?;
-                    asked = Some(request);
+                        None => self.next_end(here, Some(done), rows).await?,
+                    };
+                    // Not the range past this side's last key: its summary ends the sender's
+                    // verification, so it is always asked for as one.
+                    if let Some(upto) = &next {
+                        request_id += 1;
+                        let range = (Some(done.as_slice()), Some(upto.as_slice()));
+                        let request = detail_request(&table, range, request_id, options);
+                        client.send(&request).await?;
+                        asked = Some(request);
+                    }
+                    next_end = Some(next);
                 }
                 last_differs = self
                     .diff_range(
@@ -777,12 +810,26 @@ impl Agent {
             };
             end = match next_end.or_else(|| ahead.take()) {
                 Some(next) => next,
-                None => self.store.range_end(here, Some(&done), rows).await?,
+                None => self.next_end(here, Some(&done), rows).await?,
             };
             start = Some(done);
         }
         self.finish_table(connection, here, options, &mut pending, verdict)
             .await
+    }
+
+    /// Where the range after `after` ends here: `rows` rows past it, or at this side's last
+    /// key when fewer are left; `None` when none are (the last range, open-ended).
+    async fn next_end(
+        &self,
+        here: &TableSchema,
+        after: Option<&[Value]>,
+        rows: u64,
+    ) -> Result<Option<Vec<Value>>> {
+        match self.store.range_end(here, after, rows).await? {
+            Some(end) => Ok(Some(end)),
+            None => self.store.range_last(here, after).await,
+        }
     }
 
     /// Whether range `(after, upto]` differs, by its row count and hash on both sides (each
@@ -864,11 +911,13 @@ impl Agent {
                 }
             };
             let range = (start.as_deref(), end.as_deref());
-            let differs = self
-                .ranges_differ(
-                    client, table, here, columns, range, request_id, options, verdict, on_event,
-                )
-                .await?;
+            // A part that is the whole range (this side has too few rows to cut it) differs.
+            let differs = range == (after, upto)
+                || self
+                    .ranges_differ(
+                        client, table, here, columns, range, request_id, options, verdict, on_event,
+                    )
+                    .await?;
             if differs {
                 differing += 1;
                 self.diff_range(

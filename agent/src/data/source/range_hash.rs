@@ -127,6 +127,15 @@ impl<'a> RangeQuery<'a> {
         })
     }
 
+    /// The key a row of an `End` or `Last` query holds.
+    fn key_of(&self, row: &sqlx::postgres::PgRow) -> Result<Vec<Value>> {
+        self.key_decoders()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| postgres_value(row, i, d))
+            .collect()
+    }
+
     fn key_decoders(&self) -> Vec<pg_binary::Decoder> {
         self.key_neutral
             .iter()
@@ -198,6 +207,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The key of the table's last row after `after` (any when open), if it has one.
+    pub async fn range_last(
+        &self,
+        schema: &TableSchema,
+        after: Option<&[Value]>,
+    ) -> Result<Option<Vec<Value>>> {
+        let query = RangeQuery::new(schema, &schema.primary_key, after, None, HashShape::Last)?;
+        let row = query
+            .bound(None)?
+            .fetch_optional(self.postgres_pool()?)
+            .await?;
+        row.map(|row| query.key_of(&row)).transpose()
+    }
+
     /// The key `rows` rows after `after` (the `rows`-th key past it), if the table holds that
     /// many: where a range of `rows` rows starting after `after` ends.
     pub async fn range_end(
@@ -206,21 +229,12 @@ impl Store {
         after: Option<&[Value]>,
         rows: u64,
     ) -> Result<Option<Vec<Value>>> {
-        let columns: Vec<String> = schema.primary_key.clone();
-        let query = RangeQuery::new(schema, &columns, after, None, HashShape::End)?;
-        let decoders = query.key_decoders();
+        let query = RangeQuery::new(schema, &schema.primary_key, after, None, HashShape::End)?;
         let offset = i64::try_from(rows.saturating_sub(1)).unwrap_or(i64::MAX);
         let row = query
             .bound(Some(offset))?
             .fetch_optional(self.postgres_pool()?)
             .await?;
-        row.map(|row| {
-            decoders
-                .iter()
-                .enumerate()
-                .map(|(i, d)| postgres_value(&row, i, d))
-                .collect()
-        })
-        .transpose()
+        row.map(|row| query.key_of(&row)).transpose()
     }
 }

@@ -101,6 +101,9 @@ impl Session<'_> {
         if !request.detail {
             self.record_verification(connection, &request, rows, more)
                 .await?;
+        } else if !more {
+            // The last page asked for with its rows' hashes (its summary was not asked for).
+            self.finish_verification(&request.table).await?;
         }
         self.send(&Message::VerifyPage(VerifyPage {
             request_id: request.request_id,
@@ -222,9 +225,11 @@ impl Session<'_> {
             .iter()
             .find(|(table, _)| *table == request.table)
             .map(|(_, id)| *id);
-        let id = match (known, &request.after) {
-            (Some(id), Some(_)) => id,
-            _ => {
+        // A table's verification is one transfer, however its ranges are asked for (a whole
+        // table that differs is asked for again range by range from its start).
+        let id = match known {
+            Some(id) => id,
+            None => {
                 let created = store
                     .create_transfer(
                         NewTransfer {
@@ -262,9 +267,21 @@ impl Session<'_> {
             )
             .await?;
         if !more {
-            store.complete_transfer(id, now).await?;
-            self.verifying.retain(|(table, _)| *table != request.table);
+            self.finish_verification(&request.table).await?;
         }
+        Ok(())
+    }
+
+    /// Completes the table's verification, if one is under way.
+    async fn finish_verification(&mut self, table: &str) -> SessionResult<()> {
+        let Some(at) = self.verifying.iter().position(|(t, _)| t == table) else {
+            return Ok(());
+        };
+        let (_, id) = self.verifying.remove(at);
+        self.agent
+            .store
+            .complete_transfer(id, self.agent.now())
+            .await?;
         Ok(())
     }
 }
