@@ -833,7 +833,8 @@ impl Agent {
     }
 
     /// Whether range `(after, upto]` differs, by its row count and hash on both sides (each
-    /// side hashing at the same time); an equal range's rows are counted.
+    /// side hashing at the same time); an equal range's rows are counted. A range open at its
+    /// end (`upto` none) is one past this side's last key (see [`Self::next_end`]).
     #[allow(clippy::too_many_arguments)]
     async fn ranges_differ(
         &self,
@@ -849,7 +850,13 @@ impl Agent {
     ) -> Result<bool> {
         *request_id += 1;
         let (local, answer) = tokio::join!(
-            self.store.range_hash(here, columns, after, upto),
+            async {
+                // A range open at its end lies past this side's last key: no rows here.
+                match upto {
+                    Some(_) => self.store.range_hash(here, columns, after, upto).await,
+                    None => Ok((0, [0; 8])),
+                }
+            },
             self.ask_page(
                 client,
                 table,
