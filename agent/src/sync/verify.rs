@@ -641,32 +641,32 @@ impl Agent {
         // A verification expects the tables alike: the whole table up to this side's last key
         // is hashed first, one scan on each side, and only when it differs is it cut in ranges.
         // Past that key only the sender can have rows, and the loop below asks for those.
-        if !options.repair || options.recheck {
-            if let Some(last) = self.store.range_last(here, None).await? {
-                let whole = (None, Some(last.as_slice()));
-                // Its rows count towards progress only when alike; else its ranges count them.
-                let mut rows_alike = 0;
-                if !self
-                    .ranges_differ(
-                        client,
-                        &table,
-                        here,
-                        columns,
-                        whole,
-                        &mut request_id,
-                        options,
-                        verdict,
-                        &mut |event| {
-                            if let VerifyEvent::Page { rows } = event {
-                                rows_alike = rows;
-                            }
-                        },
-                    )
-                    .await?
-                {
-                    on_event(VerifyEvent::Page { rows: rows_alike });
-                    start = Some(last);
-                }
+        if (!options.repair || options.recheck)
+            && let Some(last) = self.store.range_last(here, None).await?
+        {
+            let whole = (None, Some(last.as_slice()));
+            // Its rows count towards progress only when alike; else its ranges count them.
+            let mut rows_alike = 0;
+            if !self
+                .ranges_differ(
+                    client,
+                    &table,
+                    here,
+                    columns,
+                    whole,
+                    &mut request_id,
+                    options,
+                    verdict,
+                    &mut |event| {
+                        if let VerifyEvent::Page { rows } = event {
+                            rows_alike = rows;
+                        }
+                    },
+                )
+                .await?
+            {
+                on_event(VerifyEvent::Page { rows: rows_alike });
+                start = Some(last);
             }
         }
         // Each range ends at a key this side has; the last, past this side's last key, is
