@@ -877,6 +877,7 @@ async fn postgres_steps(
     // Diff pull after 1 % of the rows changed at the source (another 1 % each run).
     let mut times = Vec::new();
     let mut moved = 0;
+    let mut first = None;
     for run in 0..knobs.repeat {
         let changed = format!("id % 100 = {}", 50 + run % 50);
         let expected: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -909,7 +910,7 @@ async fn postgres_steps(
             });
             settle(Some(pg)).await;
         }
-        let (report, elapsed, _, _) = setup.receiver.pull(
+        let (report, elapsed, rss_b, rss_a) = setup.receiver.pull(
             &pull_args(&setup, transport, &depth, &["--diff"]),
             &setup.sender,
         );
@@ -917,8 +918,10 @@ async fn postgres_steps(
         moved = report["tables"][0]["repaired_rows"].as_i64().unwrap_or(-1);
         assert_eq!(moved, expected, "a diff pull moves the changed rows");
         times.push(elapsed);
+        first.get_or_insert((rss_b, rss_a));
     }
     let (elapsed, samples) = median(&times);
+    let (rss_b, rss_a) = first.expect("at least one run");
     eprintln!("diff pull (1%): {elapsed:.2} s");
     table.push(Row {
         measure: format!("pull --diff, 1% changed ({transport})"),
@@ -927,8 +930,8 @@ async fn postgres_steps(
         rows: moved,
         ratio: Some(elapsed / baseline),
         wire_ratio: None,
-        rss_receiver_mib: None,
-        rss_sender_mib: None,
+        rss_receiver_mib: Some(mib(rss_b)),
+        rss_sender_mib: Some(mib(rss_a)),
     });
     // Incremental: a first pass sets the cursor, then 1% of the rows change. The source has the
     // index an operator adds for incremental pulls (docs/operations.md): on the cursor column
@@ -1050,6 +1053,50 @@ async fn postgres_steps(
             seconds: elapsed.as_secs_f64(),
             samples: vec![elapsed.as_secs_f64()],
             rows,
+            ratio: None,
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+        // Verification holds a page at most, whatever the table's size: the same two steps at
+        // 4x, once each, for their memory.
+        let verify_args = [
+            setup.connection.as_str(),
+            "--tables",
+            "users",
+            "--transport",
+            transport,
+        ];
+        settle(Some(pg)).await;
+        let (report, elapsed, rss_b, rss_a) =
+            setup.receiver.timed("verify", &verify_args, &setup.sender);
+        assert_eq!(report["identical"], true, "{report}");
+        table.push(Row {
+            measure: format!("verify, identical, at 4x rows ({transport})"),
+            seconds: elapsed.as_secs_f64(),
+            samples: vec![elapsed.as_secs_f64()],
+            rows,
+            ratio: None,
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(rss_b)),
+            rss_sender_mib: Some(mib(rss_a)),
+        });
+        exec(
+            &a4,
+            "UPDATE users SET name = name || '~' WHERE id % 100 = 7",
+        )
+        .await;
+        settle(Some(pg)).await;
+        let (report, elapsed, rss_b, rss_a) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--diff"]),
+            &setup.sender,
+        );
+        assert_eq!(report["identical"], true, "{report}");
+        table.push(Row {
+            measure: format!("pull --diff, 1% changed, at 4x rows ({transport})"),
+            seconds: elapsed.as_secs_f64(),
+            samples: vec![elapsed.as_secs_f64()],
+            rows: report["tables"][0]["repaired_rows"].as_i64().unwrap_or(-1),
             ratio: None,
             wire_ratio: None,
             rss_receiver_mib: Some(mib(rss_b)),
