@@ -4,7 +4,7 @@
 
 use dbsync_agent::connection::ConnectionSettings;
 use dbsync_agent::pull::{PullOptions, TransportChoice};
-use dbsync_agent::sync::verify::{TableVerdict, VerifyOptions};
+use dbsync_agent::sync::verify::{TableVerdict, VerifyEvent, VerifyOptions};
 use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_protocol::Value;
 
@@ -120,12 +120,28 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     let Some((a, b, receiver)) = pulled_pair(test, a_pg, b_pg).await else {
         return;
     };
+    let mut events = Vec::new();
     let identical = b
         .agent
-        .verify(&receiver, &options(false), |_| {})
+        .verify(&receiver, &options(false), |event| events.push(event))
         .await
         .unwrap();
     assert!(identical.identical(), "{identical:?}");
+    // Progress: each table hashed whole in both databases (PostgreSQL on both sides), else
+    // page by page; every row counted once either way.
+    let whole = events
+        .iter()
+        .filter(|e| matches!(e, VerifyEvent::WholeTable))
+        .count();
+    assert_eq!(whole, if a_pg && b_pg { 2 } else { 0 }, "{events:?}");
+    let counted: u64 = events
+        .iter()
+        .map(|e| match e {
+            VerifyEvent::Page { rows } => *rows,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(counted, 420, "{events:?}");
     // Two PostgreSQL tables of the same types are hashed inside each database.
     let expected = if a_pg && b_pg { "database" } else { "rows" };
     assert!(identical.tables.iter().all(|t| t.hashed_in == expected));

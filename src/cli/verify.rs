@@ -81,7 +81,7 @@ pub(crate) async fn run_with_progress(
 ) -> anyhow::Result<VerifySummary> {
     let terminal = !ctx.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let style = ProgressStyle::with_template(
-        "{prefix:>16} [{bar:30}] {percent:>3}% {human_pos}/{human_len} rows compared  eta {eta}",
+        "{prefix:>16} [{bar:30}] {percent:>3}% {human_pos}/{human_len} rows compared  eta {eta} {msg}",
     )?
     .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
@@ -102,8 +102,15 @@ pub(crate) async fn run_with_progress(
                     bar = Some(next);
                 }
             }
+            VerifyEvent::WholeTable => {
+                if let Some(bar) = &bar {
+                    bar.set_message("(hashing the whole table on both sides)");
+                    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+                }
+            }
             VerifyEvent::Page { rows } => {
                 if let Some(bar) = &bar {
+                    bar.set_message("");
                     if bar.position() + rows > bar.length().unwrap_or(0) {
                         bar.set_length(bar.position() + rows);
                     }

@@ -119,6 +119,10 @@ pub enum VerifyEvent {
         /// Estimate.
         estimated_rows: u64,
     },
+    /// The whole table is being hashed in one statement on each side (PostgreSQL on both):
+    /// no rows are counted until it is done (a `Page` of them all when alike; pages of its
+    /// ranges otherwise).
+    WholeTable,
     /// A page was compared.
     Page {
         /// Rows in it (the sender's).
@@ -645,6 +649,7 @@ impl Agent {
             && let Some(last) = self.store.range_last(here, None).await?
         {
             let whole = (None, Some(last.as_slice()));
+            on_event(VerifyEvent::WholeTable);
             // Its rows count towards progress only when alike; else its ranges count them.
             let mut rows_alike = 0;
             if !self
