@@ -554,6 +554,22 @@ struct Row {
     rss_sender_mib: Option<f64>,
 }
 
+impl Row {
+    /// A step run once, with no ratio, and the peaks (KiB) of the receiver and the sender.
+    fn once(measure: String, elapsed: Duration, rows: i64, (receiver, sender): (u64, u64)) -> Self {
+        Self {
+            measure,
+            seconds: elapsed.as_secs_f64(),
+            samples: vec![elapsed.as_secs_f64()],
+            rows,
+            ratio: None,
+            wire_ratio: None,
+            rss_receiver_mib: Some(mib(receiver)),
+            rss_sender_mib: Some(mib(sender)),
+        }
+    }
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -701,6 +717,17 @@ async fn full_pulls(
     }
 }
 
+/// `dbsync verify` of the bench table over `transport`.
+fn verify_args<'a>(setup: &'a Setup, transport: &'a str) -> [&'a str; 5] {
+    [
+        setup.connection.as_str(),
+        "--tables",
+        "users",
+        "--transport",
+        transport,
+    ]
+}
+
 fn pull_args<'a>(
     setup: &'a Setup,
     transport: &'a str,
@@ -844,19 +871,13 @@ async fn postgres_steps(
         rss_sender_mib: Some(mib(rss_a)),
     });
     // Verify of the identical copy: row hashes page by page, no row moved.
-    let verify_args = [
-        setup.connection.as_str(),
-        "--tables",
-        "users",
-        "--transport",
-        transport,
-    ];
+    let verifying = verify_args(&setup, transport);
     let mut times = Vec::new();
     let mut first = None;
     for _ in 0..knobs.repeat {
         settle(Some(pg)).await;
         let (report, elapsed, rss_b, rss_a) =
-            setup.receiver.timed("verify", &verify_args, &setup.sender);
+            setup.receiver.timed("verify", &verifying, &setup.sender);
         assert_eq!(report["identical"], true, "{report}");
         times.push(elapsed);
         first.get_or_insert((rss_b, rss_a));
@@ -894,8 +915,7 @@ async fn postgres_steps(
         settle(Some(pg)).await;
         // The first time, how long finding the changed rows takes without moving them.
         if run == 0 {
-            let (report, elapsed, _, _) =
-                setup.receiver.timed("verify", &verify_args, &setup.sender);
+            let (report, elapsed, _, _) = setup.receiver.timed("verify", &verifying, &setup.sender);
             assert_eq!(report["identical"], false, "{report}");
             eprintln!("verify (1% different): {:.2} s", elapsed.as_secs_f64());
             table.push(Row {
@@ -1048,39 +1068,25 @@ async fn postgres_steps(
             &pull_args(&setup, transport, &depth, &["--strategy", "overwrite"]),
             &setup.sender,
         );
-        table.push(Row {
-            measure: format!("full pull at 4x rows ({transport})"),
-            seconds: elapsed.as_secs_f64(),
-            samples: vec![elapsed.as_secs_f64()],
+        table.push(Row::once(
+            format!("full pull at 4x rows ({transport})"),
+            elapsed,
             rows,
-            ratio: None,
-            wire_ratio: None,
-            rss_receiver_mib: Some(mib(rss_b)),
-            rss_sender_mib: Some(mib(rss_a)),
-        });
+            (rss_b, rss_a),
+        ));
         // Verification holds a page at most, whatever the table's size: the same two steps at
         // 4x, once each, for their memory.
-        let verify_args = [
-            setup.connection.as_str(),
-            "--tables",
-            "users",
-            "--transport",
-            transport,
-        ];
+        let verifying = verify_args(&setup, transport);
         settle(Some(pg)).await;
         let (report, elapsed, rss_b, rss_a) =
-            setup.receiver.timed("verify", &verify_args, &setup.sender);
+            setup.receiver.timed("verify", &verifying, &setup.sender);
         assert_eq!(report["identical"], true, "{report}");
-        table.push(Row {
-            measure: format!("verify, identical, at 4x rows ({transport})"),
-            seconds: elapsed.as_secs_f64(),
-            samples: vec![elapsed.as_secs_f64()],
+        table.push(Row::once(
+            format!("verify, identical, at 4x rows ({transport})"),
+            elapsed,
             rows,
-            ratio: None,
-            wire_ratio: None,
-            rss_receiver_mib: Some(mib(rss_b)),
-            rss_sender_mib: Some(mib(rss_a)),
-        });
+            (rss_b, rss_a),
+        ));
         exec(
             &a4,
             "UPDATE users SET name = name || '~' WHERE id % 100 = 7",
@@ -1092,16 +1098,12 @@ async fn postgres_steps(
             &setup.sender,
         );
         assert_eq!(report["identical"], true, "{report}");
-        table.push(Row {
-            measure: format!("pull --diff, 1% changed, at 4x rows ({transport})"),
-            seconds: elapsed.as_secs_f64(),
-            samples: vec![elapsed.as_secs_f64()],
-            rows: report["tables"][0]["repaired_rows"].as_i64().unwrap_or(-1),
-            ratio: None,
-            wire_ratio: None,
-            rss_receiver_mib: Some(mib(rss_b)),
-            rss_sender_mib: Some(mib(rss_a)),
-        });
+        table.push(Row::once(
+            format!("pull --diff, 1% changed, at 4x rows ({transport})"),
+            elapsed,
+            report["tables"][0]["repaired_rows"].as_i64().unwrap_or(-1),
+            (rss_b, rss_a),
+        ));
     }
 
     text_bytes

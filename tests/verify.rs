@@ -80,8 +80,8 @@ async fn pulled_pair(
     Some((a, b, receiver))
 }
 
-/// Rows the sender sent in pulls (not verifications) after `since` transfers.
-async fn rows_sent_in_pulls(a: &RunningAgent) -> i64 {
+/// The transfers the sender recorded.
+async fn sent(a: &RunningAgent) -> Vec<dbsync_agent::transfer::Transfer> {
     a.agent
         .store
         .list_transfers(&TransferFilter {
@@ -92,6 +92,12 @@ async fn rows_sent_in_pulls(a: &RunningAgent) -> i64 {
         .await
         .unwrap()
         .items
+}
+
+/// Rows the sender sent in pulls (not verifications).
+async fn rows_sent_in_pulls(a: &RunningAgent) -> i64 {
+    sent(a)
+        .await
         .iter()
         .filter(|t| t.metadata.get("kind").is_none())
         .map(|t| t.records_transferred)
@@ -100,16 +106,8 @@ async fn rows_sent_in_pulls(a: &RunningAgent) -> i64 {
 
 /// The status of each verification the sender recorded.
 async fn verifications_sent(a: &RunningAgent) -> Vec<TransferStatus> {
-    a.agent
-        .store
-        .list_transfers(&TransferFilter {
-            direction: Some(TransferDirection::Send),
-            per_page: Some(500),
-            ..TransferFilter::default()
-        })
+    sent(a)
         .await
-        .unwrap()
-        .items
         .iter()
         .filter(|t| t.metadata["kind"] == "verify")
         .map(|t| t.status)
