@@ -4,7 +4,7 @@
 
 use dbsync_agent::connection::ConnectionSettings;
 use dbsync_agent::pull::{PullOptions, TransportChoice};
-use dbsync_agent::sync::verify::{TableVerdict, VerifyEvent, VerifyOptions};
+use dbsync_agent::sync::verify::{TableVerdict, VerifyEvent, VerifyOptions, VerifySummary};
 use dbsync_agent::transfer::{TransferDirection, TransferFilter, TransferStatus};
 use dbsync_protocol::Value;
 
@@ -114,10 +114,34 @@ async fn verifications_sent(a: &RunningAgent) -> Vec<TransferStatus> {
         .collect()
 }
 
+/// A diff pull as `dbsync pull --diff` runs it: its verdict, and how many tables it hashed
+/// whole first.
+async fn diff_pull(b: &RunningAgent, receiver: &str) -> (VerifySummary, usize) {
+    let mut whole = 0;
+    let summary = b
+        .agent
+        .verify(
+            receiver,
+            &VerifyOptions {
+                recheck: false,
+                ..options(true)
+            },
+            |event| whole += usize::from(matches!(event, VerifyEvent::WholeTable)),
+        )
+        .await
+        .unwrap();
+    (summary, whole)
+}
+
 async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     let Some((a, b, receiver)) = pulled_pair(test, a_pg, b_pg).await else {
         return;
     };
+    // A diff pull with no verification of the table before it expects changes: ranges from the
+    // start (none found here).
+    let (diffed, whole) = diff_pull(&b, &receiver).await;
+    assert!(diffed.identical(), "{diffed:?}");
+    assert_eq!(whole, 0);
     let mut events = Vec::new();
     let identical = b
         .agent
@@ -147,7 +171,7 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     assert_eq!(verdict(&identical.tables, "stock").rows_here, 120);
     // One verification transfer a table on the sender, completed, however it was asked for.
     let verifications = verifications_sent(&a).await;
-    assert_eq!(verifications.len(), 2, "{verifications:?}");
+    assert_eq!(verifications.len(), 4, "{verifications:?}");
     assert!(
         verifications
             .iter()
@@ -173,7 +197,7 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
     );
     assert_eq!(users.first_missing, vec![vec![Value::Int(301)]]);
     assert!(verdict(&newer.tables, "stock").identical);
-    assert_eq!(verifications_sent(&a).await.len(), 4);
+    assert_eq!(verifications_sent(&a).await.len(), 6);
     exec(&a, &["DELETE FROM users WHERE id = 301".into()]).await;
 
     // Here: a changed value in the first page, a deleted row in the middle, an extra row past
@@ -255,6 +279,10 @@ async fn finds_and_repairs(test: &str, a_pg: bool, b_pg: bool) {
         .await
         .unwrap();
     assert!(again.identical(), "{again:?}");
+    // The last verification found the tables alike: a diff pull now hashes each whole first.
+    let (diffed, whole) = diff_pull(&b, &receiver).await;
+    assert!(diffed.identical(), "{diffed:?}");
+    assert_eq!(whole, if a_pg && b_pg { 2 } else { 0 });
 
     // Both histories keep the verifications, as transfers of their own kind.
     for agent in [&a, &b] {

@@ -478,6 +478,11 @@ impl Agent {
             ));
             return Ok(verdict);
         }
+        // A verification expects the tables alike; so does a diff pull when the last
+        // verification of the table here found nothing to move (a scheduled diff run of a
+        // table that rarely changes).
+        let expect_alike =
+            !options.repair || options.recheck || self.last_found_alike(connection, table).await?;
         // A verification of the table that was cut off (its process killed) is over: this one
         // takes its place.
         let cut_off = self
@@ -531,6 +536,7 @@ impl Agent {
                 &columns,
                 &types,
                 in_db,
+                expect_alike,
                 options,
                 &mut verdict,
                 on_event,
@@ -553,7 +559,7 @@ impl Agent {
             };
             outcome = self
                 .compare(
-                    client, connection, &here, &columns, &types, in_db, &check, &mut again,
+                    client, connection, &here, &columns, &types, in_db, true, &check, &mut again,
                     on_event,
                 )
                 .await;
@@ -596,6 +602,29 @@ impl Agent {
         outcome.map(|()| verdict)
     }
 
+    /// Whether the last verification of `table` on `connection` that ended found every row
+    /// alike (none ended: no).
+    async fn last_found_alike(&self, connection: &crate::Connection, table: &str) -> Result<bool> {
+        let ended = self
+            .store
+            .list_transfers(&crate::transfer::TransferFilter {
+                connection_id: Some(connection.id),
+                direction: Some(crate::transfer::TransferDirection::Receive),
+                status: Some(crate::transfer::TransferStatus::Completed),
+                table_name: Some(table.to_owned()),
+                per_page: Some(20),
+                ..Default::default()
+            })
+            .await?;
+        let Some(last) = ended.items.iter().find(|t| t.metadata["kind"] == "verify") else {
+            return Ok(false);
+        };
+        let verdict = &last.metadata["verdict"];
+        Ok(["missing_here", "extra_here", "different"]
+            .iter()
+            .all(|count| verdict[count].as_u64() == Some(0)))
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn compare(
         &self,
@@ -605,13 +634,21 @@ impl Agent {
         columns: &[String],
         types: &[String],
         in_db: bool,
+        expect_alike: bool,
         options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
         if in_db {
             self.compare_ranges(
-                client, connection, here, columns, options, verdict, on_event,
+                client,
+                connection,
+                here,
+                columns,
+                expect_alike,
+                options,
+                verdict,
+                on_event,
             )
             .await
         } else {
@@ -625,6 +662,7 @@ impl Agent {
     /// Both sides PostgreSQL with the same column types: this side cuts its table into ranges
     /// of a page's rows, and each range is hashed inside both databases at once (protocol 5);
     /// a range that differs is set beside the sender's row by row, as keys and hashes only.
+    /// When the tables are expected alike, the whole table is hashed first.
     #[allow(clippy::too_many_arguments)]
     async fn compare_ranges(
         &self,
@@ -632,6 +670,7 @@ impl Agent {
         connection: &crate::Connection,
         here: &TableSchema,
         columns: &[String],
+        expect_alike: bool,
         options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
@@ -642,12 +681,10 @@ impl Agent {
         let mut pending = Pending::default();
         let mut ends_seen = std::collections::HashSet::new();
         let mut start: Option<Vec<Value>> = None;
-        // A verification expects the tables alike: the whole table up to this side's last key
-        // is hashed first, one scan on each side, and only when it differs is it cut in ranges.
-        // Past that key only the sender can have rows, and the loop below asks for those.
-        if (!options.repair || options.recheck)
-            && let Some(last) = self.store.range_last(here, None).await?
-        {
+        // Tables expected alike: the whole table up to this side's last key is hashed first,
+        // one scan on each side, and only when it differs is it cut in ranges. Past that key
+        // only the sender can have rows, and the loop below asks for those.
+        if expect_alike && let Some(last) = self.store.range_last(here, None).await? {
             let whole = (None, Some(last.as_slice()));
             on_event(VerifyEvent::WholeTable);
             // Its rows count towards progress only when alike; else its ranges count them.
