@@ -895,6 +895,31 @@ async fn postgres_steps(
         rss_receiver_mib: Some(mib(rss_b)),
         rss_sender_mib: Some(mib(rss_a)),
     });
+    // Diff pull of the unchanged table, after a verification found it alike (a scheduled diff
+    // run of a table that rarely changes): the whole table hashed on each side, nothing moved.
+    let mut times = Vec::new();
+    for _ in 0..knobs.repeat {
+        settle(Some(pg)).await;
+        let (report, elapsed, _, _) = setup.receiver.pull(
+            &pull_args(&setup, transport, &depth, &["--diff"]),
+            &setup.sender,
+        );
+        assert_eq!(report["identical"], true, "{report}");
+        assert_eq!(report["tables"][0]["repaired_rows"], 0, "{report}");
+        times.push(elapsed);
+    }
+    let (elapsed, samples) = median(&times);
+    eprintln!("diff pull (unchanged): {elapsed:.2} s");
+    table.push(Row {
+        measure: format!("pull --diff, nothing changed ({transport})"),
+        seconds: elapsed,
+        samples,
+        rows: 0,
+        ratio: Some(elapsed / baseline),
+        wire_ratio: None,
+        rss_receiver_mib: None,
+        rss_sender_mib: None,
+    });
     // Diff pull after 1 % of the rows changed at the source (another 1 % each run).
     let mut times = Vec::new();
     let mut moved = 0;
