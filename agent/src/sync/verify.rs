@@ -486,21 +486,14 @@ impl Agent {
         // A verification of the table that was cut off (its process killed) is over: this one
         // takes its place.
         let cut_off = self
-            .store
-            .list_transfers(&crate::transfer::TransferFilter {
-                connection_id: Some(connection.id),
-                direction: Some(crate::transfer::TransferDirection::Receive),
-                status: Some(crate::transfer::TransferStatus::InProgress),
-                table_name: Some(table.to_owned()),
-                per_page: Some(100),
-                ..Default::default()
-            })
+            .verifications_here(
+                connection,
+                table,
+                crate::transfer::TransferStatus::InProgress,
+                100,
+            )
             .await?;
-        for earlier in cut_off
-            .items
-            .iter()
-            .filter(|t| t.metadata["kind"] == "verify")
-        {
+        for earlier in cut_off {
             self.store
                 .fail_transfer(
                     earlier.id,
@@ -602,21 +595,45 @@ impl Agent {
         outcome.map(|()| verdict)
     }
 
-    /// Whether the last verification of `table` on `connection` that ended found every row
-    /// alike (none ended: no).
-    async fn last_found_alike(&self, connection: &crate::Connection, table: &str) -> Result<bool> {
-        let ended = self
+    /// The verifications of `table` received on `connection` with `status`, newest first,
+    /// among its last `among` transfers of any kind.
+    async fn verifications_here(
+        &self,
+        connection: &crate::Connection,
+        table: &str,
+        status: crate::transfer::TransferStatus,
+        among: i64,
+    ) -> Result<Vec<crate::transfer::Transfer>> {
+        let listed = self
             .store
             .list_transfers(&crate::transfer::TransferFilter {
                 connection_id: Some(connection.id),
                 direction: Some(crate::transfer::TransferDirection::Receive),
-                status: Some(crate::transfer::TransferStatus::Completed),
+                status: Some(status),
                 table_name: Some(table.to_owned()),
-                per_page: Some(20),
+                per_page: Some(among),
                 ..Default::default()
             })
             .await?;
-        let Some(last) = ended.items.iter().find(|t| t.metadata["kind"] == "verify") else {
+        Ok(listed
+            .items
+            .into_iter()
+            .filter(|t| t.metadata["kind"] == "verify")
+            .collect())
+    }
+
+    /// Whether the last verification of `table` on `connection` that ended found every row
+    /// alike (none ended: no).
+    async fn last_found_alike(&self, connection: &crate::Connection, table: &str) -> Result<bool> {
+        let ended = self
+            .verifications_here(
+                connection,
+                table,
+                crate::transfer::TransferStatus::Completed,
+                20,
+            )
+            .await?;
+        let Some(last) = ended.first() else {
             return Ok(false);
         };
         let verdict = &last.metadata["verdict"];
