@@ -690,6 +690,9 @@ enum Lie {
     /// Speaks protocol 5 as a PostgreSQL sender: a range's rows come as the same one-row page
     /// that says more.
     RangeStuck,
+    /// Speaks protocol 8 as a PostgreSQL sender: a range's buckets come out of order, past the
+    /// count asked for, and with counts that do not make the range's rows.
+    Buckets,
     /// Speaks protocol 6 and cuts a table into far more ranges than asked for.
     CutTooMany,
     /// Speaks protocol 6 and cuts a table at bounds that are no keys of it.
@@ -760,6 +763,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     Lie::Version => 99,
                     Lie::Hashes | Lie::Stuck => 4,
                     Lie::RangeHashes | Lie::RangeStuck => 5,
+                    Lie::Buckets => 8,
                     Lie::CutTooMany | Lie::CutNotKeys | Lie::Silent => 6,
                     Lie::Names => 2,
                 },
@@ -800,6 +804,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     lie,
                     Lie::RangeHashes
                         | Lie::RangeStuck
+                        | Lie::Buckets
                         | Lie::CutTooMany
                         | Lie::CutNotKeys
                         | Lie::Silent
@@ -828,6 +833,28 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 },
                 token: Some("t".into()),
             }),
+            // Buckets that cannot be: out of order, past the count, summing to other rows.
+            Message::Verify(verify) if lie == Lie::Buckets => {
+                let count = verify
+                    .range
+                    .as_ref()
+                    .and_then(|r| r.buckets.as_ref())
+                    .map_or(1, |b| b.count);
+                Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                    request_id: verify.request_id,
+                    rows: 5,
+                    hash: vec![7; 8],
+                    last_key: None,
+                    more: false,
+                    keys: vec![],
+                    hashes: vec![],
+                    buckets: Some(dbsync_protocol::message::BucketHashes {
+                        ids: vec![count + 3, 1, 1],
+                        rows: vec![1, 1, 1],
+                        hashes: vec![9; 24],
+                    }),
+                })
+            }
             // A range's summary that differs from any table's.
             Message::Verify(verify)
                 if matches!(lie, Lie::RangeHashes | Lie::RangeStuck) && !verify.detail =>
@@ -840,6 +867,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     more: false,
                     keys: vec![],
                     hashes: vec![],
+                    buckets: None,
                 })
             }
             Message::Verify(verify) if lie == Lie::RangeStuck => {
@@ -851,6 +879,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     more: true,
                     keys: vec![vec![Value::Text("k".into())]],
                     hashes: vec![serde_bytes::ByteBuf::from(vec![1; 8])],
+                    buckets: None,
                 })
             }
             // The same page, again and again.
@@ -871,6 +900,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     } else {
                         vec![]
                     },
+                    buckets: None,
                 })
             }
             // Claims five rows, then details none (or keys without hashes).
@@ -886,6 +916,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     vec![]
                 },
                 hashes: vec![],
+                buckets: None,
             }),
             // Not a word in answer, for as long as the session stays open.
             Message::Pull(_) if lie == Lie::Silent => continue,
@@ -1533,8 +1564,19 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
                 range: Some(dbsync_protocol::message::VerifyRange {
                     upto,
                     hash: dbsync_protocol::message::RangeHash::PgRecord,
+                    buckets: None,
                 }),
             })
+        };
+        // The same, over `count` buckets (only those of the bitmap `only`, with `detail`).
+        let in_buckets = |count: u32, only: Vec<u8>, detail: bool| {
+            let Message::Verify(mut verify) = range("items", None, None, detail) else {
+                unreachable!()
+            };
+            if let Some(range) = &mut verify.range {
+                range.buckets = Some(dbsync_protocol::message::Buckets { count, only });
+            }
+            Message::Verify(verify)
         };
         // Protocol 4 has no ranges.
         let mut old = Hand::open(&a, Via::Ws).await;
@@ -1618,6 +1660,58 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
         }
         assert_eq!(seen, 30);
         assert_eq!(xor.to_vec(), whole.hash);
+        // Buckets need protocol 8.
+        hand.send(&in_buckets(8, vec![], false)).await;
+        assert_eq!(hand.error_code().await, "protocol_error");
+        hand.close().await;
+
+        let mut hand = Hand::open(&a, Via::Ws).await;
+        match hand.hello_speaking(&token, None, vec![5, 8]).await {
+            Message::Welcome(welcome) => assert_eq!(welcome.version, 8),
+            other => panic!("{other:?}"),
+        }
+        // Not a power of two, too many, a bitmap of the wrong size or where none belongs.
+        for bad in [
+            in_buckets(3, vec![], false),
+            in_buckets(1 << 20, vec![], false),
+            in_buckets(16, vec![0xff], true),
+            in_buckets(16, vec![0xff, 0xff], false),
+        ] {
+            hand.send(&bad).await;
+            assert_eq!(hand.error_code().await, "invalid_request");
+        }
+        // The buckets make the whole: 30 rows, and their hashes XOR to the range's.
+        hand.send(&in_buckets(16, vec![], false)).await;
+        let Message::VerifyPage(summary) = hand.message().await else {
+            panic!("a summary");
+        };
+        let buckets = summary.buckets.expect("buckets");
+        assert!(buckets.is_well_formed(16, 30), "{buckets:?}");
+        assert_eq!(
+            (summary.rows, summary.hash.clone()),
+            (30, whole.hash.clone())
+        );
+        let mut xor = [0u8; 8];
+        for i in 0..buckets.ids.len() {
+            for (x, h) in xor.iter_mut().zip(buckets.hash(i)) {
+                *x ^= h;
+            }
+        }
+        assert_eq!(xor.to_vec(), whole.hash);
+        // Only the rows of the first bucket listed, in pages within the limit.
+        let first = buckets.ids[0];
+        let mut only = vec![0u8; 2];
+        only[first as usize / 8] |= 1 << (first % 8);
+        hand.send(&in_buckets(16, only, true)).await;
+        let Message::VerifyPage(page) = hand.message().await else {
+            panic!("a page");
+        };
+        assert_eq!(
+            page.rows,
+            buckets.rows[0].min(10),
+            "only the bucket's rows, at most a page"
+        );
+        assert_eq!(page.hashes.len() as u64, page.rows);
         hand.close().await;
         let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
         assert_eq!(
@@ -1635,6 +1729,7 @@ async fn a_sender_lying_about_hashes_changes_nothing_here() {
         (Lie::Stuck, false),
         (Lie::RangeHashes, true),
         (Lie::RangeStuck, true),
+        (Lie::Buckets, true),
     ] {
         let Some(b) = agent("hostile::hashes", postgres, None).await else {
             return;
@@ -1662,6 +1757,7 @@ async fn a_sender_lying_about_hashes_changes_nothing_here() {
         .unwrap_err();
         let expected = match lie {
             Lie::Stuck | Lie::RangeStuck => "does not move on",
+            Lie::Buckets => "do not add up",
             _ => "do not match",
         };
         assert!(err.to_string().contains(expected), "{lie:?}: {err}");

@@ -35,11 +35,12 @@ pub use value::Value;
 /// sender's database. Version 6 adds `Split`/`SplitDone` and `Pull::split`: a table pulled as
 /// key ranges side by side. Version 7 lets a batch carry columns in compact forms: integers as
 /// differences (`message::columnar::DELTAS`), UUIDs packed (`message::columnar::PACKED`); a
-/// sender writes them only on a version 7 session.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6, 7];
+/// sender writes them only on a version 7 session. Version 8 adds `VerifyRange::buckets`: a
+/// range's rows hashed in buckets by key, and a page of only some buckets' rows.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6, 7, 8];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 7;
+pub const CURRENT_VERSION: u16 = 8;
 
 /// The first version with `Verify`.
 pub const VERIFY_VERSION: u16 = 4;
@@ -52,6 +53,9 @@ pub const SPLIT_VERSION: u16 = 6;
 
 /// The first version whose batches may hold columns in compact forms.
 pub const COMPACT_VERSION: u16 = 7;
+
+/// The first version with `VerifyRange::buckets`.
+pub const BUCKET_VERSION: u16 = 8;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -75,7 +79,8 @@ mod tests {
         assert_eq!(negotiate(&[2, 3, 4, 5]), Some(5));
         assert_eq!(negotiate(&[2, 3, 4, 5, 6]), Some(6));
         assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7]), Some(7));
-        assert_eq!(negotiate(&[1, 8]), None);
+        assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7, 8]), Some(8));
+        assert_eq!(negotiate(&[1, 9]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

@@ -575,6 +575,77 @@ pub struct VerifyRange {
     pub upto: Option<Vec<Value>>,
     /// How rows are hashed.
     pub hash: RangeHash,
+    /// Protocol 8: the range's rows spread over buckets by their key (see [`Buckets`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Buckets>,
+}
+
+/// Most buckets a range is spread over (protocol 8).
+pub const MAX_BUCKETS: u32 = 65_536;
+
+/// A range's rows spread over `count` buckets (protocol 8): a row goes to bucket
+/// `hash_record_extended(ROW(key columns), 0) & (count - 1)`, the key columns hashed as
+/// [`RangeHash::PgRecord`] hashes them. Without `detail` the answer also holds each non-empty
+/// bucket's row count and hash ([`VerifyPage::buckets`]); with `detail` the pages hold only the
+/// rows of the buckets set in `only`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buckets {
+    /// A power of two, at most [`MAX_BUCKETS`].
+    pub count: u32,
+    /// With `detail`: a bitmap of `count` bits, bucket `b` being bit `b % 8` (the lowest first)
+    /// of byte `b / 8`. Empty without `detail`.
+    #[serde(with = "serde_bytes")]
+    pub only: Vec<u8>,
+}
+
+impl Buckets {
+    /// Whether `count` is a power of two within [`MAX_BUCKETS`] and `only` is empty or holds
+    /// exactly `count` bits.
+    pub fn is_well_formed(&self, detail: bool) -> bool {
+        let bitmap = (self.count as usize).div_ceil(8);
+        self.count.is_power_of_two()
+            && self.count <= MAX_BUCKETS
+            && if detail {
+                self.only.len() == bitmap
+            } else {
+                self.only.is_empty()
+            }
+    }
+}
+
+/// Each non-empty bucket of a range (protocol 8, see [`Buckets`]): its number, row count and
+/// hash (the XOR of its rows' hashes), in bucket order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketHashes {
+    /// Bucket numbers, strictly increasing, each below the count asked for.
+    pub ids: Vec<u32>,
+    /// Each bucket's row count (at least one).
+    pub rows: Vec<u64>,
+    /// Each bucket's hash, 8 bytes each, one after another.
+    #[serde(with = "serde_bytes")]
+    pub hashes: Vec<u8>,
+}
+
+impl BucketHashes {
+    /// Whether the lists agree in length, the numbers increase within `count`, no bucket is
+    /// empty and the counts add up to `rows`.
+    pub fn is_well_formed(&self, count: u32, rows: u64) -> bool {
+        self.ids.len() == self.rows.len()
+            && self.hashes.len() == 8 * self.ids.len()
+            && self.ids.windows(2).all(|w| w[0] < w[1])
+            && self.ids.last().is_none_or(|last| *last < count)
+            && self.rows.iter().all(|r| *r > 0)
+            && self
+                .rows
+                .iter()
+                .try_fold(0u64, |sum, r| sum.checked_add(*r))
+                == Some(rows)
+    }
+
+    /// Bucket `i`'s hash.
+    pub fn hash(&self, i: usize) -> &[u8] {
+        &self.hashes[8 * i..8 * i + 8]
+    }
 }
 
 /// How a [`VerifyRange`] hashes rows.
@@ -607,6 +678,9 @@ pub struct VerifyPage {
     pub keys: Vec<Vec<Value>>,
     /// With `detail`: each row's hash (16 bytes), in the same order.
     pub hashes: Vec<serde_bytes::ByteBuf>,
+    /// Protocol 8, a range's summary over buckets: each non-empty bucket's count and hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<BucketHashes>,
 }
 
 /// Liveness probe and its answer.

@@ -434,7 +434,7 @@ fn a_payload_of_the_wrong_shape_is_malformed() {
 
 #[test]
 fn an_unsupported_version_has_no_negotiated_version() {
-    assert_eq!(dbsync_protocol::negotiate(&[1, 8]), None);
+    assert_eq!(dbsync_protocol::negotiate(&[1, 9]), None);
     assert_eq!(dbsync_protocol::negotiate(&[1, 2]), Some(2));
 }
 
@@ -606,4 +606,65 @@ fn row_batches_travel_column_major_and_ragged_ones_are_refused() {
             Err(ProtocolError::Malformed(_))
         ));
     }
+}
+
+#[test]
+fn buckets_round_trip_and_are_checked() {
+    use dbsync_protocol::message::{
+        BucketHashes, Buckets, RangeHash, Verify, VerifyPage, VerifyRange,
+    };
+    let ask = Message::Verify(Verify {
+        request_id: 3,
+        table: "t".into(),
+        after: Some(vec![Value::Int(9)]),
+        limit: 10,
+        detail: true,
+        range: Some(VerifyRange {
+            upto: None,
+            hash: RangeHash::PgRecord,
+            buckets: Some(Buckets {
+                count: 16,
+                only: vec![0b1000_0001, 0],
+            }),
+        }),
+    });
+    let answer = Message::VerifyPage(VerifyPage {
+        request_id: 3,
+        rows: 3,
+        hash: vec![0; 8],
+        last_key: None,
+        more: false,
+        keys: vec![],
+        hashes: vec![],
+        buckets: Some(BucketHashes {
+            ids: vec![0, 7],
+            rows: vec![1, 2],
+            hashes: vec![5; 16],
+        }),
+    });
+    for message in [ask, answer] {
+        let encoded = codec::encode(&message, 3).unwrap();
+        assert_eq!(codec::decode_exact(&encoded, &limits()).unwrap(), message);
+    }
+    // Well formed: a power of two within the most, a bitmap of as many bits with a page only.
+    let buckets = |count, only: Vec<u8>| Buckets { count, only };
+    assert!(buckets(16, vec![0, 0]).is_well_formed(true));
+    assert!(buckets(1, vec![]).is_well_formed(false));
+    assert!(!buckets(16, vec![0]).is_well_formed(true));
+    assert!(!buckets(16, vec![0, 0]).is_well_formed(false));
+    assert!(!buckets(12, vec![]).is_well_formed(false));
+    assert!(!buckets(1 << 17, vec![]).is_well_formed(false));
+    // Numbers in order and in range, no empty bucket, counts that make the rows.
+    let hashes = |ids: Vec<u32>, rows: Vec<u64>| BucketHashes {
+        hashes: vec![0; 8 * ids.len()],
+        ids,
+        rows,
+    };
+    assert!(hashes(vec![0, 7], vec![1, 2]).is_well_formed(8, 3));
+    assert!(hashes(vec![], vec![]).is_well_formed(8, 0));
+    assert!(!hashes(vec![7, 0], vec![1, 2]).is_well_formed(8, 3));
+    assert!(!hashes(vec![0, 8], vec![1, 2]).is_well_formed(8, 3));
+    assert!(!hashes(vec![0, 7], vec![1, 2]).is_well_formed(8, 4));
+    assert!(!hashes(vec![0, 7], vec![0, 3]).is_well_formed(8, 3));
+    assert!(!hashes(vec![0, 7], vec![u64::MAX, 4]).is_well_formed(8, 3));
 }

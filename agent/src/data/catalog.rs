@@ -532,6 +532,13 @@ pub enum HashShape {
     End,
     /// The key of the range's last row, if it has one. No limit parameter.
     Last,
+    /// Protocol 8: per non-empty bucket (the key's hash masked by the parameter after the
+    /// bounds' keys), its number, row count and the XOR of its rows' hashes, in bucket order.
+    Buckets,
+    /// Protocol 8: as `Rows`, only the rows whose bucket (the key's hash masked by the first
+    /// parameter after the bounds' keys) is set in the second (a `bytea` bitmap, bucket `b`
+    /// being bit `b % 8` of byte `b / 8`); then the limit.
+    BucketRows,
 }
 
 /// A key range of a PostgreSQL table hashed in the database (protocol 5, see
@@ -561,6 +568,20 @@ pub fn pg_range_hash_query(
         .collect::<Result<Vec<_>>>()?
         .join(", ");
     let hash = format!("hash_record_extended(ROW({operands}), 0)");
+    let key_operands = key
+        .iter()
+        .map(|name| {
+            let native = columns
+                .iter()
+                .find(|(c, _)| c == name)
+                .map_or("", |(_, native)| *native);
+            pg_hash_operand(name, native)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .join(", ");
+    let bucket = |mask: usize| {
+        format!("(hash_record_extended(ROW({key_operands}), 0) & ${mask}::int8)::int4")
+    };
     let keys = select_list(key, key_reads)?;
     let KeyConditions {
         conditions,
@@ -581,6 +602,27 @@ pub fn pg_range_hash_query(
         }
         HashShape::End => {
             format!("SELECT {keys} FROM {table}{filter} ORDER BY {order_by} OFFSET ${next} LIMIT 1")
+        }
+        HashShape::Buckets => {
+            let bucket = bucket(next);
+            // Each row's bucket and hash first (`OFFSET 0` keeps them apart), so what is grouped
+            // is 12 bytes a row, not the row.
+            format!(
+                "SELECT bucket, count(*)::int8, bit_xor(hash) FROM (SELECT {bucket} AS bucket, \
+                 {hash} AS hash FROM {table}{filter} OFFSET 0) AS hashed GROUP BY 1 ORDER BY 1"
+            )
+        }
+        HashShape::BucketRows => {
+            let chosen = format!("get_bit(${}::bytea, {}) = 1", next + 1, bucket(next));
+            let filter = if conditions.is_empty() {
+                format!(" WHERE {chosen}")
+            } else {
+                format!("{filter} AND {chosen}")
+            };
+            format!(
+                "SELECT {keys}, {hash} FROM {table}{filter} ORDER BY {order_by} LIMIT ${}",
+                next + 2
+            )
         }
         HashShape::Last => {
             let descending = key

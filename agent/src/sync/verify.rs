@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
 use dbsync_protocol::message::{
-    MAX_FILTER_KEYS, RangeHash, TableSchema, Verify, VerifyPage, VerifyRange,
+    Buckets, MAX_BUCKETS, MAX_FILTER_KEYS, RangeHash, TableSchema, Verify, VerifyPage, VerifyRange,
 };
 use serde::Serialize;
 
@@ -37,6 +37,13 @@ pub const PAGE_ROWS: u64 = 10_000;
 const SPLIT: u64 = 16;
 /// Keys of each kind named in a verdict.
 const FIRST_KEYS: usize = 5;
+/// Rows per bucket, on average, when a range is hashed in buckets (protocol 8): with 1 % of
+/// rows changed, spread evenly, about 8 % of the buckets differ.
+const BUCKET_ROWS: u64 = 8;
+/// How much larger each range is than the one before, when ranges are hashed in buckets.
+const SPAN_GROWTH: u64 = 4;
+/// Most pages' rows a range spans, when ranges are hashed in buckets.
+const MAX_SPAN_PAGES: u64 = 64;
 
 /// What to verify, and how.
 #[derive(Debug, Clone, Default)]
@@ -190,6 +197,8 @@ enum LocalHashes<'a> {
     InDb {
         from: Option<Vec<Value>>,
         upto: Option<&'a [Value]>,
+        /// Only the rows of these buckets (their count and bitmap).
+        buckets: Option<(u32, &'a [u8])>,
         done: bool,
     },
     /// Read already, in one chunk.
@@ -226,13 +235,25 @@ impl LocalHashes<'_> {
                     .zip(rows.hashes.iter().map(|h| h.to_vec()))
                     .collect()
             })),
-            Self::InDb { from, upto, done } => {
+            Self::InDb {
+                from,
+                upto,
+                buckets,
+                done,
+            } => {
                 if *done {
                     return Ok(None);
                 }
                 let rows = agent
                     .store
-                    .range_row_hashes(here, columns, from.as_deref(), *upto, PAGE_ROWS as i64)
+                    .range_row_hashes(
+                        here,
+                        columns,
+                        from.as_deref(),
+                        *upto,
+                        *buckets,
+                        PAGE_ROWS as i64,
+                    )
                     .await?;
                 *done = (rows.keys.len() as u64) < PAGE_ROWS;
                 *from = rows.keys.last().cloned();
@@ -247,10 +268,12 @@ impl LocalHashes<'_> {
     }
 }
 
-/// Asks for the rows of range `(after, upto]` of `table` as keys and hashes (protocol 5).
+/// Asks for the rows of range `(after, upto]` of `table` as keys and hashes (protocol 5), with
+/// `buckets` only those buckets' rows (protocol 8).
 fn detail_request(
     table: &str,
     (after, upto): (Option<&[Value]>, Option<&[Value]>),
+    buckets: Option<&Buckets>,
     request_id: u64,
     options: &VerifyOptions,
 ) -> Message {
@@ -263,6 +286,7 @@ fn detail_request(
         range: Some(VerifyRange {
             upto: upto.map(<[Value]>::to_vec),
             hash: RangeHash::PgRecord,
+            buckets: buckets.cloned(),
         }),
     })
 }
@@ -656,7 +680,19 @@ impl Agent {
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
-        if in_db {
+        if in_db && client.version >= dbsync_protocol::BUCKET_VERSION {
+            self.compare_buckets(
+                client,
+                connection,
+                here,
+                columns,
+                expect_alike,
+                options,
+                verdict,
+                on_event,
+            )
+            .await
+        } else if in_db {
             self.compare_ranges(
                 client,
                 connection,
@@ -697,37 +733,21 @@ impl Agent {
         let mut request_id = 0;
         let mut pending = Pending::default();
         let mut ends_seen = std::collections::HashSet::new();
-        let mut start: Option<Vec<Value>> = None;
-        // Tables expected alike: the whole table up to this side's last key is hashed first,
-        // one scan on each side, and only when it differs is it cut in ranges. Past that key
-        // only the sender can have rows, and the loop below asks for those.
-        if expect_alike && let Some(last) = self.store.range_last(here, None).await? {
-            let whole = (None, Some(last.as_slice()));
-            on_event(VerifyEvent::WholeTable);
-            // Its rows count towards progress only when alike; else its ranges count them.
-            let mut rows_alike = 0;
-            if !self
-                .ranges_differ(
-                    client,
-                    &table,
-                    here,
-                    columns,
-                    whole,
-                    &mut request_id,
-                    options,
-                    verdict,
-                    &mut |event| {
-                        if let VerifyEvent::Page { rows } = event {
-                            rows_alike = rows;
-                        }
-                    },
-                )
-                .await?
-            {
-                on_event(VerifyEvent::Page { rows: rows_alike });
-                start = Some(last);
-            }
-        }
+        let mut start = if expect_alike {
+            self.whole_alike(
+                client,
+                &table,
+                here,
+                columns,
+                &mut request_id,
+                options,
+                verdict,
+                on_event,
+            )
+            .await?
+        } else {
+            None
+        };
         // Each range ends at a key this side has; the last, past this side's last key, is
         // asked for as a summary, and that ends the sender's verification of the table.
         let mut end = self.next_end(here, start.as_deref(), rows).await?;
@@ -772,6 +792,7 @@ impl Agent {
                 let parts_differing = self
                     .compare_parts(
                         client,
+                        connection,
                         &table,
                         here,
                         columns,
@@ -785,12 +806,6 @@ impl Agent {
                     )
                     .await?;
                 last_differs = parts_differing > SPLIT / 2;
-                if options.repair
-                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
-                {
-                    self.repair(connection, here, options, &mut pending, verdict)
-                        .await?;
-                }
                 let Some(done) = end.take() else {
                     break;
                 };
@@ -807,7 +822,7 @@ impl Agent {
                     Some(request) => request,
                     None => {
                         request_id += 1;
-                        let request = detail_request(&table, range, request_id, options);
+                        let request = detail_request(&table, range, None, request_id, options);
                         client.send(&request).await?;
                         request
                     }
@@ -819,6 +834,7 @@ impl Agent {
                         columns,
                         range.0,
                         range.1,
+                        None,
                         PAGE_ROWS as i64 + 1
                     ),
                     self.answer_to(client, &request, options)
@@ -835,7 +851,7 @@ impl Agent {
                     if let Some(upto) = &next {
                         request_id += 1;
                         let range = (Some(done.as_slice()), Some(upto.as_slice()));
-                        let request = detail_request(&table, range, request_id, options);
+                        let request = detail_request(&table, range, None, request_id, options);
                         client.send(&request).await?;
                         asked = Some(request);
                     }
@@ -844,11 +860,13 @@ impl Agent {
                 last_differs = self
                     .diff_range(
                         client,
+                        connection,
                         &table,
                         here,
                         columns,
                         range,
                         Some((answer, local)),
+                        None,
                         &mut request_id,
                         &mut ends_seen,
                         options,
@@ -859,10 +877,6 @@ impl Agent {
                     .await?;
             } else {
                 last_differs = false;
-            }
-            if options.repair && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2 {
-                self.repair(connection, here, options, &mut pending, verdict)
-                    .await?;
             }
             let Some(done) = end.take() else {
                 break;
@@ -875,6 +889,282 @@ impl Agent {
         }
         self.finish_table(connection, here, options, &mut pending, verdict)
             .await
+    }
+
+    /// Tables expected alike: the whole table up to this side's last key is hashed first, one
+    /// scan on each side, and only when it differs is it cut in ranges. Where the ranges start:
+    /// after that key when alike (past it only the sender can have rows), else at the start.
+    #[allow(clippy::too_many_arguments)]
+    async fn whole_alike(
+        &self,
+        client: &mut Client,
+        table: &str,
+        here: &TableSchema,
+        columns: &[String],
+        request_id: &mut u64,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<Option<Vec<Value>>> {
+        let Some(last) = self.store.range_last(here, None).await? else {
+            return Ok(None);
+        };
+        on_event(VerifyEvent::WholeTable);
+        // Its rows count towards progress only when alike; else its ranges count them.
+        let mut rows_alike = 0;
+        let differs = self
+            .ranges_differ(
+                client,
+                table,
+                here,
+                columns,
+                (None, Some(last.as_slice())),
+                request_id,
+                options,
+                verdict,
+                &mut |event| {
+                    if let VerifyEvent::Page { rows } = event {
+                        rows_alike = rows;
+                    }
+                },
+            )
+            .await?;
+        if differs {
+            return Ok(None);
+        }
+        on_event(VerifyEvent::Page { rows: rows_alike });
+        Ok(Some(last))
+    }
+
+    /// Both sides PostgreSQL with the same column types, on protocol 8: ranges grow from a
+    /// page's rows by [`SPAN_GROWTH`] to [`MAX_SPAN_PAGES`] pages (each ends at a key here),
+    /// and each range is hashed in buckets of about [`BUCKET_ROWS`] rows by key, inside both
+    /// databases at once; only the rows of the buckets that differ are set beside the sender's,
+    /// as keys and hashes. However the differences are spread, each range costs one hashing
+    /// scan and one scan of its keys on each side, and moves a few bytes a bucket.
+    #[allow(clippy::too_many_arguments)]
+    async fn compare_buckets(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        columns: &[String],
+        expect_alike: bool,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<()> {
+        let table = verdict.table.clone();
+        let base = page_rows(options);
+        let most = (base * MAX_SPAN_PAGES).min(u64::from(MAX_BUCKETS) * BUCKET_ROWS);
+        let mut request_id = 0;
+        let mut pending = Pending::default();
+        let mut ends_seen = std::collections::HashSet::new();
+        let mut start = if expect_alike {
+            self.whole_alike(
+                client,
+                &table,
+                here,
+                columns,
+                &mut request_id,
+                options,
+                verdict,
+                on_event,
+            )
+            .await?
+        } else {
+            None
+        };
+        let mut span = base.min(most);
+        let mut end = self.next_end(here, start.as_deref(), span).await?;
+        loop {
+            let range = (start.as_deref(), end.as_deref());
+            let next_span = (span * SPAN_GROWTH).min(most);
+            let Some(done) = range.1 else {
+                // Past this side's last key: only the sender can have rows there. Its summary
+                // ends the sender's verification of the table.
+                if self
+                    .ranges_differ(
+                        client,
+                        &table,
+                        here,
+                        columns,
+                        range,
+                        &mut request_id,
+                        options,
+                        verdict,
+                        on_event,
+                    )
+                    .await?
+                {
+                    self.diff_range(
+                        client,
+                        connection,
+                        &table,
+                        here,
+                        columns,
+                        range,
+                        None,
+                        None,
+                        &mut request_id,
+                        &mut ends_seen,
+                        options,
+                        verdict,
+                        &mut pending,
+                        on_event,
+                    )
+                    .await?;
+                }
+                break;
+            };
+            // Where the next range ends is found while this one is hashed.
+            let count = u32::try_from((span / BUCKET_ROWS).max(1).next_power_of_two())
+                .unwrap_or(MAX_BUCKETS)
+                .min(MAX_BUCKETS);
+            let (differs, ahead) = tokio::join!(
+                self.diff_buckets(
+                    client,
+                    connection,
+                    &table,
+                    here,
+                    columns,
+                    range,
+                    count,
+                    &mut request_id,
+                    &mut ends_seen,
+                    options,
+                    verdict,
+                    &mut pending,
+                    on_event,
+                ),
+                self.next_end(here, Some(done), next_span)
+            );
+            differs?;
+            let ahead = ahead?;
+            start = end.take();
+            end = ahead;
+            span = next_span;
+        }
+        self.finish_table(connection, here, options, &mut pending, verdict)
+            .await
+    }
+
+    /// Compares range `(after, upto]` in `count` buckets: both sides hash each bucket, and the
+    /// rows of the buckets that differ are set side by side; whether any row differs.
+    #[allow(clippy::too_many_arguments)]
+    async fn diff_buckets(
+        &self,
+        client: &mut Client,
+        connection: &crate::Connection,
+        table: &str,
+        here: &TableSchema,
+        columns: &[String],
+        range: (Option<&[Value]>, Option<&[Value]>),
+        count: u32,
+        request_id: &mut u64,
+        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
+        options: &VerifyOptions,
+        verdict: &mut TableVerdict,
+        pending: &mut Pending,
+        on_event: &mut impl FnMut(VerifyEvent),
+    ) -> Result<bool> {
+        let (after, upto) = range;
+        *request_id += 1;
+        let (local, answer) = tokio::join!(
+            self.store.range_buckets(here, columns, after, upto, count),
+            self.ask_page(
+                client,
+                table,
+                after.map(<[Value]>::to_vec),
+                false,
+                *request_id,
+                options,
+                Some(VerifyRange {
+                    upto: upto.map(<[Value]>::to_vec),
+                    hash: RangeHash::PgRecord,
+                    buckets: Some(Buckets {
+                        count,
+                        only: Vec::new(),
+                    }),
+                }),
+            )
+        );
+        let ((rows_here, _, mine), answer) = (local?, answer?);
+        let theirs = match &answer.buckets {
+            Some(theirs)
+                if !answer.more
+                    && answer.keys.is_empty()
+                    && theirs.is_well_formed(count, answer.rows) =>
+            {
+                theirs
+            }
+            _ => {
+                return Err(client.protocol_error(
+                    "a range's buckets do not add up (numbers out of order or out of range, \
+                     or counts that do not make its rows)",
+                ));
+            }
+        };
+        // Bucket by bucket, in order: the ones on one side only, or with other counts or
+        // hashes, differ.
+        let mut only = vec![0u8; (count as usize).div_ceil(8)];
+        let (mut i, mut j, mut alike_rows, mut differing) = (0, 0, 0, 0);
+        let mut mark = |bucket: u32| {
+            only[bucket as usize / 8] |= 1 << (bucket % 8);
+            differing += 1;
+        };
+        while i < mine.ids.len() || j < theirs.ids.len() {
+            match (mine.ids.get(i), theirs.ids.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    if mine.rows[i] == theirs.rows[j] && mine.hash(i) == theirs.hash(j) {
+                        alike_rows += mine.rows[i];
+                    } else {
+                        mark(*a);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a < b => {
+                    mark(*a);
+                    i += 1;
+                }
+                (Some(a), None) => {
+                    mark(*a);
+                    i += 1;
+                }
+                (_, Some(b)) => {
+                    mark(*b);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        if differing == 0 {
+            verdict.rows_there += answer.rows;
+            verdict.rows_here += rows_here;
+            on_event(VerifyEvent::Page { rows: answer.rows });
+            return Ok(false);
+        }
+        verdict.rows_there += alike_rows;
+        verdict.rows_here += alike_rows;
+        on_event(VerifyEvent::Page { rows: alike_rows });
+        self.diff_range(
+            client,
+            connection,
+            table,
+            here,
+            columns,
+            range,
+            None,
+            Some(&Buckets { count, only }),
+            request_id,
+            ends_seen,
+            options,
+            verdict,
+            pending,
+            on_event,
+        )
+        .await
     }
 
     /// Where the range after `after` ends here: `rows` rows past it, or at this side's last
@@ -926,6 +1216,7 @@ impl Agent {
                 Some(VerifyRange {
                     upto: upto.map(<[Value]>::to_vec),
                     hash: RangeHash::PgRecord,
+                    buckets: None,
                 }),
             )
         );
@@ -948,6 +1239,7 @@ impl Agent {
     async fn compare_parts(
         &self,
         client: &mut Client,
+        connection: &crate::Connection,
         table: &str,
         here: &TableSchema,
         columns: &[String],
@@ -987,8 +1279,8 @@ impl Agent {
             if differs {
                 differing += 1;
                 self.diff_range(
-                    client, table, here, columns, range, None, request_id, ends_seen, options,
-                    verdict, pending, on_event,
+                    client, connection, table, here, columns, range, None, None, request_id,
+                    ends_seen, options, verdict, pending, on_event,
                 )
                 .await?;
             }
@@ -1048,11 +1340,13 @@ impl Agent {
     async fn diff_range(
         &self,
         client: &mut Client,
+        connection: &crate::Connection,
         table: &str,
         here: &TableSchema,
         columns: &[String],
         (start, upto): (Option<&[Value]>, Option<&[Value]>),
         first: Option<(VerifyPage, RowHashes)>,
+        buckets: Option<&Buckets>,
         request_id: &mut u64,
         ends_seen: &mut std::collections::HashSet<Vec<u8>>,
         options: &VerifyOptions,
@@ -1062,6 +1356,7 @@ impl Agent {
     ) -> Result<bool> {
         let before = verdict.missing_here + verdict.extra_here + verdict.different;
         let keys = KeyId::Exact;
+        let only = buckets.map(|b| (b.count, b.only.as_slice()));
         let mut after = start.map(<[Value]>::to_vec);
         let mut first = first;
         loop {
@@ -1069,8 +1364,13 @@ impl Agent {
                 Some(first) => first,
                 None => {
                     *request_id += 1;
-                    let request =
-                        detail_request(table, (after.as_deref(), upto), *request_id, options);
+                    let request = detail_request(
+                        table,
+                        (after.as_deref(), upto),
+                        buckets,
+                        *request_id,
+                        options,
+                    );
                     client.send(&request).await?;
                     let (local, detail) = tokio::join!(
                         self.store.range_row_hashes(
@@ -1078,6 +1378,7 @@ impl Agent {
                             columns,
                             after.as_deref(),
                             upto,
+                            only,
                             PAGE_ROWS as i64 + 1
                         ),
                         self.answer_to(client, &request, options)
@@ -1113,11 +1414,14 @@ impl Agent {
                 LocalHashes::InDb {
                     from: after.clone(),
                     upto: page_upto.as_deref(),
+                    buckets: only,
                     done: false,
                 }
             };
             verdict.rows_here += self
                 .set_beside(here, columns, &keys, &mut local, there, verdict, pending)
+                .await?;
+            self.settle_pending(connection, here, options, pending, verdict)
                 .await?;
             if !more {
                 break;
@@ -1250,12 +1554,8 @@ impl Agent {
                     &mut pending,
                 )
                 .await?;
-                if options.repair
-                    && pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS / 2
-                {
-                    self.repair(connection, here, options, &mut pending, verdict)
-                        .await?;
-                }
+                self.settle_pending(connection, here, options, &mut pending, verdict)
+                    .await?;
             }
             last_differs = differs;
             on_event(VerifyEvent::Page { rows });
@@ -1390,6 +1690,26 @@ impl Agent {
             && verdict.extra_here == 0
             && verdict.different == 0
             && verdict.rows_here == verdict.rows_there;
+        Ok(())
+    }
+
+    /// With `repair`, repairs the rows found so far once they fill a key list; without,
+    /// forgets them (the verdict keeps its counts and first keys), so memory stays bounded.
+    async fn settle_pending(
+        &self,
+        connection: &crate::Connection,
+        here: &TableSchema,
+        options: &VerifyOptions,
+        pending: &mut Pending,
+        verdict: &mut TableVerdict,
+    ) -> Result<()> {
+        if !options.repair {
+            pending.pull.clear();
+            pending.delete.clear();
+        } else if pending.pull.len() + pending.delete.len() >= MAX_FILTER_KEYS {
+            self.repair(connection, here, options, pending, verdict)
+                .await?;
+        }
         Ok(())
     }
 

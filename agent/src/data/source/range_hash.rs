@@ -4,7 +4,7 @@
 //! the same column types, so equal rows hash alike (see `catalog::pg_range_hash_query`).
 
 use dbsync_protocol::Value;
-use dbsync_protocol::message::TableSchema;
+use dbsync_protocol::message::{BucketHashes, TableSchema};
 use sqlx::Row;
 
 use super::{bind_postgres, pg_binary, postgres_value};
@@ -16,6 +16,13 @@ use crate::store::{Pool, Store};
 /// same on both sides whatever each server's defaults.
 const FIXED_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
      SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
+
+/// Working memory for grouping a range's rows in buckets.
+const BUCKET_MEMORY: &str = "SET LOCAL work_mem = '16MB'";
+
+/// Pages of some buckets' rows are read along the key's index.
+const KEY_ORDER: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; \
+     SET LOCAL enable_sort = off";
 
 /// A range's rows as keys and hashes, in key order.
 #[derive(Debug, Default)]
@@ -174,20 +181,81 @@ impl Store {
         Ok((u64::try_from(rows).unwrap_or(0), hash.to_be_bytes()))
     }
 
-    /// Up to `limit` rows' keys and hashes after `after` and up to `upto`, in key order.
+    /// Each non-empty bucket of `schema`'s rows after `after` and up to `upto`, rows spread
+    /// over `count` buckets (a power of two) by their key; `columns` hashed in that order.
+    pub async fn range_buckets(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+        count: u32,
+    ) -> Result<(u64, [u8; 8], BucketHashes)> {
+        let query = RangeQuery::new(schema, columns, after, upto, HashShape::Buckets)?;
+        let mask = i64::from(count.max(1)) - 1;
+        let mut tx = self.postgres_pool()?.begin().await?;
+        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
+        // Room to group up to `MAX_BUCKETS` buckets in memory (about 9 MiB at the most); with
+        // the default 4 MiB the server spills them to disk.
+        sqlx::raw_sql(BUCKET_MEMORY).execute(&mut *tx).await?;
+        let fetched = query.bound(None)?.bind(mask).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        let mut out = BucketHashes {
+            ids: Vec::with_capacity(fetched.len()),
+            rows: Vec::with_capacity(fetched.len()),
+            hashes: Vec::with_capacity(8 * fetched.len()),
+        };
+        let (mut total, mut whole) = (0u64, [0u8; 8]);
+        for row in &fetched {
+            let id: i32 = row.try_get(0)?;
+            let rows: i64 = row.try_get(1)?;
+            let hash = row.try_get::<i64, _>(2)?.to_be_bytes();
+            let rows = u64::try_from(rows).unwrap_or(0);
+            out.ids.push(u32::try_from(id).unwrap_or(0));
+            out.rows.push(rows);
+            out.hashes.extend_from_slice(&hash);
+            total += rows;
+            for (w, h) in whole.iter_mut().zip(hash) {
+                *w ^= h;
+            }
+        }
+        Ok((total, whole, out))
+    }
+
+    /// Up to `limit` rows' keys and hashes after `after` and up to `upto`, in key order; with
+    /// `buckets` (their count and a bitmap of the ones wanted, see
+    /// `dbsync_protocol::message::Buckets`) only the rows of those buckets.
     pub async fn range_row_hashes(
         &self,
         schema: &TableSchema,
         columns: &[String],
         after: Option<&[Value]>,
         upto: Option<&[Value]>,
+        buckets: Option<(u32, &[u8])>,
         limit: i64,
     ) -> Result<RowHashes> {
-        let query = RangeQuery::new(schema, columns, after, upto, HashShape::Rows)?;
+        let shape = match buckets {
+            Some(_) => HashShape::BucketRows,
+            None => HashShape::Rows,
+        };
+        let query = RangeQuery::new(schema, columns, after, upto, shape)?;
         let decoders = query.key_decoders();
         let mut tx = self.postgres_pool()?.begin().await?;
         sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
-        let fetched = query.bound(Some(limit))?.fetch_all(&mut *tx).await?;
+        if buckets.is_some() {
+            // In key order along the key's index, stopping at the limit: without it the planner
+            // may read and sort the whole rest of the range for every page.
+            sqlx::raw_sql(KEY_ORDER).execute(&mut *tx).await?;
+        }
+        let bound = match buckets {
+            Some((count, only)) => query
+                .bound(None)?
+                .bind(i64::from(count.max(1)) - 1)
+                .bind(only)
+                .bind(limit),
+            None => query.bound(Some(limit))?,
+        };
+        let fetched = bound.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         let mut out = RowHashes {
             keys: Vec::with_capacity(fetched.len()),

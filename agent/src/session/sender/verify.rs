@@ -5,7 +5,7 @@
 //! session is a transfer of its own (`metadata.kind = "verify"`) that counts the rows hashed.
 
 use dbsync_protocol::Message;
-use dbsync_protocol::message::{TableSchema, Verify, VerifyPage, VerifyRange};
+use dbsync_protocol::message::{MAX_BUCKETS, TableSchema, Verify, VerifyPage, VerifyRange};
 use dbsync_protocol::session::Code;
 use serde_bytes::ByteBuf;
 
@@ -113,13 +113,15 @@ impl Session<'_> {
             more,
             keys,
             hashes,
+            buckets: None,
         }))
         .await
         .map(|_| ())
     }
 
     /// A key range hashed in the database (protocol 5): the whole range's count and hash, or
-    /// with `detail` a page of its rows' keys and hashes.
+    /// with `detail` a page of its rows' keys and hashes; on protocol 8 its buckets' counts and
+    /// hashes, or a page of only some buckets' rows.
     #[allow(clippy::too_many_arguments)]
     async fn verify_range(
         &mut self,
@@ -162,12 +164,36 @@ impl Session<'_> {
                 )
                 .await;
         }
+        if let Some(buckets) = &range.buckets {
+            if version < dbsync_protocol::BUCKET_VERSION {
+                return self
+                    .refuse(
+                        Code::ProtocolError,
+                        "buckets need protocol 8; this session speaks an older one",
+                        None,
+                    )
+                    .await;
+            }
+            if !buckets.is_well_formed(request.detail) {
+                return self
+                    .refuse(
+                        Code::InvalidRequest,
+                        format!(
+                            "buckets: a power of two up to {MAX_BUCKETS}, with a bitmap of as \
+                             many bits for a page of rows and none for a summary"
+                        ),
+                        None,
+                    )
+                    .await;
+            }
+        }
         let store = &self.agent.store;
         let (after, upto) = (request.after.as_deref(), range.upto.as_deref());
+        let only = range.buckets.as_ref().map(|b| (b.count, b.only.as_slice()));
         let answer = if request.detail {
             // One row past the page says whether the range goes on.
             let mut rows = store
-                .range_row_hashes(schema, columns, after, upto, limit as i64 + 1)
+                .range_row_hashes(schema, columns, after, upto, only, limit as i64 + 1)
                 .await?;
             let more = rows.keys.len() as u64 > limit;
             rows.keys.truncate(limit as usize);
@@ -191,6 +217,23 @@ impl Session<'_> {
                     .iter()
                     .map(|h| ByteBuf::from(h.to_vec()))
                     .collect(),
+                buckets: None,
+            }
+        } else if let Some(buckets) = &range.buckets {
+            let (rows, hash, buckets) = store
+                .range_buckets(schema, columns, after, upto, buckets.count)
+                .await?;
+            self.record_verification(connection, request, rows, upto.is_some())
+                .await?;
+            VerifyPage {
+                request_id: request.request_id,
+                rows,
+                hash: hash.to_vec(),
+                last_key: None,
+                more: false,
+                keys: Vec::new(),
+                hashes: Vec::new(),
+                buckets: Some(buckets),
             }
         } else {
             let (rows, hash) = store.range_hash(schema, columns, after, upto).await?;
@@ -204,6 +247,7 @@ impl Session<'_> {
                 more: false,
                 keys: Vec::new(),
                 hashes: Vec::new(),
+                buckets: None,
             }
         };
         self.send(&Message::VerifyPage(answer)).await.map(|_| ())
