@@ -531,10 +531,11 @@ impl Agent {
         attempts: &mut u32,
     ) -> Result<()> {
         let since = *failing_since.get_or_insert_with(Instant::now);
-        // Over the sender's rate limit (when a session opens, say): wait as it says, when that
-        // fits in the time left to retry.
+        // Over the sender's rate limit (when a session opens, say), or its sessions per
+        // address (a run just stopped whose sessions the sender has not yet seen close): wait
+        // as it says, when that fits in the time left to retry.
         if let Error::Remote {
-            code: Code::RateLimited,
+            code: code @ (Code::RateLimited | Code::TooManySessions),
             retry_after_ms,
             ..
         } = &err
@@ -545,7 +546,8 @@ impl Agent {
             }
             tracing::warn!(
                 wait_ms = wait.as_millis() as u64,
-                "over the sender's rate limit; waiting"
+                code = code.as_str(),
+                "the sender asks to wait; waiting"
             );
             tokio::time::sleep(wait).await;
             return Ok(());

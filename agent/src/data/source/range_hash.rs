@@ -5,6 +5,7 @@
 
 use dbsync_protocol::Value;
 use dbsync_protocol::message::{BucketHashes, TableSchema};
+use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use super::{bind_postgres, pg_binary, postgres_value};
@@ -198,15 +199,13 @@ impl Store {
         // Room to group up to `MAX_BUCKETS` buckets in memory (about 9 MiB at the most); with
         // the default 4 MiB the server spills them to disk.
         sqlx::raw_sql(BUCKET_MEMORY).execute(&mut *tx).await?;
-        let fetched = query.bound(None)?.bind(mask).fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        let mut out = BucketHashes {
-            ids: Vec::with_capacity(fetched.len()),
-            rows: Vec::with_capacity(fetched.len()),
-            hashes: Vec::with_capacity(8 * fetched.len()),
-        };
+        let mut out = BucketHashes::default();
         let (mut total, mut whole) = (0u64, [0u8; 8]);
-        for row in &fetched {
+        // Row by row as they come: up to `MAX_BUCKETS` rows, never all held as rows at once.
+        let bound = query.bound(None)?.bind(mask);
+        let mut fetched = bound.fetch(&mut *tx);
+        while let Some(row) = fetched.try_next().await? {
+            let row = &row;
             let id: i32 = row.try_get(0)?;
             let rows: i64 = row.try_get(1)?;
             let hash = row.try_get::<i64, _>(2)?.to_be_bytes();
@@ -219,6 +218,8 @@ impl Store {
                 *w ^= h;
             }
         }
+        drop(fetched);
+        tx.commit().await?;
         Ok((total, whole, out))
     }
 
