@@ -584,8 +584,9 @@ pub struct VerifyRange {
 pub const MAX_BUCKETS: u32 = 65_536;
 
 /// A range's rows spread over `count` buckets (protocol 8): a row goes to bucket
-/// `hash_record_extended(ROW(key columns), 0) & (count - 1)`, the key columns hashed as
-/// [`RangeHash::PgRecord`] hashes them. Without `detail` the answer also holds each non-empty
+/// `hashint8extended(key::int8, 0) & (count - 1)` when its key is one column of `smallint`,
+/// `integer` or `bigint`, else `hash_record_extended(ROW(key columns), 0) & (count - 1)`, the
+/// key columns hashed as [`RangeHash::PgRecord`] hashes them. Without `detail` the answer also holds each non-empty
 /// bucket's row count and hash ([`VerifyPage::buckets`]); with `detail` the pages hold only the
 /// rows of the buckets set in `only`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

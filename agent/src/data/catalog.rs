@@ -568,20 +568,28 @@ pub fn pg_range_hash_query(
         .collect::<Result<Vec<_>>>()?
         .join(", ");
     let hash = format!("hash_record_extended(ROW({operands}), 0)");
-    let key_operands = key
-        .iter()
-        .map(|name| {
-            let native = columns
-                .iter()
-                .find(|(c, _)| c == name)
-                .map_or("", |(_, native)| *native);
-            pg_hash_operand(name, native)
-        })
-        .collect::<Result<Vec<_>>>()?
-        .join(", ");
-    let bucket = |mask: usize| {
-        format!("(hash_record_extended(ROW({key_operands}), 0) & ${mask}::int8)::int4")
+    let key_native = |name: &str| {
+        columns
+            .iter()
+            .find(|(c, _)| *c == name)
+            .map_or(String::new(), |(_, native)| without_modifiers(native))
     };
+    // A key's hash for its bucket: one integer column hashed as an integer (a third of the
+    // cost of hashing it as a record), anything else as a record of its columns.
+    let key_hash = match key {
+        [one] if matches!(key_native(one).as_str(), "bigint" | "integer" | "smallint") => {
+            format!("hashint8extended({}::int8, 0)", quote_ident(one)?)
+        }
+        _ => {
+            let operands = key
+                .iter()
+                .map(|name| pg_hash_operand(name, &key_native(name)))
+                .collect::<Result<Vec<_>>>()?
+                .join(", ");
+            format!("hash_record_extended(ROW({operands}), 0)")
+        }
+    };
+    let bucket = |mask: usize| format!("({key_hash} & ${mask}::int8)::int4");
     let keys = select_list(key, key_reads)?;
     let KeyConditions {
         conditions,
