@@ -736,8 +736,9 @@ impl Agent {
         let mut request_id = 0;
         let mut pending = Pending::default();
         let mut ends_seen = std::collections::HashSet::new();
-        let mut start = if expect_alike {
-            self.whole_alike(
+        let mut start = self
+            .whole_alike(
+                expect_alike,
                 client,
                 &table,
                 here,
@@ -747,10 +748,7 @@ impl Agent {
                 verdict,
                 on_event,
             )
-            .await?
-        } else {
-            None
-        };
+            .await?;
         // Each range ends at a key this side has; the last, past this side's last key, is
         // asked for as a summary, and that ends the sender's verification of the table.
         let mut end = self.next_end(here, start.as_deref(), rows).await?;
@@ -894,12 +892,14 @@ impl Agent {
             .await
     }
 
-    /// Tables expected alike: the whole table up to this side's last key is hashed first, one
-    /// scan on each side, and only when it differs is it cut in ranges. Where the ranges start:
-    /// after that key when alike (past it only the sender can have rows), else at the start.
+    /// Tables expected alike (`expect_alike`): the whole table up to this side's last key is
+    /// hashed first, one scan on each side, and only when it differs is it cut in ranges. Where
+    /// the ranges start: after that key when alike (past it only the sender can have rows), else
+    /// at the start.
     #[allow(clippy::too_many_arguments)]
     async fn whole_alike(
         &self,
+        expect_alike: bool,
         client: &mut Client,
         table: &str,
         here: &TableSchema,
@@ -909,6 +909,9 @@ impl Agent {
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<Option<Vec<Value>>> {
+        if !expect_alike {
+            return Ok(None);
+        }
         let Some(last) = self.store.range_last(here, None).await? else {
             return Ok(None);
         };
@@ -963,8 +966,9 @@ impl Agent {
         let mut request_id = 0;
         let mut pending = Pending::default();
         let mut ends_seen = std::collections::HashSet::new();
-        let mut start = if expect_alike {
-            self.whole_alike(
+        let mut start = self
+            .whole_alike(
+                expect_alike,
                 client,
                 &table,
                 here,
@@ -974,10 +978,7 @@ impl Agent {
                 verdict,
                 on_event,
             )
-            .await?
-        } else {
-            None
-        };
+            .await?;
         let mut span = base.min(most);
         let mut end = self.next_end(here, start.as_deref(), span).await?;
         loop {

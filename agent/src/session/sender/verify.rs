@@ -219,24 +219,20 @@ impl Session<'_> {
                     .collect(),
                 buckets: None,
             }
-        } else if let Some(buckets) = &range.buckets {
-            let (rows, hash, buckets) = store
-                .range_buckets(schema, columns, after, upto, buckets.count)
-                .await?;
-            self.record_verification(connection, request, rows, upto.is_some())
-                .await?;
-            VerifyPage {
-                request_id: request.request_id,
-                rows,
-                hash: hash.to_vec(),
-                last_key: None,
-                more: false,
-                keys: Vec::new(),
-                hashes: Vec::new(),
-                buckets: Some(buckets),
-            }
         } else {
-            let (rows, hash) = store.range_hash(schema, columns, after, upto).await?;
+            // The whole range's count and hash, and on protocol 8 its buckets'.
+            let (rows, hash, buckets) = match &range.buckets {
+                Some(buckets) => {
+                    let (rows, hash, buckets) = store
+                        .range_buckets(schema, columns, after, upto, buckets.count)
+                        .await?;
+                    (rows, hash, Some(buckets))
+                }
+                None => {
+                    let (rows, hash) = store.range_hash(schema, columns, after, upto).await?;
+                    (rows, hash, None)
+                }
+            };
             self.record_verification(connection, request, rows, upto.is_some())
                 .await?;
             VerifyPage {
@@ -247,7 +243,7 @@ impl Session<'_> {
                 more: false,
                 keys: Vec::new(),
                 hashes: Vec::new(),
-                buckets: None,
+                buckets,
             }
         };
         self.send(&Message::VerifyPage(answer)).await.map(|_| ())
