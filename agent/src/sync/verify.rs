@@ -271,20 +271,18 @@ impl LocalHashes<'_> {
     }
 }
 
-/// Asks for the rows of range `(after, upto]` of `table` as keys and hashes (protocol 5), with
+/// Asks for the rows of range `(after, upto]` of the walk's table as keys and hashes (protocol 5), with
 /// `buckets` only those buckets' rows (protocol 8).
 fn detail_request(
-    table: &str,
+    walk: &mut Walk<'_>,
     (after, upto): (Option<&[Value]>, Option<&[Value]>),
     buckets: Option<&Buckets>,
-    request_id: u64,
-    options: &VerifyOptions,
 ) -> Message {
     Message::Verify(Verify {
-        request_id,
-        table: table.to_owned(),
+        request_id: walk.next_id(),
+        table: walk.table.to_owned(),
         after: after.map(<[Value]>::to_vec),
-        limit: page_rows(options),
+        limit: page_rows(walk.options),
         detail: true,
         range: Some(VerifyRange {
             upto: upto.map(<[Value]>::to_vec),
@@ -374,6 +372,29 @@ fn hashed_alike_in_db(there: &TableSchema, here: &TableSchema) -> bool {
 struct Pending {
     pull: Vec<Vec<Value>>,
     delete: Vec<Vec<Value>>,
+}
+
+/// One table's comparison: what every step of it reads, and what it carries from step to step.
+struct Walk<'a> {
+    connection: &'a crate::Connection,
+    table: &'a str,
+    here: &'a TableSchema,
+    columns: &'a [String],
+    options: &'a VerifyOptions,
+    /// The last request's number.
+    request_id: u64,
+    /// Differences found and not yet repaired.
+    pending: Pending,
+    /// Every last key a page ended on: a sender that names one again is going round.
+    ends_seen: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Walk<'_> {
+    /// The next request's number.
+    fn next_id(&mut self) -> u64 {
+        self.request_id += 1;
+        self.request_id
+    }
 }
 
 impl Agent {
@@ -683,36 +704,28 @@ impl Agent {
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
+        let table = verdict.table.clone();
+        let mut walk = Walk {
+            connection,
+            table: &table,
+            here,
+            columns,
+            options,
+            request_id: 0,
+            pending: Pending::default(),
+            ends_seen: std::collections::HashSet::new(),
+        };
         if in_db && client.version >= dbsync_protocol::BUCKET_VERSION {
-            self.compare_buckets(
-                client,
-                connection,
-                here,
-                columns,
-                expect_alike,
-                options,
-                verdict,
-                on_event,
-            )
-            .await
+            self.compare_buckets(client, &mut walk, expect_alike, verdict, on_event)
+                .await?;
         } else if in_db {
-            self.compare_ranges(
-                client,
-                connection,
-                here,
-                columns,
-                expect_alike,
-                options,
-                verdict,
-                on_event,
-            )
-            .await
+            self.compare_ranges(client, &mut walk, expect_alike, verdict, on_event)
+                .await?;
         } else {
-            self.compare_pages(
-                client, connection, here, columns, types, options, verdict, on_event,
-            )
-            .await
+            self.compare_pages(client, &mut walk, types, verdict, on_event)
+                .await?;
         }
+        self.finish_table(&mut walk, verdict).await
     }
 
     /// Both sides PostgreSQL with the same column types: this side cuts its table into ranges
@@ -723,31 +736,15 @@ impl Agent {
     async fn compare_ranges(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         expect_alike: bool,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
-        let table = verdict.table.clone();
-        let rows = page_rows(options);
-        let mut request_id = 0;
-        let mut pending = Pending::default();
-        let mut ends_seen = std::collections::HashSet::new();
+        let (here, columns) = (walk.here, walk.columns);
+        let rows = page_rows(walk.options);
         let mut start = self
-            .whole_alike(
-                expect_alike,
-                client,
-                &table,
-                here,
-                columns,
-                &mut request_id,
-                options,
-                verdict,
-                on_event,
-            )
+            .whole_alike(client, walk, expect_alike, verdict, on_event)
             .await?;
         // Each range ends at a key this side has; the last, past this side's last key, is
         // asked for as a summary, and that ends the sender's verification of the table.
@@ -766,17 +763,7 @@ impl Agent {
                 true
             } else {
                 let (differs, next) = tokio::join!(
-                    self.ranges_differ(
-                        client,
-                        &table,
-                        here,
-                        columns,
-                        range,
-                        &mut request_id,
-                        options,
-                        verdict,
-                        on_event,
-                    ),
+                    self.ranges_differ(client, &mut *walk, range, verdict, on_event),
                     async {
                         match range.1 {
                             Some(done) => self.next_end(here, Some(done), rows).await.map(Some),
@@ -791,20 +778,7 @@ impl Agent {
             // and only the parts that differ are compared row by row.
             if differs && !last_differs && asked.is_none() && rows >= 2 * SPLIT {
                 let parts_differing = self
-                    .compare_parts(
-                        client,
-                        connection,
-                        &table,
-                        here,
-                        columns,
-                        range,
-                        &mut request_id,
-                        &mut ends_seen,
-                        options,
-                        verdict,
-                        &mut pending,
-                        on_event,
-                    )
+                    .compare_parts(client, walk, range, verdict, on_event)
                     .await?;
                 last_differs = parts_differing > SPLIT / 2;
                 let Some(done) = end.take() else {
@@ -822,8 +796,7 @@ impl Agent {
                 let request = match asked.take() {
                     Some(request) => request,
                     None => {
-                        request_id += 1;
-                        let request = detail_request(&table, range, None, request_id, options);
+                        let request = detail_request(walk, range, None);
                         client.send(&request).await?;
                         request
                     }
@@ -838,7 +811,7 @@ impl Agent {
                         None,
                         PAGE_ROWS as i64 + 1
                     ),
-                    self.answer_to(client, &request, options)
+                    self.answer_to(client, &request, walk.options)
                 );
                 let (local, answer) = (local?, answer?);
                 // The range ends with this page: the next range is asked for now.
@@ -850,9 +823,8 @@ impl Agent {
                     // Not the range past this side's last key: its summary ends the sender's
                     // verification, so it is always asked for as one.
                     if let Some(upto) = &next {
-                        request_id += 1;
                         let range = (Some(done.as_slice()), Some(upto.as_slice()));
-                        let request = detail_request(&table, range, None, request_id, options);
+                        let request = detail_request(walk, range, None);
                         client.send(&request).await?;
                         asked = Some(request);
                     }
@@ -861,18 +833,11 @@ impl Agent {
                 last_differs = self
                     .diff_range(
                         client,
-                        connection,
-                        &table,
-                        here,
-                        columns,
+                        walk,
                         range,
                         Some((answer, local)),
                         None,
-                        &mut request_id,
-                        &mut ends_seen,
-                        options,
                         verdict,
-                        &mut pending,
                         on_event,
                     )
                     .await?;
@@ -888,8 +853,7 @@ impl Agent {
             };
             start = Some(done);
         }
-        self.finish_table(connection, here, options, &mut pending, verdict)
-            .await
+        Ok(())
     }
 
     /// Tables expected alike (`expect_alike`): the whole table up to this side's last key is
@@ -899,20 +863,16 @@ impl Agent {
     #[allow(clippy::too_many_arguments)]
     async fn whole_alike(
         &self,
-        expect_alike: bool,
         client: &mut Client,
-        table: &str,
-        here: &TableSchema,
-        columns: &[String],
-        request_id: &mut u64,
-        options: &VerifyOptions,
+        walk: &mut Walk<'_>,
+        expect_alike: bool,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<Option<Vec<Value>>> {
         if !expect_alike {
             return Ok(None);
         }
-        let Some(last) = self.store.range_last(here, None).await? else {
+        let Some(last) = self.store.range_last(walk.here, None).await? else {
             return Ok(None);
         };
         on_event(VerifyEvent::WholeTable);
@@ -921,12 +881,8 @@ impl Agent {
         let differs = self
             .ranges_differ(
                 client,
-                table,
-                here,
-                columns,
+                walk,
                 (None, Some(last.as_slice())),
-                request_id,
-                options,
                 verdict,
                 &mut |event| {
                     if let VerifyEvent::Page { rows } = event {
@@ -952,32 +908,16 @@ impl Agent {
     async fn compare_buckets(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         expect_alike: bool,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
-        let table = verdict.table.clone();
-        let base = page_rows(options);
+        let here = walk.here;
+        let base = page_rows(walk.options);
         let most = (base * MAX_SPAN_PAGES).min(u64::from(MAX_BUCKETS) * BUCKET_ROWS);
-        let mut request_id = 0;
-        let mut pending = Pending::default();
-        let mut ends_seen = std::collections::HashSet::new();
         let mut start = self
-            .whole_alike(
-                expect_alike,
-                client,
-                &table,
-                here,
-                columns,
-                &mut request_id,
-                options,
-                verdict,
-                on_event,
-            )
+            .whole_alike(client, walk, expect_alike, verdict, on_event)
             .await?;
         let mut span = base.min(most);
         let mut end = self.next_end(here, start.as_deref(), span).await?;
@@ -988,36 +928,11 @@ impl Agent {
                 // Past this side's last key: only the sender can have rows there. Its summary
                 // ends the sender's verification of the table.
                 if self
-                    .ranges_differ(
-                        client,
-                        &table,
-                        here,
-                        columns,
-                        range,
-                        &mut request_id,
-                        options,
-                        verdict,
-                        on_event,
-                    )
+                    .ranges_differ(client, walk, range, verdict, on_event)
                     .await?
                 {
-                    self.diff_range(
-                        client,
-                        connection,
-                        &table,
-                        here,
-                        columns,
-                        range,
-                        None,
-                        None,
-                        &mut request_id,
-                        &mut ends_seen,
-                        options,
-                        verdict,
-                        &mut pending,
-                        on_event,
-                    )
-                    .await?;
+                    self.diff_range(client, walk, range, None, None, verdict, on_event)
+                        .await?;
                 }
                 break;
             };
@@ -1026,21 +941,7 @@ impl Agent {
                 .unwrap_or(MAX_BUCKETS)
                 .min(MAX_BUCKETS);
             let (differs, ahead) = tokio::join!(
-                self.diff_buckets(
-                    client,
-                    connection,
-                    &table,
-                    here,
-                    columns,
-                    range,
-                    count,
-                    &mut request_id,
-                    &mut ends_seen,
-                    options,
-                    verdict,
-                    &mut pending,
-                    on_event,
-                ),
+                self.diff_buckets(client, &mut *walk, range, count, verdict, on_event),
                 self.next_end(here, Some(done), next_span)
             );
             differs?;
@@ -1049,8 +950,7 @@ impl Agent {
             end = ahead;
             span = next_span;
         }
-        self.finish_table(connection, here, options, &mut pending, verdict)
-            .await
+        Ok(())
     }
 
     /// Compares range `(after, upto]` in `count` buckets: both sides hash each bucket, and the
@@ -1059,30 +959,24 @@ impl Agent {
     async fn diff_buckets(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        table: &str,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         range: (Option<&[Value]>, Option<&[Value]>),
         count: u32,
-        request_id: &mut u64,
-        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
-        pending: &mut Pending,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<bool> {
         let (after, upto) = range;
-        *request_id += 1;
+        let request_id = walk.next_id();
         let (local, answer) = tokio::join!(
-            self.store.range_buckets(here, columns, after, upto, count),
+            self.store
+                .range_buckets(walk.here, walk.columns, after, upto, count),
             self.ask_page(
                 client,
-                table,
+                walk.table,
                 after.map(<[Value]>::to_vec),
                 false,
-                *request_id,
-                options,
+                request_id,
+                walk.options,
                 Some(VerifyRange {
                     upto: upto.map(<[Value]>::to_vec),
                     hash: RangeHash::PgRecord,
@@ -1154,18 +1048,11 @@ impl Agent {
         on_event(VerifyEvent::Page { rows: alike_rows });
         self.diff_range(
             client,
-            connection,
-            table,
-            here,
-            columns,
+            walk,
             range,
             None,
             Some(&Buckets { count, only }),
-            request_id,
-            ends_seen,
-            options,
             verdict,
-            pending,
             on_event,
         )
         .await
@@ -1192,31 +1079,31 @@ impl Agent {
     async fn ranges_differ(
         &self,
         client: &mut Client,
-        table: &str,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         (after, upto): (Option<&[Value]>, Option<&[Value]>),
-        request_id: &mut u64,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<bool> {
-        *request_id += 1;
+        let request_id = walk.next_id();
         let (local, answer) = tokio::join!(
             async {
                 // A range open at its end lies past this side's last key: no rows here.
                 match upto {
-                    Some(_) => self.store.range_hash(here, columns, after, upto).await,
+                    Some(_) => {
+                        self.store
+                            .range_hash(walk.here, walk.columns, after, upto)
+                            .await
+                    }
                     None => Ok((0, [0; 8])),
                 }
             },
             self.ask_page(
                 client,
-                table,
+                walk.table,
                 after.map(<[Value]>::to_vec),
                 false,
-                *request_id,
-                options,
+                request_id,
+                walk.options,
                 Some(VerifyRange {
                     upto: upto.map(<[Value]>::to_vec),
                     hash: RangeHash::PgRecord,
@@ -1243,19 +1130,13 @@ impl Agent {
     async fn compare_parts(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        table: &str,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         (after, upto): (Option<&[Value]>, Option<&[Value]>),
-        request_id: &mut u64,
-        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
-        pending: &mut Pending,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<u64> {
-        let part_rows = page_rows(options) / SPLIT;
+        let here = walk.here;
+        let part_rows = page_rows(walk.options) / SPLIT;
         let mut start = after.map(<[Value]>::to_vec);
         let mut differing = 0;
         for part in 0..SPLIT {
@@ -1276,17 +1157,12 @@ impl Agent {
             // A part that is the whole range (this side has too few rows to cut it) differs.
             let differs = range == (after, upto)
                 || self
-                    .ranges_differ(
-                        client, table, here, columns, range, request_id, options, verdict, on_event,
-                    )
+                    .ranges_differ(client, walk, range, verdict, on_event)
                     .await?;
             if differs {
                 differing += 1;
-                self.diff_range(
-                    client, connection, table, here, columns, range, None, None, request_id,
-                    ends_seen, options, verdict, pending, on_event,
-                )
-                .await?;
+                self.diff_range(client, walk, range, None, None, verdict, on_event)
+                    .await?;
             }
             if end.as_deref() == upto || end.is_none() {
                 break;
@@ -1344,20 +1220,14 @@ impl Agent {
     async fn diff_range(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        table: &str,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         (start, upto): (Option<&[Value]>, Option<&[Value]>),
         first: Option<(VerifyPage, RowHashes)>,
         buckets: Option<&Buckets>,
-        request_id: &mut u64,
-        ends_seen: &mut std::collections::HashSet<Vec<u8>>,
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
-        pending: &mut Pending,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<bool> {
+        let (here, columns) = (walk.here, walk.columns);
         let before = verdict.missing_here + verdict.extra_here + verdict.different;
         let keys = KeyId::Exact;
         let only = buckets.map(|b| (b.count, b.only.as_slice()));
@@ -1367,14 +1237,7 @@ impl Agent {
             let (detail, local) = match first.take() {
                 Some(first) => first,
                 None => {
-                    *request_id += 1;
-                    let request = detail_request(
-                        table,
-                        (after.as_deref(), upto),
-                        buckets,
-                        *request_id,
-                        options,
-                    );
+                    let request = detail_request(walk, (after.as_deref(), upto), buckets);
                     client.send(&request).await?;
                     let (local, detail) = tokio::join!(
                         self.store.range_row_hashes(
@@ -1385,7 +1248,7 @@ impl Agent {
                             only,
                             PAGE_ROWS as i64 + 1
                         ),
-                        self.answer_to(client, &request, options)
+                        self.answer_to(client, &request, walk.options)
                     );
                     (detail?, local?)
                 }
@@ -1396,7 +1259,7 @@ impl Agent {
             if more {
                 let moved_on = detail.rows > 0
                     && match &detail.last_key {
-                        Some(key) => ends_seen.insert(keys.id(key)?),
+                        Some(key) => walk.ends_seen.insert(keys.id(key)?),
                         None => false,
                     };
                 if !moved_on {
@@ -1423,10 +1286,17 @@ impl Agent {
                 }
             };
             verdict.rows_here += self
-                .set_beside(here, columns, &keys, &mut local, there, verdict, pending)
+                .set_beside(
+                    here,
+                    columns,
+                    &keys,
+                    &mut local,
+                    there,
+                    verdict,
+                    &mut walk.pending,
+                )
                 .await?;
-            self.settle_pending(connection, here, options, pending, verdict)
-                .await?;
+            self.settle_pending(walk, verdict).await?;
             if !more {
                 break;
             }
@@ -1439,35 +1309,29 @@ impl Agent {
     async fn compare_pages(
         &self,
         client: &mut Client,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         types: &[String],
-        options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
     ) -> Result<()> {
+        let (here, columns, options, table) = (walk.here, walk.columns, walk.options, walk.table);
         let types: Vec<&str> = types.iter().map(String::as_str).collect();
         let key_positions: Vec<usize> = here
             .primary_key
             .iter()
             .filter_map(|k| columns.iter().position(|c| c == k))
             .collect();
-        let table = verdict.table.clone();
         let key_types: Vec<&str> = key_positions.iter().map(|i| types[*i]).collect();
-        let mut request_id = 1;
         let mut after: Option<Vec<Value>> = None;
-        let mut pending = Pending::default();
         // Each page's summary is asked for while this side hashes the page before it; after a
         // page that differed the next is asked for with its details at once (changes spread
         // over a table make neighbouring pages differ too).
+        let first_id = walk.next_id();
         let mut page = self
-            .ask_page(client, &table, None, false, request_id, options, None)
+            .ask_page(client, table, None, false, first_id, options, None)
             .await?;
         let mut page_detail = false;
         let mut last_differs = false;
-        // Every last key a page ended on: a sender that names one again is going round.
-        let mut ends_seen = std::collections::HashSet::new();
         loop {
             let more = page.more;
             if more
@@ -1480,7 +1344,7 @@ impl Agent {
             }
             // A page that says more must move on: rows in it, and a last key never seen before.
             let fresh_end = match &page.last_key {
-                Some(key) => ends_seen.insert(key_bytes(key, &key_types)?),
+                Some(key) => walk.ends_seen.insert(key_bytes(key, &key_types)?),
                 None => true,
             };
             if more && (page.rows == 0 || !fresh_end) {
@@ -1489,8 +1353,7 @@ impl Agent {
             // The last page reaches to the end here too: rows past the sender's last key are
             // extra.
             let upto = if more { page.last_key.clone() } else { None };
-            request_id += 1;
-            let next_id = request_id;
+            let next_id = walk.next_id();
             let detail_next = last_differs;
             let (local, next) = tokio::join!(
                 self.local_page_hash(here, columns, &types, after.as_deref(), upto.as_deref()),
@@ -1499,7 +1362,7 @@ impl Agent {
                         Some(
                             self.ask_page(
                                 client,
-                                &table,
+                                table,
                                 upto.clone(),
                                 detail_next,
                                 next_id,
@@ -1522,10 +1385,10 @@ impl Agent {
                 let detail = if page_detail {
                     page
                 } else {
-                    request_id += 1;
+                    let request_id = walk.next_id();
                     self.ask_page(
                         client,
-                        &table,
+                        table,
                         after.clone(),
                         true,
                         request_id,
@@ -1555,11 +1418,10 @@ impl Agent {
                     &mut local,
                     there,
                     verdict,
-                    &mut pending,
+                    &mut walk.pending,
                 )
                 .await?;
-                self.settle_pending(connection, here, options, &mut pending, verdict)
-                    .await?;
+                self.settle_pending(walk, verdict).await?;
             }
             last_differs = differs;
             on_event(VerifyEvent::Page { rows });
@@ -1572,8 +1434,7 @@ impl Agent {
                 }
             }
         }
-        self.finish_table(connection, here, options, &mut pending, verdict)
-            .await
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1678,17 +1539,9 @@ impl Agent {
     }
 
     /// The last repair of a table compared to its end, and its verdict.
-    async fn finish_table(
-        &self,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        options: &VerifyOptions,
-        pending: &mut Pending,
-        verdict: &mut TableVerdict,
-    ) -> Result<()> {
-        if options.repair {
-            self.repair(connection, here, options, pending, verdict)
-                .await?;
+    async fn finish_table(&self, walk: &mut Walk<'_>, verdict: &mut TableVerdict) -> Result<()> {
+        if walk.options.repair {
+            self.repair(walk, verdict).await?;
         }
         verdict.identical = verdict.missing_here == 0
             && verdict.extra_here == 0
@@ -1699,33 +1552,21 @@ impl Agent {
 
     /// With `repair`, repairs the rows found so far once there are [`REPAIR_KEYS`]; without,
     /// forgets them (the verdict keeps its counts and first keys), so memory stays bounded.
-    async fn settle_pending(
-        &self,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        options: &VerifyOptions,
-        pending: &mut Pending,
-        verdict: &mut TableVerdict,
-    ) -> Result<()> {
-        if !options.repair {
+    async fn settle_pending(&self, walk: &mut Walk<'_>, verdict: &mut TableVerdict) -> Result<()> {
+        let pending = &mut walk.pending;
+        if !walk.options.repair {
             pending.pull.clear();
             pending.delete.clear();
         } else if pending.pull.len() + pending.delete.len() >= REPAIR_KEYS {
-            self.repair(connection, here, options, pending, verdict)
-                .await?;
+            self.repair(walk, verdict).await?;
         }
         Ok(())
     }
 
     /// Pulls the keys waiting (overwrite, by key) and deletes the extra ones.
-    async fn repair(
-        &self,
-        connection: &crate::Connection,
-        here: &TableSchema,
-        options: &VerifyOptions,
-        pending: &mut Pending,
-        verdict: &mut TableVerdict,
-    ) -> Result<()> {
+    async fn repair(&self, walk: &mut Walk<'_>, verdict: &mut TableVerdict) -> Result<()> {
+        let (connection, here, options) = (walk.connection, walk.here, walk.options);
+        let pending = &mut walk.pending;
         if !pending.delete.is_empty() {
             verdict.deleted_rows += self.store.delete_keys(here, &pending.delete).await?;
             pending.delete.clear();

@@ -18,12 +18,19 @@ use crate::store::{Pool, Store};
 const FIXED_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
      SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = 'hex'";
 
-/// Working memory for grouping a range's rows in buckets.
+/// Working memory for grouping a range's rows in buckets: room for up to `MAX_BUCKETS`
+/// buckets (about 9 MiB at the most), which the default 4 MiB would spill to disk.
 const BUCKET_MEMORY: &str = "SET LOCAL work_mem = '16MB'";
 
-/// Pages of some buckets' rows are read along the key's index.
+/// Pages of some buckets' rows are read along the key's index, stopping at the limit: without
+/// it the planner may read and sort the whole rest of the range for every page.
 const KEY_ORDER: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; \
      SET LOCAL enable_sort = off";
+
+/// The mask that takes a key's hash to one of `count` buckets (a power of two).
+fn bucket_mask(count: u32) -> i64 {
+    i64::from(count.max(1)) - 1
+}
 
 /// A range's rows as keys and hashes, in key order.
 #[derive(Debug, Default)]
@@ -163,6 +170,22 @@ impl Store {
         }
     }
 
+    /// A transaction under [`FIXED_SETTINGS`] and `more` settings, set in one round trip.
+    async fn hashing(
+        &self,
+        more: Option<&str>,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.postgres_pool()?.begin().await?;
+        let settings = match more {
+            Some(more) => format!("{FIXED_SETTINGS}; {more}"),
+            None => FIXED_SETTINGS.to_owned(),
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(settings))
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     /// The row count and hash of `schema`'s rows after `after` and up to `upto` (either open),
     /// `columns` hashed in that order.
     pub async fn range_hash(
@@ -173,8 +196,7 @@ impl Store {
         upto: Option<&[Value]>,
     ) -> Result<(u64, [u8; 8])> {
         let query = RangeQuery::new(schema, columns, after, upto, HashShape::Summary)?;
-        let mut tx = self.postgres_pool()?.begin().await?;
-        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
+        let mut tx = self.hashing(None).await?;
         let row = query.bound(None)?.fetch_one(&mut *tx).await?;
         tx.commit().await?;
         let rows: i64 = row.try_get(0)?;
@@ -193,16 +215,11 @@ impl Store {
         count: u32,
     ) -> Result<(u64, [u8; 8], BucketHashes)> {
         let query = RangeQuery::new(schema, columns, after, upto, HashShape::Buckets)?;
-        let mask = i64::from(count.max(1)) - 1;
-        let mut tx = self.postgres_pool()?.begin().await?;
-        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
-        // Room to group up to `MAX_BUCKETS` buckets in memory (about 9 MiB at the most); with
-        // the default 4 MiB the server spills them to disk.
-        sqlx::raw_sql(BUCKET_MEMORY).execute(&mut *tx).await?;
+        let mut tx = self.hashing(Some(BUCKET_MEMORY)).await?;
         let mut out = BucketHashes::default();
         let (mut total, mut whole) = (0u64, [0u8; 8]);
         // Row by row as they come: up to `MAX_BUCKETS` rows, never all held as rows at once.
-        let bound = query.bound(None)?.bind(mask);
+        let bound = query.bound(None)?.bind(bucket_mask(count));
         let mut fetched = bound.fetch(&mut *tx);
         while let Some(row) = fetched.try_next().await? {
             let row = &row;
@@ -241,17 +258,11 @@ impl Store {
         };
         let query = RangeQuery::new(schema, columns, after, upto, shape)?;
         let decoders = query.key_decoders();
-        let mut tx = self.postgres_pool()?.begin().await?;
-        sqlx::raw_sql(FIXED_SETTINGS).execute(&mut *tx).await?;
-        if buckets.is_some() {
-            // In key order along the key's index, stopping at the limit: without it the planner
-            // may read and sort the whole rest of the range for every page.
-            sqlx::raw_sql(KEY_ORDER).execute(&mut *tx).await?;
-        }
+        let mut tx = self.hashing(buckets.map(|_| KEY_ORDER)).await?;
         let bound = match buckets {
             Some((count, only)) => query
                 .bound(None)?
-                .bind(i64::from(count.max(1)) - 1)
+                .bind(bucket_mask(count))
                 .bind(only)
                 .bind(limit),
             None => query.bound(Some(limit))?,
