@@ -253,6 +253,40 @@ async fn where_key_ranges_lists_and_composite_keys() {
         assert_eq!(list.tables[0].rows, 2, "9000 is not on the sender");
         assert_eq!(rows(&b.agent.store, "users").await.len(), 18);
 
+        // A long list of text keys, over more than one page (on PostgreSQL one array).
+        exec(
+            &a,
+            &[
+                "CREATE TABLE tags (name TEXT PRIMARY KEY, n BIGINT)".to_owned(),
+                format!(
+                    "INSERT INTO tags VALUES {}",
+                    (0..600)
+                        .map(|n| format!("('tag-{n:04}', {n})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ],
+        )
+        .await;
+        let wanted: Vec<String> = (0..600)
+            .step_by(2)
+            .map(|n| format!("tag-{n:04}"))
+            .chain(["tag-9999".to_owned()])
+            .collect();
+        let tags = b
+            .agent
+            .pull(&receiver, &pull("tags", Some(&wanted.join(","))), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(tags.tables[0].rows, 300, "tag-9999 is not on the sender");
+        let here = rows(&b.agent.store, "tags").await;
+        assert_eq!(here.len(), 300);
+        assert!(
+            here.iter()
+                .all(|r| matches!(&r[1], Value::Int(n) if n % 2 == 0)),
+            "only the listed keys: {here:?}"
+        );
+
         let composite = b
             .agent
             .pull(

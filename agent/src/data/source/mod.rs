@@ -406,8 +406,10 @@ pub struct EncodedPage {
 struct PageQuery<'a> {
     sql: String,
     /// The key values bound, in order: `after`, the window's floor and ceiling, then the
-    /// filter's keys.
+    /// filter's keys (unless `listed`).
     keys: Vec<&'a [Value]>,
+    /// The filter's listed keys, bound after `keys` as one PostgreSQL array.
+    listed: Option<(KeyArray, &'a [Vec<Value>])>,
     /// Where each key column is among the columns read.
     key_positions: Vec<usize>,
     /// Each column's engine-neutral type.
@@ -454,6 +456,16 @@ impl<'a> PageQuery<'a> {
         window: Window<'a>,
         filter: Option<&'a KeyFilter>,
     ) -> Result<Self> {
+        // On PostgreSQL a list of keys of one integer, text or UUID column goes as one array.
+        let key_array = match (schema.engine.as_str(), schema.primary_key.as_slice()) {
+            ("postgres", [key]) => schema
+                .columns
+                .iter()
+                .find(|c| &c.name == key)
+                .and_then(|c| KeyArray::of(&c.native_type)),
+            _ => None,
+        };
+        let mut listed = None;
         let filter_keys: Vec<&[Value]> = match filter {
             None => Vec::new(),
             Some(KeyFilter::Range { from, to }) => {
@@ -466,7 +478,13 @@ impl<'a> PageQuery<'a> {
                         format!("at most {MAX_FILTER_KEYS} keys may be listed"),
                     ));
                 }
-                keys.iter().map(Vec::as_slice).collect()
+                match key_array {
+                    Some(array) if !keys.is_empty() => {
+                        listed = Some((array, keys.as_slice()));
+                        Vec::new()
+                    }
+                    _ => keys.iter().map(Vec::as_slice).collect(),
+                }
             }
         };
         let keys: Vec<&[Value]> = after
@@ -550,6 +568,7 @@ impl<'a> PageQuery<'a> {
                 engine: &schema.engine,
                 columns: &casts,
                 key: &key_casts,
+                key_array: listed.map(|(array, _)| array.sql_type()),
             },
             &schema.primary_key,
             KeyBounds {
@@ -562,6 +581,7 @@ impl<'a> PageQuery<'a> {
         Ok(Self {
             sql,
             keys,
+            listed,
             key_positions,
             neutral,
         })
@@ -585,7 +605,71 @@ impl<'a> PageQuery<'a> {
                 query = bind_postgres(query, value, self.neutral[*position])?;
             }
         }
+        if let Some((array, keys)) = self.listed {
+            query = array.bind(query, keys)?;
+        }
         Ok(query.bind(limit))
+    }
+}
+
+/// A list of keys of one column bound as one PostgreSQL array, by the column's neutral type.
+#[derive(Debug, Clone, Copy)]
+enum KeyArray {
+    Int,
+    Text,
+    Uuid,
+}
+
+impl KeyArray {
+    /// For a column of PostgreSQL type `native`, if its keys compare as the array's (a type
+    /// that only converts to `text`, as `character(n)` does, compares otherwise).
+    fn of(native: &str) -> Option<Self> {
+        match native {
+            "bigint" | "integer" | "smallint" => Some(Self::Int),
+            "text" => Some(Self::Text),
+            varchar if varchar.starts_with("character varying") => Some(Self::Text),
+            "uuid" => Some(Self::Uuid),
+            _ => None,
+        }
+    }
+
+    fn sql_type(self) -> &'static str {
+        match self {
+            Self::Int => "int8[]",
+            Self::Text => "text[]",
+            Self::Uuid => "uuid[]",
+        }
+    }
+
+    /// Binds `keys` (one value each) as one array; a value of another kind is refused.
+    fn bind<'q>(self, query: PgQuery<'q>, keys: &[Vec<Value>]) -> Result<PgQuery<'q>> {
+        let wrong = || key_type_error(self.sql_type().trim_end_matches("[]"));
+        Ok(match self {
+            Self::Int => query.bind(
+                keys.iter()
+                    .map(|k| match k.as_slice() {
+                        [Value::Int(v)] => Ok(*v),
+                        _ => Err(wrong()),
+                    })
+                    .collect::<Result<Vec<i64>>>()?,
+            ),
+            Self::Text => query.bind(
+                keys.iter()
+                    .map(|k| match k.as_slice() {
+                        [Value::Text(v)] => Ok(v.clone()),
+                        _ => Err(wrong()),
+                    })
+                    .collect::<Result<Vec<String>>>()?,
+            ),
+            Self::Uuid => query.bind(
+                keys.iter()
+                    .map(|k| match k.as_slice() {
+                        [Value::Uuid(v)] => Ok(uuid::Uuid::from_bytes(*v)),
+                        _ => Err(wrong()),
+                    })
+                    .collect::<Result<Vec<uuid::Uuid>>>()?,
+            ),
+        })
     }
 }
 
