@@ -316,6 +316,91 @@ async fn postgres_to_postgres_differences_are_found_and_repaired() {
     finds_and_repairs("verify::pg", true, true).await;
 }
 
+/// Integer keys bunched at both ends of a span of billions, with thousands of keys apart in
+/// the middle: ranges cut by how keys were spread so far still reach every row, and cross the
+/// gaps in a few steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_spread_unevenly_are_compared_to_the_last_row() {
+    let Some((a, b, receiver)) = pulled_pair("verify::spread", true, true).await else {
+        return;
+    };
+    let keys: Vec<i64> = (1..=400)
+        .chain((1..=300).map(|i| 1_000_000 + i * 7_919))
+        .chain((1..=400).map(|i| 5_000_000_000 + i))
+        .collect();
+    let mut statements = vec!["CREATE TABLE events (id BIGINT PRIMARY KEY, v TEXT)".to_owned()];
+    statements.extend(keys.chunks(100).map(|chunk| {
+        let rows: Vec<String> = chunk.iter().map(|k| format!("({k}, 'e{k}')")).collect();
+        format!("INSERT INTO events VALUES {}", rows.join(", "))
+    }));
+    exec(&a, &statements).await;
+    let events = || Some(vec!["events".to_owned()]);
+    b.agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: events(),
+                ..PullOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    // One difference in each part, and one row here only, in the widest gap.
+    exec(
+        &b,
+        &[
+            "UPDATE events SET v = 'changed' WHERE id = 7".into(),
+            format!("DELETE FROM events WHERE id = {}", 1_000_000 + 150 * 7_919),
+            "INSERT INTO events VALUES (3000000000, 'extra')".into(),
+            "UPDATE events SET v = 'changed' WHERE id = 5000000400".into(),
+        ],
+    )
+    .await;
+    let mut pages = 0;
+    let found = b
+        .agent
+        .verify(
+            &receiver,
+            &VerifyOptions {
+                tables: events(),
+                ..options(false)
+            },
+            |event| {
+                if let VerifyEvent::Page { .. } = event {
+                    pages += 1;
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let verdict = verdict(&found.tables, "events");
+    assert_eq!(
+        (verdict.missing_here, verdict.extra_here, verdict.different),
+        (1, 1, 2),
+        "{verdict:?}"
+    );
+    assert_eq!(verdict.rows_there, 1_100);
+    assert!(pages < 200, "{pages} ranges and pages for 1,100 rows");
+    let repaired = b
+        .agent
+        .verify(
+            &receiver,
+            &VerifyOptions {
+                tables: events(),
+                ..options(true)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(repaired.identical(), "{repaired:?}");
+    assert_eq!(
+        rows(&a.agent.store, "events").await,
+        rows(&b.agent.store, "events").await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_to_sqlite_differences_are_found_and_repaired() {
     finds_and_repairs("verify::sqlite", false, false).await;

@@ -374,6 +374,25 @@ struct Pending {
     delete: Vec<Vec<Value>>,
 }
 
+/// How the keys of a one-integer-column key are spread, as far as seen: the last key here,
+/// and the rows a key's worth of the range after one end found by counting rows.
+#[derive(Debug, Default)]
+struct KeySpread {
+    last: Option<i64>,
+    rows_per_key: Option<f64>,
+}
+
+impl KeySpread {
+    /// Range `(from, to]` held `rows` rows here: the next ranges are cut by its spread (an
+    /// empty one counts as one row, so ranges over a gap in the keys grow fast).
+    fn saw(&mut self, rows: u64, from: i64, to: i64) {
+        let keys = (i128::from(to) - i128::from(from)) as f64;
+        if keys > 0.0 {
+            self.rows_per_key = Some(rows.max(1) as f64 / keys);
+        }
+    }
+}
+
 /// One table's comparison: what every step of it reads, and what it carries from step to step.
 struct Walk<'a> {
     connection: &'a crate::Connection,
@@ -921,6 +940,13 @@ impl Agent {
             .await?;
         let mut span = base.min(most);
         let mut end = self.next_end(here, start.as_deref(), span).await?;
+        let mut spread = KeySpread::default();
+        if let [_] = here.primary_key.as_slice()
+            && let Some(last) = self.store.range_last(here, None).await?
+            && let [Value::Int(last)] = last.as_slice()
+        {
+            spread.last = Some(*last);
+        }
         loop {
             let range = (start.as_deref(), end.as_deref());
             let next_span = (span * SPAN_GROWTH).min(most);
@@ -940,12 +966,16 @@ impl Agent {
             let count = u32::try_from((span / BUCKET_ROWS).max(1).next_power_of_two())
                 .unwrap_or(MAX_BUCKETS)
                 .min(MAX_BUCKETS);
+            let rows_before = verdict.rows_here;
             let (differs, ahead) = tokio::join!(
                 self.diff_buckets(client, &mut *walk, range, count, verdict, on_event),
-                self.next_end(here, Some(done), next_span)
+                self.bucket_end(here, done, next_span, &mut spread)
             );
             differs?;
             let ahead = ahead?;
+            if let (Some([Value::Int(from)]), [Value::Int(to)]) = (range.0, done) {
+                spread.saw(verdict.rows_here - rows_before, *from, *to);
+            }
             start = end.take();
             end = ahead;
             span = next_span;
@@ -1056,6 +1086,39 @@ impl Agent {
             on_event,
         )
         .await
+    }
+
+    /// [`Self::next_end`] for a range hashed in buckets, after `done`: on a key of one integer
+    /// column, once one range has shown how many keys its rows span, `rows` rows' worth of keys
+    /// past `done` by that spread (the rows in between are not counted, which on a table whose
+    /// pages are not all visible reads each row), and this side's last key when that is nearer.
+    /// A range that holds more rows than asked has fuller buckets, one that holds fewer has
+    /// emptier ones: either way every row is compared.
+    async fn bucket_end(
+        &self,
+        here: &TableSchema,
+        done: &[Value],
+        rows: u64,
+        spread: &mut KeySpread,
+    ) -> Result<Option<Vec<Value>>> {
+        if let (Some(per_key), Some(last), [Value::Int(from)]) =
+            (spread.rows_per_key, spread.last, done)
+        {
+            // At least one key wide, so ranges always move on.
+            let width = (rows as f64 / per_key).ceil().clamp(1.0, i64::MAX as f64) as i64;
+            return match from.checked_add(width) {
+                Some(to) if to < last => Ok(Some(vec![Value::Int(to)])),
+                _ => self.store.range_last(here, Some(done)).await,
+            };
+        }
+        let end = self.store.range_end(here, Some(done), rows).await?;
+        if let (Some([Value::Int(to)]), [Value::Int(from)]) = (end.as_deref(), done) {
+            spread.saw(rows, *from, *to);
+        }
+        match end {
+            Some(end) => Ok(Some(end)),
+            None => self.store.range_last(here, Some(done)).await,
+        }
     }
 
     /// Where the range after `after` ends here: `rows` rows past it, or at this side's last
