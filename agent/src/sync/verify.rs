@@ -1337,8 +1337,19 @@ impl Agent {
             };
             let there = index_detail(detail, &keys)?
                 .ok_or_else(|| client.protocol_error("a page lists one key twice"))?;
-            // The rows read alongside are the page's unless either side had more of the range.
+            // The rows read alongside are the page's unless either side had more of the range;
+            // when the sender's page stops at a key this side read too, they are the ones up to
+            // it (read in key order), and are not read again.
+            let ends_at = match (more, page_upto.as_deref()) {
+                (true, Some(last)) => local.keys.iter().rposition(|k| k.as_slice() == last),
+                _ => None,
+            };
             let mut local = if !more && (local.keys.len() as u64) <= PAGE_ROWS {
+                LocalHashes::Ready(Some(local))
+            } else if let Some(end) = ends_at {
+                let mut local = local;
+                local.keys.truncate(end + 1);
+                local.hashes.truncate(end + 1);
                 LocalHashes::Ready(Some(local))
             } else {
                 LocalHashes::InDb {
