@@ -16,7 +16,7 @@ use std::time::Duration;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, PgPool, SqlitePool};
 
 use crate::error::{Error, Result};
 
@@ -151,7 +151,10 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let pool = match Engine::from_url(url)? {
             Engine::Postgres => {
-                let options = PgConnectOptions::from_str(url)?;
+                // A range hash or a large page may take seconds by design: sqlx's note of a
+                // slow statement (its text, at `warn` by default) goes to debug logs only.
+                let options = PgConnectOptions::from_str(url)?
+                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
                 let pool_options = || {
                     PgPoolOptions::new()
                         .max_connections(16)
@@ -183,7 +186,8 @@ impl Store {
                     .busy_timeout(Duration::from_secs(30))
                     // sqlx hands rows from SQLite's worker thread over a channel of 50 by
                     // default: a 5,000-row page then costs thousands of thread wake-ups.
-                    .row_buffer_size(1024);
+                    .row_buffer_size(1024)
+                    .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(30))

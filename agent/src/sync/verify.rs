@@ -1360,17 +1360,8 @@ impl Agent {
                 }
             };
             verdict.rows_here += self
-                .set_beside(
-                    here,
-                    columns,
-                    &keys,
-                    &mut local,
-                    there,
-                    verdict,
-                    &mut walk.pending,
-                )
+                .set_beside(walk, &keys, &mut local, there, verdict)
                 .await?;
-            self.settle_pending(walk, verdict).await?;
             if !more {
                 break;
             }
@@ -1485,17 +1476,8 @@ impl Agent {
                     types: &types,
                     key_positions: &key_positions,
                 };
-                self.set_beside(
-                    here,
-                    columns,
-                    &keys,
-                    &mut local,
-                    there,
-                    verdict,
-                    &mut walk.pending,
-                )
-                .await?;
-                self.settle_pending(walk, verdict).await?;
+                self.set_beside(walk, &keys, &mut local, there, verdict)
+                    .await?;
             }
             last_differs = differs;
             on_event(VerifyEvent::Page { rows });
@@ -1564,19 +1546,18 @@ impl Agent {
         Ok(hasher.finish())
     }
 
-    /// Sets the sender's rows of a range (`there`, by key) beside this site's rows of it; how
-    /// many rows this site has in it.
-    #[allow(clippy::too_many_arguments)]
+    /// Sets the sender's rows of a range (`there`, by key) beside this site's rows of it, and
+    /// settles the differences found ([`Self::settle_pending`]); how many rows this site has in it.
     async fn set_beside(
         &self,
-        here: &TableSchema,
-        columns: &[String],
+        walk: &mut Walk<'_>,
         keys: &KeyId<'_>,
         local: &mut LocalHashes<'_>,
         mut there: RowsThere,
         verdict: &mut TableVerdict,
-        pending: &mut Pending,
     ) -> Result<u64> {
+        let (here, columns) = (walk.here, walk.columns);
+        let pending = &mut walk.pending;
         let note = |list: &mut Vec<Vec<Value>>, key: &Vec<Value>| {
             if list.len() < FIRST_KEYS {
                 list.push(key.clone());
@@ -1609,6 +1590,7 @@ impl Agent {
             note(&mut verdict.first_missing, &key);
             pending.pull.push(key);
         }
+        self.settle_pending(walk, verdict).await?;
         Ok(seen)
     }
 
