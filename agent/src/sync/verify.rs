@@ -1111,14 +1111,11 @@ impl Agent {
                 _ => self.store.range_last(here, Some(done)).await,
             };
         }
-        let end = self.store.range_end(here, Some(done), rows).await?;
+        let end = self.next_end(here, Some(done), rows).await?;
         if let (Some([Value::Int(to)]), [Value::Int(from)]) = (end.as_deref(), done) {
             spread.saw(rows, *from, *to);
         }
-        match end {
-            Some(end) => Ok(Some(end)),
-            None => self.store.range_last(here, Some(done)).await,
-        }
+        Ok(end)
     }
 
     /// Where the range after `after` ends here: `rows` rows past it, or at this side's last

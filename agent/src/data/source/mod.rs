@@ -493,7 +493,10 @@ impl<'a> PageQuery<'a> {
             .chain(window.at_most)
             .chain(filter_keys)
             .collect();
-        for key in &keys {
+        let listed_keys = listed
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().map(Vec::as_slice));
+        for key in keys.iter().copied().chain(listed_keys) {
             if key.len() != schema.primary_key.len() {
                 return Err(Error::invalid(
                     "key",
