@@ -53,4 +53,25 @@ impl Value {
             _ => 1,
         }
     }
+
+    /// The kind's name, as errors name a value without quoting it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Null => "null",
+            Self::Bool(_) => "bool",
+            Self::Int(_) => "int",
+            Self::Float(_) => "float",
+            Self::Numeric(_) => "numeric",
+            Self::Text(_) => "text",
+            Self::Bytes(_) => "bytes",
+            Self::Uuid(_) => "uuid",
+            Self::Json(_) => "json",
+            Self::Date(_) => "date",
+            Self::Time(_) => "time",
+            Self::Timestamp(_) => "timestamp",
+            Self::TimestampTz(_) => "timestamptz",
+            Self::Interval { .. } => "interval",
+            Self::Array(_) => "array",
+        }
+    }
 }

@@ -646,13 +646,17 @@ impl KeyArray {
 
     /// Binds `keys` (one value each) as one array; a value of another kind is refused.
     fn bind<'q>(self, query: PgQuery<'q>, keys: &[Vec<Value>]) -> Result<PgQuery<'q>> {
-        let wrong = || key_type_error(self.sql_type().trim_end_matches("[]"));
+        let neutral = self.sql_type().trim_end_matches("[]");
+        let wrong = |key: &[Value]| match key {
+            [value] => wrong_key_kind(value, neutral),
+            _ => Error::invalid("key", "a listed key has more than one value"),
+        };
         Ok(match self {
             Self::Int => query.bind(
                 keys.iter()
                     .map(|k| match k.as_slice() {
                         [Value::Int(v)] => Ok(*v),
-                        _ => Err(wrong()),
+                        other => Err(wrong(other)),
                     })
                     .collect::<Result<Vec<i64>>>()?,
             ),
@@ -660,7 +664,7 @@ impl KeyArray {
                 keys.iter()
                     .map(|k| match k.as_slice() {
                         [Value::Text(v)] => Ok(v.clone()),
-                        _ => Err(wrong()),
+                        other => Err(wrong(other)),
                     })
                     .collect::<Result<Vec<String>>>()?,
             ),
@@ -668,7 +672,7 @@ impl KeyArray {
                 keys.iter()
                     .map(|k| match k.as_slice() {
                         [Value::Uuid(v)] => Ok(uuid::Uuid::from_bytes(*v)),
-                        _ => Err(wrong()),
+                        other => Err(wrong(other)),
                     })
                     .collect::<Result<Vec<uuid::Uuid>>>()?,
             ),
@@ -699,6 +703,23 @@ fn key_type_error(neutral: &str) -> Error {
     )
 }
 
+/// A key value (a peer's, or a checkpoint's) that does not fit its key column, named by its
+/// kind and never quoted.
+fn wrong_key_kind(value: &Value, neutral: &str) -> Error {
+    Error::invalid(
+        "key",
+        format!(
+            "a {} value cannot be a key of a {neutral} key column",
+            value.kind()
+        ),
+    )
+}
+
+/// A date or time key out of the range PostgreSQL's types hold.
+fn key_out_of_range(neutral: &str) -> Error {
+    Error::invalid("key", format!("a {neutral} key value is out of range"))
+}
+
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 fn bind_postgres<'q>(query: PgQuery<'q>, value: &Value, neutral: &str) -> Result<PgQuery<'q>> {
@@ -710,18 +731,24 @@ fn bind_postgres<'q>(query: PgQuery<'q>, value: &Value, neutral: &str) -> Result
         (Value::Bool(v), "bool") => query.bind(*v),
         (Value::Date(days), "date") => {
             let date = NaiveDate::from_num_days_from_ce_opt(days + 719_163)
-                .ok_or_else(|| key_type_error("date"))?;
+                .ok_or_else(|| key_out_of_range("date"))?;
             query.bind(date)
         }
         (Value::TimestampTz(micros), "timestamptz") => query.bind(
             DateTime::<Utc>::from_timestamp_micros(*micros)
-                .ok_or_else(|| key_type_error("timestamptz"))?,
+                .ok_or_else(|| key_out_of_range("timestamptz"))?,
         ),
         (Value::Timestamp(micros), "timestamp") => query.bind(
             DateTime::<Utc>::from_timestamp_micros(*micros)
-                .ok_or_else(|| key_type_error("timestamp"))?
+                .ok_or_else(|| key_out_of_range("timestamp"))?
                 .naive_utc(),
         ),
+        (
+            value,
+            "int" | "text" | "uuid" | "bytes" | "bool" | "date" | "timestamptz" | "timestamp",
+        ) => {
+            return Err(wrong_key_kind(value, neutral));
+        }
         _ => return Err(key_type_error(neutral)),
     })
 }
@@ -734,7 +761,7 @@ fn sqlite_key(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
         Value::Float(v) => Arg::Float(*v),
         Value::Text(v) => Arg::Text(v.as_str().into()),
         Value::Bytes(v) => Arg::Blob(v.as_slice().into()),
-        other => return Err(key_type_error(&format!("{other:?}"))),
+        other => return Err(wrong_key_kind(other, "SQLite")),
     })
 }
 
