@@ -941,7 +941,12 @@ impl Agent {
         let mut span = base.min(most);
         let mut end = self.next_end(here, start.as_deref(), span).await?;
         let mut spread = KeySpread::default();
-        if let [_] = here.primary_key.as_slice()
+        // Only one integer key column spreads over values (a text or uuid key does not).
+        if let [key] = here.primary_key.as_slice()
+            && here
+                .columns
+                .iter()
+                .any(|c| &c.name == key && c.neutral_type == "int")
             && let Some(last) = self.store.range_last(here, None).await?
             && let [Value::Int(last)] = last.as_slice()
         {
