@@ -401,6 +401,82 @@ async fn keys_spread_unevenly_are_compared_to_the_last_row() {
     );
 }
 
+/// A UUID key is cut into ranges by its spread too (as the 128-bit number its bytes spell):
+/// differences at both ends, in the middle and one row here only are found and repaired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uuid_keys_are_compared_by_their_spread() {
+    let Some((a, b, receiver)) = pulled_pair("verify::uuid_spread", true, true).await else {
+        return;
+    };
+    exec(
+        &a,
+        &[
+            "CREATE TABLE devices (id UUID PRIMARY KEY, v TEXT)".to_owned(),
+            "INSERT INTO devices SELECT md5(g::text)::uuid, 'd' || g FROM generate_series(1, 5000) g"
+                .to_owned(),
+        ],
+    )
+    .await;
+    let devices = || Some(vec!["devices".to_owned()]);
+    b.agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: devices(),
+                ..PullOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    exec(
+        &b,
+        &[
+            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id LIMIT 1)".into(),
+            "DELETE FROM devices WHERE v = 'd2500'".into(),
+            "INSERT INTO devices VALUES ('7fffffff-ffff-ffff-ffff-fffffffffff0', 'extra')".into(),
+            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id DESC LIMIT 1)".into(),
+        ],
+    )
+    .await;
+    let found = b
+        .agent
+        .verify(
+            &receiver,
+            &VerifyOptions {
+                tables: devices(),
+                ..options(false)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    let verdict = verdict(&found.tables, "devices");
+    assert_eq!(
+        (verdict.missing_here, verdict.extra_here, verdict.different),
+        (1, 1, 2),
+        "{verdict:?}"
+    );
+    assert_eq!(verdict.rows_there, 5_000);
+    let repaired = b
+        .agent
+        .verify(
+            &receiver,
+            &VerifyOptions {
+                tables: devices(),
+                ..options(true)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    assert!(repaired.identical(), "{repaired:?}");
+    assert_eq!(
+        rows(&a.agent.store, "devices").await,
+        rows(&b.agent.store, "devices").await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_to_sqlite_differences_are_found_and_repaired() {
     finds_and_repairs("verify::sqlite", false, false).await;

@@ -374,22 +374,46 @@ struct Pending {
     delete: Vec<Vec<Value>>,
 }
 
-/// How the keys of a one-integer-column key are spread, as far as seen: the last key here,
-/// and the rows a key's worth of the range after one end found by counting rows.
+/// How the keys of a one-column integer or UUID key are spread, as far as seen: the last key
+/// here, and the rows a key's worth of the range after one end found by counting rows. Keys
+/// are points on a line ([`key_point`]).
 #[derive(Debug, Default)]
 struct KeySpread {
-    last: Option<i64>,
+    last: Option<i128>,
     rows_per_key: Option<f64>,
 }
 
 impl KeySpread {
     /// Range `(from, to]` held `rows` rows here: the next ranges are cut by its spread (an
     /// empty one counts as one row, so ranges over a gap in the keys grow fast).
-    fn saw(&mut self, rows: u64, from: i64, to: i64) {
-        let keys = (i128::from(to) - i128::from(from)) as f64;
+    fn saw(&mut self, rows: u64, from: i128, to: i128) {
+        let keys = to as f64 - from as f64;
         if keys > 0.0 {
             self.rows_per_key = Some(rows.max(1) as f64 / keys);
         }
+    }
+}
+
+/// A one-column key as a point on a line, in the order both engines sort it: an integer as
+/// itself, a UUID as the 128-bit number its bytes spell (PostgreSQL compares UUIDs byte by
+/// byte), shifted into `i128`. Other keys have no spread.
+fn key_point(key: &[Value]) -> Option<i128> {
+    match key {
+        [Value::Int(v)] => Some(i128::from(*v)),
+        [Value::Uuid(bytes)] => Some(u128::from_be_bytes(*bytes).cast_signed() ^ i128::MIN),
+        _ => None,
+    }
+}
+
+/// The key at `point`, of the kind of `like` ([`key_point`] backwards); `None` past an
+/// integer's range.
+fn key_at(point: i128, like: &[Value]) -> Option<Vec<Value>> {
+    match like {
+        [Value::Int(_)] => i64::try_from(point).ok().map(|v| vec![Value::Int(v)]),
+        [Value::Uuid(_)] => Some(vec![Value::Uuid(
+            (point ^ i128::MIN).cast_unsigned().to_be_bytes(),
+        )]),
+        _ => None,
     }
 }
 
@@ -941,16 +965,15 @@ impl Agent {
         let mut span = base.min(most);
         let mut end = self.next_end(here, start.as_deref(), span).await?;
         let mut spread = KeySpread::default();
-        // Only one integer key column spreads over values (a text or uuid key does not).
+        // Only a key of one integer or UUID column spreads over values ([`key_point`]).
         if let [key] = here.primary_key.as_slice()
             && here
                 .columns
                 .iter()
-                .any(|c| &c.name == key && c.neutral_type == "int")
+                .any(|c| &c.name == key && matches!(c.neutral_type.as_str(), "int" | "uuid"))
             && let Some(last) = self.store.range_last(here, None).await?
-            && let [Value::Int(last)] = last.as_slice()
         {
-            spread.last = Some(*last);
+            spread.last = key_point(&last);
         }
         loop {
             let range = (start.as_deref(), end.as_deref());
@@ -978,8 +1001,8 @@ impl Agent {
             );
             differs?;
             let ahead = ahead?;
-            if let (Some([Value::Int(from)]), [Value::Int(to)]) = (range.0, done) {
-                spread.saw(verdict.rows_here - rows_before, *from, *to);
+            if let (Some(from), Some(to)) = (range.0.and_then(key_point), key_point(done)) {
+                spread.saw(verdict.rows_here - rows_before, from, to);
             }
             start = end.take();
             end = ahead;
@@ -1106,19 +1129,22 @@ impl Agent {
         rows: u64,
         spread: &mut KeySpread,
     ) -> Result<Option<Vec<Value>>> {
-        if let (Some(per_key), Some(last), [Value::Int(from)]) =
-            (spread.rows_per_key, spread.last, done)
+        if let (Some(per_key), Some(last), Some(from)) =
+            (spread.rows_per_key, spread.last, key_point(done))
         {
-            // At least one key wide, so ranges always move on.
-            let width = (rows as f64 / per_key).ceil().clamp(1.0, i64::MAX as f64) as i64;
+            // At least one key wide, so ranges always move on (`as` saturates).
+            let width = (rows as f64 / per_key).ceil().max(1.0) as i128;
             return match from.checked_add(width) {
-                Some(to) if to < last => Ok(Some(vec![Value::Int(to)])),
+                Some(to) if to < last => match key_at(to, done) {
+                    Some(end) => Ok(Some(end)),
+                    None => self.store.range_last(here, Some(done)).await,
+                },
                 _ => self.store.range_last(here, Some(done)).await,
             };
         }
         let end = self.next_end(here, Some(done), rows).await?;
-        if let (Some([Value::Int(to)]), [Value::Int(from)]) = (end.as_deref(), done) {
-            spread.saw(rows, *from, *to);
+        if let (Some(to), Some(from)) = (end.as_deref().and_then(key_point), key_point(done)) {
+            spread.saw(rows, from, to);
         }
         Ok(end)
     }
@@ -1649,5 +1675,40 @@ impl Agent {
         }
         pending.pull.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_points_keep_the_order_of_keys_and_come_back() {
+        let uuids: Vec<[u8; 16]> = vec![
+            [0; 16],
+            [0x00, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0x7f; 16],
+            [0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0xff; 16],
+        ];
+        let points: Vec<i128> = uuids
+            .iter()
+            .map(|u| key_point(&[Value::Uuid(*u)]).unwrap())
+            .collect();
+        assert!(points.windows(2).all(|w| w[0] < w[1]), "{points:?}");
+        for (uuid, point) in uuids.iter().zip(&points) {
+            assert_eq!(
+                key_at(*point, &[Value::Uuid([0; 16])]),
+                Some(vec![Value::Uuid(*uuid)])
+            );
+        }
+        for v in [i64::MIN, -1, 0, 1, i64::MAX] {
+            let point = key_point(&[Value::Int(v)]).unwrap();
+            assert_eq!(key_at(point, &[Value::Int(0)]), Some(vec![Value::Int(v)]));
+        }
+        assert_eq!(key_at(i128::from(i64::MAX) + 1, &[Value::Int(0)]), None);
+        assert_eq!(key_point(&[Value::Text("a".into())]), None);
+        assert_eq!(key_point(&[Value::Int(1), Value::Int(2)]), None);
     }
 }
