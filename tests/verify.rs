@@ -316,14 +316,74 @@ async fn postgres_to_postgres_differences_are_found_and_repaired() {
     finds_and_repairs("verify::pg", true, true).await;
 }
 
+/// A pair with one more table, made on the sender by `statements` and pulled; the table's
+/// verdict is then checked by [`verify_one`].
+async fn pulled_table(test: &str, statements: &[String], table: &str) -> Option<OneTable> {
+    let (a, b, receiver) = pulled_pair(test, true, true).await?;
+    exec(&a, statements).await;
+    b.agent
+        .pull(
+            &receiver,
+            &PullOptions {
+                tables: Some(vec![table.to_owned()]),
+                ..PullOptions::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+    Some(OneTable {
+        a,
+        b,
+        receiver,
+        table: table.to_owned(),
+    })
+}
+
+/// A pulled pair and the one table a test compares.
+struct OneTable {
+    a: RunningAgent,
+    b: RunningAgent,
+    receiver: String,
+    table: String,
+}
+
+impl OneTable {
+    /// Verifies the table: its verdict, and how many ranges and pages that took.
+    async fn verify_one(&self, repair: bool) -> (TableVerdict, usize) {
+        let mut pages = 0;
+        let summary = self
+            .b
+            .agent
+            .verify(
+                &self.receiver,
+                &VerifyOptions {
+                    tables: Some(vec![self.table.clone()]),
+                    ..options(repair)
+                },
+                |event| pages += usize::from(matches!(event, VerifyEvent::Page { .. })),
+            )
+            .await
+            .unwrap();
+        (verdict(&summary.tables, &self.table).clone(), pages)
+    }
+
+    /// Repairs the table, then checks both sides hold the same rows.
+    async fn repaired_alike(&self) {
+        let (repaired, _) = self.verify_one(true).await;
+        assert!(repaired.identical, "{repaired:?}");
+        assert_eq!(
+            rows(&self.a.agent.store, &self.table).await,
+            rows(&self.b.agent.store, &self.table).await
+        );
+    }
+}
+
 /// Integer keys bunched at both ends of a span of billions, with thousands of keys apart in
 /// the middle: ranges cut by how keys were spread so far still reach every row, and cross the
 /// gaps in a few steps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_spread_unevenly_are_compared_to_the_last_row() {
-    let Some((a, b, receiver)) = pulled_pair("verify::spread", true, true).await else {
-        return;
-    };
     let keys: Vec<i64> = (1..=400)
         .chain((1..=300).map(|i| 1_000_000 + i * 7_919))
         .chain((1..=400).map(|i| 5_000_000_000 + i))
@@ -333,22 +393,12 @@ async fn keys_spread_unevenly_are_compared_to_the_last_row() {
         let rows: Vec<String> = chunk.iter().map(|k| format!("({k}, 'e{k}')")).collect();
         format!("INSERT INTO events VALUES {}", rows.join(", "))
     }));
-    exec(&a, &statements).await;
-    let events = || Some(vec!["events".to_owned()]);
-    b.agent
-        .pull(
-            &receiver,
-            &PullOptions {
-                tables: events(),
-                ..PullOptions::default()
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
+    let Some(pair) = pulled_table("verify::spread", &statements, "events").await else {
+        return;
+    };
     // One difference in each part, and one row here only, in the widest gap.
     exec(
-        &b,
+        &pair.b,
         &[
             "UPDATE events SET v = 'changed' WHERE id = 7".into(),
             format!("DELETE FROM events WHERE id = {}", 1_000_000 + 150 * 7_919),
@@ -357,24 +407,7 @@ async fn keys_spread_unevenly_are_compared_to_the_last_row() {
         ],
     )
     .await;
-    let mut pages = 0;
-    let found = b
-        .agent
-        .verify(
-            &receiver,
-            &VerifyOptions {
-                tables: events(),
-                ..options(false)
-            },
-            |event| {
-                if let VerifyEvent::Page { .. } = event {
-                    pages += 1;
-                }
-            },
-        )
-        .await
-        .unwrap();
-    let verdict = verdict(&found.tables, "events");
+    let (verdict, pages) = pair.verify_one(false).await;
     assert_eq!(
         (verdict.missing_here, verdict.extra_here, verdict.different),
         (1, 1, 2),
@@ -382,99 +415,41 @@ async fn keys_spread_unevenly_are_compared_to_the_last_row() {
     );
     assert_eq!(verdict.rows_there, 1_100);
     assert!(pages < 200, "{pages} ranges and pages for 1,100 rows");
-    let repaired = b
-        .agent
-        .verify(
-            &receiver,
-            &VerifyOptions {
-                tables: events(),
-                ..options(true)
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
-    assert!(repaired.identical(), "{repaired:?}");
-    assert_eq!(
-        rows(&a.agent.store, "events").await,
-        rows(&b.agent.store, "events").await
-    );
+    pair.repaired_alike().await;
 }
 
 /// A UUID key is cut into ranges by its spread too (as the 128-bit number its bytes spell):
 /// differences at both ends, in the middle and one row here only are found and repaired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uuid_keys_are_compared_by_their_spread() {
-    let Some((a, b, receiver)) = pulled_pair("verify::uuid_spread", true, true).await else {
+    let statements = [
+        "CREATE TABLE devices (id UUID PRIMARY KEY, v TEXT)".to_owned(),
+        "INSERT INTO devices SELECT md5(g::text)::uuid, 'd' || g FROM generate_series(1, 5000) g"
+            .to_owned(),
+    ];
+    let Some(pair) = pulled_table("verify::uuid_spread", &statements, "devices").await else {
         return;
     };
     exec(
-        &a,
+        &pair.b,
         &[
-            "CREATE TABLE devices (id UUID PRIMARY KEY, v TEXT)".to_owned(),
-            "INSERT INTO devices SELECT md5(g::text)::uuid, 'd' || g FROM generate_series(1, 5000) g"
-                .to_owned(),
-        ],
-    )
-    .await;
-    let devices = || Some(vec!["devices".to_owned()]);
-    b.agent
-        .pull(
-            &receiver,
-            &PullOptions {
-                tables: devices(),
-                ..PullOptions::default()
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
-    exec(
-        &b,
-        &[
-            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id LIMIT 1)".into(),
+            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id LIMIT 1)"
+                .into(),
             "DELETE FROM devices WHERE v = 'd2500'".into(),
             "INSERT INTO devices VALUES ('7fffffff-ffff-ffff-ffff-fffffffffff0', 'extra')".into(),
-            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id DESC LIMIT 1)".into(),
+            "UPDATE devices SET v = 'changed' WHERE id = (SELECT id FROM devices ORDER BY id DESC LIMIT 1)"
+                .into(),
         ],
     )
     .await;
-    let found = b
-        .agent
-        .verify(
-            &receiver,
-            &VerifyOptions {
-                tables: devices(),
-                ..options(false)
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
-    let verdict = verdict(&found.tables, "devices");
+    let (verdict, _) = pair.verify_one(false).await;
     assert_eq!(
         (verdict.missing_here, verdict.extra_here, verdict.different),
         (1, 1, 2),
         "{verdict:?}"
     );
     assert_eq!(verdict.rows_there, 5_000);
-    let repaired = b
-        .agent
-        .verify(
-            &receiver,
-            &VerifyOptions {
-                tables: devices(),
-                ..options(true)
-            },
-            |_| {},
-        )
-        .await
-        .unwrap();
-    assert!(repaired.identical(), "{repaired:?}");
-    assert_eq!(
-        rows(&a.agent.store, "devices").await,
-        rows(&b.agent.store, "devices").await
-    );
+    pair.repaired_alike().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
