@@ -709,7 +709,7 @@ fn wrong_key_kind(value: &Value, neutral: &str) -> Error {
     Error::invalid(
         "key",
         format!(
-            "a {} value cannot be a key of a {neutral} key column",
+            "a key value of kind {} does not fit the key column ({neutral})",
             value.kind()
         ),
     )
