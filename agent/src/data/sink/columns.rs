@@ -6,6 +6,8 @@ use chrono::{DateTime, NaiveDate};
 use dbsync_protocol::Value;
 use uuid::Uuid;
 
+use sqlx::Arguments;
+
 use super::bind::*;
 use super::{Applied, COPY_CHUNK_ROWS, Rows, locked};
 use crate::connection::ConflictStrategy;
@@ -285,7 +287,7 @@ pub(super) async fn insert_columns(
     }
     let n = rows.len();
     let arrays = column_arrays(rows, target.casts)?;
-    upsert_arrays(tx, target, &arrays, n, strategy, conflict, optimistic).await
+    upsert_arrays(tx, target, arrays, n, strategy, conflict, optimistic).await
 }
 
 /// One array parameter per column of `rows`, for the target's column types ([`Arrays`]).
@@ -350,7 +352,7 @@ impl<'a> Arrays<'a> {
 pub(super) async fn upsert_arrays(
     tx: &mut sqlx::PgConnection,
     target: &ColumnTarget<'_>,
-    arrays: &[ColumnArray],
+    arrays: Vec<ColumnArray>,
     n: usize,
     strategy: ConflictStrategy,
     conflict: &str,
@@ -365,7 +367,7 @@ pub(super) async fn upsert_arrays(
         .columns
         .iter()
         .zip(target.casts)
-        .zip(arrays)
+        .zip(&arrays)
         .enumerate()
     {
         projections.push(if cast.is_empty() {
@@ -430,22 +432,26 @@ pub(super) async fn upsert_arrays(
             target.table,
         )
     };
-    let run = |sql: String| {
-        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql));
-        for array in arrays {
-            query = match array {
-                ColumnArray::Int(values) => query.bind(values),
-                ColumnArray::Float(values) => query.bind(values),
-                ColumnArray::Bool(values) => query.bind(values),
-                ColumnArray::Uuid(values) => query.bind(values),
-                ColumnArray::TimestampTz(values) => query.bind(values),
-                ColumnArray::Timestamp(values) => query.bind(values),
-                ColumnArray::Date(values) => query.bind(values),
-                ColumnArray::Bytes(values) => query.bind(values),
-                ColumnArray::Text(values) => query.bind(values),
-            };
-        }
-        query
+    // The arrays are encoded once and dropped: a batch's values are held as the statement's
+    // encoded parameters only while it runs (on a re-pull, two batches in flight of two halves
+    // each held both).
+    let mut arguments = sqlx::postgres::PgArguments::default();
+    for array in arrays {
+        let added = match array {
+            ColumnArray::Int(values) => arguments.add(values),
+            ColumnArray::Float(values) => arguments.add(values),
+            ColumnArray::Bool(values) => arguments.add(values),
+            ColumnArray::Uuid(values) => arguments.add(values),
+            ColumnArray::TimestampTz(values) => arguments.add(values),
+            ColumnArray::Timestamp(values) => arguments.add(values),
+            ColumnArray::Date(values) => arguments.add(values),
+            ColumnArray::Bytes(values) => arguments.add(values),
+            ColumnArray::Text(values) => arguments.add(values),
+        };
+        added.map_err(sqlx::Error::Encode)?;
+    }
+    let run = |sql: String, arguments: sqlx::postgres::PgArguments| {
+        sqlx::query_scalar_with::<_, i64, _>(sqlx::AssertSqlSafe(sql), arguments)
     };
     // Where `COPY` cannot carry the batch (a column type with no binary form in `pg_copy`), a
     // plain INSERT, which costs the server about half an `ON CONFLICT` one, is tried first in the
@@ -453,9 +459,11 @@ pub(super) async fn upsert_arrays(
     // again with the strategy's `ON CONFLICT`; later batches into that table go straight there
     // (a failed attempt costs about as much as it would have saved) until one creates every row.
     let created = if conflict.is_empty() {
-        run(statement("")).fetch_one(&mut *tx).await?
+        run(statement(""), arguments).fetch_one(&mut *tx).await?
     } else if !optimistic {
-        let created = run(statement(conflict)).fetch_one(&mut *tx).await?;
+        let created = run(statement(conflict), arguments)
+            .fetch_one(&mut *tx)
+            .await?;
         if created == n as i64 {
             conflicting().remove(target.table);
         }
@@ -464,7 +472,11 @@ pub(super) async fn upsert_arrays(
         sqlx::query("SAVEPOINT dbsync_plain_insert")
             .execute(&mut *tx)
             .await?;
-        match run(statement("")).fetch_one(&mut *tx).await {
+        // Kept for a second try at an existing key.
+        match run(statement(""), arguments.clone())
+            .fetch_one(&mut *tx)
+            .await
+        {
             Ok(created) => {
                 sqlx::query("RELEASE SAVEPOINT dbsync_plain_insert")
                     .execute(&mut *tx)
@@ -476,7 +488,9 @@ pub(super) async fn upsert_arrays(
                     .execute(&mut *tx)
                     .await?;
                 conflicting().insert(target.table.to_owned());
-                run(statement(conflict)).fetch_one(&mut *tx).await?
+                run(statement(conflict), arguments)
+                    .fetch_one(&mut *tx)
+                    .await?
             }
             Err(err) => return Err(err.into()),
         }

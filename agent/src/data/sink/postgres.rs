@@ -78,7 +78,7 @@ impl EngineSink for PgSink<'_> {
                 upsert_arrays(
                     &mut tx_first,
                     &target,
-                    &first,
+                    first,
                     at,
                     strategy,
                     &plan.conflict,
@@ -89,7 +89,7 @@ impl EngineSink for PgSink<'_> {
                     upsert_arrays(
                         &mut tx_second,
                         &target,
-                        &second,
+                        second,
                         rows.len() - at,
                         strategy,
                         &plan.conflict,
