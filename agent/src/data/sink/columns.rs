@@ -4,9 +4,8 @@
 
 use chrono::{DateTime, NaiveDate};
 use dbsync_protocol::Value;
-use uuid::Uuid;
-
 use sqlx::Arguments;
+use uuid::Uuid;
 
 use super::bind::*;
 use super::{Applied, COPY_CHUNK_ROWS, Rows, locked};
