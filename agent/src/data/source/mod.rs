@@ -672,6 +672,7 @@ impl KeyArray {
                 keys.iter()
                     .map(|k| match k.as_slice() {
                         [Value::Uuid(v)] => Ok(uuid::Uuid::from_bytes(*v)),
+                        [Value::Text(v)] => text_uuid(v),
                         other => Err(wrong(other)),
                     })
                     .collect::<Result<Vec<uuid::Uuid>>>()?,
@@ -715,6 +716,16 @@ fn wrong_key_kind(value: &Value, neutral: &str) -> Error {
     )
 }
 
+/// A UUID key given as text (how SQLite keeps UUIDs), refused unless it reads as one.
+fn text_uuid(text: &str) -> Result<uuid::Uuid> {
+    uuid::Uuid::try_parse(text).map_err(|_| {
+        Error::invalid(
+            "key",
+            "a text key value is not a UUID, as the key column is",
+        )
+    })
+}
+
 /// A date or time key out of the range PostgreSQL's types hold.
 fn key_out_of_range(neutral: &str) -> Error {
     Error::invalid("key", format!("a {neutral} key value is out of range"))
@@ -727,6 +738,8 @@ fn bind_postgres<'q>(query: PgQuery<'q>, value: &Value, neutral: &str) -> Result
         (Value::Int(v), "int") => query.bind(*v),
         (Value::Text(v), "text") => query.bind(v.clone()),
         (Value::Uuid(v), "uuid") => query.bind(uuid::Uuid::from_bytes(*v)),
+        // A SQLite peer's UUID key, kept there as text.
+        (Value::Text(v), "uuid") => query.bind(text_uuid(v)?),
         (Value::Bytes(v), "bytes") => query.bind(v.clone()),
         (Value::Bool(v), "bool") => query.bind(*v),
         (Value::Date(days), "date") => {
@@ -761,6 +774,8 @@ fn sqlite_key(value: &Value) -> Result<crate::sqlite_raw::Arg<'_>> {
         Value::Float(v) => Arg::Float(*v),
         Value::Text(v) => Arg::Text(v.as_str().into()),
         Value::Bytes(v) => Arg::Blob(v.as_slice().into()),
+        // A PostgreSQL peer's UUID key: SQLite keeps UUIDs as their hyphenated text.
+        Value::Uuid(v) => Arg::Text(uuid::Uuid::from_bytes(*v).hyphenated().to_string().into()),
         other => return Err(wrong_key_kind(other, "SQLite")),
     })
 }
