@@ -2249,9 +2249,10 @@ async fn compact_columns_go_only_to_a_peer_of_protocol_7() {
 }
 
 /// A key list is the receiver's word: keys of the wrong kind for the key column (text, a real,
-/// null, bytes for an integer key; an integer for a text key) are refused with the receiver's
-/// error on PostgreSQL, where the list is bound as one typed array or as typed values, and read
-/// nothing; the session goes on, and a right list still finds its rows.
+/// null, bytes for an integer key; an integer for a text key; text that is no UUID for a UUID
+/// key) are refused with the receiver's error on PostgreSQL, where the list is bound as one
+/// typed array or as typed values, and read nothing; the session goes on, and a right list still
+/// finds its rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_keys_of_the_wrong_kind_are_refused() {
     for postgres in [false, true] {
@@ -2264,17 +2265,24 @@ async fn listed_keys_of_the_wrong_kind_are_refused() {
             &[
                 "CREATE TABLE tags (name TEXT PRIMARY KEY, n BIGINT)".to_owned(),
                 "INSERT INTO tags VALUES ('7', 7), ('x', 8)".to_owned(),
+                "CREATE TABLE gadgets (id UUID PRIMARY KEY)".to_owned(),
+                "INSERT INTO gadgets VALUES ('07070707-0707-0707-0707-070707070707')".to_owned(),
             ],
         )
         .await;
         let token = sender_token(&a, ConnectionSettings::default()).await;
         let mut hand = Hand::welcomed(&a, Via::Ws, &token).await;
-        let lies: [(&str, Vec<Value>); 5] = [
+        let lies: [(&str, Vec<Value>); 6] = [
             ("items", vec![Value::Int(3), Value::Text("3".into())]),
             ("items", vec![Value::Float(3.0)]),
             ("items", vec![Value::Null]),
             ("items", vec![Value::Bytes(vec![3; 4096])]),
             ("tags", vec![Value::Text("x".into()), Value::Int(7)]),
+            // Text is how a SQLite peer names a UUID key; text that is no UUID is refused.
+            (
+                "gadgets",
+                vec![Value::Text("not a uuid".into()), Value::Uuid([7; 16])],
+            ),
         ];
         for (table, listed) in lies {
             // SQLite compares as its column affinity says ('7' is 7 to an integer column and 7

@@ -1134,12 +1134,13 @@ impl Agent {
         {
             // At least one key wide, so ranges always move on (`as` saturates).
             let width = (rows as f64 / per_key).ceil().max(1.0) as i128;
-            return match from.checked_add(width) {
-                Some(to) if to < last => match key_at(to, done) {
-                    Some(end) => Ok(Some(end)),
-                    None => self.store.range_last(here, Some(done)).await,
-                },
-                _ => self.store.range_last(here, Some(done)).await,
+            let end = from
+                .checked_add(width)
+                .filter(|to| *to < last)
+                .and_then(|to| key_at(to, done));
+            return match end {
+                Some(end) => Ok(Some(end)),
+                None => self.store.range_last(here, Some(done)).await,
             };
         }
         let end = self.next_end(here, Some(done), rows).await?;
