@@ -294,3 +294,121 @@ async fn sqlite_storage_classes_are_kept() {
     })
     .await;
 }
+
+/// The rows of an encoded page, decoded as a receiver would.
+fn encoded_rows(
+    columns: &[String],
+    page: &mut dbsync_agent::source::EncodedPage,
+) -> Vec<Vec<Value>> {
+    let batch = RowBatch {
+        request_id: 1,
+        seq: 0,
+        columns: columns.to_vec(),
+        rows: Vec::new(),
+        last_key: page.last_key.clone().unwrap_or_default(),
+        transfer_id: "t".into(),
+    };
+    let (frame, _) =
+        codec::encode_row_batch_in_place(&batch, &mut page.columns, page.room, 1).unwrap();
+    let Message::RowBatch(arrived) = codec::decode_exact(&frame, &Limits::default()).unwrap()
+    else {
+        panic!("not a row batch");
+    };
+    arrived.rows
+}
+
+/// A PostgreSQL page is read as a binary `COPY` with its key bounds written into it as
+/// literals: a bound of text a peer chose (quotes, backslashes, SQL) reads as the same value it
+/// does bound as a parameter, and a UUID key given as text too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_pages_after_hostile_text_keys_read_alike() {
+    crate::support::run(
+        Engine::Postgres,
+        "source::hostile_text_keys",
+        |db| async move {
+            let keys = [
+                "a'b",
+                "a\\'; DROP TABLE t; --",
+                "E'x",
+                "\\\\",
+                "\\",
+                "ü\"q",
+                "$1",
+                "'",
+                "''",
+                "x'::text OR true --",
+            ];
+            let mut statements = vec![
+                "CREATE TABLE t (k TEXT PRIMARY KEY, v INT)".to_owned(),
+                "CREATE TABLE u (id UUID PRIMARY KEY, v INT)".to_owned(),
+                "INSERT INTO u SELECT md5(g::text)::uuid, g FROM generate_series(1, 50) g"
+                    .to_owned(),
+            ];
+            for (i, k) in keys.iter().enumerate() {
+                statements.push(format!(
+                    "INSERT INTO t VALUES ('{}', {i})",
+                    k.replace('\'', "''")
+                ));
+            }
+            exec(&db, &statements).await;
+            for (table, afters) in [
+                (
+                    "t",
+                    keys.iter()
+                        .map(|k| Value::Text((*k).into()))
+                        .chain([Value::Text("zz\\".into()), Value::Text(String::new())])
+                        .collect::<Vec<_>>(),
+                ),
+                (
+                    "u",
+                    vec![
+                        Value::Text("6512BD43-D9CA-A6E0-2C99-0B0A82652DCA".into()),
+                        Value::Uuid(*uuid::Uuid::nil().as_bytes()),
+                    ],
+                ),
+            ] {
+                let schema = db.store.describe_table(table).await.unwrap();
+                let columns: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+                for after in afters {
+                    let after = [after];
+                    let plain = db
+                        .store
+                        .read_page(&schema, &columns, Some(&after), 100)
+                        .await
+                        .unwrap();
+                    let mut encoded = db
+                        .store
+                        .read_page_encoded(
+                            &schema,
+                            &columns,
+                            Bounds {
+                                after: Some(&after),
+                                ..Default::default()
+                            },
+                            100,
+                            codec::row_batch_room(&columns),
+                            false,
+                        )
+                        .await
+                        .unwrap();
+                    assert_eq!(encoded.last_key, plain.last_key, "after {after:?}");
+                    assert_eq!(
+                        encoded_rows(&columns, &mut encoded),
+                        plain.rows,
+                        "after {after:?}"
+                    );
+                }
+            }
+            // Both tables still hold every row.
+            let rows = db.store.describe_table("t").await.unwrap();
+            assert_eq!(rows.name, "t");
+            let page = db
+                .store
+                .read_page(&rows, &["k".to_owned(), "v".to_owned()], None, 100)
+                .await
+                .unwrap();
+            assert_eq!(page.rows.len(), keys.len());
+        },
+    )
+    .await;
+}

@@ -391,6 +391,7 @@ pub fn keyset_query(
             columns: &[],
             key: &[],
             key_array: None,
+            literals: None,
         },
         key,
         KeyBounds {
@@ -427,6 +428,10 @@ pub struct Casts<'a> {
     /// bound as, one parameter for them all, rather than a tuple each (a list of thousands is
     /// then planned as one index scan in key order, not a join against a `VALUES` list).
     pub key_array: Option<&'a str>,
+    /// PostgreSQL: every parameter written in place as this SQL literal, in order, the limit
+    /// last (for a `COPY`, which takes no parameters). Only literals the agent wrote itself
+    /// from values it checked (`source::copy_out::key_literal`), never a peer's text as is.
+    pub literals: Option<&'a [String]>,
 }
 
 /// [`keyset_query`] within `bounds` and restricted by a key filter. Parameters: the bounds'
@@ -448,6 +453,7 @@ pub fn keyset_query_filtered(
         columns: casts,
         key: key_casts,
         key_array,
+        literals,
     } = casts;
     if key.is_empty() {
         return Err(Error::invalid(
@@ -461,13 +467,24 @@ pub fn keyset_query_filtered(
         conditions,
         order_by,
         next,
-    } = key_conditions(&table, key, key_casts, key_array, bounds, filter)?;
+    } = key_conditions(
+        &table,
+        key,
+        Params {
+            casts: key_casts,
+            array: key_array,
+            literals,
+        },
+        bounds,
+        filter,
+    )?;
     let mut sql = format!("SELECT {columns} FROM {table}");
     if !conditions.is_empty() {
         sql.push_str(" WHERE ");
         sql.push_str(&conditions.join(" AND "));
     }
-    sql.push_str(&format!(" ORDER BY {order_by} LIMIT ${next}"));
+    let limit = param(literals, next)?;
+    sql.push_str(&format!(" ORDER BY {order_by} LIMIT {limit}"));
     Ok(sql)
 }
 
@@ -601,7 +618,17 @@ pub fn pg_range_hash_query(
         conditions,
         order_by,
         next,
-    } = key_conditions(&table, key, key_casts, None, bounds, None)?;
+    } = key_conditions(
+        &table,
+        key,
+        Params {
+            casts: key_casts,
+            array: None,
+            literals: None,
+        },
+        bounds,
+        None,
+    )?;
     let filter = if conditions.is_empty() {
         String::new()
     } else {
@@ -672,16 +699,41 @@ struct KeyConditions {
     next: usize,
 }
 
-/// The conditions of [`keyset_query_filtered`] on `table` (already quoted); listed keys as one
-/// array parameter of type `key_array` when given (one key column only).
+/// How [`key_conditions`] writes the key values it compares with.
+#[derive(Debug, Clone, Copy)]
+struct Params<'a> {
+    /// A cast per key column ([`pg_key_cast`]), or none.
+    casts: &'a [String],
+    /// Listed keys as one array parameter of this type (one key column only).
+    array: Option<&'a str>,
+    /// Every parameter in place as a literal ([`Casts::literals`]).
+    literals: Option<&'a [String]>,
+}
+
+/// Parameter `i` (from 1): `$i`, or its literal.
+fn param(literals: Option<&[String]>, i: usize) -> Result<String> {
+    match literals {
+        None => Ok(format!("${i}")),
+        Some(literals) => literals.get(i - 1).cloned().ok_or_else(|| {
+            Error::invalid("key", format!("no literal for parameter {i} of a page"))
+        }),
+    }
+}
+
+/// The conditions of [`keyset_query_filtered`] on `table` (already quoted), with parameters as
+/// `params` says.
 fn key_conditions(
     table: &str,
     key: &[String],
-    key_casts: &[String],
-    key_array: Option<&str>,
+    params: Params<'_>,
     bounds: KeyBounds,
     filter: Option<&KeyFilter>,
 ) -> Result<KeyConditions> {
+    let Params {
+        casts: key_casts,
+        array: key_array,
+        literals,
+    } = params;
     let key_list = key
         .iter()
         .map(|c| quote_ident(c))
@@ -693,36 +745,42 @@ fn key_conditions(
         format!("({order})")
     };
     let mut next = 1;
-    let mut tuple = || {
-        let params: Vec<String> = (next..next + key.len())
+    let mut tuple = || -> Result<String> {
+        let params = (next..next + key.len())
             .zip(0..)
-            .map(|(i, k)| format!("${i}{}", key_casts.get(k).map_or("", String::as_str)))
-            .collect();
+            .map(|(i, k)| {
+                Ok(format!(
+                    "{}{}",
+                    param(literals, i)?,
+                    key_casts.get(k).map_or("", String::as_str)
+                ))
+            })
+            .collect::<Result<Vec<String>>>()?;
         next += key.len();
-        if params.len() == 1 {
+        Ok(if params.len() == 1 {
             params[0].clone()
         } else {
             format!("({})", params.join(", "))
-        }
+        })
     };
     let mut conditions = Vec::new();
     if bounds.after {
-        conditions.push(format!("{lhs} > {}", tuple()));
+        conditions.push(format!("{lhs} > {}", tuple()?));
     }
     if bounds.above {
-        conditions.push(format!("{lhs} > {}", tuple()));
+        conditions.push(format!("{lhs} > {}", tuple()?));
     }
     if bounds.at_most {
-        conditions.push(format!("{lhs} <= {}", tuple()));
+        conditions.push(format!("{lhs} <= {}", tuple()?));
     }
     match filter {
         None => {}
         Some(KeyFilter::Range { from, to }) => {
             if from.is_some() {
-                conditions.push(format!("{lhs} >= {}", tuple()));
+                conditions.push(format!("{lhs} >= {}", tuple()?));
             }
             if to.is_some() {
-                conditions.push(format!("{lhs} <= {}", tuple()));
+                conditions.push(format!("{lhs} <= {}", tuple()?));
             }
         }
         Some(KeyFilter::Keys(keys)) => {
@@ -730,20 +788,21 @@ fn key_conditions(
                 conditions.push("1 = 0".to_owned());
             } else if let (Some(array), [_]) = (key_array, key) {
                 check_type_name(array.trim_end_matches("[]"))?;
-                conditions.push(format!("{lhs} = ANY(${next}::{array})"));
+                let list = param(literals, next)?;
+                conditions.push(format!("{lhs} = ANY({list}::{array})"));
                 next += 1;
             } else {
                 let tuples: Vec<String> = keys
                     .iter()
                     .map(|_| {
-                        let t = tuple();
-                        if t.starts_with('(') {
+                        let t = tuple()?;
+                        Ok(if t.starts_with('(') {
                             t
                         } else {
                             format!("({t})")
-                        }
+                        })
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 conditions.push(format!("({order}) IN (VALUES {})", tuples.join(", ")));
             }
         }

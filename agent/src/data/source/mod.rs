@@ -4,6 +4,7 @@
 //! PostgreSQL values are decoded from the binary wire format, exactly ([`pg_binary`]). SQLite
 //! values keep their storage class (integer, real, text, blob), so SQLite → SQLite is exact.
 
+mod copy_out;
 pub mod pg_binary;
 mod range_hash;
 mod snapshot;
@@ -189,16 +190,23 @@ impl Store {
             }
         };
         let decoders = query.decoders();
-        let Some(PullSnapshot::Postgres(snapshot)) = snapshot else {
-            let rows = query.postgres(limit)?.fetch(pool);
-            return encode_pg_rows(rows, &decoders, &query.key_positions, limit, room, compact)
+        let page = PageBuilder::new(&decoders, limit, compact);
+        let snapshot = match snapshot {
+            Some(PullSnapshot::Postgres(id)) => Some(id.as_str()),
+            _ => None,
+        };
+        if let Some(statement) = query.copy(limit)? {
+            return copy_out::read(pool, snapshot, &statement, page, &query.key_positions, room)
                 .await;
+        }
+        let Some(snapshot) = snapshot else {
+            let rows = query.postgres(limit)?.fetch(pool);
+            return encode_pg_rows(rows, page, &query.key_positions, room).await;
         };
         let mut tx = pool.begin().await?;
         import_snapshot(&mut tx, snapshot).await?;
         let rows = query.postgres(limit)?.fetch(&mut *tx);
-        let page =
-            encode_pg_rows(rows, &decoders, &query.key_positions, limit, room, compact).await?;
+        let page = encode_pg_rows(rows, page, &query.key_positions, room).await?;
         tx.commit().await?;
         Ok(page)
     }
@@ -287,10 +295,7 @@ impl std::fmt::Debug for PullSnapshot {
 }
 
 /// Makes the transaction `tx` (before its first query) read from the exported snapshot `id`.
-async fn import_snapshot(
-    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
-    id: &str,
-) -> Result<()> {
+async fn import_snapshot(conn: &mut sqlx::PgConnection, id: &str) -> Result<()> {
     // An identifier PostgreSQL printed (`00000003-0000001B-1`); checked before it goes into
     // the statement, which takes no parameter.
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
@@ -299,56 +304,113 @@ async fn import_snapshot(
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{id}'"
     )))
-    .execute(&mut **tx)
+    .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Encodes PostgreSQL rows for the wire as they arrive ([`Store::read_page_encoded`]): each row
 /// is written into its columns and dropped, so the page is held once, encoded, not also as
-/// rows. The last row's values at `key_positions` are its key; with `compact`, each column is
-/// kept for its compact form ([`Column::compact`]).
+/// rows. The last row's values at `key_positions` are its key.
 async fn encode_pg_rows<S>(
     mut rows: S,
-    decoders: &[pg_binary::Decoder],
+    mut page: PageBuilder<'_>,
     key_positions: &[usize],
-    limit: i64,
     room: usize,
-    compact: bool,
 ) -> Result<EncodedPage>
 where
     S: futures_util::Stream<Item = std::result::Result<sqlx::postgres::PgRow, sqlx::Error>> + Unpin,
 {
-    let invalid = |e: String| Error::invalid("rows", e);
-    let column = if compact {
-        Column::compact
-    } else {
-        Column::new
-    };
-    let mut columns: Vec<Column> = decoders.iter().map(|d| column(d.kind())).collect();
-    let mut numeric = String::new();
     let mut last = None;
-    let mut read = 0usize;
     while let Some(row) = rows.try_next().await? {
-        for (i, (decoder, column)) in decoders.iter().zip(&mut columns).enumerate() {
+        for i in 0..page.width() {
             let raw = row.try_get_raw(i)?;
             if raw.is_null() {
-                column.null();
+                page.value(i, None)?;
             } else {
                 let bytes = raw
                     .as_bytes()
                     .map_err(|e| Error::invalid("value", e.to_string()))?;
-                decoder.write(bytes, column, &mut numeric)?;
+                page.value(i, Some(bytes))?;
             }
         }
+        page.row_done();
         last = Some(row);
-        read += 1;
+    }
+    drop(rows);
+    let last_key = last
+        .map(|row| {
+            key_positions
+                .iter()
+                .map(|i| postgres_value(&row, *i, &page.decoders[*i]))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    page.finish(room, last_key)
+}
+
+/// A PostgreSQL page's columns as its rows' binary values come in, one value at a time; with
+/// `compact`, each column is kept for its compact form ([`Column::compact`]).
+struct PageBuilder<'d> {
+    decoders: &'d [pg_binary::Decoder],
+    columns: Vec<Column>,
+    numeric: String,
+    limit: i64,
+    rows: usize,
+}
+
+impl<'d> PageBuilder<'d> {
+    fn new(decoders: &'d [pg_binary::Decoder], limit: i64, compact: bool) -> Self {
+        let column = if compact {
+            Column::compact
+        } else {
+            Column::new
+        };
+        Self {
+            decoders,
+            columns: decoders.iter().map(|d| column(d.kind())).collect(),
+            numeric: String::new(),
+            limit,
+            rows: 0,
+        }
+    }
+
+    /// Columns a row has.
+    fn width(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// Rows written.
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Writes the value of column `i` of the row under way (`None`: null).
+    fn value(&mut self, i: usize, bytes: Option<&[u8]>) -> Result<()> {
+        let column = &mut self.columns[i];
+        match bytes {
+            None => {
+                column.null();
+                Ok(())
+            }
+            Some(bytes) => self.decoders[i].write(bytes, column, &mut self.numeric),
+        }
+    }
+
+    /// Column `i`'s value `bytes` decoded.
+    fn decode(&self, i: usize, bytes: &[u8]) -> Result<Value> {
+        self.decoders[i].decode(bytes)
+    }
+
+    /// Ends the row under way.
+    fn row_done(&mut self) {
+        self.rows += 1;
         // Each column sized from the first row for the whole page, with a quarter to spare,
         // rather than grown (and copied) a dozen times; at most `COLUMN_RESERVE` bytes each (a
         // huge first value does not reserve a hundred times itself).
-        if read == 1 {
-            let rows = usize::try_from(limit).unwrap_or(0);
-            for column in &mut columns {
+        if self.rows == 1 {
+            let rows = usize::try_from(self.limit).unwrap_or(0);
+            for column in &mut self.columns {
                 let estimate = column
                     .encoded_len()
                     .max(1)
@@ -359,29 +421,25 @@ where
             }
         }
     }
-    drop(rows);
-    let count = columns.first().map_or(0, Column::len);
-    let size = columns.iter().map(Column::encoded_len).sum::<usize>();
-    let mut out = Vec::with_capacity(room + size + 16 * columns.len());
-    out.resize(room, 0);
-    let mut writer = ColumnsWriter::new(columns.len(), count, out);
-    for column in columns {
-        writer.push(&column).map_err(invalid)?;
-    }
-    let last_key = last
-        .map(|row| {
-            key_positions
-                .iter()
-                .map(|i| postgres_value(&row, *i, &decoders[*i]))
-                .collect::<Result<Vec<_>>>()
+
+    /// The page, behind `room` bytes, with its last row's key.
+    fn finish(self, room: usize, last_key: Option<Vec<Value>>) -> Result<EncodedPage> {
+        let invalid = |e: String| Error::invalid("rows", e);
+        let count = self.columns.first().map_or(0, Column::len);
+        let size = self.columns.iter().map(Column::encoded_len).sum::<usize>();
+        let mut out = Vec::with_capacity(room + size + 16 * self.columns.len());
+        out.resize(room, 0);
+        let mut writer = ColumnsWriter::new(self.columns.len(), count, out);
+        for column in self.columns {
+            writer.push(&column).map_err(invalid)?;
+        }
+        Ok(EncodedPage {
+            columns: writer.finish().map_err(invalid)?,
+            room,
+            rows: count,
+            last_key,
         })
-        .transpose()?;
-    Ok(EncodedPage {
-        columns: writer.finish().map_err(invalid)?,
-        room,
-        rows: count,
-        last_key,
-    })
+    }
 }
 
 /// Most bytes a page's column is sized for before its values need them (a sender's page aims at
@@ -414,6 +472,18 @@ struct PageQuery<'a> {
     key_positions: Vec<usize>,
     /// Each column's engine-neutral type.
     neutral: Vec<&'a str>,
+    /// What [`PageQuery::copy`] writes the query again from.
+    parts: QueryParts<'a>,
+}
+
+/// What a page's query is made of ([`keyset_query_filtered`]'s arguments but the literals).
+struct QueryParts<'a> {
+    schema: &'a TableSchema,
+    columns: &'a [String],
+    casts: Vec<&'a str>,
+    key_casts: Vec<String>,
+    bounds: KeyBounds,
+    filter: Option<&'a KeyFilter>,
 }
 
 impl<'a> PageQuery<'a> {
@@ -564,6 +634,11 @@ impl<'a> PageQuery<'a> {
         } else {
             Vec::new()
         };
+        let bounds = KeyBounds {
+            after: after.is_some(),
+            above: window.above.is_some(),
+            at_most: window.at_most.is_some(),
+        };
         let sql = keyset_query_filtered(
             &schema.name,
             columns,
@@ -572,13 +647,10 @@ impl<'a> PageQuery<'a> {
                 columns: &casts,
                 key: &key_casts,
                 key_array: listed.map(|(array, _)| array.sql_type()),
+                literals: None,
             },
             &schema.primary_key,
-            KeyBounds {
-                after: after.is_some(),
-                above: window.above.is_some(),
-                at_most: window.at_most.is_some(),
-            },
+            bounds,
             filter,
         )?;
         Ok(Self {
@@ -587,7 +659,53 @@ impl<'a> PageQuery<'a> {
             listed,
             key_positions,
             neutral,
+            parts: QueryParts {
+                schema,
+                columns,
+                casts,
+                key_casts,
+                bounds,
+                filter,
+            },
         })
+    }
+
+    /// The page's query on PostgreSQL as a binary `COPY` with its keys and `limit` in place,
+    /// if every key value has a literal ([`copy_out::key_literal`]) and no key column is read in
+    /// its text form; `None`: read it through [`PageQuery::postgres`].
+    fn copy(&self, limit: i64) -> Result<Option<String>> {
+        let parts = &self.parts;
+        if self.listed.is_some()
+            || parts.schema.engine != "postgres"
+            || parts.key_casts.iter().any(|cast| !cast.is_empty())
+        {
+            return Ok(None);
+        }
+        let mut literals = Vec::new();
+        for key in &self.keys {
+            for (value, position) in key.iter().zip(&self.key_positions) {
+                match copy_out::key_literal(value, self.neutral[*position]) {
+                    Some(literal) => literals.push(literal),
+                    None => return Ok(None),
+                }
+            }
+        }
+        literals.push(limit.to_string());
+        let select = keyset_query_filtered(
+            &parts.schema.name,
+            parts.columns,
+            Casts {
+                engine: &parts.schema.engine,
+                columns: &parts.casts,
+                key: &parts.key_casts,
+                key_array: None,
+                literals: Some(&literals),
+            },
+            &parts.schema.primary_key,
+            parts.bounds,
+            parts.filter,
+        )?;
+        Ok(Some(copy_out::copy_statement(&select)))
     }
 
     fn decoders(&self) -> Vec<pg_binary::Decoder> {

@@ -11,7 +11,7 @@
 use dbsync_protocol::Value;
 use dbsync_protocol::message::TableSchema;
 
-use super::{EncodedPage, encode_pg_rows, pg_binary, sqlite_error};
+use super::{EncodedPage, PageBuilder, encode_pg_rows, pg_binary, sqlite_error};
 use crate::catalog::{pg_read_cast, quote_ident};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
@@ -172,7 +172,8 @@ impl Snapshot {
                 let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .persistent(false)
                     .fetch(&mut **tx);
-                encode_pg_rows(rows, decoders, &[], limit, room, compact).await?
+                let page = PageBuilder::new(decoders, limit, compact);
+                encode_pg_rows(rows, page, &[], room).await?
             }
             Reader::Sqlite {
                 tx,
