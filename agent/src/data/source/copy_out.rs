@@ -99,7 +99,7 @@ const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
 /// Reads a binary `COPY` stream (`chunks`, as PostgreSQL splits it) into `page`; the last
 /// row's values at `key_positions` are its key.
-pub(super) async fn encode_copy<S, B>(
+async fn encode_copy<S, B>(
     mut chunks: S,
     mut page: PageBuilder<'_>,
     key_positions: &[usize],
@@ -303,5 +303,93 @@ mod tests {
         assert_eq!(key_literal(&Value::Text("1".into()), "int"), None);
         assert_eq!(key_literal(&Value::Int(1), "text"), None);
         assert_eq!(key_literal(&Value::Bool(true), "bool"), None);
+    }
+
+    /// Binary `COPY` data of rows of (int8, text) in PostgreSQL's format.
+    fn copy_data(rows: &[(i64, Option<&str>)]) -> Vec<u8> {
+        let mut out = SIGNATURE.to_vec();
+        out.extend_from_slice(&0u32.to_be_bytes());
+        // A header extension of three bytes, skipped.
+        out.extend_from_slice(&3u32.to_be_bytes());
+        out.extend_from_slice(b"ext");
+        for (n, text) in rows {
+            out.extend_from_slice(&2i16.to_be_bytes());
+            out.extend_from_slice(&8i32.to_be_bytes());
+            out.extend_from_slice(&n.to_be_bytes());
+            match text {
+                Some(t) => {
+                    out.extend_from_slice(&(t.len() as i32).to_be_bytes());
+                    out.extend_from_slice(t.as_bytes());
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+        out
+    }
+
+    fn decoders() -> Vec<super::super::pg_binary::Decoder> {
+        vec![
+            super::super::pg_binary::Decoder::of("int"),
+            super::super::pg_binary::Decoder::of("text"),
+        ]
+    }
+
+    async fn read_in(chunks: Vec<Vec<u8>>) -> Result<EncodedPage> {
+        let decoders = decoders();
+        let page = PageBuilder::new(&decoders, 10, false);
+        let stream = futures_util::stream::iter(
+            chunks
+                .into_iter()
+                .map(Ok::<_, sqlx::Error>)
+                .collect::<Vec<_>>(),
+        );
+        encode_copy(stream, page, &[0], 4).await
+    }
+
+    #[tokio::test]
+    async fn copy_data_split_anywhere_reads_alike() {
+        let data = copy_data(&[(1, Some("one")), (-7, None), (300, Some("drei ü"))]);
+        let whole = read_in(vec![data.clone()]).await.unwrap();
+        assert_eq!(whole.rows, 3);
+        assert_eq!(whole.last_key, Some(vec![Value::Int(300)]));
+        assert_eq!(whole.room, 4);
+        for size in 1..data.len() {
+            let chunks = data.chunks(size).map(<[u8]>::to_vec).collect();
+            let split = read_in(chunks).await.unwrap();
+            assert_eq!(split.rows, whole.rows, "chunks of {size}");
+            assert_eq!(split.last_key, whole.last_key, "chunks of {size}");
+            assert_eq!(split.columns, whole.columns, "chunks of {size}");
+        }
+        // No rows: no key.
+        let empty = read_in(vec![copy_data(&[])]).await.unwrap();
+        assert_eq!((empty.rows, empty.last_key), (0, None));
+    }
+
+    #[tokio::test]
+    async fn malformed_copy_data_is_refused() {
+        let data = copy_data(&[(1, Some("one")), (2, Some("two"))]);
+        let refused = |chunks: Vec<Vec<u8>>| async move {
+            let err = read_in(chunks).await.unwrap_err().to_string();
+            assert!(err.contains("malformed binary COPY data"), "{err}");
+        };
+        // Cut short: inside a row, and before the trailer.
+        refused(vec![data[..data.len() - 5].to_vec()]).await;
+        refused(vec![data[..data.len() - 2].to_vec()]).await;
+        // Not binary COPY data.
+        refused(vec![b"1\tone\n".to_vec()]).await;
+        // A row of another width.
+        let mut wide = data.clone();
+        let first_row = SIGNATURE.len() + 8 + 3;
+        wide[first_row..first_row + 2].copy_from_slice(&3i16.to_be_bytes());
+        refused(vec![wide]).await;
+        // Bytes after the trailer.
+        let mut trailing = data.clone();
+        trailing.extend_from_slice(b"x");
+        refused(vec![trailing]).await;
+        // A field length below -1.
+        let mut negative = data;
+        negative[first_row + 2..first_row + 6].copy_from_slice(&(-2i32).to_be_bytes());
+        refused(vec![negative]).await;
     }
 }
