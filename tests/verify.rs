@@ -375,6 +375,12 @@ impl OneTable {
         (verdict(&summary.tables, &self.table).clone(), pages)
     }
 
+    /// Stops both agents and drops their scratch databases.
+    async fn stop(self) {
+        self.a.stop().await;
+        self.b.stop().await;
+    }
+
     /// Repairs the table, then checks both sides hold the same rows (across engines, as the
     /// verification after the repair compares them, not as stored).
     async fn repaired_alike(&self) {
@@ -427,6 +433,7 @@ async fn keys_spread_unevenly_are_compared_to_the_last_row() {
     assert_eq!(verdict.rows_there, 1_100);
     assert!(pages < 200, "{pages} ranges and pages for 1,100 rows");
     pair.repaired_alike().await;
+    pair.stop().await;
 }
 
 /// A UUID key is cut into ranges by its spread too (as the 128-bit number its bytes spell):
@@ -463,6 +470,7 @@ async fn uuid_keys_are_compared_by_their_spread() {
     );
     assert_eq!(verdict.rows_there, 5_000);
     pair.repaired_alike().await;
+    pair.stop().await;
 }
 
 /// SQLite keeps UUIDs as text, PostgreSQL as `uuid`. Each side's range ends and page ends are
@@ -505,6 +513,7 @@ async fn uuid_keys_are_verified_across_engines() {
         );
         assert_eq!(verdict.rows_there, 3_000, "{test}");
         pair.repaired_alike().await;
+        pair.stop().await;
     }
 }
 
