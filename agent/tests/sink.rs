@@ -600,6 +600,18 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
     }
     // Again, onto the rows it made: the upsert path reads the same batch as values.
     assert_eq!(apply(&good).await.unwrap().updated, 3);
+    // Text that is not UTF-8 on that path (on PostgreSQL each text is borrowed from the batch
+    // as received, checked here, not by the server): refused, and nothing changes.
+    let broken_upsert = received(&batch(1, "dan", 8), |payload| {
+        let at = payload.windows(4).position(|w| w == b"dan2").unwrap();
+        payload[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+    });
+    let err = apply(&broken_upsert).await.unwrap_err().to_string();
+    assert!(err.contains("UTF-8"), "{err}");
+    assert_eq!(
+        all_rows(&db.store, "people").await[..3],
+        [1, 2, 3].map(|i| vec![Value::Int(i), Value::Text(format!("ann{i}")), Value::Int(7)])
+    );
 
     // PostgreSQL's `COPY` goes a chunk at a time; a value past the first chunk with no exact
     // binary form (0.1 into a `real`) aborts it, and the batch goes in the way an INSERT does.

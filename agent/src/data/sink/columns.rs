@@ -2,8 +2,12 @@
 //! batch runs on: the path for tables that may already hold the batch's keys (`ON CONFLICT`), and
 //! the fallback of `COPY`.
 
+use std::borrow::{Borrow, Cow};
+
 use chrono::{DateTime, NaiveDate};
 use dbsync_protocol::Value;
+use dbsync_protocol::columns::Scalar;
+use dbsync_protocol::message::columnar::Kind;
 use sqlx::Arguments;
 use uuid::Uuid;
 
@@ -15,8 +19,9 @@ use crate::pg_copy;
 
 /// One column of a batch as a PostgreSQL array parameter: in binary form where every value's kind
 /// matches the target column's type (nothing formatted here, nothing parsed on the server), else
-/// as PostgreSQL text cast to the column's type (the same input functions `COPY` uses).
-pub(super) enum ColumnArray {
+/// as PostgreSQL text cast to the column's type (the same input functions `COPY` uses). Text
+/// that arrives as text is borrowed from the batch, not copied.
+pub(super) enum ColumnArray<'a> {
     Int(Vec<Option<i64>>),
     Float(Vec<Option<f64>>),
     Bool(Vec<Option<bool>>),
@@ -25,81 +30,155 @@ pub(super) enum ColumnArray {
     Timestamp(Vec<Option<chrono::NaiveDateTime>>),
     Date(Vec<Option<NaiveDate>>),
     Bytes(Vec<Option<Vec<u8>>>),
-    Text(Vec<Option<String>>),
+    Text(Vec<Option<Cow<'a, str>>>),
 }
 
-/// Collects `values` with `convert` (`None` from it: this value does not fit, give up).
-pub(super) fn typed<'a, T>(
-    values: impl Iterator<Item = &'a Value>,
+/// Collects `values` with `convert`: `Ok(None)` when one value does not fit (give up), the
+/// first error of `values` as it is.
+pub(super) fn typed<V: Borrow<Value>, T>(
+    values: impl Iterator<Item = Result<V>>,
     convert: impl Fn(&Value) -> Option<T>,
-) -> Option<Vec<Option<T>>> {
-    values
-        .map(|value| match value {
-            Value::Null => Some(None),
-            other => convert(other).map(Some),
-        })
-        .collect()
+) -> Result<Option<Vec<Option<T>>>> {
+    let mut out = Vec::with_capacity(values.size_hint().0);
+    for value in values {
+        out.push(match value?.borrow() {
+            Value::Null => None,
+            other => match convert(other) {
+                Some(converted) => Some(converted),
+                None => return Ok(None),
+            },
+        });
+    }
+    Ok(Some(out))
 }
 
-impl ColumnArray {
+/// [`pg_text`], borrowing what is text already.
+fn text_of(value: &Value) -> Result<Option<Cow<'_, str>>> {
+    Ok(match value {
+        Value::Numeric(text) | Value::Text(text) | Value::Json(text) => {
+            Some(Cow::Borrowed(text.as_str()))
+        }
+        other => pg_text(other)?.map(Cow::Owned),
+    })
+}
+
+impl<'a> ColumnArray<'a> {
     /// The column `values` for a target column of type `native_type`.
-    pub(super) fn build<'a>(
+    pub(super) fn build(
         values: impl Iterator<Item = &'a Value> + Clone,
         native_type: &str,
     ) -> Result<Self> {
-        let binary = match native_type {
-            "bigint" | "integer" | "smallint" => typed(values.clone(), |v| match v {
+        match Self::binary(values.clone().map(Ok), native_type)? {
+            Some(array) => Ok(array),
+            None => values.map(text_of).collect::<Result<_>>().map(Self::Text),
+        }
+    }
+
+    /// [`Self::build`] from a column's values as read from the batch (`kind` theirs): no value
+    /// is made for text, which is borrowed from the batch.
+    pub(super) fn from_scalars(
+        scalars: &[Scalar<'a>],
+        kind: Kind,
+        native_type: &str,
+    ) -> Result<Self> {
+        let value = |s: &Scalar<'a>| {
+            s.value(kind)
+                .map_err(|err| crate::Error::invalid("row batch", err.to_string()))
+        };
+        if let Some(array) = Self::binary(scalars.iter().map(value), native_type)? {
+            return Ok(array);
+        }
+        scalars
+            .iter()
+            .map(|s| match (kind, s) {
+                (_, Scalar::Null) => Ok(None),
+                (Kind::Text | Kind::Numeric | Kind::Json, Scalar::Str(bytes)) => {
+                    std::str::from_utf8(bytes)
+                        .map(|text| Some(Cow::Borrowed(text)))
+                        .map_err(|_| {
+                            crate::Error::invalid("row batch", "a string that is not UTF-8")
+                        })
+                }
+                _ => Ok(pg_text(&value(s)?)?.map(Cow::Owned)),
+            })
+            .collect::<Result<_>>()
+            .map(Self::Text)
+    }
+
+    /// The binary array of `values` for a target column of type `native_type`, if it has one
+    /// and every value fits it.
+    fn binary<V: Borrow<Value>>(
+        values: impl Iterator<Item = Result<V>>,
+        native_type: &str,
+    ) -> Result<Option<Self>> {
+        Ok(match native_type {
+            "bigint" | "integer" | "smallint" => typed(values, |v| match v {
                 Value::Int(i) => Some(*i),
                 _ => None,
-            })
+            })?
             .map(Self::Int),
-            "double precision" | "real" => typed(values.clone(), |v| match v {
+            "double precision" | "real" => typed(values, |v| match v {
                 Value::Float(f) => Some(*f),
                 _ => None,
-            })
+            })?
             .map(Self::Float),
-            "boolean" => typed(values.clone(), |v| match v {
+            "boolean" => typed(values, |v| match v {
                 Value::Bool(b) => Some(*b),
                 _ => None,
-            })
+            })?
             .map(Self::Bool),
-            "uuid" => typed(values.clone(), |v| match v {
+            "uuid" => typed(values, |v| match v {
                 Value::Uuid(bytes) => Some(Uuid::from_bytes(*bytes)),
                 _ => None,
-            })
+            })?
             .map(Self::Uuid),
             // ±infinity (the extreme values) has no chrono form: such a column goes as text.
-            "timestamp with time zone" => typed(values.clone(), |v| match v {
+            "timestamp with time zone" => typed(values, |v| match v {
                 Value::TimestampTz(micros) if *micros != i64::MAX && *micros != i64::MIN => {
                     DateTime::from_timestamp_micros(*micros)
                 }
                 _ => None,
-            })
+            })?
             .map(Self::TimestampTz),
-            "timestamp without time zone" => typed(values.clone(), |v| match v {
+            "timestamp without time zone" => typed(values, |v| match v {
                 Value::Timestamp(micros) if *micros != i64::MAX && *micros != i64::MIN => {
                     DateTime::from_timestamp_micros(*micros).map(|t| t.naive_utc())
                 }
                 _ => None,
-            })
+            })?
             .map(Self::Timestamp),
-            "date" => typed(values.clone(), |v| match v {
+            "date" => typed(values, |v| match v {
                 Value::Date(days) if *days != i32::MAX && *days != i32::MIN => {
                     NaiveDate::from_num_days_from_ce_opt(days.checked_add(719_163)?)
                 }
                 _ => None,
-            })
+            })?
             .map(Self::Date),
-            "bytea" => typed(values.clone(), |v| match v {
+            "bytea" => typed(values, |v| match v {
                 Value::Bytes(bytes) => Some(bytes.clone()),
                 _ => None,
-            })
+            })?
             .map(Self::Bytes),
             _ => None,
-        };
-        match binary {
-            Some(array) => Ok(array),
-            None => values.map(pg_text).collect::<Result<_>>().map(Self::Text),
+        })
+    }
+
+    /// The same array holding no borrowed text.
+    pub(super) fn into_owned(self) -> ColumnArray<'static> {
+        match self {
+            Self::Int(v) => ColumnArray::Int(v),
+            Self::Float(v) => ColumnArray::Float(v),
+            Self::Bool(v) => ColumnArray::Bool(v),
+            Self::Uuid(v) => ColumnArray::Uuid(v),
+            Self::TimestampTz(v) => ColumnArray::TimestampTz(v),
+            Self::Timestamp(v) => ColumnArray::Timestamp(v),
+            Self::Date(v) => ColumnArray::Date(v),
+            Self::Bytes(v) => ColumnArray::Bytes(v),
+            Self::Text(v) => ColumnArray::Text(
+                v.into_iter()
+                    .map(|t| t.map(|t| Cow::Owned(t.into_owned())))
+                    .collect(),
+            ),
         }
     }
 
@@ -290,7 +369,7 @@ pub(super) async fn insert_columns(
 }
 
 /// One array parameter per column of `rows`, for the target's column types ([`Arrays`]).
-pub(super) fn column_arrays(rows: Rows<'_>, casts: &[String]) -> Result<Vec<ColumnArray>> {
+pub(super) fn column_arrays<'a>(rows: Rows<'a>, casts: &[String]) -> Result<Vec<ColumnArray<'a>>> {
     Arrays::of(rows)?.take(rows.len(), casts)
 }
 
@@ -317,20 +396,24 @@ impl<'a> Arrays<'a> {
     }
 
     /// The arrays of the next `count` rows.
-    pub(super) fn take(&mut self, count: usize, casts: &[String]) -> Result<Vec<ColumnArray>> {
+    pub(super) fn take(&mut self, count: usize, casts: &[String]) -> Result<Vec<ColumnArray<'a>>> {
         match self {
-            Self::Cursors(cursors) => cursors
-                .iter_mut()
-                .zip(casts)
-                .map(|(cursor, cast)| {
-                    let kind = cursor.kind();
-                    let values = (0..count)
-                        .map(|_| cursor.next_scalar().and_then(|s| s.value(kind)))
-                        .collect::<std::result::Result<Vec<Value>, _>>()
-                        .map_err(|err| crate::Error::invalid("row batch", err.to_string()))?;
-                    ColumnArray::build(values.iter(), cast)
-                })
-                .collect(),
+            Self::Cursors(cursors) => {
+                let mut scalars = Vec::with_capacity(count);
+                cursors
+                    .iter_mut()
+                    .zip(casts)
+                    .map(|(cursor, cast)| {
+                        scalars.clear();
+                        for _ in 0..count {
+                            scalars.push(cursor.next_scalar().map_err(|err| {
+                                crate::Error::invalid("row batch", err.to_string())
+                            })?);
+                        }
+                        ColumnArray::from_scalars(&scalars, cursor.kind(), cast)
+                    })
+                    .collect()
+            }
             Self::Values { rows, next } => {
                 let end = (*next + count).min(rows.len());
                 let run = &rows[*next..end];
@@ -338,7 +421,10 @@ impl<'a> Arrays<'a> {
                 casts
                     .iter()
                     .enumerate()
-                    .map(|(i, cast)| ColumnArray::build(run.iter().map(|row| &row[i]), cast))
+                    .map(|(i, cast)| {
+                        ColumnArray::build(run.iter().map(|row| &row[i]), cast)
+                            .map(ColumnArray::into_owned)
+                    })
                     .collect()
             }
         }
@@ -351,7 +437,7 @@ impl<'a> Arrays<'a> {
 pub(super) async fn upsert_arrays(
     tx: &mut sqlx::PgConnection,
     target: &ColumnTarget<'_>,
-    arrays: Vec<ColumnArray>,
+    arrays: Vec<ColumnArray<'_>>,
     n: usize,
     strategy: ConflictStrategy,
     conflict: &str,
