@@ -88,21 +88,20 @@ impl<'a> ColumnArray<'a> {
         if let Some(array) = Self::binary(scalars.iter().map(value), native_type)? {
             return Ok(array);
         }
-        scalars
-            .iter()
-            .map(|s| match (kind, s) {
-                (_, Scalar::Null) => Ok(None),
+        // (Pushed one by one: collecting `Result`s would grow the vector as it goes.)
+        let mut texts = Vec::with_capacity(scalars.len());
+        for s in scalars {
+            texts.push(match (kind, s) {
+                (_, Scalar::Null) => None,
                 (Kind::Text | Kind::Numeric | Kind::Json, Scalar::Str(bytes)) => {
-                    std::str::from_utf8(bytes)
-                        .map(|text| Some(Cow::Borrowed(text)))
-                        .map_err(|_| {
-                            crate::Error::invalid("row batch", "a string that is not UTF-8")
-                        })
+                    Some(Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| {
+                        crate::Error::invalid("row batch", "a string that is not UTF-8")
+                    })?))
                 }
-                _ => Ok(pg_text(&value(s)?)?.map(Cow::Owned)),
-            })
-            .collect::<Result<_>>()
-            .map(Self::Text)
+                _ => pg_text(&value(s)?)?.map(Cow::Owned),
+            });
+        }
+        Ok(Self::Text(texts))
     }
 
     /// The binary array of `values` for a target column of type `native_type`, if it has one
