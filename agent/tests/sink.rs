@@ -598,7 +598,7 @@ async fn batches_read_in_place_and_bad_ones_change_nothing(db: TestDb) {
             .unwrap();
         assert_eq!(checkpoint.last_key, Some(vec![Value::Int(3)]));
     }
-    // Again, onto the rows it made: the upsert path reads the same batch as values.
+    // Again, onto the rows it made: the upsert path reads the same batch column by column.
     assert_eq!(apply(&good).await.unwrap().updated, 3);
     // Text that is not UTF-8 on that path (on PostgreSQL each text is borrowed from the batch
     // as received, checked here, not by the server): refused, and nothing changes.
