@@ -52,25 +52,19 @@ pub(super) fn typed<V: Borrow<Value>, T>(
     Ok(Some(out))
 }
 
-/// [`pg_text`], borrowing what is text already.
-fn text_of(value: &Value) -> Result<Option<Cow<'_, str>>> {
-    Ok(match value {
-        Value::Numeric(text) | Value::Text(text) | Value::Json(text) => {
-            Some(Cow::Borrowed(text.as_str()))
-        }
-        other => pg_text(other)?.map(Cow::Owned),
-    })
-}
-
 impl<'a> ColumnArray<'a> {
-    /// The column `values` for a target column of type `native_type`.
-    pub(super) fn build(
-        values: impl Iterator<Item = &'a Value> + Clone,
+    /// The column `values` for a target column of type `native_type` (text copied: the values
+    /// may not outlive the array).
+    pub(super) fn build<'v>(
+        values: impl Iterator<Item = &'v Value> + Clone,
         native_type: &str,
     ) -> Result<Self> {
         match Self::binary(values.clone().map(Ok), native_type)? {
             Some(array) => Ok(array),
-            None => values.map(text_of).collect::<Result<_>>().map(Self::Text),
+            None => values
+                .map(|v| Ok(pg_text(v)?.map(Cow::Owned)))
+                .collect::<Result<_>>()
+                .map(Self::Text),
         }
     }
 
@@ -160,25 +154,6 @@ impl<'a> ColumnArray<'a> {
             .map(Self::Bytes),
             _ => None,
         })
-    }
-
-    /// The same array holding no borrowed text.
-    pub(super) fn into_owned(self) -> ColumnArray<'static> {
-        match self {
-            Self::Int(v) => ColumnArray::Int(v),
-            Self::Float(v) => ColumnArray::Float(v),
-            Self::Bool(v) => ColumnArray::Bool(v),
-            Self::Uuid(v) => ColumnArray::Uuid(v),
-            Self::TimestampTz(v) => ColumnArray::TimestampTz(v),
-            Self::Timestamp(v) => ColumnArray::Timestamp(v),
-            Self::Date(v) => ColumnArray::Date(v),
-            Self::Bytes(v) => ColumnArray::Bytes(v),
-            Self::Text(v) => ColumnArray::Text(
-                v.into_iter()
-                    .map(|t| t.map(|t| Cow::Owned(t.into_owned())))
-                    .collect(),
-            ),
-        }
     }
 
     /// The parameter's array type.
@@ -420,10 +395,7 @@ impl<'a> Arrays<'a> {
                 casts
                     .iter()
                     .enumerate()
-                    .map(|(i, cast)| {
-                        ColumnArray::build(run.iter().map(|row| &row[i]), cast)
-                            .map(ColumnArray::into_owned)
-                    })
+                    .map(|(i, cast)| ColumnArray::build(run.iter().map(|row| &row[i]), cast))
                     .collect()
             }
         }
