@@ -853,6 +853,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                         rows: vec![1, 1, 1],
                         hashes: vec![9; 24],
                     }),
+                    mark: None,
                 })
             }
             // A range's summary that differs from any table's.
@@ -868,6 +869,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     keys: vec![],
                     hashes: vec![],
                     buckets: None,
+                    mark: None,
                 })
             }
             Message::Verify(verify) if lie == Lie::RangeStuck => {
@@ -880,6 +882,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     keys: vec![vec![Value::Text("k".into())]],
                     hashes: vec![serde_bytes::ByteBuf::from(vec![1; 8])],
                     buckets: None,
+                    mark: None,
                 })
             }
             // The same page, again and again.
@@ -901,6 +904,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                         vec![]
                     },
                     buckets: None,
+                    mark: None,
                 })
             }
             // Claims five rows, then details none (or keys without hashes).
@@ -917,6 +921,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                 },
                 hashes: vec![],
                 buckets: None,
+                mark: None,
             }),
             // Not a word in answer, for as long as the session stays open.
             Message::Pull(_) if lie == Lie::Silent => continue,
@@ -1565,6 +1570,9 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
                     upto,
                     hash: dbsync_protocol::message::RangeHash::PgRecord,
                     buckets: None,
+                    keys_only: false,
+                    since: None,
+                    keys: None,
                 }),
             })
         };

@@ -684,3 +684,113 @@ async fn a_verification_killed_mid_way_runs_again_to_the_end() {
     killed_and_run_again("verify::killed_pg", true).await;
     killed_and_run_again("verify::killed_sqlite", false).await;
 }
+
+/// A diff pull after a comparison that left both sides alike compares only the rows written
+/// since on either side (protocol 9): rows changed there, here and on both sides are found
+/// and repaired; a row deleted shows in the keys and every row is compared again; a table
+/// rewritten here, or a comparison that ended with differences, makes the next one compare
+/// every row too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_pulls_compare_the_rows_written_since_the_last_alike() {
+    let statements = [
+        "CREATE TABLE events (id BIGINT PRIMARY KEY, v TEXT, n INTEGER)".to_owned(),
+        "INSERT INTO events SELECT g, 'e' || g, g FROM generate_series(1, 2000) g".to_owned(),
+    ];
+    let Some(pair) = pulled_table("verify::since", (true, true), &statements, "events").await
+    else {
+        return;
+    };
+    let diff = || async {
+        let (summary, _) = diff_pull(&pair.b, &pair.receiver).await;
+        verdict(&summary.tables, "events").clone()
+    };
+    let alike = || async {
+        assert_eq!(
+            rows(&pair.a.agent.store, "events").await,
+            rows(&pair.b.agent.store, "events").await
+        );
+    };
+    // No comparison yet: every row.
+    let first = diff().await;
+    assert!(first.identical && !first.since_last, "{first:?}");
+    // Changed there (first, middle, last), here, and on both sides.
+    exec(
+        &pair.a,
+        &[
+            "UPDATE events SET v = 'there' WHERE id IN (1, 1000, 2000)".into(),
+            "UPDATE events SET n = -1 WHERE id = 500".into(),
+        ],
+    )
+    .await;
+    exec(
+        &pair.b,
+        &[
+            "UPDATE events SET v = 'here' WHERE id IN (7, 1500)".into(),
+            "UPDATE events SET n = -2 WHERE id = 500".into(),
+            // Written here, and alike all the same.
+            "UPDATE events SET v = v WHERE id = 42".into(),
+        ],
+    )
+    .await;
+    let found = diff().await;
+    assert!(found.since_last, "{found:?}");
+    assert_eq!(
+        (found.missing_here, found.extra_here, found.different),
+        (0, 0, 6),
+        "{found:?}"
+    );
+    assert_eq!(found.repaired_rows, 6);
+    assert!(found.identical, "{found:?}");
+    alike().await;
+    // The rows the repair wrote here are compared again, and are alike.
+    let again = diff().await;
+    assert!(again.since_last && again.identical, "{again:?}");
+    assert_eq!((again.different, again.repaired_rows), (0, 0), "{again:?}");
+    // A row deleted there leaves no row to find: the keys differ, every row is compared.
+    exec(&pair.a, &["DELETE FROM events WHERE id = 1234".into()]).await;
+    let deleted = diff().await;
+    assert!(!deleted.since_last, "{deleted:?}");
+    assert_eq!(
+        (deleted.extra_here, deleted.deleted_rows),
+        (1, 1),
+        "{deleted:?}"
+    );
+    assert!(deleted.identical, "{deleted:?}");
+    alike().await;
+    // The table here emptied and filled again with the same rows (a new file): its marks no
+    // longer hold.
+    exec(
+        &pair.b,
+        &[
+            "CREATE TABLE events_kept AS SELECT * FROM events".into(),
+            "TRUNCATE events".into(),
+            "INSERT INTO events SELECT * FROM events_kept".into(),
+            "DROP TABLE events_kept".into(),
+        ],
+    )
+    .await;
+    let rewritten = diff().await;
+    assert!(
+        rewritten.identical && !rewritten.since_last,
+        "{rewritten:?}"
+    );
+    let tracked = diff().await;
+    assert!(tracked.identical && tracked.since_last, "{tracked:?}");
+    // A verification that found a difference and left it: the next diff pull compares every
+    // row.
+    exec(
+        &pair.a,
+        &["UPDATE events SET v = 'late' WHERE id = 3".into()],
+    )
+    .await;
+    let (left, _) = pair.verify_one(false).await;
+    assert_eq!(left.different, 1, "{left:?}");
+    let after_left = diff().await;
+    assert!(
+        !after_left.since_last && after_left.identical,
+        "{after_left:?}"
+    );
+    assert_eq!(after_left.repaired_rows, 1);
+    alike().await;
+    pair.stop().await;
+}

@@ -36,11 +36,14 @@ pub use value::Value;
 /// key ranges side by side. Version 7 lets a batch carry columns in compact forms: integers as
 /// differences (`message::columnar::DELTAS`), UUIDs packed (`message::columnar::PACKED`); a
 /// sender writes them only on a version 7 session. Version 8 adds `VerifyRange::buckets`: a
-/// range's rows hashed in buckets by key, and a page of only some buckets' rows.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6, 7, 8];
+/// range's rows hashed in buckets by key, and a page of only some buckets' rows. Version 9 adds
+/// change marks (`VerifyPage::mark`, `VerifyRange::since`), a summary of a range's keys only
+/// (`VerifyRange::keys_only`) and hashes of listed keys (`VerifyRange::keys`): a diff pull finds
+/// the rows written on either side since the last comparison that left both alike.
+pub const SUPPORTED_VERSIONS: &[u16] = &[2, 3, 4, 5, 6, 7, 8, 9];
 
 /// The newest protocol version this build speaks.
-pub const CURRENT_VERSION: u16 = 8;
+pub const CURRENT_VERSION: u16 = 9;
 
 /// The first version with `Verify`.
 pub const VERIFY_VERSION: u16 = 4;
@@ -56,6 +59,9 @@ pub const COMPACT_VERSION: u16 = 7;
 
 /// The first version with `VerifyRange::buckets`.
 pub const BUCKET_VERSION: u16 = 8;
+
+/// The first version with change marks (`VerifyPage::mark`, `VerifyRange::since`).
+pub const MARK_VERSION: u16 = 9;
 
 /// Picks the highest version both sides speak, if any.
 pub fn negotiate(offered: &[u16]) -> Option<u16> {
@@ -80,7 +86,8 @@ mod tests {
         assert_eq!(negotiate(&[2, 3, 4, 5, 6]), Some(6));
         assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7]), Some(7));
         assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7, 8]), Some(8));
-        assert_eq!(negotiate(&[1, 9]), None);
+        assert_eq!(negotiate(&[2, 3, 4, 5, 6, 7, 8, 9]), Some(9));
+        assert_eq!(negotiate(&[1, 10]), None);
         assert_eq!(negotiate(&[]), None);
     }
 }

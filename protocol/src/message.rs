@@ -569,15 +569,89 @@ pub struct Verify {
 /// types). Without `detail` the answer is the whole range's row count and hash, however many
 /// rows it holds (`limit` does not apply, `more` is false); with `detail` it is up to `limit`
 /// rows' keys and hashes, and `more` says whether the range goes on after `last_key`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Messages go as MessagePack arrays, a field by its place: the fields after `hash` are
+/// written up to the last one that is not empty (an older peer reads no field it does not
+/// know, and a field after an empty one keeps its place).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VerifyRange {
     /// The range's last key (inclusive); `None`: to the end of the table.
     pub upto: Option<Vec<Value>>,
     /// How rows are hashed.
     pub hash: RangeHash,
     /// Protocol 8: the range's rows spread over buckets by their key (see [`Buckets`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub buckets: Option<Buckets>,
+    /// Protocol 9, a summary: hash only the rows' keys, a row's hash being its bucket hash
+    /// (see [`Buckets`]); the answer's `hash` is their XOR, found without reading the rest of
+    /// any row.
+    #[serde(default)]
+    pub keys_only: bool,
+    /// Protocol 9, with `detail`: only the rows written since a [`Mark`] (or only those not).
+    #[serde(default)]
+    pub since: Option<Since>,
+    /// Protocol 9, with `detail` and `since`: only the rows of these keys (a one-column key;
+    /// at most a page's `limit` of them), in key order, instead of a range (`after` and
+    /// `upto` absent).
+    #[serde(default)]
+    pub keys: Option<Vec<Vec<Value>>>,
+}
+
+impl Serialize for VerifyRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let present = [
+            self.buckets.is_some(),
+            self.keys_only,
+            self.since.is_some(),
+            self.keys.is_some(),
+        ];
+        let trailing = present.iter().rposition(|p| *p).map_or(0, |i| i + 1);
+        let mut out = serializer.serialize_struct("VerifyRange", 2 + trailing)?;
+        out.serialize_field("upto", &self.upto)?;
+        out.serialize_field("hash", &self.hash)?;
+        let mut field =
+            |i: usize,
+             name: &'static str,
+             write: &dyn Fn(&mut S::SerializeStruct) -> Result<(), S::Error>| {
+                if i < trailing {
+                    write(&mut out)
+                } else {
+                    out.skip_field(name)
+                }
+            };
+        field(0, "buckets", &|o| {
+            o.serialize_field("buckets", &self.buckets)
+        })?;
+        field(1, "keys_only", &|o| {
+            o.serialize_field("keys_only", &self.keys_only)
+        })?;
+        field(2, "since", &|o| o.serialize_field("since", &self.since))?;
+        field(3, "keys", &|o| o.serialize_field("keys", &self.keys))?;
+        out.end()
+    }
+}
+
+/// Rows written since a [`Mark`] the same sender gave (protocol 9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    /// The mark's transaction number.
+    pub xid: u64,
+    /// `true`: only rows written by a transaction at or after the mark (in progress or later
+    /// when it was taken); `false`: only the others.
+    pub written: bool,
+}
+
+/// Where a PostgreSQL table stood before a statement (protocol 9): every row written later
+/// was written by a transaction numbered at or after `xid`. Meaningful only for the same
+/// table in the same cluster, which `table` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The oldest transaction then in progress or yet to start (`pg_snapshot_xmin`).
+    pub xid: u64,
+    /// The cluster's system identifier, the database's and table's object numbers and its
+    /// file's: any of them changes when the table is replaced or rewritten.
+    pub table: String,
 }
 
 /// Most buckets a range is spread over (protocol 8).
@@ -662,7 +736,9 @@ pub enum RangeHash {
 /// One page of row hashes. `hash` is SHA-256 over the page's row hashes in key order; a row's
 /// hash is the first 16 bytes of SHA-256 over its values in their neutral stored form (see
 /// docs/protocol.md, "Verification").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Written as [`VerifyRange`] is: `buckets` and `mark` up to the last that is not empty.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VerifyPage {
     /// The request answered.
     pub request_id: u64,
@@ -680,8 +756,42 @@ pub struct VerifyPage {
     /// With `detail`: each row's hash (16 bytes), in the same order.
     pub hashes: Vec<serde_bytes::ByteBuf>,
     /// Protocol 8, a range's summary over buckets: each non-empty bucket's count and hash.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub buckets: Option<BucketHashes>,
+    /// Protocol 9, in answer to a range: where the sender's table stood before the range was
+    /// read.
+    #[serde(default)]
+    pub mark: Option<Mark>,
+}
+
+impl Serialize for VerifyPage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let trailing = if self.mark.is_some() {
+            2
+        } else {
+            usize::from(self.buckets.is_some())
+        };
+        let mut out = serializer.serialize_struct("VerifyPage", 7 + trailing)?;
+        out.serialize_field("request_id", &self.request_id)?;
+        out.serialize_field("rows", &self.rows)?;
+        out.serialize_field("hash", serde_bytes::Bytes::new(&self.hash))?;
+        out.serialize_field("last_key", &self.last_key)?;
+        out.serialize_field("more", &self.more)?;
+        out.serialize_field("keys", &self.keys)?;
+        out.serialize_field("hashes", &self.hashes)?;
+        if trailing > 0 {
+            out.serialize_field("buckets", &self.buckets)?;
+        } else {
+            out.skip_field("buckets")?;
+        }
+        if trailing > 1 {
+            out.serialize_field("mark", &self.mark)?;
+        } else {
+            out.skip_field("mark")?;
+        }
+        out.end()
+    }
 }
 
 /// Liveness probe and its answer.

@@ -562,6 +562,26 @@ pub enum HashShape {
     /// parameter after the bounds' keys) is set in the second (a `bytea` bitmap, bucket `b`
     /// being bit `b % 8` of byte `b / 8`); then the limit.
     BucketRows,
+    /// Protocol 9: one row, the range's row count and the XOR of its keys' bucket hashes (as
+    /// `Buckets` hashes a key). No limit parameter.
+    KeysSummary,
+    /// Protocol 9: as `Rows`, only the rows written by a transaction at or after the mark
+    /// (`true`) or only the others (`false`): the first parameter after the bounds' keys is
+    /// the mark's 32-bit transaction number, then the limit.
+    Written(bool),
+    /// Protocol 9: each listed row's key and hash in key order, a one-column key's values as
+    /// one array parameter of this type; with a mark (the second parameter) only the rows
+    /// written at or after it (`Some(true)`) or only the others (`Some(false)`). No bounds,
+    /// no limit.
+    Listed(&'static str, Option<bool>),
+}
+
+/// A row written by a transaction at or after parameter `n` (a 32-bit transaction number):
+/// `age` measures both from the same point, so the comparison holds across wraparound for
+/// any transaction within 2^31 of it; a frozen row is infinitely old.
+fn written_since(n: usize, written: bool) -> String {
+    let op = if written { "<=" } else { ">" };
+    format!("age(xmin) {op} age(${n}::int8::text::xid)")
 }
 
 /// A key range of a PostgreSQL table hashed in the database (protocol 5, see
@@ -664,6 +684,36 @@ pub fn pg_range_hash_query(
                 "SELECT {keys}, {hash} FROM {table}{filter} ORDER BY {order_by} LIMIT ${}",
                 next + 2
             )
+        }
+        HashShape::KeysSummary => {
+            format!("SELECT count(*)::int8, coalesce(bit_xor({key_hash}), 0) FROM {table}{filter}")
+        }
+        HashShape::Written(written) => {
+            let since = written_since(next, written);
+            let filter = if conditions.is_empty() {
+                format!(" WHERE {since}")
+            } else {
+                format!("{filter} AND {since}")
+            };
+            format!(
+                "SELECT {keys}, {hash} FROM {table}{filter} ORDER BY {order_by} LIMIT ${}",
+                next + 1
+            )
+        }
+        HashShape::Listed(array, written) => {
+            let [one] = key else {
+                return Err(Error::invalid(
+                    "key",
+                    "listed keys are hashed for a one-column key only",
+                ));
+            };
+            check_type_name(array.trim_end_matches("[]"))?;
+            let mut filter = format!(" WHERE {} = ANY($1::{array})", quote_ident(one)?);
+            if let Some(written) = written {
+                filter.push_str(" AND ");
+                filter.push_str(&written_since(2, written));
+            }
+            format!("SELECT {keys}, {hash} FROM {table}{filter} ORDER BY {order_by}")
         }
         HashShape::Last => {
             let descending = key

@@ -4,12 +4,14 @@
 //! the same column types, so equal rows hash alike (see `catalog::pg_range_hash_query`).
 
 use dbsync_protocol::Value;
-use dbsync_protocol::message::{BucketHashes, TableSchema};
+use dbsync_protocol::message::{BucketHashes, Mark, TableSchema};
 use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use super::{bind_postgres, pg_binary, postgres_value};
-use crate::catalog::{HashShape, KeyBounds, pg_key_cast, pg_range_hash_query, pg_read_cast};
+use super::{KeyArray, bind_postgres, pg_binary, postgres_value};
+use crate::catalog::{
+    HashShape, KeyBounds, pg_key_cast, pg_range_hash_query, pg_read_cast, quote_table_on,
+};
 use crate::error::{Error, Result};
 use crate::store::{Pool, Store};
 
@@ -26,6 +28,16 @@ const BUCKET_MEMORY: &str = "SET LOCAL work_mem = '16MB'";
 /// it the planner may read and sort the whole rest of the range for every page.
 const KEY_ORDER: &str = "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; \
      SET LOCAL enable_sort = off";
+
+/// Rows written since a mark are few and spread over the table: one scan of it, then a sort
+/// of those, instead of every row visited along the key's index.
+const WHOLE_TABLE: &str = "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off";
+
+/// A mark's transaction number as PostgreSQL's 32-bit `xid` (what a row's `xmin` holds): its
+/// low 32 bits, never one of the special numbers below 3.
+fn xid32(xid: u64) -> i64 {
+    i64::try_from(xid & 0xffff_ffff).unwrap_or(0).max(3)
+}
 
 /// The mask that takes a key's hash to one of `count` buckets (a power of two).
 fn bucket_mask(count: u32) -> i64 {
@@ -151,6 +163,27 @@ impl<'a> RangeQuery<'a> {
             .collect()
     }
 
+    /// Rows of a `Rows`-like query (its key columns, then a hash) as keys and hashes.
+    fn row_hashes(&self, fetched: &[sqlx::postgres::PgRow]) -> Result<RowHashes> {
+        let decoders = self.key_decoders();
+        let mut out = RowHashes {
+            keys: Vec::with_capacity(fetched.len()),
+            hashes: Vec::with_capacity(fetched.len()),
+        };
+        for row in fetched {
+            out.keys.push(
+                decoders
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| postgres_value(row, i, d))
+                    .collect::<Result<_>>()?,
+            );
+            let hash: i64 = row.try_get(decoders.len())?;
+            out.hashes.push(hash.to_be_bytes());
+        }
+        Ok(out)
+    }
+
     fn key_decoders(&self) -> Vec<pg_binary::Decoder> {
         self.key_neutral
             .iter()
@@ -257,7 +290,6 @@ impl Store {
             None => HashShape::Rows,
         };
         let query = RangeQuery::new(schema, columns, after, upto, shape)?;
-        let decoders = query.key_decoders();
         let mut tx = self.hashing(buckets.map(|_| KEY_ORDER)).await?;
         let bound = match buckets {
             Some((count, only)) => query
@@ -269,22 +301,107 @@ impl Store {
         };
         let fetched = bound.fetch_all(&mut *tx).await?;
         tx.commit().await?;
-        let mut out = RowHashes {
-            keys: Vec::with_capacity(fetched.len()),
-            hashes: Vec::with_capacity(fetched.len()),
-        };
-        for row in &fetched {
-            out.keys.push(
-                decoders
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| postgres_value(row, i, d))
-                    .collect::<Result<_>>()?,
-            );
-            let hash: i64 = row.try_get(decoders.len())?;
-            out.hashes.push(hash.to_be_bytes());
+        query.row_hashes(&fetched)
+    }
+
+    /// Where `schema`'s table stands now (protocol 9): every row written from here on is
+    /// written by a transaction numbered at or after the mark's; and what names the table in
+    /// this cluster (its file's number changes when it is rewritten or truncated).
+    pub async fn change_mark(&self, schema: &TableSchema) -> Result<Mark> {
+        let table = quote_table_on("postgres", &schema.name)?;
+        let (xid, name): (i64, String) = sqlx::query_as(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8, \
+             (SELECT system_identifier FROM pg_control_system())::text || '/' || d.oid::text \
+             || '/' || c.oid::text || '/' || coalesce(pg_relation_filenode(c.oid), 0)::text \
+             FROM pg_class c, pg_database d \
+             WHERE c.oid = $1::regclass AND d.datname = current_database()",
+        )
+        .bind(table)
+        .fetch_one(self.postgres_pool()?)
+        .await?;
+        Ok(Mark {
+            xid: u64::try_from(xid).unwrap_or(0),
+            table: name,
+        })
+    }
+
+    /// The row count of `schema`'s rows after `after` and up to `upto` and the XOR of their
+    /// keys' bucket hashes: which keys the range holds, without reading the rest of a row.
+    pub async fn range_keys_hash(
+        &self,
+        schema: &TableSchema,
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+    ) -> Result<(u64, [u8; 8])> {
+        let query = RangeQuery::new(
+            schema,
+            &schema.primary_key,
+            after,
+            upto,
+            HashShape::KeysSummary,
+        )?;
+        let row = query.bound(None)?.fetch_one(self.postgres_pool()?).await?;
+        let rows: i64 = row.try_get(0)?;
+        let hash: i64 = row.try_get(1)?;
+        Ok((u64::try_from(rows).unwrap_or(0), hash.to_be_bytes()))
+    }
+
+    /// Up to `limit` rows' keys and hashes after `after` and up to `upto`, in key order, of
+    /// the rows written at or after transaction `xid` (`written`) or of the others. The
+    /// table is read whole rather than along its key (a few of its rows are wanted).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn written_row_hashes(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        after: Option<&[Value]>,
+        upto: Option<&[Value]>,
+        xid: u64,
+        written: bool,
+        limit: i64,
+    ) -> Result<RowHashes> {
+        let query = RangeQuery::new(schema, columns, after, upto, HashShape::Written(written))?;
+        let mut tx = self.hashing(Some(WHOLE_TABLE)).await?;
+        let bound = query.bound(None)?.bind(xid32(xid)).bind(limit);
+        let fetched = bound.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        query.row_hashes(&fetched)
+    }
+
+    /// The keys and hashes of the rows of listed `keys` (one value each, of a one-column key
+    /// of an integer, text or UUID type) in key order; with `since`, only those written at or
+    /// after its transaction (`true`) or only the others.
+    pub async fn listed_row_hashes(
+        &self,
+        schema: &TableSchema,
+        columns: &[String],
+        keys: &[Vec<Value>],
+        since: Option<(u64, bool)>,
+    ) -> Result<RowHashes> {
+        let array = match schema.primary_key.as_slice() {
+            [one] => schema
+                .columns
+                .iter()
+                .find(|c| &c.name == one)
+                .and_then(|c| KeyArray::of(&c.native_type)),
+            _ => None,
         }
-        Ok(out)
+        .ok_or_else(|| {
+            Error::invalid(
+                "key",
+                "listed keys are hashed for a one-column integer, text or UUID key only",
+            )
+        })?;
+        let shape = HashShape::Listed(array.sql_type(), since.map(|(_, written)| written));
+        let query = RangeQuery::new(schema, columns, None, None, shape)?;
+        let mut tx = self.hashing(None).await?;
+        let mut bound = array.bind(query.bound(None)?, keys)?;
+        if let Some((xid, _)) = since {
+            bound = bound.bind(xid32(xid));
+        }
+        let fetched = bound.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        query.row_hashes(&fetched)
     }
 
     /// The key of the table's last row after `after` (any when open), if it has one.

@@ -114,6 +114,7 @@ impl Session<'_> {
             keys,
             hashes,
             buckets: None,
+            mark: None,
         }))
         .await
         .map(|_| ())
@@ -187,14 +188,70 @@ impl Session<'_> {
                     .await;
             }
         }
+        let tracked = range.keys_only || range.since.is_some() || range.keys.is_some();
+        if tracked && version < dbsync_protocol::MARK_VERSION {
+            return self
+                .refuse(
+                    Code::ProtocolError,
+                    "keys-only summaries, marks and listed keys need protocol 9; this session \
+                     speaks an older one",
+                    None,
+                )
+                .await;
+        }
+        let misfit = if range.keys_only && (request.detail || range.buckets.is_some()) {
+            Some("a keys-only summary is a summary, without buckets")
+        } else if range.since.is_some() && (!request.detail || range.buckets.is_some()) {
+            Some("rows written since a mark come as a page of rows, without buckets")
+        } else if range.keys.is_some()
+            && (range.since.is_none() || request.after.is_some() || range.upto.is_some())
+        {
+            Some("listed keys go with a mark and without a range")
+        } else if range.keys.as_ref().is_some_and(|k| k.len() as u64 > limit) {
+            Some("more keys listed than a page's rows")
+        } else {
+            None
+        };
+        if let Some(misfit) = misfit {
+            return self.refuse(Code::InvalidRequest, misfit, None).await;
+        }
         let store = &self.agent.store;
+        // Taken before the range is read: a row written after it was written by a
+        // transaction numbered at or after it.
+        let mark = if version >= dbsync_protocol::MARK_VERSION && !request.detail {
+            store.change_mark(schema).await.ok()
+        } else {
+            None
+        };
         let (after, upto) = (request.after.as_deref(), range.upto.as_deref());
         let only = range.buckets.as_ref().map(|b| (b.count, b.only.as_slice()));
         let answer = if request.detail {
             // One row past the page says whether the range goes on.
-            let mut rows = store
-                .range_row_hashes(schema, columns, after, upto, only, limit as i64 + 1)
-                .await?;
+            let mut rows = match (&range.keys, range.since) {
+                (Some(keys), Some(since)) => {
+                    store
+                        .listed_row_hashes(schema, columns, keys, Some((since.xid, since.written)))
+                        .await?
+                }
+                (None, Some(since)) => {
+                    store
+                        .written_row_hashes(
+                            schema,
+                            columns,
+                            after,
+                            upto,
+                            since.xid,
+                            since.written,
+                            limit as i64 + 1,
+                        )
+                        .await?
+                }
+                _ => {
+                    store
+                        .range_row_hashes(schema, columns, after, upto, only, limit as i64 + 1)
+                        .await?
+                }
+            };
             let more = rows.keys.len() as u64 > limit;
             rows.keys.truncate(limit as usize);
             rows.hashes.truncate(limit as usize);
@@ -218,6 +275,7 @@ impl Session<'_> {
                     .map(|h| ByteBuf::from(h.to_vec()))
                     .collect(),
                 buckets: None,
+                mark: None,
             }
         } else {
             // The whole range's count and hash, and on protocol 8 its buckets'.
@@ -227,6 +285,10 @@ impl Session<'_> {
                         .range_buckets(schema, columns, after, upto, buckets.count)
                         .await?;
                     (rows, hash, Some(buckets))
+                }
+                None if range.keys_only => {
+                    let (rows, hash) = store.range_keys_hash(schema, after, upto).await?;
+                    (rows, hash, None)
                 }
                 None => {
                     let (rows, hash) = store.range_hash(schema, columns, after, upto).await?;
@@ -244,6 +306,7 @@ impl Session<'_> {
                 keys: Vec::new(),
                 hashes: Vec::new(),
                 buckets,
+                mark,
             }
         };
         self.send(&Message::VerifyPage(answer)).await.map(|_| ())

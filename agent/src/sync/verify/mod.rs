@@ -11,6 +11,11 @@
 //!
 //! `repair` pulls the missing and differing rows by key (`overwrite`, under the same checkpoints
 //! as any pull) and deletes the extra ones.
+//!
+//! A diff pull after a comparison that left both sides alike compares only the rows written
+//! on either side since ([`since`], protocol 9).
+
+mod since;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,7 +23,8 @@ use std::time::{Duration, Instant};
 use dbsync_protocol::Message;
 use dbsync_protocol::Value;
 use dbsync_protocol::message::{
-    Buckets, MAX_BUCKETS, MAX_FILTER_KEYS, RangeHash, TableSchema, Verify, VerifyPage, VerifyRange,
+    Buckets, MAX_BUCKETS, MAX_FILTER_KEYS, Mark, RangeHash, TableSchema, Verify, VerifyPage,
+    VerifyRange,
 };
 use serde::Serialize;
 
@@ -101,6 +107,12 @@ pub struct TableVerdict {
     pub repaired_rows: i64,
     /// With repair: extra rows deleted here.
     pub deleted_rows: u64,
+    /// Only the rows written on either side since the last comparison that left both alike
+    /// were compared (a diff pull, protocol 9).
+    pub since_last: bool,
+    /// Where both tables stood before this comparison read them.
+    #[serde(skip)]
+    marks: Option<since::Marks>,
 }
 
 /// What a verification found.
@@ -271,6 +283,18 @@ impl LocalHashes<'_> {
     }
 }
 
+/// Range `(.., upto]` hashed as `PgRecord`, nothing more asked.
+fn range_of(upto: Option<&[Value]>) -> VerifyRange {
+    VerifyRange {
+        upto: upto.map(<[Value]>::to_vec),
+        hash: RangeHash::PgRecord,
+        buckets: None,
+        keys_only: false,
+        since: None,
+        keys: None,
+    }
+}
+
 /// Asks for the rows of range `(after, upto]` of the walk's table as keys and hashes (protocol 5), with
 /// `buckets` only those buckets' rows (protocol 8).
 fn detail_request(
@@ -285,9 +309,8 @@ fn detail_request(
         limit: page_rows(walk.options),
         detail: true,
         range: Some(VerifyRange {
-            upto: upto.map(<[Value]>::to_vec),
-            hash: RangeHash::PgRecord,
             buckets: buckets.cloned(),
+            ..range_of(upto)
         }),
     })
 }
@@ -430,6 +453,12 @@ struct Walk<'a> {
     pending: Pending,
     /// Every last key a page ended on: a sender that names one again is going round.
     ends_seen: std::collections::HashSet<Vec<u8>>,
+    /// Protocol 9: where this side's table stood before the comparison read it.
+    mark_here: Option<Mark>,
+    /// Protocol 9: the earliest mark among the sender's answers, unless they named two tables.
+    mark_there: Option<Mark>,
+    /// The sender's answers named two tables (its table was replaced during the comparison).
+    marks_differ: bool,
 }
 
 impl Walk<'_> {
@@ -437,6 +466,18 @@ impl Walk<'_> {
     fn next_id(&mut self) -> u64 {
         self.request_id += 1;
         self.request_id
+    }
+
+    /// Keeps the earliest of the sender's marks (each taken before its answer's statement).
+    fn saw_mark(&mut self, mark: Option<Mark>) {
+        let Some(mark) = mark else {
+            return;
+        };
+        match &self.mark_there {
+            Some(known) if known.table != mark.table => self.marks_differ = true,
+            Some(known) if known.xid <= mark.xid => {}
+            _ => self.mark_there = Some(mark),
+        }
     }
 }
 
@@ -574,6 +615,13 @@ impl Agent {
         // table that rarely changes).
         let expect_alike =
             !options.repair || options.recheck || self.last_found_alike(connection, table).await?;
+        // A diff pull after a comparison that left both sides alike compares only the rows
+        // written since on either side.
+        let since_last = if options.repair && !options.recheck {
+            self.last_marks(connection, table).await?
+        } else {
+            None
+        };
         // A verification of the table that was cut off (its process killed) is over: this one
         // takes its place.
         let cut_off = self
@@ -621,6 +669,7 @@ impl Agent {
                 &types,
                 in_db,
                 expect_alike,
+                since_last.as_ref(),
                 options,
                 &mut verdict,
                 on_event,
@@ -643,8 +692,8 @@ impl Agent {
             };
             outcome = self
                 .compare(
-                    client, connection, &here, &columns, &types, in_db, true, &check, &mut again,
-                    on_event,
+                    client, connection, &here, &columns, &types, in_db, true, None, &check,
+                    &mut again, on_event,
                 )
                 .await;
             verdict.identical = again.identical;
@@ -672,6 +721,13 @@ impl Agent {
                         }}),
                     )
                     .await?;
+                // Both sides alike as they stood at these marks: the next diff pull compares
+                // only the rows written since.
+                if let (true, Some(marks)) = (verdict.identical, &verdict.marks) {
+                    self.store
+                        .merge_transfer_metadata(transfer.id, serde_json::json!({ "marks": marks }))
+                        .await?;
+                }
                 self.store
                     .complete_transfer(transfer.id, self.now())
                     .await?;
@@ -743,6 +799,7 @@ impl Agent {
         types: &[String],
         in_db: bool,
         expect_alike: bool,
+        since_last: Option<&since::Marks>,
         options: &VerifyOptions,
         verdict: &mut TableVerdict,
         on_event: &mut impl FnMut(VerifyEvent),
@@ -757,10 +814,27 @@ impl Agent {
             request_id: 0,
             pending: Pending::default(),
             ends_seen: std::collections::HashSet::new(),
+            mark_here: None,
+            mark_there: None,
+            marks_differ: false,
         };
+        if in_db && client.version >= dbsync_protocol::MARK_VERSION {
+            // Before this side reads anything: every row written later is written at or
+            // after it.
+            walk.mark_here = self.store.change_mark(here).await.ok();
+        }
         if in_db && client.version >= dbsync_protocol::BUCKET_VERSION {
-            self.compare_buckets(client, &mut walk, expect_alike, verdict, on_event)
-                .await?;
+            let compared = match since_last {
+                Some(last) => {
+                    self.compare_since(client, &mut walk, last, verdict, on_event)
+                        .await?
+                }
+                None => false,
+            };
+            if !compared {
+                self.compare_buckets(client, &mut walk, expect_alike, verdict, on_event)
+                    .await?;
+            }
         } else if in_db {
             self.compare_ranges(client, &mut walk, expect_alike, verdict, on_event)
                 .await?;
@@ -768,7 +842,16 @@ impl Agent {
             self.compare_pages(client, &mut walk, types, verdict, on_event)
                 .await?;
         }
-        self.finish_table(&mut walk, verdict).await
+        self.finish_table(&mut walk, verdict).await?;
+        verdict.marks = match (walk.mark_there, walk.mark_here, walk.marks_differ) {
+            (Some(there), Some(here), false) => Some(since::Marks {
+                there,
+                here,
+                columns: since::columns_named(walk.here, walk.columns),
+            }),
+            _ => None,
+        };
+        Ok(())
     }
 
     /// Both sides PostgreSQL with the same column types: this side cuts its table into ranges
@@ -1036,16 +1119,16 @@ impl Agent {
                 request_id,
                 walk.options,
                 Some(VerifyRange {
-                    upto: upto.map(<[Value]>::to_vec),
-                    hash: RangeHash::PgRecord,
                     buckets: Some(Buckets {
                         count,
                         only: Vec::new(),
                     }),
+                    ..range_of(upto)
                 }),
             )
         );
-        let ((rows_here, _, mine), answer) = (local?, answer?);
+        let ((rows_here, _, mine), mut answer) = (local?, answer?);
+        walk.saw_mark(answer.mark.take());
         let theirs = match &answer.buckets {
             Some(theirs)
                 if !answer.more
@@ -1196,14 +1279,11 @@ impl Agent {
                 false,
                 request_id,
                 walk.options,
-                Some(VerifyRange {
-                    upto: upto.map(<[Value]>::to_vec),
-                    hash: RangeHash::PgRecord,
-                    buckets: None,
-                }),
+                Some(range_of(upto)),
             )
         );
-        let ((rows_here, hash_here), answer) = (local?, answer?);
+        let ((rows_here, hash_here), mut answer) = (local?, answer?);
+        walk.saw_mark(answer.mark.take());
         if answer.hash.len() != 8 || answer.more || !answer.keys.is_empty() {
             return Err(client.protocol_error("a range's answer is not one 8-byte hash"));
         }
