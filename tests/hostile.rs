@@ -1552,6 +1552,15 @@ async fn verify_requests_are_checked_and_cost_no_limit() {
     a.stop().await;
 }
 
+/// The keys of the page a verification request is answered with.
+async fn page_keys(hand: &mut Hand, request: Message) -> Vec<Vec<Value>> {
+    hand.send(&request).await;
+    match hand.message().await {
+        Message::VerifyPage(page) => page.keys,
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_hashes_are_checked_and_cost_no_limit() {
     for postgres in [true, false] {
@@ -1583,6 +1592,23 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
             };
             if let Some(range) = &mut verify.range {
                 range.buckets = Some(dbsync_protocol::message::Buckets { count, only });
+            }
+            Message::Verify(verify)
+        };
+        // With the fields of protocol 9.
+        let tracked = |after: Option<i64>,
+                       detail: bool,
+                       keys_only: bool,
+                       since: Option<(u64, bool)>,
+                       keys: Option<Vec<Vec<Value>>>| {
+            let Message::Verify(mut verify) = range("items", after, None, detail) else {
+                unreachable!()
+            };
+            if let Some(range) = &mut verify.range {
+                range.keys_only = keys_only;
+                range.since =
+                    since.map(|(xid, written)| dbsync_protocol::message::Since { xid, written });
+                range.keys = keys;
             }
             Message::Verify(verify)
         };
@@ -1720,6 +1746,72 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
             "only the bucket's rows, at most a page"
         );
         assert_eq!(page.hashes.len() as u64, page.rows);
+        // Keys-only summaries, marks and listed keys need protocol 9.
+        hand.send(&tracked(None, false, true, None, None)).await;
+        assert_eq!(hand.error_code().await, "protocol_error");
+        hand.close().await;
+
+        let mut hand = Hand::open(&a, Via::Ws).await;
+        match hand.hello_speaking(&token, None, vec![8, 9]).await {
+            Message::Welcome(welcome) => assert_eq!(welcome.version, 9),
+            other => panic!("{other:?}"),
+        }
+        let ids = |ids: &[i64]| ids.iter().map(|i| vec![Value::Int(*i)]).collect::<Vec<_>>();
+        // A keys-only page, rows since a mark as a summary, listed keys without a mark, after
+        // a key or more of them than a page holds (10 here), keys of another type.
+        for bad in [
+            tracked(None, true, true, None, None),
+            tracked(None, false, false, Some((3, true)), None),
+            tracked(None, true, false, None, Some(ids(&[1]))),
+            tracked(Some(1), true, false, Some((3, false)), Some(ids(&[2]))),
+            tracked(None, true, false, Some((3, false)), Some(ids(&[1; 11]))),
+            tracked(
+                None,
+                true,
+                false,
+                Some((3, false)),
+                Some(vec![vec![Value::Text("1".into())]]),
+            ),
+        ] {
+            hand.send(&bad).await;
+            assert_eq!(hand.error_code().await, "invalid_request", "{bad:?}");
+        }
+        // A keys-only summary: the whole table's 30 keys, and where the table stood.
+        hand.send(&tracked(None, false, true, None, None)).await;
+        let Message::VerifyPage(keys) = hand.message().await else {
+            panic!("a summary");
+        };
+        assert_eq!((keys.rows, keys.hash.len()), (30, 8));
+        assert_ne!(keys.hash, whole.hash, "keys only, not whole rows");
+        let mark = keys.mark.expect("a mark").xid;
+        // Nothing written since; then three rows written, and only they come.
+        let written = |keys: Option<Vec<Vec<Value>>>, written: bool| {
+            tracked(None, true, false, Some((mark, written)), keys)
+        };
+        assert!(page_keys(&mut hand, written(None, true)).await.is_empty());
+        exec(
+            &a,
+            &["UPDATE items SET name = name || '!' WHERE id IN (2, 15, 29)".into()],
+        )
+        .await;
+        assert_eq!(
+            page_keys(&mut hand, written(None, true)).await,
+            ids(&[2, 15, 29])
+        );
+        // Listed keys: only those not written since the mark, in key order; a key not in the
+        // table comes as no row.
+        assert_eq!(
+            page_keys(&mut hand, written(Some(ids(&[3, 2, 1, 99])), false)).await,
+            ids(&[1, 3])
+        );
+        assert_eq!(
+            page_keys(&mut hand, written(Some(ids(&[3, 2, 1])), true)).await,
+            ids(&[2])
+        );
+        // A mark from nowhere answers rows, as any mark would: the sender only reads its own.
+        hand.send(&tracked(None, true, false, Some((u64::MAX, true)), None))
+            .await;
+        assert!(matches!(hand.message().await, Message::VerifyPage(_)));
         hand.close().await;
         let connection = a.agent.store.get_connection("to-hostile").await.unwrap();
         assert_eq!(
