@@ -191,6 +191,12 @@ pub(crate) fn report(ctx: &Context, summary: &VerifySummary) -> anyhow::Result<(
                 println!("{}: {what}: {}", t.table, keys(list));
             }
         }
+        if t.since_last {
+            println!(
+                "{}: only the rows written since the last comparison that left both alike were compared",
+                t.table
+            );
+        }
         if t.repaired_rows > 0 || t.deleted_rows > 0 {
             println!(
                 "{}: repaired {} rows, deleted {} extra",
