@@ -82,8 +82,9 @@ fn listable(here: &TableSchema) -> bool {
 }
 
 impl Agent {
-    /// The marks the last comparison of `table` on `connection` kept, if it ended with both
-    /// sides alike (the last one that ended, of any outcome, decides).
+    /// The marks the latest comparison of `table` on `connection` that left both sides alike
+    /// kept. Later comparisons that did not (a verification that found differences and left
+    /// them) take nothing from them: a row neither side wrote since is still alike.
     pub(super) async fn last_marks(
         &self,
         connection: &crate::Connection,
@@ -98,8 +99,8 @@ impl Agent {
             )
             .await?;
         Ok(ended
-            .first()
-            .and_then(|last| serde_json::from_value(last.metadata["marks"].clone()).ok()))
+            .iter()
+            .find_map(|done| serde_json::from_value(done.metadata["marks"].clone()).ok()))
     }
 
     /// Compares only the rows written since `last` on either side, when `last` still holds
