@@ -816,7 +816,7 @@ async fn peer_calls_need_a_known_bearer_token() {
         .await
         .unwrap();
     assert_eq!(status["incoming_mode"], "require_approval");
-    assert_eq!(status["protocol_versions"], json!([2, 3, 4, 5, 6, 7, 8]));
+    assert_eq!(status["protocol_versions"], json!([2, 3, 4, 5, 6, 7, 8, 9]));
     b.stop().await;
 }
 
