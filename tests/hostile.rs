@@ -693,6 +693,12 @@ enum Lie {
     /// Speaks protocol 8 as a PostgreSQL sender: a range's buckets come out of order, past the
     /// count asked for, and with counts that do not make the range's rows.
     Buckets,
+    /// Speaks protocol 9 as a PostgreSQL sender whose keys match the receiver's
+    /// ([`KEYS_HERE`]): its rows written since its mark come as the same one-row page that
+    /// says more.
+    WrittenStuck,
+    /// Speaks protocol 9 likewise: rows of listed keys come with a row of a key not asked for.
+    ListedExtra,
     /// Speaks protocol 6 and cuts a table into far more ranges than asked for.
     CutTooMany,
     /// Speaks protocol 6 and cuts a table at bounds that are no keys of it.
@@ -764,6 +770,7 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     Lie::Hashes | Lie::Stuck => 4,
                     Lie::RangeHashes | Lie::RangeStuck => 5,
                     Lie::Buckets => 8,
+                    Lie::WrittenStuck | Lie::ListedExtra => 9,
                     Lie::CutTooMany | Lie::CutNotKeys | Lie::Silent => 6,
                     Lie::Names => 2,
                 },
@@ -805,6 +812,8 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     Lie::RangeHashes
                         | Lie::RangeStuck
                         | Lie::Buckets
+                        | Lie::WrittenStuck
+                        | Lie::ListedExtra
                         | Lie::CutTooMany
                         | Lie::CutNotKeys
                         | Lie::Silent
@@ -855,6 +864,47 @@ async fn fake_session(stream: tokio::net::TcpStream, lie: Lie) {
                     }),
                     mark: None,
                 })
+            }
+            // Protocol 9: the receiver's own keys, a mark, then rows that lie.
+            Message::Verify(verify) if matches!(lie, Lie::WrittenStuck | Lie::ListedExtra) => {
+                let range = verify.range.clone().unwrap_or_else(|| panic!("{verify:?}"));
+                let page = |keys: Vec<Vec<Value>>, more: bool| {
+                    Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                        request_id: verify.request_id,
+                        rows: keys.len() as u64,
+                        hash: vec![0; 8],
+                        last_key: keys.last().cloned(),
+                        more,
+                        hashes: vec![serde_bytes::ByteBuf::from(vec![3; 8]); keys.len()],
+                        keys,
+                        buckets: None,
+                        mark: None,
+                    })
+                };
+                if range.keys_only {
+                    let (rows, hash) = KEYS_HERE.lock().unwrap().clone().expect("keys here");
+                    Message::VerifyPage(dbsync_protocol::message::VerifyPage {
+                        request_id: verify.request_id,
+                        rows,
+                        hash,
+                        last_key: None,
+                        more: false,
+                        keys: vec![],
+                        hashes: vec![],
+                        buckets: None,
+                        mark: Some(dbsync_protocol::message::Mark {
+                            xid: 10,
+                            table: "fake".into(),
+                        }),
+                    })
+                } else if let Some(mut keys) = range.keys {
+                    keys.push(vec![Value::Text("zz".into())]);
+                    page(keys, false)
+                } else if lie == Lie::WrittenStuck {
+                    page(vec![vec![Value::Text("k".into())]], true)
+                } else {
+                    page(vec![], false)
+                }
             }
             // A range's summary that differs from any table's.
             Message::Verify(verify)
@@ -1819,6 +1869,102 @@ async fn range_hashes_are_checked_and_cost_no_limit() {
             (0, 0)
         );
         a.stop().await;
+    }
+}
+
+/// The row count and keys' hash of the receiver's table, for a fake sender of protocol 9 to
+/// match.
+static KEYS_HERE: std::sync::Mutex<Option<(u64, Vec<u8>)>> = std::sync::Mutex::new(None);
+
+/// A diff pull that compares the rows written since the last alike comparison (protocol 9),
+/// against a sender whose keys match and whose rows then lie: a page of written rows that
+/// never moves on, rows of keys not asked for. The pull ends with a protocol error and
+/// changes nothing here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_lying_about_rows_written_since_changes_nothing_here() {
+    for lie in [Lie::WrittenStuck, Lie::ListedExtra] {
+        let Some(b) = agent("hostile::written", true, None).await else {
+            return;
+        };
+        let store = &b.agent.store;
+        store
+            .execute_batch(&[
+                "CREATE TABLE t1 (id TEXT PRIMARY KEY, name TEXT)".into(),
+                "INSERT INTO t1 VALUES ('a', 'x'), ('b', 'y')".into(),
+            ])
+            .await
+            .unwrap();
+        let schema = store.describe_table("t1").await.unwrap();
+        let (rows, hash) = store.range_keys_hash(&schema, None, None).await.unwrap();
+        *KEYS_HERE.lock().unwrap() = Some((rows, hash.to_vec()));
+        let here = store.change_mark(&schema).await.unwrap();
+        // Written here since the mark: its key is listed to the sender.
+        store
+            .execute_batch(&["UPDATE t1 SET name = 'z' WHERE id = 'a'".into()])
+            .await
+            .unwrap();
+        evil_receiver(&b, lie).await;
+        // A comparison that left t1 alike, with its marks, as a diff pull records one.
+        let connection = store.get_connection("evil").await.unwrap();
+        let now = chrono::Utc::now();
+        let earlier = store
+            .create_transfer(
+                dbsync_agent::transfer::NewTransfer {
+                    connection_id: connection.id,
+                    direction: dbsync_agent::transfer::TransferDirection::Receive,
+                    table_name: "t1".into(),
+                    requires_approval: false,
+                    records_requested: 0,
+                    conflict_strategy: connection.default_conflict_strategy,
+                    transport: None,
+                    requester_ip: None,
+                    requester_user_agent: None,
+                },
+                chrono::Duration::hours(1),
+                &Actor::system(),
+                now,
+            )
+            .await
+            .unwrap();
+        store.start_transfer(earlier.id, now).await.unwrap();
+        store
+            .merge_transfer_metadata(
+                earlier.id,
+                serde_json::json!({
+                    "kind": "verify",
+                    "marks": {
+                        "there": {"xid": 5, "table": "fake"},
+                        "here": here,
+                        "columns": "\"id\" text, \"name\" text",
+                    },
+                }),
+            )
+            .await
+            .unwrap();
+        store.complete_transfer(earlier.id, now).await.unwrap();
+        let options = dbsync_agent::sync::verify::VerifyOptions {
+            tables: Some(vec!["t1".into()]),
+            repair: true,
+            ..Default::default()
+        };
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            b.agent.verify("evil", &options, |_| {}),
+        )
+        .await
+        .expect("a lying sender cannot keep a diff pull going")
+        .unwrap_err();
+        let expected = match lie {
+            Lie::WrittenStuck => "ends on no new key",
+            _ => "keys not asked for",
+        };
+        assert!(err.to_string().contains(expected), "{lie:?}: {err}");
+        assert_eq!(
+            crate::pull::rows(store, "t1").await.len(),
+            2,
+            "nothing deleted"
+        );
+        b.stop().await;
     }
 }
 
