@@ -610,24 +610,27 @@ impl Serialize for VerifyRange {
         let mut out = serializer.serialize_struct("VerifyRange", 2 + trailing)?;
         out.serialize_field("upto", &self.upto)?;
         out.serialize_field("hash", &self.hash)?;
-        let mut field =
-            |i: usize,
-             name: &'static str,
-             write: &dyn Fn(&mut S::SerializeStruct) -> Result<(), S::Error>| {
-                if i < trailing {
-                    write(&mut out)
-                } else {
-                    out.skip_field(name)
-                }
-            };
-        field(0, "buckets", &|o| {
-            o.serialize_field("buckets", &self.buckets)
-        })?;
-        field(1, "keys_only", &|o| {
-            o.serialize_field("keys_only", &self.keys_only)
-        })?;
-        field(2, "since", &|o| o.serialize_field("since", &self.since))?;
-        field(3, "keys", &|o| o.serialize_field("keys", &self.keys))?;
+        // Each field after `hash` up to the last that is not empty; the rest left out.
+        if trailing > 0 {
+            out.serialize_field("buckets", &self.buckets)?;
+        } else {
+            out.skip_field("buckets")?;
+        }
+        if trailing > 1 {
+            out.serialize_field("keys_only", &self.keys_only)?;
+        } else {
+            out.skip_field("keys_only")?;
+        }
+        if trailing > 2 {
+            out.serialize_field("since", &self.since)?;
+        } else {
+            out.skip_field("since")?;
+        }
+        if trailing > 3 {
+            out.serialize_field("keys", &self.keys)?;
+        } else {
+            out.skip_field("keys")?;
+        }
         out.end()
     }
 }
