@@ -137,7 +137,7 @@ async fn unknown_paths_and_the_status_answer_as_documented() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body["protocol_versions"],
-        serde_json::json!([2, 3, 4, 5, 6, 7, 8])
+        serde_json::json!([2, 3, 4, 5, 6, 7, 8, 9])
     );
 }
 
