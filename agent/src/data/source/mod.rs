@@ -527,12 +527,8 @@ impl<'a> PageQuery<'a> {
         filter: Option<&'a KeyFilter>,
     ) -> Result<Self> {
         // On PostgreSQL a list of keys of one integer, text or UUID column goes as one array.
-        let key_array = match (schema.engine.as_str(), schema.primary_key.as_slice()) {
-            ("postgres", [key]) => schema
-                .columns
-                .iter()
-                .find(|c| &c.name == key)
-                .and_then(|c| KeyArray::of(&c.native_type)),
+        let key_array = match schema.engine.as_str() {
+            "postgres" => KeyArray::of_key(schema),
             _ => None,
         };
         let mut listed = None;
@@ -733,6 +729,12 @@ impl<'a> PageQuery<'a> {
     }
 }
 
+/// Whether a list of `schema`'s keys goes as one array parameter: a one-column key of an
+/// integer, text or UUID type.
+pub fn keys_listable(schema: &TableSchema) -> bool {
+    KeyArray::of_key(schema).is_some()
+}
+
 /// A list of keys of one column bound as one PostgreSQL array, by the column's neutral type.
 #[derive(Debug, Clone, Copy)]
 enum KeyArray {
@@ -750,6 +752,18 @@ impl KeyArray {
             "text" => Some(Self::Text),
             varchar if varchar.starts_with("character varying") => Some(Self::Text),
             "uuid" => Some(Self::Uuid),
+            _ => None,
+        }
+    }
+
+    /// For `schema`'s key, when it is one such column.
+    fn of_key(schema: &TableSchema) -> Option<Self> {
+        match schema.primary_key.as_slice() {
+            [key] => schema
+                .columns
+                .iter()
+                .find(|c| &c.name == key)
+                .and_then(|c| Self::of(&c.native_type)),
             _ => None,
         }
     }

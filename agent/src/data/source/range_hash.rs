@@ -378,15 +378,7 @@ impl Store {
         keys: &[Vec<Value>],
         since: Option<(u64, bool)>,
     ) -> Result<RowHashes> {
-        let array = match schema.primary_key.as_slice() {
-            [one] => schema
-                .columns
-                .iter()
-                .find(|c| &c.name == one)
-                .and_then(|c| KeyArray::of(&c.native_type)),
-            _ => None,
-        }
-        .ok_or_else(|| {
+        let array = KeyArray::of_key(schema).ok_or_else(|| {
             Error::invalid(
                 "key",
                 "listed keys are hashed for a one-column integer, text or UUID key only",

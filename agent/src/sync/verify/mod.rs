@@ -390,6 +390,18 @@ fn hashed_alike_in_db(there: &TableSchema, here: &TableSchema) -> bool {
         })
 }
 
+/// Whether the last of the verifications that `ended` (newest first) found every row alike
+/// (none ended: no).
+fn last_found_alike(ended: &[crate::transfer::Transfer]) -> bool {
+    let Some(last) = ended.first() else {
+        return false;
+    };
+    let verdict = &last.metadata["verdict"];
+    ["missing_here", "extra_here", "different"]
+        .iter()
+        .all(|count| verdict[count].as_u64() == Some(0))
+}
+
 /// Differences found in one page, waiting to be repaired.
 #[derive(Default)]
 struct Pending {
@@ -610,18 +622,23 @@ impl Agent {
             ));
             return Ok(verdict);
         }
-        // A verification expects the tables alike; so does a diff pull when the last
-        // verification of the table here found nothing to move (a scheduled diff run of a
-        // table that rarely changes).
-        let expect_alike =
-            !options.repair || options.recheck || self.last_found_alike(connection, table).await?;
-        // A diff pull after a comparison that left both sides alike compares only the rows
-        // written since on either side.
-        let since_last = if options.repair && !options.recheck {
-            self.last_marks(connection, table).await?
+        // A diff pull reads what the comparisons of the table that ended here left: it expects
+        // the tables alike (as a verification does) when the last found nothing to move (a
+        // scheduled diff run of a table that rarely changes), and after one that left both
+        // sides alike it compares only the rows written since on either side.
+        let ended = if options.repair && !options.recheck {
+            self.verifications_here(
+                connection,
+                table,
+                crate::transfer::TransferStatus::Completed,
+                20,
+            )
+            .await?
         } else {
-            None
+            Vec::new()
         };
+        let expect_alike = !options.repair || options.recheck || last_found_alike(&ended);
+        let since_last = since::last_marks(&ended);
         // A verification of the table that was cut off (its process killed) is over: this one
         // takes its place.
         let cut_off = self
@@ -767,26 +784,6 @@ impl Agent {
             .into_iter()
             .filter(|t| t.metadata["kind"] == "verify")
             .collect())
-    }
-
-    /// Whether the last verification of `table` on `connection` that ended found every row
-    /// alike (none ended: no).
-    async fn last_found_alike(&self, connection: &crate::Connection, table: &str) -> Result<bool> {
-        let ended = self
-            .verifications_here(
-                connection,
-                table,
-                crate::transfer::TransferStatus::Completed,
-                20,
-            )
-            .await?;
-        let Some(last) = ended.first() else {
-            return Ok(false);
-        };
-        let verdict = &last.metadata["verdict"];
-        Ok(["missing_here", "extra_here", "different"]
-            .iter()
-            .all(|count| verdict[count].as_u64() == Some(0)))
     }
 
     #[allow(clippy::too_many_arguments)]

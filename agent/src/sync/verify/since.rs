@@ -66,43 +66,16 @@ fn still_holds(then: &Mark, now: &Mark) -> bool {
     then.table == now.table && now.xid >= then.xid && now.xid - then.xid < MARK_REACH
 }
 
-/// Whether keys of this table can be listed to the sender: one column of an integer, text or
-/// UUID type.
-fn listable(here: &TableSchema) -> bool {
-    let [key] = here.primary_key.as_slice() else {
-        return false;
-    };
-    here.columns.iter().any(|c| {
-        &c.name == key
-            && (matches!(
-                c.native_type.as_str(),
-                "bigint" | "integer" | "smallint" | "text" | "uuid"
-            ) || c.native_type.starts_with("character varying"))
-    })
+/// The marks the latest of the verifications that `ended` (newest first) kept: the latest
+/// that left both sides alike. Later ones that did not (a verification that found differences
+/// and left them) take nothing from them: a row neither side wrote since is still alike.
+pub(super) fn last_marks(ended: &[crate::transfer::Transfer]) -> Option<Marks> {
+    ended
+        .iter()
+        .find_map(|done| serde_json::from_value(done.metadata["marks"].clone()).ok())
 }
 
 impl Agent {
-    /// The marks the latest comparison of `table` on `connection` that left both sides alike
-    /// kept. Later comparisons that did not (a verification that found differences and left
-    /// them) take nothing from them: a row neither side wrote since is still alike.
-    pub(super) async fn last_marks(
-        &self,
-        connection: &crate::Connection,
-        table: &str,
-    ) -> Result<Option<Marks>> {
-        let ended = self
-            .verifications_here(
-                connection,
-                table,
-                crate::transfer::TransferStatus::Completed,
-                20,
-            )
-            .await?;
-        Ok(ended
-            .iter()
-            .find_map(|done| serde_json::from_value(done.metadata["marks"].clone()).ok()))
-    }
-
     /// Compares only the rows written since `last` on either side, when `last` still holds
     /// for both tables and their keys are alike; whether it did (else every row is compared).
     pub(super) async fn compare_since(
@@ -118,7 +91,10 @@ impl Agent {
             .mark_here
             .as_ref()
             .is_some_and(|now| still_holds(&last.here, now));
-        if !holds_here || !listable(here) || last.columns != columns_named(here, walk.columns) {
+        if !holds_here
+            || !crate::source::keys_listable(here)
+            || last.columns != columns_named(here, walk.columns)
+        {
             return Ok(false);
         }
         // Both tables' keys at once, and this side's rows written since its mark meanwhile.
@@ -135,7 +111,7 @@ impl Agent {
                 walk.options,
                 Some(VerifyRange {
                     keys_only: true,
-                    ..range_whole()
+                    ..super::range_of(None)
                 }),
             )
         );
@@ -221,7 +197,7 @@ impl Agent {
                             xid: mark.xid,
                             written: true,
                         }),
-                        ..range_whole()
+                        ..super::range_of(None)
                     }),
                 )
                 .await?;
@@ -290,7 +266,7 @@ impl Agent {
                         written: false,
                     }),
                     keys: Some(page.keys.clone()),
-                    ..range_whole()
+                    ..super::range_of(None)
                 }),
             )
             .await?;
@@ -304,11 +280,6 @@ impl Agent {
         }
         self.settle_pending(walk, verdict).await
     }
-}
-
-/// The whole table, hashed as `PgRecord`, nothing more asked.
-fn range_whole() -> VerifyRange {
-    super::range_of(None)
 }
 
 /// Sets rows here (`mine`) beside the sender's rows of the same keys (`there`): a key with
